@@ -1,0 +1,219 @@
+"""Typed configuration schemas for recompute_lab, registered in Hydra's ConfigStore.
+
+Every config group (model, precision, data, optimizer, trainer, logger, strategy) has a dataclass here.
+The root schema is stored as ``recompute_lab_schema`` (outside every swept group, so that
+``'+strategy=glob(*)'`` only finds real strategies) and ``conf/config.yaml`` lists it first in its
+defaults. A misspelt key, a wrong type or a value outside an Enum therefore fails at compose time with a
+message from OmegaConf naming the valid values. Rules that span fields (``n_head`` divides ``d_model``,
+``seq_len`` within the position table...) are checked by :func:`validate` before anything is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that composes but cannot describe a valid run (cross-field rules)."""
+
+
+class StrEnum(str, Enum):
+    """Enum whose members compare equal to their names, so ``cfg.model.norm == "rmsnorm"`` works."""
+
+    def __str__(self) -> str:  # prints as "rmsnorm", not "Norm.rmsnorm"
+        return self.value
+
+
+class Arch(StrEnum):
+    gpt = "gpt"          # decoder-only transformer
+    toy_mlp = "toy_mlp"  # the seed notebook's Linear-ReLU-Linear blocks, no attention
+
+
+class Norm(StrEnum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class Mlp(StrEnum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
+class Positions(StrEnum):
+    learned = "learned"
+    rope = "rope"
+
+
+class Attention(StrEnum):
+    sdpa = "sdpa"    # torch.nn.functional.scaled_dot_product_attention (flash/efficient kernels, no s^2 scores)
+    eager = "eager"  # explicit QK^T -> softmax -> dropout -> xV, stores the s^2 scores (Korthikanti's regime)
+
+
+class DataKind(StrEnum):
+    synthetic = "synthetic"
+    text = "text"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class LoggerKind(StrEnum):
+    wandb = "wandb"
+    none = "none"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    arch: Arch = Arch.gpt
+    n_layer: int = 2
+    d_model: int = 64
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # grouped-query attention (Llama 3); None = n_head
+    d_ff: int = 256
+    vocab_size: int = 256
+    max_seq_len: int = 64            # size of the learned position table / RoPE horizon
+    dropout: float = 0.0
+    norm: Norm = Norm.layernorm
+    mlp: Mlp = Mlp.gelu
+    positions: Positions = Positions.learned
+    bias: bool = True
+    tie_embeddings: bool = True
+    attention: Attention = Attention.sdpa
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+
+
+@dataclass
+class DataConfig:
+    kind: DataKind = DataKind.synthetic
+    seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]  # tokens per sample
+    batch_size: int = 8                     # samples per micro-batch
+    path: Optional[str] = None              # text file for kind=text; None = the bundled sample text
+    seed: int = 1234
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1   # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0      # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 20
+    grad_accum: int = 1          # micro-batches per optimizer step
+    seed: int = 0
+    device: Device = Device.auto
+    num_threads: int = 0         # torch.set_num_threads; 0 keeps torch's default
+    warmup_steps: int = 3        # steps excluded from the timing statistics
+    progress: bool = True        # tqdm progress bar with loss and tokens/s
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.wandb
+    mode: WandbMode = WandbMode.offline  # online needs WANDB_API_KEY; without it offline is used
+    project: str = "recompute_lab"
+    entity: Optional[str] = None
+    group: Optional[str] = None          # None: the sweep's folder name in multirun, else no group
+    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"
+
+
+@dataclass
+class StrategyConfig:
+    """Which activations are recomputed. Omitting ``+strategy=...`` leaves the default: nothing recomputed."""
+
+    name: str = "none"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+
+def register_configs() -> None:
+    """Store the schemas. Called on import so both @hydra.main and the compose API see them."""
+    cs = ConfigStore.instance()
+    cs.store(name="recompute_lab_schema", node=Config)
+    for group, node in [("model", ModelConfig), ("precision", PrecisionConfig), ("data", DataConfig),
+                        ("optimizer", OptimizerConfig), ("trainer", TrainerConfig),
+                        ("logger", LoggerConfig), ("strategy", StrategyConfig)]:
+        cs.store(group=f"schema/{group}", name="base", node=node)
+
+
+register_configs()
+
+
+def _positive(name: str, value: Any) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Cross-field rules that a schema cannot express; raise ConfigError with a readable message."""
+    m, d, t, o = cfg.model, cfg.data, cfg.trainer, cfg.optimizer
+    for name in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "max_seq_len"):
+        _positive(f"model.{name}", getattr(m, name))
+    for name in ("seq_len", "batch_size"):
+        _positive(f"data.{name}", getattr(d, name))
+    _positive("trainer.steps", t.steps)
+    _positive("trainer.grad_accum", t.grad_accum)
+    if t.warmup_steps < 0 or t.num_threads < 0:
+        raise ConfigError("trainer.warmup_steps and trainer.num_threads must be >= 0")
+    if m.d_model % m.n_head:
+        divisors = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 128]
+        raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; "
+                          f"valid n_head values for this d_model: {divisors}")
+    if m.n_kv_head is not None and (m.n_kv_head <= 0 or m.n_head % m.n_kv_head):
+        raise ConfigError(f"model.n_kv_head={m.n_kv_head} must be positive and divide model.n_head={m.n_head}")
+    if m.positions == Positions.rope and (m.d_model // m.n_head) % 2:
+        raise ConfigError(f"rope needs an even head dim, got d_model/n_head = {m.d_model // m.n_head}")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len} "
+                          f"(the position table); lower data.seq_len or raise model.max_seq_len")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if o.lr <= 0 or o.grad_clip < 0 or o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optimizer: lr must be > 0, grad_clip >= 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
+    if d.kind == DataKind.text and m.vocab_size < 256:
+        raise ConfigError(f"data=text uses byte tokens (vocab 256) but model.vocab_size={m.vocab_size}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(o.betas)}")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain JSON-able Python (Enums as their names)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

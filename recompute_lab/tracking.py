@@ -1,0 +1,164 @@
+"""The results.json contract (schema_version 1) and its Weights & Biases mirror.
+
+results.json is the source of truth of a run: written exactly once per run, successful or not, atomically (a
+temporary file in the same folder, then os.replace). W&B mirrors it; when W&B cannot start (no key, no
+network, a broken install) training goes on and results.json is still written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from recompute_lab.config import LoggerKind, WandbMode, to_container
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "oom", "diverged", "interrupted", "error")
+
+
+def new_results(cfg: DictConfig) -> dict:
+    """A results record with every contract key present; measurements fill it in as they happen."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": "error",  # pessimistic until the run finishes
+        "config": to_container(cfg),
+        "env": {},
+        "model": {},
+        "strategy": {},
+        "loss": {"first": None, "final": None, "history": []},
+        "memory": {
+            "model_state_bytes": {"predicted": None, "measured": None, "per_param": None},
+            "activation_bytes": {"predicted": None, "measured": None, "by_module": {}},
+            "peak_bytes": {"predicted": None, "measured": None, "source": None},
+        },
+        "flops": {"per_step": None, "predicted_per_step": None, "recompute_overhead": None, "mfu": None, "hfu": None},
+        "time": {"step_s_median": None, "step_s_p90": None, "tokens_per_s": None, "warmup_steps": None,
+                 "step_s": []},
+    }
+
+
+def env_info(device: torch.device, dtype: torch.dtype) -> dict:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "num_threads": torch.get_num_threads(),
+        # Recorded in the run's own results (not the repo) so a sweep over machines can be told apart.
+        "hostname": socket.gethostname(),
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (torch.dtype, torch.device, Path)):
+        return str(obj)
+    return obj
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so a reader never sees a half-written file: temp file in the same dir, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(path: Path) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    return data
+
+
+class RunLogger:
+    """W&B run for one job (or nothing, for logger=none). Never raises into training."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, group: Optional[str] = None):
+        self.run = None
+        self.mode = "disabled"
+        self.note: Optional[str] = None
+        lc = cfg.logger
+        if lc.kind == LoggerKind.none or lc.mode == WandbMode.disabled:
+            return
+        mode = str(lc.mode)
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            self.note = "logger.mode=online but WANDB_API_KEY is not set: logging offline (wandb sync later)"
+            warnings.warn(self.note, stacklevel=2)
+            mode = "offline"
+        try:
+            import wandb
+
+            tags = list(lc.tags) + [f"model:{cfg.model.name}", f"precision:{cfg.precision.name}",
+                                    f"strategy:{cfg.strategy.name}", f"attention:{cfg.model.attention}"]
+            self.run = wandb.init(project=lc.project, entity=lc.entity, group=lc.group or group, tags=tags,
+                                  job_type=lc.job_type, dir=str(run_dir), mode=mode, config=to_container(cfg),
+                                  name=run_dir.name, reinit="finish_previous",
+                                  settings=wandb.Settings(silent=True, console="off"))
+            self.mode = mode
+        except Exception as e:  # W&B must never stop a training run
+            self.note = f"W&B could not start ({type(e).__name__}: {e}); continuing without it"
+            warnings.warn(self.note, stacklevel=2)
+            self.run = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as e:
+                warnings.warn(f"W&B log failed ({e}); dropping W&B for this run", stacklevel=2)
+                self.run = None
+
+    def summarize(self, results: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            flat = {}
+            _flatten("", {k: results[k] for k in ("status", "model", "memory", "flops", "time")}, flat)
+            flat["loss.final"] = results["loss"]["final"]
+            self.run.summary.update({k: v for k, v in flat.items() if v is not None})
+        except Exception as e:
+            warnings.warn(f"W&B summary failed ({e})", stacklevel=2)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as e:
+                warnings.warn(f"W&B finish failed ({e})", stacklevel=2)
+            self.run = None
+
+
+def _flatten(prefix: str, obj: Any, out: dict) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(obj, (int, float, str, bool)) or obj is None:
+        out[prefix] = obj

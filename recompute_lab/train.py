@@ -1,0 +1,42 @@
+"""Entry point: ``python -m recompute_lab.train +strategy=full`` (add ``-m`` and comma lists to sweep).
+
+Thin on purpose: Hydra composes conf/ against the schemas in recompute_lab.config, and recompute_lab.engine
+does the work. A configuration that composes but breaks a cross-field rule ends with a one-line message and
+exit status 2 in a single run; inside a multirun it is recorded as status "error" in that job's results.json
+and the sweep goes on.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from recompute_lab.config import ConfigError
+from recompute_lab.engine import run
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = Path(hc.sweep.dir).name if multirun else None
+    try:
+        results = run(cfg, Path(hc.runtime.output_dir), group=group)
+    except ConfigError as e:
+        print(f"recompute_lab: invalid configuration: {e}", file=sys.stderr)
+        if multirun:
+            return None  # recorded in results.json; the rest of the sweep continues
+        sys.exit(2)
+    if results["status"] != "ok":
+        print(f"recompute_lab: run ended with status {results['status']}: {results.get('error')}", file=sys.stderr)
+    return results["loss"]["final"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Shared fixtures: compose configs with Hydra's compose API, run the real CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = str(ROOT / "conf")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()):
+    """The composed (not yet validated) config for ``overrides``, as the CLI would see it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def cfg_of():
+    yield compose_config
+    GlobalHydra.instance().clear()
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "recompute_lab.train",
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` as a user would, in ``cwd``."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+FAST = ["logger=none", "trainer.progress=false"]

@@ -1,0 +1,101 @@
+"""End to end: the real CLI in a subprocess, the engine in-process, results.json per the contract."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recompute_lab.engine import run
+from recompute_lab.tracking import write_json_atomic
+
+from conftest import FAST, compose_config, load_results, run_cli
+
+CONTRACT = {"schema_version", "status", "config", "env", "model", "loss", "memory", "flops", "time"}
+
+
+def test_cli_default_full_run_writes_results(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(["+strategy=full", "trainer.steps=12", *FAST, f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = load_results(out / "results.json")
+    assert CONTRACT <= set(res) and res["status"] == "ok" and res["schema_version"] == 1
+    assert res["config"]["strategy"]["name"] == "full"
+    assert len(res["loss"]["history"]) == 12 and res["loss"]["final"] < res["loss"]["first"]
+    assert set(res["env"]) >= {"torch", "python", "device", "device_name", "dtype", "num_threads", "hostname"}
+    assert res["model"]["params"] > 0 and res["model"]["seq_len"] == 64
+    assert res["time"]["tokens_per_s"] > 0 and res["time"]["warmup_steps"] == 3
+    ms = res["memory"]["model_state_bytes"]
+    assert ms["measured"] == ms["predicted"] == 16 * res["model"]["params"]
+
+
+def test_same_seed_same_loss_history(tmp_path):
+    cfg = compose_config(["trainer.steps=6", "model.dropout=0.1", *FAST])
+    a = run(cfg, tmp_path / "a")["loss"]["history"]
+    b = run(cfg, tmp_path / "b")["loss"]["history"]
+    assert a == b
+    cfg.trainer.seed = 1
+    assert run(cfg, tmp_path / "c")["loss"]["history"] != a
+
+
+def test_text_data_and_grad_accum(tmp_path):
+    cfg = compose_config(["data=text", "trainer.steps=4", "trainer.grad_accum=2", *FAST])
+    res = run(cfg, tmp_path)
+    assert res["status"] == "ok" and res["time"]["tokens_per_step"] == 2 * 8 * 64
+
+
+def test_missing_text_file_is_a_clear_error(tmp_path):
+    proc = run_cli(["data=text", "data.path=/no/such/file.txt", *FAST, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "no such file" in proc.stderr and "Traceback" not in proc.stderr
+    assert load_results(tmp_path / "r" / "results.json")["status"] == "error"
+
+
+@pytest.mark.parametrize("args,needle,code", [
+    (["+strategy=fulll"], "Could not find 'strategy/fulll'", 1),
+    (["model.n_head=7"], "does not divide", 2),
+    (["model.n_layr=3"], "n_layr", 1),
+    (["strategy=full"], "+strategy=full", 1),
+    (["trainer.device=cuda"], "CUDA is not available", 2),
+])
+def test_bad_input_exits_nonzero_with_message(tmp_path, args, needle, code):
+    import torch
+    if "trainer.device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    proc = run_cli([*args, *FAST, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_multirun_2x2_writes_four_results(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "+strategy=none,full", "model.n_layer=1,2", "trainer.steps=3", *FAST,
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(sweep.glob("*/results.json"))
+    assert len(files) == 4
+    names = sorted(f.parent.name for f in files)
+    assert "0_+strategy=none,model.n_layer=1,trainer.steps=3" in names  # readable per-override folders
+    combos = {(load_results(f)["strategy"]["name"], load_results(f)["model"]["n_layer"]) for f in files}
+    assert combos == {("none", 1), ("none", 2), ("full", 1), ("full", 2)}
+    assert all(load_results(f)["status"] == "ok" for f in files)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})  # not serialisable: the old file must survive intact
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_wandb_offline_run_lands_in_run_dir(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(["trainer.steps=3", "trainer.progress=false", f"hydra.run.dir={out}"], cwd=tmp_path,
+                   env={"WANDB_API_KEY": ""})
+    assert proc.returncode == 0, proc.stderr
+    res = load_results(out / "results.json")
+    assert res["logger"]["mode"] == "offline"
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
