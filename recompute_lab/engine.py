@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from recompute_lab import flops as flops_mod
 from recompute_lab import theory
 from recompute_lab.config import ConfigError, Device, validate
 from recompute_lab.data import Batches
@@ -78,6 +79,15 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
                         "n_layer": cfg.model.n_layer, "d_model": cfg.model.d_model, "n_head": cfg.model.n_head,
                         "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
                         "grad_accum": t.grad_accum, "name": cfg.model.name}
+    # FLOPs: counted on a meta replica (no memory, no effect on the timed steps) and predicted analytically.
+    counted = flops_mod.count_step_flops(cfg, policy.param_dtype)
+    predicted_flops = flops_mod.predict_step_flops(cfg, results["strategy"])
+    results["flops"].update(
+        per_step={k: counted[k] for k in ("forward", "backward", "recompute")},
+        predicted_per_step=predicted_flops,
+        recompute_overhead=counted["recompute"] / (counted["forward"] + counted["backward"]),
+        by_op={"forward": counted["forward_by_op"], "backward": counted["backward_by_op"]},
+        method=counted["method"])
     optimizer = policy.build_optimizer(model, cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer, t.steps))
     if device.type == "cuda":
@@ -126,6 +136,11 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
     med = statistics.median(timed)
     results["time"].update(step_s_median=med, step_s_p90=percentile(timed, 0.9), tokens_per_s=tokens_per_step / med,
                            warmup_steps=len(step_s) - len(timed), tokens_per_step=tokens_per_step)
+    model_flops = counted["forward"] + counted["backward"]
+    peak_rate, peak_source = flops_mod.peak_flops(device, policy.autocast_dtype or policy.param_dtype)
+    results["flops"].update(flops_mod.utilization(model_flops, counted["recompute"], med, peak_rate),
+                            peak_flops_per_s=peak_rate, peak_source=peak_source,
+                            achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
     peak = cuda_peak_bytes(device)
     if peak is not None:
         results["memory"]["peak_bytes"].update(measured=peak["allocated"], reserved=peak["reserved"],

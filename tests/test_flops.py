@@ -1,0 +1,108 @@
+"""FLOPs: FlopCounterMode counts on meta replicas vs the analytic formulas, recompute accounting, MFU/HFU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import set_checkpoint_early_stop
+
+from recompute_lab import flops
+from recompute_lab.model import build_model
+from recompute_lab.strategies import apply_strategy, checkpoint_module
+
+from conftest import compose_config
+
+SHAPES = [
+    ["model=tiny"],
+    ["model=tiny", "model.attention=eager", "model.dropout=0.1"],
+    ["model=tiny", "model.mlp=swiglu", "model.norm=rmsnorm", "model.positions=rope", "model.n_kv_head=2"],
+    ["model=small", "data.seq_len=128", "data.batch_size=2"],
+    ["model=small", "data.seq_len=128", "data.batch_size=2", "model.attention=eager", "model.tie_embeddings=false"],
+    ["model=toy_mlp"],
+]
+
+
+@pytest.mark.parametrize("overrides", SHAPES)
+def test_counted_forward_and_backward_match_prediction(overrides):
+    cfg = compose_config([*overrides, "+strategy=none"])
+    counted = flops.count_step_flops(cfg)
+    predicted = flops.predict_step_flops(cfg, {"name": "none", "recomputed": []})
+    assert counted["recompute"] == predicted["recompute"] == 0
+    # The issue asks for 5%; the formula is exact for this model, so hold it to 0.1%.
+    assert counted["forward"] == pytest.approx(predicted["forward"], rel=1e-3)
+    assert counted["backward"] == pytest.approx(predicted["backward"], rel=1e-3)
+
+
+@pytest.mark.parametrize("overrides", SHAPES)
+def test_full_recompute_is_one_forward_of_every_block(overrides):
+    """Full reruns each block's forward; with early stop (PyTorch's default) minus a trailing unneeded matmul."""
+    cfg = compose_config([*overrides, "+strategy=full"])
+    b, s = cfg.data.batch_size, cfg.data.seq_len
+    model = build_model(cfg.model, device="meta")
+    head = 2 * b * s * cfg.model.d_model * cfg.model.vocab_size
+    fwd_none, _, _, _ = flops.count_model_flops(model, b, s)
+    blocks_forward = fwd_none - head  # independent of the per-module formulas: counted forward minus the head
+    with set_checkpoint_early_stop(False):  # recompute the whole block, no early stop
+        counted = flops.count_step_flops(cfg)
+    assert counted["recompute"] == blocks_forward
+    counted_default = flops.count_step_flops(cfg)
+    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy)
+    assert counted_default["recompute"] == flops.predict_step_flops(cfg, plan)["recompute"]
+    if cfg.model.dropout > 0:  # dropout after mlp.proj needs proj's output: nothing is skipped
+        assert counted_default["recompute"] == blocks_forward
+    else:
+        assert counted_default["recompute"] < blocks_forward
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("parts", [["attn.core"], ["attn"], ["mlp"], ["attn", "mlp"], ["norm1", "attn.core"],
+                                   ["attn.qkv", "mlp.fc"]])
+def test_sub_module_recompute_prediction(parts, dropout):
+    cfg = compose_config(["model=tiny", "model.attention=eager", f"model.dropout={dropout}"])
+    b, s = cfg.data.batch_size, cfg.data.seq_len
+    _, bwd_none, _, _ = flops.count_model_flops(build_model(cfg.model, device="meta").train(), b, s)
+    model = build_model(cfg.model, device="meta").train()
+    recomputed = []
+    for i, block in enumerate(model.blocks):
+        for part in parts:
+            checkpoint_module(block.get_submodule(part))
+            recomputed.append(f"blocks.{i}.{part}")
+    _, bwd, _, _ = flops.count_model_flops(model, b, s)
+    predicted = flops.predict_step_flops(cfg, {"name": "custom", "recomputed": recomputed})
+    assert bwd - bwd_none == predicted["recompute"]
+
+
+def test_grad_accum_scales_per_step_flops():
+    one = flops.count_step_flops(compose_config(["+strategy=full"]))
+    two = flops.count_step_flops(compose_config(["+strategy=full", "trainer.grad_accum=2"]))
+    assert {k: two[k] for k in ("forward", "backward", "recompute")} == \
+        {k: 2 * one[k] for k in ("forward", "backward", "recompute")}
+
+
+def test_unpredictable_plans_say_why():
+    cfg = compose_config([])
+    out = flops.predict_step_flops(cfg, {"name": "op", "recomputed": ["blocks.0"]})
+    assert out["recompute"] is None and "recompute_unpredicted_reason" in out
+    out = flops.predict_step_flops(cfg, {"name": "x", "recomputed": ["head"]})
+    assert out["recompute"] is None and "head" in out["recompute_unpredicted_reason"]
+
+
+def test_utilization_with_known_peak():
+    u = flops.utilization(model_flops=6e12, recompute_flops=2e12, step_s=2.0, peak=10e12)
+    assert u["mfu"] == pytest.approx(0.3) and u["hfu"] == pytest.approx(0.4)
+    assert flops.utilization(1.0, 0.0, 1.0, None) == {"mfu": None, "hfu": None}
+
+
+def test_peak_table_lookup(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    rate, source = flops.peak_flops(torch.device("cuda"), torch.bfloat16)
+    assert rate == 989e12 and "H200" in source
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert flops.peak_flops(torch.device("cuda"), torch.float32)[0] == 19.5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU")
+    assert flops.peak_flops(torch.device("cuda"), torch.float32)[0] is None
+
+
+def test_cpu_gemm_peak_is_measured_and_cached():
+    rate, source = flops.peak_flops(torch.device("cpu"), torch.float32)
+    assert rate > 1e8 and "measured" in source
+    assert flops.peak_flops(torch.device("cpu"), torch.float32)[0] == rate  # cached per process
