@@ -133,6 +133,9 @@ class TrainerConfig:
     warmup_steps: int = 3        # steps excluded from the timing statistics
     progress: bool = True        # tqdm progress bar with loss and tokens/s
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    stop_on_nan: bool = True     # end the run as "diverged" at the first non-finite loss or gradient norm
+    checkpoint_every: int = 0    # save training state every N steps (0: only when interrupted)
+    resume: Optional[str] = None  # true: this run dir's checkpoint.pt; or a checkpoint file / run folder
 
 
 @dataclass
@@ -191,8 +194,8 @@ def validate(cfg: DictConfig | Config) -> None:
         _positive(f"data.{name}", getattr(d, name))
     _positive("trainer.steps", t.steps)
     _positive("trainer.grad_accum", t.grad_accum)
-    if t.warmup_steps < 0 or t.num_threads < 0:
-        raise ConfigError("trainer.warmup_steps and trainer.num_threads must be >= 0")
+    if t.warmup_steps < 0 or t.num_threads < 0 or t.checkpoint_every < 0:
+        raise ConfigError("trainer.warmup_steps, trainer.num_threads and trainer.checkpoint_every must be >= 0")
     if m.d_model % m.n_head:
         divisors = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and h <= 128]
         raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}; "

@@ -6,8 +6,11 @@ finishes its W&B run.
 """
 from __future__ import annotations
 
+import gc
 import math
+import signal
 import statistics
+import threading
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -16,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from recompute_lab import checkpoint
 from recompute_lab import flops as flops_mod
 from recompute_lab import theory
 from recompute_lab.config import ConfigError, Device, validate
@@ -56,11 +60,41 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Diverged(RuntimeError):
-    pass
+    """Non-finite loss or gradients (trainer.stop_on_nan)."""
 
 
-def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
-    """The training loop proper; fills ``results`` in place as it goes."""
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; the state after the last finished step is checkpointed."""
+
+
+class SignalFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (SLURM preemption sends SIGTERM)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "SignalFlag":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
+          signals: "SignalFlag") -> None:
+    """The training loop proper; fills ``results`` in place as it goes (``progress``: step and phase now)."""
     validate(cfg)
     t = cfg.trainer
     if t.num_threads:
@@ -68,6 +102,7 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     device = resolve_device(t.device)
+    install_oom_observer()
     policy = make_precision(cfg.precision)
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
@@ -95,26 +130,51 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
     history, step_s = results["loss"]["history"], results["time"]["step_s"]
+    start = 0
+    ckpt_path = Path(run_dir) / checkpoint.FILENAME
+    resume_from = checkpoint.locate(t.resume, run_dir)
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, cfg)
+        checkpoint.restore(state, model, optimizer, scheduler)
+        start = state["step"]
+        history.extend(state["history"])
+        step_s.extend(state["step_s"])
+        results["resumed_from"] = {"path": str(resume_from), "step": start}
+
+    def save_checkpoint(done: int) -> None:
+        checkpoint.save(ckpt_path, cfg=cfg, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
+                        history=history, step_s=step_s)
+        results["checkpoint"] = {"path": str(ckpt_path), "step": done}
+
     model.train()
-    bar = tqdm(range(t.steps), disable=not t.progress, desc=f"{cfg.model.name}/{cfg.strategy.name}", leave=False)
+    bar = tqdm(range(start, t.steps), disable=not t.progress, desc=f"{cfg.model.name}/{cfg.strategy.name}",
+               leave=False, initial=start, total=t.steps)
     for step in bar:
+        progress["step"] = step
         micro = [tuple(x.to(device, non_blocking=True) for x in batches.get(step, m)) for m in range(t.grad_accum)]
         with StepTimer(device) as timer:
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             for idx, targets in micro:
+                progress["phase"] = "forward"
                 with policy.autocast(device.type):
                     loss = model(idx, targets) / t.grad_accum
+                progress["phase"] = "backward"
                 loss.backward()
                 loss_sum += loss.detach()
+            progress["phase"] = "optimizer"
+            grad_norm = None
             if cfg.optimizer.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+            if t.stop_on_nan and grad_norm is not None and not torch.isfinite(grad_norm):
+                history.append(loss_sum.item())  # keep the failing step's loss in the record
+                raise Diverged(f"non-finite gradient norm {grad_norm.item()} at step {step}")
             optimizer.step()
             scheduler.step()
         loss_val = loss_sum.item()
         history.append(loss_val)
         step_s.append(timer.seconds)
-        if step == 0:
+        if step == start:
             # Model state right after the first optimizer step: params, grads and every optimizer buffer exist.
             measured = model_state_bytes(model, optimizer)
             predicted = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))
@@ -123,12 +183,18 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
                       predicted_per_param=predicted["per_param"], dtypes=measured["dtypes"],
                       bytes_per_param={"predicted": predicted["bytes_per_param"],
                                        "measured": measured["bytes_per_param"]})
-        if not math.isfinite(loss_val):
+        if t.stop_on_nan and not math.isfinite(loss_val):
             raise Diverged(f"non-finite loss {loss_val} at step {step}")
         tok_s = tokens_per_step / timer.seconds
         bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
         logger.log({"loss": loss_val, "lr": scheduler.get_last_lr()[0], "step_s": timer.seconds,
                     "tokens_per_s": tok_s}, step=step)
+        done = step + 1
+        if signals.received is not None:
+            save_checkpoint(done)
+            raise Interrupted(f"{signals.received} after step {done} of {t.steps}; resume with trainer.resume=true")
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+            save_checkpoint(done)
     bar.close()
 
     results["loss"].update(first=history[0], final=history[-1])
@@ -148,35 +214,81 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
-    """Train per ``cfg``, write ``run_dir/results.json`` whatever happens, and return the results."""
+    """Train per ``cfg``, write ``run_dir/results.json`` whatever happens, and return the results.
+
+    Invalid configurations raise ConfigError (after results.json records status "error"); out of memory,
+    divergence and interruption end the run with their status and return normally, so a sweep goes on.
+    """
     run_dir = Path(run_dir)
     results = new_results(cfg)
     logger = RunLogger(cfg, run_dir, group)
+    progress: dict = {"step": None, "phase": "setup"}
     exit_code = 0
-    try:
-        train(cfg, results, logger)
-        results["status"] = "ok"
-    except ConfigError as e:
-        results.update(status="error", error=f"invalid configuration: {e}")
-        exit_code = 1
-        raise
-    except torch.OutOfMemoryError as e:
-        results.update(status="oom", error=str(e).splitlines()[0])
-        exit_code = 1
-    except Diverged as e:
-        results.update(status="diverged", error=str(e))
-        exit_code = 1
-    except KeyboardInterrupt:
-        results.update(status="interrupted", error="KeyboardInterrupt")
-        exit_code = 1
-        raise
-    except Exception as e:
-        results.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-        exit_code = 1
-        raise
-    finally:
-        results["logger"] = {"mode": logger.mode, "note": logger.note}
-        write_json_atomic(run_dir / "results.json", results)
-        logger.summarize(results)
-        logger.finish(exit_code)
+    with SignalFlag() as signals:
+        try:
+            train(cfg, results, logger, run_dir, progress, signals)
+            results["status"] = "ok"
+        except ConfigError as e:
+            results.update(status="error", error=f"invalid configuration: {e}")
+            exit_code = 1
+            raise
+        except torch.OutOfMemoryError as e:
+            results.update(status="oom", error=str(e).splitlines()[0] if str(e) else "out of memory",
+                           failure={**progress, "strategy": cfg.strategy.name, **_oom_report()})
+            exit_code = 1
+        except Diverged as e:
+            results.update(status="diverged", error=str(e), failure=dict(progress))
+            exit_code = 1
+        except (Interrupted, KeyboardInterrupt) as e:
+            results.update(status="interrupted", error=str(e) or "KeyboardInterrupt", failure=dict(progress))
+            exit_code = 1
+        except Exception as e:
+            results.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
+                           failure=dict(progress))
+            exit_code = 1
+            raise
+        finally:
+            results["logger"] = {"mode": logger.mode, "note": logger.note}
+            write_json_atomic(run_dir / "results.json", results)
+            logger.summarize(results)
+            logger.finish(exit_code)
+            if exit_code:
+                gc.collect()  # free the failed run's tensors before the next job of a sweep
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
     return results
+
+
+_OOM_SEEN: dict = {}  # filled by the CUDA allocator's OOM observer at the moment of failure
+
+
+def install_oom_observer() -> None:
+    """Once per process on CUDA: record torch_remat's saved-tensor report when the allocator runs out.
+
+    The report is taken inside the allocator callback, while the autograd graph that holds the saved tensors is
+    still alive; by the time the exception reaches run() the frames that owned it are gone.
+    """
+    if not torch.cuda.is_available() or _OOM_SEEN.get("installed"):
+        return
+
+    def observer(device: int, alloc: int, device_alloc: int, device_free: int) -> None:
+        try:
+            import torch_remat
+
+            report = torch_remat.format_oom_saved_tensors_report()
+        except Exception as e:  # a diagnosis aid: never mask the OOM itself
+            report = f"unavailable ({type(e).__name__}: {e})"
+        _OOM_SEEN.update(last={"request_bytes": alloc, "device_allocated": device_alloc,
+                               "device_free": device_free, "saved_tensors_report": report})
+
+    torch._C._cuda_attach_out_of_memory_observer(observer)
+    _OOM_SEEN["installed"] = True
+
+
+def _oom_report() -> dict:
+    """What was resident when memory ran out (CUDA): allocator figures and the saved-tensor report."""
+    if not torch.cuda.is_available():
+        return {}
+    out = {"cuda_allocated": torch.cuda.memory_allocated(), "cuda_max_allocated": torch.cuda.max_memory_allocated()}
+    out.update(_OOM_SEEN.pop("last", {}))
+    return out

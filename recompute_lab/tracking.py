@@ -162,3 +162,37 @@ def _flatten(prefix: str, obj: Any, out: dict) -> None:
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
     elif isinstance(obj, (int, float, str, bool)) or obj is None:
         out[prefix] = obj
+
+
+def _si(x: Optional[float], unit: str = "") -> str:
+    if x is None:
+        return "n/a"
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}".rstrip()
+
+
+def format_summary(results: dict, path: Optional[Path] = None) -> str:
+    """A few human-readable lines on what a run measured (printed at the end of every run)."""
+    cfg, loss, t, fl = results["config"], results["loss"], results["time"], results["flops"]
+    ms = results["memory"]["model_state_bytes"]
+    lines = [f"recompute_lab: status {results['status']}  model={cfg['model']['name']} "
+             f"precision={cfg['precision']['name']} strategy={cfg['strategy']['name']} "
+             f"attention={cfg['model']['attention']} device={results['env'].get('device', '?')}"]
+    if loss["final"] is not None:
+        lines.append(f"  loss {loss['first']:.4f} -> {loss['final']:.4f} over {len(loss['history'])} steps; "
+                     f"{_si(t['tokens_per_s'])} tokens/s (median step {t['step_s_median'] * 1e3:.1f} ms)")
+    if ms.get("measured") is not None:
+        lines.append(f"  model state {_si(ms['measured'], 'B')} "
+                     f"({ms['bytes_per_param']['measured']:.1f} B/param, predicted {ms['bytes_per_param']['predicted']})")
+    if fl.get("per_step"):
+        ps = fl["per_step"]
+        mfu = f"  MFU {fl['mfu']:.1%} HFU {fl['hfu']:.1%}" if fl.get("mfu") is not None else ""
+        lines.append(f"  FLOPs/step {_si(ps['forward'] + ps['backward'])} + recompute {_si(ps['recompute'])} "
+                     f"(+{fl['recompute_overhead']:.1%}){mfu}")
+    if results.get("error"):
+        lines.append(f"  error: {results['error']}")
+    if path is not None:
+        lines.append(f"  results: {path}")
+    return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 Thin on purpose: Hydra composes conf/ against the schemas in recompute_lab.config, and recompute_lab.engine
 does the work. A configuration that composes but breaks a cross-field rule ends with a one-line message and
-exit status 2 in a single run; inside a multirun it is recorded as status "error" in that job's results.json
-and the sweep goes on.
+exit status 2 in a single run; a run that ends oom / diverged / interrupted exits 1 after writing its
+results.json. Inside a multirun both are recorded in that job's results.json and the sweep goes on.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from recompute_lab.config import ConfigError
 from recompute_lab.engine import run
+from recompute_lab.tracking import format_summary
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -26,15 +27,18 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     group = Path(hc.sweep.dir).name if multirun else None
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        results = run(cfg, Path(hc.runtime.output_dir), group=group)
+        results = run(cfg, run_dir, group=group)
     except ConfigError as e:
         print(f"recompute_lab: invalid configuration: {e}", file=sys.stderr)
         if multirun:
             return None  # recorded in results.json; the rest of the sweep continues
         sys.exit(2)
-    if results["status"] != "ok":
-        print(f"recompute_lab: run ended with status {results['status']}: {results.get('error')}", file=sys.stderr)
+    ok = results["status"] == "ok"
+    print(format_summary(results, run_dir / "results.json"), file=sys.stdout if ok else sys.stderr)
+    if not ok and not multirun:
+        sys.exit(1)  # a single run that failed fails the command; in a sweep the next job still runs
     return results["loss"]["final"]
 
 
