@@ -98,7 +98,7 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
                 loss.backward()
                 loss_sum += loss.detach()
             if cfg.optimizer.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+                policy.clip_grad_norm(model, optimizer, cfg.optimizer.grad_clip)
             optimizer.step()
             scheduler.step()
         loss_val = loss_sum.item()
