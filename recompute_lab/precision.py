@@ -107,7 +107,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 state = self.state[p]
                 if "master" not in state:  # lazy, as AdamW creates its moments: fp32 copy of the bf16 weight
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["master"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+                    state["master"] = p.detach().to(torch.float32, copy=True)  # own storage even if p is fp32
                     state["exp_avg"] = torch.zeros_like(state["master"])
                     state["exp_avg_sq"] = torch.zeros_like(state["master"])
                 g = self._step_grad(p)  # a fresh fp32 copy, or the fp32 buffer zero_grad clears: scale in place
