@@ -99,7 +99,8 @@ class ModelConfig:
 
 @dataclass
 class PrecisionConfig:
-    name: str = "fp32"
+    name: str = "fp32"              # fp32 | bf16_autocast | bf16_master (recompute_lab/precision.py)
+    fp32_grad_accum: bool = False   # bf16_master only: sum micro-batch grads in fp32 buffers (+4 B/param)
 
 
 @dataclass

@@ -165,7 +165,7 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
             progress["phase"] = "optimizer"
             grad_norm = None
             if cfg.optimizer.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+                grad_norm = policy.clip_grad_norm(model, optimizer, cfg.optimizer.grad_clip)
             if t.stop_on_nan and grad_norm is not None and not torch.isfinite(grad_norm):
                 history.append(loss_sum.item())  # keep the failing step's loss in the record
                 raise Diverged(f"non-finite gradient norm {grad_norm.item()} at step {step}")

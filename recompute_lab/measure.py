@@ -50,7 +50,7 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None)
            "master": unique_bytes(master), "optimizer": unique_bytes(adam)}
     n = sum(p.numel() for p in {id(p): p for p in params}.values())
     return {"per_param": per, "total": sum(per.values()), "bytes_per_param": sum(per.values()) / max(n, 1),
-            "optimizer_step_counters": unique_bytes(scalars), "dtypes": _dtypes(params, grads, master, adam)}
+            "optimizer_step_counters": unique_bytes(scalars), "dtypes": _dtypes(params, grads + grad_fp32, master, adam)}
 
 
 def _dtypes(params, grads, master, adam) -> dict:
