@@ -106,7 +106,8 @@ def sac_context_fn(save_ops: list[str], every_other_mm: bool) -> Callable[[], tu
 def apply_op(model: GPT, cfg: DictConfig) -> Plan:
     save_ops = resolve_save_ops(option(cfg, "save_ops", None))
     if not save_ops:
-        raise ConfigError(f"strategy.save_ops is empty (that is strategy=full); choose from {', '.join(available_ops())}")
+        raise ConfigError("strategy.save_ops is empty (that is strategy=full); choose from "
+                          f"{', '.join(available_ops())}")
     every_other = bool(option(cfg, "every_other_mm", False))
     if every_other and not set(save_ops) & set(PROJECTION_OPS):
         raise ConfigError("strategy.every_other_mm=true needs mm or addmm in strategy.save_ops")

@@ -20,17 +20,18 @@ recompute_lab.remat_regions.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from recompute_lab.config import ConfigError, LayerMethod
+from recompute_lab.config import ConfigError, LayerMethod, StrategyConfig
 from recompute_lab.model import GPT, Block
 
 Plan = dict[str, Any]
@@ -167,6 +168,11 @@ def group_plan(name: str, groups: list[list[int]], description: str) -> Plan:
             "description": description}
 
 
+def chunks(n_layer: int, k: int) -> list[list[int]]:
+    """Consecutive groups of k block indices (the last one may be shorter)."""
+    return [list(range(s, min(s + k, n_layer))) for s in range(0, n_layer, k)]
+
+
 def _in_range(key: str, value: int, n_layer: int) -> None:
     if not 1 <= value <= n_layer:
         raise ConfigError(f"strategy.{key}={value} is out of range for model.n_layer={n_layer}; "
@@ -187,7 +193,7 @@ def apply_layers(model: GPT, cfg: DictConfig) -> Plan:
         k = option(cfg, "num_layers", 1)
         _in_range("num_layers", k, n)
         if method == LayerMethod.uniform:
-            groups = [list(range(s, min(s + k, n))) for s in range(0, n, k)]
+            groups = chunks(n, k)
             what = f"chunks of {k} consecutive blocks, each one checkpoint region (Megatron uniform)"
         else:
             groups = [[i] for i in range(k)]
@@ -200,8 +206,7 @@ def apply_layers(model: GPT, cfg: DictConfig) -> Plan:
 
 def sqrt_groups(n_layer: int) -> list[list[int]]:
     """Chen et al. 2016: segments of k ~ sqrt(L) blocks keep L/k segment inputs + one segment's activations."""
-    k = max(1, round(math.sqrt(n_layer)))
-    return [list(range(s, min(s + k, n_layer))) for s in range(0, n_layer, k)]
+    return chunks(n_layer, max(1, round(math.sqrt(n_layer))))
 
 
 @register("sqrt")
@@ -231,6 +236,10 @@ def apply_offload(model: GPT, plan: Plan) -> None:
     """
     device = model.tok_emb.weight.device
     effective = device.type == "cuda"
+    plan.update(offload=True, offload_effective=effective)
+    if device.type == "meta":  # shapes only: nothing to copy (save_on_cpu would fail reading meta data)
+        plan["notes"].append("meta device: save_on_cpu not installed; on CUDA the saved tensors would move to host")
+        return
     inner = model.forward
 
     @functools.wraps(inner)
@@ -239,7 +248,6 @@ def apply_offload(model: GPT, plan: Plan) -> None:
             return inner(*args, **kw)
 
     model.forward = forward
-    plan.update(offload=True, offload_effective=effective)
     if not effective:
         msg = (f"offload on {device.type}: save_on_cpu moves nothing (host memory is the device memory here); "
                "saved tensors are only copied, which costs time and frees no memory")
@@ -247,11 +255,31 @@ def apply_offload(model: GPT, plan: Plan) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
+# The StrategyConfig fields each strategy reads (offload: all of them). Setting another one is a mistake.
+OPTIONS = {"selective": ("modules",), "layers": ("method", "num_layers", "every"),
+           "op": ("save_ops", "every_other_mm"), "regions": ("save",)}
+
+
+def reject_unused_options(cfg: Any) -> None:
+    """``+strategy=full strategy.num_layers=2`` would silently do nothing: say which options apply instead."""
+    defaults = StrategyConfig()
+    used = OPTIONS.get(cfg.name, ())
+    for name in (f.name for f in dataclasses.fields(StrategyConfig)):
+        if name in ("name", "offload", *used):
+            continue
+        value, default = getattr(cfg, name, None), getattr(defaults, name)
+        value = list(value) if isinstance(value, (list, ListConfig)) else value
+        if value != default:
+            raise ConfigError(f"strategy.{name} is not an option of strategy {cfg.name!r}; its options: "
+                              f"{', '.join((*used, 'offload'))}")
+
+
 def apply_strategy(model: GPT, cfg: DictConfig) -> Plan:
     """Apply the strategy named ``cfg.name`` to ``model`` in place and return its plan."""
     fn = STRATEGIES.get(cfg.name)
     if fn is None:
         raise ConfigError(f"unknown strategy {cfg.name!r}; valid strategies: {', '.join(sorted(STRATEGIES))}")
+    reject_unused_options(cfg)
     plan = fn(model, cfg)
     plan.setdefault("notes", [])
     plan.update(offload=False, offload_effective=False, warnings=[])

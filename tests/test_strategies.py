@@ -119,7 +119,8 @@ def test_gradients_equal_none(vid, overrides, attention):
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_dropout_acts_so_rng_preservation_is_tested(attention):
     model = base_model(attention)
-    assert not torch.equal(grads(model, seed=1)["blocks.0.mlp.fc.weight"], grads(model, seed=2)["blocks.0.mlp.fc.weight"])
+    w = "blocks.0.mlp.fc.weight"
+    assert not torch.equal(grads(model, seed=1)[w], grads(model, seed=2)[w])
 
 
 @functools.lru_cache(maxsize=None)
@@ -317,6 +318,17 @@ def test_plans_name_what_they_do():
     assert reg["save"] == ["mlp.fc"] and "mlp.proj" in reg["recompute"] and "blocks.0.mlp.proj" in reg["recomputed"]
 
 
+@pytest.mark.parametrize("name", ["full", "selective", "layers", "sqrt", "op", "regions", "offload"])
+def test_strategies_run_on_the_meta_device(name):
+    """The estimate path builds models on meta (no memory): every strategy must apply and run there too."""
+    cfg = compose(*MODEL, f"+strategy={name}")
+    model = build_model(cfg.model, "meta").train()
+    plan = apply_strategy(model, cfg.strategy)
+    idx = torch.zeros(2, 16, dtype=torch.long, device="meta")
+    model(idx, idx).backward()
+    assert plan["offload_effective"] is False
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -330,6 +342,17 @@ def test_plans_name_what_they_do():
 def test_bad_strategy_options_raise_config_error_listing_valid(overrides, needle):
     cfg = compose_config([*MODEL, *overrides])
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
+        apply_strategy(build_model(cfg.model), cfg.strategy)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["+strategy=full", "strategy.num_layers=2"],
+     "strategy.num_layers is not an option of strategy 'full'; its options: offload"),
+    (["+strategy=op", "strategy.save=[mlp.fc]"], "its options: save_ops, every_other_mm, offload"),
+])
+def test_options_of_another_strategy_are_rejected(overrides, needle):
+    cfg = compose(*MODEL, *overrides)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         apply_strategy(build_model(cfg.model), cfg.strategy)
 
 
