@@ -116,6 +116,22 @@ def test_gradients_equal_none(vid, overrides, attention):
     assert all(name in modules for name in plan["recomputed"])
 
 
+LLAMA_STYLE = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.positions=rope", "model.n_kv_head=2",
+               "model.bias=false", "model.attention=sdpa"]
+
+
+@pytest.mark.parametrize("vid,overrides", [v for v in VARIANTS if v[0] in ("selective", "op", "regions")],
+                         ids=["selective", "op", "regions"])
+def test_llama_style_blocks_gradients_equal_none(vid, overrides):
+    """RMSNorm, SwiGLU, RoPE (a bare op on the qkv output inside a remat region), GQA, bias-free Linear (mm)."""
+    torch.manual_seed(0)
+    base = build_model(compose(*MODEL, *LLAMA_STYLE).model).train()
+    model = copy.deepcopy(base)
+    apply_strategy(model, compose(*MODEL, *LLAMA_STYLE, *overrides).strategy)
+    g_none, g = grads(base), grads(model)
+    assert all((g_none[n] - g[n]).abs().max().item() <= 1e-6 for n in g_none)
+
+
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_dropout_acts_so_rng_preservation_is_tested(attention):
     model = base_model(attention)
