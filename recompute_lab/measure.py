@@ -1,4 +1,7 @@
-"""Measurements taken on a real (or meta) model: model-state bytes, allocator peaks, step timers.
+"""Measurements taken on a real (or meta) model: model-state bytes, saved tensors, allocator peaks, step timers.
+
+Activation bytes are measured independently of recompute_lab.theory (see recompute_lab.probe for the probe step
+that runs every path): :func:`saved_tensors` counts what autograd keeps after one forward.
 
 Model-state bytes are counted from the tensors themselves (unique storages of parameters, their gradients
 and the optimizer state), independently of recompute_lab.theory, so the two can be compared in tests.
@@ -9,10 +12,12 @@ state and are reported apart.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+import weakref
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _storage_key(t: Tensor) -> tuple:
@@ -87,3 +92,66 @@ def cuda_peak_bytes(device: torch.device) -> dict | None:
     if device.type != "cuda":
         return None
     return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}
+
+
+class _Producers(TorchDispatchMode):
+    """Remembers which aten op produced each storage (view ops, whose output aliases an input, are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.op: dict[tuple, str] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {_storage_key(a) for a in args if isinstance(a, Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, Tensor) and o.layout == torch.strided:
+                k = _storage_key(o)
+                if k not in ins:
+                    self.op[k] = func.overloadpacket.__name__
+        return out
+
+
+def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
+    """Bytes autograd keeps for backward after ``forward()`` runs ``model`` once (CPU, CUDA or meta).
+
+    A saved_tensors_hooks pack hook sees every tensor an op saves outside checkpoint regions (inside a
+    region torch.utils.checkpoint's own hook is innermost, so only the region's inputs reach us, which is what
+    stays resident). Storages are counted once (views share one), parameters and buffers are excluded, and a
+    save whose tensor died before the forward ended is not counted. Each storage is billed to the module whose
+    forward was running when it was first saved ("loss": GPT.forward itself, i.e. the cross-entropy) and to the
+    aten op that produced it.
+    """
+    exclude = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    names = {m: (n or "loss") for n, m in model.named_modules()}
+    stack: list[str] = ["loss"]
+    saved: dict[tuple, dict] = {}
+    producers = _Producers()
+
+    def pack(t: Tensor) -> Tensor:
+        k = _storage_key(t)
+        if k not in exclude and (k not in saved or saved[k]["ref"]() is None):
+            saved[k] = {"module": stack[-1], "op": producers.op.get(k, "input"), "ref": weakref.ref(t),
+                        "nbytes": t.untyped_storage().nbytes(), "dtype": str(t.dtype).replace("torch.", ""),
+                        "shape": list(t.shape)}
+        return t  # unchanged: the hook only looks
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(lambda m, a: stack.append(names[m])))
+        handles.append(m.register_forward_hook(lambda m, a, o: stack.pop() and None, always_call=True))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), producers:
+            output = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    live = [e for e in saved.values() if e["ref"]() is not None]
+    by_module: dict[str, int] = {}
+    by_op: dict[str, int] = {}
+    for e in live:
+        by_module[e["module"]] = by_module.get(e["module"], 0) + e["nbytes"]
+        by_op[e["op"]] = by_op.get(e["op"], 0) + e["nbytes"]
+    tensors = [{k: v for k, v in e.items() if k != "ref"} for e in live]
+    return {"total": sum(by_module.values()), "by_module": by_module, "by_op": by_op, "tensors": tensors,
+            "output": output}
