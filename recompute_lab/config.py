@@ -133,6 +133,8 @@ class TrainerConfig:
     warmup_steps: int = 3        # steps excluded from the timing statistics
     progress: bool = True        # tqdm progress bar with loss and tokens/s
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    probe: bool = True           # one instrumented memory probe step before training (recompute_lab.probe)
+    memory_snapshot: bool = False  # CUDA: write memory_snapshot.pickle of the probe step (pytorch.org/memory_viz)
 
 
 @dataclass

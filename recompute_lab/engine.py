@@ -22,6 +22,7 @@ from recompute_lab.data import Batches
 from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
+from recompute_lab.probe import memory_probe
 from recompute_lab.strategies import apply_strategy
 from recompute_lab.tracking import RunLogger, env_info, new_results, write_json_atomic
 
@@ -58,7 +59,7 @@ class Diverged(RuntimeError):
     pass
 
 
-def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
+def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Optional[Path] = None) -> None:
     """The training loop proper; fills ``results`` in place as it goes."""
     validate(cfg)
     t = cfg.trainer
@@ -71,6 +72,12 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger) -> None:
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
     batches = Batches(cfg.data, cfg.model.vocab_size)
+    if t.memory_snapshot and not t.probe:
+        raise ConfigError("trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true")
+    if t.probe:  # memory probe on a fresh model, before the training model exists (recompute_lab.probe)
+        snapshot = Path(run_dir) / "memory_snapshot.pickle" if t.memory_snapshot and run_dir is not None else None
+        probe_batch = tuple(x.to(device) for x in batches.get(0, 0))
+        results["memory"].update(memory_probe(cfg, device, policy, probe_batch, snapshot))
     model = build_model(cfg.model, device, policy.param_dtype)
     results["strategy"] = apply_strategy(model, cfg.strategy)
     n_params = model.get_num_params()
@@ -139,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
     logger = RunLogger(cfg, run_dir, group)
     exit_code = 0
     try:
-        train(cfg, results, logger)
+        train(cfg, results, logger, run_dir)
         results["status"] = "ok"
     except ConfigError as e:
         results.update(status="error", error=f"invalid configuration: {e}")

@@ -1,7 +1,9 @@
 """Measurements taken on a real (or meta) model: model-state bytes, saved tensors, allocator peaks, step timers.
 
-Activation bytes are measured independently of recompute_lab.theory (see recompute_lab.probe for the probe step
-that runs every path): :func:`saved_tensors` counts what autograd keeps after one forward.
+Activation and peak bytes come from paths that share no code with recompute_lab.theory nor with each other
+(recompute_lab.probe runs them all on one probe step): :func:`saved_tensors` (saved_tensors_hooks, storages
+counted once), :func:`mem_tracker_step` (PyTorch's MemTracker, peak by category), :func:`remat_saved_bytes`
+(torch_remat's walk of the autograd graph from the loss) and the CUDA caching allocator's counters.
 
 Model-state bytes are counted from the tensors themselves (unique storages of parameters, their gradients
 and the optimizer state), independently of recompute_lab.theory, so the two can be compared in tests.
@@ -155,3 +157,92 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
     tensors = [{k: v for k, v in e.items() if k != "ref"} for e in live]
     return {"total": sum(by_module.values()), "by_module": by_module, "by_op": by_op, "tensors": tensors,
             "output": output}
+
+
+MEMTRACKER_CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Activation": "act",
+                         "Temp": "temp", "Optstate": "optimizer", "Other": "other", "Total": "total"}
+
+
+def mem_tracker_step(model: nn.Module, optimizer, forward: Callable[[], Tensor],
+                     finish: Callable[[Tensor], None]) -> dict:
+    """Peak bytes by category over one step (``forward()``, then ``finish(loss)``: backward + optimizer step).
+
+    Uses torch.distributed._tools.mem_tracker.MemTracker, a private module: when it cannot be imported or fails,
+    returns ``{"available": False, "reason": ...}``. ``after_forward`` is the snapshot between forward and
+    backward: its ``act`` holds the saved activations plus whatever else the forward left alive (the loss).
+    """
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except Exception as e:  # private API: absent or renamed in other torch versions
+        return {"available": False, "reason": f"MemTracker unavailable: {type(e).__name__}: {e}"}
+
+    def by_category(snap: dict) -> dict:
+        merged: dict[str, int] = {}
+        for dev_snap in snap.values():
+            for k, v in dev_snap.items():
+                name = MEMTRACKER_CATEGORIES.get(k, k)
+                merged[name] = merged.get(name, 0) + v
+        return merged
+
+    try:
+        mt = MemTracker()
+        mt.track_external(model, optimizer)
+        with mt:
+            loss = forward()
+            after_forward = by_category(mt.get_tracker_snapshot("current"))
+            finish(loss)
+            del loss
+        peak = by_category(mt.get_tracker_snapshot("peak"))
+    except Exception as e:  # never let a diagnostic kill the run
+        return {"available": False, "reason": f"MemTracker failed: {type(e).__name__}: {e}"}
+    return {"available": True, "peak": peak.get("total", 0), "by_category": peak, "after_forward": after_forward}
+
+
+def remat_saved_bytes(forward: Callable[[], Tensor]) -> dict:
+    """torch_remat's own count of the bytes saved for backward, on a forward of its own.
+
+    torch_remat.format_saved_tensors_report(loss) walks the autograd graph from the loss and bills each resident
+    saved storage once (grad-requiring leaves, i.e. parameters, excluded). Its header rounds to KiB, so the exact
+    total comes from the same collection it formats (its private ``_walk_graph`` and live-region tapes); the
+    report text is kept too. It cannot see tensors held by torch.utils.checkpoint's frames (region inputs) nor
+    saves whose pack hook another saved_tensors_hooks owns, hence its own forward, with no hooks of ours.
+    """
+    try:
+        import torch_remat
+        from torch_remat._saved_report import _attribute_regions, _iter_live_regions, _walk_graph
+    except Exception as e:
+        return {"available": False, "reason": f"torch_remat unavailable: {type(e).__name__}: {e}"}
+    loss = forward()
+    try:
+        views = _attribute_regions(list(_iter_live_regions()))
+        claimed = {k for view in views for k in view.owned}
+        regions = sum(s.nbytes for view in views for s in view.owned.values())
+        graph = _walk_graph([loss], set(claimed))
+        total = regions + sum(g.nbytes for g in graph.values())
+        report = torch_remat.format_saved_tensors_report(loss)
+    except Exception as e:
+        return {"available": False, "reason": f"torch_remat report failed: {type(e).__name__}: {e}"}
+    finally:
+        del loss
+    return {"available": True, "total": total, "regions": regions, "report": report.splitlines()[:12]}
+
+
+class CudaPeak:
+    """max_memory_allocated / max_memory_reserved over a ``with`` block (CUDA only; a no-op elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.result: dict | None = None
+
+    def __enter__(self) -> "CudaPeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.result = {"allocated": torch.cuda.max_memory_allocated(self.device),
+                           "reserved": torch.cuda.max_memory_reserved(self.device), "start": self.start}

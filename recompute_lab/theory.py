@@ -319,17 +319,26 @@ def per_layer(pred: dict, i: int) -> int:
     return sum(v for k, v in pred["by_module"].items() if k == f"blocks.{i}" or k.startswith(f"blocks.{i}."))
 
 
-def predict_peak(state_bytes: int, act: dict, st: Setting, vocab: int) -> Optional[dict]:
-    """Peak = model state + activations + the largest transient (an upper bound: grads counted in full).
+def predict_peak(cfg, st: Setting, state: dict, act: dict) -> Optional[dict]:
+    """Peak bytes of one steady-state step: the largest of three moments (``state`` from model_state_bytes).
 
-    Transients: the backward of the head (grad of the fp32 log-probabilities and of the logits, 2 x 4sbv, plus
-    the 16-bit logits gradient when activations are 16-bit) or the recompute of the largest checkpoint region.
+    backward start:  params + master + optimizer + all activations + the head's backward transient (the
+                     gradients of the fp32 log-probabilities and of the logits: 2 x 4sbv)
+    end of backward: params + master + optimizer + all grads + the embedding's dense gradient (twice with tied
+                     embeddings: the head's gradient is accumulated into the same weight)
+    recompute:       model state + activations + the largest checkpoint region's re-saved tensors (an upper
+                     bound: grads are counted in full although most do not exist yet)
     """
     if act.get("total") is None:
         return None
+    per = state["per_param"]
+    fixed = per["params"] + per["master"] + per["optimizer"]
     n = st.batch * st.seq
-    head = 2 * n * vocab * 4 + (n * vocab * st.compute_bytes if st.compute_bytes != 4 else 0)
-    transient = max(head, act["largest_region"])
-    return {"total": state_bytes + act["total"] + transient, "model_state": state_bytes,
-            "activations": act["total"], "transient": transient,
-            "transient_kind": "head/loss backward" if head >= act["largest_region"] else "recompute region"}
+    emb = cfg.vocab_size * cfg.d_model * st.param_bytes
+    phases = {"backward_start": fixed + act["total"] + 2 * n * cfg.vocab_size * 4,
+              "end_of_backward": fixed + per["grads"] + emb * (2 if cfg.tie_embeddings else 1)}
+    if act["largest_region"]:
+        phases["recompute"] = state["total"] + act["total"] + act["largest_region"]
+    kind = max(phases, key=phases.get)
+    return {"total": phases[kind], "phase": kind, "phases": phases, "model_state": state["total"],
+            "activations": act["total"]}
