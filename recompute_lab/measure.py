@@ -164,12 +164,14 @@ MEMTRACKER_CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient":
 
 
 def mem_tracker_step(model: nn.Module, optimizer, forward: Callable[[], Tensor],
-                     finish: Callable[[Tensor], None]) -> dict:
+                     finish: Callable[[Tensor], None], inputs: Iterable[Tensor] = ()) -> dict:
     """Peak bytes by category over one step (``forward()``, then ``finish(loss)``: backward + optimizer step).
 
     Uses torch.distributed._tools.mem_tracker.MemTracker, a private module: when it cannot be imported or fails,
     returns ``{"available": False, "reason": ...}``. ``after_forward`` is the snapshot between forward and
     backward: its ``act`` holds the saved activations plus whatever else the forward left alive (the loss).
+    ``inputs`` (the batch, made before the tracker starts) are registered as ``other``; unregistered, a view
+    taken inside the step would make MemTracker file their storage under activations.
     """
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
@@ -186,7 +188,7 @@ def mem_tracker_step(model: nn.Module, optimizer, forward: Callable[[], Tensor],
 
     try:
         mt = MemTracker()
-        mt.track_external(model, optimizer)
+        mt.track_external(model, optimizer, *inputs)
         with mt:
             loss = forward()
             after_forward = by_category(mt.get_tracker_snapshot("current"))

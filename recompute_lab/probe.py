@@ -83,7 +83,7 @@ def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, sn
 
         finish(forward())  # warm step: the optimizer state exists from here on, as in every later step
         with memory_history(device, snapshot), CudaPeak(device) as cuda:
-            tracked = mem_tracker_step(model, optimizer, forward, finish)
+            tracked = mem_tracker_step(model, optimizer, forward, finish, inputs=(idx, targets))
         if not tracked["available"]:  # still run the step the allocator counters measure
             with CudaPeak(device) as cuda:
                 finish(forward())
@@ -116,6 +116,8 @@ def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, sn
                   "by_category": tracked.get("by_category"), "predicted_parts": peak,
                   "mem_tracker": tracked, "cuda": cuda.result,
                   "snapshot": str(snapshot) if snapshot is not None and device.type == "cuda" else None}
+    if snapshot is not None and device.type != "cuda":
+        peak_bytes["snapshot_note"] = "trainer.memory_snapshot records the CUDA caching allocator: nothing on CPU"
     return {"activation_bytes": activation, "peak_bytes": peak_bytes, "plan": plan,
             "theory_setting": vars(pred["setting"])}
 
