@@ -155,6 +155,20 @@ class StrategyConfig:
     name: str = "none"
 
 
+class Target(StrEnum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+@dataclass
+class EstimateConfig:
+    """``python -m recompute_lab.estimate``'s own options (estimate.*), outside the training config."""
+
+    target: Target = Target.cuda                        # whose kernels decide what is saved
+    seq_lens: list[int] = field(default_factory=list)   # a series of sequence lengths; empty = data.seq_len
+    out: str = "estimate.json"                          # where the JSON goes (relative to the working dir)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
