@@ -95,3 +95,23 @@ def test_cpu_target_on_meta_matches_a_real_cpu_run():
                 return model(idx, idx.clone())
         totals[device] = saved_tensors(model, forward)["by_module"]
     assert totals["meta"] == totals["cpu"]
+
+
+def test_seed_figure_experiment_writes_png_and_csv(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from conftest import ROOT
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "activation_vs_context.py"), str(tmp_path),
+                           "--contexts", "256", "512"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "activation_vs_context.png").stat().st_size > 10_000
+    rows = list(csv.DictReader(open(tmp_path / "activation_vs_context.csv")))
+    assert len(rows) == 2 * 2 * 2
+    for r in rows:
+        assert r["layers_measured"] == r["layers_theory"]
+    full = {r["attention"]: r["layers_measured"] for r in rows if r["strategy"] == "full" and r["seq_len"] == "512"}
+    assert full["eager"] == full["sdpa"] == str(24 * 512 * 4096 * 2)  # only the bf16 block inputs remain
+    eager = [r for r in rows if r["attention"] == "eager" and r["strategy"] == "none"]
+    for r in eager:  # Korthikanti's regime on CUDA: within 2% (the fp32 layernorm statistics and causal mask)
+        assert int(r["layers_measured"]) == pytest.approx(int(r["korthikanti"]), rel=0.02)
