@@ -14,6 +14,7 @@ One warm step first creates the optimizer state, so the measured step is a stead
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -62,8 +63,20 @@ def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, sn
     """Run the probe step on a fresh model and return the ``memory`` section of results.json.
 
     ``batch`` is one (idx, targets) micro-batch on ``device``; ``snapshot`` a path for the CUDA memory snapshot
-    pickle (viewable at https://pytorch.org/memory_viz), or None.
+    pickle (viewable at https://pytorch.org/memory_viz), or None. A probe that fails for any reason but memory
+    does not stop training: the error is recorded as ``probe_error`` and the memory keys stay empty. Running
+    out of memory does propagate (the training step would too).
     """
+    try:
+        return _probe(cfg, device, policy, batch, snapshot)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        warnings.warn(f"memory probe failed, training goes on: {type(e).__name__}: {e}", stacklevel=2)
+        return {"probe_error": f"{type(e).__name__}: {e}"}
+
+
+def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path]) -> dict:
     idx, targets = batch
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

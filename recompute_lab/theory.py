@@ -240,26 +240,48 @@ def _attention_terms(cfg, st: Setting, p: str, x: str, add, linear, norm, dropou
     return f"{p}:mid"
 
 
+REGION = re.compile(r"blocks\.(\d+)(?:-(\d+))?(\.attn\.core|\.attn|\.mlp\.act|\.mlp|\.norm1|\.norm2)?")
+
+
 def region_inputs(cfg, st: Setting, name: str) -> Optional[list[tuple[str, int]]]:
-    """(storage, bytes) of the tensors a checkpoint region over module ``name`` keeps: its forward inputs."""
+    """(storage, bytes) of what a checkpoint region over ``name`` keeps: its forward inputs; None if unknown.
+
+    ``name``: blocks.i, a run of blocks blocks.i-j (one region, keeps block i's input), or blocks.i. + attn,
+    attn.core, mlp, mlp.act, norm1, norm2.
+    """
     b, s, h = st.batch, st.seq, cfg.d_model
     n, r, c = b * s, st.param_bytes, st.compute_bytes
-    m = re.fullmatch(r"blocks\.(\d+)(\.attn\.core|\.attn|\.mlp)?", name)
-    if not m or int(m.group(1)) >= cfg.n_layer or (cfg.arch == "toy_mlp" and m.group(2)):
+    m = REGION.fullmatch(name)
+    if not m or max(int(m.group(1)), int(m.group(2) or 0)) >= cfg.n_layer:
         return None
-    i, part = int(m.group(1)), m.group(2)
+    i, part = int(m.group(1)), m.group(3)
+    if (m.group(2) and part) or (cfg.arch == "toy_mlp" and part):
+        return None
     p = f"blocks.{i}"
-    if part is None:  # the block input: previous block's output (toy: linear2's, dtype c) or the embeddings
+    if part in (None, ".norm1"):  # the block input: previous block's output (toy: linear2's, dtype c)
         width = c if cfg.arch == "toy_mlp" and i else r
         return [(f"blocks.{i - 1}:out" if i else ("drop:out" if cfg.dropout > 0 else "emb:out"), n * h * width)]
+    if part == ".norm2":
+        return [(f"{p}:mid", n * h * r)]
     if part in (".attn", ".mlp"):
         return [(f"{p}.{'norm1' if part == '.attn' else 'norm2'}:out", n * h * r)]
+    if part == ".mlp.act":
+        return [(f"{p}.mlp.fc:out", n * (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff * c)]
     a, kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
     hd = h // a
     qkv = (f"{p}.attn.qkv:out", n * (a + 2 * kv) * hd * c)
     if cfg.positions == "rope":
         return [(f"{p}.attn.rotary:q", n * a * hd * c), (f"{p}.attn.rotary:k", n * kv * hd * c), qkv]
     return [qkv]
+
+
+def covers(region: str, module: str) -> bool:
+    """Is ``module`` (a saving module's name) inside checkpoint region ``region``?"""
+    run = re.fullmatch(r"blocks\.(\d+)-(\d+)", region)
+    if run:
+        blk = re.match(r"blocks\.(\d+)(?:\.|$)", module)
+        return bool(blk) and int(run.group(1)) <= int(blk.group(1)) <= int(run.group(2))
+    return module == region or module.startswith(region + ".")
 
 
 UNPREDICTABLE = {"op": "op-level selective checkpointing decides per aten op",
@@ -286,7 +308,7 @@ def predict_activations(cfg, st: Setting, plan: Optional[dict] = None) -> dict:
         region_of[name] = [Saved(name, "checkpoint", stor, nb, "checkpoint region input") for stor, nb in inputs]
 
     def region(t: Saved) -> Optional[str]:
-        return next((m for m in regions if t.module == m or t.module.startswith(m + ".")), None)
+        return next((m for m in regions if covers(m, t.module)), None)
 
     # Walk in forward order; a region's inputs are saved where the region starts (before its body), and a
     # storage is billed to its first saver, as the measurement does.
@@ -310,13 +332,13 @@ def predict_activations(cfg, st: Setting, plan: Optional[dict] = None) -> dict:
 
 def _region_transient(terms: list[Saved], region: str) -> int:
     """Bytes one region re-saves while its recompute runs in backward (its own unrecomputed saves)."""
-    stor = {t.storage: t.nbytes for t in terms if t.module == region or t.module.startswith(region + ".")}
+    stor = {t.storage: t.nbytes for t in terms if covers(region, t.module)}
     return sum(stor.values())
 
 
 def per_layer(pred: dict, i: int) -> int:
     """Bytes billed to block ``i`` (its modules and any region over it)."""
-    return sum(v for k, v in pred["by_module"].items() if k == f"blocks.{i}" or k.startswith(f"blocks.{i}."))
+    return sum(v for k, v in pred["by_module"].items() if covers(f"blocks.{i}", k))
 
 
 def predict_peak(cfg, st: Setting, state: dict, act: dict) -> Optional[dict]:

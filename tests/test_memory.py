@@ -83,6 +83,27 @@ def test_theory_covers_dropout_rope_gqa_rmsnorm_swiglu(variant, precision, strat
     assert pred["total"] == measured["total"]
 
 
+@pytest.mark.parametrize("kw", [dict(TINY, n_layer=3), dict(LLAMA_LIKE, n_layer=3)], ids=["tiny", "llama"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast"])
+def test_other_region_shapes_block_runs_and_sublayers(kw, precision):
+    """Blocks 0-1 checkpointed as ONE region (through GPT.block_runner) and sub-layer regions in block 2."""
+    from torch.utils.checkpoint import checkpoint
+
+    from recompute_lab.model import run_sequential
+    cfg, model, forward, _, _, _ = measure_and_predict(kw, "none", precision, 4, 16)
+
+    def runner(blocks, x):  # one checkpoint region over blocks 0 and 1, block 2 plain
+        x = checkpoint(run_sequential, blocks[:2], x, use_reentrant=False)
+        return run_sequential(blocks[2:], x)
+    model.block_runner = runner
+    checkpoint_module(model.blocks[2].norm2)
+    checkpoint_module(model.blocks[2].mlp.act)
+    plan = {"name": "mixed", "recomputed": ["blocks.0-1", "blocks.2.norm2", "blocks.2.mlp.act"]}
+    measured = saved_tensors(model, forward)
+    st = theory.Setting(4, 16, 4, 2 if PRECISIONS[precision][1] else None, "cpu")
+    assert theory.predict_activations(cfg, st, plan)["total"] == measured["total"]
+
+
 def test_saved_tensor_accounting_works_on_meta_and_dedups_views():
     cfg = ModelConfig(**TINY, attention="eager")
     on = {}
@@ -203,6 +224,17 @@ def test_probe_does_not_perturb_training(tmp_path):
     without = run(compose_config([*base, "trainer.probe=false"]), tmp_path / "b")
     assert with_probe["loss"]["history"] == without["loss"]["history"]
     assert without["memory"]["activation_bytes"]["measured"] is None
+
+
+def test_a_failing_probe_is_recorded_and_training_goes_on(tmp_path, monkeypatch):
+    import recompute_lab.probe as probe
+
+    def broken(*args):
+        raise RuntimeError("instrumentation broke")
+    monkeypatch.setattr(probe, "saved_tensors", broken)
+    with pytest.warns(UserWarning, match="memory probe failed"):
+        res = run(compose_config(["trainer.steps=2", *FAST]), tmp_path)
+    assert res["status"] == "ok" and res["memory"]["probe_error"] == "RuntimeError: instrumentation broke"
 
 
 def test_cli_run_writes_memory_keys(tmp_path):
