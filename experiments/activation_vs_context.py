@@ -109,8 +109,8 @@ def main() -> None:
         writer.writerows(rows)
     plot(rows, out / "activation_vs_context.png", args.target)
     for r in rows:
-        print(f"{r['attention']:5s} {r['strategy']:4s} s={r['seq_len']:5d}  measured {r['layers_measured'] / GB:8.2f} GB"
-              f"  theory {r['layers_theory'] / GB:8.2f}  Korthikanti {r['korthikanti'] / GB:8.2f}"
+        print(f"{r['attention']:5s} {r['strategy']:4s} s={r['seq_len']:5d}"
+              f"  measured {r['layers_measured'] / GB:8.2f} GB  theory {r['layers_theory'] / GB:8.2f}  Korthikanti {r['korthikanti'] / GB:8.2f}"
               f"  naive {r['naive'] / GB:6.2f}")
     print(f"wrote {out / 'activation_vs_context.png'} and .csv")
 

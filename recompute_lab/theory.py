@@ -94,7 +94,9 @@ def saved_terms(cfg, st: Setting) -> list[Saved]:
     r, c, auto = st.param_bytes, st.compute_bytes, st.autocast_bytes is not None
     cuda = st.device == "cuda"
     # native_dropout's mask: bool on CUDA, the input's dtype on CPU (CPU draws it with bernoulli_ into empty_like).
-    mask_b = (lambda dt: 1) if cuda else (lambda dt: dt)
+
+    def mask_b(dt: int) -> int:
+        return 1 if cuda else dt
     drop = cfg.dropout > 0
     out: list[Saved] = []
 
@@ -108,12 +110,13 @@ def saved_terms(cfg, st: Setting) -> list[Saved]:
 
     def linear(module, in_storage, in_dt, fan_in, fan_out):
         """nn.Linear saves its input (and its weight, a parameter: not counted); returns the output storage."""
+        op = "addmm" if cfg.bias and module != "head" else "mm"  # a biased Linear dispatches addmm
         if auto and in_dt == 4:  # autocast casts an fp32 input to bf16 and saves the cast copy
-            add(module, "addmm", f"{module}:in_bf16", n * fan_in * 2, "autocast bf16 copy of the fp32 input")
+            add(module, op, f"{module}:in_bf16", n * fan_in * 2, "autocast bf16 copy of the fp32 input")
         else:
-            add(module, "addmm", in_storage, n * fan_in * in_dt, "input, for the weight gradient")
+            add(module, op, in_storage, n * fan_in * in_dt, "input, for the weight gradient")
         if auto:  # the cached bf16 copy of the weight is saved for the input gradient
-            add(module, "addmm", f"{module}:w_bf16", fan_in * fan_out * 2, "autocast bf16 copy of the weight")
+            add(module, op, f"{module}:w_bf16", fan_in * fan_out * 2, "autocast bf16 copy of the weight")
         return f"{module}:out"
 
     def norm(module, in_storage):

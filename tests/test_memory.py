@@ -216,6 +216,13 @@ def test_probe_peak_prediction_brackets_mem_tracker(overrides):
     assert peak["predicted"] == pytest.approx(peak["measured"], rel=0.15)
     if peak["predicted_parts"]["phase"] == "recompute":
         assert peak["predicted"] >= peak["measured"]
+    if peak["predicted_parts"]["phase"] == "backward_start":
+        # At that peak MemTracker's activations are still the after-forward set (saved tensors + the loss) and
+        # its temporaries are exactly the two fp32 (b, s, v) gradients of the head's backward, named here.
+        tracker = peak["mem_tracker"]
+        assert peak["by_category"]["act"] == tracker["after_forward"]["act"]
+        sbv = cfg.data.batch_size * cfg.data.seq_len * cfg.model.vocab_size
+        assert peak["by_category"]["temp"] == 2 * 4 * sbv
 
 
 def test_probe_does_not_perturb_training(tmp_path):
