@@ -127,7 +127,8 @@ def format_table(res: dict) -> str:
     for kind, v in ms["per_param"].items():
         lines.append(row(f"  {kind}", [v] * len(series)))
     lines.append(row("  total", [ms["predicted"]] * len(series)))
-    lines.append("activations (saved for backward, meta-measured)")
+    meta = series[0]["activation_bytes"]["measured"] is not None
+    lines.append(f"activations (saved for backward, {'meta-measured' if meta else 'theory: no meta autocast'})")
     groups = sorted({g for x in series for g in x["activation_bytes"]["by_group"]})
     for g in groups:
         label = f"  {g} (x{n_layer})" if g == "blocks" else f"  {g}"
