@@ -27,6 +27,7 @@ from recompute_lab.data import Batches
 from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
+from recompute_lab.probe import memory_probe
 from recompute_lab.strategies import apply_strategy
 from recompute_lab.tracking import env_info, format_summary, new_results, write_json_atomic
 from recompute_lab.wandb_logger import RunLogger
@@ -108,6 +109,12 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
     batches = Batches(cfg.data, cfg.model.vocab_size)
+    if t.memory_snapshot and not t.probe:
+        raise ConfigError("trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true")
+    if t.probe:  # memory probe on a fresh model, before the training model exists (recompute_lab.probe)
+        snapshot = Path(run_dir) / "memory_snapshot.pickle" if t.memory_snapshot and run_dir is not None else None
+        probe_batch = tuple(x.to(device) for x in batches.get(0, 0))
+        results["memory"].update(memory_probe(cfg, device, policy, probe_batch, snapshot))
     model = build_model(cfg.model, device, policy.param_dtype)
     results["strategy"] = apply_strategy(model, cfg.strategy)
     n_params = model.get_num_params()
@@ -210,8 +217,8 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
                             achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
     peak = cuda_peak_bytes(device)
     if peak is not None:
-        results["memory"]["peak_bytes"].update(measured=peak["allocated"], reserved=peak["reserved"],
-                                               source="cuda_allocator")
+        # The probe's peak (same step as the prediction) stays in `measured`; this is the whole training run's.
+        results["memory"]["peak_bytes"].update(training_allocated=peak["allocated"], training_reserved=peak["reserved"])
 
 
 def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:

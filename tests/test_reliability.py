@@ -29,7 +29,8 @@ def test_nan_loss_ends_run_as_diverged(tmp_path, monkeypatch):
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(GPT, "forward", forward)
-    res = engine.run(compose_config(["trainer.steps=6", *FAST]), tmp_path)
+    # No memory probe: its forwards would take the injected NaN instead of training step 2.
+    res = engine.run(compose_config(["trainer.steps=6", "trainer.probe=false", *FAST]), tmp_path)
     assert res["status"] == "diverged" and "step 2" in res["error"]
     assert len(res["loss"]["history"]) == 3
     assert load_results(tmp_path / "results.json")["status"] == "diverged"
@@ -105,7 +106,7 @@ def test_oom_in_one_job_of_a_sweep(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPT, "forward", forward)
     sweep = tmp_path / "sweep"
-    monkeypatch.setattr(sys, "argv", ["train", "-m", "model.n_layer=1,2,3", "trainer.steps=2", *FAST,
+    monkeypatch.setattr(sys, "argv", ["train", "-m", "model.n_layer=1,2,3", "trainer.steps=2", "trainer.probe=false", *FAST,
                                       f"hydra.sweep.dir={sweep}", "hydra/job_logging=disabled"])
     train.main()
     statuses = {load_results(f)["model"]["n_layer"]: load_results(f) for f in sweep.glob("*/results.json")}
