@@ -24,11 +24,9 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from recompute_lab import theory  # noqa: E402
-from recompute_lab.estimate import CONF_DIR, GB  # noqa: E402
-from recompute_lab.measure import saved_tensors  # noqa: E402
+from recompute_lab.estimate import CONF_DIR, GB, meta_saved_tensors  # noqa: E402
 from recompute_lab.model import build_model  # noqa: E402
 from recompute_lab.strategies import apply_strategy  # noqa: E402
-from recompute_lab.target_kernels import TargetKernels  # noqa: E402
 
 CONTEXTS = [512, 1024, 2048, 4096, 8192]  # the notebook's context lengths
 
@@ -51,13 +49,7 @@ def measure(target: str, contexts: list[int] = CONTEXTS) -> list[dict]:
             model.train()
             for s in contexts:
                 b = cfg.data.batch_size
-                idx = torch.zeros(b, s, dtype=torch.long, device="meta")
-                kernels = TargetKernels(target)
-
-                def forward():
-                    with kernels:
-                        return model(idx, idx.clone())
-                counted = saved_tensors(model, forward)
+                counted = meta_saved_tensors(model, b, s, target)
                 pred = theory.predict_activations(m, theory.Setting(b, s, 2, None, target), plan)
                 rows.append({"attention": attention, "strategy": strategy, "seq_len": s, "batch_size": b,
                              "layers_measured": layer_bytes(counted["by_module"]),

@@ -35,6 +35,17 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GB = 1e9  # decimal gigabytes, as in the Ultra-Scale Playbook's tables
 
 
+
+def meta_saved_tensors(model, batch: int, seq: int, target: str) -> dict:
+    """Saved-tensor accounting of one forward of a meta-device model, saving what ``target``'s kernels save."""
+    idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    kernels = TargetKernels(target)
+
+    def forward():
+        with kernels:
+            return model(idx, idx.clone())
+    return saved_tensors(model, forward)
+
 def group_of(module: str) -> str:
     """Table rows: embeddings, blocks, final norm + head, loss (the fp32 logits' log-softmax)."""
     if module.startswith("blocks."):
@@ -77,13 +88,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
         pred = theory.predict_activations(cfg.model, st, plan)
         measured, by_module = None, pred.get("by_module") or {}
         if not autocast:
-            idx = torch.zeros(b, s, dtype=torch.long, device="meta")
-            kernels = TargetKernels(target)
-
-            def forward():
-                with kernels:
-                    return model(idx, idx.clone())
-            counted = saved_tensors(model, forward)
+            counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
             measured, by_module = counted["total"], counted["by_module"]
         peak = theory.predict_peak(cfg.model, st, state, pred)
