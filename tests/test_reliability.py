@@ -166,3 +166,26 @@ def test_fuzz_every_case_runs_or_explains(tmp_path_factory, n_layer, d_model, n_
         return
     res = engine.run(cfg, tmp_path_factory.mktemp("fuzz"))
     assert res["status"] == "ok", res.get("error")
+
+
+def test_memory_guard_refuses_before_allocating(tmp_path, monkeypatch):
+    built = []
+    real_init = GPT.__init__
+
+    def spy(self, cfg):
+        real_init(self, cfg)
+        built.append(self.tok_emb.weight.device.type)
+
+    monkeypatch.setattr(GPT, "__init__", spy)
+    res = engine.run(compose_config(["trainer.steps=2", "trainer.max_memory_gb=0.001", *FAST]), tmp_path / "a")
+    assert res["status"] == "oom" and "exceeds trainer.max_memory_gb=0.001" in res["error"]
+    assert set(built) == {"meta"}  # only the meta replica that predicts the peak was built
+    guard = res["memory"]["guard"]
+    assert guard["predicted_peak_bytes"] > 0.001e9
+    # A cap above the prediction lets the run go on; op has no closed form, so its meta count is used.
+    ok = engine.run(compose_config(["trainer.steps=1", "+strategy=op",
+                                    f"trainer.max_memory_gb={2 * guard['predicted_peak_bytes'] / 1e9}", *FAST]),
+                    tmp_path / "b")
+    assert ok["status"] == "ok" and 0 < ok["memory"]["guard"]["predicted_peak_bytes"]
+    proc = run_cli(["trainer.max_memory_gb=-1", *FAST, f"hydra.run.dir={tmp_path / 'c'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "max_memory_gb" in proc.stderr
