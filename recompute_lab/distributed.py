@@ -86,7 +86,7 @@ def validate_parallel(cfg: DictConfig) -> None:
         raise ConfigError("precision.fp32_grad_accum=true is not supported with parallel=ddp|fsdp: under fsdp "
                           "gradients are already reduce-scattered into fp32 shards; under ddp the fp32 "
                           "accumulation hook would read gradients before DDP's all-reduce")
-    if cfg.trainer.checkpoint_every or cfg.trainer.resume not in (None, False, "", "false"):
+    if cfg.trainer.checkpoint_every or cfg.trainer.resume not in (None, False, "", "false", "False"):
         raise ConfigError("trainer.checkpoint_every / trainer.resume are supported with parallel=none only "
                           "(sharded checkpoints are not implemented)")
 
@@ -160,7 +160,7 @@ class DistContext:
             if not dist.is_initialized():
                 dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
                 self.started_group = True
-        else:  # parallel=ddp|fsdp in one plain process: a 1-rank group on a free local port
+        else:  # parallel=ddp|fsdp in one plain process: a 1-rank group on an in-memory store
             self._single_rank_group(backend, device)
         self.backend = backend
         return device
@@ -232,10 +232,13 @@ class DistContext:
 
     def report(self, cfg: DictConfig, results: dict) -> None:
         """Gather per-rank model-state figures into results["parallel"] (all ranks must call it)."""
-        ms = results["memory"]["model_state_bytes"]
+        mem = results["memory"]
+        ms = mem["model_state_bytes"]
         tok_s = results["time"].get("tokens_per_s")
-        per_rank = self.gather({"rank": self.rank, "measured": ms.get("measured"),
-                                "per_param": ms.get("per_param")})
+        # Activation and peak bytes are this rank's too (its micro-batch), where a probe has measured them.
+        per_rank = self.gather({"rank": self.rank, "measured": ms.get("measured"), "per_param": ms.get("per_param"),
+                                "activation_bytes": mem["activation_bytes"].get("measured"),
+                                "peak_bytes": mem["peak_bytes"].get("measured")})
         results["parallel"] = {
             "kind": self.kind, "world_size": self.world_size, "backend": self.backend,
             "batch_size_per_rank": cfg.data.batch_size, "global_batch_size": cfg.data.batch_size * self.world_size,

@@ -198,7 +198,8 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
         done = step + 1
         if stop:
             save_checkpoint(done)
-            raise Interrupted(f"{signals.received or 'a signal on another rank'} after step {done} of {t.steps}; resume with trainer.resume=true")
+            raise Interrupted(f"{signals.received or 'a signal on another rank'} after step {done} of {t.steps}; "
+                              + ("no checkpoint (parallel run)" if dctx.enabled else "resume with trainer.resume=true"))
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
             save_checkpoint(done)
     bar.close()
@@ -213,12 +214,12 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
     results["flops"].update(flops_mod.utilization(model_flops, counted["recompute"], med, peak_rate),
                             peak_flops_per_s=peak_rate, peak_source=peak_source,
                             achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
-    if dctx.enabled:
-        dctx.report(cfg, results)  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
     peak = cuda_peak_bytes(device)
     if peak is not None:
         results["memory"]["peak_bytes"].update(measured=peak["allocated"], reserved=peak["reserved"],
                                                source="cuda_allocator")
+    if dctx.enabled:
+        dctx.report(cfg, results)  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
 
 
 def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:

@@ -6,6 +6,7 @@ batch, so the loss curves must agree to float rounding. Kept tiny (3 steps) beca
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from recompute_lab import engine, theory
 from recompute_lab.config import ConfigError, validate
+from recompute_lab.data import Batches
 from recompute_lab.distributed import prepare_argv
 
 from conftest import FAST, compose_config, load_results, run_cli
@@ -117,6 +119,26 @@ def test_dp_size_must_match_world_size(tmp_path):
     assert load_results(tmp_path / "results.json")["status"] == "error"
 
 
+def test_parallel_none_under_a_launcher_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node=2 would set; no collective is reached
+    with pytest.raises(ConfigError, match="valid with several processes: parallel=ddp, parallel=fsdp"):
+        engine.run(compose_config([*TINY, *FAST]), tmp_path)
+
+
+def test_interrupted_parallel_run_reports_no_checkpoint(tmp_path, monkeypatch):
+    real_get = Batches.get
+
+    def get(self, step, micro=0):
+        if step == 1 and micro == 0:
+            signal.raise_signal(signal.SIGTERM)  # the handler only sets a flag; reduce_step shares it
+        return real_get(self, step, micro)
+
+    monkeypatch.setattr(Batches, "get", get)
+    res = engine.run(compose_config([*TINY, *FAST, "parallel=ddp"]), tmp_path)
+    assert res["status"] == "interrupted" and "no checkpoint" in res["error"]
+    assert len(res["loss"]["history"]) == 2 and not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_prepare_argv(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setenv("RANK", "0")
@@ -140,3 +162,16 @@ def test_submitit_local_multirun(tmp_path):
     assert len(results) == 2
     assert {load_results(p)["strategy"]["name"] for p in results} == {"none", "full"}
     assert all(load_results(p)["status"] == "ok" for p in results)
+
+
+@pytest.mark.slow
+def test_submitit_local_two_tasks_per_job_is_one_ddp_run(tmp_path, single):
+    """tasks_per_node=2: each submitit task finds its rank in JobEnvironment; one results.json per sweep job."""
+    proc = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                    "hydra.launcher.timeout_min=10", "parallel=ddp", *TINY, *FAST, f"data.batch_size={PER_RANK_BATCH}",
+                    "+strategy=full", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "sweep").glob("*/results.json")
+    res = load_results(path)
+    assert res["status"] == "ok" and res["parallel"]["world_size"] == 2
+    assert res["loss"]["history"] == pytest.approx(single["loss"]["history"], rel=1e-4)
