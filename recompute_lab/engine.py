@@ -28,7 +28,8 @@ from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
 from recompute_lab.strategies import apply_strategy
-from recompute_lab.tracking import RunLogger, env_info, new_results, write_json_atomic
+from recompute_lab.tracking import env_info, format_summary, new_results, write_json_atomic
+from recompute_lab.wandb_logger import RunLogger
 
 
 def resolve_device(name: str) -> torch.device:
@@ -250,7 +251,7 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
         finally:
             results["logger"] = {"mode": logger.mode, "note": logger.note}
             write_json_atomic(run_dir / "results.json", results)
-            logger.summarize(results)
+            logger.summarize(results, format_summary(results))
             logger.finish(exit_code)
             if exit_code:
                 gc.collect()  # free the failed run's tensors before the next job of a sweep

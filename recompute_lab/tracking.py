@@ -1,8 +1,7 @@
-"""The results.json contract (schema_version 1) and its Weights & Biases mirror.
+"""The results.json contract (schema_version 1): the record every run leaves, and its one-screen summary.
 
 results.json is the source of truth of a run: written exactly once per run, successful or not, atomically (a
-temporary file in the same folder, then os.replace). W&B mirrors it; when W&B cannot start (no key, no
-network, a broken install) training goes on and results.json is still written.
+temporary file in the same folder, then os.replace). W&B (recompute_lab.wandb_logger) mirrors it.
 """
 from __future__ import annotations
 
@@ -11,16 +10,14 @@ import math
 import os
 import platform
 import socket
-import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig
 
-from recompute_lab.config import LoggerKind, WandbMode, to_container
+from recompute_lab.config import to_container
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "oom", "diverged", "interrupted", "error")
@@ -96,72 +93,6 @@ def read_results(path: Path) -> dict:
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     return data
-
-
-class RunLogger:
-    """W&B run for one job (or nothing, for logger=none). Never raises into training."""
-
-    def __init__(self, cfg: DictConfig, run_dir: Path, group: Optional[str] = None):
-        self.run = None
-        self.mode = "disabled"
-        self.note: Optional[str] = None
-        lc = cfg.logger
-        if lc.kind == LoggerKind.none or lc.mode == WandbMode.disabled:
-            return
-        mode = str(lc.mode)
-        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            self.note = "logger.mode=online but WANDB_API_KEY is not set: logging offline (wandb sync later)"
-            warnings.warn(self.note, stacklevel=2)
-            mode = "offline"
-        try:
-            import wandb
-
-            tags = list(lc.tags) + [f"model:{cfg.model.name}", f"precision:{cfg.precision.name}",
-                                    f"strategy:{cfg.strategy.name}", f"attention:{cfg.model.attention}"]
-            self.run = wandb.init(project=lc.project, entity=lc.entity, group=lc.group or group, tags=tags,
-                                  job_type=lc.job_type, dir=str(run_dir), mode=mode, config=to_container(cfg),
-                                  name=run_dir.name, reinit="finish_previous",
-                                  settings=wandb.Settings(silent=True, console="off"))
-            self.mode = mode
-        except Exception as e:  # W&B must never stop a training run
-            self.note = f"W&B could not start ({type(e).__name__}: {e}); continuing without it"
-            warnings.warn(self.note, stacklevel=2)
-            self.run = None
-
-    def log(self, metrics: dict, step: int) -> None:
-        if self.run is not None:
-            try:
-                self.run.log(metrics, step=step)
-            except Exception as e:
-                warnings.warn(f"W&B log failed ({e}); dropping W&B for this run", stacklevel=2)
-                self.run = None
-
-    def summarize(self, results: dict) -> None:
-        if self.run is None:
-            return
-        try:
-            flat = {}
-            _flatten("", {k: results[k] for k in ("status", "model", "memory", "flops", "time")}, flat)
-            flat["loss.final"] = results["loss"]["final"]
-            self.run.summary.update({k: v for k, v in flat.items() if v is not None})
-        except Exception as e:
-            warnings.warn(f"W&B summary failed ({e})", stacklevel=2)
-
-    def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            try:
-                self.run.finish(exit_code=exit_code)
-            except Exception as e:
-                warnings.warn(f"W&B finish failed ({e})", stacklevel=2)
-            self.run = None
-
-
-def _flatten(prefix: str, obj: Any, out: dict) -> None:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif isinstance(obj, (int, float, str, bool)) or obj is None:
-        out[prefix] = obj
 
 
 def _si(x: Optional[float], unit: str = "") -> str:

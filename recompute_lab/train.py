@@ -26,7 +26,8 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    group = Path(hc.sweep.dir).name if multirun else None
+    # Jobs of one sweep share a W&B group named after the sweep folder (e.g. "2026-11-29_01-02-03").
+    group = "_".join(Path(hc.sweep.dir).parts[-2:]) if multirun else None
     run_dir = Path(hc.runtime.output_dir)
     try:
         results = run(cfg, run_dir, group=group)
