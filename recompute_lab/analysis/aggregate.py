@@ -28,7 +28,8 @@ class AnalysisError(ValueError):
 IGNORED_FOR_MATCH = ("strategy", "logger", "trainer.progress", "trainer.resume", "trainer.checkpoint_every",
                      "trainer.memory_snapshot")
 # Columns that depend on wall-clock time: they differ between reruns of the same sweep.
-TIMING_COLUMNS = ("step_s_median", "step_s_p90", "tokens_per_s", "time_overhead", "mfu", "hfu")
+TIMING_COLUMNS = ("step_s_median", "step_s_p90", "step_s_min", "tokens_per_s", "time_overhead",
+                  "time_overhead_min", "mfu", "hfu")
 COLUMNS = (
     "run", "status", "model", "precision", "strategy", "attention", "seq_len", "batch_size", "n_layer",
     "d_model", "n_head", "vocab_size", "params",
@@ -36,8 +37,8 @@ COLUMNS = (
     "peak_source", "model_state_bytes", "bytes_per_param_measured", "bytes_per_param_predicted",
     "ms_params", "ms_grads", "ms_master", "ms_optimizer",
     "flops_forward", "flops_backward", "flops_recompute", "flop_overhead",
-    "step_s_median", "step_s_p90", "tokens_per_s", "mfu", "hfu", "final_loss",
-    "baseline", "act_saved_bytes", "act_saved_frac", "time_overhead", "error",
+    "step_s_median", "step_s_p90", "step_s_min", "tokens_per_s", "mfu", "hfu", "final_loss",
+    "baseline", "act_saved_bytes", "act_saved_frac", "time_overhead", "time_overhead_min", "note", "error",
 )
 OK = "ok"
 
@@ -99,10 +100,10 @@ def precision_label(precision_cfg: Optional[dict]) -> Optional[str]:
     return f"{name}+fp32_grad_accum" if precision_cfg.get("fp32_grad_accum") else name
 
 
-def match_key(config: Optional[dict]) -> str:
-    """The resolved config minus the strategy and result-neutral settings, as canonical JSON."""
+def match_key(config: Optional[dict], also_ignore: tuple[str, ...] = ()) -> str:
+    """The resolved config minus the strategy, result-neutral settings and ``also_ignore``, as canonical JSON."""
     c = copy.deepcopy(config) if isinstance(config, dict) else {}
-    for path in IGNORED_FOR_MATCH:
+    for path in IGNORED_FOR_MATCH + also_ignore:
         *parents, leaf = path.split(".")
         node = c
         for p in parents:
@@ -142,14 +143,30 @@ def row_of(res: dict, run: str) -> dict:
         flops_forward=ps.get("forward"), flops_backward=ps.get("backward"), flops_recompute=ps.get("recompute"),
         flop_overhead=fl.get("recompute_overhead"), mfu=fl.get("mfu"), hfu=fl.get("hfu"),
         step_s_median=t.get("step_s_median"), step_s_p90=t.get("step_s_p90"), tokens_per_s=t.get("tokens_per_s"),
-        final_loss=_get(res, "loss.final"),
+        final_loss=_get(res, "loss.final"), step_s_min=_fastest_step(t),
     )
     if row["error"]:
         row["error"] = str(row["error"]).splitlines()[0][:200]
+    plan = res.get("strategy") or {}
+    # offload on a device whose "host" is itself (CPU) moves nothing; the saved-tensor count may read 0 there.
+    row["_offload_noop"] = bool(plan.get("offload")) and plan.get("offload_effective") is False
+    if row["_offload_noop"]:
+        row["note"] = "offload moves nothing on this device: activation saving not counted"
     row["_key"] = match_key(cfg)
+    # Runs that differ only in sequence length (figure 1's series) / only in precision (figure 2's bars).
+    row["_series_key"] = match_key(cfg, ("data.seq_len", "model.max_seq_len"))
+    row["_precision_key"] = match_key(cfg, ("precision",))
     row["_strategy_name"] = (cfg.get("strategy") or {}).get("name", "none")
     row["_strategy_cfg"] = cfg.get("strategy") or {"name": "none"}
     return row
+
+
+def _fastest_step(t: dict) -> Optional[float]:
+    """The fastest timed step (warmup steps left out). On a machine shared with other processes the median
+    absorbs their bursts; the fastest step is the least disturbed estimate of the step's own cost (timeit's rule)."""
+    steps = t.get("step_s") or []
+    timed = steps[t.get("warmup_steps") or 0:] or steps
+    return min(timed) if timed else None
 
 
 def load_rows(folder: Path) -> list[dict]:
@@ -192,12 +209,13 @@ def pair_with_baselines(rows: list[dict]) -> None:
             continue
         r["baseline"] = b["run"]
         a, a0 = r["act_bytes_measured"], b["act_bytes_measured"]
-        if a is not None and a0:
+        if a is not None and a0 and not r.get("_offload_noop"):
             r["act_saved_bytes"] = a0 - a
             r["act_saved_frac"] = (a0 - a) / a0
-        s, s0 = r["step_s_median"], b["step_s_median"]
-        if s is not None and s0:
-            r["time_overhead"] = s / s0 - 1.0
+        for col, out in (("step_s_median", "time_overhead"), ("step_s_min", "time_overhead_min")):
+            s, s0 = r[col], b[col]
+            if s is not None and s0:
+                r[out] = s / s0 - 1.0
 
 
 def missing_keys(rows: list[dict], columns: tuple[str, ...]) -> dict[str, list[str]]:
@@ -211,8 +229,9 @@ def ok_rows(rows: list[dict]) -> list[dict]:
 
 
 def group_key(r: dict) -> tuple:
-    """Everything but the strategy that tells runs apart in a table: model, precision, attention, shape."""
-    return (r["model"], r["precision"], r["attention"], r["seq_len"], r["batch_size"])
+    """Runs that differ only in strategy: (model, precision, attention, seq_len, batch) to show, then the exact
+    config key (other settings, e.g. n_layer or steps, may differ between sweeps of one folder)."""
+    return (r["model"], r["precision"], r["attention"], r["seq_len"], r["batch_size"], r.get("_key"))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -246,7 +265,7 @@ def fmt_pct(x: Optional[float]) -> str:
 def write_markdown(rows: list[dict], path: Path) -> None:
     """summary.md: the table a person reads (bytes in binary units, ratios in %)."""
     head = ["run", "status", "model", "precision", "strategy", "attn", "seq", "act saved (meas.)",
-            "act (pred.)", "peak (meas.)", "B/param", "FLOP overhead", "act saving", "time overhead",
+            "act (pred.)", "peak (meas.)", "B/param", "FLOP overhead", "act saving", "time overhead (fastest step)",
             "tokens/s", "final loss"]
     lines = ["# Sweep summary", "", f"{len(rows)} runs, {len(ok_rows(rows))} ok. Bytes in binary units; savings "
              "and overheads relative to the `none` run with the same config (column `baseline` in summary.csv).",
@@ -256,7 +275,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
                  fmt_bytes(r["act_bytes_measured"]), fmt_bytes(r["act_bytes_predicted"]),
                  fmt_bytes(r["peak_bytes_measured"]),
                  "n/a" if r["bytes_per_param_measured"] is None else f"{r['bytes_per_param_measured']:.1f}",
-                 fmt_pct(r["flop_overhead"]), fmt_pct(r["act_saved_frac"]), fmt_pct(r["time_overhead"]),
+                 fmt_pct(r["flop_overhead"]), fmt_pct(r["act_saved_frac"]), fmt_pct(r["time_overhead_min"]),
                  "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
                  "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"]
         lines.append("| " + " | ".join("n/a" if c is None else str(c).replace("|", "/") for c in cells) + " |")

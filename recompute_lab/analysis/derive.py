@@ -32,7 +32,7 @@ def block_activation(r: dict) -> Optional[int]:
 
 
 def context_series(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """`none` runs grouped by (model, precision, attention, batch), one point per seq_len, sorted by seq_len.
+    """`none` runs grouped by (model, precision, attention, batch, rest of the config), one point per seq_len.
 
     Every point carries the Korthikanti and naive reference bytes for the same shape, so the reference lines
     exist even when the measurement is missing.
@@ -41,12 +41,14 @@ def context_series(rows: list[dict]) -> dict[tuple, list[dict]]:
     for r in ok_rows(rows):
         if r["strategy"] != "none" or None in (r["seq_len"], r["batch_size"], r["d_model"], r["n_layer"]):
             continue
-        key = (r["model"], r["precision"], r["attention"], r["batch_size"])
+        key = (r["model"], r["precision"], r["attention"], r["batch_size"], r["_series_key"])
         s, b, h, a, L = r["seq_len"], r["batch_size"], r["d_model"], r["n_head"], r["n_layer"]
         series[key].setdefault(s, {"seq_len": s, "tokens": s * b, "measured": block_activation(r), "run": r["run"],
                                    "korthikanti": korthikanti_bytes(s, b, h, a, L), "naive": naive_bytes(s, b, h, L),
                                    "n_layer": L})
-    return {k: [v[s] for s in sorted(v)] for k, v in sorted(series.items(), key=lambda kv: str(kv[0]))}
+    # A single sequence length is no series (e.g. the one-shape runs of other figures): left out.
+    return {k: [v[s] for s in sorted(v)] for k, v in sorted(series.items(), key=lambda kv: str(kv[0]))
+            if len(v) >= 2}
 
 
 def fit_context(points: list[dict]) -> dict:
@@ -85,13 +87,15 @@ def richest_group(rows: list[dict], want: Optional[set] = None) -> Optional[tupl
 def tradeoffs(rows: list[dict], group: Optional[tuple] = None) -> list[dict]:
     """Per strategy in ``group`` (default: the richest): activation saving, FLOP and time overhead vs none."""
     group = group or richest_group(rows)
-    out = []
-    for r in ok_rows(rows):
-        if group_key(r) == group and r["baseline"] is not None and r["strategy"] != "none":
+    out, seen = [], set()
+    for r in ok_rows(rows):  # a strategy run twice with the same config (two sweeps) counts once: the first
+        if group_key(r) == group and r["baseline"] is not None and r["strategy"] not in seen | {"none"}:
+            seen.add(r["strategy"])
             out.append({"strategy": r["strategy"], "run": r["run"], "act_saved_frac": r["act_saved_frac"],
                         "act_saved_bytes": r["act_saved_bytes"], "flop_overhead": r["flop_overhead"],
-                        "time_overhead": r["time_overhead"], "act_bytes": r["act_bytes_measured"],
-                        "peak_bytes": r["peak_bytes_measured"]})
+                        "time_overhead": r["time_overhead"], "time_overhead_min": r["time_overhead_min"],
+                        "act_bytes": r["act_bytes_measured"],
+                        "peak_bytes": r["peak_bytes_measured"], "note": r.get("note")})
     return sorted(out, key=lambda t: t["strategy"])
 
 
@@ -110,20 +114,24 @@ def components(rows: list[dict]) -> list[dict]:
     """Figure 4 / quiz 4: for each selective[one component] run with a baseline, bytes freed per recomputed
     FLOP and per second of extra step time, in the group with the most such runs."""
     group = richest_group(rows, want=set(COMPONENTS))
-    out = []
+    out, seen = [], set()
     for r in ok_rows(rows):
-        if group_key(r) != group or r["strategy"] not in COMPONENTS or r["act_saved_bytes"] is None:
+        if (group_key(r) != group or r["strategy"] not in COMPONENTS or r["act_saved_bytes"] is None
+                or r["strategy"] in seen):
             continue
+        seen.add(r["strategy"])
         flops = r["flops_recompute"]
-        extra_s = None if r["time_overhead"] is None else r["time_overhead"] * (r["step_s_median"] / (1 + r["time_overhead"]))
+        # extra seconds per step, from the fastest steps (see aggregate._fastest_step): s - s0 = s * o / (1 + o)
+        o = r["time_overhead_min"]
+        extra_s = None if o is None else o * r["step_s_min"] / (1 + o)
         out.append({"strategy": r["strategy"], "component": COMPONENTS[r["strategy"]], "run": r["run"],
                     "freed_bytes": r["act_saved_bytes"], "recompute_flops": flops,
                     "bytes_per_flop": (r["act_saved_bytes"] / flops) if flops else None,
                     "extra_step_s": extra_s, "flop_overhead": r["flop_overhead"]})
-    # Ranking: freed bytes per recomputed FLOP, highest first; recomputing no counted FLOPs (pointwise ops only)
-    # ranks first when it frees anything, since it costs no matmul work.
-    return sorted(out, key=lambda c: (-(float("inf") if c["bytes_per_flop"] is None and c["freed_bytes"] > 0
-                                        else c["bytes_per_flop"] or 0.0), c["strategy"]))
+    # Ranking: freed bytes per recomputed FLOP, highest first. Components whose recompute has no counted FLOPs
+    # (pointwise ops only: norms) have no ratio; they follow, by bytes freed, since they cost time, not matmuls.
+    return sorted(out, key=lambda c: (c["bytes_per_flop"] is None, -(c["bytes_per_flop"] or c["freed_bytes"]),
+                                      c["strategy"]))
 
 
 def missing_components(rows: list[dict]) -> list[str]:
@@ -135,13 +143,14 @@ def breakdown(rows: list[dict]) -> tuple[Optional[tuple], list[dict]]:
     """Figure 2: memory by kind for each strategy x precision at one (model, attention, seq_len, batch)."""
     combos: dict[tuple, set] = defaultdict(set)
     for r in ok_rows(rows):
-        combos[(r["model"], r["attention"], r["seq_len"], r["batch_size"])].add((r["strategy"], r["precision"]))
+        combos[(r["model"], r["attention"], r["seq_len"], r["batch_size"], r["_precision_key"])].add(
+            (r["strategy"], r["precision"]))
     if not combos:
         return None, []
     key = max(combos, key=lambda k: (len(combos[k]), k[2] or 0, str(k)))
     bars = []
     for r in ok_rows(rows):
-        if (r["model"], r["attention"], r["seq_len"], r["batch_size"]) != key:
+        if (r["model"], r["attention"], r["seq_len"], r["batch_size"], r["_precision_key"]) != key:
             continue
         act = block_activation(r)
         bars.append({"label": f"{r['strategy']}\n{r['precision']}", "strategy": r["strategy"],
@@ -175,11 +184,12 @@ def memory_budget(rows: list[dict]) -> dict:
     group = richest_group(rows)
     need, source = {}, None
     for r in ok_rows(rows):
-        if group_key(r) != group:
+        if group_key(r) != group or r["strategy"] in need:
             continue
         if r["peak_bytes_measured"] is not None:
             need[r["strategy"]], source = r["peak_bytes_measured"], f"measured peak ({r['peak_source']})"
-        elif r["act_bytes_measured"] is not None and r["model_state_bytes"] is not None:
+        elif (r["act_bytes_measured"] is not None and r["model_state_bytes"] is not None
+              and not r.get("_offload_noop")):
             need[r["strategy"]] = r["act_bytes_measured"] + r["model_state_bytes"]
             source = source or "model state + saved activations (no measured peak in these runs)"
     out = {"group": group, "need": need, "source": source}

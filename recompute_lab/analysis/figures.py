@@ -54,23 +54,24 @@ def _missing_text(rows, cols, runs_hint: str) -> str:
 def fig_activation_vs_context(rows, out: Path) -> list[Path]:
     series = derive.context_series(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    drawn_ref = set()
     have_measured = False
+    refs: dict[tuple, dict] = {}  # the references depend on shape only: one pair of lines per model shape
     for i, (key, pts) in enumerate(series.items()):
-        model, precision, attention, batch = key
-        s = [p["seq_len"] for p in pts]
+        model, precision, attention, batch = key[:4]
         meas = [(p["seq_len"], p["measured"] / MIB) for p in pts if p["measured"] is not None]
         if meas:
             have_measured = True
             ax.plot(*zip(*meas), marker=MARKERS[i % len(MARKERS)], ls="-", color=GREYS[i % 3], ms=6,
                     label=f"measured: {model}, {precision}, attention={attention}, b={batch}")
-        ref_key = (model, batch, tuple(s))
-        if ref_key not in drawn_ref:  # the references depend on shape only, not on precision or backend
-            drawn_ref.add(ref_key)
-            ax.plot(s, [p["korthikanti"] / MIB for p in pts], ls="--", marker="x", color="0.3",
-                    label=f"Korthikanti sbh(34+5as/h)·L (16-bit), {model}")
-            ax.plot(s, [p["naive"] / MIB for p in pts], ls=":", marker="+", color="0.5",
-                    label=f"seed notebook 2·2·h per token·L, {model}")
+        for p in pts:
+            refs.setdefault((model, batch, p["n_layer"]), {})[p["seq_len"]] = p
+    for (model, batch, _), by_s in refs.items():
+        pts = [by_s[s] for s in sorted(by_s)]
+        s = [p["seq_len"] for p in pts]
+        ax.plot(s, [p["korthikanti"] / MIB for p in pts], ls="--", marker="x", color="0.3",
+                label=f"Korthikanti sbh(34+5as/h)·L, 16-bit values ({model}, b={batch})")
+        ax.plot(s, [p["naive"] / MIB for p in pts], ls=":", marker="+", color="0.5",
+                label=f"seed notebook: 2·2·h B per token·L ({model}, b={batch})")
     ax.set_xlabel("sequence length s (tokens)")
     ax.set_ylabel("saved activations, one step (MiB)")
     ax.set_title("Activation memory vs context length (strategy none)")
@@ -105,7 +106,7 @@ def fig_memory_breakdown(rows, out: Path) -> list[Path]:
         bottom = [a + v for a, v in zip(bottom, vals)]
     ax.set_xticks(list(x), [b["label"] for b in bars], fontsize=7)
     ax.set_ylabel("bytes (MiB)")
-    model, attention, s, b = key
+    model, attention, s, b = key[:4]
     ax.set_title(f"Memory by kind: {model}, attention={attention}, s={s}, b={b}")
     ax.legend(fontsize=7)
     if any(b["parts"]["activations"] is None for b in bars):
@@ -118,13 +119,11 @@ def fig_pareto(rows, out: Path) -> list[Path]:
     pts = derive.tradeoffs(rows)
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2), sharey=True)
     for ax, xkey, xlabel in ((axes[0], "flop_overhead", "recomputed FLOPs / (forward + backward) (%)"),
-                             (axes[1], "time_overhead", "step time vs none (%)")):
+                             (axes[1], "time_overhead_min", "fastest step time vs none's (%)")):
         good = [p for p in pts if p[xkey] is not None and p["act_saved_frac"] is not None]
         for i, p in enumerate(good):
             ax.plot(100 * p[xkey], 100 * p["act_saved_frac"], marker=MARKERS[i % len(MARKERS)], ls="none",
                     color="black", mfc=GREYS[i % len(GREYS)], ms=8, label=p["strategy"])
-            ax.annotate(p["strategy"], (100 * p[xkey], 100 * p["act_saved_frac"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
         if good:
             front = derive.pareto_frontier([(p[xkey], p["act_saved_frac"]) for p in good])
             ax.plot([100 * good[i][xkey] for i in front], [100 * good[i]["act_saved_frac"] for i in front],
@@ -142,8 +141,12 @@ def fig_pareto(rows, out: Path) -> list[Path]:
     if group:
         fig.suptitle(f"Recomputation trade-off: {group[0]}, {group[1]}, attention={group[2]}, s={group[3]}, b={group[4]}",
                      fontsize=9)
-    if any(p["act_saved_frac"] is not None for p in pts):
-        axes[1].legend(fontsize=7, loc="lower right")
+    if any(p["act_saved_frac"] is not None for p in pts):  # one legend under both panels, markers name points
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 0.0))
+    skipped = [p["strategy"] for p in pts if p["act_saved_frac"] is None]
+    if skipped:
+        fig.text(0.01, 0.93, "not plotted (no activation saving measured): " + ", ".join(skipped), fontsize=7)
     return _save(fig, out, FIGURES[2])
 
 

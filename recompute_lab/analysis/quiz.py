@@ -41,18 +41,20 @@ def q1_sequence_length(rows: list[dict]) -> list[str]:
                f"({fig(1)}):")
     out.append("")
     saw_eager_fit = False
-    for (model, precision, attention, batch), pts in measured.items():
+    for (model, precision, attention, batch, _), pts in measured.items():
         f = derive.fit_context(pts)
         runs = ", ".join(f"`{p['run']}`" for p in pts if p["measured"] is not None)
         line = (f"- {model}, {precision}, attention={attention}, b={batch}: linear slope "
                 f"**{f['slope_per_token']:.1f} B per token** ({f['slope_per_token_layer']:.1f} B per token per "
                 f"layer) over s = {', '.join(str(p['seq_len']) for p in pts if p['measured'] is not None)}")
-        if "quad_s2" in f:
+        if "quad_s2" in f and attention == "eager":
             line += (f"; quadratic fit: s² coefficient **{f['quad_s2']:.1f} B**, the s² term is "
                      f"**{pct(f['s2_share_at_max'])}** of the total at s = {f['s_max']}")
             saw_eager_fit = saw_eager_fit or attention == "eager"
         elif attention == "eager":
             line += " (add a third sequence length to separate the s² term)"
+        else:
+            line += "; no stored scores, so no s² term"
         out.append(line + f". Rows: {runs}.")
     if not any(k[2] == "eager" for k in measured):
         out.append("- No `attention=eager` series: add `model.attention=eager` to see the s² term of stored scores.")
@@ -68,16 +70,22 @@ def q2_tradeoff(rows: list[dict]) -> list[str]:
     g = derive.richest_group(rows)
     out.append(f"It frees saved activations and pays with recomputed forward work. Against `none` at {g[0]}, "
                f"{g[1]}, attention={g[2]}, s={g[3]}, b={g[4]} ({fig(3)}; summary.csv columns act_saved_frac, "
-               "flop_overhead, time_overhead):")
+               "flop_overhead, time_overhead_min):")
     out.append("")
     for t in tr:
+        if t.get("note"):
+            out.append(f"- `{t['strategy']}`: {t['note']}; {pct(t['flop_overhead'])} more FLOPs (row `{t['run']}`).")
+            continue
         act = ("activation saving n/a (memory.activation_bytes missing)" if t["act_saved_frac"] is None else
                f"**{pct(t['act_saved_frac'])} less activation memory** ({fmt_bytes(t['act_saved_bytes'])})")
-        time = "n/a" if t["time_overhead"] is None else f"{100 * t['time_overhead']:+.1f}%"
+        time = "n/a" if t["time_overhead_min"] is None else f"{100 * t['time_overhead_min']:+.1f}%"
+        if t["time_overhead_min"] is not None and t["time_overhead_min"] < 0:
+            time += " (faster than `none`: timing noise of a shared machine)"
         out.append(f"- `{t['strategy']}`: {act} for **{pct(t['flop_overhead'])} more FLOPs** and {time} step time "
                    f"(row `{t['run']}`).")
-    out += ["", "Time overheads are wall-clock medians on a shared CPU: they vary between reruns, FLOPs and bytes "
-            "do not. Recomputed pointwise ops (norms, activations) cost time but no counted FLOPs.", ""]
+    out += ["", "Step time is each run's fastest timed step against the `none` run's (the median, in column "
+            "time_overhead, absorbs other processes' bursts on a shared CPU); it varies between reruns, FLOPs and "
+            "bytes do not. Recomputed pointwise ops (norms, activations) cost time but no counted FLOPs.", ""]
     return out
 
 
@@ -91,7 +99,7 @@ def q3_full(rows: list[dict]) -> list[str]:
     g = mb["group"]
     needs = ", ".join(f"`{k}` {fmt_bytes(v)}" for k, v in sorted(mb["need"].items(), key=lambda kv: kv[1]))
     out.append(f"When memory, not time, is the limit. Memory each strategy needs at {g[0]}, {g[1]}, "
-               f"attention={g[2]}, s={g[3]} ({mb['source']}; {fig(2)}): {needs}.")
+               f"attention={g[2]}, s={g[3]} ({mb['source']}; summary.csv column peak_bytes_measured): {needs}.")
     out.append("")
     if mb["only_full_fits"]:
         out.append(f"With a budget of at least **{fmt_bytes(mb['full'])}** and below **{fmt_bytes(mb['next_need'])}** "
@@ -129,6 +137,15 @@ def q4_component(rows: list[dict]) -> list[str]:
         out.append(f"{i}. {c['component']} (`{c['strategy']}`): frees {fmt_bytes(c['freed_bytes'])} for "
                    f"{c['recompute_flops'] or 0:,} recomputed FLOPs ({pct(c['flop_overhead'])} more); {per} "
                    f"(row `{c['run']}`).")
+    top = next((c for c in comps if c["bytes_per_flop"] is not None), None)
+    if top is not None:
+        holds = top["strategy"] in ("selective[core_attn]", "selective[attn]")
+        eager = (derive.richest_group(rows, want=set(derive.COMPONENTS)) or (None,) * 3)[2] == "eager"
+        out += ["", f"The seed's answer (attention) {'holds' if holds else 'does not hold'} for this sweep: "
+                f"{top['component']} frees the most memory per recomputed FLOP."
+                + (" That is the stored-scores regime (attention=eager); with `attention=sdpa` no scores are "
+                   "saved and the attention core frees far less (rerun with model.attention=sdpa to compare)."
+                   if holds and eager else "")]
     if missing:
         out.append("")
         out.append("Not in this sweep (add to complete the ranking): " + ", ".join(f"`{m}`" for m in missing) + ".")
