@@ -150,11 +150,29 @@ class LoggerConfig:
     job_type: str = "train"
 
 
+class LayerMethod(StrEnum):
+    uniform = "uniform"  # Megatron: consecutive chunks of num_layers blocks, each one checkpoint region
+    block = "block"      # Megatron: only the first num_layers blocks, each checkpointed on its own
+    every = "every"      # torchtitan selective_ac_option=N: every N-th block checkpointed
+
+
 @dataclass
 class StrategyConfig:
-    """Which activations are recomputed. Omitting ``+strategy=...`` leaves the default: nothing recomputed."""
+    """Which activations are recomputed. Omitting ``+strategy=...`` leaves the default: nothing recomputed.
+
+    One schema for every strategy (conf/strategy/*.yaml set what they use); recompute_lab.strategies checks
+    the names inside the lists against the model and raises ConfigError listing the valid ones.
+    """
 
     name: str = "none"
+    modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective: core_attn | attn | mlp | norm
+    method: LayerMethod = LayerMethod.uniform                          # layers
+    num_layers: int = 1                                                # layers: uniform chunk size / block count
+    every: int = 2                                                     # layers, method=every
+    save_ops: Optional[list[str]] = None     # op: aten op names whose outputs are saved; None = matmuls + attention
+    every_other_mm: bool = False             # op: torchtitan's policy, every second matmul recomputed
+    save: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj"])
+    offload: bool = False                    # any strategy: saved tensors to host memory (save_on_cpu)
 
 
 @dataclass

@@ -142,7 +142,13 @@ def predict_step_flops(cfg: DictConfig, plan: Optional[dict] = None) -> dict:
     forward = m.n_layer * parts["block"] + head
     recompute: Optional[int] = 0
     reason = None
-    for name in (plan or {}).get("recomputed", []):
+    recomputed = (plan or {}).get("recomputed", [])
+    groups = (plan or {}).get("regions")
+    if groups and recomputed and all(n.count(".") == 1 for n in recomputed):
+        # Whole blocks checkpointed in groups (layers uniform, sqrt): early stop trims only the group's last block.
+        recomputed = []
+        recompute = sum((len(g) - 1) * parts["block"] + recompute_flops(cfg, parts, "block") for g in groups)
+    for name in recomputed:
         pieces = name.split(".")
         if pieces[0] != "blocks" or len(pieces) < 2:
             recompute, reason = None, f"no analytic FLOPs for recomputed module {name!r}"

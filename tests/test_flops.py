@@ -106,3 +106,32 @@ def test_cpu_gemm_peak_is_measured_and_cached():
     rate, source = flops.peak_flops(torch.device("cpu"), torch.float32)
     assert rate > 1e8 and "measured" in source
     assert flops.peak_flops(torch.device("cpu"), torch.float32)[0] == rate  # cached per process
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("overrides", [
+    ["+strategy=selective"], ["+strategy=selective", "strategy.modules=[attn,mlp]"],
+    ["+strategy=selective", "strategy.modules=[core_attn,norm]"],
+    ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=2"],
+    ["+strategy=layers", "strategy.method=block", "strategy.num_layers=3"],
+    ["+strategy=layers", "strategy.method=every", "strategy.every=2"], ["+strategy=sqrt"],
+    ["+strategy=full", "strategy.offload=true"], ["+strategy=offload"],
+])
+def test_every_module_level_strategy_recompute_is_predicted_exactly(overrides, dropout):
+    cfg = compose_config([*overrides, "model.n_layer=4", "model.attention=eager", f"model.dropout={dropout}"])
+    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy)
+    assert flops.count_step_flops(cfg)["recompute"] == flops.predict_step_flops(cfg, plan)["recompute"]
+
+
+@pytest.mark.parametrize("name", ["op", "regions"])
+def test_op_and_region_plans_are_counted_not_guessed(name):
+    cfg = compose_config([f"+strategy={name}", "strategy.every_other_mm=true"] if name == "op" else
+                         [f"+strategy={name}", "strategy.save=[attn.core]"])
+    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy)
+    counted = flops.count_step_flops(cfg)["recompute"]
+    with set_checkpoint_early_stop(False):
+        blocks_forward = flops.count_step_flops(compose_config(["+strategy=full"]))["recompute"]
+    # Some matmuls rerun, never more than one forward of every block. (torch_remat has no early stop: with
+    # save=[attn.core] it reruns mlp.proj too, which torch.utils.checkpoint's `full` skips when dropout is 0.)
+    assert 0 < counted <= blocks_forward
+    assert flops.predict_step_flops(cfg, plan)["recompute"] is None

@@ -9,7 +9,7 @@ from recompute_lab import dashboard, engine
 from recompute_lab.model import GPT
 
 from conftest import compose_config, load_results, run_cli
-from wandb_records import read_records, summarize_records
+from wandb_records import read_finished as read_records, summarize_records
 
 OFFLINE = ["logger=wandb", "logger.mode=offline", "trainer.progress=false"]
 
@@ -25,7 +25,7 @@ def test_offline_run_records_config_history_and_summaries(tmp_path, monkeypatch)
     res = engine.run(compose_config(["trainer.steps=4", "+strategy=full", *OFFLINE]), tmp_path)
     assert res["status"] == "ok" and res["logger"]["mode"] == "offline"
     rec = summarize_records(read_records(run_file(tmp_path)))
-    assert rec["config"]["strategy"] == {"name": "full"} and rec["config"]["model"]["name"] == "tiny"
+    assert rec["config"]["strategy"]["name"] == "full" and rec["config"]["model"]["name"] == "tiny", rec["config"]
     assert set(rec["run"].tags) >= {"model:tiny", "strategy:full", "precision:fp32"}
     steps = [h for h in rec["history"] if "loss" in h]
     assert len(steps) == 4 and {"loss", "lr", "step_s", "tokens_per_s"} <= set(steps[0])

@@ -1,7 +1,7 @@
 """A small reader for W&B's offline run files (run-*.wandb), to check what an offline run really recorded.
 
 Format (W&B's LevelDB-style log): a 7-byte file header (b":W&B", 2-byte magic, 1-byte version), then 32 KiB
-blocks of chunks; each chunk has a 7-byte header (CRC32 4 bytes, little-endian length 2 bytes, type 1 byte:
+blocks of chunks; each chunk has a 7-byte header (CRC-32 of type byte + payload, 4 bytes, little-endian length 2 bytes, type 1 byte:
 FULL=1, FIRST=2, MIDDLE=3, LAST=4) and its payload; a block tail shorter than 7 bytes is zero padding. Joined
 payloads are serialized wandb.proto.wandb_internal_pb2.Record messages.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -32,6 +33,8 @@ def read_records(path: Path) -> list:
             pos += left_in_block
             continue
         payload = data[pos + HEADER:pos + HEADER + length]
+        if zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF != _crc:  # CRC-32 over type byte + payload
+            raise ValueError(f"{path}: chunk at byte {pos} fails its checksum (torn or foreign file)")
         pos += HEADER + length
         if kind == FULL:
             parts = [payload]
@@ -47,6 +50,22 @@ def read_records(path: Path) -> list:
         rec.ParseFromString(b"".join(parts))
         records.append(rec)
     return records
+
+
+def read_finished(path: Path, timeout: float = 30.0) -> list:
+    """Records of a finished run. wandb-core may still be flushing the file for a moment after finish()
+    returns (seen here: an all-zero file right after finish), so wait for the exit record."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            records = read_records(path)
+        except ValueError:  # a chunk being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def summarize_records(records: list) -> dict:
