@@ -130,10 +130,9 @@ def fig_pareto(rows, out: Path) -> list[Path]:
                     ls="--", color="0.3", lw=1, label="Pareto frontier")
         ax.set_xlabel(xlabel)
         if not good:
-            _note(ax, _missing_text(rows, ("act_bytes_measured", xkey.replace("flop_overhead", "flop_overhead")),
-                                    "runs of several strategies plus +strategy=none with the same config")
-                  if pts else "no strategy run with a matching `none` baseline\n"
-                              "to fill it: +strategy=none,full,selective,... (same config)")
+            _note(ax, _missing_text(rows, ("act_bytes_measured", xkey), "runs that record\n"
+                                    "memory.activation_bytes (memory probe)") if pts else
+                  "no strategy run with a matching `none` baseline\nto fill it: +strategy=none,full,... (same config)")
     axes[0].set_ylabel("saved activations freed vs none (%)")
     group = derive.richest_group(rows)
     axes[0].set_title("memory saved vs FLOP overhead")
@@ -145,7 +144,7 @@ def fig_pareto(rows, out: Path) -> list[Path]:
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 0.0))
     skipped = [p["strategy"] for p in pts if p["act_saved_frac"] is None]
-    if skipped:
+    if skipped and len(skipped) < len(pts):
         fig.text(0.01, 0.93, "not plotted (no activation saving measured): " + ", ".join(skipped), fontsize=7)
     return _save(fig, out, FIGURES[2])
 
