@@ -143,15 +143,20 @@ def breakdown(rows: list[dict]) -> tuple[Optional[tuple], list[dict]]:
     """Figure 2: memory by kind for each strategy x precision at one (model, attention, seq_len, batch)."""
     combos: dict[tuple, set] = defaultdict(set)
     for r in ok_rows(rows):
+        if r.get("_offload_noop"):  # its saved-tensor count is not device memory: no honest bar to draw
+            continue
         combos[(r["model"], r["attention"], r["seq_len"], r["batch_size"], r["_precision_key"])].add(
             (r["strategy"], r["precision"]))
     if not combos:
         return None, []
-    key = max(combos, key=lambda k: (len(combos[k]), k[2] or 0, str(k)))
-    bars = []
+    # The group with the most precisions (the point of the figure), then the most bars, then the longest s.
+    key = max(combos, key=lambda k: (len({p for _, p in combos[k]}), len(combos[k]), k[2] or 0, str(k)))
+    bars, seen = [], set()
     for r in ok_rows(rows):
-        if (r["model"], r["attention"], r["seq_len"], r["batch_size"], r["_precision_key"]) != key:
+        if (r["model"], r["attention"], r["seq_len"], r["batch_size"], r["_precision_key"]) != key \
+                or r.get("_offload_noop") or (r["strategy"], r["precision"]) in seen:
             continue
+        seen.add((r["strategy"], r["precision"]))
         act = block_activation(r)
         bars.append({"label": f"{r['strategy']}\n{r['precision']}", "strategy": r["strategy"],
                      "precision": r["precision"], "run": r["run"],
