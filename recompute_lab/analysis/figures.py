@@ -137,15 +137,16 @@ def fig_pareto(rows, out: Path) -> list[Path]:
     group = derive.richest_group(rows)
     axes[0].set_title("memory saved vs FLOP overhead")
     axes[1].set_title("memory saved vs time overhead")
-    if group:
-        fig.suptitle(f"Recomputation trade-off: {group[0]}, {group[1]}, attention={group[2]}, s={group[3]}, b={group[4]}",
-                     fontsize=9)
+    skipped = [p["strategy"] for p in pts if p["act_saved_frac"] is None]
+    title = "" if not group else \
+        f"Recomputation trade-off: {group[0]}, {group[1]}, attention={group[2]}, s={group[3]}, b={group[4]}"
+    if skipped and len(skipped) < len(pts):
+        title += "\nnot plotted (no activation saving measured): " + ", ".join(skipped)
+    fig.suptitle(title, fontsize=9, y=1.05 if "\n" in title else 1.0)
     if any(p["act_saved_frac"] is not None for p in pts):  # one legend under both panels, markers name points
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 0.0))
-    skipped = [p["strategy"] for p in pts if p["act_saved_frac"] is None]
-    if skipped and len(skipped) < len(pts):
-        fig.text(0.01, 0.93, "not plotted (no activation saving measured): " + ", ".join(skipped), fontsize=7)
+
     return _save(fig, out, FIGURES[2])
 
 
