@@ -137,6 +137,9 @@ class TrainerConfig:
     stop_on_nan: bool = True     # end the run as "diverged" at the first non-finite loss or gradient norm
     checkpoint_every: int = 0    # save training state every N steps (0: only when interrupted)
     resume: Optional[str] = None  # true: this run dir's checkpoint.pt; or a checkpoint file / run folder
+    max_memory_gb: Optional[float] = None  # guard: a run whose predicted peak exceeds it ends as oom before allocating
+    probe: bool = True           # one instrumented memory probe step before training (recompute_lab.probe)
+    memory_snapshot: bool = False  # CUDA: write memory_snapshot.pickle of the probe step (pytorch.org/memory_viz)
 
 
 @dataclass
@@ -173,6 +176,20 @@ class StrategyConfig:
     every_other_mm: bool = False             # op: torchtitan's policy, every second matmul recomputed
     save: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj"])
     offload: bool = False                    # any strategy: saved tensors to host memory (save_on_cpu)
+
+
+class Target(StrEnum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+@dataclass
+class EstimateConfig:
+    """``python -m recompute_lab.estimate``'s own options (estimate.*), outside the training config."""
+
+    target: Target = Target.cuda                        # whose kernels decide what is saved
+    seq_lens: list[int] = field(default_factory=list)   # a series of sequence lengths; empty = data.seq_len
+    out: str = "estimate.json"                          # where the JSON goes (relative to the working dir)
 
 
 @dataclass
@@ -213,6 +230,8 @@ def validate(cfg: DictConfig | Config) -> None:
         _positive(f"data.{name}", getattr(d, name))
     _positive("trainer.steps", t.steps)
     _positive("trainer.grad_accum", t.grad_accum)
+    if t.max_memory_gb is not None and t.max_memory_gb <= 0:
+        raise ConfigError(f"trainer.max_memory_gb must be > 0 (or null to disable the guard), got {t.max_memory_gb}")
     if t.warmup_steps < 0 or t.num_threads < 0 or t.checkpoint_every < 0:
         raise ConfigError("trainer.warmup_steps, trainer.num_threads and trainer.checkpoint_every must be >= 0")
     if m.d_model % m.n_head:

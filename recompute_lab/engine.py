@@ -12,6 +12,7 @@ import signal
 import statistics
 import threading
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,7 @@ from recompute_lab.data import Batches
 from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
+from recompute_lab.probe import memory_probe
 from recompute_lab.strategies import apply_strategy
 from recompute_lab.tracking import env_info, format_summary, new_results, write_json_atomic
 from recompute_lab.wandb_logger import RunLogger
@@ -62,6 +64,42 @@ def percentile(values: list[float], q: float) -> float:
 
 class Diverged(RuntimeError):
     """Non-finite loss or gradients (trainer.stop_on_nan)."""
+
+
+class PredictedOOM(torch.OutOfMemoryError):
+    """trainer.max_memory_gb: the predicted peak does not fit, so nothing is allocated."""
+
+
+EAGER_SCORES_WARN_BYTES = 2**30  # one layer's (b, h, s, s) fp32 scores above 1 GiB: say so
+
+
+def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict) -> None:
+    """Predict the step's peak on a meta replica and refuse the run (status oom) if it exceeds the guard."""
+    from recompute_lab.estimate import meta_saved_tensors
+    from recompute_lab.probe import predicted_memory
+
+    m = cfg.model
+    scores = cfg.data.batch_size * m.n_head * cfg.data.seq_len ** 2 * 4
+    if m.attention == "eager" and scores > EAGER_SCORES_WARN_BYTES:
+        warnings.warn(f"attention=eager stores (b, h, s, s) scores: {scores / 2**30:.1f} GiB per layer at "
+                      f"seq_len {cfg.data.seq_len}; attention=sdpa or +strategy=selective avoid most of it",
+                      stacklevel=2)
+    limit = cfg.trainer.max_memory_gb
+    if limit is None:
+        return
+    meta = build_model(m, "meta", policy.param_dtype).train()
+    plan = apply_strategy(meta, cfg.strategy)
+    pred = predicted_memory(cfg, policy, plan, meta.get_num_params(), device.type)
+    act = pred["activations"]
+    if act.get("total") is None:  # no closed form for this plan: count its saved tensors on the meta replica
+        counted = meta_saved_tensors(meta, cfg.data.batch_size, cfg.data.seq_len, device.type)
+        act = {"total": counted["total"], "largest_region": 0}
+    peak = theory.predict_peak(m, pred["setting"], pred["model_state"], act)
+    total = peak["total"] if peak else pred["model_state"]["total"] + act["total"]
+    results["memory"]["guard"] = {"max_memory_gb": limit, "predicted_peak_bytes": total}
+    if total > limit * 1e9:
+        raise PredictedOOM(f"predicted peak {total / 1e9:.3f} GB exceeds trainer.max_memory_gb={limit}; "
+                           f"nothing was allocated (try a recomputation strategy, a smaller batch or seq_len)")
 
 
 class Interrupted(RuntimeError):
@@ -108,6 +146,13 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
     batches = Batches(cfg.data, cfg.model.vocab_size)
+    guard_memory(cfg, policy, device, results)
+    if t.memory_snapshot and not t.probe:
+        raise ConfigError("trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true")
+    if t.probe:  # memory probe on a fresh model, before the training model exists (recompute_lab.probe)
+        snapshot = Path(run_dir) / "memory_snapshot.pickle" if t.memory_snapshot and run_dir is not None else None
+        probe_batch = tuple(x.to(device) for x in batches.get(0, 0))
+        results["memory"].update(memory_probe(cfg, device, policy, probe_batch, snapshot))
     model = build_model(cfg.model, device, policy.param_dtype)
     results["strategy"] = apply_strategy(model, cfg.strategy)
     n_params = model.get_num_params()
@@ -210,8 +255,8 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
                             achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
     peak = cuda_peak_bytes(device)
     if peak is not None:
-        results["memory"]["peak_bytes"].update(measured=peak["allocated"], reserved=peak["reserved"],
-                                               source="cuda_allocator")
+        # The probe's peak (same step as the prediction) stays in `measured`; this is the whole training run's.
+        results["memory"]["peak_bytes"].update(training_allocated=peak["allocated"], training_reserved=peak["reserved"])
 
 
 def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:

@@ -1,4 +1,9 @@
-"""Measurements taken on a real (or meta) model: model-state bytes, allocator peaks, step timers.
+"""Measurements taken on a real (or meta) model: model-state bytes, saved tensors, allocator peaks, step timers.
+
+Activation and peak bytes come from paths that share no code with recompute_lab.theory nor with each other
+(recompute_lab.probe runs them all on one probe step): :func:`saved_tensors` (saved_tensors_hooks, storages
+counted once), :func:`mem_tracker_step` (PyTorch's MemTracker, peak by category), :func:`remat_saved_bytes`
+(torch_remat's walk of the autograd graph from the loss) and the CUDA caching allocator's counters.
 
 Model-state bytes are counted from the tensors themselves (unique storages of parameters, their gradients
 and the optimizer state), independently of recompute_lab.theory, so the two can be compared in tests.
@@ -9,10 +14,12 @@ state and are reported apart.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+import weakref
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _storage_key(t: Tensor) -> tuple:
@@ -87,3 +94,157 @@ def cuda_peak_bytes(device: torch.device) -> dict | None:
     if device.type != "cuda":
         return None
     return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}
+
+
+class _Producers(TorchDispatchMode):
+    """Remembers which aten op produced each storage (view ops, whose output aliases an input, are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.op: dict[tuple, str] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {_storage_key(a) for a in args if isinstance(a, Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, Tensor) and o.layout == torch.strided:
+                k = _storage_key(o)
+                if k not in ins:
+                    self.op[k] = func.overloadpacket.__name__
+        return out
+
+
+def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
+    """Bytes autograd keeps for backward after ``forward()`` runs ``model`` once (CPU, CUDA or meta).
+
+    A saved_tensors_hooks pack hook sees every tensor an op saves outside checkpoint regions (inside a
+    region torch.utils.checkpoint's own hook is innermost, so only the region's inputs reach us, which is what
+    stays resident). Storages are counted once (views share one), parameters and buffers are excluded, and a
+    save whose tensor died before the forward ended is not counted. Each storage is billed to the module whose
+    forward was running when it was first saved ("loss": GPT.forward itself, i.e. the cross-entropy) and to the
+    aten op that produced it.
+    """
+    exclude = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    names = {m: (n or "loss") for n, m in model.named_modules()}
+    stack: list[str] = ["loss"]
+    saved: dict[tuple, dict] = {}
+    producers = _Producers()
+
+    def pack(t: Tensor) -> Tensor:
+        k = _storage_key(t)
+        if k not in exclude and (k not in saved or saved[k]["ref"]() is None):
+            saved[k] = {"module": stack[-1], "op": producers.op.get(k, "input"), "ref": weakref.ref(t),
+                        "nbytes": t.untyped_storage().nbytes(), "dtype": str(t.dtype).replace("torch.", ""),
+                        "shape": list(t.shape)}
+        return t  # unchanged: the hook only looks
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(lambda m, a: stack.append(names[m])))
+        handles.append(m.register_forward_hook(lambda m, a, o: stack.pop() and None, always_call=True))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), producers:
+            output = forward()
+    finally:
+        for h in handles:
+            h.remove()
+    live = [e for e in saved.values() if e["ref"]() is not None]
+    by_module: dict[str, int] = {}
+    by_op: dict[str, int] = {}
+    for e in live:
+        by_module[e["module"]] = by_module.get(e["module"], 0) + e["nbytes"]
+        by_op[e["op"]] = by_op.get(e["op"], 0) + e["nbytes"]
+    tensors = [{k: v for k, v in e.items() if k != "ref"} for e in live]
+    return {"total": sum(by_module.values()), "by_module": by_module, "by_op": by_op, "tensors": tensors,
+            "output": output}
+
+
+MEMTRACKER_CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Activation": "act",
+                         "Temp": "temp", "Optstate": "optimizer", "Other": "other", "Total": "total"}
+
+
+def mem_tracker_step(model: nn.Module, optimizer, forward: Callable[[], Tensor],
+                     finish: Callable[[Tensor], None], inputs: Iterable[Tensor] = ()) -> dict:
+    """Peak bytes by category over one step (``forward()``, then ``finish(loss)``: backward + optimizer step).
+
+    Uses torch.distributed._tools.mem_tracker.MemTracker, a private module: when it cannot be imported or fails,
+    returns ``{"available": False, "reason": ...}``. ``after_forward`` is the snapshot between forward and
+    backward: its ``act`` holds the saved activations plus whatever else the forward left alive (the loss).
+    ``inputs`` (the batch, made before the tracker starts) are registered as ``other``; unregistered, a view
+    taken inside the step would make MemTracker file their storage under activations.
+    """
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except Exception as e:  # private API: absent or renamed in other torch versions
+        return {"available": False, "reason": f"MemTracker unavailable: {type(e).__name__}: {e}"}
+
+    def by_category(snap: dict) -> dict:
+        merged: dict[str, int] = {}
+        for dev_snap in snap.values():
+            for k, v in dev_snap.items():
+                name = MEMTRACKER_CATEGORIES.get(k, k)
+                merged[name] = merged.get(name, 0) + v
+        return merged
+
+    try:
+        mt = MemTracker()
+        mt.track_external(model, optimizer, *inputs)
+        with mt:
+            loss = forward()
+            after_forward = by_category(mt.get_tracker_snapshot("current"))
+            finish(loss)
+            del loss
+        peak = by_category(mt.get_tracker_snapshot("peak"))
+    except Exception as e:  # never let a diagnostic kill the run
+        return {"available": False, "reason": f"MemTracker failed: {type(e).__name__}: {e}"}
+    return {"available": True, "peak": peak.get("total", 0), "by_category": peak, "after_forward": after_forward}
+
+
+def remat_saved_bytes(forward: Callable[[], Tensor]) -> dict:
+    """torch_remat's own count of the bytes saved for backward, on a forward of its own.
+
+    torch_remat.format_saved_tensors_report(loss) walks the autograd graph from the loss and bills each resident
+    saved storage once (grad-requiring leaves, i.e. parameters, excluded). Its header rounds to KiB, so the exact
+    total comes from the same collection it formats (its private ``_walk_graph`` and live-region tapes); the
+    report text is kept too. It cannot see tensors held by torch.utils.checkpoint's frames (region inputs) nor
+    saves whose pack hook another saved_tensors_hooks owns, hence its own forward, with no hooks of ours.
+    """
+    try:
+        import torch_remat
+        from torch_remat._saved_report import _attribute_regions, _iter_live_regions, _walk_graph
+    except Exception as e:
+        return {"available": False, "reason": f"torch_remat unavailable: {type(e).__name__}: {e}"}
+    loss = forward()
+    try:
+        views = _attribute_regions(list(_iter_live_regions()))
+        claimed = {k for view in views for k in view.owned}
+        regions = sum(s.nbytes for view in views for s in view.owned.values())
+        graph = _walk_graph([loss], set(claimed))
+        total = regions + sum(g.nbytes for g in graph.values())
+        report = torch_remat.format_saved_tensors_report(loss)
+    except Exception as e:
+        return {"available": False, "reason": f"torch_remat report failed: {type(e).__name__}: {e}"}
+    finally:
+        del loss
+    return {"available": True, "total": total, "regions": regions, "report": report.splitlines()[:12]}
+
+
+class CudaPeak:
+    """max_memory_allocated / max_memory_reserved over a ``with`` block (CUDA only; a no-op elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.result: dict | None = None
+
+    def __enter__(self) -> "CudaPeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.result = {"allocated": torch.cuda.max_memory_allocated(self.device),
+                           "reserved": torch.cuda.max_memory_reserved(self.device), "start": self.start}

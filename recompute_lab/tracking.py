@@ -117,6 +117,11 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
     if ms.get("measured") is not None:
         lines.append(f"  model state {_si(ms['measured'], 'B')} "
                      f"({ms['bytes_per_param']['measured']:.1f} B/param, predicted {ms['bytes_per_param']['predicted']})")
+    act, peak = results["memory"].get("activation_bytes") or {}, results["memory"].get("peak_bytes") or {}
+    if act.get("measured") is not None:
+        lines.append(f"  activations saved for backward {_si(act['measured'], 'B')} (predicted {_si(act.get('predicted'), 'B')}); "
+                     f"peak {_si(peak.get('measured'), 'B')} (predicted {_si(peak.get('predicted'), 'B')}, "
+                     f"{peak.get('source') or 'n/a'})")
     if fl.get("per_step"):
         ps = fl["per_step"]
         mfu = f"  MFU {fl['mfu']:.1%} HFU {fl['hfu']:.1%}" if fl.get("mfu") is not None else ""

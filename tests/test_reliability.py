@@ -29,7 +29,8 @@ def test_nan_loss_ends_run_as_diverged(tmp_path, monkeypatch):
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(GPT, "forward", forward)
-    res = engine.run(compose_config(["trainer.steps=6", *FAST]), tmp_path)
+    # No memory probe: its forwards would take the injected NaN instead of training step 2.
+    res = engine.run(compose_config(["trainer.steps=6", "trainer.probe=false", *FAST]), tmp_path)
     assert res["status"] == "diverged" and "step 2" in res["error"]
     assert len(res["loss"]["history"]) == 3
     assert load_results(tmp_path / "results.json")["status"] == "diverged"
@@ -105,7 +106,7 @@ def test_oom_in_one_job_of_a_sweep(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPT, "forward", forward)
     sweep = tmp_path / "sweep"
-    monkeypatch.setattr(sys, "argv", ["train", "-m", "model.n_layer=1,2,3", "trainer.steps=2", *FAST,
+    monkeypatch.setattr(sys, "argv", ["train", "-m", "model.n_layer=1,2,3", "trainer.steps=2", "trainer.probe=false", *FAST,
                                       f"hydra.sweep.dir={sweep}", "hydra/job_logging=disabled"])
     train.main()
     statuses = {load_results(f)["model"]["n_layer"]: load_results(f) for f in sweep.glob("*/results.json")}
@@ -165,3 +166,26 @@ def test_fuzz_every_case_runs_or_explains(tmp_path_factory, n_layer, d_model, n_
         return
     res = engine.run(cfg, tmp_path_factory.mktemp("fuzz"))
     assert res["status"] == "ok", res.get("error")
+
+
+def test_memory_guard_refuses_before_allocating(tmp_path, monkeypatch):
+    built = []
+    real_init = GPT.__init__
+
+    def spy(self, cfg):
+        real_init(self, cfg)
+        built.append(self.tok_emb.weight.device.type)
+
+    monkeypatch.setattr(GPT, "__init__", spy)
+    res = engine.run(compose_config(["trainer.steps=2", "trainer.max_memory_gb=0.001", *FAST]), tmp_path / "a")
+    assert res["status"] == "oom" and "exceeds trainer.max_memory_gb=0.001" in res["error"]
+    assert set(built) == {"meta"}  # only the meta replica that predicts the peak was built
+    guard = res["memory"]["guard"]
+    assert guard["predicted_peak_bytes"] > 0.001e9
+    # A cap above the prediction lets the run go on; op has no closed form, so its meta count is used.
+    ok = engine.run(compose_config(["trainer.steps=1", "+strategy=op",
+                                    f"trainer.max_memory_gb={2 * guard['predicted_peak_bytes'] / 1e9}", *FAST]),
+                    tmp_path / "b")
+    assert ok["status"] == "ok" and 0 < ok["memory"]["guard"]["predicted_peak_bytes"]
+    proc = run_cli(["trainer.max_memory_gb=-1", *FAST, f"hydra.run.dir={tmp_path / 'c'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "max_memory_gb" in proc.stderr

@@ -1,0 +1,181 @@
+"""Predict training memory for models too large for this machine: the meta device allocates nothing.
+
+    python -m recompute_lab.estimate model=llama3_8b data.seq_len=4096 +strategy=full precision=fp32
+    python -m recompute_lab.estimate model=llama3_70b data.batch_size=1 'estimate.seq_lens=[1024,4096,16384]'
+
+The training config composes as for ``recompute_lab.train`` (Hydra compose API over the same conf/); the
+``estimate.*`` keys (recompute_lab.config.EstimateConfig: target cuda | cpu, seq_lens, out) are this command's
+own. The model is built on the meta device with the strategy applied, one forward runs under the saved-tensor
+accounting of recompute_lab.measure, and recompute_lab.target_kernels makes the meta ops save what the
+target device's kernels save. The table sets the meta measurement beside recompute_lab.theory, Korthikanti's
+formula and the seed notebook's guess; estimate.json holds the same memory keys as results.json, per seq_len.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from recompute_lab import theory
+from recompute_lab.config import ConfigError, EstimateConfig, to_container, validate
+from recompute_lab.measure import saved_tensors
+from recompute_lab.model import build_model
+from recompute_lab.precision import make_precision
+from recompute_lab.strategies import apply_strategy
+from recompute_lab.target_kernels import TargetKernels, assumptions
+from recompute_lab.tracking import write_json_atomic
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+GB = 1e9  # decimal gigabytes, as in the Ultra-Scale Playbook's tables
+
+
+
+def meta_saved_tensors(model, batch: int, seq: int, target: str) -> dict:
+    """Saved-tensor accounting of one forward of a meta-device model, saving what ``target``'s kernels save."""
+    idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    kernels = TargetKernels(target)
+
+    def forward():
+        with kernels:
+            return model(idx, idx.clone())
+    return saved_tensors(model, forward)
+
+def group_of(module: str) -> str:
+    """Table rows: embeddings, blocks, final norm + head, loss (the fp32 logits' log-softmax)."""
+    if module.startswith("blocks."):
+        return "blocks"
+    return {"tok_emb": "embeddings", "pos_emb": "embeddings", "drop": "embeddings", "norm_f": "norm_f + head",
+            "head": "norm_f + head", "loss": "loss (fp32 logits)"}.get(module, module)
+
+
+def grouped(by_module: dict) -> dict:
+    out: dict[str, int] = {}
+    for k, v in by_module.items():
+        out[group_of(k)] = out.get(group_of(k), 0) + v
+    return out
+
+
+def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
+    """Model state and, per sequence length, activation and peak bytes for ``cfg`` on ``est.target``."""
+    seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
+    notes = []
+    if max(seq_lens) > cfg.model.max_seq_len:  # position tables live on meta: growing them costs nothing
+        notes.append(f"model.max_seq_len raised from {cfg.model.max_seq_len} to {max(seq_lens)} for the series")
+        cfg.model.max_seq_len = max(seq_lens)
+    cfg.data.seq_len = min(seq_lens)
+    validate(cfg)
+    target = str(est.target)
+    policy = make_precision(cfg.precision)
+    model = build_model(cfg.model, "meta", policy.param_dtype)
+    plan = apply_strategy(model, cfg.strategy)
+    model.train()
+    n_params = model.get_num_params()
+    state = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))
+    autocast = policy.autocast_dtype is not None
+    if autocast:
+        notes.append("autocast has no meta backend: activations below are the theory's only")
+    series = []
+    for s in seq_lens:
+        b = int(cfg.data.batch_size)
+        st = theory.Setting(b, s, policy.param_dtype.itemsize,
+                            None if not autocast else policy.autocast_dtype.itemsize, target)
+        pred = theory.predict_activations(cfg.model, st, plan)
+        measured, by_module = None, pred.get("by_module") or {}
+        if not autocast:
+            counted = meta_saved_tensors(model, b, s, target)
+            del counted["output"]
+            measured, by_module = counted["total"], counted["by_module"]
+        peak = theory.predict_peak(cfg.model, st, state, pred)
+        layers = cfg.model.n_layer
+        series.append({
+            "seq_len": s, "batch_size": b,
+            "activation_bytes": {"predicted": pred["total"], "measured": measured, "source": "meta",
+                                 "by_module": by_module, "by_group": grouped(by_module),
+                                 "prediction_note": pred["reason"],
+                                 "korthikanti": layers * theory.korthikanti_layer_bytes(s, b, cfg.model.d_model,
+                                                                                       cfg.model.n_head),
+                                 "naive": layers * theory.naive_layer_bytes(s, b, cfg.model.d_model)},
+            "logits_bytes": pred.get("logits"),
+            "peak_bytes": {"predicted": None if peak is None else peak["total"], "measured": None,
+                           "source": "theory", "phases": None if peak is None else peak["phases"]},
+        })
+    first = series[0]
+    return {"config": to_container(cfg), "target": target, "assumptions": assumptions(target), "notes": notes,
+            "strategy": plan, "model": {"name": cfg.model.name, "params": n_params, "n_layer": cfg.model.n_layer},
+            "memory": {"model_state_bytes": {"predicted": state["total"], "measured": None,
+                                             "per_param": state["per_param"],
+                                             "bytes_per_param": state["bytes_per_param"]},
+                       "activation_bytes": first["activation_bytes"], "peak_bytes": first["peak_bytes"]},
+            "series": series}
+
+
+def format_table(res: dict) -> str:
+    """Model state by kind, activations by group, logits and totals, in GB; one column per seq_len."""
+    series, ms = res["series"], res["memory"]["model_state_bytes"]
+    n_layer = res["model"]["n_layer"]
+    w = 14
+
+    def row(label, values):
+        return f"{label:<34}" + "".join(f"{'-' if v is None else f'{v / GB:.2f}':>{w}}" for v in values)
+
+    lines = [f"{res['model']['name']}: {res['model']['params']:,} params, strategy {res['strategy']['name']}, "
+             f"target {res['target']}, GB = 1e9 bytes",
+             f"{'':<34}" + "".join(f"{'s=' + str(x['seq_len']) + ' b=' + str(x['batch_size']):>{w}}"
+                                   for x in series)]
+    lines.append(f"model state ({ms['bytes_per_param']} B/param)")
+    for kind, v in ms["per_param"].items():
+        lines.append(row(f"  {kind}", [v] * len(series)))
+    lines.append(row("  total", [ms["predicted"]] * len(series)))
+    meta = series[0]["activation_bytes"]["measured"] is not None
+    lines.append(f"activations (saved for backward, {'meta-measured' if meta else 'theory: no meta autocast'})")
+    groups = sorted({g for x in series for g in x["activation_bytes"]["by_group"]})
+    for g in groups:
+        label = f"  {g} (x{n_layer})" if g == "blocks" else f"  {g}"
+        lines.append(row(label, [x["activation_bytes"]["by_group"].get(g, 0) for x in series]))
+    lines.append(row("  total (meta-measured)", [x["activation_bytes"]["measured"] for x in series]))
+    lines.append(row("  total (theory)", [x["activation_bytes"]["predicted"] for x in series]))
+    lines.append(row("  of which logits (fp32, 4sbv)", [x["logits_bytes"] for x in series]))
+    lines.append(row("  Korthikanti sbh(34+5as/h) x L", [x["activation_bytes"]["korthikanti"] for x in series]))
+    lines.append(row("  naive 2*2*h per token x L", [x["activation_bytes"]["naive"] for x in series]))
+    lines.append(row("peak (theory)", [x["peak_bytes"]["predicted"] for x in series]))
+    lines += [f"assumption: {a}" for a in res["assumptions"]] + [f"note: {n}" for n in res["notes"]]
+    return "\n".join(lines)
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra overrides for the training config, estimate.* dotlist)."""
+    own = [a.lstrip("+") for a in argv if a.lstrip("+").startswith("estimate.")]
+    return [a for a in argv if not a.lstrip("+").startswith("estimate.")], own
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides, own = split_args(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        est = OmegaConf.merge(OmegaConf.structured(EstimateConfig),
+                              OmegaConf.from_dotlist(own).get("estimate", {}))
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"estimate: invalid arguments: {e}", file=sys.stderr)
+        return 1
+    try:
+        res = estimate(cfg, est)
+    except ConfigError as e:
+        print(f"estimate: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    res["elapsed_s"] = time.perf_counter() - t0
+    print(format_table(res))
+    write_json_atomic(Path(est.out), res)
+    print(f"wrote {est.out} ({res['elapsed_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The memory probe: one instrumented training step, before the timed steps, that fills results["memory"].
+
+Every path of recompute_lab.measure runs here and sits beside recompute_lab.theory's prediction:
+  saved tensors    saved_tensors_hooks over one forward, storages counted once, by module and by aten op
+  MemTracker       PyTorch's (private) tracker over one full step: peak bytes by category
+  torch_remat      its saved-tensors report, on a forward of its own (it cannot see through our hooks)
+  CUDA allocator   max_memory_allocated / reserved over the same step; optionally a memory snapshot pickle
+
+Choice: the probe trains a FRESH model (same config, dtype and strategy) with its own optimizer, built before the
+training model exists and inside torch.random.fork_rng, so the training run's parameters, optimizer state, RNG
+stream and data are exactly those of an unprobed run, and on CUDA the allocator peak sees one model, not two.
+One warm step first creates the optimizer state, so the measured step is a steady-state step.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from recompute_lab import theory
+from recompute_lab.measure import CudaPeak, mem_tracker_step, remat_saved_bytes, saved_tensors
+from recompute_lab.model import build_model
+from recompute_lab.strategies import apply_strategy
+
+
+def setting_for(cfg: DictConfig, policy, device_type: str) -> theory.Setting:
+    """The theory's view of a run: micro-batch shape, parameter / autocast dtypes, whose kernels."""
+    autocast = policy.autocast_dtype
+    return theory.Setting(batch=cfg.data.batch_size, seq=cfg.data.seq_len,
+                          param_bytes=torch.empty((), dtype=policy.param_dtype).element_size(),
+                          autocast_bytes=None if autocast is None else torch.empty((), dtype=autocast).element_size(),
+                          device=device_type)
+
+
+def predicted_memory(cfg: DictConfig, policy, plan: dict, n_params: int, device_type: str) -> dict:
+    """Theory for one run: activation bytes under ``plan`` and the peak they imply."""
+    st = setting_for(cfg, policy, device_type)
+    act = theory.predict_activations(cfg.model, st, plan)
+    state = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))
+    return {"setting": st, "activations": act, "model_state": state,
+            "peak": theory.predict_peak(cfg.model, st, state, act)}
+
+
+@contextlib.contextmanager
+def memory_history(device: torch.device, path: Optional[Path]):
+    """torch.cuda.memory._record_memory_history around the block, dumped to ``path`` (CUDA only)."""
+    if path is None or device.type != "cuda":
+        yield None
+        return
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        yield path
+    finally:
+        torch.cuda.memory._dump_snapshot(str(path))
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path] = None) -> dict:
+    """Run the probe step on a fresh model and return the ``memory`` section of results.json.
+
+    ``batch`` is one (idx, targets) micro-batch on ``device``; ``snapshot`` a path for the CUDA memory snapshot
+    pickle (viewable at https://pytorch.org/memory_viz), or None. A probe that fails for any reason but memory
+    does not stop training: the error is recorded as ``probe_error`` and the memory keys stay empty. Running
+    out of memory does propagate (the training step would too).
+    """
+    try:
+        return _probe(cfg, device, policy, batch, snapshot)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        warnings.warn(f"memory probe failed, training goes on: {type(e).__name__}: {e}", stacklevel=2)
+        return {"probe_error": f"{type(e).__name__}: {e}"}
+
+
+def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path]) -> dict:
+    idx, targets = batch
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model = build_model(cfg.model, device, policy.param_dtype)
+        plan = apply_strategy(model, cfg.strategy)
+        optimizer = policy.build_optimizer(model, cfg.optimizer)
+        model.train()
+
+        def forward() -> torch.Tensor:
+            with policy.autocast(device.type):
+                return model(idx, targets)
+
+        def finish(loss: torch.Tensor) -> None:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        finish(forward())  # warm step: the optimizer state exists from here on, as in every later step
+        with memory_history(device, snapshot), CudaPeak(device) as cuda:
+            tracked = mem_tracker_step(model, optimizer, forward, finish, inputs=(idx, targets))
+        if not tracked["available"]:  # still run the step the allocator counters measure
+            with CudaPeak(device) as cuda:
+                finish(forward())
+        counted = saved_tensors(model, forward)
+        del counted["output"]  # drop the graph: its saved tensors are freed here
+        remat = remat_saved_bytes(forward)
+        n_params = model.get_num_params()
+        del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    pred = predicted_memory(cfg, policy, plan, n_params, device.type)
+    act, peak = pred["activations"], pred["peak"]
+    regions = sum(v for k, v in counted["by_module"].items() if k in set(plan.get("recomputed", [])))
+    activation = {
+        "predicted": act["total"], "measured": counted["total"], "by_module": counted["by_module"],
+        "by_op": counted["by_op"], "predicted_by_module": act.get("by_module"), "prediction_note": act["reason"],
+        "logits": {"predicted": act.get("logits"), "measured": _logits(counted)},
+        "checkpoint_inputs": regions, "micro_batch": {"batch": cfg.data.batch_size, "seq": cfg.data.seq_len},
+        "remat_report": remat,
+        "korthikanti_per_layer": theory.korthikanti_layer_bytes(cfg.data.seq_len, cfg.data.batch_size,
+                                                                cfg.model.d_model, cfg.model.n_head),
+        "naive_per_layer": theory.naive_layer_bytes(cfg.data.seq_len, cfg.data.batch_size, cfg.model.d_model),
+    }
+    if cuda.result is not None:
+        measured, source = cuda.result["allocated"], "cuda_allocator"
+    else:
+        measured, source = (tracked.get("peak"), "mem_tracker") if tracked["available"] else (None, None)
+    peak_bytes = {"predicted": None if peak is None else peak["total"], "measured": measured, "source": source,
+                  "by_category": tracked.get("by_category"), "predicted_parts": peak,
+                  "mem_tracker": tracked, "cuda": cuda.result,
+                  "snapshot": str(snapshot) if snapshot is not None and device.type == "cuda" else None}
+    if snapshot is not None and device.type != "cuda":
+        peak_bytes["snapshot_note"] = "trainer.memory_snapshot records the CUDA caching allocator: nothing on CPU"
+    return {"activation_bytes": activation, "peak_bytes": peak_bytes, "plan": plan,
+            "theory_setting": vars(pred["setting"])}
+
+
+def _logits(counted: dict) -> int:
+    """Measured bytes of the fp32 cross-entropy input (log_softmax's saved output)."""
+    return sum(t["nbytes"] for t in counted["tensors"] if t["module"] == "loss" and t["op"] == "_log_softmax")
