@@ -1,6 +1,6 @@
 """Typed configuration schemas for recompute_lab, registered in Hydra's ConfigStore.
 
-Every config group (model, precision, data, optimizer, trainer, logger, strategy) has a dataclass here.
+Every config group (model, precision, data, optimizer, trainer, logger, strategy, parallel) has a dataclass here.
 The root schema is stored as ``recompute_lab_schema`` (outside every swept group, so that
 ``'+strategy=glob(*)'`` only finds real strategies) and ``conf/config.yaml`` lists it first in its
 defaults. A misspelt key, a wrong type or a value outside an Enum therefore fails at compose time with a
@@ -153,6 +153,18 @@ class LoggerConfig:
     job_type: str = "train"
 
 
+class ParallelKind(StrEnum):
+    none = "none"  # one process
+    ddp = "ddp"    # DistributedDataParallel: model state replicated on every rank, gradients all-reduced
+    fsdp = "fsdp"  # FSDP2 fully_shard (ZeRO-3): params, grads and optimizer state sharded over the ranks
+
+
+class Backend(StrEnum):
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
 class LayerMethod(StrEnum):
     uniform = "uniform"  # Megatron: consecutive chunks of num_layers blocks, each one checkpoint region
     block = "block"      # Megatron: only the first num_layers blocks, each checkpointed on its own
@@ -193,6 +205,16 @@ class EstimateConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallelism (recompute_lab/distributed.py). Launch with torchrun; data.batch_size is per rank."""
+
+    kind: ParallelKind = ParallelKind.none
+    backend: Backend = Backend.auto
+    dp_size: Optional[int] = None       # ranks for predictions without processes; under torchrun: null or WORLD_SIZE
+    reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3); false keeps them to backward
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -201,6 +223,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def register_configs() -> None:
@@ -209,7 +232,8 @@ def register_configs() -> None:
     cs.store(name="recompute_lab_schema", node=Config)
     for group, node in [("model", ModelConfig), ("precision", PrecisionConfig), ("data", DataConfig),
                         ("optimizer", OptimizerConfig), ("trainer", TrainerConfig),
-                        ("logger", LoggerConfig), ("strategy", StrategyConfig)]:
+                        ("logger", LoggerConfig), ("strategy", StrategyConfig),
+                        ("parallel", ParallelConfig)]:
         cs.store(group=f"schema/{group}", name="base", node=node)
 
 
@@ -253,6 +277,10 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(f"data=text uses byte tokens (vocab 256) but model.vocab_size={m.vocab_size}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(o.betas)}")
+    if getattr(cfg, "parallel", None) is not None:  # configs saved before the parallel group have none
+        from recompute_lab.distributed import validate_parallel  # rules next to the code they protect
+
+        validate_parallel(cfg)
 
 
 def to_container(cfg: DictConfig) -> dict:

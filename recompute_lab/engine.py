@@ -21,10 +21,10 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from recompute_lab import checkpoint
+from recompute_lab import distributed
 from recompute_lab import flops as flops_mod
 from recompute_lab import theory
 from recompute_lab.config import ConfigError, Device, validate
-from recompute_lab.data import Batches
 from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
@@ -132,7 +132,7 @@ class SignalFlag:
 
 
 def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
-          signals: "SignalFlag") -> None:
+          signals: "SignalFlag", dctx: Optional[distributed.DistContext] = None) -> None:
     """The training loop proper; fills ``results`` in place as it goes (``progress``: step and phase now)."""
     validate(cfg)
     t = cfg.trainer
@@ -140,12 +140,13 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
         torch.set_num_threads(t.num_threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    device = resolve_device(t.device)
+    dctx = dctx or distributed.DistContext()
+    device = dctx.setup(cfg, resolve_device(t.device))  # joins the process group under torchrun
     install_oom_observer()
-    policy = make_precision(cfg.precision)
+    policy = dctx.adapt_precision(make_precision(cfg.precision))
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
-    batches = Batches(cfg.data, cfg.model.vocab_size)
+    batches = dctx.batches(cfg.data, cfg.model.vocab_size)  # this rank's rows of the global batch
     guard_memory(cfg, policy, device, results)
     if t.memory_snapshot and not t.probe:
         raise ConfigError("trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true")
@@ -169,6 +170,7 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
         recompute_overhead=counted["recompute"] / (counted["forward"] + counted["backward"]),
         by_op={"forward": counted["forward_by_op"], "backward": counted["backward_by_op"]},
         method=counted["method"])
+    model = dctx.wrap(model)  # DDP / FSDP2 after the recomputation wrappers (torchtitan's order)
     optimizer = policy.build_optimizer(model, cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer, t.steps))
     if device.type == "cuda":
@@ -188,6 +190,8 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
         results["resumed_from"] = {"path": str(resume_from), "step": start}
 
     def save_checkpoint(done: int) -> None:
+        if dctx.enabled:
+            return  # parallel runs are not checkpointed (validate_parallel rejects checkpoint_every / resume)
         checkpoint.save(ckpt_path, cfg=cfg, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
                         history=history, step_s=step_s)
         results["checkpoint"] = {"path": str(ckpt_path), "step": done}
@@ -217,13 +221,14 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
                 raise Diverged(f"non-finite gradient norm {grad_norm.item()} at step {step}")
             optimizer.step()
             scheduler.step()
-        loss_val = loss_sum.item()
+        loss_val, stop = dctx.reduce_step(loss_sum, signals.received is not None)  # mean over ranks
         history.append(loss_val)
         step_s.append(timer.seconds)
         if step == start:
             # Model state right after the first optimizer step: params, grads and every optimizer buffer exist.
             measured = model_state_bytes(model, optimizer)
-            predicted = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))
+            predicted = theory.model_state_bytes_sharded(n_params, policy.name, policy.fp32_grad_accum,
+                                                         dctx.kind, dctx.world_size)
             ms = results["memory"]["model_state_bytes"]
             ms.update(predicted=predicted["total"], measured=measured["total"], per_param=measured["per_param"],
                       predicted_per_param=predicted["per_param"], dtypes=measured["dtypes"],
@@ -236,9 +241,10 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
         logger.log({"loss": loss_val, "lr": scheduler.get_last_lr()[0], "step_s": timer.seconds,
                     "tokens_per_s": tok_s}, step=step)
         done = step + 1
-        if signals.received is not None:
+        if stop:
             save_checkpoint(done)
-            raise Interrupted(f"{signals.received} after step {done} of {t.steps}; resume with trainer.resume=true")
+            raise Interrupted(f"{signals.received or 'a signal on another rank'} after step {done} of {t.steps}; "
+                              + ("no checkpoint (parallel run)" if dctx.enabled else "resume with trainer.resume=true"))
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
             save_checkpoint(done)
     bar.close()
@@ -249,7 +255,9 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
     results["time"].update(step_s_median=med, step_s_p90=percentile(timed, 0.9), tokens_per_s=tokens_per_step / med,
                            warmup_steps=len(step_s) - len(timed), tokens_per_step=tokens_per_step)
     model_flops = counted["forward"] + counted["backward"]
-    peak_rate, peak_source = flops_mod.peak_flops(device, policy.autocast_dtype or policy.param_dtype)
+    # The dtype the matmuls run in: autocast's, FSDP mixed precision's (bf16_master under fsdp), else the params'.
+    compute_dtype = policy.autocast_dtype or getattr(dctx.mp_policy, "param_dtype", None) or policy.param_dtype
+    peak_rate, peak_source = flops_mod.peak_flops(device, compute_dtype)
     results["flops"].update(flops_mod.utilization(model_flops, counted["recompute"], med, peak_rate),
                             peak_flops_per_s=peak_rate, peak_source=peak_source,
                             achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
@@ -257,6 +265,8 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
     if peak is not None:
         # The probe's peak (same step as the prediction) stays in `measured`; this is the whole training run's.
         results["memory"]["peak_bytes"].update(training_allocated=peak["allocated"], training_reserved=peak["reserved"])
+    if dctx.enabled:
+        dctx.report(cfg, results)  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
 
 
 def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
@@ -267,12 +277,13 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
     """
     run_dir = Path(run_dir)
     results = new_results(cfg)
-    logger = RunLogger(cfg, run_dir, group)
+    dctx = distributed.DistContext.from_env(cfg)  # rank 0 of 1 unless started by torchrun / submitit
+    logger = RunLogger(distributed.logger_cfg(cfg, dctx), run_dir, group)  # one W&B run: rank 0's
     progress: dict = {"step": None, "phase": "setup"}
     exit_code = 0
     with SignalFlag() as signals:
         try:
-            train(cfg, results, logger, run_dir, progress, signals)
+            train(cfg, results, logger, run_dir, progress, signals, dctx)
             results["status"] = "ok"
         except ConfigError as e:
             results.update(status="error", error=f"invalid configuration: {e}")
@@ -295,9 +306,11 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
             raise
         finally:
             results["logger"] = {"mode": logger.mode, "note": logger.note}
-            write_json_atomic(run_dir / "results.json", results)
+            if dctx.is_main:  # rank 0 owns the output dir
+                write_json_atomic(run_dir / "results.json", results)
             logger.summarize(results, format_summary(results))
             logger.finish(exit_code)
+            dctx.close()
             if exit_code:
                 gc.collect()  # free the failed run's tensors before the next job of a sweep
                 if torch.cuda.is_available():

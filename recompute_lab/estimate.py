@@ -76,7 +76,13 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
     plan = apply_strategy(model, cfg.strategy)
     model.train()
     n_params = model.get_num_params()
-    state = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))
+    par = cfg.parallel
+    dp = par.dp_size or 1
+    # Per rank: DDP replicates model state, FSDP (ZeRO-3) shards it over parallel.dp_size ranks.
+    state = theory.model_state_bytes_sharded(n_params, policy.name, getattr(policy, "fp32_grad_accum", False),
+                                             str(par.kind), dp)
+    if str(par.kind) != "none":
+        notes.append(f"model state per rank: parallel={par.kind}, dp_size={dp}")
     autocast = policy.autocast_dtype is not None
     if autocast:
         notes.append("autocast has no meta backend: activations below are the theory's only")

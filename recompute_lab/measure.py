@@ -7,6 +7,8 @@ counted once), :func:`mem_tracker_step` (PyTorch's MemTracker, peak by category)
 
 Model-state bytes are counted from the tensors themselves (unique storages of parameters, their gradients
 and the optimizer state), independently of recompute_lab.theory, so the two can be compared in tests.
+Sharded tensors (FSDP2 DTensors) count what this rank holds: their local shard (a DTensor's own
+untyped_storage() is an invalid wrapper storage, so the bytes are taken from ``to_local()``).
 Optimizer-state convention: a state entry named ``master`` is a master weight, ``grad_fp32`` an fp32
 gradient-accumulation buffer (counted with grads); 0-d entries (Adam's ``step`` counters) are not per-parameter
 state and are reported apart.
@@ -22,6 +24,11 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+def _local(t: Tensor) -> Tensor:
+    """The tensor this process holds: a DTensor's local shard, any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
 def _storage_key(t: Tensor) -> tuple:
     s = t.untyped_storage()
     # All meta tensors report data_ptr 0: tell their storages apart by the storage object itself.
@@ -31,7 +38,7 @@ def _storage_key(t: Tensor) -> tuple:
 def unique_bytes(tensors: Iterable[Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views and tied weights count once)."""
     seen: dict[tuple, int] = {}
-    for t in tensors:
+    for t in map(_local, tensors):
         seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
     return sum(seen.values())
 

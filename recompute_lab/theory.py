@@ -379,3 +379,26 @@ def predict_peak(cfg, st: Setting, state: dict, act: dict) -> Optional[dict]:
     kind = max(phases, key=phases.get)
     return {"total": phases[kind], "phase": kind, "phases": phases, "model_state": state["total"],
             "activations": act["total"]}
+
+
+# FSDP with bf16_master: the sharded fp32 parameters ARE the master weights; FSDP's MixedPrecisionPolicy gathers
+# bf16 copies for forward/backward (transient, freed after each block) and reduce-scatters gradients into fp32
+# shards. Persistent state: fp32 params 4 + fp32 grads 4 + fp32 Adam 8 = 16 B, then divided over the ranks.
+FSDP_BF16_MASTER_BYTES_PER_PARAM = {"params": 4, "grads": 4, "master": 0, "optimizer": 8}
+
+
+def model_state_bytes_sharded(n_params: int, precision: str, fp32_grad_accum: bool = False,
+                              parallel: str = "none", dp_size: int = 1) -> dict:
+    """Predicted model-state bytes held by ONE rank of a ``dp_size``-way data-parallel run.
+
+    none / ddp: every rank holds the whole state (DDP replicates it): 16N with Adam (ZeRO stage 0).
+    fsdp:       ZeRO-3 shards params, grads and optimizer state: 16N / dp_size per rank (each tensor is split
+                along dim 0; uneven splits pad, which this formula ignores).
+    ``n_params`` is the whole model's count; ``per_param`` is bytes per rank by kind.
+    """
+    if parallel != "fsdp":
+        return model_state_bytes(n_params, precision, fp32_grad_accum)
+    per = (FSDP_BF16_MASTER_BYTES_PER_PARAM if precision == "bf16_master"
+           else MODEL_STATE_BYTES_PER_PARAM[model_state_key(precision, fp32_grad_accum)])
+    by_kind = {k: v * n_params // dp_size for k, v in per.items()}
+    return {"per_param": by_kind, "total": sum(by_kind.values()), "bytes_per_param": sum(per.values()) / dp_size}

@@ -114,8 +114,10 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
     if loss["final"] is not None:
         lines.append(f"  loss {loss['first']:.4f} -> {loss['final']:.4f} over {len(loss['history'])} steps; "
                      f"{_si(t['tokens_per_s'])} tokens/s (median step {t['step_s_median'] * 1e3:.1f} ms)")
+    par = results.get("parallel") or {}
     if ms.get("measured") is not None:
-        lines.append(f"  model state {_si(ms['measured'], 'B')} "
+        scope = f" per rank of {par.get('world_size')} ({par.get('kind')})" if par.get("world_size", 1) > 1 else ""
+        lines.append(f"  model state{scope} {_si(ms['measured'], 'B')} "
                      f"({ms['bytes_per_param']['measured']:.1f} B/param, predicted {ms['bytes_per_param']['predicted']})")
     act, peak = results["memory"].get("activation_bytes") or {}, results["memory"].get("peak_bytes") or {}
     if act.get("measured") is not None:

@@ -4,6 +4,10 @@ Thin on purpose: Hydra composes conf/ against the schemas in recompute_lab.confi
 does the work. A configuration that composes but breaks a cross-field rule ends with a one-line message and
 exit status 2 in a single run; a run that ends oom / diverged / interrupted exits 1 after writing its
 results.json. Inside a multirun both are recorded in that job's results.json and the sweep goes on.
+
+Under torchrun (``torchrun --nproc_per_node=2 -m recompute_lab.train parallel=fsdp``) every rank runs this
+file; only rank 0 creates the Hydra output dir, prints the summary and writes results.json
+(recompute_lab.distributed.prepare_argv sends the other ranks' Hydra dirs to a temporary folder).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from recompute_lab.config import ConfigError
+from recompute_lab.distributed import env_rank, prepare_argv
 from recompute_lab.engine import run
 from recompute_lab.tracking import format_summary
 
@@ -37,11 +42,13 @@ def main(cfg: DictConfig) -> float | None:
             return None  # recorded in results.json; the rest of the sweep continues
         sys.exit(2)
     ok = results["status"] == "ok"
-    print(format_summary(results, run_dir / "results.json"), file=sys.stdout if ok else sys.stderr)
+    if env_rank() == 0:
+        print(format_summary(results, run_dir / "results.json"), file=sys.stdout if ok else sys.stderr)
     if not ok and not multirun:
         sys.exit(1)  # a single run that failed fails the command; in a sweep the next job still runs
     return results["loss"]["final"]
 
 
 if __name__ == "__main__":
+    sys.argv = prepare_argv(sys.argv)  # before Hydra parses it: --local_rank, non-zero ranks' output dirs
     main()

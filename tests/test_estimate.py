@@ -124,3 +124,17 @@ def test_seed_figure_experiment_writes_png_and_csv(tmp_path):
     eager = [r for r in rows if r["attention"] == "eager" and r["strategy"] == "none"]
     for r in eager:  # Korthikanti's regime on CUDA: within 2% (the fp32 layernorm statistics and causal mask)
         assert int(r["layers_measured"]) == pytest.approx(int(r["korthikanti"]), rel=0.02)
+
+
+def test_estimate_shards_model_state_per_rank(tmp_path):
+    """parallel=fsdp parallel.dp_size=N divides model state by N per rank (ZeRO-3); ddp keeps all of it."""
+    from recompute_lab import theory
+
+    n = 8_030_261_248
+    for kind, dp, per_rank in [("fsdp", 64, 16 * n // 64), ("ddp", 64, 16 * n)]:
+        out = tmp_path / f"{kind}.json"
+        proc = run_cli(["model=llama3_8b", "data.seq_len=1024", f"parallel={kind}", f"parallel.dp_size={dp}",
+                        f"estimate.out={out}"], cwd=tmp_path, module="recompute_lab.estimate")
+        assert proc.returncode == 0, proc.stderr
+        state = json.loads(out.read_text())["memory"]["model_state_bytes"]
+        assert state["predicted"] == per_rank == theory.model_state_bytes_sharded(n, "fp32", False, kind, dp)["total"]
