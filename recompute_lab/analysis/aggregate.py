@@ -1,0 +1,297 @@
+"""Load every results.json under a sweep folder into one flat row per run, and pair runs with their baseline.
+
+A run's *baseline* is the `none` run (nothing recomputed) whose resolved config is identical except for the
+strategy (and settings that do not change a result: logger, progress bar, resume/checkpoint options). Against
+it a row gets its activation saving (1 - saved bytes / baseline's saved bytes) and its time overhead (median
+step time / baseline's - 1). Failed runs (status oom, diverged, interrupted, error) and unreadable files keep a
+row with their status; their numbers are None, printed as n/a.
+
+Only results.json is read (the contract of recompute_lab.tracking, schema_version 1). Keys written by the memory
+probe (memory.activation_bytes.*, memory.peak_bytes.*) may be absent in older runs: their columns are then None,
+and :func:`missing_keys` says which runs lack what, so figures and quiz can say so instead of guessing.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+
+class AnalysisError(ValueError):
+    """The folder cannot be analysed (does not exist, holds no results.json)."""
+
+
+# Config keys that do not change what a run measures: ignored when matching a run to its baseline.
+IGNORED_FOR_MATCH = ("strategy", "logger", "trainer.progress", "trainer.resume", "trainer.checkpoint_every",
+                     "trainer.memory_snapshot")
+# Columns that depend on wall-clock time: they differ between reruns of the same sweep.
+TIMING_COLUMNS = ("step_s_median", "step_s_p90", "step_s_min", "tokens_per_s", "time_overhead",
+                  "time_overhead_min", "mfu", "hfu")
+COLUMNS = (
+    "run", "status", "model", "precision", "strategy", "attention", "seq_len", "batch_size", "n_layer",
+    "d_model", "n_head", "vocab_size", "params",
+    "act_bytes_predicted", "act_bytes_measured", "logits_bytes", "peak_bytes_predicted", "peak_bytes_measured",
+    "peak_source", "model_state_bytes", "bytes_per_param_measured", "bytes_per_param_predicted",
+    "ms_params", "ms_grads", "ms_master", "ms_optimizer",
+    "flops_forward", "flops_backward", "flops_recompute", "flop_overhead",
+    "step_s_median", "step_s_p90", "step_s_min", "tokens_per_s", "mfu", "hfu", "final_loss",
+    "baseline", "act_saved_bytes", "act_saved_frac", "time_overhead", "time_overhead_min", "note", "error",
+)
+OK = "ok"
+
+
+def _get(d: Any, path: str) -> Any:
+    """``d['a']['b']`` for path 'a.b'; None where any level is missing or not a dict."""
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def find_results(folder: Path) -> list[Path]:
+    """Every results.json under ``folder`` (itself included), sorted; a clear error when there is none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise AnalysisError(f"{folder}: no such folder; pass a sweep folder such as multirun/DATE/TIME "
+                            "(or a single run's output folder)")
+    if not folder.is_dir():
+        raise AnalysisError(f"{folder}: not a folder; pass the folder that holds the runs' results.json files")
+    paths = sorted(p for p in folder.rglob("results.json") if p.is_file())
+    if not paths:
+        raise AnalysisError(f"{folder}: no results.json found under it; a sweep folder holds one run folder per "
+                            "job, each with a results.json (python -m recompute_lab.train -m ...)")
+    return paths
+
+
+# Options that tell runs of one strategy apart (the shared strategy schema carries every strategy's options).
+LABEL_OPTIONS = {"layers": ("method", "num_layers"), "op": ("save_ops", "every_other_mm"), "regions": ("save",)}
+OPTION_DEFAULTS = {"save_ops": None, "every_other_mm": False,
+                   "save": ["attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj"]}
+
+
+def strategy_label(strategy_cfg: Optional[dict]) -> str:
+    """A short readable name: 'none', 'full', 'selective[core_attn]', 'layers(method=block,num_layers=1)'."""
+    if not isinstance(strategy_cfg, dict) or not strategy_cfg.get("name"):
+        return "none"  # the schema's default: nothing recomputed
+    name, opts = strategy_cfg["name"], strategy_cfg
+    suffix = "+offload" if opts.get("offload") and name != "offload" else ""
+    if name == "selective" and "modules" in opts:
+        return f"selective[{'+'.join(map(str, opts['modules']))}]{suffix}"
+    keys = [k for k in LABEL_OPTIONS.get(name, ()) if k in opts and opts[k] != OPTION_DEFAULTS.get(k, object())]
+    if name == "layers" and opts.get("method") == "every":
+        keys = ["method", "every"]
+    if not keys:
+        return name + suffix
+    return f"{name}({','.join(f'{k}={_short(opts[k])}' for k in keys)}){suffix}"
+
+
+def _short(v: Any) -> str:
+    return "+".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def precision_label(precision_cfg: Optional[dict]) -> Optional[str]:
+    if not isinstance(precision_cfg, dict):
+        return None
+    name = precision_cfg.get("name")
+    return f"{name}+fp32_grad_accum" if precision_cfg.get("fp32_grad_accum") else name
+
+
+def match_key(config: Optional[dict], also_ignore: tuple[str, ...] = ()) -> str:
+    """The resolved config minus the strategy, result-neutral settings and ``also_ignore``, as canonical JSON."""
+    c = copy.deepcopy(config) if isinstance(config, dict) else {}
+    for path in IGNORED_FOR_MATCH + also_ignore:
+        *parents, leaf = path.split(".")
+        node = c
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return json.dumps(c, sort_keys=True, default=str)
+
+
+def row_of(res: dict, run: str) -> dict:
+    """One flat row from one results.json (every column present, None where the run did not measure it)."""
+    cfg = res.get("config") or {}
+    mem, fl, t = res.get("memory") or {}, res.get("flops") or {}, res.get("time") or {}
+    ms = mem.get("model_state_bytes") or {}
+    per_kind = ms.get("per_param") or {}
+    ps = fl.get("per_step") or {}
+    model = res.get("model") or {}
+    row = dict.fromkeys(COLUMNS)
+    row.update(
+        run=run, status=res.get("status", "unknown"), error=(res.get("error") or None),
+        model=_get(cfg, "model.name"), precision=precision_label(cfg.get("precision")),
+        strategy=strategy_label(cfg.get("strategy")), attention=_get(cfg, "model.attention"),
+        seq_len=model.get("seq_len", _get(cfg, "data.seq_len")),
+        batch_size=model.get("batch_size", _get(cfg, "data.batch_size")),
+        n_layer=_get(cfg, "model.n_layer"), d_model=_get(cfg, "model.d_model"), n_head=_get(cfg, "model.n_head"),
+        vocab_size=_get(cfg, "model.vocab_size"), params=model.get("params"),
+        act_bytes_predicted=_get(mem, "activation_bytes.predicted"),
+        act_bytes_measured=_get(mem, "activation_bytes.measured"),
+        logits_bytes=_get(mem, "activation_bytes.logits.measured"),
+        peak_bytes_predicted=_get(mem, "peak_bytes.predicted"), peak_bytes_measured=_get(mem, "peak_bytes.measured"),
+        peak_source=_get(mem, "peak_bytes.source"),
+        model_state_bytes=ms.get("measured"),
+        bytes_per_param_measured=_get(ms, "bytes_per_param.measured"),
+        bytes_per_param_predicted=_get(ms, "bytes_per_param.predicted"),
+        ms_params=per_kind.get("params"), ms_grads=per_kind.get("grads"), ms_master=per_kind.get("master"),
+        ms_optimizer=per_kind.get("optimizer"),
+        flops_forward=ps.get("forward"), flops_backward=ps.get("backward"), flops_recompute=ps.get("recompute"),
+        flop_overhead=fl.get("recompute_overhead"), mfu=fl.get("mfu"), hfu=fl.get("hfu"),
+        step_s_median=t.get("step_s_median"), step_s_p90=t.get("step_s_p90"), tokens_per_s=t.get("tokens_per_s"),
+        final_loss=_get(res, "loss.final"), step_s_min=_fastest_step(t),
+    )
+    if row["error"]:
+        row["error"] = str(row["error"]).splitlines()[0][:200]
+    plan = res.get("strategy") or {}
+    # offload on a device whose "host" is itself (CPU) moves nothing; the saved-tensor count may read 0 there.
+    row["_offload_noop"] = bool(plan.get("offload")) and plan.get("offload_effective") is False
+    if row["_offload_noop"]:
+        row["note"] = "offload moves nothing on this device: activation saving not counted"
+    row["_key"] = match_key(cfg)
+    # Runs that differ only in sequence length (figure 1's series) / only in precision (figure 2's bars).
+    row["_series_key"] = match_key(cfg, ("data.seq_len", "model.max_seq_len"))
+    row["_precision_key"] = match_key(cfg, ("precision",))
+    row["_strategy_name"] = (cfg.get("strategy") or {}).get("name", "none")
+    row["_strategy_cfg"] = cfg.get("strategy") or {"name": "none"}
+    return row
+
+
+def _fastest_step(t: dict) -> Optional[float]:
+    """The fastest timed step (warmup steps left out). On a machine shared with other processes the median
+    absorbs their bursts; the fastest step is the least disturbed estimate of the step's own cost (timeit's rule)."""
+    steps = t.get("step_s") or []
+    timed = steps[t.get("warmup_steps") or 0:] or steps
+    return min(timed) if timed else None
+
+
+def load_rows(folder: Path) -> list[dict]:
+    """Rows for every results.json under ``folder``, sorted, each paired with its baseline where one exists."""
+    folder = Path(folder)
+    rows = []
+    for path in find_results(folder):
+        run = str(path.parent.relative_to(folder)) if path.parent != folder else "."
+        try:
+            res = json.loads(path.read_text())
+            if not isinstance(res, dict) or res.get("schema_version") != 1:
+                raise ValueError(f"schema_version {res.get('schema_version') if isinstance(res, dict) else None!r}, "
+                                 "expected 1")
+        except (OSError, ValueError) as e:  # keep the run visible rather than silently dropping it
+            row = dict.fromkeys(COLUMNS)
+            row.update(run=run, status="unreadable", error=f"{type(e).__name__}: {e}"[:200], _key=None,
+                       _strategy_name=None, _strategy_cfg=None)
+            rows.append(row)
+            continue
+        rows.append(row_of(res, run))
+    rows.sort(key=_sort_key)
+    pair_with_baselines(rows)
+    return rows
+
+
+def _sort_key(r: dict) -> tuple:
+    return tuple("" if r.get(k) is None else str(r.get(k)) for k in ("model", "precision", "attention")) + (
+        r.get("seq_len") or 0, r.get("batch_size") or 0, r.get("strategy") != "none", str(r.get("strategy")), r["run"])
+
+
+def pair_with_baselines(rows: list[dict]) -> None:
+    """Fill baseline, act_saved_bytes/frac and time_overhead from the matching successful `none` run."""
+    baselines: dict[str, dict] = {}
+    for r in rows:  # rows are sorted: the first matching `none` run wins
+        if r.get("_strategy_name") == "none" and r["status"] == OK and r["_key"] not in baselines:
+            baselines[r["_key"]] = r
+    for r in rows:
+        b = baselines.get(r.get("_key"))
+        if b is None or r["status"] != OK:
+            continue
+        r["baseline"] = b["run"]
+        a, a0 = r["act_bytes_measured"], b["act_bytes_measured"]
+        if a is not None and a0 and not r.get("_offload_noop"):
+            r["act_saved_bytes"] = a0 - a
+            r["act_saved_frac"] = (a0 - a) / a0
+        for col, out in (("step_s_median", "time_overhead"), ("step_s_min", "time_overhead_min")):
+            s, s0 = r[col], b[col]
+            if s is not None and s0:
+                r[out] = s / s0 - 1.0
+
+
+def missing_keys(rows: list[dict], columns: tuple[str, ...]) -> dict[str, list[str]]:
+    """For each column, the successful runs that lack it (empty lists dropped)."""
+    out = {c: [r["run"] for r in rows if r["status"] == OK and r.get(c) is None] for c in columns}
+    return {c: runs for c, runs in out.items() if runs}
+
+
+def ok_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == OK]
+
+
+def group_key(r: dict) -> tuple:
+    """Runs that differ only in strategy: (model, precision, attention, seq_len, batch) to show, then the exact
+    config key (other settings, e.g. n_layer or steps, may differ between sweeps of one folder)."""
+    return (r["model"], r["precision"], r["attention"], r["seq_len"], r["batch_size"], r.get("_key"))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else _csv_value(r[c]) for c in COLUMNS])
+    Path(path).write_text(buf.getvalue())
+
+
+def _csv_value(v: Any) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    """Binary units, two decimals: '1.50 MiB'. The quiz and the tables quote bytes this way."""
+    if n is None:
+        return "n/a"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= div:
+            return f"{sign}{n / div:.2f} {unit}"
+    return f"{sign}{n:.0f} B"
+
+
+def fmt_pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    """summary.md: the table a person reads (bytes in binary units, ratios in %)."""
+    head = ["run", "status", "model", "precision", "strategy", "attn", "seq", "act saved (meas.)",
+            "act (pred.)", "peak (meas.)", "B/param", "FLOP overhead", "act saving", "time overhead (fastest step)",
+            "tokens/s", "final loss"]
+    lines = ["# Sweep summary", "", f"{len(rows)} runs, {len(ok_rows(rows))} ok. Bytes in binary units; savings "
+             "and overheads relative to the `none` run with the same config (column `baseline` in summary.csv).",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["run"], r["status"], r["model"], r["precision"], r["strategy"], r["attention"], r["seq_len"],
+                 fmt_bytes(r["act_bytes_measured"]), fmt_bytes(r["act_bytes_predicted"]),
+                 fmt_bytes(r["peak_bytes_measured"]),
+                 "n/a" if r["bytes_per_param_measured"] is None else f"{r['bytes_per_param_measured']:.1f}",
+                 fmt_pct(r["flop_overhead"]), fmt_pct(r["act_saved_frac"]), fmt_pct(r["time_overhead_min"]),
+                 "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
+                 "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"]
+        lines.append("| " + " | ".join("n/a" if c is None else str(c).replace("|", "/") for c in cells) + " |")
+    failed = [r for r in rows if r["status"] != OK]
+    if failed:
+        lines += ["", "## Runs that did not finish", ""]
+        lines += [f"- `{r['run']}`: **{r['status']}** — {r['error'] or 'no message'}" for r in failed]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+# Reference lines for figure 1 and quiz question 1 (bytes for the whole model's n_layer layers).
+def korthikanti_bytes(s: int, b: int, h: int, a: int, n_layer: int) -> int:
+    """Korthikanti et al. 2022, eq. 1: sbh(34 + 5as/h) bytes per layer (16-bit values, dropout on) x L."""
+    return n_layer * (34 * s * b * h + 5 * a * s * s * b)
+
+
+def naive_bytes(s: int, b: int, h: int, n_layer: int) -> int:
+    """The seed notebook's line: 2 bytes x 2 x hidden per token per layer, linear in s."""
+    return n_layer * 2 * 2 * h * s * b

@@ -1,0 +1,221 @@
+"""The five figures of a sweep, as PNG + PDF, readable in black and white (markers, line styles and hatches
+carry every distinction; colour only repeats it) with labelled units.
+
+1 activation_vs_context   saved activation bytes vs sequence length: measured, Korthikanti, the seed's line
+2 memory_breakdown        stacked memory per strategy x precision: params, grads, master, optimizer, acts, logits
+3 pareto                  activation saving vs FLOP overhead and vs time overhead, frontier drawn
+4 components              bytes freed per recomputed FLOP (and per ms of step time) by recomputed component
+5 bytes_per_param         model-state bytes per parameter by precision, measured by kind, predicted marked
+
+A figure whose data the sweep lacks is still written: it says which runs or results.json keys are missing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+
+from recompute_lab.analysis import derive  # noqa: E402
+from recompute_lab.analysis.aggregate import missing_keys  # noqa: E402
+
+FIGURES = ("fig1_activation_vs_context", "fig2_memory_breakdown", "fig3_pareto", "fig4_components",
+           "fig5_bytes_per_param")
+MIB = 2 ** 20
+MARKERS = "osD^vP*Xh<>"
+LINESTYLES = ("-", "--", ":", "-.")
+HATCHES = ("", "//", "xx", "..", "\\\\", "oo", "++")
+GREYS = ("0.15", "0.45", "0.7", "0.9", "0.55", "0.3", "0.8")
+plt.rcParams.update({"font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "savefig.dpi": 110})
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    plt.close(fig)
+    return paths
+
+
+def _note(ax, text: str) -> None:
+    """A boxed message inside the axes: what is missing and which runs would fill it."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", wrap=True, fontsize=8,
+            bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.4"})
+
+
+def _missing_text(rows, cols, runs_hint: str) -> str:
+    miss = missing_keys(rows, cols)
+    lines = [f"missing {c} in {len(r)} run(s)" for c, r in miss.items()]
+    return "\n".join(lines + [f"to fill it: {runs_hint}"])
+
+
+def fig_activation_vs_context(rows, out: Path) -> list[Path]:
+    series = derive.context_series(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    have_measured = False
+    refs: dict[tuple, dict] = {}  # the references depend on shape only: one pair of lines per model shape
+    for i, (key, pts) in enumerate(series.items()):
+        model, precision, attention, batch = key[:4]
+        meas = [(p["seq_len"], p["measured"] / MIB) for p in pts if p["measured"] is not None]
+        if meas:
+            have_measured = True
+            ax.plot(*zip(*meas), marker=MARKERS[i % len(MARKERS)], ls="-", color=GREYS[i % 3], ms=6,
+                    label=f"measured: {model}, {precision}, attention={attention}, b={batch}")
+        for p in pts:
+            refs.setdefault((model, batch, p["n_layer"]), {})[p["seq_len"]] = p
+    for (model, batch, _), by_s in refs.items():
+        pts = [by_s[s] for s in sorted(by_s)]
+        s = [p["seq_len"] for p in pts]
+        ax.plot(s, [p["korthikanti"] / MIB for p in pts], ls="--", marker="x", color="0.3",
+                label=f"Korthikanti sbh(34+5as/h)·L, 16-bit values ({model}, b={batch})")
+        ax.plot(s, [p["naive"] / MIB for p in pts], ls=":", marker="+", color="0.5",
+                label=f"seed notebook: 2·2·h B per token·L ({model}, b={batch})")
+    ax.set_xlabel("sequence length s (tokens)")
+    ax.set_ylabel("saved activations, one step (MiB)")
+    ax.set_title("Activation memory vs context length (strategy none)")
+    if series:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.legend(fontsize=7, loc="upper left")
+    if not series:
+        _note(ax, "no successful `none` runs in this sweep\nto fill it: +strategy=none data.seq_len=S1,S2,S3")
+    elif not have_measured:
+        _note(ax, _missing_text([r for r in rows if r["strategy"] == "none"], ("act_bytes_measured",),
+                                "rerun with the memory probe (memory.activation_bytes)"))
+    return _save(fig, out, FIGURES[0])
+
+
+PARTS = ("params", "grads", "master", "optimizer", "activations", "logits")
+
+
+def fig_memory_breakdown(rows, out: Path) -> list[Path]:
+    key, bars = derive.breakdown(rows)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(bars) + 2), 4.4))
+    if not bars:
+        _note(ax, "no successful runs\nto fill it: +strategy=none,full precision=fp32,bf16_autocast,bf16_master")
+        return _save(fig, out, FIGURES[1])
+    x = range(len(bars))
+    bottom = [0.0] * len(bars)
+    for j, part in enumerate(PARTS):
+        vals = [(b["parts"][part] or 0) / MIB for b in bars]
+        if not any(vals):
+            continue
+        ax.bar(x, vals, bottom=bottom, color=GREYS[j], hatch=HATCHES[j], edgecolor="black", lw=0.6, label=part)
+        bottom = [a + v for a, v in zip(bottom, vals)]
+    ax.set_xticks(list(x), [b["label"] for b in bars], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("bytes (MiB)")
+    model, attention, s, b = key[:4]
+    ax.set_title(f"Memory by kind: {model}, attention={attention}, s={s}, b={b}")
+    ax.legend(fontsize=7)
+    if any(b["parts"]["activations"] is None for b in bars):
+        ax.text(0.01, 0.98, "activations/logits: n/a in runs without memory.activation_bytes",
+                transform=ax.transAxes, va="top", fontsize=7)
+    return _save(fig, out, FIGURES[1])
+
+
+def fig_pareto(rows, out: Path) -> list[Path]:
+    pts = derive.tradeoffs(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2), sharey=True)
+    for ax, xkey, xlabel in ((axes[0], "flop_overhead", "recomputed FLOPs / (forward + backward) (%)"),
+                             (axes[1], "time_overhead_min", "fastest step time vs none's (%)")):
+        good = [p for p in pts if p[xkey] is not None and p["act_saved_frac"] is not None]
+        for i, p in enumerate(good):
+            ax.plot(100 * p[xkey], 100 * p["act_saved_frac"], marker=MARKERS[i % len(MARKERS)], ls="none",
+                    color="black", mfc=GREYS[i % len(GREYS)], ms=8, label=p["strategy"])
+        if good:
+            front = derive.pareto_frontier([(p[xkey], p["act_saved_frac"]) for p in good])
+            ax.plot([100 * good[i][xkey] for i in front], [100 * good[i]["act_saved_frac"] for i in front],
+                    ls="--", color="0.3", lw=1, label="Pareto frontier")
+        ax.set_xlabel(xlabel)
+        if not good:
+            _note(ax, _missing_text(rows, ("act_bytes_measured", xkey), "runs that record\n"
+                                    "memory.activation_bytes (memory probe)") if pts else
+                  "no strategy run with a matching `none` baseline\nto fill it: +strategy=none,full,... (same config)")
+    axes[0].set_ylabel("saved activations freed vs none (%)")
+    group = derive.richest_group(rows)
+    axes[0].set_title("memory saved vs FLOP overhead")
+    axes[1].set_title("memory saved vs time overhead")
+    skipped = [p["strategy"] for p in pts if p["act_saved_frac"] is None]
+    title = "" if not group else \
+        f"Recomputation trade-off: {group[0]}, {group[1]}, attention={group[2]}, s={group[3]}, b={group[4]}"
+    if skipped and len(skipped) < len(pts):
+        title += "\nnot plotted (no activation saving measured): " + ", ".join(skipped)
+    fig.suptitle(title, fontsize=9, y=1.05 if "\n" in title else 1.0)
+    if any(p["act_saved_frac"] is not None for p in pts):  # one legend under both panels, markers name points
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 0.0))
+
+    return _save(fig, out, FIGURES[2])
+
+
+def fig_components(rows, out: Path) -> list[Path]:
+    comps = derive.components(rows)
+    missing = derive.missing_components(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2))
+    if comps:
+        names = [c["component"].replace(" (", "\n(") for c in comps]
+        y = range(len(comps))
+        per_flop = [(c["bytes_per_flop"] or 0.0) for c in comps]
+        axes[0].barh(y, per_flop, color=[GREYS[i % len(GREYS)] for i in y], edgecolor="black",
+                     hatch=[HATCHES[i % len(HATCHES)] for i in y])
+        for i, c in enumerate(comps):
+            if c["bytes_per_flop"] is None:
+                axes[0].text(0, i, " no counted FLOPs recomputed (pointwise ops only)", va="center", fontsize=7)
+        axes[0].set_yticks(list(y), names, fontsize=7)
+        axes[0].invert_yaxis()
+        per_ms = [(c["freed_bytes"] / MIB) / (1e3 * c["extra_step_s"]) if c["extra_step_s"] and c["extra_step_s"] > 0
+                  else 0.0 for c in comps]
+        axes[1].barh(y, per_ms, color=[GREYS[i % len(GREYS)] for i in y], edgecolor="black",
+                     hatch=[HATCHES[i % len(HATCHES)] for i in y])
+        for i, c in enumerate(comps):
+            if not (c["extra_step_s"] and c["extra_step_s"] > 0):
+                axes[1].text(0, i, " no measurable extra step time", va="center", fontsize=7)
+        axes[1].set_yticks(list(y), [""] * len(comps))
+        axes[1].invert_yaxis()
+    else:
+        _note(axes[0], "no selective[component] run with a matching `none` run and activation bytes\n"
+                       "to fill it: " + "  and  ".join(derive.COMPONENT_RUNS))
+    axes[0].set_xlabel("bytes freed per recomputed FLOP (B/FLOP)")
+    axes[1].set_xlabel("MiB freed per ms of extra step time")
+    fig.suptitle("Value of recomputing each component (selective, one module kind at a time)", fontsize=9)
+    if comps and missing:
+        fig.text(0.01, 0.01, "not in this sweep: " + ", ".join(missing), fontsize=7)
+    return _save(fig, out, FIGURES[3])
+
+
+def fig_bytes_per_param(rows, out: Path) -> list[Path]:
+    entries = derive.bytes_per_param(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if not entries:
+        _note(ax, "no run measured model-state bytes\nto fill it: precision=fp32,bf16_autocast,bf16_master")
+        return _save(fig, out, FIGURES[4])
+    x = range(len(entries))
+    bottom = [0.0] * len(entries)
+    for j, kind in enumerate(("params", "grads", "master", "optimizer")):
+        vals = [e["kinds"][kind] for e in entries]
+        ax.bar(x, vals, bottom=bottom, color=GREYS[j], hatch=HATCHES[j], edgecolor="black", lw=0.6,
+               label=f"{kind} (measured)")
+        bottom = [a + v for a, v in zip(bottom, vals)]
+    for i, e in enumerate(entries):
+        ax.text(i, e["measured"] + 0.3, f"{e['measured']:.1f}", ha="center", fontsize=8)
+    pred = [(i, e["predicted"]) for i, e in enumerate(entries) if e["predicted"] is not None]
+    if pred:
+        ax.plot(*zip(*pred), ls="none", marker="_", ms=30, mew=2, color="black", label="predicted (theory)")
+    ax.axhline(12, ls=":", color="0.4", lw=1, label="seed notebook's fp32 sum: 12 B (no grads)")
+    ax.set_xticks(list(x), [e["precision"].replace("+", "\n+") for e in entries], fontsize=8)
+    ax.set_ylabel("model state (bytes per parameter)")
+    ax.set_ylim(0, max(e["measured"] for e in entries) * 1.45)
+    ax.set_title("Model-state bytes per parameter by precision (AdamW)")
+    ax.legend(fontsize=7, loc="upper left", ncol=2, markerscale=0.4)
+    return _save(fig, out, FIGURES[4])
+
+
+def write_all(rows, out: Path) -> list[Path]:
+    """Write every figure into ``out``; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fn in (fig_activation_vs_context, fig_memory_breakdown, fig_pareto, fig_components, fig_bytes_per_param):
+        paths += fn(rows, out)
+    return paths

@@ -1,0 +1,191 @@
+"""Sweep analysis: a real small multirun (tiny, none/full x two seq_lens) analysed by the CLI and the Hydra
+callback; every number quiz.md quotes is recomputed here straight from the results.json files."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from recompute_lab.analysis import aggregate, derive
+from recompute_lab.analysis.callback import AnalyzeOnMultirunEnd
+from recompute_lab.analysis.figures import FIGURES
+from recompute_lab.analyze import analyze
+
+from conftest import ROOT, FAST, run_cli
+
+SEQ_LENS = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A real multirun through the CLI; the callback (on by default) analyses it into SWEEP/analysis."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    proc = run_cli(["-m", "+strategy=none,full", f"data.seq_len={','.join(map(str, SEQ_LENS))}",
+                    "trainer.steps=3", "trainer.warmup_steps=1", *FAST, f"hydra.sweep.dir={tmp / 'sw'}"], cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "sw"
+
+
+def results_of(sweep_dir: Path) -> dict[str, dict]:
+    return {str(p.parent.relative_to(sweep_dir)): json.loads(p.read_text()) for p in sweep_dir.rglob("results.json")}
+
+
+def test_callback_analysed_the_multirun(sweep):
+    out = sweep / "analysis"
+    assert (out / "summary.csv").is_file() and (out / "quiz.md").is_file()
+    for name in FIGURES:
+        assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.pdf").stat().st_size > 0
+
+
+def test_cli_writes_csv_figures_quiz(sweep, tmp_path):
+    out = tmp_path / "an"
+    proc = run_cli([str(sweep), "--out", str(out)], cwd=tmp_path, module="recompute_lab.analyze")
+    assert proc.returncode == 0, proc.stderr
+    assert "analysed 4 runs (0 not ok)" in proc.stdout
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    assert sorted((r["strategy"], int(r["seq_len"])) for r in rows) == sorted(
+        (s, n) for s in ("none", "full") for n in SEQ_LENS)
+    for r in rows:  # every run is paired with the `none` run of its own seq_len
+        base = next(b for b in rows if b["run"] == r["baseline"])
+        assert base["strategy"] == "none" and base["seq_len"] == r["seq_len"]
+    for name in FIGURES:
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+    assert (out / "summary.md").read_text().count("| ok |") == 4
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def test_quiz_numbers_equal_recomputed_values(sweep, tmp_path):
+    """Recompute every number quiz.md quotes from the raw results.json files, independently of aggregate."""
+    quiz = analyze(sweep, tmp_path / "q")["files"][-1].read_text()
+    res = results_of(sweep)
+    by = {(r["config"]["strategy"]["name"], r["model"]["seq_len"]): (run, r) for run, r in res.items()}
+    s = max(SEQ_LENS)
+    run_full, full = by[("full", s)]
+    _, none = by[("none", s)]
+    ps = full["flops"]["per_step"]
+    assert f"**{_pct(ps['recompute'] / (ps['forward'] + ps['backward']))} more FLOPs**" in quiz
+    assert f"row `{run_full}`" in quiz
+    def fastest(r):  # the fastest timed step, warmup steps left out
+        return min(r["time"]["step_s"][r["time"]["warmup_steps"]:])
+
+    assert f"{100 * (fastest(full) / fastest(none) - 1):+.1f}%" in quiz
+    bpp = res[sorted(res)[0]]["memory"]["model_state_bytes"]
+    assert bpp["measured"] == 16 * res[sorted(res)[0]]["model"]["params"]
+    assert f"**{bpp['measured'] / res[sorted(res)[0]]['model']['params']:.1f} B/param**" in quiz  # 16.0, not 12
+
+    act = {k: v[1]["memory"]["activation_bytes"].get("measured") for k, v in by.items()}
+    if act[("none", s)] is None:  # before the memory probe: the quiz must say what is missing, not invent it
+        assert "activation saving n/a (memory.activation_bytes missing)" in quiz
+        assert "Not answerable from this sweep" in quiz
+        return
+    saved = act[("none", s)] - act[("full", s)]
+    assert f"**{_pct(saved / act[('none', s)])} less activation memory** ({aggregate.fmt_bytes(saved)})" in quiz
+
+    def blocks(key):  # saved bytes without the fp32 logits
+        a = by[key][1]["memory"]["activation_bytes"]
+        return a["measured"] - (a.get("logits") or {}).get("measured", 0)
+
+    lo, hi = min(SEQ_LENS), max(SEQ_LENS)
+    b = none["model"]["batch_size"]
+    slope = (blocks(("none", hi)) - blocks(("none", lo))) / ((hi - lo) * b)
+    assert f"**{slope:.1f} B per token**" in quiz
+    naive = 2 * 2 * none["model"]["d_model"] * hi * b * none["model"]["n_layer"]
+    assert f"**{blocks(('none', hi)) / naive:.1f}x**" in quiz
+    peak = {st: by[(st, hi)][1]["memory"]["peak_bytes"]["measured"] for st in ("none", "full")}
+    if peak["full"] is not None and peak["full"] < peak["none"]:
+        assert f"at least **{aggregate.fmt_bytes(peak['full'])}** and below **{aggregate.fmt_bytes(peak['none'])}**" \
+            in quiz
+
+
+def test_failed_run_is_still_analysed(sweep, tmp_path):
+    copy = tmp_path / "sw"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("analysis"))
+    victim = next(p for p in sorted(copy.rglob("results.json")) if "strategy=full" in str(p))
+    res = json.loads(victim.read_text())
+    res.update(status="oom", error="CUDA out of memory. Tried to allocate 2.00 GiB")
+    res["time"] = {"step_s_median": None, "step_s": []}
+    victim.write_text(json.dumps(res))
+    (copy / "broken").mkdir()
+    (copy / "broken" / "results.json").write_text("{not json")
+    proc = run_cli([str(copy), "--out", str(tmp_path / "an")], cwd=tmp_path, module="recompute_lab.analyze")
+    assert proc.returncode == 0, proc.stderr
+    assert "(2 not ok)" in proc.stdout and ": oom CUDA out of memory" in proc.stdout
+    rows = {r["run"]: r for r in csv.DictReader((tmp_path / "an" / "summary.csv").open())}
+    failed = rows[str(victim.parent.relative_to(copy))]
+    assert failed["status"] == "oom" and failed["error"].startswith("CUDA out of memory")
+    assert failed["time_overhead"] == failed["time_overhead_min"] == failed["baseline"] == failed["step_s_min"] == ""
+    assert rows["broken"]["status"] == "unreadable"
+    md = (tmp_path / "an" / "summary.md").read_text()
+    assert "**oom** — CUDA out of memory" in md
+    assert "2 not ok (oom, unreadable)" in (tmp_path / "an" / "quiz.md").read_text()
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p / "missing", "no such folder"),
+    (lambda p: p, "no results.json found"),
+    (lambda p: (p / "f.txt").write_text("x") and p / "f.txt", "not a folder"),
+])
+def test_empty_or_wrong_folder_is_a_clear_error(tmp_path, make, needle):
+    target = make(tmp_path)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "recompute_lab.analyze", str(target), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing half-written
+
+
+def test_callback_switch_and_failure_is_only_a_warning(tmp_path, caplog):
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    AnalyzeOnMultirunEnd(enabled=False).on_multirun_end(cfg)
+    assert not (tmp_path / "analysis").exists()
+    with caplog.at_level(logging.WARNING):
+        AnalyzeOnMultirunEnd().on_multirun_end(cfg)  # empty sweep: analysis fails, the sweep does not
+    assert "analysis of" in caplog.text and "no results.json" in caplog.text
+    conf = OmegaConf.load(ROOT / "conf" / "config.yaml")
+    assert conf.hydra.callbacks.analyze._target_ == "recompute_lab.analysis.callback.AnalyzeOnMultirunEnd"
+
+
+def test_baseline_matching_and_frontier():
+    cfg = {"model": {"name": "tiny"}, "trainer": {"progress": True, "steps": 3}, "logger": {"kind": "wandb"},
+           "strategy": {"name": "full"}}
+    other = json.loads(json.dumps(cfg))
+    other.update(strategy={"name": "none"}, logger={"kind": "none"})
+    other["trainer"]["progress"] = False
+    assert aggregate.match_key(cfg) == aggregate.match_key(other)
+    other["trainer"]["steps"] = 4
+    assert aggregate.match_key(cfg) != aggregate.match_key(other)
+    # (overhead, saving): (0.3, 0.5) is dominated by (0.2, 0.6)
+    pts = [(0.0, 0.0), (0.3, 0.5), (0.2, 0.6), (0.4, 0.9)]
+    assert derive.pareto_frontier(pts) == [0, 2, 3]
+    assert aggregate.strategy_label({"name": "selective", "modules": ["attn", "mlp"]}) == "selective[attn+mlp]"
+
+
+@pytest.mark.slow
+def test_reproduce_figures_command(tmp_path):
+    """The documented one-command reproduction: every figure, twice identical CSVs apart from timing."""
+    outs = []
+    for i in range(2):
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "experiments/reproduce_figures.py", "--out", str(tmp_path / f"o{i}"),
+                               "--runs", str(tmp_path / f"r{i}")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert time.perf_counter() - t < 600
+        for name in FIGURES:
+            assert (tmp_path / f"o{i}" / f"{name}.png").is_file()
+        rows = list(csv.DictReader((tmp_path / f"o{i}" / "summary.csv").open()))
+        outs.append([{k: v for k, v in r.items() if k not in aggregate.TIMING_COLUMNS} for r in rows])
+    assert outs[0] == outs[1] and all(r["status"] == "ok" for r in outs[0])
