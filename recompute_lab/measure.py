@@ -15,13 +15,17 @@ state and are reported apart.
 """
 from __future__ import annotations
 
+import gc
+
 import time
 import weakref
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def _local(t: Tensor) -> Tensor:
@@ -104,11 +108,13 @@ def cuda_peak_bytes(device: torch.device) -> dict | None:
 
 
 class _Producers(TorchDispatchMode):
-    """Remembers which aten op produced each storage (view ops, whose output aliases an input, are skipped)."""
+    """Remembers which aten op produced each storage (view ops, whose output aliases an input, are skipped),
+    and keeps a weak reference to every new storage, to tell afterwards which of them are still alive."""
 
     def __init__(self):
         super().__init__()
         self.op: dict[tuple, str] = {}
+        self.new: dict[tuple, tuple] = {}  # storage key -> (weak ref, bytes); a reused address overwrites
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -118,7 +124,13 @@ class _Producers(TorchDispatchMode):
                 k = _storage_key(o)
                 if k not in ins:
                     self.op[k] = func.overloadpacket.__name__
+                    st = o.untyped_storage()
+                    self.new[k] = (StorageWeakRef(st), st.nbytes())
         return out
+
+    def resident(self, exclude: set) -> int:
+        """Bytes of storages made under this mode that are still alive (and not in ``exclude``)."""
+        return sum(n for k, (ref, n) in self.new.items() if k not in exclude and not ref.expired())
 
 
 def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
@@ -156,6 +168,13 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
         for h in handles:
             h.remove()
     live = [e for e in saved.values() if e["ref"]() is not None]
+    gc.collect()
+    # Second count, blind to nothing: every storage the forward made that is still alive, minus its output.
+    # It sees what saved_tensors_hooks cannot: op SAC's cache of saved outputs, save_on_cpu's copies.
+    out_keys = {_storage_key(t) for t in tree_leaves(output) if isinstance(t, Tensor)}
+    resident = producers.resident(exclude | out_keys)
+    # ...plus saved tensors made before the forward (the token ids and targets), which the mode never saw.
+    resident += sum(e["nbytes"] for k, e in saved.items() if e["ref"]() is not None and k not in producers.new)
     by_module: dict[str, int] = {}
     by_op: dict[str, int] = {}
     for e in live:
@@ -163,7 +182,7 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
         by_op[e["op"]] = by_op.get(e["op"], 0) + e["nbytes"]
     tensors = [{k: v for k, v in e.items() if k != "ref"} for e in live]
     return {"total": sum(by_module.values()), "by_module": by_module, "by_op": by_op, "tensors": tensors,
-            "output": output}
+            "resident_total": resident, "output": output}
 
 
 MEMTRACKER_CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Activation": "act",

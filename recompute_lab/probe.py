@@ -112,7 +112,10 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
     act, peak = pred["activations"], pred["peak"]
     regions = sum(v for k, v in counted["by_module"].items() if k in set(plan.get("recomputed", [])))
     activation = {
-        "predicted": act["total"], "measured": counted["total"], "by_module": counted["by_module"],
+        # measured: every storage the forward made that is still alive (sees op SAC's cache and save_on_cpu
+        # copies); hooked: what saved_tensors_hooks saw, by module and op. Equal for module-level strategies.
+        "predicted": act["total"], "measured": counted["resident_total"], "hooked": counted["total"],
+        "by_module": counted["by_module"],
         "by_op": counted["by_op"], "predicted_by_module": act.get("by_module"), "prediction_note": act["reason"],
         "logits": {"predicted": act.get("logits"), "measured": _logits(counted)},
         "checkpoint_inputs": regions, "micro_batch": {"batch": cfg.data.batch_size, "seq": cfg.data.seq_len},

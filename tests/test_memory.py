@@ -286,3 +286,23 @@ def test_cuda_probe_writes_memory_snapshot_and_allocator_peak(tmp_path):
     assert snap.exists() and snap.stat().st_size > 0
     peak = res["memory"]["peak_bytes"]
     assert peak["source"] == "cuda_allocator" and peak["cuda"]["allocated"] > 0
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_resident_count_sees_what_hooks_cannot(attention):
+    """Two independent counts: saved_tensors_hooks vs every forward-made storage still alive afterwards.
+
+    They agree to the byte wherever the hooks see every save; op SAC keeps matmul outputs in a cache the hooks
+    never see, so only the resident count shows op between full and none.
+    """
+    kw = dict(TINY, n_layer=4, attention=attention, dropout=0.0)
+    res = {}
+    for strategy in ["none", "full", "selective", "layers:method=uniform:num_layers=2", "regions", "op"]:
+        *_, measured, pred = measure_and_predict(kw, strategy, "fp32", 4, 32)
+        res[strategy] = measured
+        if strategy != "op":
+            assert measured["resident_total"] == measured["total"], strategy
+    assert res["op"]["total"] == res["full"]["total"]  # the hooks see only block inputs
+    assert res["full"]["resident_total"] < res["op"]["resident_total"] < res["none"]["resident_total"]
+    if attention == "sdpa":  # one SDPA op: both default plans keep the same outputs (eager: op keeps the bmm
+        assert res["op"]["resident_total"] == res["regions"]["resident_total"]  # scores, regions its own set)
