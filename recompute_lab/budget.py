@@ -7,16 +7,14 @@ compiled graphs only. Here it is done in eager mode, with the strategies that al
    checkpoint_module on any non-nested subset of {attn.core | attn, mlp.act | mlp, norm1 + norm2}, the whole
    block, an op-level SAC region (recompute_lab.sac, default save list, optionally every other matmul), or a
    torch_remat region with a save list (recompute_lab.remat_regions).
-2. Probe (the cost model, measured, not assumed). Each option is applied to a one-block replica of the model
-   and one forward + backward is run:
-   - activation bytes: storages created in the forward that are still alive when it returns, found through
-     weak references (parameters, buffers, token ids and the loss excluded, deduplicated by storage), so the
-     SAC cache that saved_tensors_hooks cannot see is counted too. On the model's own device (exact for it);
-     on the meta device for meta models (SDPA then runs its math path, which stores the s^2 scores that fused
-     kernels do not: an over-estimate for sdpa on meta, exact for eager).
-   - recompute FLOPs: FlopCounterMode, backward(option) - backward(none) (early stop of non-reentrant
-     checkpoint included). The CPU's fused SDPA kernel gets flash attention's formula (FlopCounterMode has
-     none for it); on the meta device SDPA runs its math path, as recompute_lab.flops counts it.
+2. Probe (the cost model, measured, not assumed). Each option is applied to a one-block replica of the model,
+   on the model's own device (meta for estimates), and one forward + backward is run:
+   - activation bytes: storages made in the forward that are still alive when it returns (weak references;
+     parameters, buffers, token ids and the loss excluded; deduplicated by storage), so the SAC cache that
+     saved_tensors_hooks cannot see counts too. On meta, sdpa replicas call aten's flash-attention kernel (SDPA's
+     math path would keep s^2 scores that a GPU's fused kernel does not).
+   - recompute FLOPs: FlopCounterMode, backward(option) - backward(none), early stop of non-reentrant
+     checkpoint included; the CPU's fused SDPA kernel gets flash attention's formula (FlopCounterMode has none).
    - pointwise bytes: bytes read + written in that backward by ops with no FLOP formula (norms, activations,
      softmax, dropout, adds; views excluded), option minus none. Pointwise recomputation is never free.
    A zero-block replica gives what lies outside the blocks (embeddings, dropout mask, final norm, logits):
@@ -39,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import itertools
 import time
@@ -46,14 +45,14 @@ from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from recompute_lab import theory
-from recompute_lab.config import ConfigError, Objective
+from recompute_lab.config import Attention, ConfigError, Objective
 from recompute_lab.model import GPT, Block, build_model
 from recompute_lab.precision import make_precision
 from recompute_lab.remat_regions import SUBREGIONS, RngStateHook, _wrap_block, _wrap_subregion
@@ -193,6 +192,16 @@ def measure_step(model: GPT, batch: int, seq: int, count_backward: bool = True) 
     return Measured(sum(live.values()), flops, rec.pointwise_bytes)
 
 
+def _flash_core(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """AttentionCore forward for sdpa replicas on meta: aten's flash-attention kernel (it has meta kernels and
+    autograd). SDPA itself would take its math path there and keep (b, h, s, s) scores that a GPU's fused kernel
+    does not. Grouped k/v heads are repeated first (the copies are kept: a small over-estimate)."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    p = core.dropout if core.training else 0.0
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, p, True)[0]
+
+
 def _with_layers(mcfg: Any, n: int) -> Any:
     if isinstance(mcfg, DictConfig):
         out = copy.deepcopy(mcfg)
@@ -204,6 +213,9 @@ def _with_layers(mcfg: Any, n: int) -> Any:
 
 def _replica(model: GPT, n_layer: int, device: torch.device, dtype: torch.dtype, opt: Optional[Option]) -> GPT:
     rep = build_model(_with_layers(model.cfg, n_layer), device, dtype).train()
+    if torch.device(device).type == "meta" and model.cfg.attention == Attention.sdpa:
+        for block in rep.blocks:  # before any checkpoint wraps it
+            block.attn.core.forward = functools.partial(_flash_core, block.attn.core)
     if opt is not None and n_layer:
         apply_option(rep, 0, opt)
     return rep

@@ -248,6 +248,17 @@ def test_meta_device_plan_matches_the_cpu_plan_for_eager_attention():
     assert plan["predicted_activation_bytes"] == cpu["predicted_activation_bytes"]
 
 
+def test_meta_sdpa_probe_uses_a_fused_kernel_like_the_cpu():
+    # Without dropout the CPU runs its fused SDPA kernel (no s^2 scores kept); on meta the probe calls aten's
+    # flash kernel rather than SDPA's math path. Bytes agree but for the flash kernel's RNG state (24 B/block).
+    cfg = compose("model=tiny", f"model.n_layer={N_LAYER}", "model.attention=sdpa", "+strategy=budget")
+    on_meta = B.probe_model(build_model(cfg.model, "meta").train(), BATCH, SEQ, cfg.precision)
+    on_cpu = B.probe_model(build_model(cfg.model).train(), BATCH, SEQ, cfg.precision)
+    assert on_meta.outside == on_cpu.outside
+    for m, c in zip(on_meta.prices, on_cpu.prices):
+        assert m.flops == c.flops and 0 <= m.bytes - c.bytes <= 24
+
+
 @pytest.mark.slow
 def test_llama3_8b_on_meta_at_seq_8192_plans_in_seconds():
     cfg = compose_config(["model=llama3_8b", "data.seq_len=8192", "data.batch_size=1", "precision=bf16_master",
