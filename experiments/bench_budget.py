@@ -51,15 +51,26 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def step_time(model, batch: int, seq: int, vocab: int, repeats: int) -> float:
+def step_time(model, batch: int, seq: int, vocab: int, repeats: int, reference=None) -> float:
+    """Median forward + backward time; with ``reference`` (the `none` model), the median of the ratios
+    model / reference over steps run alternately, times the reference's median, so a shared machine's drift
+    hits both (the ratio, not the absolute time, is what the overheads use)."""
     idx = torch.randint(0, vocab, (batch, seq))
-    times = []
-    for _ in range(repeats + 1):  # the first one warms up
+
+    def one(m) -> float:
         t0 = time.perf_counter()
-        model(idx, idx).backward()
-        times.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times[1:])
+        m(idx, idx).backward()
+        m.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    one(model)  # warm-up
+    if reference is None:
+        return statistics.median(one(model) for _ in range(repeats))
+    pairs = [(one(model), one(reference)) for _ in range(repeats)]
+    return statistics.median(a / b for a, b in pairs) * REFERENCE_S[0]
+
+
+REFERENCE_S = [1.0]  # `none`'s median step time, set once per attention backend
 
 
 def forward_flops(model, args) -> int:
@@ -75,7 +86,11 @@ def measure(model, args, cfg, none: B.Measured | None) -> dict:
     base = none or m
     return {"bytes": m.activation_bytes, "recompute_flops": m.backward_flops - base.backward_flops,
             "pointwise_bytes": m.pointwise_bytes - base.pointwise_bytes,
-            "step_s": step_time(model, args.batch, args.seq_len, cfg.model.vocab_size, args.repeats)}
+            "step_s": step_time(model, args.batch, args.seq_len, cfg.model.vocab_size, args.repeats,
+                                None if none is None else REFERENCE[0])}
+
+
+REFERENCE: list = [None]  # the `none` model of the current backend, timed alongside every other one
 
 
 def bench_attention(attention: str, args) -> list[dict]:
@@ -89,6 +104,7 @@ def bench_attention(attention: str, args) -> list[dict]:
         apply_strategy(model, cfg.strategy)
         fixed[name] = measure(model, args, cfg, fixed.get("none", {}).get("_measured"))
         if name == "none":
+            REFERENCE[0], REFERENCE_S[0] = model, fixed[name]["step_s"]
             fixed[name]["_measured"] = B.measure_step(model, args.batch, args.seq_len)
             model.zero_grad(set_to_none=True)
             fixed[name]["fwd_bwd_flops"] = forward_flops(model, args) + fixed[name]["_measured"].backward_flops
