@@ -389,6 +389,7 @@ def apply_budget(model: GPT, cfg: DictConfig, precision: Any = None, probed: Opt
         key = OmegaConf.to_yaml({k: root[k] for k in ("model", "precision", "strategy")}) + f"{batch}x{seq}"
         if key in _PLANS:  # e.g. the meta replica recompute_lab.flops counts: the same plan, not a re-solve
             return _reapply(model, _PLANS[key])
+        resolve_budget(cfg, 1, model.get_num_params(), precision)  # bad budgets fail before the probe
         probed = probed or probe_model(model, batch, seq, precision)
     options, outside, prices = probed.options, probed.outside, probed.prices
     objective = Objective(str(option(cfg, "objective", Objective.flops)))
