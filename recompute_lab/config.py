@@ -171,6 +171,11 @@ class LayerMethod(StrEnum):
     every = "every"      # torchtitan selective_ac_option=N: every N-th block checkpointed
 
 
+class Objective(StrEnum):
+    flops = "flops"  # budget: minimise recompute FLOPs, then bytes moved by recomputed pointwise ops
+    time = "time"    # budget: minimise roofline recompute time (FLOPs / peak + pointwise bytes / bandwidth)
+
+
 @dataclass
 class StrategyConfig:
     """Which activations are recomputed. Omitting ``+strategy=...`` leaves the default: nothing recomputed.
@@ -188,6 +193,10 @@ class StrategyConfig:
     every_other_mm: bool = False             # op: torchtitan's policy, every second matmul recomputed
     save: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj"])
     offload: bool = False                    # any strategy: saved tensors to host memory (save_on_cpu)
+    budget_bytes: Optional[int] = None       # budget: activation bytes allowed (overrides budget_fraction)
+    budget_fraction: Optional[float] = None  # budget: fraction of `none`'s activation bytes
+    device_memory_gb: Optional[float] = None  # budget: whole step (model state + activations) in 1e9 bytes
+    objective: Objective = Objective.flops   # budget: what the plan minimises
 
 
 class Target(StrEnum):

@@ -158,7 +158,7 @@ def predict_step_flops(cfg: DictConfig, plan: Optional[dict] = None) -> dict:
             recompute, reason = None, f"no analytic FLOPs for recomputed module {name!r}"
             break
         recompute += recompute_flops(cfg, parts, sub)
-    if plan and plan.get("name") in ("op", "regions") and reason is None:
+    if plan and (plan.get("name") in ("op", "regions") or plan.get("op_level_blocks")) and reason is None:
         recompute, reason = None, "per-op / per-region plans recompute a subset of ops the module formula cannot see"
     out = {"forward": forward * accum, "backward": 2 * forward * accum,
            "recompute": None if recompute is None else recompute * accum}

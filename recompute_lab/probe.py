@@ -40,6 +40,10 @@ def predicted_memory(cfg: DictConfig, policy, plan: dict, n_params: int, device_
     """Theory for one run: activation bytes under ``plan`` and the peak they imply."""
     st = setting_for(cfg, policy, device_type)
     act = theory.predict_activations(cfg.model, st, plan)
+    if act.get("total") is None and plan.get("predicted_activation_bytes") is not None:
+        # The budget planner prices its own plan from probed per-block options (recompute_lab.budget).
+        act = {"total": plan["predicted_activation_bytes"], "largest_region": 0, "by_module": None,
+               "logits": None, "reason": "predicted by the budget planner's probed cost model"}
     state = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))
     return {"setting": st, "activations": act, "model_state": state,
             "peak": theory.predict_peak(cfg.model, st, state, act)}

@@ -257,7 +257,8 @@ def apply_offload(model: GPT, plan: Plan) -> None:
 
 # The StrategyConfig fields each strategy reads (offload: all of them). Setting another one is a mistake.
 OPTIONS = {"selective": ("modules",), "layers": ("method", "num_layers", "every"),
-           "op": ("save_ops", "every_other_mm"), "regions": ("save",)}
+           "op": ("save_ops", "every_other_mm"), "regions": ("save",),
+           "budget": ("budget_bytes", "budget_fraction", "device_memory_gb", "objective")}
 
 
 def reject_unused_options(cfg: Any) -> None:
@@ -291,3 +292,4 @@ def apply_strategy(model: GPT, cfg: DictConfig) -> Plan:
 # op-level SAC and torch_remat regions register themselves on import; imported last because they import
 # register/checkpoint_module from this module.
 from recompute_lab import remat_regions, sac  # noqa: E402,F401
+from recompute_lab import budget  # noqa: E402,F401  (imports sac and remat_regions)

@@ -1,0 +1,274 @@
+"""The budget strategy: plans fit their budget (measured by an independent counter on the whole model), are
+optimal for their cost model (brute force over every per-block assignment, and every fixed strategy priced by
+the same cost model), keep the gradients of `none`, and refuse infeasible budgets clearly."""
+from __future__ import annotations
+
+import functools
+import gc
+import itertools
+import json
+import time
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from recompute_lab import budget as B
+from recompute_lab.config import ConfigError
+from recompute_lab.engine import run
+from recompute_lab.model import build_model
+from recompute_lab.strategies import apply_strategy
+
+from conftest import FAST, compose_config, load_results
+
+N_LAYER = 3
+BATCH, SEQ = 2, 16
+MODEL = ["model=tiny", f"model.n_layer={N_LAYER}", "model.dropout=0.1", f"data.batch_size={BATCH}",
+         f"data.seq_len={SEQ}"]
+# Fixed strategies the plan must beat wherever they fit (test id, overrides).
+FIXED = [
+    ("none", ["+strategy=none"]), ("full", ["+strategy=full"]), ("selective", ["+strategy=selective"]),
+    ("selective-mlp", ["+strategy=selective", "strategy.modules=[mlp]"]),
+    ("selective-attn-mlp-norm", ["+strategy=selective", "strategy.modules=[attn,mlp,norm]"]),
+    ("layers-block1", ["+strategy=layers", "strategy.method=block", "strategy.num_layers=1"]),
+    ("layers-block2", ["+strategy=layers", "strategy.method=block", "strategy.num_layers=2"]),
+    ("layers-every2", ["+strategy=layers", "strategy.method=every", "strategy.every=2"]),
+    ("layers-uniform2", ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=2"]),
+    ("sqrt", ["+strategy=sqrt"]), ("op", ["+strategy=op"]),
+    ("op-every-other-mm", ["+strategy=op", "strategy.every_other_mm=true"]),
+    ("regions", ["+strategy=regions"]), ("regions-core-act", ["+strategy=regions", "strategy.save=[attn.core,mlp.act]"]),
+]
+FLOP_BOUND = ("none", "full", "selective", "layers", "sqrt")  # the plan's recompute FLOPs are <= theirs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+compose = functools.lru_cache(maxsize=None)(lambda *overrides: compose_config(list(overrides)))
+
+
+def fresh(attention: str, overrides=("+strategy=none",)):
+    cfg = compose(*MODEL, f"model.attention={attention}", *overrides)
+    torch.manual_seed(0)
+    return build_model(cfg.model).train(), cfg
+
+
+@functools.lru_cache(maxsize=None)
+def probed(attention: str) -> B.Probed:
+    model, cfg = fresh(attention, ["+strategy=budget"])
+    return B.probe_model(model, BATCH, SEQ, cfg.precision)
+
+
+def planned(attention: str, extra: tuple[str, ...]):
+    model, cfg = fresh(attention, ["+strategy=budget", *extra])
+    return model, B.apply_budget(model, cfg.strategy, cfg.precision, probed(attention))
+
+
+# --- an independent byte count on the whole model ----------------------------------------------------------
+
+class _Outputs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen += [(StorageWeakRef(t.untyped_storage()), t.untyped_storage().data_ptr(),
+                       t.untyped_storage().nbytes()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def saved_bytes(model) -> int:
+    """Bytes of the storages the forward made that are still alive once it returns (what backward keeps)."""
+    idx = torch.arange(BATCH * SEQ).reshape(BATCH, SEQ) % 256
+    torch.manual_seed(5)
+    gc.freeze()  # only this forward's objects are collected below (fast)
+    with _Outputs() as mode:
+        loss = model(idx, idx)
+    gc.collect()
+    gc.unfreeze()
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), idx, loss)}
+    return sum({p: n for ref, p, n in mode.seen if not ref.expired() and p not in skip}.values())
+
+
+def priced(model, none_measured: B.Measured) -> tuple[int, tuple[int, int]]:
+    """(activation bytes, (recompute FLOPs, pointwise bytes)) of a whole model, by the planner's cost model."""
+    m = B.measure_step(model, BATCH, SEQ)
+    return m.activation_bytes, (m.backward_flops - none_measured.backward_flops,
+                                m.pointwise_bytes - none_measured.pointwise_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def fixed_prices(attention: str) -> dict:
+    none = B.measure_step(fresh(attention)[0], BATCH, SEQ)
+    out = {}
+    for vid, overrides in FIXED:
+        model, cfg = fresh(attention, overrides)
+        apply_strategy(model, cfg.strategy)
+        out[vid] = priced(model, none)
+    return out
+
+
+def budget_grid(attention: str, n: int = 7) -> list[int]:
+    """From full recomputation's bytes (the least the planner reaches) up to none's."""
+    p = probed(attention)
+    low = p.outside.bytes + N_LAYER * min(x.bytes for x in p.prices)
+    high = p.outside.bytes + N_LAYER * p.prices[0].bytes
+    return [low + (high - low) * k // (n - 1) for k in range(n)]
+
+
+# --- tests -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_plans_fit_and_beat_every_fitting_fixed_strategy(attention):
+    fixed = fixed_prices(attention)
+    none = B.measure_step(fresh(attention)[0], BATCH, SEQ)
+    assert fixed["none"][0] == budget_grid(attention)[-1]  # whole-model none = outside + L x one-block none
+    for budget in budget_grid(attention, n=6):
+        model, plan = planned(attention, (f"strategy.budget_bytes={budget}",))
+        measured = saved_bytes(model)
+        assert measured <= budget and measured == plan["predicted_activation_bytes"], (budget, plan["chosen"])
+        nbytes, cost = priced(model, none)
+        assert nbytes == measured and list(cost) == plan["cost"]  # per-block prices add up to the whole model
+        assert cost[0] == plan["predicted_recompute_flops"]
+        for vid, (sbytes, scost) in fixed.items():
+            if sbytes <= budget:
+                assert cost <= scost, (budget, vid, plan["chosen"])
+                if vid.startswith(FLOP_BOUND):
+                    assert cost[0] <= scost[0], (budget, vid)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_brute_force_over_every_per_block_assignment(attention):
+    p = probed(attention)
+    k = len(p.options)
+    # Premise of the brute force: a mixed assignment's whole-model figures are the sum of its blocks' prices.
+    none = B.measure_step(fresh(attention)[0], BATCH, SEQ)
+    for combo in [(k - 1, 0, k // 2), (1, k - 3, 7)]:
+        model, _ = fresh(attention)
+        for i, o in enumerate(combo):
+            B.apply_option(model, i, p.options[o])
+        nbytes, cost = priced(model, none)
+        assert nbytes == p.outside.bytes + sum(p.prices[o].bytes for o in combo)
+        assert cost == tuple(map(sum, zip(*[(p.prices[o].flops, p.prices[o].pointwise_bytes) for o in combo])))
+    combos = [(p.outside.bytes + sum(p.prices[o].bytes for o in c),
+               tuple(map(sum, zip(*[(p.prices[o].flops, p.prices[o].pointwise_bytes) for o in c]))))
+              for c in itertools.product(range(k), repeat=N_LAYER)]
+    for budget in budget_grid(attention, n=11):
+        best = min(cost for nbytes, cost in combos if nbytes <= budget)
+        _, plan = planned(attention, (f"strategy.budget_bytes={budget}",))
+        assert tuple(plan["cost"]) == best, budget
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_gradients_equal_none(attention):
+    ref, _ = fresh(attention)
+    idx = torch.arange(BATCH * SEQ).reshape(BATCH, SEQ) % 256
+
+    def grads(model):
+        torch.manual_seed(11)
+        model(idx, idx).backward()
+        return {n: q.grad.clone() for n, q in model.named_parameters()}
+
+    want = grads(ref)
+    grid = budget_grid(attention, n=4)
+    chosen = set()
+    for budget in grid:
+        model, plan = planned(attention, (f"strategy.budget_bytes={budget}",))
+        chosen |= set(plan["chosen"])
+        got = grads(model)
+        assert max((got[n] - want[n]).abs().max().item() for n in want) <= 1e-6, plan["chosen"]
+    assert len(chosen) >= 3  # the grid exercises several kinds of option
+
+
+def test_budget_sources_and_fraction_default():
+    p = probed("eager")
+    none_bytes = p.outside.bytes + N_LAYER * p.prices[0].bytes
+    _, plan = planned("eager", ())
+    assert plan["budget"] == {"bytes": int(0.5 * none_bytes), "source": f"budget_fraction=0.5 of none's {none_bytes} B"}
+    _, plan = planned("eager", ("strategy.budget_fraction=1.0",))
+    assert plan["chosen"] == ["none"] * N_LAYER and plan["predicted_recompute_flops"] == 0
+    state = 16 * fresh("eager")[0].get_num_params()  # fp32 + AdamW: 16 B per parameter
+    _, plan = planned("eager", (f"strategy.device_memory_gb={(state + 400_000) / 1e9}",))
+    assert plan["budget"]["model_state_bytes"] == state and plan["budget"]["bytes"] == 400_000
+    json.dumps(plan)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (("strategy.budget_bytes=1",), r"smallest reachable is {full} B \(full recomputation"),
+    (("strategy.device_memory_gb=0.0001",), "model state alone"),
+    (("strategy.budget_fraction=0",), r"budget_fraction must be in \(0, 1\]"),
+    (("strategy.budget_fraction=1.5",), r"budget_fraction must be in \(0, 1\]"),
+    (("strategy.budget_bytes=100000", "strategy.device_memory_gb=80"), "not both"),
+])
+def test_infeasible_or_bad_budgets_raise_config_error(extra, needle):
+    needle = needle.replace("{full}", str(fixed_prices("eager")["full"][0]))
+    model, cfg = fresh("eager", ["+strategy=budget", *extra])
+    with pytest.raises(ConfigError, match=needle):
+        apply_strategy(model, cfg.strategy)
+
+
+def test_budget_options_belong_to_budget_only():
+    model, cfg = fresh("eager", ["+strategy=full", "strategy.budget_fraction=0.3"])
+    with pytest.raises(ConfigError, match="budget_fraction is not an option of strategy 'full'"):
+        apply_strategy(model, cfg.strategy)
+
+
+def test_objective_time_plan_fits():
+    model, plan = planned("eager", ("strategy.objective=time", "strategy.budget_fraction=0.4"))
+    assert plan["objective"] == "time" and plan["roofline"]["bytes_per_s"] > 0 and plan["roofline"]["flops"] > 0
+    assert saved_bytes(model) <= plan["budget"]["bytes"]
+
+
+def test_cli_run_records_the_plan_and_its_counted_flops(tmp_path):
+    cfg = compose_config([*MODEL, "model.attention=eager", "+strategy=budget", "strategy.budget_fraction=0.3",
+                          "trainer.steps=2", "trainer.num_threads=1", *FAST])
+    results = run(cfg, tmp_path)
+    assert results["status"] == "ok", results.get("error")
+    plan = load_results(tmp_path / "results.json")["strategy"]
+    assert plan["name"] == "budget" and len(plan["chosen"]) == N_LAYER
+    assert plan["predicted_activation_bytes"] <= plan["budget"]["bytes"]
+    # Eager attention (math path on CPU and on meta): the probe's FLOPs equal recompute_lab.flops' meta count.
+    assert results["flops"]["per_step"]["recompute"] == plan["predicted_recompute_flops"]
+
+
+def test_meta_device_plan_matches_the_cpu_plan_for_eager_attention():
+    cfg = compose(*MODEL, "model.attention=eager", "+strategy=budget")
+    meta = build_model(cfg.model, "meta").train()
+    plan = apply_strategy(meta, cfg.strategy)
+    _, cpu = planned("eager", ())
+    assert plan["chosen"] == cpu["chosen"] and plan["cost"] == cpu["cost"]
+    assert plan["predicted_activation_bytes"] == cpu["predicted_activation_bytes"]
+
+
+def test_meta_sdpa_probe_uses_a_fused_kernel_like_the_cpu():
+    # Without dropout the CPU runs its fused SDPA kernel (no s^2 scores kept); on meta the probe calls aten's
+    # flash kernel rather than SDPA's math path. Bytes agree but for the flash kernel's RNG state (24 B/block).
+    cfg = compose("model=tiny", f"model.n_layer={N_LAYER}", "model.attention=sdpa", "+strategy=budget")
+    on_meta = B.probe_model(build_model(cfg.model, "meta").train(), BATCH, SEQ, cfg.precision)
+    on_cpu = B.probe_model(build_model(cfg.model).train(), BATCH, SEQ, cfg.precision)
+    assert on_meta.outside == on_cpu.outside
+    for m, c in zip(on_meta.prices, on_cpu.prices):
+        assert m.flops == c.flops and 0 <= m.bytes - c.bytes <= 24
+
+
+@pytest.mark.slow
+def test_llama3_8b_on_meta_at_seq_8192_plans_in_seconds():
+    cfg = compose_config(["model=llama3_8b", "data.seq_len=8192", "data.batch_size=1", "precision=bf16_master",
+                          "+strategy=budget", "strategy.device_memory_gb=141"])
+    model = build_model(cfg.model, "meta", torch.bfloat16).train()
+    t0 = time.perf_counter()
+    plan = apply_strategy(model, cfg.strategy)
+    assert time.perf_counter() - t0 < 60  # ~15 s on 2 shared CPU cores
+    assert plan["predicted_activation_bytes"] <= plan["budget"]["bytes"] and len(plan["chosen"]) == 32
+    with pytest.raises(ConfigError, match="model state alone"):  # 8B x 16 B = 128 GB > 80 GB
+        apply_strategy(build_model(cfg.model, "meta", torch.bfloat16),
+                       compose_config(["model=llama3_8b", "data.seq_len=8192", "precision=bf16_master",
+                                       "+strategy=budget", "strategy.device_memory_gb=80"]).strategy)
