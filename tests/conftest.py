@@ -1,6 +1,7 @@
 """Shared fixtures: compose configs with Hydra's compose API, run the real CLI in a subprocess."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,11 +19,27 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def one_thread_fixture():
+    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()):
     """The composed (not yet validated) config for ``overrides``, as the CLI would see it."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def cached_compose(*overrides: str):
+    """compose_config memoised per override tuple (treat the result as read-only)."""
+    return compose_config(list(overrides))
 
 
 @pytest.fixture

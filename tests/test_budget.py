@@ -21,7 +21,7 @@ from recompute_lab.engine import run
 from recompute_lab.model import build_model
 from recompute_lab.strategies import apply_strategy
 
-from conftest import FAST, compose_config, load_results
+from conftest import cached_compose, one_thread_fixture, FAST, compose_config, load_results
 
 N_LAYER = 3
 BATCH, SEQ = 2, 16
@@ -43,15 +43,8 @@ FIXED = [
 FLOP_BOUND = ("none", "full", "selective", "layers", "sqrt")  # the plan's recompute FLOPs are <= theirs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-compose = functools.lru_cache(maxsize=None)(lambda *overrides: compose_config(list(overrides)))
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
+compose = cached_compose
 
 
 def fresh(attention: str, overrides=("+strategy=none",)):

@@ -1,9 +1,14 @@
-"""The benchmark and check scripts in experiments/ run (reduced) so they cannot rot; their tables are sane."""
+"""The benchmark and check scripts in experiments/ run (reduced) so they cannot rot; their tables are sane.
+
+gpu_check's reduced mode runs by default; the two benchmark smoke tests are slow (-m slow).
+"""
 from __future__ import annotations
 
 import csv
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -24,6 +29,7 @@ def test_gpu_check_reduced(tmp_path):
     assert overhead["none"] == 0 < overhead["selective"] < overhead["full"]
 
 
+@pytest.mark.slow
 def test_bench_strategies_tiny(tmp_path):
     out = tmp_path / "b.csv"
     proc = run_script("bench_strategies.py", "--model", "tiny", "--seq-lens", "32", "--attention", "eager",
@@ -36,6 +42,7 @@ def test_bench_strategies_tiny(tmp_path):
     assert bad.returncode != 0 and "valid" in bad.stderr
 
 
+@pytest.mark.slow
 def test_bench_overhead_tiny(tmp_path):
     out = tmp_path / "o.csv"
     proc = run_script("bench_overhead.py", "--repeats", "1", "--steps", "5", "--csv", str(out))

@@ -32,7 +32,7 @@ from recompute_lab.model import build_model
 from recompute_lab.sac import draws_random, make_policy
 from recompute_lab.strategies import STRATEGIES, apply_strategy
 
-from conftest import CONF_DIR, FAST, compose_config, load_results, run_cli
+from conftest import cached_compose, one_thread_fixture, CONF_DIR, FAST, compose_config, load_results, run_cli
 
 N_LAYER = 4  # layers(block, n_layer/2), uniform chunks and every-N need more than tiny's 2 blocks
 MODEL = ["model=tiny", f"model.n_layer={N_LAYER}", "model.dropout=0.1"]
@@ -60,16 +60,8 @@ VARIANTS = [
 ATTENTION = ["eager", "sdpa"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-compose = functools.lru_cache(maxsize=None)(lambda *overrides: compose_config(list(overrides)))
+one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
+compose = cached_compose
 
 
 @functools.lru_cache(maxsize=None)
