@@ -17,7 +17,7 @@ from recompute_lab.data import Batches
 from recompute_lab.engine import run
 from recompute_lab.measure import model_state_bytes
 from recompute_lab.model import build_model
-from recompute_lab.precision import MasterWeightAdamW, make_precision
+from recompute_lab.precision import make_precision
 
 from conftest import FAST, compose_config, load_results, run_cli
 

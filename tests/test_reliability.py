@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recompute_lab import checkpoint, engine
+from recompute_lab import engine
 from recompute_lab.config import ConfigError, validate
 from recompute_lab.data import Batches
 from recompute_lab.model import GPT
