@@ -24,9 +24,11 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from recompute_lab import theory  # noqa: E402
-from recompute_lab.estimate import CONF_DIR, GB, meta_saved_tensors  # noqa: E402
+from recompute_lab.config import CONF_DIR  # noqa: E402
+from recompute_lab.estimate import GB  # noqa: E402
+from recompute_lab.measure import meta_saved_tensors  # noqa: E402
 from recompute_lab.model import build_model  # noqa: E402
-from recompute_lab.strategies import apply_strategy  # noqa: E402
+from recompute_lab.recompute import RunShape, apply_strategy  # noqa: E402
 
 CONTEXTS = [512, 1024, 2048, 4096, 8192]  # the notebook's context lengths
 
@@ -45,7 +47,7 @@ def measure(target: str, contexts: list[int] = CONTEXTS) -> list[dict]:
                                                                f"+strategy={strategy}"])
             m = cfg.model
             model = build_model(m, "meta", torch.bfloat16)  # 16-bit parameters and activations
-            plan = apply_strategy(model, cfg.strategy)
+            plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg))
             model.train()
             for s in contexts:
                 b = cfg.data.batch_size
@@ -102,7 +104,8 @@ def main() -> None:
     plot(rows, out / "activation_vs_context.png", args.target)
     for r in rows:
         print(f"{r['attention']:5s} {r['strategy']:4s} s={r['seq_len']:5d}"
-              f"  measured {r['layers_measured'] / GB:8.2f} GB  theory {r['layers_theory'] / GB:8.2f}  Korthikanti {r['korthikanti'] / GB:8.2f}"
+              f"  measured {r['layers_measured'] / GB:8.2f} GB  theory {r['layers_theory'] / GB:8.2f}"
+              f"  Korthikanti {r['korthikanti'] / GB:8.2f}"
               f"  naive {r['naive'] / GB:6.2f}")
     print(f"wrote {out / 'activation_vs_context.png'} and .csv")
 

@@ -26,9 +26,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch.utils.flop_counter import FlopCounterMode
 
-from recompute_lab import budget as B
+from recompute_lab.recompute import budget as B
 from recompute_lab.model import build_model
-from recompute_lab.strategies import apply_strategy
+from recompute_lab.config import ConfigError
+from recompute_lab.recompute import RunShape, apply_strategy, parse_options
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 FIXED = [
@@ -101,7 +102,7 @@ def bench_attention(attention: str, args) -> list[dict]:
         cfg = compose_cfg([*base, *overrides])
         torch.manual_seed(0)
         model = build_model(cfg.model).train()
-        apply_strategy(model, cfg.strategy)
+        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
         fixed[name] = measure(model, args, cfg, fixed.get("none", {}).get("_measured"))
         if name == "none":
             REFERENCE[0], REFERENCE_S[0] = model, fixed[name]["step_s"]
@@ -111,7 +112,7 @@ def bench_attention(attention: str, args) -> list[dict]:
     none = fixed["none"]
     cfg = compose_cfg([*base, "+strategy=budget"])
     t0 = time.perf_counter()
-    probed = B.probe_model(build_model(cfg.model).train(), args.batch, args.seq_len, cfg.precision)
+    probed = B.probe_model(build_model(cfg.model).train(), RunShape.of(cfg))
     probe_s = time.perf_counter() - t0
     plans: dict[tuple, dict] = {}
     for k in range(1, 11):
@@ -120,8 +121,8 @@ def bench_attention(attention: str, args) -> list[dict]:
         torch.manual_seed(0)
         model = build_model(cfg.model).train()
         try:
-            plan = B.apply_budget(model, cfg.strategy, cfg.precision, probed)
-        except B.ConfigError:
+            plan = B.solve(model, parse_options(cfg.strategy), RunShape.of(cfg), probed).to_dict()
+        except ConfigError:
             plan = None
         if plan is not None:
             key = tuple(plan["chosen"])
@@ -152,7 +153,8 @@ def print_table(rows: list[dict]) -> None:
         at = [r for r in rows if (r["attention"], r["fraction"]) == (attention, fraction)]
         plan = next((r for r in at if r["strategy"] == "budget"), None)
         fixed = [r for r in at if r["strategy"] != "budget"]
-        pf = f"{100 * plan['flop_overhead']:10.1f}% {100 * plan['time_overhead']:9.1f}%" if plan else f"{'infeasible':>21}"
+        pf = (f"{100 * plan['flop_overhead']:10.1f}% {100 * plan['time_overhead']:9.1f}%" if plan
+              else f"{'infeasible':>21}")
         if fixed:
             bf = min(fixed, key=lambda r: (r["recompute_flops"], r["pointwise_bytes"]))
             bt = min(fixed, key=lambda r: r["step_s"])

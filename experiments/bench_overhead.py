@@ -25,7 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 from recompute_lab.data import Batches
 from recompute_lab.engine import lr_lambda, run
 from recompute_lab.model import build_model
-from recompute_lab.strategies import STRATEGIES, apply_strategy
+from recompute_lab.recompute import STRATEGIES, RunShape, apply_strategy
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -47,7 +47,7 @@ def bare_step_s(cfg) -> float:
     """The hand-written loop: what a researcher would write without the framework."""
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg.model)
-    apply_strategy(model, cfg.strategy)
+    apply_strategy(model, cfg.strategy, RunShape.of(cfg))
     o = cfg.optimizer
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

@@ -9,9 +9,8 @@ from typing import Any, Optional
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from recompute_lab.config import CONF_DIR as CONF
 from recompute_lab.engine import run
-
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def compose_cfg(overrides: list[str]):

@@ -50,10 +50,10 @@ def sweep_strategies(experiment: str) -> list[str]:
 
 
 def schema_has(key: str) -> bool:
-    """Whether the strategy schema has option ``key`` (selective's `modules` comes with that strategy)."""
-    from recompute_lab.config import StrategyConfig
+    """Whether strategy selective has option ``key`` (its `modules` is what figure 4 sweeps)."""
+    from recompute_lab.recompute import STRATEGIES, option_names
 
-    return key in StrategyConfig.__dataclass_fields__
+    return "selective" in STRATEGIES and key in option_names("selective")
 
 
 def plan() -> list[tuple[str, str, list[str], str]]:

@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+# The Hydra config folder (conf/ at the repository root), for @hydra.main and the compose API alike.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class ConfigError(ValueError):
@@ -115,7 +120,7 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    lr: float = 3e-4
+    lr: float = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -126,7 +131,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 20
+    steps: int = 100
     grad_accum: int = 1          # micro-batches per optimizer step
     seed: int = 0
     device: Device = Device.auto
@@ -165,38 +170,17 @@ class Backend(StrEnum):
     gloo = "gloo"
 
 
-class LayerMethod(StrEnum):
-    uniform = "uniform"  # Megatron: consecutive chunks of num_layers blocks, each one checkpoint region
-    block = "block"      # Megatron: only the first num_layers blocks, each checkpointed on its own
-    every = "every"      # torchtitan selective_ac_option=N: every N-th block checkpointed
-
-
-class Objective(StrEnum):
-    flops = "flops"  # budget: minimise recompute FLOPs, then bytes moved by recomputed pointwise ops
-    time = "time"    # budget: minimise roofline recompute time (FLOPs / peak + pointwise bytes / bandwidth)
-
-
 @dataclass
 class StrategyConfig:
-    """Which activations are recomputed. Omitting ``+strategy=...`` leaves the default: nothing recomputed.
+    """What every strategy's options share; each strategy extends it with its own typed options.
 
-    One schema for every strategy (conf/strategy/*.yaml set what they use); recompute_lab.strategies checks
-    the names inside the lists against the model and raises ConfigError listing the valid ones.
+    The schema of strategy NAME is the dataclass registered with it (recompute_lab.recompute) and stored as
+    ``schema/strategy/NAME``; ``conf/strategy/NAME.yaml`` lists it first in its defaults, so an option of another
+    strategy fails at compose time. Omitting ``+strategy=...`` leaves this base: nothing recomputed.
     """
 
     name: str = "none"
-    modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective: core_attn | attn | mlp | norm
-    method: LayerMethod = LayerMethod.uniform                          # layers
-    num_layers: int = 1                                                # layers: uniform chunk size / block count
-    every: int = 2                                                     # layers, method=every
-    save_ops: Optional[list[str]] = None     # op: aten op names whose outputs are saved; None = matmuls + attention
-    every_other_mm: bool = False             # op: torchtitan's policy, every second matmul recomputed
-    save: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj"])
-    offload: bool = False                    # any strategy: saved tensors to host memory (save_on_cpu)
-    budget_bytes: Optional[int] = None       # budget: activation bytes allowed (overrides budget_fraction)
-    budget_fraction: Optional[float] = None  # budget: fraction of `none`'s activation bytes
-    device_memory_gb: Optional[float] = None  # budget: whole step (model state + activations) in 1e9 bytes
-    objective: Objective = Objective.flops   # budget: what the plan minimises
+    offload: bool = False  # any strategy: saved tensors to host memory (torch.autograd.graph.save_on_cpu)
 
 
 class Target(StrEnum):
@@ -220,7 +204,7 @@ class ParallelConfig:
     kind: ParallelKind = ParallelKind.none
     backend: Backend = Backend.auto
     dp_size: Optional[int] = None       # ranks for predictions without processes; under torchrun: null or WORLD_SIZE
-    reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3); false keeps them to backward
+    reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3); false: keep to backward
 
 
 @dataclass
@@ -287,9 +271,25 @@ def validate(cfg: DictConfig | Config) -> None:
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(o.betas)}")
     if getattr(cfg, "parallel", None) is not None:  # configs saved before the parallel group have none
-        from recompute_lab.distributed import validate_parallel  # rules next to the code they protect
-
         validate_parallel(cfg)
+
+
+def validate_parallel(cfg: DictConfig) -> None:
+    """Cross-field rules for ``parallel`` (part of validate, so checked before any process starts)."""
+    p = cfg.parallel
+    if p.dp_size is not None and p.dp_size <= 0:
+        raise ConfigError(f"parallel.dp_size must be a positive integer or null, got {p.dp_size}")
+    if p.kind == ParallelKind.none and (p.dp_size or 1) != 1:
+        raise ConfigError(f"parallel.dp_size={p.dp_size} needs parallel=ddp or parallel=fsdp")
+    if p.kind == ParallelKind.none:
+        return
+    if cfg.precision.get("fp32_grad_accum", False):
+        raise ConfigError("precision.fp32_grad_accum=true is not supported with parallel=ddp|fsdp: under fsdp "
+                          "gradients are already reduce-scattered into fp32 shards; under ddp the fp32 "
+                          "accumulation hook would read gradients before DDP's all-reduce")
+    if cfg.trainer.checkpoint_every or cfg.trainer.resume not in (None, False, "", "false", "False"):
+        raise ConfigError("trainer.checkpoint_every / trainer.resume are supported with parallel=none only "
+                          "(sharded checkpoints are not implemented)")
 
 
 def to_container(cfg: DictConfig) -> dict:

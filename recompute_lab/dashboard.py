@@ -1,4 +1,5 @@
-"""Build a W&B comparison workspace for recompute_lab runs: ``python -m recompute_lab.dashboard --entity E --project P``.
+"""Build a W&B comparison workspace for recompute_lab runs:
+``python -m recompute_lab.dashboard --entity E --project P``.
 
 The workspace (wandb-workspaces, ``pip install 'recompute_lab[dashboard]'``) groups runs by strategy x precision
 and shows: peak memory and activation bytes, model-state bytes per parameter, FLOPs and recompute overhead,
@@ -49,7 +50,8 @@ def build_workspace(entity: str, project: str, group: Optional[str] = None, name
                        x=wr.SummaryMetric("flops/recompute_overhead"),
                        y=wr.SummaryMetric("memory/activation_bytes/measured")),
         wr.ScatterPlot(title="Activation bytes vs median step time",
-                       x=wr.SummaryMetric("time/step_s_median"), y=wr.SummaryMetric("memory/activation_bytes/measured")),
+                       x=wr.SummaryMetric("time/step_s_median"),
+                       y=wr.SummaryMetric("memory/activation_bytes/measured")),
     ])
     filters = [ws.Metric("State") == "finished"]
     if group:
@@ -76,7 +78,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not has_credentials():
         print("recompute_lab.dashboard needs the online W&B API, and no API key is set.\n"
               "  1. wandb login   (or export WANDB_API_KEY=...)\n"
-              "  2. upload offline runs: wandb sync outputs/*/*/wandb/offline-run-* multirun/*/*/*/wandb/offline-run-*\n"
+              "  2. upload offline runs: wandb sync outputs/*/*/wandb/offline-run-* "
+              "multirun/*/*/*/wandb/offline-run-*\n"
               f"  3. rerun: python -m recompute_lab.dashboard --entity {args.entity} --project {args.project}",
               file=sys.stderr)
         return 2

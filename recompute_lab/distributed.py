@@ -33,7 +33,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from recompute_lab.config import ConfigError, ParallelKind
+from recompute_lab.config import ConfigError
 from recompute_lab.data import Batches
 from recompute_lab.precision import PrecisionPolicy
 
@@ -71,24 +71,6 @@ def prepare_argv(argv: list[str]) -> list[str]:
         out += [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.sweep.subdir=.",
                 "hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra/hydra_logging=none"]
     return out
-
-
-def validate_parallel(cfg: DictConfig) -> None:
-    """Cross-field rules for ``parallel`` (called from config.validate, so also before any process starts)."""
-    p = cfg.parallel
-    if p.dp_size is not None and p.dp_size <= 0:
-        raise ConfigError(f"parallel.dp_size must be a positive integer or null, got {p.dp_size}")
-    if p.kind == ParallelKind.none and (p.dp_size or 1) != 1:
-        raise ConfigError(f"parallel.dp_size={p.dp_size} needs parallel=ddp or parallel=fsdp")
-    if p.kind == ParallelKind.none:
-        return
-    if cfg.precision.get("fp32_grad_accum", False):
-        raise ConfigError("precision.fp32_grad_accum=true is not supported with parallel=ddp|fsdp: under fsdp "
-                          "gradients are already reduce-scattered into fp32 shards; under ddp the fp32 "
-                          "accumulation hook would read gradients before DDP's all-reduce")
-    if cfg.trainer.checkpoint_every or cfg.trainer.resume not in (None, False, "", "false", "False"):
-        raise ConfigError("trainer.checkpoint_every / trainer.resume are supported with parallel=none only "
-                          "(sharded checkpoints are not implemented)")
 
 
 def _submitit_env() -> None:

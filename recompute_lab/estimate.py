@@ -16,35 +16,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recompute_lab import theory
-from recompute_lab.config import ConfigError, EstimateConfig, to_container, validate
-from recompute_lab.measure import saved_tensors
+from recompute_lab.config import CONF_DIR, ConfigError, EstimateConfig, to_container, validate
+from recompute_lab.measure import meta_saved_tensors
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
-from recompute_lab.strategies import apply_strategy
-from recompute_lab.target_kernels import TargetKernels, assumptions
+from recompute_lab.recompute import RunShape, apply_strategy, parse_options
+from recompute_lab.target_kernels import assumptions
 from recompute_lab.tracking import write_json_atomic
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 GB = 1e9  # decimal gigabytes, as in the Ultra-Scale Playbook's tables
 
-
-
-def meta_saved_tensors(model, batch: int, seq: int, target: str) -> dict:
-    """Saved-tensor accounting of one forward of a meta-device model, saving what ``target``'s kernels save."""
-    idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    kernels = TargetKernels(target)
-
-    def forward():
-        with kernels:
-            return model(idx, idx.clone())
-    return saved_tensors(model, forward)
 
 def group_of(module: str) -> str:
     """Table rows: embeddings, blocks, final norm + head, loss (the fp32 logits' log-softmax)."""
@@ -70,10 +57,11 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
         cfg.model.max_seq_len = max(seq_lens)
     cfg.data.seq_len = min(seq_lens)
     validate(cfg)
+    parse_options(cfg.strategy)
     target = str(est.target)
     policy = make_precision(cfg.precision)
     model = build_model(cfg.model, "meta", policy.param_dtype)
-    plan = apply_strategy(model, cfg.strategy)
+    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg))
     model.train()
     n_params = model.get_num_params()
     par = cfg.parallel
@@ -113,7 +101,8 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
         })
     first = series[0]
     return {"config": to_container(cfg), "target": target, "assumptions": assumptions(target), "notes": notes,
-            "strategy": plan, "model": {"name": cfg.model.name, "params": n_params, "n_layer": cfg.model.n_layer},
+            "strategy": plan.to_dict(),
+            "model": {"name": cfg.model.name, "params": n_params, "n_layer": cfg.model.n_layer},
             "memory": {"model_state_bytes": {"predicted": state["total"], "measured": None,
                                              "per_param": state["per_param"],
                                              "bytes_per_param": state["bytes_per_param"]},

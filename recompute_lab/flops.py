@@ -12,8 +12,8 @@ Non-reentrant torch.utils.checkpoint stops a recomputation early, as soon as eve
 has been rebuilt ("early stop", PyTorch's default). A region's trailing matmul whose output nobody saves is
 therefore not rerun: with dropout 0 a block's last op with saved inputs is mlp.proj's input, so full
 recomputation reruns the block *minus mlp.proj*; a checkpoint of the attention core alone (math path) never
-reruns xV, whose inputs (scores, v) are what backward needs. ``recompute_flops`` predicts exactly this; with dropout > 0 the dropout after mlp.proj needs its
-input, and the whole block reruns.
+reruns xV, whose inputs (scores, v) are what backward needs. ``recompute_flops`` predicts exactly this; with
+dropout > 0 the dropout after mlp.proj needs its input, and the whole block reruns.
 
 FlopCounterMode counts matmuls and attention only: recomputed pointwise ops (norms, activations, dropout) cost
 time but no counted FLOPs; the time overhead measured by the benchmarks shows them.
@@ -27,8 +27,6 @@ the blocks' forward, up to 8N vs 6N (+33%).
 """
 from __future__ import annotations
 
-import functools
-import time
 from typing import Optional
 
 import torch
@@ -36,18 +34,9 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from recompute_lab.config import Arch, Mlp
+from recompute_lab.hardware import peak_flops  # noqa: F401  (re-exported: MFU's denominator)
 from recompute_lab.model import build_model
-
-# Dense peak rates in FLOP/s from the vendors' datasheets (no sparsity). fp32 is plain FP32 (not TF32).
-#  A100 SXM 80GB: 312 TFLOP/s BF16 tensor core, 19.5 TFLOP/s FP32 (NVIDIA A100 datasheet).
-#  H100 SXM: 989 TFLOP/s BF16 dense (1979 with sparsity), 67 TFLOP/s FP32 (NVIDIA H100 datasheet).
-#  H200 SXM: same compute as H100 SXM, 989 / 67 (NVIDIA H200 datasheet).
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "A100": {"bfloat16": 312e12, "float32": 19.5e12},
-    "H100": {"bfloat16": 989e12, "float32": 67e12},
-    "H200": {"bfloat16": 989e12, "float32": 67e12},
-}
-
+from recompute_lab.recompute import Plan, RunShape, apply_strategy
 
 def _count(fn) -> tuple[int, dict[str, int]]:
     counter = FlopCounterMode(display=False)
@@ -66,26 +55,27 @@ def count_model_flops(model: torch.nn.Module, batch: int, seq: int) -> tuple[int
     return fwd, bwd, fwd_ops, bwd_ops
 
 
-def _replica(cfg: DictConfig, dtype: torch.dtype, with_strategy: bool) -> torch.nn.Module:
-    from recompute_lab.strategies import apply_strategy  # late import: strategies import model
-
+def _replica(cfg: DictConfig, dtype: torch.dtype, with_strategy: bool, plan: Optional[Plan] = None) -> torch.nn.Module:
+    """A meta-device copy of the run's model, with its strategy applied (``plan`` given: replayed, not re-solved)."""
     model = build_model(cfg.model, device="meta", dtype=dtype).train()
     if with_strategy:
-        apply_strategy(model, cfg.strategy)
+        apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)
     return model
 
 
-def count_step_flops(cfg: DictConfig, param_dtype: torch.dtype = torch.float32) -> dict:
+def count_step_flops(cfg: DictConfig, param_dtype: torch.dtype = torch.float32, plan: Optional[Plan] = None) -> dict:
     """Counted FLOPs of one optimizer step (all micro-batches): forward, backward (model), recompute.
 
-    Counted in the parameter dtype: autocast changes the dtype of a matmul, not its FLOPs.
+    ``plan``: the plan applied to the run's model (budget plans are replayed, not re-solved on meta); None applies
+    the configured strategy afresh. Counted in the parameter dtype: autocast changes a matmul's dtype, not its FLOPs.
     """
     b, s, accum = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.grad_accum
     f0, b0, _, _ = count_model_flops(_replica(cfg, param_dtype, with_strategy=False), b, s)
-    f1, b1, f_ops, b_ops = count_model_flops(_replica(cfg, param_dtype, with_strategy=True), b, s)
+    f1, b1, f_ops, b_ops = count_model_flops(_replica(cfg, param_dtype, with_strategy=True, plan=plan), b, s)
     recompute = b1 - b0
     # f0 == f1 always (recomputation changes backward only); kept as a self-check in results.
-    return {"forward": f1 * accum, "forward_without_strategy": f0 * accum, "backward": b0 * accum, "recompute": recompute * accum,
+    return {"forward": f1 * accum, "forward_without_strategy": f0 * accum, "backward": b0 * accum,
+            "recompute": recompute * accum,
             "total": (f1 + b1) * accum, "forward_by_op": f_ops, "backward_by_op": b_ops,
             "method": "FlopCounterMode on a meta-device replica; recompute = backward(strategy) - backward(none)"}
 
@@ -133,8 +123,9 @@ def recompute_flops(cfg: DictConfig, parts: dict[str, int], sub: str) -> int:
     return rerun.get(sub, 0)
 
 
-def predict_step_flops(cfg: DictConfig, plan: Optional[dict] = None) -> dict:
-    """Analytic FLOPs of one optimizer step; recompute from the plan's recomputed module names."""
+def predict_step_flops(cfg: DictConfig, plan: Optional[Plan] = None) -> dict:
+    """Analytic FLOPs of one optimizer step; recompute from the plan's recomputed module names (or its reason why
+    the module formula does not apply: ``plan.flops_reason``)."""
     m = cfg.model
     b, s, accum = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.grad_accum
     parts = module_forward_flops(cfg, b, s)
@@ -142,60 +133,26 @@ def predict_step_flops(cfg: DictConfig, plan: Optional[dict] = None) -> dict:
     forward = m.n_layer * parts["block"] + head
     recompute: Optional[int] = 0
     reason = None
-    recomputed = (plan or {}).get("recomputed", [])
-    groups = (plan or {}).get("regions")
+    recomputed = list(plan.recomputed) if plan is not None else []
+    groups = plan.block_groups if plan is not None else None
     if groups and recomputed and all(n.count(".") == 1 for n in recomputed):
         # Whole blocks checkpointed in groups (layers uniform, sqrt): early stop trims only the group's last block.
         recomputed = []
         recompute = sum((len(g) - 1) * parts["block"] + recompute_flops(cfg, parts, "block") for g in groups)
     for name in recomputed:
         pieces = name.split(".")
-        if pieces[0] != "blocks" or len(pieces) < 2:
-            recompute, reason = None, f"no analytic FLOPs for recomputed module {name!r}"
-            break
         sub = ".".join(pieces[2:]) or "block"
-        if sub not in parts:
+        if pieces[0] != "blocks" or len(pieces) < 2 or sub not in parts:
             recompute, reason = None, f"no analytic FLOPs for recomputed module {name!r}"
             break
         recompute += recompute_flops(cfg, parts, sub)
-    if plan and (plan.get("name") in ("op", "regions") or plan.get("op_level_blocks")) and reason is None:
-        recompute, reason = None, "per-op / per-region plans recompute a subset of ops the module formula cannot see"
+    if plan is not None and plan.flops_reason and reason is None:
+        recompute, reason = None, plan.flops_reason
     out = {"forward": forward * accum, "backward": 2 * forward * accum,
            "recompute": None if recompute is None else recompute * accum}
     if reason:
         out["recompute_unpredicted_reason"] = reason
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def measured_matmul_peak(device_type: str = "cpu", dtype_name: str = "float32", n: int = 1024, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n GEMM on this machine (cached per process): the CPU's practical peak for MFU."""
-    dtype = getattr(torch, dtype_name)
-    a = torch.randn(n, n, dtype=dtype, device=device_type)
-    bm = torch.randn(n, n, dtype=dtype, device=device_type)
-    a @ bm  # warm up (thread pool, caches)
-    best = float("inf")
-    for _ in range(reps):
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ bm
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[Optional[float], str]:
-    """(peak FLOP/s, where it comes from) for MFU: the datasheet for known GPUs, a GEMM microbenchmark on CPU."""
-    dname = str(dtype).replace("torch.", "")
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        for key, rates in PEAK_FLOPS.items():
-            if key in gpu and dname in rates:
-                return rates[dname], f"datasheet {key} {dname}"
-        return None, f"no datasheet peak for {gpu} {dname}"
-    return measured_matmul_peak("cpu", dname), f"measured {dname} 1024^3 GEMM on this CPU"
 
 
 def utilization(model_flops: float, recompute_flops: float, step_s: float, peak: Optional[float]) -> dict:

@@ -16,7 +16,6 @@ state and are reported apart.
 from __future__ import annotations
 
 import gc
-
 import time
 import weakref
 from typing import Any, Callable, Iterable
@@ -27,13 +26,15 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from recompute_lab.target_kernels import TargetKernels
+
 
 def _local(t: Tensor) -> Tensor:
     """The tensor this process holds: a DTensor's local shard, any other tensor itself."""
     return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
 
 
-def _storage_key(t: Tensor) -> tuple:
+def storage_key(t: Tensor) -> tuple:
     s = t.untyped_storage()
     # All meta tensors report data_ptr 0: tell their storages apart by the storage object itself.
     return (t.device.type, s._cdata if t.device.type == "meta" else s.data_ptr())
@@ -43,7 +44,7 @@ def unique_bytes(tensors: Iterable[Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views and tied weights count once)."""
     seen: dict[tuple, int] = {}
     for t in map(_local, tensors):
-        seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
+        seen.setdefault(storage_key(t), t.untyped_storage().nbytes())
     return sum(seen.values())
 
 
@@ -68,7 +69,8 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None)
            "master": unique_bytes(master), "optimizer": unique_bytes(adam)}
     n = sum(p.numel() for p in {id(p): p for p in params}.values())
     return {"per_param": per, "total": sum(per.values()), "bytes_per_param": sum(per.values()) / max(n, 1),
-            "optimizer_step_counters": unique_bytes(scalars), "dtypes": _dtypes(params, grads + grad_fp32, master, adam)}
+            "optimizer_step_counters": unique_bytes(scalars),
+            "dtypes": _dtypes(params, grads + grad_fp32, master, adam)}
 
 
 def _dtypes(params, grads, master, adam) -> dict:
@@ -107,7 +109,7 @@ def cuda_peak_bytes(device: torch.device) -> dict | None:
     return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}
 
 
-class _Producers(TorchDispatchMode):
+class LiveStorages(TorchDispatchMode):
     """Remembers which aten op produced each storage (view ops, whose output aliases an input, are skipped),
     and keeps a weak reference to every new storage, to tell afterwards which of them are still alive."""
 
@@ -118,10 +120,10 @@ class _Producers(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        ins = {_storage_key(a) for a in args if isinstance(a, Tensor)}
+        ins = {storage_key(a) for a in args if isinstance(a, Tensor)}
         for o in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(o, Tensor) and o.layout == torch.strided:
-                k = _storage_key(o)
+                k = storage_key(o)
                 if k not in ins:
                     self.op[k] = func.overloadpacket.__name__
                     st = o.untyped_storage()
@@ -143,14 +145,14 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
     forward was running when it was first saved ("loss": GPT.forward itself, i.e. the cross-entropy) and to the
     aten op that produced it.
     """
-    exclude = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    exclude = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
     names = {m: (n or "loss") for n, m in model.named_modules()}
     stack: list[str] = ["loss"]
     saved: dict[tuple, dict] = {}
-    producers = _Producers()
+    producers = LiveStorages()
 
     def pack(t: Tensor) -> Tensor:
-        k = _storage_key(t)
+        k = storage_key(t)
         if k not in exclude and (k not in saved or saved[k]["ref"]() is None):
             saved[k] = {"module": stack[-1], "op": producers.op.get(k, "input"), "ref": weakref.ref(t),
                         "nbytes": t.untyped_storage().nbytes(), "dtype": str(t.dtype).replace("torch.", ""),
@@ -171,7 +173,7 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
     gc.collect()
     # Second count, blind to nothing: every storage the forward made that is still alive, minus its output.
     # It sees what saved_tensors_hooks cannot: op SAC's cache of saved outputs, save_on_cpu's copies.
-    out_keys = {_storage_key(t) for t in tree_leaves(output) if isinstance(t, Tensor)}
+    out_keys = {storage_key(t) for t in tree_leaves(output) if isinstance(t, Tensor)}
     resident = producers.resident(exclude | out_keys)
     # ...plus saved tensors made before the forward (the token ids and targets), which the mode never saw.
     resident += sum(e["nbytes"] for k, e in saved.items() if e["ref"]() is not None and k not in producers.new)
@@ -274,3 +276,15 @@ class CudaPeak:
             torch.cuda.synchronize(self.device)
             self.result = {"allocated": torch.cuda.max_memory_allocated(self.device),
                            "reserved": torch.cuda.max_memory_reserved(self.device), "start": self.start}
+
+
+def meta_saved_tensors(model: nn.Module, batch: int, seq: int, target: str) -> dict:
+    """:func:`saved_tensors` of one forward of a meta-device model, the meta ops saving what ``target``'s
+    kernels (cuda | cpu) save (recompute_lab.target_kernels)."""
+    idx = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    kernels = TargetKernels(target)
+
+    def forward():
+        with kernels:
+            return model(idx, idx.clone())
+    return saved_tensors(model, forward)

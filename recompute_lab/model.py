@@ -83,7 +83,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.d_model // cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
-        self.rotary = Rotary(self.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.positions == Positions.rope else None
+        rope = cfg.positions == Positions.rope
+        self.rotary = Rotary(self.head_dim, cfg.max_seq_len, cfg.rope_theta) if rope else None
         self.core = AttentionCore(cfg)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)

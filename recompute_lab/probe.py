@@ -22,9 +22,10 @@ import torch
 from omegaconf import DictConfig
 
 from recompute_lab import theory
-from recompute_lab.measure import CudaPeak, mem_tracker_step, remat_saved_bytes, saved_tensors
+from recompute_lab.config import ConfigError
+from recompute_lab.measure import CudaPeak, mem_tracker_step, meta_saved_tensors, remat_saved_bytes, saved_tensors
 from recompute_lab.model import build_model
-from recompute_lab.strategies import apply_strategy
+from recompute_lab.recompute import Plan, RunShape, apply_strategy
 
 
 def setting_for(cfg: DictConfig, policy, device_type: str) -> theory.Setting:
@@ -36,13 +37,13 @@ def setting_for(cfg: DictConfig, policy, device_type: str) -> theory.Setting:
                           device=device_type)
 
 
-def predicted_memory(cfg: DictConfig, policy, plan: dict, n_params: int, device_type: str) -> dict:
+def predicted_memory(cfg: DictConfig, policy, plan: Plan, n_params: int, device_type: str) -> dict:
     """Theory for one run: activation bytes under ``plan`` and the peak they imply."""
     st = setting_for(cfg, policy, device_type)
     act = theory.predict_activations(cfg.model, st, plan)
-    if act.get("total") is None and plan.get("predicted_activation_bytes") is not None:
+    if act.get("total") is None and plan.predicted_activation_bytes is not None:
         # The budget planner prices its own plan from probed per-block options (recompute_lab.budget).
-        act = {"total": plan["predicted_activation_bytes"], "largest_region": 0, "by_module": None,
+        act = {"total": plan.predicted_activation_bytes, "largest_region": 0, "by_module": None,
                "logits": None, "reason": "predicted by the budget planner's probed cost model"}
     state = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))
     return {"setting": st, "activations": act, "model_state": state,
@@ -63,29 +64,32 @@ def memory_history(device: torch.device, path: Optional[Path]):
         torch.cuda.memory._record_memory_history(enabled=None)
 
 
-def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path] = None) -> dict:
-    """Run the probe step on a fresh model and return the ``memory`` section of results.json.
+def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path] = None,
+                 plan: Optional[Plan] = None) -> tuple[dict, Optional[Plan]]:
+    """Run the probe step on a fresh model: (the ``memory`` section of results.json, the plan it applied).
 
     ``batch`` is one (idx, targets) micro-batch on ``device``; ``snapshot`` a path for the CUDA memory snapshot
-    pickle (viewable at https://pytorch.org/memory_viz), or None. A probe that fails for any reason but memory
-    does not stop training: the error is recorded as ``probe_error`` and the memory keys stay empty. Running
-    out of memory does propagate (the training step would too).
+    pickle (viewable at https://pytorch.org/memory_viz), or None; ``plan`` a plan this run already solved
+    (replayed). A probe that fails for any reason but memory or configuration does not stop training: the error
+    is recorded as ``probe_error`` and the memory keys stay empty. Running out of memory and an invalid
+    configuration do propagate (the training step would fail the same way).
     """
     try:
-        return _probe(cfg, device, policy, batch, snapshot)
-    except torch.OutOfMemoryError:
+        return _probe(cfg, device, policy, batch, snapshot, plan)
+    except (torch.OutOfMemoryError, ConfigError):
         raise
     except Exception as e:
         warnings.warn(f"memory probe failed, training goes on: {type(e).__name__}: {e}", stacklevel=2)
-        return {"probe_error": f"{type(e).__name__}: {e}"}
+        return {"probe_error": f"{type(e).__name__}: {e}"}, plan
 
 
-def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path]) -> dict:
+def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path],
+           plan: Optional[Plan]) -> tuple[dict, Plan]:
     idx, targets = batch
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         model = build_model(cfg.model, device, policy.param_dtype)
-        plan = apply_strategy(model, cfg.strategy)
+        plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)
         optimizer = policy.build_optimizer(model, cfg.optimizer)
         model.train()
 
@@ -108,13 +112,13 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
         del counted["output"]  # drop the graph: its saved tensors are freed here
         remat = remat_saved_bytes(forward)
         n_params = model.get_num_params()
-        del model, optimizer
+        model = optimizer = None  # frees both: the closures above share these variables
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     pred = predicted_memory(cfg, policy, plan, n_params, device.type)
     act, peak = pred["activations"], pred["peak"]
-    regions = sum(v for k, v in counted["by_module"].items() if k in set(plan.get("recomputed", [])))
+    regions = sum(v for k, v in counted["by_module"].items() if k in set(plan.recomputed))
     activation = {
         # measured: every storage the forward made that is still alive (sees op SAC's cache and save_on_cpu
         # copies); hooked: what saved_tensors_hooks saw, by module and op. Equal for module-level strategies.
@@ -138,10 +142,47 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
                   "snapshot": str(snapshot) if snapshot is not None and device.type == "cuda" else None}
     if snapshot is not None and device.type != "cuda":
         peak_bytes["snapshot_note"] = "trainer.memory_snapshot records the CUDA caching allocator: nothing on CPU"
-    return {"activation_bytes": activation, "peak_bytes": peak_bytes, "plan": plan,
-            "theory_setting": vars(pred["setting"])}
+    return {"activation_bytes": activation, "peak_bytes": peak_bytes, "plan": plan.to_dict(),
+            "theory_setting": vars(pred["setting"])}, plan
 
 
 def _logits(counted: dict) -> int:
     """Measured bytes of the fp32 cross-entropy input (log_softmax's saved output)."""
     return sum(t["nbytes"] for t in counted["tensors"] if t["module"] == "loss" and t["op"] == "_log_softmax")
+
+
+EAGER_SCORES_WARN_BYTES = 2**30  # one layer's (b, h, s, s) fp32 scores above 1 GiB: say so
+
+
+class PredictedOOM(torch.OutOfMemoryError):
+    """trainer.max_memory_gb: the predicted peak does not fit, so nothing is allocated."""
+
+
+def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict) -> Optional[Plan]:
+    """Predict the step's peak on a meta replica and refuse the run (status oom) if it exceeds the guard.
+
+    Returns the plan it applied to the meta replica (None when the guard is off), for the run to replay.
+    """
+    m = cfg.model
+    scores = cfg.data.batch_size * m.n_head * cfg.data.seq_len ** 2 * 4
+    if m.attention == "eager" and scores > EAGER_SCORES_WARN_BYTES:
+        warnings.warn(f"attention=eager stores (b, h, s, s) scores: {scores / 2**30:.1f} GiB per layer at "
+                      f"seq_len {cfg.data.seq_len}; attention=sdpa or +strategy=selective avoid most of it",
+                      stacklevel=2)
+    limit = cfg.trainer.max_memory_gb
+    if limit is None:
+        return None
+    meta = build_model(m, "meta", policy.param_dtype).train()
+    plan = apply_strategy(meta, cfg.strategy, RunShape.of(cfg))
+    pred = predicted_memory(cfg, policy, plan, meta.get_num_params(), device.type)
+    act = pred["activations"]
+    if act.get("total") is None:  # no closed form for this plan: count its saved tensors on the meta replica
+        counted = meta_saved_tensors(meta, cfg.data.batch_size, cfg.data.seq_len, device.type)
+        act = {"total": counted["total"], "largest_region": 0}
+    peak = theory.predict_peak(m, pred["setting"], pred["model_state"], act)
+    total = peak["total"] if peak else pred["model_state"]["total"] + act["total"]
+    results["memory"]["guard"] = {"max_memory_gb": limit, "predicted_peak_bytes": total}
+    if total > limit * 1e9:
+        raise PredictedOOM(f"predicted peak {total / 1e9:.3f} GB exceeds trainer.max_memory_gb={limit}; "
+                           f"nothing was allocated (try a recomputation strategy, a smaller batch or seq_len)")
+    return plan

@@ -287,34 +287,28 @@ def covers(region: str, module: str) -> bool:
     return module == region or module.startswith(region + ".")
 
 
-def region_names(plan: dict) -> list[str]:
-    """Checkpoint regions of a plan: whole-block groups (plan["regions"], e.g. layers uniform, sqrt) become
-    ``blocks.i-j`` runs, one region each; otherwise the recomputed module names themselves."""
-    recomputed = list(plan.get("recomputed", []))
-    groups = plan.get("regions")
+def region_names(plan) -> list[str]:
+    """Checkpoint regions of a plan (recompute_lab.recompute.Plan): whole-block groups (``block_groups``, e.g.
+    layers uniform, sqrt) become ``blocks.i-j`` runs, one region each; otherwise the recomputed module names."""
+    recomputed = list(plan.recomputed)
+    groups = plan.block_groups
     if groups and recomputed and all(re.fullmatch(r"blocks\.\d+", n) for n in recomputed):
         return [f"blocks.{g[0]}" if len(g) == 1 else f"blocks.{g[0]}-{g[-1]}" for g in groups]
     return recomputed
 
 
-UNPREDICTABLE = {"op": "op-level selective checkpointing decides per aten op",
-                 "regions": "torch_remat regions save per their own policy",
-                 "offload": "saved tensors move to host memory", "budget": "a solver's per-op plan"}
-
-
-def predict_activations(cfg, st: Setting, plan: Optional[dict] = None) -> dict:
+def predict_activations(cfg, st: Setting, plan=None) -> dict:
     """Saved-for-backward bytes of one forward under ``plan``; ``total`` None with a ``reason`` when not predictable.
 
-    A module in plan["recomputed"] is one checkpoint region: its own saves disappear and its inputs are kept
-    instead (counted once if something outside saves them anyway).
+    ``plan`` is a recompute_lab.recompute.Plan (None: nothing recomputed). A module in ``plan.recomputed`` is one
+    checkpoint region: its own saves disappear and its inputs are kept instead (counted once if something
+    outside saves them anyway). A plan whose saves are decided per op, per region or elsewhere carries its
+    ``activation_reason``: then there is no closed form.
     """
-    plan = plan or {"name": "none", "recomputed": []}
-    if plan.get("name") in UNPREDICTABLE:
-        return {"total": None, "reason": f"strategy {plan['name']!r}: {UNPREDICTABLE[plan['name']]}"}
-    if plan.get("offload"):  # save_on_cpu's pack hooks sit inside ours: the measurement cannot see its copies
-        return {"total": None, "reason": f"{plan['name']} + offload: {UNPREDICTABLE['offload']}"}
+    if plan is not None and plan.activation_reason:
+        return {"total": None, "reason": plan.activation_reason}
     terms = saved_terms(cfg, st)
-    regions = region_names(plan)
+    regions = region_names(plan) if plan is not None else []
     region_of: dict[str, list[Saved]] = {}
     for name in regions:
         inputs = region_inputs(cfg, st, name)

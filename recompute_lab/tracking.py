@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 from recompute_lab.config import to_container
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "oom", "diverged", "interrupted", "error")
 
 
 def new_results(cfg: DictConfig) -> dict:
@@ -49,7 +48,8 @@ def env_info(device: torch.device, dtype: torch.dtype) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "dtype": str(dtype).replace("torch.", ""),
         "num_threads": torch.get_num_threads(),
         # Recorded in the run's own results (not the repo) so a sweep over machines can be told apart.
@@ -87,14 +87,6 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-def read_results(path: Path) -> dict:
-    with open(path) as f:
-        data = json.load(f)
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-    return data
-
-
 def _si(x: Optional[float], unit: str = "") -> str:
     if x is None:
         return "n/a"
@@ -118,10 +110,12 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
     if ms.get("measured") is not None:
         scope = f" per rank of {par.get('world_size')} ({par.get('kind')})" if par.get("world_size", 1) > 1 else ""
         lines.append(f"  model state{scope} {_si(ms['measured'], 'B')} "
-                     f"({ms['bytes_per_param']['measured']:.1f} B/param, predicted {ms['bytes_per_param']['predicted']})")
+                     f"({ms['bytes_per_param']['measured']:.1f} B/param, "
+                     f"predicted {ms['bytes_per_param']['predicted']})")
     act, peak = results["memory"].get("activation_bytes") or {}, results["memory"].get("peak_bytes") or {}
     if act.get("measured") is not None:
-        lines.append(f"  activations saved for backward {_si(act['measured'], 'B')} (predicted {_si(act.get('predicted'), 'B')}); "
+        lines.append(f"  activations saved for backward {_si(act['measured'], 'B')} "
+                     f"(predicted {_si(act.get('predicted'), 'B')}); "
                      f"peak {_si(peak.get('measured'), 'B')} (predicted {_si(peak.get('predicted'), 'B')}, "
                      f"{peak.get('source') or 'n/a'})")
     if fl.get("per_step"):

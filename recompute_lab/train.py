@@ -19,12 +19,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from recompute_lab.config import ConfigError
+from recompute_lab.cli import check_overrides
+from recompute_lab.config import CONF_DIR, ConfigError
 from recompute_lab.distributed import env_rank, prepare_argv
 from recompute_lab.engine import run
 from recompute_lab.tracking import format_summary
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -49,6 +48,16 @@ def main(cfg: DictConfig) -> float | None:
     return results["loss"]["final"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m recompute_lab.train`` (and the ``recompute-lab-train`` console script)."""
     sys.argv = prepare_argv(sys.argv)  # before Hydra parses it: --local_rank, non-zero ranks' output dirs
+    try:
+        check_overrides(sys.argv[1:])  # mistakes Hydra would accept or explain misleadingly
+    except ConfigError as e:
+        print(f"recompute_lab: invalid configuration: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

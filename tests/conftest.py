@@ -12,8 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+import recompute_lab.recompute  # noqa: F401  (registers each strategy's schema, which conf/strategy/*.yaml use)
+from recompute_lab.config import CONF_DIR
+
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = str(ROOT / "conf")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

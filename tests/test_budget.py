@@ -15,11 +15,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from recompute_lab import budget as B
+from recompute_lab.recompute import budget as B
+from recompute_lab.cli import compose_run_config
 from recompute_lab.config import ConfigError
 from recompute_lab.engine import run
 from recompute_lab.model import build_model
-from recompute_lab.strategies import apply_strategy
+from recompute_lab.recompute import RunShape, apply_strategy, parse_options
 
 from conftest import cached_compose, one_thread_fixture, FAST, compose_config, load_results
 
@@ -38,7 +39,8 @@ FIXED = [
     ("layers-uniform2", ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=2"]),
     ("sqrt", ["+strategy=sqrt"]), ("op", ["+strategy=op"]),
     ("op-every-other-mm", ["+strategy=op", "strategy.every_other_mm=true"]),
-    ("regions", ["+strategy=regions"]), ("regions-core-act", ["+strategy=regions", "strategy.save=[attn.core,mlp.act]"]),
+    ("regions", ["+strategy=regions"]),
+    ("regions-core-act", ["+strategy=regions", "strategy.save=[attn.core,mlp.act]"]),
 ]
 FLOP_BOUND = ("none", "full", "selective", "layers", "sqrt")  # the plan's recompute FLOPs are <= theirs
 
@@ -56,12 +58,12 @@ def fresh(attention: str, overrides=("+strategy=none",)):
 @functools.lru_cache(maxsize=None)
 def probed(attention: str) -> B.Probed:
     model, cfg = fresh(attention, ["+strategy=budget"])
-    return B.probe_model(model, BATCH, SEQ, cfg.precision)
+    return B.probe_model(model, RunShape.of(cfg))
 
 
 def planned(attention: str, extra: tuple[str, ...]):
     model, cfg = fresh(attention, ["+strategy=budget", *extra])
-    return model, B.apply_budget(model, cfg.strategy, cfg.precision, probed(attention))
+    return model, B.solve(model, parse_options(cfg.strategy), RunShape.of(cfg), probed(attention)).to_dict()
 
 
 # --- an independent byte count on the whole model ----------------------------------------------------------
@@ -104,7 +106,7 @@ def fixed_prices(attention: str) -> dict:
     out = {}
     for vid, overrides in FIXED:
         model, cfg = fresh(attention, overrides)
-        apply_strategy(model, cfg.strategy)
+        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
         out[vid] = priced(model, none)
     return out
 
@@ -205,13 +207,15 @@ def test_infeasible_or_bad_budgets_raise_config_error(extra, needle):
     needle = needle.replace("{full}", str(fixed_prices("eager")["full"][0]))
     model, cfg = fresh("eager", ["+strategy=budget", *extra])
     with pytest.raises(ConfigError, match=needle):
-        apply_strategy(model, cfg.strategy)
+        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
 
 
 def test_budget_options_belong_to_budget_only():
-    model, cfg = fresh("eager", ["+strategy=full", "strategy.budget_fraction=0.3"])
     with pytest.raises(ConfigError, match="budget_fraction is not an option of strategy 'full'"):
-        apply_strategy(model, cfg.strategy)
+        compose_run_config([*MODEL, "+strategy=full", "strategy.budget_fraction=0.3"])
+    model, cfg = fresh("eager", ["+strategy=full", "+strategy.budget_fraction=0.3"])  # forced in with a `+`
+    with pytest.raises(ConfigError, match="budget_fraction is not an option of strategy 'full'"):
+        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
 
 
 def test_objective_time_plan_fits():
@@ -235,7 +239,7 @@ def test_cli_run_records_the_plan_and_its_counted_flops(tmp_path):
 def test_meta_device_plan_matches_the_cpu_plan_for_eager_attention():
     cfg = compose(*MODEL, "model.attention=eager", "+strategy=budget")
     meta = build_model(cfg.model, "meta").train()
-    plan = apply_strategy(meta, cfg.strategy)
+    plan = apply_strategy(meta, cfg.strategy, RunShape.of(cfg)).to_dict()
     _, cpu = planned("eager", ())
     assert plan["chosen"] == cpu["chosen"] and plan["cost"] == cpu["cost"]
     assert plan["predicted_activation_bytes"] == cpu["predicted_activation_bytes"]
@@ -245,8 +249,8 @@ def test_meta_sdpa_probe_uses_a_fused_kernel_like_the_cpu():
     # Without dropout the CPU runs its fused SDPA kernel (no s^2 scores kept); on meta the probe calls aten's
     # flash kernel rather than SDPA's math path. Bytes agree but for the flash kernel's RNG state (24 B/block).
     cfg = compose("model=tiny", f"model.n_layer={N_LAYER}", "model.attention=sdpa", "+strategy=budget")
-    on_meta = B.probe_model(build_model(cfg.model, "meta").train(), BATCH, SEQ, cfg.precision)
-    on_cpu = B.probe_model(build_model(cfg.model).train(), BATCH, SEQ, cfg.precision)
+    on_meta = B.probe_model(build_model(cfg.model, "meta").train(), RunShape(BATCH, SEQ))
+    on_cpu = B.probe_model(build_model(cfg.model).train(), RunShape(BATCH, SEQ))
     assert on_meta.outside == on_cpu.outside
     for m, c in zip(on_meta.prices, on_cpu.prices):
         assert m.flops == c.flops and 0 <= m.bytes - c.bytes <= 24
@@ -258,10 +262,10 @@ def test_llama3_8b_on_meta_at_seq_8192_plans_in_seconds():
                           "+strategy=budget", "strategy.device_memory_gb=141"])
     model = build_model(cfg.model, "meta", torch.bfloat16).train()
     t0 = time.perf_counter()
-    plan = apply_strategy(model, cfg.strategy)
+    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
     assert time.perf_counter() - t0 < 60  # ~15 s on 2 shared CPU cores
     assert plan["predicted_activation_bytes"] <= plan["budget"]["bytes"] and len(plan["chosen"]) == 32
     with pytest.raises(ConfigError, match="model state alone"):  # 8B x 16 B = 128 GB > 80 GB
-        apply_strategy(build_model(cfg.model, "meta", torch.bfloat16),
-                       compose_config(["model=llama3_8b", "data.seq_len=8192", "precision=bf16_master",
-                                       "+strategy=budget", "strategy.device_memory_gb=80"]).strategy)
+        small = compose_config(["model=llama3_8b", "data.seq_len=8192", "precision=bf16_master",
+                                "+strategy=budget", "strategy.device_memory_gb=80"])
+        apply_strategy(build_model(cfg.model, "meta", torch.bfloat16), small.strategy, RunShape.of(small))

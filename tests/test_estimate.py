@@ -99,7 +99,7 @@ def test_cpu_target_on_meta_matches_a_real_cpu_run():
         idx = torch.zeros(4, 64, dtype=torch.long, device=device)
         kernels = TargetKernels("cpu") if device == "meta" else contextlib.nullcontext()  # real kernels on cpu
 
-        def forward():
+        def forward(model=model, idx=idx, kernels=kernels):
             with kernels:
                 return model(idx, idx.clone())
         totals[device] = saved_tensors(model, forward)["by_module"]

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from recompute_lab import flops
 from recompute_lab.model import build_model
-from recompute_lab.strategies import apply_strategy, checkpoint_module
+from recompute_lab.recompute import Plan, RunShape, apply_strategy
+from recompute_lab.recompute.wrap import checkpoint_module
 
 from conftest import compose_config
 
@@ -25,7 +27,7 @@ SHAPES = [
 def test_counted_forward_and_backward_match_prediction(overrides):
     cfg = compose_config([*overrides, "+strategy=none"])
     counted = flops.count_step_flops(cfg)
-    predicted = flops.predict_step_flops(cfg, {"name": "none", "recomputed": []})
+    predicted = flops.predict_step_flops(cfg, Plan("none", ""))
     assert counted["recompute"] == predicted["recompute"] == 0
     # The issue asks for 5%; the formula is exact for this model, so hold it to 0.1%.
     assert counted["forward"] == pytest.approx(predicted["forward"], rel=1e-3)
@@ -45,7 +47,7 @@ def test_full_recompute_is_one_forward_of_every_block(overrides):
         counted = flops.count_step_flops(cfg)
     assert counted["recompute"] == blocks_forward
     counted_default = flops.count_step_flops(cfg)
-    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy)
+    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy, RunShape.of(cfg))
     assert counted_default["recompute"] == flops.predict_step_flops(cfg, plan)["recompute"]
     if cfg.model.dropout > 0:  # dropout after mlp.proj needs proj's output: nothing is skipped
         assert counted_default["recompute"] == blocks_forward
@@ -67,7 +69,7 @@ def test_sub_module_recompute_prediction(parts, dropout):
             checkpoint_module(block.get_submodule(part))
             recomputed.append(f"blocks.{i}.{part}")
     _, bwd, _, _ = flops.count_model_flops(model, b, s)
-    predicted = flops.predict_step_flops(cfg, {"name": "custom", "recomputed": recomputed})
+    predicted = flops.predict_step_flops(cfg, Plan("custom", "", recomputed=recomputed))
     assert bwd - bwd_none == predicted["recompute"]
 
 
@@ -80,9 +82,10 @@ def test_grad_accum_scales_per_step_flops():
 
 def test_unpredictable_plans_say_why():
     cfg = compose_config([])
-    out = flops.predict_step_flops(cfg, {"name": "op", "recomputed": ["blocks.0"]})
+    op = compose_config(["+strategy=op"])
+    out = flops.predict_step_flops(cfg, apply_strategy(build_model(op.model, device="meta"), op.strategy))
     assert out["recompute"] is None and "recompute_unpredicted_reason" in out
-    out = flops.predict_step_flops(cfg, {"name": "x", "recomputed": ["head"]})
+    out = flops.predict_step_flops(cfg, Plan("x", "", recomputed=["head"]))
     assert out["recompute"] is None and "head" in out["recompute_unpredicted_reason"]
 
 
@@ -119,7 +122,7 @@ def test_cpu_gemm_peak_is_measured_and_cached():
 ])
 def test_every_module_level_strategy_recompute_is_predicted_exactly(overrides, dropout):
     cfg = compose_config([*overrides, "model.n_layer=4", "model.attention=eager", f"model.dropout={dropout}"])
-    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy)
+    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy, RunShape.of(cfg))
     assert flops.count_step_flops(cfg)["recompute"] == flops.predict_step_flops(cfg, plan)["recompute"]
 
 
@@ -127,7 +130,7 @@ def test_every_module_level_strategy_recompute_is_predicted_exactly(overrides, d
 def test_op_and_region_plans_are_counted_not_guessed(name):
     cfg = compose_config([f"+strategy={name}", "strategy.every_other_mm=true"] if name == "op" else
                          [f"+strategy={name}", "strategy.save=[attn.core]"])
-    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy)
+    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy, RunShape.of(cfg))
     counted = flops.count_step_flops(cfg)["recompute"]
     with set_checkpoint_early_stop(False):
         blocks_forward = flops.count_step_flops(compose_config(["+strategy=full"]))["recompute"]

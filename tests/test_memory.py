@@ -10,11 +10,12 @@ from recompute_lab import theory
 from recompute_lab.config import ModelConfig
 from recompute_lab.data import Batches
 from recompute_lab.engine import run
+from recompute_lab.recompute import Plan
 from recompute_lab.measure import mem_tracker_step, model_state_bytes, remat_saved_bytes, saved_tensors
 from recompute_lab.model import build_model
 from recompute_lab.precision import POLICIES, make_precision
 from recompute_lab.probe import memory_probe
-from recompute_lab.strategies import checkpoint_module
+from recompute_lab.recompute.wrap import checkpoint_module
 
 from conftest import FAST, compose_config, load_results, run_cli
 
@@ -25,19 +26,16 @@ LLAMA_LIKE = dict(TINY, positions="rope", n_kv_head=2, norm="rmsnorm", mlp="swig
 PRECISIONS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16_autocast": (torch.float32, True)}
 
 
-def apply(model, strategy: str) -> dict:
-    """Apply a strategy given as "name" or "name:field=value:field=value" (the real strategies module)."""
-    from omegaconf import OmegaConf
-
-    from recompute_lab.config import StrategyConfig
-    from recompute_lab.strategies import apply_strategy
+def apply(model, strategy: str):
+    """Apply a strategy given as "name" or "name:field=value:field=value" (the real strategies package)."""
+    from recompute_lab.recompute import apply_strategy
 
     name, *options = strategy.split(":")
-    scfg = OmegaConf.structured(StrategyConfig(name=name))
+    opts: dict = {"name": name}
     for option in options:
         key, value = option.split("=")
-        scfg[key] = OmegaConf.create({"v": value if not value.startswith("[") else value.strip("[]").split(",")})["v"]
-    return apply_strategy(model, scfg)
+        opts[key] = value if not value.startswith("[") else value.strip("[]").split(",")
+    return apply_strategy(model, opts)
 
 
 def measure_and_predict(model_kw: dict, strategy: str, precision: str, b: int, s: int, device: str = "cpu"):
@@ -113,7 +111,7 @@ def test_other_region_shapes_block_runs_and_sublayers(kw, precision):
     model.block_runner = runner
     checkpoint_module(model.blocks[2].norm2)
     checkpoint_module(model.blocks[2].mlp.act)
-    plan = {"name": "mixed", "recomputed": ["blocks.0-1", "blocks.2.norm2", "blocks.2.mlp.act"]}
+    plan = Plan("mixed", "", recomputed=["blocks.0-1", "blocks.2.norm2", "blocks.2.mlp.act"])
     measured = saved_tensors(model, forward)
     st = theory.Setting(4, 16, 4, 2 if PRECISIONS[precision][1] else None, "cpu")
     assert theory.predict_activations(cfg, st, plan)["total"] == measured["total"]
@@ -125,7 +123,7 @@ def test_saved_tensor_accounting_works_on_meta_and_dedups_views():
     for device in ("cpu", "meta"):
         model = build_model(cfg, device)
         idx = torch.zeros(8, 64, dtype=torch.long, device=device)
-        on[device] = saved_tensors(model, lambda: model(idx, idx.clone()))
+        on[device] = saved_tensors(model, lambda model=model, idx=idx: model(idx, idx.clone()))
     assert on["meta"]["total"] == on["cpu"]["total"] and on["meta"]["by_op"] == on["cpu"]["by_op"]
     # q, k, v of the sdpa kernel are three views of one fused qkv output: one storage, counted once.
     model = build_model(ModelConfig(**TINY))
@@ -141,7 +139,7 @@ def test_torch_remat_report_agrees_with_each_difference_named(model_kw, strategy
     remat = remat_saved_bytes(forward)
     assert remat["available"], remat.get("reason")
     # 1. torch.utils.checkpoint keeps region inputs in its frame, off the autograd graph remat walks.
-    region_inputs = sum(v for k, v in measured["by_module"].items() if k in plan["recomputed"])
+    region_inputs = sum(v for k, v in measured["by_module"].items() if k in plan.recomputed)
     # 2. remat counts saved views of buffers (fp32 RoPE cos/sin tables); we exclude buffers like parameters.
     hd = cfg.d_model // cfg.n_head
     buffer_views = 2 * cfg.max_seq_len * hd // 2 * 4 if cfg.positions == "rope" and strategy != "full" else 0
@@ -209,10 +207,11 @@ def test_model_state_bytes_per_param_equal_theory(name, cfg_of):
 
 def test_unpredictable_plans_return_none_with_a_reason():
     cfg, st = ModelConfig(**TINY), theory.Setting(2, 16)
-    for plan in ({"name": "op", "recomputed": ["blocks.0"]}, {"name": "regions", "recomputed": []}):
+    for name in ("op", "regions", "offload"):
+        plan = apply(build_model(cfg, "meta").train(), name)
         out = theory.predict_activations(cfg, st, plan)
-        assert out["total"] is None and plan["name"] in out["reason"]
-    out = theory.predict_activations(cfg, st, {"name": "x", "recomputed": ["blocks.0.mlp.fc"]})
+        assert out["total"] is None and name in out["reason"]
+    out = theory.predict_activations(cfg, st, Plan("x", "", recomputed=["blocks.0.mlp.fc"]))
     assert out["total"] is None and "blocks.0.mlp.fc" in out["reason"]
     assert theory.predict_peak(cfg, st, theory.model_state_bytes(10, "fp32"), out) is None
 
@@ -223,7 +222,7 @@ def test_unpredictable_plans_return_none_with_a_reason():
 def test_probe_peak_prediction_brackets_mem_tracker(overrides):
     cfg = compose_config([*overrides, *FAST])
     policy = make_precision(cfg.precision)
-    out = memory_probe(cfg, torch.device("cpu"), policy, Batches(cfg.data, cfg.model.vocab_size).get(0, 0))
+    out, _ = memory_probe(cfg, torch.device("cpu"), policy, Batches(cfg.data, cfg.model.vocab_size).get(0, 0))
     peak, act = out["peak_bytes"], out["activation_bytes"]
     assert act["predicted"] == pytest.approx(act["measured"], rel=0.02)
     assert peak["source"] == "mem_tracker" and peak["by_category"]["act"] >= 0

@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 
-import recompute_lab.strategies
+import recompute_lab.recompute
 from recompute_lab import theory
 from recompute_lab.config import ConfigError
 from recompute_lab.data import Batches
@@ -201,7 +201,7 @@ def test_fp32_grad_accum_matches_double_batch_within_bf16_tolerance():
 
 
 @pytest.mark.parametrize("key", list(PRECISIONS))
-@pytest.mark.parametrize("strategy", sorted(recompute_lab.strategies.STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(recompute_lab.recompute.STRATEGIES))
 def test_every_strategy_runs_under_every_precision(tmp_path, strategy, key):
     overrides, per_param = PRECISIONS[key]
     cfg = compose_config([f"+strategy={strategy}", *overrides, "trainer.steps=2", "trainer.grad_accum=2", *FAST])

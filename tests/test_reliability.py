@@ -106,7 +106,8 @@ def test_oom_in_one_job_of_a_sweep(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPT, "forward", forward)
     sweep = tmp_path / "sweep"
-    monkeypatch.setattr(sys, "argv", ["train", "-m", "model.n_layer=1,2,3", "trainer.steps=2", "trainer.probe=false", *FAST,
+    monkeypatch.setattr(sys, "argv", ["train", "-m", "model.n_layer=1,2,3", "trainer.steps=2", "trainer.probe=false",
+                                      *FAST,
                                       f"hydra.sweep.dir={sweep}", "hydra/job_logging=disabled"])
     train.main()
     statuses = {load_results(f)["model"]["n_layer"]: load_results(f) for f in sweep.glob("*/results.json")}

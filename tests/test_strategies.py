@@ -29,8 +29,9 @@ from torch.utils.checkpoint import CheckpointPolicy
 from recompute_lab.config import ConfigError
 from recompute_lab.engine import run
 from recompute_lab.model import build_model
-from recompute_lab.sac import draws_random, make_policy
-from recompute_lab.strategies import STRATEGIES, apply_strategy
+from recompute_lab.recompute.wrap import draws_random, make_policy
+from recompute_lab.cli import compose_run_config
+from recompute_lab.recompute import STRATEGIES, RunShape, apply_strategy
 
 from conftest import cached_compose, one_thread_fixture, CONF_DIR, FAST, compose_config, load_results, run_cli
 
@@ -58,6 +59,13 @@ VARIANTS = [
     ("full-offload", ["+strategy=full", "strategy.offload=true"]),
 ]
 ATTENTION = ["eager", "sdpa"]
+GRADIENTS_TESTED_ELSEWHERE = {"budget": "tests/test_budget.py"}
+
+
+def test_every_registered_strategy_has_a_gradient_variant():
+    """A new strategy is not done until its gradients are compared with `none` here (or where it says)."""
+    covered = {o.split("=", 1)[1] for _, overrides in VARIANTS for o in overrides if o.startswith("+strategy=")}
+    assert set(STRATEGIES) - set(GRADIENTS_TESTED_ELSEWHERE) <= covered
 
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
@@ -76,7 +84,7 @@ def strategic(attention: str, overrides: list[str]):
     model = copy.deepcopy(base_model(attention))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan = apply_strategy(model, cfg.strategy)
+        plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
     return model, plan
 
 
@@ -119,7 +127,8 @@ def test_llama_style_blocks_gradients_equal_none(vid, overrides):
     torch.manual_seed(0)
     base = build_model(compose(*MODEL, *LLAMA_STYLE).model).train()
     model = copy.deepcopy(base)
-    apply_strategy(model, compose(*MODEL, *LLAMA_STYLE, *overrides).strategy)
+    cfg = compose(*MODEL, *LLAMA_STYLE, *overrides)
+    apply_strategy(model, cfg.strategy, RunShape.of(cfg))
     g_none, g = grads(base), grads(model)
     assert all((g_none[n] - g[n]).abs().max().item() <= 1e-6 for n in g_none)
 
@@ -303,7 +312,7 @@ def test_offload_on_cpu_says_it_moves_nothing():
     cfg = compose_config(["+strategy=offload"])
     model = build_model(cfg.model)
     with pytest.warns(UserWarning, match="moves nothing"):
-        plan = apply_strategy(model, cfg.strategy)
+        plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
     assert plan["offload"] is True and plan["offload_effective"] is False
     assert any("moves nothing" in w for w in plan["warnings"]) and plan["recomputed"] == []
 
@@ -331,7 +340,7 @@ def test_strategies_run_on_the_meta_device(name):
     """The estimate path builds models on meta (no memory): every strategy must apply and run there too."""
     cfg = compose(*MODEL, f"+strategy={name}")
     model = build_model(cfg.model, "meta").train()
-    plan = apply_strategy(model, cfg.strategy)
+    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
     idx = torch.zeros(2, 16, dtype=torch.long, device="meta")
     model(idx, idx).backward()
     assert plan["offload_effective"] is False
@@ -350,7 +359,7 @@ def test_strategies_run_on_the_meta_device(name):
 def test_bad_strategy_options_raise_config_error_listing_valid(overrides, needle):
     cfg = compose_config([*MODEL, *overrides])
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
-        apply_strategy(build_model(cfg.model), cfg.strategy)
+        apply_strategy(build_model(cfg.model), cfg.strategy, RunShape.of(cfg))
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -359,15 +368,18 @@ def test_bad_strategy_options_raise_config_error_listing_valid(overrides, needle
     (["+strategy=op", "strategy.save=[mlp.fc]"], "its options: save_ops, every_other_mm, offload"),
 ])
 def test_options_of_another_strategy_are_rejected(overrides, needle):
-    cfg = compose(*MODEL, *overrides)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):  # before Hydra composes
+        compose_run_config([*MODEL, *overrides])
+    # Forced in with a `+`, the same option composes; the strategy refuses it before anything is built.
+    cfg = compose(*MODEL, *[("+" + o if o.startswith("strategy.") else o) for o in overrides])
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-        apply_strategy(build_model(cfg.model), cfg.strategy)
+        apply_strategy(build_model(cfg.model), cfg.strategy, RunShape.of(cfg))
 
 
 def test_transformer_only_strategies_reject_toy_mlp():
     cfg = compose_config(["model=toy_mlp", "+strategy=selective"])
     with pytest.raises(ConfigError, match="Valid strategies for it: none, full"):
-        apply_strategy(build_model(cfg.model), cfg.strategy)
+        apply_strategy(build_model(cfg.model), cfg.strategy, RunShape.of(cfg))
 
 
 def test_unknown_layer_method_fails_at_compose_time():
@@ -386,7 +398,7 @@ def test_every_config_is_a_registered_strategy_and_back():
     files = strategy_files()
     assert set(files) == set(STRATEGIES)
     for stem, text in files.items():
-        assert text.startswith("# ") and f"name: {stem}\n" in text  # a comment saying what it does
+        assert text.startswith("# ") and f"/schema/strategy/{stem}@_here_\n" in text  # says what it does; its schema
 
 
 def test_glob_sweep_runs_every_strategy_and_nothing_else(tmp_path):

@@ -53,7 +53,7 @@ def test_missing_text_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("args,needle,code", [
     (["+strategy=fulll"], "Could not find 'strategy/fulll'", 1),
     (["model.n_head=7"], "does not divide", 2),
-    (["model.n_layr=3"], "n_layr", 1),
+    (["model.n_layr=3"], "model.n_layr is not a model option (did you mean 'n_layer'?)", 2),  # before Hydra
     (["strategy=full"], "+strategy=full", 1),
     (["trainer.device=cuda"], "CUDA is not available", 2),
 ])

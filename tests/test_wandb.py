@@ -97,7 +97,8 @@ def test_dashboard_spec_with_api_mocked(monkeypatch, capsys):
         return {"upsertView": {"view": {"name": "abc123", "id": "id-1"}}}
 
     monkeypatch.setattr(internal, "upsert_view2", upsert)
-    monkeypatch.setattr(wandb, "Api", lambda *a, **k: type("Api", (), {"settings": {"base_url": "https://api.wandb.ai"}, "client": None})())
+    fake_api = type("Api", (), {"settings": {"base_url": "https://api.wandb.ai"}, "client": None})
+    monkeypatch.setattr(wandb, "Api", lambda *a, **k: fake_api())
     monkeypatch.setattr(dashboard, "has_credentials", lambda: True)
 
     import wandb_workspaces.workspaces.interface as iface

@@ -1,9 +1,9 @@
 """A small reader for W&B's offline run files (run-*.wandb), to check what an offline run really recorded.
 
 Format (W&B's LevelDB-style log): a 7-byte file header (b":W&B", 2-byte magic, 1-byte version), then 32 KiB
-blocks of chunks; each chunk has a 7-byte header (CRC-32 of type byte + payload, 4 bytes, little-endian length 2 bytes, type 1 byte:
-FULL=1, FIRST=2, MIDDLE=3, LAST=4) and its payload; a block tail shorter than 7 bytes is zero padding. Joined
-payloads are serialized wandb.proto.wandb_internal_pb2.Record messages.
+blocks of chunks; each chunk has a 7-byte header (CRC-32 of type byte + payload, 4 bytes, little-endian length
+2 bytes, type 1 byte: FULL=1, FIRST=2, MIDDLE=3, LAST=4) and its payload; a block tail shorter than 7 bytes is
+zero padding. Joined payloads are serialized wandb.proto.wandb_internal_pb2.Record messages.
 """
 from __future__ import annotations
 

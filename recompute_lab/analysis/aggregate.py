@@ -19,6 +19,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from recompute_lab.recompute import label_of
+from recompute_lab.theory import korthikanti_layer_bytes, naive_layer_bytes
+
 
 class AnalysisError(ValueError):
     """The folder cannot be analysed (does not exist, holds no results.json)."""
@@ -67,30 +70,10 @@ def find_results(folder: Path) -> list[Path]:
     return paths
 
 
-# Options that tell runs of one strategy apart (the shared strategy schema carries every strategy's options).
-LABEL_OPTIONS = {"layers": ("method", "num_layers"), "op": ("save_ops", "every_other_mm"), "regions": ("save",)}
-OPTION_DEFAULTS = {"save_ops": None, "every_other_mm": False,
-                   "save": ["attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj"]}
-
-
 def strategy_label(strategy_cfg: Optional[dict]) -> str:
-    """A short readable name: 'none', 'full', 'selective[core_attn]', 'layers(method=block,num_layers=1)'."""
-    if not isinstance(strategy_cfg, dict) or not strategy_cfg.get("name"):
-        return "none"  # the schema's default: nothing recomputed
-    name, opts = strategy_cfg["name"], strategy_cfg
-    suffix = "+offload" if opts.get("offload") and name != "offload" else ""
-    if name == "selective" and "modules" in opts:
-        return f"selective[{'+'.join(map(str, opts['modules']))}]{suffix}"
-    keys = [k for k in LABEL_OPTIONS.get(name, ()) if k in opts and opts[k] != OPTION_DEFAULTS.get(k, object())]
-    if name == "layers" and opts.get("method") == "every":
-        keys = ["method", "every"]
-    if not keys:
-        return name + suffix
-    return f"{name}({','.join(f'{k}={_short(opts[k])}' for k in keys)}){suffix}"
-
-
-def _short(v: Any) -> str:
-    return "+".join(map(str, v)) if isinstance(v, list) else str(v)
+    """A short readable name: 'none', 'full', 'selective[core_attn]', 'layers(method=block,num_layers=1)'
+    (the strategy's own label rule, recompute_lab.recompute.label_of)."""
+    return label_of(strategy_cfg)
 
 
 def precision_label(precision_cfg: Optional[dict]) -> Optional[str]:
@@ -289,9 +272,9 @@ def write_markdown(rows: list[dict], path: Path) -> None:
 # Reference lines for figure 1 and quiz question 1 (bytes for the whole model's n_layer layers).
 def korthikanti_bytes(s: int, b: int, h: int, a: int, n_layer: int) -> int:
     """Korthikanti et al. 2022, eq. 1: sbh(34 + 5as/h) bytes per layer (16-bit values, dropout on) x L."""
-    return n_layer * (34 * s * b * h + 5 * a * s * s * b)
+    return n_layer * korthikanti_layer_bytes(s, b, h, a)
 
 
 def naive_bytes(s: int, b: int, h: int, n_layer: int) -> int:
     """The seed notebook's line: 2 bytes x 2 x hidden per token per layer, linear in s."""
-    return n_layer * 2 * 2 * h * s * b
+    return n_layer * naive_layer_bytes(s, b, h)

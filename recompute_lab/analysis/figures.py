@@ -25,7 +25,6 @@ FIGURES = ("fig1_activation_vs_context", "fig2_memory_breakdown", "fig3_pareto",
            "fig5_bytes_per_param")
 MIB = 2 ** 20
 MARKERS = "osD^vP*Xh<>"
-LINESTYLES = ("-", "--", ":", "-.")
 HATCHES = ("", "//", "xx", "..", "\\\\", "oo", "++")
 GREYS = ("0.15", "0.45", "0.7", "0.9", "0.55", "0.3", "0.8")
 plt.rcParams.update({"font.size": 9, "axes.grid": True, "grid.alpha": 0.3, "savefig.dpi": 110})

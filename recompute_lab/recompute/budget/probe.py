@@ -1,0 +1,175 @@
+"""The budget planner's cost model, measured (not assumed) on one-block replicas of the model.
+
+Each option is applied to a one-block replica, on the model's own device (meta for estimates), and one forward +
+backward is run:
+- activation bytes: storages made in the forward that are still alive when it returns (recompute_lab.measure's
+  LiveStorages; parameters, buffers, token ids and the loss excluded), so the SAC cache that saved_tensors_hooks
+  cannot see counts too. On meta, sdpa replicas call aten's flash-attention kernel (SDPA's math path would keep
+  s^2 scores that a GPU's fused kernel does not).
+- recompute FLOPs: FlopCounterMode, backward(option) - backward(none), early stop of non-reentrant checkpoint
+  included; the CPU's fused SDPA kernel gets flash attention's formula (FlopCounterMode has none).
+- pointwise bytes: bytes read + written in that backward by ops with no FLOP formula (norms, activations,
+  softmax, dropout, adds; views excluded), option minus none. Pointwise recomputation is never free.
+A zero-block replica gives what lies outside the blocks (embeddings, dropout mask, final norm, logits): always
+saved, inside the budget. Blocks are identical, so a plan's bytes and cost are the zero-block figure plus a sum
+over blocks of the probed option figures.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import gc
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from recompute_lab.config import Attention
+from recompute_lab.measure import LiveStorages, storage_key
+from recompute_lab.model import GPT, build_model
+from recompute_lab.recompute.base import RunShape
+from recompute_lab.recompute.budget.options import Option, apply_option, block_options
+
+_aten = torch.ops.aten
+
+
+def _already_shape_wrapped(f):
+    """flop_registry's entries take tensors already; FlopCounterMode must not wrap them a second time."""
+    def g(*args, **kwargs):
+        return f(*args, **kwargs)
+    g._get_raw = True
+    return g
+
+
+# FlopCounterMode has no formula for the CPU's fused SDPA kernel (it would count 0): give it the flash-attention
+# ones, which read only the q, k, v (and grad_out) shapes that both kernels take first.
+CPU_SDPA_FLOPS = {
+    getattr(_aten, cpu): _already_shape_wrapped(flop_registry[cuda])
+    for cpu, cuda in (("_scaled_dot_product_flash_attention_for_cpu", _aten._scaled_dot_product_flash_attention),
+                      ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                       _aten._scaled_dot_product_flash_attention_backward))
+    if hasattr(_aten, cpu) and cuda in flop_registry}
+
+
+class PointwiseBytes(TorchDispatchMode):
+    """Bytes read + written by ops without a FLOP formula (views excluded): the pointwise work of a backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and func.overloadpacket not in flop_registry and func not in CPU_SDPA_FLOPS:
+            self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                              if isinstance(t, torch.Tensor))
+        return out
+
+
+@dataclasses.dataclass
+class Measured:
+    activation_bytes: int   # saved for backward when the forward returns
+    backward_flops: int
+    pointwise_bytes: int    # bytes moved in backward by ops without a FLOP formula
+
+
+def measure_step(model: GPT, batch: int, seq: int, count_backward: bool = True) -> Measured:
+    """One forward (+ backward) of ``model`` on token ids (batch, seq); see the module docstring for each figure."""
+    device = model.tok_emb.weight.device
+    idx = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    live = LiveStorages()
+    gc.freeze()  # older objects out of the collector's sight: the collection below scans only this forward's
+    try:
+        with live:
+            loss = model(idx, idx)
+        gc.collect()  # reference cycles may still hold storages that nothing uses
+    finally:
+        gc.unfreeze()
+    activation = live.resident({storage_key(t) for t in (*model.parameters(), *model.buffers(), idx, loss)})
+    flops, pointwise = 0, 0
+    if count_backward:
+        counter, moved = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS), PointwiseBytes()
+        with counter, moved:
+            loss.backward()
+        flops, pointwise = counter.get_total_flops(), moved.bytes
+    return Measured(activation, flops, pointwise)
+
+
+def _flash_core(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """AttentionCore forward for sdpa replicas on meta: aten's flash-attention kernel (it has meta kernels and
+    autograd). SDPA itself would take its math path there and keep (b, h, s, s) scores that a GPU's fused kernel
+    does not. Grouped k/v heads are repeated first (the copies are kept: a small over-estimate)."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    p = core.dropout if core.training else 0.0
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, p, True)[0]
+
+
+def _with_layers(mcfg: Any, n: int) -> Any:
+    if isinstance(mcfg, DictConfig):
+        out = copy.deepcopy(mcfg)
+        OmegaConf.set_struct(out, False)
+        out.n_layer = n
+        return out
+    return dataclasses.replace(mcfg, n_layer=n)
+
+
+def replica(model: GPT, n_layer: int, device: torch.device, dtype: torch.dtype, opt: Optional[Option]) -> GPT:
+    """A fresh ``n_layer``-block copy of ``model``'s architecture with ``opt`` applied to its first block."""
+    rep = build_model(_with_layers(model.cfg, n_layer), device, dtype).train()
+    if torch.device(device).type == "meta" and model.cfg.attention == Attention.sdpa:
+        for block in rep.blocks:  # before any checkpoint wraps it
+            block.attn.core.forward = functools.partial(_flash_core, block.attn.core)
+    if opt is not None and n_layer:
+        apply_option(rep, 0, opt)
+    return rep
+
+
+@dataclasses.dataclass
+class Price:
+    """An option's figures for one block (outside: the zero-block model's), as the solver sees them."""
+    bytes: int
+    flops: int
+    pointwise_bytes: int
+
+
+@dataclasses.dataclass
+class Probed:
+    """Everything the solver needs about one model shape (reusable across budgets)."""
+    options: list[Option]
+    outside: Price
+    prices: list[Price]
+    dtype: torch.dtype
+    batch: int
+    seq: int
+
+
+def probe(model: GPT, options: list[Option], batch: int, seq: int, dtype: torch.dtype) -> tuple[Price, list[Price]]:
+    """(outside the blocks, one Price per option), all measured on the model's own device."""
+    device = model.tok_emb.weight.device
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # one block's small ops: dispatch overhead dominates, and extra threads contend
+        torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG stays put
+            outside = measure_step(replica(model, 0, device, dtype, None), batch, seq, count_backward=False)
+            measured = [measure_step(replica(model, 1, device, dtype, o), batch, seq) for o in options]
+    finally:
+        torch.set_num_threads(threads)
+    none = measured[0]  # options[0] is always "none"
+    prices = [Price(m.activation_bytes - outside.activation_bytes, m.backward_flops - none.backward_flops,
+                    max(m.pointwise_bytes - none.pointwise_bytes, 0)) for m in measured]
+    return Price(outside.activation_bytes, 0, 0), prices
+
+
+def probe_model(model: GPT, shape: RunShape) -> Probed:
+    """Probe every option of ``model``'s blocks at the run's micro-batch, in its compute dtype (autocast runs are
+    approximated by a replica in the autocast dtype)."""
+    options = block_options(model)
+    outside, prices = probe(model, options, shape.batch, shape.seq, shape.compute_dtype)
+    return Probed(options, outside, prices, shape.compute_dtype, shape.batch, shape.seq)
