@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from recompute_lab.config import to_container
+from recompute_lab.fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
 
@@ -72,19 +71,9 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so a reader never sees a half-written file: temp file in the same dir, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(obj), f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON so a reader never sees a half-written file (recompute_lab.fileio: temp file, fsync, rename)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False))
 
 
 def _si(x: Optional[float], unit: str = "") -> str:
