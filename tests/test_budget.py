@@ -20,6 +20,7 @@ from recompute_lab.cli import compose_run_config
 from recompute_lab.config import ConfigError
 from recompute_lab.engine import run
 from recompute_lab.model import build_model
+from recompute_lab.precision import make_precision
 from recompute_lab.recompute import RunShape, apply_strategy, parse_options
 
 from conftest import cached_compose, one_thread_fixture, FAST, compose_config, load_results
@@ -80,12 +81,13 @@ class _Outputs(TorchDispatchMode):
         return out
 
 
-def saved_bytes(model) -> int:
-    """Bytes of the storages the forward made that are still alive once it returns (what backward keeps)."""
-    idx = torch.arange(BATCH * SEQ).reshape(BATCH, SEQ) % 256
+def saved_bytes(model, autocast=None, batch=BATCH, seq=SEQ) -> int:
+    """Bytes of the storages the forward made that are still alive once it returns (what backward keeps); the
+    forward under CPU autocast to ``autocast`` when given, as the training loop runs it."""
+    idx = torch.arange(batch * seq).reshape(batch, seq) % 256
     torch.manual_seed(5)
     gc.freeze()  # only this forward's objects are collected below (fast)
-    with _Outputs() as mode:
+    with _Outputs() as mode, torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         loss = model(idx, idx)
     gc.collect()
     gc.unfreeze()
@@ -269,3 +271,89 @@ def test_llama3_8b_on_meta_at_seq_8192_plans_in_seconds():
         small = compose_config(["model=llama3_8b", "data.seq_len=8192", "precision=bf16_master",
                                 "+strategy=budget", "strategy.device_memory_gb=80"])
         apply_strategy(build_model(cfg.model, "meta", torch.bfloat16), small.strategy, RunShape.of(small))
+
+
+# --- every precision: the plan's bytes are priced in the run's own dtypes (autocast included) ---------------
+
+LLAMA = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.positions=rope", "model.n_kv_head=2", "model.bias=false",
+         "model.tie_embeddings=false"]
+VARIANTS = {"tiny": [], "llama": LLAMA, "toy_mlp": ["model.arch=toy_mlp", "model.max_seq_len=1"]}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast", "bf16_master"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_plans_fit_their_budget_in_every_precision(variant, attention, precision):
+    if variant == "toy_mlp" and attention == "eager":
+        pytest.skip("toy blocks have no attention")
+    seq = 1 if variant == "toy_mlp" else SEQ
+    cfg = compose(*MODEL, f"data.seq_len={seq}", *VARIANTS[variant], f"model.attention={attention}",
+                  f"precision={precision}", "+strategy=budget")
+    policy = make_precision(cfg.precision)
+    shape = RunShape.of(cfg)
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return build_model(cfg.model, "cpu", policy.param_dtype).train()
+    p = B.probe_model(fresh_model(), shape)
+    # Exact but for toy blocks under autocast (block 0 reads the fp32 embedding, later blocks bf16): a bound.
+    bound = variant == "toy_mlp" and precision == "bf16_autocast"
+    assert p.param_dtype == policy.param_dtype and p.autocast == policy.autocast_dtype
+    assert p.warnings == ([B.TOY_AUTOCAST] if bound else [])
+    none = fresh_model()
+    assert saved_bytes(none, policy.autocast_dtype, seq=seq) <= p.outside.bytes + N_LAYER * p.prices[0].bytes
+    low = p.outside.bytes + N_LAYER * min(x.bytes for x in p.prices)
+    high = p.outside.bytes + N_LAYER * p.prices[0].bytes
+    for budget in [low + (high - low) * k // 4 for k in range(5)]:
+        model = fresh_model()
+        opts = parse_options(compose(*MODEL, "+strategy=budget", f"strategy.budget_bytes={budget}").strategy)
+        plan = B.solve(model, opts, shape, p).to_dict()
+        measured = saved_bytes(model, policy.autocast_dtype, seq=seq)
+        assert measured <= plan["predicted_activation_bytes"] <= budget, (budget, plan["chosen"])
+        assert measured == plan["predicted_activation_bytes"] or bound
+        assert plan["warnings"] == p.warnings
+
+
+def test_autocast_prices_count_the_weight_copies_and_fp32_inputs():
+    """Under bf16 autocast a block saves bf16 copies of its Linear weights and keeps its norms' fp32 inputs: a pure
+    bf16 replica (what the planner used to price) misses both."""
+    cfg = compose(*MODEL, "model.attention=sdpa", "precision=bf16_autocast", "+strategy=budget")
+    model = build_model(cfg.model).train()
+    auto = B.probe_model(model, RunShape.of(cfg))
+    bf16 = B.probe_model(model, RunShape(BATCH, SEQ, "bf16_master"))
+    weights = sum(m.weight.numel() for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    none, full = auto.prices[0].bytes, min(x.bytes for x in auto.prices)
+    assert none - bf16.prices[0].bytes >= 2 * weights
+    assert B.kept_weight_copies(model, auto.options[0], 2) == 2 * weights
+    assert full == bf16.prices[auto.options.index(next(o for o in auto.options if o.kind == "block"))].bytes * 2
+
+
+def test_autocast_on_meta_is_an_upper_bound_with_a_warning():
+    # dropout 0: the CPU runs its fused SDPA kernel, as the meta probe's flash kernel does
+    cfg = compose(*MODEL, "model.dropout=0", "model.attention=sdpa", "precision=bf16_autocast", "+strategy=budget",
+                  "strategy.budget_fraction=0.5")
+    shape = RunShape.of(cfg)
+    on_cpu = B.probe_model(build_model(cfg.model).train(), shape)
+    meta = build_model(cfg.model, "meta").train()
+    on_meta = B.probe_model(meta, shape)
+    assert on_meta.warnings == [B.AUTOCAST_ON_META] and on_meta.outside.bytes >= on_cpu.outside.bytes
+    assert all(m.bytes >= c.bytes and m.flops == c.flops for m, c in zip(on_meta.prices, on_cpu.prices))
+    plan = B.solve(meta, parse_options(cfg.strategy), shape, on_meta)
+    assert plan.warnings == [B.AUTOCAST_ON_META]
+    model = build_model(cfg.model).train()
+    apply_strategy(model, cfg.strategy, shape, reuse=plan)  # the meta plan replayed on the CPU model
+    measured = saved_bytes(model, torch.bfloat16)
+    assert measured <= plan.predicted_activation_bytes <= plan.details["budget"]["bytes"]
+
+
+@pytest.mark.slow
+def test_small_autocast_plan_keeps_its_budget():
+    """The audit's case: small, s=128, b=2, bf16 autocast. The planner priced `none` at 29.9 MB (a bf16 replica)
+    where it saves 75.3 MB, and its 50% plan measured 1.86x its budget."""
+    cfg = compose("model=small", "data.seq_len=128", "data.batch_size=2", "precision=bf16_autocast",
+                  "+strategy=budget", "strategy.budget_bytes=14973954")
+    model = build_model(cfg.model, "meta").to_empty(device="cpu").train()
+    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
+    assert plan["none_activation_bytes"] == 75_312_132
+    measured = saved_bytes(model, torch.bfloat16, batch=2, seq=128)
+    assert measured == plan["predicted_activation_bytes"] <= 14_973_954

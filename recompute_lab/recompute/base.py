@@ -46,11 +46,22 @@ class RunShape:
         return cls(int(cfg.data.batch_size), int(cfg.data.seq_len), str(cfg.precision.name),
                    bool(cfg.precision.get("fp32_grad_accum", False)))
 
+    def _policy(self):
+        return make_precision(OmegaConf.create({"name": self.precision, "fp32_grad_accum": self.fp32_grad_accum}))
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the matmuls run in (autocast's, else the parameters')."""
-        policy = make_precision(OmegaConf.create({"name": self.precision, "fp32_grad_accum": self.fp32_grad_accum}))
-        return policy.autocast_dtype or policy.param_dtype
+        return self.autocast_dtype or self.param_dtype
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return self._policy().param_dtype
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The forward's autocast dtype (None: no autocast)."""
+        return self._policy().autocast_dtype
 
 
 @dataclass

@@ -5,8 +5,11 @@ compiled graphs only. Here it is done in eager mode, over options built from the
 (``options``), priced by one-block probes on the model's own device (``probe``), solved exactly (``solver``).
 
 Budget: ``budget_bytes``, or ``device_memory_gb`` (1e9 bytes; minus model state per recompute_lab.theory), or
-``budget_fraction`` of ``none``'s probed activation bytes (the default 0.5). Saved-activation bytes are what is
-planned; the transient memory of backward (one block's recomputed activations, gradients) is not.
+``budget_fraction`` of ``none``'s probed activation bytes (the default 0.5). Options are priced in the run's
+precision (autocast included: its fp32 residual inputs and bf16 weight copies count), exactly on CPU and CUDA;
+on the meta device autocast cannot run, so there the prices are upper bounds and the plan carries a warning.
+Saved-activation bytes are what is planned; the transient memory of backward (one block's recomputed
+activations, gradients) is not.
 Out of scope: block groups (layers uniform, sqrt) save one input per group and so reach below full
 recomputation; the smallest budget this planner reaches is that of full recomputation.
 """
@@ -22,13 +25,14 @@ from recompute_lab.hardware import roofline_rates
 from recompute_lab.model import GPT
 from recompute_lab.recompute.base import Plan, RunShape, register
 from recompute_lab.recompute.budget.options import Option, apply_option, block_options
-from recompute_lab.recompute.budget.probe import (CPU_SDPA_FLOPS, Measured, Price, Probed, measure_step, probe,
-                                                  probe_model)
+from recompute_lab.recompute.budget.probe import (AUTOCAST_ON_META, CPU_SDPA_FLOPS, TOY_AUTOCAST, Measured, Price,
+                                                  Probed, kept_weight_copies, measure_step, probe, probe_model)
 from recompute_lab.recompute.budget.solver import cheapest_within, cost_key, pareto_plans, undominated
 from recompute_lab.recompute.wrap import RngStateHook
 
 __all__ = ["BudgetConfig", "Objective", "apply_budget", "solve", "resolve_budget", "Option", "apply_option",
-           "block_options", "CPU_SDPA_FLOPS", "Measured", "Price", "Probed", "measure_step", "probe", "probe_model"]
+           "block_options", "CPU_SDPA_FLOPS", "Measured", "Price", "Probed", "measure_step", "probe", "probe_model",
+           "AUTOCAST_ON_META", "TOY_AUTOCAST", "kept_weight_copies"]
 
 DEFAULT_FRACTION = 0.5
 GB = 10 ** 9
@@ -138,5 +142,10 @@ def solve(model: GPT, opts: BudgetConfig, shape: RunShape, probed: Probed) -> Pl
                 activation_reason="strategy 'budget': a solver's per-op plan",
                 flops_reason=PER_OP_REASON if per_op_blocks else None,
                 predicted_activation_bytes=outside.bytes + best[0], details=details,
-                notes=[f"probe: {probed.batch}x{probed.seq} tokens, {str(probed.dtype).replace('torch.', '')} "
-                       f"one-block replicas on {device.type}; FLOPs and bytes per micro-batch"])
+                notes=[f"probe: {probed.batch}x{probed.seq} tokens, {_dtypes(probed)} one-block replicas on "
+                       f"{device.type}; FLOPs and bytes per micro-batch"], warnings=list(probed.warnings))
+
+
+def _dtypes(probed: Probed) -> str:
+    name = str(probed.param_dtype or probed.dtype).replace("torch.", "")
+    return f"{name} (autocast {str(probed.autocast).replace('torch.', '')})" if probed.autocast else name

@@ -16,6 +16,7 @@ over blocks of the probed option figures.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -29,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from recompute_lab.config import Attention
+from recompute_lab.config import Arch, Attention
 from recompute_lab.measure import LiveStorages, storage_key
 from recompute_lab.model import GPT, build_model
 from recompute_lab.recompute.base import RunShape
@@ -78,14 +79,17 @@ class Measured:
     pointwise_bytes: int    # bytes moved in backward by ops without a FLOP formula
 
 
-def measure_step(model: GPT, batch: int, seq: int, count_backward: bool = True) -> Measured:
-    """One forward (+ backward) of ``model`` on token ids (batch, seq); see the module docstring for each figure."""
+def measure_step(model: GPT, batch: int, seq: int, count_backward: bool = True,
+                 autocast: Optional[torch.dtype] = None) -> Measured:
+    """One forward (+ backward) of ``model`` on token ids (batch, seq), the forward inside ``torch.autocast`` to
+    ``autocast`` when given (as the training loop runs it); see the module docstring for each figure."""
     device = model.tok_emb.weight.device
     idx = torch.zeros(batch, seq, dtype=torch.long, device=device)
     live = LiveStorages()
+    cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     gc.freeze()  # older objects out of the collector's sight: the collection below scans only this forward's
     try:
-        with live:
+        with live, cast:  # autocast's cache of weight copies is dropped on exit: what stays is what autograd saved
             loss = model(idx, idx)
         gc.collect()  # reference cycles may still hold storages that nothing uses
     finally:
@@ -122,7 +126,7 @@ def _with_layers(mcfg: Any, n: int) -> Any:
 def replica(model: GPT, n_layer: int, device: torch.device, dtype: torch.dtype, opt: Optional[Option]) -> GPT:
     """A fresh ``n_layer``-block copy of ``model``'s architecture with ``opt`` applied to its first block."""
     rep = build_model(_with_layers(model.cfg, n_layer), device, dtype).train()
-    if torch.device(device).type == "meta" and model.cfg.attention == Attention.sdpa:
+    if torch.device(device).type == "meta" and model.cfg.attention == Attention.sdpa and model.cfg.arch == Arch.gpt:
         for block in rep.blocks:  # before any checkpoint wraps it
             block.attn.core.forward = functools.partial(_flash_core, block.attn.core)
     if opt is not None and n_layer:
@@ -144,21 +148,27 @@ class Probed:
     options: list[Option]
     outside: Price
     prices: list[Price]
-    dtype: torch.dtype
+    dtype: torch.dtype  # the matmuls' dtype (autocast's, else the parameters')
     batch: int
     seq: int
+    param_dtype: Optional[torch.dtype] = None
+    autocast: Optional[torch.dtype] = None
+    warnings: list[str] = dataclasses.field(default_factory=list)  # where the prices are bounds, not exact
 
 
-def probe(model: GPT, options: list[Option], batch: int, seq: int, dtype: torch.dtype) -> tuple[Price, list[Price]]:
-    """(outside the blocks, one Price per option), all measured on the model's own device."""
+def probe(model: GPT, options: list[Option], batch: int, seq: int, dtype: torch.dtype,
+          autocast: Optional[torch.dtype] = None) -> tuple[Price, list[Price]]:
+    """(outside the blocks, one Price per option), all measured on the model's own device with parameters in
+    ``dtype``, forwards under ``autocast`` when given."""
     device = model.tok_emb.weight.device
     threads = torch.get_num_threads()
     if device.type == "cpu":  # one block's small ops: dispatch overhead dominates, and extra threads contend
         torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG stays put
-            outside = measure_step(replica(model, 0, device, dtype, None), batch, seq, count_backward=False)
-            measured = [measure_step(replica(model, 1, device, dtype, o), batch, seq) for o in options]
+            outside = measure_step(replica(model, 0, device, dtype, None), batch, seq, False, autocast)
+            measured = [measure_step(replica(model, 1, device, dtype, o), batch, seq, True, autocast)
+                        for o in options]
     finally:
         torch.set_num_threads(threads)
     none = measured[0]  # options[0] is always "none"
@@ -167,9 +177,48 @@ def probe(model: GPT, options: list[Option], batch: int, seq: int, dtype: torch.
     return Price(outside.activation_bytes, 0, 0), prices
 
 
+def kept_weight_copies(model: GPT, opt: Optional[Option], itemsize: int) -> int:
+    """Bytes of the low-precision weight copies autocast keeps for backward in one block run as ``opt`` (outside
+    the blocks, ``opt`` None: the head's): one per Linear that is not inside a recomputed region. Op-level and
+    region options are counted in full (an upper bound)."""
+    if opt is None:
+        return model.head.weight.numel() * itemsize
+    if opt.kind == "block":
+        return 0
+    linears = [(n, m) for n, m in model.blocks[0].named_modules() if isinstance(m, nn.Linear)]
+    recomputed = opt.modules if opt.kind == "modules" else ()
+    return sum(m.weight.numel() * itemsize for n, m in linears
+               if not any(n == r or n.startswith(r + ".") for r in recomputed))
+
+
+AUTOCAST_ON_META = ("precision=bf16_autocast on the meta device: autocast has no meta kernels, so each option is "
+                    "priced on an fp32 replica plus the bf16 weight copies autocast keeps for backward, an upper "
+                    "bound (the plan keeps a safety margin and saves less than predicted)")
+
+
+TOY_AUTOCAST = ("toy_mlp under autocast: block 0 takes the fp32 embedding output, later blocks the bf16 output of "
+                "the block before; every block is priced as block 0, an upper bound for the others (the plan keeps a "
+                "safety margin and may save less than predicted)")
+
+
 def probe_model(model: GPT, shape: RunShape) -> Probed:
-    """Probe every option of ``model``'s blocks at the run's micro-batch, in its compute dtype (autocast runs are
-    approximated by a replica in the autocast dtype)."""
+    """Probe every option of ``model``'s blocks at the run's micro-batch in the run's precision: replicas hold
+    parameters in the parameter dtype and run their forward under the run's autocast, so an autocast plan counts
+    the fp32 norm and residual inputs and the bf16 weight copies autocast saves. The meta device has no autocast:
+    there the prices are an upper bound (fp32 replica + weight copies) and the plan says so in its warnings."""
     options = block_options(model)
-    outside, prices = probe(model, options, shape.batch, shape.seq, shape.compute_dtype)
-    return Probed(options, outside, prices, shape.compute_dtype, shape.batch, shape.seq)
+    device = model.tok_emb.weight.device
+    param, autocast = shape.param_dtype, shape.autocast_dtype
+    toy = [TOY_AUTOCAST] if autocast is not None and model.cfg.arch == Arch.toy_mlp else []
+    if autocast is not None and device.type == "meta":
+        outside, prices = probe(model, options, shape.batch, shape.seq, param)
+        size = torch.empty((), dtype=autocast).element_size()
+        outside = dataclasses.replace(outside, bytes=outside.bytes + kept_weight_copies(model, None, size))
+        prices = [dataclasses.replace(p, bytes=p.bytes + kept_weight_copies(model, o, size))
+                  for p, o in zip(prices, options)]
+        return Probed(options, outside, prices, shape.compute_dtype, shape.batch, shape.seq, param, autocast,
+                      [AUTOCAST_ON_META, *toy])
+    outside, prices = probe(model, options, shape.batch, shape.seq, param, autocast)
+    # Transformer blocks keep the residual stream in the parameter dtype, so every block is block 0's twin; toy
+    # blocks under autocast do not (their output is autocast's dtype).
+    return Probed(options, outside, prices, shape.compute_dtype, shape.batch, shape.seq, param, autocast, toy)
