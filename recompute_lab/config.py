@@ -44,7 +44,8 @@ class Norm(StrEnum):
 
 
 class Mlp(StrEnum):
-    gelu = "gelu"
+    gelu = "gelu"            # exact erf GELU
+    gelu_tanh = "gelu_tanh"  # GELU's tanh approximation (GPT-2, BERT; Hugging Face's gelu_new), one fused kernel
     swiglu = "swiglu"
 
 

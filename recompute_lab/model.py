@@ -115,7 +115,8 @@ class MLP(nn.Module):
         super().__init__()
         gated = cfg.mlp == Mlp.swiglu
         self.fc = nn.Linear(cfg.d_model, (2 if gated else 1) * cfg.d_ff, bias=cfg.bias)  # swiglu: gate and up fused
-        self.act = SwiGLU() if gated else nn.GELU()
+        # gelu_tanh: aten's fused tanh-approximation kernel, which saves only its input (as exact GELU does).
+        self.act = SwiGLU() if gated else nn.GELU(approximate="tanh" if cfg.mlp == Mlp.gelu_tanh else "none")
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 

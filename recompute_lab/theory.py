@@ -162,8 +162,9 @@ def saved_terms(cfg, st: Setting) -> list[Saved]:
         if cfg.mlp == "swiglu":  # silu(a) * g on the two halves (views) of the fc output
             add(f"{p}.mlp.act", "silu", fc, n * 2 * f * c, "fc output (silu's input a and the gate g are views)")
             add(f"{p}.mlp.act", "mul", f"{p}.mlp.act:silu", n * f * c, "silu(a), for the gate's gradient")
-        else:
-            add(f"{p}.mlp.act", "gelu", fc, n * f * c, "gelu input (fc output)")
+        else:  # exact or tanh-approximated (gelu_tanh): one aten.gelu kernel either way, keeping its input only
+            tanh = ", tanh approximation" if cfg.mlp == "gelu_tanh" else ""
+            add(f"{p}.mlp.act", "gelu", fc, n * f * c, f"gelu input (fc output){tanh}")
         linear(f"{p}.mlp.proj", f"{p}.mlp.act:out", c, f, h)
         dropout(f"{p}.mlp.drop", h, c)
         x = f"{p}:out"

@@ -85,8 +85,9 @@ def test_predicted_activation_bytes_match_saved_tensors(model_kw, b, s, strategy
 
 @pytest.mark.parametrize("variant", [dict(dropout=0.1), dict(dropout=0.1, attention="eager"), LLAMA_LIKE,
                                      dict(LLAMA_LIKE, attention="eager"), dict(LLAMA_LIKE, dropout=0.1),
-                                     dict(TINY, arch="toy_mlp", max_seq_len=1)],
-                         ids=["dropout", "dropout-eager", "llama", "llama-eager", "llama-dropout-math", "toy_mlp"])
+                                     dict(TINY, arch="toy_mlp", max_seq_len=1), dict(mlp="gelu_tanh", dropout=0.1)],
+                         ids=["dropout", "dropout-eager", "llama", "llama-eager", "llama-dropout-math", "toy_mlp",
+                              "gelu_tanh"])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("strategy", ["none", "full", "selective"])
 def test_theory_covers_dropout_rope_gqa_rmsnorm_swiglu(variant, precision, strategy):
