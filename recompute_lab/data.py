@@ -67,4 +67,6 @@ class Batches:
         """Micro-batch ``micro`` of optimizer step ``step``: (idx, targets), each (B, T)."""
         g = torch.Generator().manual_seed(hash((self.cfg.seed, step, micro)) & 0x7FFF_FFFF_FFFF)
         seq = self.source.sample(self.cfg.batch_size, self.cfg.seq_len + 1, g)  # (B, T+1)
-        return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+        # Two copies with storages of their own (B x T int64 each), whatever B: a contiguous slice would share the
+        # (B, T+1) storage when B = 1 and make the batch's bytes depend on the batch size's shape.
+        return seq[:, :-1].clone(), seq[:, 1:].clone()

@@ -217,10 +217,12 @@ class DistContext:
         mem = results["memory"]
         ms = mem["model_state_bytes"]
         tok_s = results["time"].get("tokens_per_s")
-        # Activation and peak bytes are this rank's too (its micro-batch), where a probe has measured them.
+        # Activation and peak bytes are this rank's too (its micro-batch; the probe ran its step on the wrapped
+        # model), where a probe has measured them; the predicted peak is this rank's (recompute_lab.peak).
         per_rank = self.gather({"rank": self.rank, "measured": ms.get("measured"), "per_param": ms.get("per_param"),
                                 "activation_bytes": mem["activation_bytes"].get("measured"),
-                                "peak_bytes": mem["peak_bytes"].get("measured")})
+                                "peak_bytes": mem["peak_bytes"].get("measured"),
+                                "peak_bytes_predicted": mem["peak_bytes"].get("predicted")})
         results["parallel"] = {
             "kind": self.kind, "world_size": self.world_size, "backend": self.backend,
             "batch_size_per_rank": cfg.data.batch_size, "global_batch_size": cfg.data.batch_size * self.world_size,
@@ -238,7 +240,8 @@ class RankBatches:
 
     def get(self, step: int, micro: int = 0) -> tuple[Tensor, Tensor]:
         idx, targets = self.global_batches.get(step, micro)  # (world*B, T) each
-        return idx[self.lo:self.hi].contiguous(), targets[self.lo:self.hi].contiguous()
+        # Copies: a row slice would keep the whole global batch alive on every rank.
+        return idx[self.lo:self.hi].clone(), targets[self.lo:self.hi].clone()
 
 
 def logger_cfg(cfg: DictConfig, ctx: DistContext) -> DictConfig:

@@ -91,11 +91,11 @@ def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistC
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
     batches = dctx.batches(cfg.data, cfg.model.vocab_size)  # this rank's rows of the global batch
-    plan = guard_memory(cfg, policy, device, results)
+    plan = guard_memory(cfg, policy, device, results, dctx)
     if t.probe:  # memory probe on a fresh model, before the training model exists (recompute_lab.probe)
         snapshot = Path(run_dir) / "memory_snapshot.pickle" if t.memory_snapshot and run_dir is not None else None
         probe_batch = tuple(x.to(device) for x in batches.get(0, 0))
-        memory, plan = memory_probe(cfg, device, policy, probe_batch, snapshot, plan)
+        memory, plan = memory_probe(cfg, device, policy, probe_batch, snapshot, plan, dctx)  # this rank's step
         results["memory"].update(memory)
     model = build_model(cfg.model, device, policy.param_dtype)
     plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)  # a solved plan is replayed

@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from recompute_lab import peak as peaks
 from recompute_lab import theory
 from recompute_lab.config import CONF_DIR, ConfigError, EstimateConfig, to_container, validate
 from recompute_lab.measure import meta_saved_tensors
@@ -66,9 +67,11 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
     n_params = model.get_num_params()
     par = cfg.parallel
     dp = par.dp_size or 1
-    # Per rank: DDP replicates model state, FSDP (ZeRO-3) shards it over parallel.dp_size ranks.
-    state = theory.model_state_bytes_sharded(n_params, policy.name, getattr(policy, "fp32_grad_accum", False),
-                                             str(par.kind), dp)
+    # Per rank: DDP replicates model state, FSDP (ZeRO-3) shards it over parallel.dp_size ranks (padded dim-0
+    # shards, as FSDP2 keeps them); the peak adds each layout's buffers (recompute_lab.peak).
+    step = peaks.StepSetting(policy.name, getattr(policy, "fp32_grad_accum", False), cfg.optimizer.grad_clip > 0,
+                             parallel=str(par.kind), world_size=dp)
+    state = peaks.model_state(cfg.model, n_params, step)
     if str(par.kind) != "none":
         notes.append(f"model state per rank: parallel={par.kind}, dp_size={dp}")
     autocast = policy.autocast_dtype is not None
@@ -85,7 +88,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
             counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
             measured, by_module = counted["total"], counted["by_module"]
-        peak = theory.predict_peak(cfg.model, st, state, pred)
+        peak = peaks.predict_peak(cfg.model, st, state, pred, step)
         layers = cfg.model.n_layer
         series.append({
             "seq_len": s, "batch_size": b,

@@ -21,10 +21,12 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
+from recompute_lab import peak as peaks
 from recompute_lab import theory
 from recompute_lab.config import ConfigError
 from recompute_lab.measure import CudaPeak, mem_tracker_step, meta_saved_tensors, remat_saved_bytes, saved_tensors
 from recompute_lab.model import build_model
+from recompute_lab.precision import make_precision
 from recompute_lab.recompute import Plan, RunShape, apply_strategy
 
 
@@ -37,17 +39,36 @@ def setting_for(cfg: DictConfig, policy, device_type: str) -> theory.Setting:
                           device=device_type)
 
 
-def predicted_memory(cfg: DictConfig, policy, plan: Plan, n_params: int, device_type: str) -> dict:
-    """Theory for one run: activation bytes under ``plan`` and the peak they imply."""
-    st = setting_for(cfg, policy, device_type)
+def layout(dctx) -> tuple[str, int, int]:
+    """(parallel kind, world size, rank) of a DistContext (None: one process)."""
+    if dctx is None or not dctx.enabled:
+        return "none", 1, 0
+    return str(dctx.kind), int(dctx.world_size), int(dctx.rank)
+
+
+def step_setting(cfg: DictConfig, dctx=None) -> peaks.StepSetting:
+    """What the peak model needs to know about the step: precision, gradient clipping, this rank's layout."""
+    kind, world, rank = layout(dctx)
+    return peaks.StepSetting(precision=str(cfg.precision.name),
+                             fp32_grad_accum=bool(cfg.precision.get("fp32_grad_accum", False)),
+                             grad_clip=cfg.optimizer.grad_clip > 0, parallel=kind, world_size=world, rank=rank)
+
+
+def predicted_memory(cfg: DictConfig, policy, plan: Plan, n_params: int, device_type: str, dctx=None) -> dict:
+    """Theory for one run (one rank of it): activation bytes under ``plan`` and the peak they imply
+    (recompute_lab.peak). Activations follow the dtype the model computes in, which under fsdp with bf16_master is
+    FSDP's bf16 while ``policy`` (adapted by the DistContext) keeps fp32 shards."""
+    compute = make_precision(cfg.precision)
+    st = setting_for(cfg, compute, device_type)
     act = theory.predict_activations(cfg.model, st, plan)
     if act.get("total") is None and plan.predicted_activation_bytes is not None:
         # The budget planner prices its own plan from probed per-block options (recompute_lab.budget).
         act = {"total": plan.predicted_activation_bytes, "largest_region": 0, "by_module": None,
                "logits": None, "reason": "predicted by the budget planner's probed cost model"}
-    state = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))
+    step = step_setting(cfg, dctx)
+    state = peaks.model_state(cfg.model, n_params, step)
     return {"setting": st, "activations": act, "model_state": state,
-            "peak": theory.predict_peak(cfg.model, st, state, act)}
+            "peak": peaks.predict_peak(cfg.model, st, state, act, step)}
 
 
 @contextlib.contextmanager
@@ -65,17 +86,18 @@ def memory_history(device: torch.device, path: Optional[Path]):
 
 
 def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path] = None,
-                 plan: Optional[Plan] = None) -> tuple[dict, Optional[Plan]]:
+                 plan: Optional[Plan] = None, dctx=None) -> tuple[dict, Optional[Plan]]:
     """Run the probe step on a fresh model: (the ``memory`` section of results.json, the plan it applied).
 
     ``batch`` is one (idx, targets) micro-batch on ``device``; ``snapshot`` a path for the CUDA memory snapshot
     pickle (viewable at https://pytorch.org/memory_viz), or None; ``plan`` a plan this run already solved
-    (replayed). A probe that fails for any reason but memory or configuration does not stop training: the error
-    is recorded as ``probe_error`` and the memory keys stay empty. Running out of memory and an invalid
-    configuration do propagate (the training step would fail the same way).
+    (replayed); ``dctx`` this rank's recompute_lab.distributed.DistContext: under ddp / fsdp the step is measured
+    on the wrapped model, so the peak is this rank's. A probe that fails for any reason but memory or
+    configuration does not stop training: the error is recorded as ``probe_error`` and the memory keys stay empty.
+    Running out of memory and an invalid configuration do propagate (the training step would fail the same way).
     """
     try:
-        return _probe(cfg, device, policy, batch, snapshot, plan)
+        return _probe(cfg, device, policy, batch, snapshot, plan, dctx)
     except (torch.OutOfMemoryError, ConfigError):
         raise
     except Exception as e:
@@ -84,12 +106,16 @@ def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, sn
 
 
 def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path],
-           plan: Optional[Plan]) -> tuple[dict, Plan]:
+           plan: Optional[Plan], dctx=None) -> tuple[dict, Plan]:
     idx, targets = batch
     devices = [device] if device.type == "cuda" else []
+    wrapped = dctx is not None and dctx.enabled
     with torch.random.fork_rng(devices=devices):
         model = build_model(cfg.model, device, policy.param_dtype)
         plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)
+        n_params = model.get_num_params()
+        if wrapped:  # the step as this rank runs it: DDP / FSDP2 around the recomputation wrappers
+            model = dctx.wrap(model)
         optimizer = policy.build_optimizer(model, cfg.optimizer)
         model.train()
 
@@ -97,10 +123,12 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
             with policy.autocast(device.type):
                 return model(idx, targets)
 
-        def finish(loss: torch.Tensor) -> None:
+        def finish(loss: torch.Tensor) -> None:  # the training loop's step: backward, clip, step
             loss.backward()
+            norm = policy.clip_grad_norm(model, optimizer, cfg.optimizer.grad_clip) if cfg.optimizer.grad_clip else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            del norm  # held through the step, as the loop holds its grad_norm
 
         finish(forward())  # warm step: the optimizer state exists from here on, as in every later step
         with memory_history(device, snapshot), CudaPeak(device) as cuda:
@@ -108,15 +136,21 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
         if not tracked["available"]:  # still run the step the allocator counters measure
             with CudaPeak(device) as cuda:
                 finish(forward())
+        if wrapped:
+            # Saved tensors are counted on a plain replica in the dtype this rank computes in (FSDP's mixed
+            # precision gathers bf16 parameters): a sharded model's parameters change identity during forward.
+            model = optimizer = None
+            compute = make_precision(cfg.precision)
+            model = build_model(cfg.model, device, compute.param_dtype).train()
+            apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)
         counted = saved_tensors(model, forward)
         del counted["output"]  # drop the graph: its saved tensors are freed here
         remat = remat_saved_bytes(forward)
-        n_params = model.get_num_params()
         model = optimizer = None  # frees both: the closures above share these variables
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    pred = predicted_memory(cfg, policy, plan, n_params, device.type)
+    pred = predicted_memory(cfg, policy, plan, n_params, device.type, dctx)
     act, peak = pred["activations"], pred["peak"]
     regions = sum(v for k, v in counted["by_module"].items() if k in set(plan.recomputed))
     activation = {
@@ -158,8 +192,9 @@ class PredictedOOM(torch.OutOfMemoryError):
     """trainer.max_memory_gb: the predicted peak does not fit, so nothing is allocated."""
 
 
-def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict) -> Optional[Plan]:
-    """Predict the step's peak on a meta replica and refuse the run (status oom) if it exceeds the guard.
+def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict, dctx=None) -> Optional[Plan]:
+    """Predict the step's peak (this rank's, under ``dctx``) on a meta replica and refuse the run (status oom) if it
+    exceeds the guard.
 
     Returns the plan it applied to the meta replica (None when the guard is off), for the run to replay.
     """
@@ -172,14 +207,14 @@ def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict) -
     limit = cfg.trainer.max_memory_gb
     if limit is None:
         return None
-    meta = build_model(m, "meta", policy.param_dtype).train()
+    meta = build_model(m, "meta", make_precision(cfg.precision).param_dtype).train()
     plan = apply_strategy(meta, cfg.strategy, RunShape.of(cfg))
-    pred = predicted_memory(cfg, policy, plan, meta.get_num_params(), device.type)
+    pred = predicted_memory(cfg, policy, plan, meta.get_num_params(), device.type, dctx)
     act = pred["activations"]
     if act.get("total") is None:  # no closed form for this plan: count its saved tensors on the meta replica
         counted = meta_saved_tensors(meta, cfg.data.batch_size, cfg.data.seq_len, device.type)
         act = {"total": counted["total"], "largest_region": 0}
-    peak = theory.predict_peak(m, pred["setting"], pred["model_state"], act)
+    peak = peaks.predict_peak(m, pred["setting"], pred["model_state"], act, step_setting(cfg, dctx))
     total = peak["total"] if peak else pred["model_state"]["total"] + act["total"]
     results["memory"]["guard"] = {"max_memory_gb": limit, "predicted_peak_bytes": total}
     if total > limit * 1e9:

@@ -351,31 +351,6 @@ def per_layer(pred: dict, i: int) -> int:
     return sum(v for k, v in pred["by_module"].items() if covers(f"blocks.{i}", k))
 
 
-def predict_peak(cfg, st: Setting, state: dict, act: dict) -> Optional[dict]:
-    """Peak bytes of one steady-state step: the largest of three moments (``state`` from model_state_bytes).
-
-    backward start:  params + master + optimizer + all activations + the head's backward transient (the
-                     gradients of the fp32 log-probabilities and of the logits: 2 x 4sbv)
-    end of backward: params + master + optimizer + all grads + the embedding's dense gradient (twice with tied
-                     embeddings: the head's gradient is accumulated into the same weight)
-    recompute:       model state + activations + the largest checkpoint region's re-saved tensors (an upper
-                     bound: grads are counted in full although most do not exist yet)
-    """
-    if act.get("total") is None:
-        return None
-    per = state["per_param"]
-    fixed = per["params"] + per["master"] + per["optimizer"]
-    n = st.batch * st.seq
-    emb = cfg.vocab_size * cfg.d_model * st.param_bytes
-    phases = {"backward_start": fixed + act["total"] + 2 * n * cfg.vocab_size * 4,
-              "end_of_backward": fixed + per["grads"] + emb * (2 if cfg.tie_embeddings else 1)}
-    if act["largest_region"]:
-        phases["recompute"] = state["total"] + act["total"] + act["largest_region"]
-    kind = max(phases, key=phases.get)
-    return {"total": phases[kind], "phase": kind, "phases": phases, "model_state": state["total"],
-            "activations": act["total"]}
-
-
 # FSDP with bf16_master: the sharded fp32 parameters ARE the master weights; FSDP's MixedPrecisionPolicy gathers
 # bf16 copies for forward/backward (transient, freed after each block) and reduce-scatters gradients into fp32
 # shards. Persistent state: fp32 params 4 + fp32 grads 4 + fp32 Adam 8 = 16 B, then divided over the ranks.

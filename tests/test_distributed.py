@@ -175,3 +175,35 @@ def test_submitit_local_two_tasks_per_job_is_one_ddp_run(tmp_path, single):
     res = load_results(path)
     assert res["status"] == "ok" and res["parallel"]["world_size"] == 2
     assert res["loss"]["history"] == pytest.approx(single["loss"]["history"], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_per_rank_peak_is_measured_on_the_wrapped_model_and_predicted_by_the_estimator(tmp_path, kind):
+    """The probe runs its step under the same DDP / FSDP2 wrapping: each rank's peak is its own, and the estimator
+    (no processes, parallel.dp_size=2) predicts it to the byte. Tiny at 8 x 64 tokens per rank peaks at backward
+    start (recompute_lab.peak)."""
+    shape = ["model=tiny", "data.batch_size=8", "trainer.num_threads=1"]
+    proc = torchrun([f"parallel={kind}", *shape, "trainer.steps=1", "trainer.progress=false",
+                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = load_results(tmp_path / "run" / "results.json")
+    per_rank = res["parallel"]["per_rank"]
+    out = tmp_path / "estimate.json"
+    est = run_cli([*shape, f"parallel={kind}", "parallel.dp_size=2", "estimate.target=cpu", f"estimate.out={out}"],
+                  cwd=tmp_path, module="recompute_lab.estimate")
+    assert est.returncode == 0, est.stderr
+    predicted = load_results(out)["memory"]["peak_bytes"]["predicted"]
+    assert [r["peak_bytes"] for r in per_rank] == [predicted, predicted]
+    assert [r["peak_bytes_predicted"] for r in per_rank] == [predicted, predicted]
+    assert res["memory"]["peak_bytes"]["predicted_parts"]["phase"] == "backward_start"
+
+    # Against one process with the same per-rank batch, each difference named (n: parameters, fp32 + AdamW).
+    one = engine.run(compose_config([*shape, *FAST, "trainer.steps=1"]), tmp_path / "one")["memory"]["peak_bytes"]
+    n = res["model"]["params"]
+    if kind == "ddp":  # gradient_as_bucket_view: the 4 B/param buckets live through backward
+        assert per_rank[0]["peak_bytes"] - one["measured"] == 4 * n
+    else:  # half of params (4 B) and Adam (8 B); root unsharded; the last block's all-gather prefetched
+        cfg = compose_config(shape).model
+        root = 4 * (cfg.vocab_size + cfg.max_seq_len + 2) * cfg.d_model
+        block = 4 * (n - (cfg.vocab_size + cfg.max_seq_len + 2) * cfg.d_model) // cfg.n_layer
+        assert per_rank[0]["peak_bytes"] - one["measured"] == -(4 + 8) * n // 2 + root + block
