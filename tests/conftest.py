@@ -63,3 +63,36 @@ def load_results(path: Path) -> dict:
 
 
 FAST = ["logger=none", "trainer.progress=false"]
+
+
+def retained_bytes(forward, exclude=()) -> tuple[int, object]:
+    """An independent count of what backward keeps: bytes of the storages ``forward()`` made that are still alive
+    once it returns (weak references only; storages of the ``exclude`` tensors, e.g. parameters, buffers, inputs
+    and the output, left out; a reused address counts once among live storages). Returns (bytes, output)."""
+    import gc
+
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class NewStorages(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen += [(StorageWeakRef(t.untyped_storage()), t.untyped_storage().data_ptr(),
+                           t.untyped_storage().nbytes()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            return out
+
+    gc.freeze()  # only this forward's objects are collected below (fast)
+    try:
+        with NewStorages() as mode:
+            out = forward()
+        gc.collect()
+    finally:
+        gc.unfreeze()
+    skip = {t.untyped_storage().data_ptr() for t in (*exclude, *tree_leaves(out)) if isinstance(t, torch.Tensor)}
+    return sum({p: n for ref, p, n in mode.seen if not ref.expired() and p not in skip}.values()), out

@@ -4,16 +4,12 @@ the same cost model), keep the gradients of `none`, and refuse infeasible budget
 from __future__ import annotations
 
 import functools
-import gc
 import itertools
 import json
 import time
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from recompute_lab.recompute import budget as B
 from recompute_lab.cli import compose_run_config
@@ -23,7 +19,7 @@ from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
 from recompute_lab.recompute import RunShape, apply_strategy, parse_options
 
-from conftest import cached_compose, one_thread_fixture, FAST, compose_config, load_results
+from conftest import cached_compose, one_thread_fixture, FAST, compose_config, load_results, retained_bytes
 
 N_LAYER = 3
 BATCH, SEQ = 2, 16
@@ -69,30 +65,16 @@ def planned(attention: str, extra: tuple[str, ...]):
 
 # --- an independent byte count on the whole model ----------------------------------------------------------
 
-class _Outputs(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.seen += [(StorageWeakRef(t.untyped_storage()), t.untyped_storage().data_ptr(),
-                       t.untyped_storage().nbytes()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
-
-
 def saved_bytes(model, autocast=None, batch=BATCH, seq=SEQ) -> int:
     """Bytes of the storages the forward made that are still alive once it returns (what backward keeps); the
     forward under CPU autocast to ``autocast`` when given, as the training loop runs it."""
     idx = torch.arange(batch * seq).reshape(batch, seq) % 256
     torch.manual_seed(5)
-    gc.freeze()  # only this forward's objects are collected below (fast)
-    with _Outputs() as mode, torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        loss = model(idx, idx)
-    gc.collect()
-    gc.unfreeze()
-    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), idx, loss)}
-    return sum({p: n for ref, p, n in mode.seen if not ref.expired() and p not in skip}.values())
+
+    def forward():
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            return model(idx, idx)
+    return retained_bytes(forward, (*model.parameters(), *model.buffers(), idx))[0]
 
 
 def priced(model, none_measured: B.Measured) -> tuple[int, tuple[int, int]]:
