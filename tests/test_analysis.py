@@ -189,3 +189,32 @@ def test_reproduce_figures_command(tmp_path):
         rows = list(csv.DictReader((tmp_path / f"o{i}" / "summary.csv").open()))
         outs.append([{k: v for k, v in r.items() if k not in aggregate.TIMING_COLUMNS} for r in rows])
     assert outs[0] == outs[1] and all(r["status"] == "ok" for r in outs[0])
+
+
+def test_quiz_compares_the_seed_line_at_matched_dtype():
+    """The 2·2·h line assumes 16-bit values: quiz.md gives the same model's ratio in bf16 too, which is checked here
+    against a bf16 model's measured saved bytes (not the theory the quiz quotes)."""
+    import torch
+
+    from recompute_lab import theory
+    from recompute_lab.analysis.quiz import matched_regime
+    from recompute_lab.config import ModelConfig
+    from recompute_lab.measure import saved_tensors
+    from recompute_lab.model import build_model
+
+    s, b = 64, 2
+    model_cfg = {"n_layer": 2, "d_model": 64, "n_head": 4, "d_ff": 256, "vocab_size": 256, "max_seq_len": 64,
+                 "attention": "eager", "dropout": 0.0}
+    point = {"seq_len": s, "tokens": s * b, "naive": 2 * theory.naive_layer_bytes(s, b, 64),
+             "korthikanti": 2 * theory.korthikanti_layer_bytes(s, b, 64, 4)}
+    text = matched_regime(("tiny", "fp32", "eager", b, json.dumps({"model": model_cfg})), point)
+    model = build_model(ModelConfig(**model_cfg), dtype=torch.bfloat16).train()
+    idx = torch.zeros(b, s, dtype=torch.long)
+    counted = saved_tensors(model, lambda: model(idx, idx))
+    logits = sum(t["nbytes"] for t in counted["tensors"] if t["op"] == "_log_softmax")
+    assert f"at matched dtype (bf16, dropout 0) the theory puts the same model at " \
+           f"**{(counted['total'] - logits) / point['naive']:.1f}x** the line" in text
+    assert "this run is fp32 with dropout 0" in text
+    assert matched_regime(("tiny", "bf16_master", "eager", b, json.dumps({"model": {**model_cfg, "dropout": 0.1}})),
+                          point).startswith(" This run is in the formulas' regime")
+    assert matched_regime(("tiny", "fp32", "eager", b, "not json"), point) == ""
