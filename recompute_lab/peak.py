@@ -20,7 +20,9 @@ optimizer step   state + gradients + AdamW's temporaries, which depend on the im
                  MasterWeightAdamW adds the fp32 copy of each bf16 gradient of the group it steps
                  (none with fp32_grad_accum: the fp32 buffer is stepped in place).
 recompute        (checkpointed plans) state + activations + the largest region's re-saved tensors: an upper
-                 bound, as every gradient is counted although most do not exist yet.
+                 bound, as every gradient is counted although most do not exist yet (fsdp: plus the root's
+                 unsharded parameters and gradients, two blocks' gathered parameters and two blocks' unsharded
+                 gradients).
 
 Parallel layouts (per rank): ``ddp`` keeps the gradients in DDP's buckets for the whole step; ``fsdp`` holds the
 padded dim-0 shards of parameters, gradients and optimizer state, the root unit's parameters unsharded from
@@ -224,6 +226,12 @@ def predict_peak(cfg, st: theory.Setting, state: dict, act: dict, step: Optional
     if act.get("largest_region"):
         phases["recompute"] = (state["total"] + counters + buffer_bytes(cfg) + act["total"] + loss
                                + act["largest_region"])
+        if step.parallel == "fsdp":  # what sharded state does not hold while a block recomputes: the root's
+            # unsharded params and fp32 grads (the tied head's is held to the end), this block's and the next
+            # block's gathered params, this block's unsharded grads and the previous one's reduce-scatter input
+            full_block = extra["last_block_all_gather"] // gather * 4
+            phases["recompute"] += (extra["root_unsharded_params"] + extra["root_unsharded_params"] // gather * 4
+                                    + 2 * extra["last_block_all_gather"] + 2 * full_block)
     kind = max(phases, key=phases.get)
     out = {"total": phases[kind], "phase": kind, "phases": phases, "model_state": state["total"],
            "activations": act["total"], "optimizer_impl": impl, "step_counters": counters, **extra}

@@ -73,6 +73,10 @@ def test_two_ranks_match_one_process(tmp_path, single, kind, run_dir):
         assert all(abs(m - one / 2) <= 0.05 * one / 2 for m in per_rank), (per_rank, one)
     else:               # DDP replicates the whole state
         assert per_rank == [one, one]
+    if kind == "fsdp":  # checkpointed blocks: the recompute phase bounds each rank's peak from above, FSDP's
+        # gathered parameters and unsharded gradients included (recompute_lab.peak)
+        assert all(r["peak_bytes"] <= r["peak_bytes_predicted"] <= 1.5 * r["peak_bytes"] for r in par["per_rank"])
+        assert res["memory"]["peak_bytes"]["predicted_parts"]["phase"] == "recompute"
     # Predicted per-rank state (theory, no processes) matches what rank 0 measured.
     n = res["model"]["params"]
     predicted = theory.model_state_bytes_sharded(n, "fp32", parallel=kind, dp_size=2)
