@@ -268,3 +268,21 @@ def test_results_and_checkpoints_respect_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644
     assert Path(tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_signal_flag_stops_setup_at_once_and_a_second_ctrl_c_names_the_last_checkpoint():
+    from recompute_lab.failures import SetupInterrupted, SignalFlag
+
+    flag = SignalFlag()
+    with pytest.raises(SetupInterrupted, match="SIGTERM during setup"):
+        flag._handle(signal.SIGTERM, None)
+    flag.immediate, flag.received, flag.step = False, None, 41
+    flag._handle(signal.SIGINT, None)  # first Ctrl-C in training: a flag, the step finishes
+    assert flag.received == "SIGINT"
+    with pytest.raises(KeyboardInterrupt, match="no checkpoint was written"):
+        flag._handle(signal.SIGINT, None)
+    flag.checkpointed_step = 40
+    with pytest.raises(KeyboardInterrupt, match="during step 41; the last checkpoint holds step 40"):
+        flag._handle(signal.SIGINT, None)
+    flag.closing = True  # while the final record is written nothing interrupts
+    flag._handle(signal.SIGINT, None)
