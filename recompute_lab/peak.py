@@ -55,9 +55,9 @@ class ParamTensor:
         return len(self.shape) >= 2
 
 
-def param_tensors(cfg) -> list[ParamTensor]:
+def param_tensors(cfg, n_layer: Optional[int] = None) -> list[ParamTensor]:
     """Every parameter of recompute_lab.model.GPT built from ``cfg``, in ``model.parameters()`` order (a tied head
-    weight once)."""
+    weight once); ``n_layer`` overrides the config's block count (blocks are identical)."""
     h, v, toy = cfg.d_model, cfg.vocab_size, cfg.arch == "toy_mlp"
     out = [ParamTensor("tok_emb.weight", (v, h))]
     if cfg.positions == "learned" and not toy:
@@ -74,7 +74,7 @@ def param_tensors(cfg) -> list[ParamTensor]:
             out.append(ParamTensor(f"{name}.bias", (h,)))
 
     a, kv = cfg.n_head, cfg.n_kv_head or cfg.n_head
-    for i in range(cfg.n_layer):
+    for i in range(cfg.n_layer if n_layer is None else n_layer):
         p = f"blocks.{i}"
         if toy:
             linear(f"{p}.linear1", h, h)
@@ -169,9 +169,14 @@ def model_state(cfg, n_params: int, step: StepSetting) -> dict:
     unpadded local shard; fp32 throughout (bf16_master's fp32 shards are its master weights)."""
     if step.parallel != "fsdp":
         return theory.model_state_bytes(n_params, step.precision, step.fp32_grad_accum)
-    params = param_tensors(cfg)
-    padded = sum(shard_rows(p.shape, step.world_size) for p in params)
-    local = sum(local_rows(p.shape, step.world_size, step.rank) for p in params)
+    ws, rank = step.world_size, step.rank
+
+    def total(rows) -> int:  # one block's tensors times n_layer, plus the rest: no loop over the layers
+        params = param_tensors(cfg, n_layer=1)
+        block = sum(rows(p.shape) for p in params if p.name.startswith("blocks."))
+        return cfg.n_layer * block + sum(rows(p.shape) for p in params if not p.name.startswith("blocks."))
+    padded = total(lambda shape: shard_rows(shape, ws))
+    local = total(lambda shape: local_rows(shape, ws, rank))
     per = {"params": 4 * padded, "grads": 4 * padded, "master": 0, "optimizer": 8 * local}
     return {"per_param": per, "total": sum(per.values()), "bytes_per_param": sum(per.values()) / n_params}
 

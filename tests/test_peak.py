@@ -107,6 +107,7 @@ def test_param_tensors_and_buffers_follow_the_model():
         assert [(p.name, p.shape) for p in peak.param_tensors(cfg)] == [
             (n, tuple(t.shape)) for n, t in model.named_parameters()]
         assert peak.buffer_bytes(cfg) == sum(b.nbytes for b in model.buffers())
+        assert sum(p.numel for p in peak.param_tensors(cfg)) == theory.param_count(cfg) == model.get_num_params()
 
 
 def test_adam_impl_is_torchs_default_choice():
