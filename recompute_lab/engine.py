@@ -25,7 +25,7 @@ from recompute_lab import checkpoint, distributed, flops, theory
 from recompute_lab.config import ConfigError, Device, validate
 from recompute_lab.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
 from recompute_lab.logs import Laps, StepLines
-from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
+from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes, step_memory
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
 from recompute_lab.probe import guard_memory, memory_probe
@@ -211,7 +211,8 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
         tok_s = tokens_per_step / timer.seconds
         bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
         logger.log({"loss": loss_val, "lr": scheduler.get_last_lr()[0], "step_s": timer.seconds,
-                    "tokens_per_s": tok_s}, step=step)
+                    "tokens_per_s": tok_s, **({} if grad_norm is None else {"grad_norm": float(grad_norm)}),
+                    **step_memory(device)}, step=step)
         step_lines(step, loss_val, timer.seconds, tok_s)
         done = step + 1
         if stop:

@@ -35,12 +35,13 @@ def main(cfg: DictConfig) -> float | None:
     from recompute_lab.engine import run
     from recompute_lab.logs import route_warnings
     from recompute_lab.tracking import format_summary
+    from recompute_lab.wandb_logger import sweep_group
 
     route_warnings()  # one log line per warning, no source line
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     # Jobs of one sweep share a W&B group named after the sweep folder (e.g. "2026-11-29_01-02-03").
-    group = "_".join(Path(hc.sweep.dir).parts[-2:]) if multirun else None
+    group = sweep_group(hc.sweep.dir) if multirun else None
     run_dir = Path(hc.runtime.output_dir)
     try:
         results = run(cfg, run_dir, group=group)

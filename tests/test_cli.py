@@ -60,7 +60,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "name: small" in proc.stdout and "name: full" in proc.stdout and "hydra:" not in proc.stdout
 
 
-@pytest.mark.parametrize("module", ["recompute_lab.analyze"])
+@pytest.mark.parametrize("module", ["recompute_lab.analyze", "recompute_lab.dashboard"])
 def test_argparse_entry_points_help(tmp_path, module):
     proc = run_cli(["--help"], cwd=tmp_path, module=module)
     assert proc.returncode == 0, proc.stderr
