@@ -60,7 +60,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "name: small" in proc.stdout and "name: full" in proc.stdout and "hydra:" not in proc.stdout
 
 
-@pytest.mark.parametrize("module", ["recompute_lab.analyze", "recompute_lab.dashboard"])
+@pytest.mark.parametrize("module", ["recompute_lab.analyze", "recompute_lab.dashboard", "recompute_lab.wandb_sweep"])
 def test_argparse_entry_points_help(tmp_path, module):
     proc = run_cli(["--help"], cwd=tmp_path, module=module)
     assert proc.returncode == 0, proc.stderr
@@ -71,7 +71,7 @@ def test_console_scripts_point_at_the_entry_points():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"recompute-lab-train", "recompute-lab-estimate", "recompute-lab-analyze",
-                            "recompute-lab-dashboard"}
+                            "recompute-lab-dashboard", "recompute-lab-wandb-sweep"}
     for name, target in scripts.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name
