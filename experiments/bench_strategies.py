@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import get, print_table, run_overrides, write_csv  # noqa: E402
 
-from recompute_lab.strategies import STRATEGIES  # noqa: E402
+from recompute_lab.recompute import STRATEGIES  # noqa: E402
 
 DEFAULT_ORDER = ["none", "full", "selective", "layers", "sqrt", "op", "regions", "offload", "budget"]
 
