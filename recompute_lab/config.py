@@ -38,6 +38,7 @@ class StrEnum(str, Enum):
 class Arch(StrEnum):
     gpt = "gpt"          # decoder-only transformer
     toy_mlp = "toy_mlp"  # the seed notebook's Linear-ReLU-Linear blocks, no attention
+    hf = "hf"            # a Hugging Face transformers causal LM (model=hf; recompute_lab.hf)
 
 
 class Norm(StrEnum):
@@ -84,6 +85,19 @@ class WandbMode(StrEnum):
 
 
 @dataclass
+class HFConfig:
+    """``model=hf``: a Hugging Face transformers causal LM, built with ``from_config`` (random weights, nothing
+    downloaded) unless ``weights`` is set. recompute_lab.hf.resolve_model fills the model's other fields from it."""
+
+    config: Optional[str] = None  # a shipped name (recompute_lab/assets/hf_configs), a config.json or its folder,
+    #                               or a hub model id (needs the network)
+    overrides: dict[str, Any] = field(default_factory=dict)  # config keys to change: +model.hf.overrides.KEY=VALUE
+    weights: Optional[str] = None  # pretrained weights: a local folder with safetensors, or a hub id when online
+    family: Optional[str] = None   # submodule map and theory to use (gpt2 | llama); None: from the model_type
+    model_type: Optional[str] = None  # filled in by resolution (the config's model_type): the fields are resolved
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     arch: Arch = Arch.gpt
@@ -103,6 +117,7 @@ class ModelConfig:
     attention: Attention = Attention.sdpa
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    hf: HFConfig = field(default_factory=HFConfig)  # arch=hf only
 
 
 @dataclass
@@ -274,6 +289,9 @@ def _positive(name: str, value: Any) -> None:
 def validate(cfg: DictConfig | Config) -> None:
     """Cross-field rules that a schema cannot express; raise ConfigError with a readable message."""
     m, d, t, o = cfg.model, cfg.data, cfg.trainer, cfg.optimizer
+    if m.arch == Arch.hf and m.get("hf", {}).get("model_type") is None:
+        raise ConfigError("model=hf: the model fields come from the Hugging Face config; resolve them first "
+                          "(recompute_lab.hf.resolve_model(cfg), which the entry points call)")
     for name in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "max_seq_len"):
         _positive(f"model.{name}", getattr(m, name))
     for name in ("seq_len", "batch_size"):

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from recompute_lab import checkpoint, distributed, flops, theory
-from recompute_lab.config import ConfigError, Device, validate
+from recompute_lab.config import ConfigError, Device, to_container, validate
+from recompute_lab.hf import resolve_model
 from recompute_lab.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
 from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
 from recompute_lab.model import build_model
@@ -257,6 +258,7 @@ def preflight(cfg: DictConfig, run_dir: Path) -> Optional[tuple[Path, dict]]:
     """Everything that can refuse a run, checked before anything is written or started: the config's rules,
     the strategy's options and the resume checkpoint (located, verified and matched to the config).
     Returns (path, state) of the checkpoint to resume from, or None."""
+    resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
     validate(cfg)
     parse_options(cfg.strategy)
     path = checkpoint.locate(cfg.trainer.resume, run_dir)
@@ -281,6 +283,7 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
         try:
             folder.acquire()
             resume = preflight(cfg, run_dir)
+            results["config"] = to_container(cfg)  # as resolved (model=hf: the Hugging Face model's fields)
         except ConfigError as e:
             results.update(status="error", error=f"invalid configuration: {e}")
             if not isinstance(e, FolderBusy):

@@ -24,6 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from recompute_lab import peak as peaks
 from recompute_lab import theory
 from recompute_lab.config import CONF_DIR, ConfigError, EstimateConfig, to_container, validate
+from recompute_lab.hf import notes as hf_notes
+from recompute_lab.hf import resolve_model
 from recompute_lab.measure import meta_saved_tensors
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
@@ -38,6 +40,8 @@ def group_of(module: str) -> str:
     """Table rows: embeddings, blocks, final norm + head, loss (the fp32 logits' log-softmax)."""
     if module.startswith("blocks."):
         return "blocks"
+    if module.startswith("hf."):  # a Hugging Face model's own names (embed_tokens / wte / wpe, norm / ln_f, lm_head)
+        return "embeddings" if "emb" in module or module.endswith((".wte", ".wpe", ".drop")) else "norm_f + head"
     return {"tok_emb": "embeddings", "pos_emb": "embeddings", "drop": "embeddings", "norm_f": "norm_f + head",
             "head": "norm_f + head", "loss": "loss (fp32 logits)"}.get(module, module)
 
@@ -51,8 +55,9 @@ def grouped(by_module: dict) -> dict:
 
 def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
     """Model state and, per sequence length, activation and peak bytes for ``cfg`` on ``est.target``."""
+    resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
     seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
-    notes = []
+    notes = hf_notes(cfg.model)
     if max(seq_lens) > cfg.model.max_seq_len:  # position tables live on meta: growing them costs nothing
         notes.append(f"model.max_seq_len raised from {cfg.model.max_seq_len} to {max(seq_lens)} for the series")
         cfg.model.max_seq_len = max(seq_lens)
@@ -87,7 +92,8 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
         if not autocast:
             counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
-            measured, by_module = counted["total"], counted["by_module"]
+            # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache included)
+            measured, by_module = counted["resident_total"], counted["by_module"]
         peak = peaks.predict_peak(cfg.model, st, state, pred, step)
         layers = cfg.model.n_layer
         series.append({
