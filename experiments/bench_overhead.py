@@ -1,12 +1,14 @@
 """Benchmark: recompute_lab's training step vs a bare hand-written PyTorch loop (target ratio <= 1.02).
 
-To run:  python experiments/bench_overhead.py [--model tiny] [--strategies none,full] [--repeats 5] [--steps 30]
+To run:  python experiments/bench_overhead.py [--model tiny] [--strategies none,full] [--rounds 8] [--steps 30]
 
 Both arms train the same model (recompute_lab.model, the same strategy applied), on the same batches, with the
 same threads, AdamW settings, LR schedule and gradient clipping. Arm A is the framework: engine.run() from a
-composed Hydra config (its per-step timer, logging hooks and progress bar off/on as configured). Arm B is a
-plain loop written here. The arms alternate (A, B, A, B, ...) so drift of a noisy machine hits both; the table
-gives the median over repeats of each arm's median step time, and their ratio. Writes a CSV with --csv.
+composed Hydra config (memory probe as configured, its in-run overhead measurement off). Arm B is a plain loop
+written here. Each arm's value is one whole run's median step time after warmup; the runs alternate in ABBA /
+BAAB rounds (recompute_lab.timing.run_paired), so drift of a noisy machine hits both. The table gives the median
+of the per-round ratios with its 95% interval; the target is met when the interval's upper bound is <= 1.02,
+missed when its lower bound is above, and otherwise not decided by this many rounds. Writes a CSV with --csv.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from recompute_lab.data import Batches
 from recompute_lab.engine import lr_lambda, run
 from recompute_lab.model import build_model
 from recompute_lab.recompute import STRATEGIES, RunShape, apply_strategy
+from recompute_lab.timing import MIN_ROUNDS_FOR_CI, run_paired
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -45,6 +48,8 @@ def framework_step_s(cfg) -> float:
 
 def bare_step_s(cfg) -> float:
     """The hand-written loop: what a researcher would write without the framework."""
+    if cfg.trainer.num_threads:  # the framework's fixed thread count, whichever arm runs first
+        torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg.model)
     apply_strategy(model, cfg.strategy, RunShape.of(cfg))
@@ -71,11 +76,25 @@ def bare_step_s(cfg) -> float:
     return statistics.median(times[cfg.trainer.warmup_steps:])
 
 
+TARGET = 1.02
+
+
+def verdict(lo, hi) -> str:
+    """The <= 1.02x target judged on the interval: met only when its upper bound is within it."""
+    if lo is None:
+        return f"undecided (no interval: fewer than {MIN_ROUNDS_FOR_CI} rounds)"
+    if hi <= TARGET:
+        return f"met (upper bound {hi:.3f} <= {TARGET})"
+    if lo > TARGET:
+        return f"missed (lower bound {lo:.3f} > {TARGET})"
+    return f"undecided (interval {lo:.3f}-{hi:.3f} spans {TARGET})"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--strategies", default="none,full")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8, help="ABBA rounds of whole runs (>= 6 for a 95%% interval)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides, e.g. data.seq_len=128")
     ap.add_argument("--csv", default=None)
@@ -85,24 +104,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         sys.exit(f"unknown strategies {unknown}; valid: {', '.join(sorted(STRATEGIES))}")
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model={args.model}, "
-          f"{args.steps} steps x {args.repeats} interleaved repeats")
-    print(f"{'strategy':<12}{'framework ms':>14}{'bare ms':>10}{'ratio':>8}")
+    print(f"torch {torch.__version__}, model={args.model}, {args.steps} steps per run, {args.rounds} ABBA rounds "
+          f"of whole runs per strategy")
+    print(f"{'strategy':<12}{'framework ms':>14}{'bare ms':>10}{'ratio':>8}  95% CI         target <= {TARGET}")
     for name in names:
         cfg = compose_cfg([f"model={args.model}", f"+strategy={name}", f"trainer.steps={args.steps}",
-                           "logger=none", "trainer.progress=false", *args.extra])
-        fw, bare, ratios = [], [], []
-        for _ in range(args.repeats):
-            a, b = framework_step_s(cfg), bare_step_s(cfg)
-            fw.append(a)
-            bare.append(b)
-            ratios.append(a / b)
-        row = {"strategy": name, "model": args.model, "framework_step_ms": statistics.median(fw) * 1e3,
-               "bare_step_ms": statistics.median(bare) * 1e3, "ratio_median": statistics.median(ratios),
-               "ratio_min": min(ratios), "ratio_max": max(ratios), "repeats": args.repeats}
+                           "logger=none", "trainer.progress=false", "trainer.overhead.enabled=false", *args.extra])
+        res = run_paired(lambda i, c=cfg: framework_step_s(c), lambda i, c=cfg: bare_step_s(c), min_rounds=args.rounds,
+                         max_rounds=args.rounds, target_rel_width=0.0, warmup_rounds=0)
+        row = {"strategy": name, "model": args.model, "framework_step_ms": res.a_step_s * 1e3,
+               "bare_step_ms": res.b_step_s * 1e3, "ratio": res.ratio, "ci95_low": res.ci95_low,
+               "ci95_high": res.ci95_high, "rounds": res.rounds, "threads": torch.get_num_threads(),
+               "target": verdict(res.ci95_low, res.ci95_high)}
         rows.append(row)
-        print(f"{name:<12}{row['framework_step_ms']:>14.2f}{row['bare_step_ms']:>10.2f}{row['ratio_median']:>8.3f}"
-              f"   (range {row['ratio_min']:.3f}-{row['ratio_max']:.3f})")
+        ci = "n/a" if res.ci95_low is None else f"{res.ci95_low:.3f}-{res.ci95_high:.3f}"
+        print(f"{name:<12}{row['framework_step_ms']:>14.2f}{row['bare_step_ms']:>10.2f}{row['ratio']:>8.3f}  "
+              f"{ci:<13}  {row['target']}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
