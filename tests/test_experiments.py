@@ -88,3 +88,9 @@ def test_bench_probe_tiny(tmp_path):
     (row,) = list(csv.DictReader(out.open()))
     assert int(row["rounds"]) == 1 and float(row["ratio"]) > 0 and "no interval" in row["verdict"]
     assert proc.stdout.count("probe=on ") == 2 and proc.stdout.count("probe=off") == 2
+    proc = run_script("bench_probe.py", "--model", "tiny", "--rounds", "6", "--steps", "2", "--extra",
+                      "data.seq_len=32", "--csv", str(out))  # step-level pairing between two worker processes
+    assert proc.returncode == 0, proc.stderr
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["isolation"] == "workers" and int(row["rounds"]) == 6
+    assert float(row["ci95_low"]) <= float(row["ratio"]) <= float(row["ci95_high"])

@@ -149,3 +149,19 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached_on_disk(tmp_path, monk
     finally:
         torch.set_num_threads(before)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_full_vs_none_on_small_is_above_one_and_reruns_agree(tmp_path):
+    """The real thing: `full` recomputes ~21% more FLOPs on `small` at s=256; its paired interval must lie
+    strictly above 1, and two reruns must give overlapping intervals."""
+    cfg = compose_config(["model=small", "data.seq_len=256", "data.batch_size=2", "+strategy=full", "trainer.steps=2",
+                          "trainer.warmup_steps=1", "trainer.probe=false", *FAST])
+    runs = [run(cfg, tmp_path / name)["time"]["overhead"] for name in ("a", "b")]
+    for o in runs:
+        print(f"full vs none, small s=256 b=2: ratio {o['ratio']} [{o['ci95_low']}, {o['ci95_high']}], "
+              f"{o['rounds']} rounds ({o['stopped']})")
+        assert o["skipped"] is None and o["rounds"] >= 6, o
+        assert o["ci95_low"] > 1.0, o
+    a, b = runs
+    assert a["ci95_low"] <= b["ci95_high"] and b["ci95_low"] <= a["ci95_high"], (a, b)
