@@ -56,11 +56,16 @@ def test_bench_strategies_tiny(tmp_path):
 @pytest.mark.slow
 def test_bench_overhead_tiny(tmp_path):
     out = tmp_path / "o.csv"
-    proc = run_script("bench_overhead.py", "--rounds", "1", "--steps", "5", "--csv", str(out))
+    proc = run_script("bench_overhead.py", "--pairing", "runs", "--rounds", "1", "--steps", "5", "--csv", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(out.open()))
     assert [r["strategy"] for r in rows] == ["none", "full"] and all(float(r["ratio"]) > 0 for r in rows)
     assert all(r["ci95_low"] == "" and r["target"].startswith("undecided (no interval") for r in rows)
+    proc = run_script("bench_overhead.py", "--rounds", "6", "--strategies", "full", "--csv", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["pairing"] == "steps" and float(row["ci95_low"]) <= float(row["ratio"]) <= float(row["ci95_high"])
+    assert row["target"].split()[0] in ("met", "missed", "undecided")
 
 
 @pytest.mark.slow
@@ -94,3 +99,15 @@ def test_bench_probe_tiny(tmp_path):
     (row,) = list(csv.DictReader(out.open()))
     assert row["isolation"] == "workers" and int(row["rounds"]) == 6
     assert float(row["ci95_low"]) <= float(row["ratio"]) <= float(row["ci95_high"])
+
+
+def test_framework_target_is_judged_on_the_interval():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import bench_overhead
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    assert bench_overhead.verdict(0.98, 1.015).startswith("met")
+    assert bench_overhead.verdict(1.03, 1.2).startswith("missed")
+    assert bench_overhead.verdict(0.95, 1.05).startswith("undecided (interval")  # a median of 1.00 is not enough
+    assert bench_overhead.verdict(None, None).startswith("undecided (no interval")
