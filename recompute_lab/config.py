@@ -9,6 +9,8 @@ message from OmegaConf naming the valid values. Rules that span fields (``n_head
 """
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -156,9 +158,13 @@ class TrainerConfig:
     progress: bool = True        # tqdm progress bar with loss and tokens/s
     deterministic: bool = False  # torch.use_deterministic_algorithms
     stop_on_nan: bool = True     # end the run as "diverged" at the first non-finite loss or gradient norm
+    diverge_factor: float = 10.0  # end the run as "diverged" when the loss exceeds this x its first value; 0: off
     checkpoint_every: int = 0    # save training state every N steps (0: only when interrupted)
     resume: Optional[str] = None  # true: this run dir's checkpoint.pt; or a checkpoint file / run folder
-    max_memory_gb: Optional[float] = None  # guard: a run whose predicted peak exceeds it ends as oom before allocating
+    # Guard: a run whose predicted peak exceeds this many GB (1e9 B) ends as oom before allocating anything.
+    # null: the device's own memory (CUDA: its total; CPU: physical RAM, or a lower cgroup / ulimit -v cap).
+    max_memory_gb: Optional[float] = None
+    memory_guard: bool = True    # false: no guard at all
     probe: bool = True           # one instrumented memory probe step before training (recompute_lab.probe)
     memory_snapshot: bool = False  # CUDA: write memory_snapshot.pickle of the probe step (pytorch.org/memory_viz)
     overhead: OverheadConfig = field(default_factory=OverheadConfig)  # paired time overhead vs a baseline
@@ -198,6 +204,10 @@ class StrategyConfig:
 
     name: str = "none"
     offload: bool = False  # any strategy: saved tensors to host memory (torch.autograd.graph.save_on_cpu)
+
+    def check(self) -> None:
+        """Rules on the option values alone (raise ConfigError), checked before anything runs; a strategy's
+        options class overrides it. Rules that need the model (e.g. a block count) belong to its apply."""
 
 
 class Target(StrEnum):
@@ -250,6 +260,28 @@ def register_configs() -> None:
 register_configs()
 
 
+def bounded_name(name: str, limit: int = 120) -> str:
+    """``name`` if at most ``limit`` characters, else its head and a hash of the whole: job folder names stay
+    readable and within the filesystem's 255-byte limit, and distinct names stay distinct."""
+    name = str(name)
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[: max(1, limit - 11)]}~{digest}"
+
+
+if not OmegaConf.has_resolver("bounded"):  # conf/config.yaml's sweep subdir: ${bounded:${...},120}
+    OmegaConf.register_new_resolver("bounded", lambda name, limit=120: bounded_name(name, int(limit)))
+
+
+def _in_range(name: str, value: float, low: float, high: Optional[float], closed: bool) -> None:
+    """A finite float above ``low`` (or equal, when ``closed``) and at most ``high``; NaN and inf are refused."""
+    ok = math.isfinite(value) and (value >= low if closed else value > low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>=' if closed else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value}")
+
+
 def _positive(name: str, value: Any) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -264,8 +296,6 @@ def validate(cfg: DictConfig | Config) -> None:
         _positive(f"data.{name}", getattr(d, name))
     _positive("trainer.steps", t.steps)
     _positive("trainer.grad_accum", t.grad_accum)
-    if t.max_memory_gb is not None and t.max_memory_gb <= 0:
-        raise ConfigError(f"trainer.max_memory_gb must be > 0 (or null to disable the guard), got {t.max_memory_gb}")
     if t.warmup_steps < 0 or t.num_threads < 0 or t.checkpoint_every < 0:
         raise ConfigError("trainer.warmup_steps, trainer.num_threads and trainer.checkpoint_every must be >= 0")
     if m.d_model % m.n_head:
@@ -281,11 +311,21 @@ def validate(cfg: DictConfig | Config) -> None:
                           f"(the position table); lower data.seq_len or raise model.max_seq_len")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if o.lr <= 0 or o.grad_clip < 0 or o.warmup_steps < 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError("optimizer: lr must be > 0, grad_clip >= 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
+    for name, value, low, high, closed in (
+            ("optimizer.lr", o.lr, 0.0, None, False), ("optimizer.eps", o.eps, 0.0, None, False),
+            ("optimizer.weight_decay", o.weight_decay, 0.0, None, True),
+            ("optimizer.grad_clip", o.grad_clip, 0.0, None, True),  # 0 disables clipping
+            ("optimizer.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0, True),
+            ("model.rope_theta", m.rope_theta, 0.0, None, False), ("model.norm_eps", m.norm_eps, 0.0, None, False),
+            ("trainer.diverge_factor", t.diverge_factor, 0.0, None, True)):  # 0 disables the rule
+        _in_range(name, value, low, high, closed)
+    if t.max_memory_gb is not None:
+        _in_range("trainer.max_memory_gb", t.max_memory_gb, 0.0, None, False)
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
     if d.kind == DataKind.text and m.vocab_size < 256:
         raise ConfigError(f"data=text uses byte tokens (vocab 256) but model.vocab_size={m.vocab_size}")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(o.betas)}")
     if getattr(cfg, "parallel", None) is not None:  # configs saved before the parallel group have none
         validate_parallel(cfg)

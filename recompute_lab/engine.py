@@ -22,13 +22,14 @@ from tqdm import tqdm
 
 from recompute_lab import checkpoint, distributed, flops, overhead, theory
 from recompute_lab.config import ConfigError, Device, validate
-from recompute_lab.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, oom_report
+from recompute_lab.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
 from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
 from recompute_lab.probe import guard_memory, memory_probe
 from recompute_lab.recompute import RunShape, apply_strategy, parse_options
-from recompute_lab.tracking import env_info, format_summary, new_results, write_json_atomic
+from recompute_lab.runrecord import FolderBusy, RunFolder
+from recompute_lab.tracking import env_info, format_summary, new_results
 from recompute_lab.wandb_logger import RunLogger
 
 
@@ -76,9 +77,6 @@ class Run:
 
 def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
     """Validate, pick the device and precision, guard and probe memory, build the model with its plan."""
-    validate(cfg)
-    parse_options(cfg.strategy)  # strategy option errors before anything runs
-    overhead.check_config(cfg)
     t = cfg.trainer
     if t.memory_snapshot and not t.probe:
         raise ConfigError("trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true")
@@ -124,12 +122,11 @@ def count_flops(cfg: DictConfig, run: Run, results: dict) -> dict:
     return counted
 
 
-def restore(cfg: DictConfig, run: Run, results: dict, run_dir: Path) -> int:
-    """Resume from trainer.resume's checkpoint, if any; return the first step to run."""
-    resume_from = checkpoint.locate(cfg.trainer.resume, run_dir)
-    if resume_from is None:
+def restore(run: Run, results: dict, resume: Optional[tuple[Path, dict]]) -> int:
+    """Resume from the checkpoint preflight verified, if any; return the first step to run."""
+    if resume is None:
         return 0
-    state = checkpoint.load(resume_from, cfg)
+    resume_from, state = resume
     checkpoint.restore(state, run.model, run.optimizer, run.scheduler)
     results["loss"]["history"].extend(state["history"])
     results["time"]["step_s"].extend(state["step_s"])
@@ -212,6 +209,7 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
         checkpoint.save(path, cfg=cfg, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
                         history=history, step_s=step_s)
         results["checkpoint"] = {"path": str(path), "step": done}
+        signals.checkpointed_step = done
 
     settings = StepSettings.of(cfg)
     if device.type == "cuda":
@@ -220,7 +218,7 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
     bar = tqdm(range(start, t.steps), disable=not t.progress, desc=f"{cfg.model.name}/{cfg.strategy.name}",
                leave=False, initial=start, total=t.steps)
     for step in bar:
-        progress["step"] = step
+        progress["step"] = signals.step = step
         micro = [tuple(x.to(device, non_blocking=True) for x in run.batches.get(step, m)) for m in range(t.grad_accum)]
         try:
             with StepTimer(device) as timer:
@@ -235,6 +233,9 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
             record_model_state(run, results)
         if t.stop_on_nan and not math.isfinite(loss_val):
             raise Diverged(f"non-finite loss {loss_val} at step {step}")
+        if t.diverge_factor and loss_val > t.diverge_factor * history[0]:
+            raise Diverged(f"loss {loss_val:.4g} at step {step} exceeds trainer.diverge_factor={t.diverge_factor:g} "
+                           f"x the first loss {history[0]:.4g} (0 switches the rule off)")
         tok_s = tokens_per_step / timer.seconds
         bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
         logger.log({"loss": loss_val, "lr": scheduler.get_last_lr()[0], "step_s": timer.seconds,
@@ -293,12 +294,15 @@ def measure_overhead(cfg: DictConfig, run: Run, results: dict, progress: dict, s
 
 
 def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
-          signals: SignalFlag, dctx: Optional[distributed.DistContext] = None) -> None:
+          signals: SignalFlag, dctx: Optional[distributed.DistContext] = None,
+          resume: Optional[tuple[Path, dict]] = None) -> None:
     """Every step of a run; fills ``results`` in place as it goes (``progress``: step and phase now)."""
     dctx = dctx or distributed.DistContext()
     run = build(cfg, results, run_dir, dctx)
     counted = count_flops(cfg, run, results)
-    start = restore(cfg, run, results, run_dir)
+    start = restore(run, results, resume)
+    signals.checkpointed_step = start if resume else None
+    signals.immediate = False  # from here a signal finishes the step and checkpoints
     loop(cfg, run, start, results, logger, run_dir, progress, signals)
     summarize(cfg, run, counted, results)
     measure_overhead(cfg, run, results, progress, signals)
@@ -306,30 +310,53 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
         dctx.report(cfg, results)  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
 
 
-def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
-    """Train per ``cfg``, write ``run_dir/results.json`` whatever happens, and return the results.
+def preflight(cfg: DictConfig, run_dir: Path) -> Optional[tuple[Path, dict]]:
+    """Everything that can refuse a run, checked before anything is written or started: the config's rules,
+    the strategy's options and the resume checkpoint (located, verified and matched to the config).
+    Returns (path, state) of the checkpoint to resume from, or None."""
+    validate(cfg)
+    parse_options(cfg.strategy)
+    overhead.check_config(cfg)  # trainer.overhead (its baseline strategy) before the run, not after training
+    path = checkpoint.locate(cfg.trainer.resume, run_dir)
+    return None if path is None else (path, checkpoint.load(path, cfg))
 
-    Invalid configurations raise ConfigError (after results.json records status "error"); out of memory,
+
+def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
+    """Train per ``cfg``, keep ``run_dir/results.json`` true whatever happens, and return the results.
+
+    Refused before starting (ConfigError raised; see recompute_lab.runrecord for what is written): an invalid
+    config, strategy option or resume checkpoint, a folder another process runs in, a folder holding a finished
+    run. Once started, a ``running`` record is written at once and replaced by the final one; out of memory,
     divergence and interruption end the run with their status and return normally, so a sweep goes on.
     """
     run_dir = Path(run_dir)
     results = new_results(cfg)
     dctx = distributed.DistContext.from_env(cfg)  # rank 0 of 1 unless started by torchrun / submitit
-    logger = RunLogger(distributed.logger_cfg(cfg, dctx), run_dir, group)  # one W&B run: rank 0's
+    folder = RunFolder(run_dir, write=dctx.is_main)  # rank 0 owns the output dir
     progress: dict = {"step": None, "phase": "setup"}
     exit_code = 0
     with SignalFlag() as signals:
         try:
-            train(cfg, results, logger, run_dir, progress, signals, dctx)
+            folder.acquire()
+            resume = preflight(cfg, run_dir)
+        except ConfigError as e:
+            results.update(status="error", error=f"invalid configuration: {e}")
+            if not isinstance(e, FolderBusy):
+                folder.refused(results)
+            folder.release()
+            raise
+        except BaseException:
+            folder.release()
+            raise
+        folder.start(results)
+        logger = RunLogger(distributed.logger_cfg(cfg, dctx), run_dir, group)  # one W&B run: rank 0's
+        try:
+            train(cfg, results, logger, run_dir, progress, signals, dctx, resume)
             results["status"] = "ok"
         except ConfigError as e:
             results.update(status="error", error=f"invalid configuration: {e}")
             exit_code = 1
             raise
-        except torch.OutOfMemoryError as e:
-            results.update(status="oom", error=str(e).splitlines()[0] if str(e) else "out of memory",
-                           failure={**progress, "strategy": cfg.strategy.name, **oom_report()})
-            exit_code = 1
         except Diverged as e:
             results.update(status="diverged", error=str(e), failure=dict(progress))
             exit_code = 1
@@ -337,14 +364,18 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
             results.update(status="interrupted", error=str(e) or "KeyboardInterrupt", failure=dict(progress))
             exit_code = 1
         except Exception as e:
-            results.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
-                           failure=dict(progress))
             exit_code = 1
-            raise
+            if not is_oom(e):
+                results.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
+                               failure=dict(progress))
+                raise
+            results.update(status="oom", error=str(e).splitlines()[0] if str(e) else "out of memory",
+                           failure={**progress, "strategy": cfg.strategy.name, **oom_report()})
         finally:
+            signals.closing = True  # a signal now must not cut the final record short
             results["logger"] = {"mode": logger.mode, "note": logger.note}
-            if dctx.is_main:  # rank 0 owns the output dir
-                write_json_atomic(run_dir / "results.json", results)
+            folder.finish(results)
+            folder.release()
             logger.summarize(results, format_summary(results))
             logger.finish(exit_code)
             dctx.close()

@@ -21,13 +21,28 @@ class Interrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; the state after the last finished step is checkpointed."""
 
 
+class SetupInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during setup. A BaseException, so no ``except Exception`` on the way (the probe's, W&B's)
+    can swallow it."""
+
+
 class SignalFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (SLURM preemption sends SIGTERM)."""
+    """SIGINT/SIGTERM handling for one run (SLURM preemption sends SIGTERM, then SIGKILL after its grace time).
+
+    During setup (probe, FLOP count, budget planning: ``immediate`` true) a signal stops the run at once with
+    Interrupted: there is nothing to save yet. Once training runs it becomes a flag the loop checks after each
+    step, so the step finishes and a checkpoint is written. A second Ctrl-C stops at once and says which step the
+    last checkpoint holds (``checkpointed_step``, kept up to date by the loop).
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
+        self.immediate = True
+        self.closing = False  # the final record is being written: note signals, never interrupt that
+        self.checkpointed_step: Optional[int] = None
+        self.step: Optional[int] = None
         self._old: dict = {}
 
     def __enter__(self) -> "SignalFlag":
@@ -37,13 +52,35 @@ class SignalFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.closing:
+            self.received = self.received or name
+            return
+        if self.immediate:
+            self.received = name
+            raise SetupInterrupted(f"{name} during setup, before the first training step; nothing to checkpoint")
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.received = signal.Signals(signum).name
+            saved = ("no checkpoint was written" if self.checkpointed_step is None
+                     else f"the last checkpoint holds step {self.checkpointed_step}")
+            raise KeyboardInterrupt(f"second SIGINT: stopped at once during step {self.step}; {saved}, "
+                                    "later steps are lost")
+        self.received = name
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+# Messages of allocation failures that reach Python as RuntimeError (CPU) rather than torch.OutOfMemoryError.
+_CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
+            "std::bad_alloc", "Cannot allocate memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Out of memory on any device: CUDA's OutOfMemoryError, Python's MemoryError, the CPU allocator's failures."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CPU_OOM)
 
 
 _OOM_SEEN: dict = {}  # filled by the CUDA allocator's OOM observer at the moment of failure

@@ -176,6 +176,39 @@ def roofline_rates(device: torch.device, dtype: torch.dtype) -> dict:
             "source": f"{source}; measured copy"}
 
 
+def device_memory_bytes(device: torch.device) -> tuple[Optional[int], str]:
+    """(bytes this process may use on ``device``, where the figure comes from); None when unknown.
+
+    CUDA: the device's total memory. CPU: physical RAM, lowered by a cgroup memory limit (containers, SLURM)
+    and by the address-space limit (``ulimit -v``) when either is smaller.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{torch.cuda.get_device_name(device)} total"
+    if device.type != "cpu":
+        return None, f"no capacity known for {device.type}"
+    found: list[tuple[int, str]] = []
+    try:
+        found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical RAM"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2 ** 60:  # "max" or a huge sentinel: no limit
+            found.append((int(text), f"cgroup limit ({path})"))
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            found.append((soft, "address-space limit (ulimit -v)"))
+    except (ImportError, ValueError, OSError):
+        pass
+    return min(found) if found else (None, "unknown")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Show the cached CPU peak for this machine, torch and thread count; --refresh measures it again."""
     ap = argparse.ArgumentParser(description=main.__doc__)

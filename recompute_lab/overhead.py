@@ -10,8 +10,8 @@ training loop (CUDA events on GPU, perf_counter on CPU), and recompute_lab.timin
 checkpoints: nothing else in results.json sees them.
 
 Skipped, with the reason in ``time.overhead.skipped``: switched off; a parallel run (DDP / FSDP wrap the one
-model); a baseline predicted not to fit (the memory guard's prediction against ``trainer.max_memory_gb``, or the
-CUDA device's memory when that is unset); a baseline that runs out of memory or diverges anyway. When the run's
+model); a baseline predicted not to fit (the memory guard's prediction against ``trainer.max_memory_gb``, else the
+device's memory); a baseline that runs out of memory or diverges anyway. When the run's
 strategy is the baseline the ratio is 1 by definition (rounds 0).
 
 ``contention`` says why a run's times are not to be trusted: several jobs of a parallel launcher (joblib,
@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recompute_lab.config import ConfigError, Device
-from recompute_lab.failures import Diverged
+from recompute_lab.failures import Diverged, is_oom
 from recompute_lab.measure import StepTimer
 from recompute_lab.model import build_model
 from recompute_lab.probe import PredictedOOM, guard_memory
@@ -63,18 +63,13 @@ def baseline_config(cfg: DictConfig, baseline) -> DictConfig:
 
 
 def fit_reason(cfg: DictConfig, run, baseline) -> Optional[str]:
-    """Why the baseline would not fit (the memory guard's prediction), or None when it fits or nothing limits it."""
-    limit = cfg.trainer.max_memory_gb
-    if limit is None and run.device.type == "cuda":
-        limit = torch.cuda.mem_get_info(run.device)[1] / 1e9
-    if limit is None:
-        return None
-    bcfg = baseline_config(cfg, baseline)
-    bcfg.trainer.max_memory_gb = limit
+    """Why the baseline would not fit, by the memory guard's prediction (recompute_lab.probe.guard_memory: against
+    trainer.max_memory_gb, else the device's memory), or None. The model state is shared, so the baseline needs
+    what a run of its own would."""
     try:
-        guard_memory(bcfg, run.policy, run.device, {"memory": {}})
+        guard_memory(baseline_config(cfg, baseline), run.policy, run.device, {"memory": {}})
     except PredictedOOM as e:
-        return f"baseline {bcfg.strategy.name} would not fit: {e}"
+        return f"baseline {baseline.name} would not fit: {e}"
     return None
 
 
@@ -143,10 +138,12 @@ def measure(cfg: DictConfig, run, train_step: Callable[[torch.nn.Module, list], 
         paired = run_paired(arm(run.model), arm(other), min_rounds=o.min_rounds, max_rounds=o.max_rounds,
                             target_rel_width=o.target_ci_width, max_seconds=o.max_seconds or None,
                             warmup_rounds=o.warmup_rounds, should_stop=should_stop)
-    except torch.OutOfMemoryError as e:
-        return empty(label, f"baseline {label} ran out of memory during the measurement: {str(e).splitlines()[0]}")
     except Diverged as e:
         return empty(label, f"a step diverged during the measurement: {e}")
+    except Exception as e:  # running out of memory (on any device) ends the measurement, not the finished run
+        if not is_oom(e):
+            raise
+        return empty(label, f"baseline {label} ran out of memory during the measurement: {str(e).splitlines()[0]}")
     finally:
         del other
         cache.clear()

@@ -23,9 +23,12 @@ from omegaconf import DictConfig
 
 from recompute_lab import theory
 from recompute_lab.config import ConfigError
+from recompute_lab.failures import is_oom
 from recompute_lab.measure import CudaPeak, mem_tracker_step, meta_saved_tensors, remat_saved_bytes, saved_tensors
 from recompute_lab.model import build_model
-from recompute_lab.recompute import Plan, RunShape, apply_strategy
+from recompute_lab.hardware import device_memory_bytes
+from recompute_lab.recompute import Plan, RunShape, apply_strategy, parse_options
+from recompute_lab.recompute.base import lookup
 
 
 def setting_for(cfg: DictConfig, policy, device_type: str) -> theory.Setting:
@@ -76,9 +79,12 @@ def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, sn
     """
     try:
         return _probe(cfg, device, policy, batch, snapshot, plan)
-    except (torch.OutOfMemoryError, ConfigError):
+    except ConfigError:
         raise
     except Exception as e:
+        if is_oom(e):  # the training step would run out too: the run ends as oom, not with a warning
+            raise
+
         warnings.warn(f"memory probe failed, training goes on: {type(e).__name__}: {e}", stacklevel=2)
         return {"probe_error": f"{type(e).__name__}: {e}"}, plan
 
@@ -159,18 +165,40 @@ class PredictedOOM(torch.OutOfMemoryError):
 
 
 def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict) -> Optional[Plan]:
-    """Predict the step's peak on a meta replica and refuse the run (status oom) if it exceeds the guard.
+    """Refuse (status oom, nothing allocated) a run whose predicted memory exceeds the guard's limit.
 
-    Returns the plan it applied to the meta replica (None when the guard is off), for the run to replay.
+    The limit is ``trainer.max_memory_gb`` or, by default, the device's own memory (recompute_lab.hardware). First
+    the model state from an analytic parameter count, before anything is built (so ``model.n_layer=1000000000``
+    is refused at once); then the step's predicted peak on a meta replica with the strategy applied. Strategies
+    that solve a plan for the run's device (budget) are guarded by model state only unless the limit is explicit:
+    a meta solve would not be the device's plan. Returns the plan applied to the meta replica, for the run to
+    replay, or None.
     """
-    m = cfg.model
+    m, t = cfg.model, cfg.trainer
     scores = cfg.data.batch_size * m.n_head * cfg.data.seq_len ** 2 * 4
     if m.attention == "eager" and scores > EAGER_SCORES_WARN_BYTES:
         warnings.warn(f"attention=eager stores (b, h, s, s) scores: {scores / 2**30:.1f} GiB per layer at "
                       f"seq_len {cfg.data.seq_len}; attention=sdpa or +strategy=selective avoid most of it",
                       stacklevel=2)
-    limit = cfg.trainer.max_memory_gb
+    if not t.memory_guard:
+        return None
+    explicit = t.max_memory_gb is not None
+    limit, source = ((int(t.max_memory_gb * 1e9), f"trainer.max_memory_gb={t.max_memory_gb}") if explicit
+                     else device_memory_bytes(device))
     if limit is None:
+        return None
+    guard = results["memory"]["guard"] = {"limit_bytes": limit, "source": source}
+    if explicit:
+        guard["max_memory_gb"] = t.max_memory_gb
+    n_params = theory.param_count(m)
+    state = theory.model_state_bytes(n_params, policy.name, getattr(policy, "fp32_grad_accum", False))["total"]
+    guard["predicted_model_state_bytes"] = state
+    hint = ("set trainer.max_memory_gb to the memory you mean, or trainer.memory_guard=false" if not explicit
+            else "try a recomputation strategy, a smaller batch or seq_len")
+    if state > limit:
+        raise PredictedOOM(f"model state alone ({n_params:,} params: {state / 1e9:.3f} GB) exceeds {source} "
+                           f"({limit / 1e9:.3f} GB); nothing was allocated ({hint})")
+    if not explicit and lookup(parse_options(cfg.strategy).name).reapply is not None:
         return None
     meta = build_model(m, "meta", policy.param_dtype).train()
     plan = apply_strategy(meta, cfg.strategy, RunShape.of(cfg))
@@ -181,8 +209,8 @@ def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict) -
         act = {"total": counted["total"], "largest_region": 0}
     peak = theory.predict_peak(m, pred["setting"], pred["model_state"], act)
     total = peak["total"] if peak else pred["model_state"]["total"] + act["total"]
-    results["memory"]["guard"] = {"max_memory_gb": limit, "predicted_peak_bytes": total}
-    if total > limit * 1e9:
-        raise PredictedOOM(f"predicted peak {total / 1e9:.3f} GB exceeds trainer.max_memory_gb={limit}; "
-                           f"nothing was allocated (try a recomputation strategy, a smaller batch or seq_len)")
+    guard["predicted_peak_bytes"] = total
+    if total > limit:
+        raise PredictedOOM(f"predicted peak {total / 1e9:.3f} GB exceeds {source} ({limit / 1e9:.3f} GB); "
+                           f"nothing was allocated ({hint})")
     return plan

@@ -42,6 +42,28 @@ def model_state_bytes(n_params: int, precision: str, fp32_grad_accum: bool = Fal
     return {"per_param": by_kind, "total": sum(by_kind.values()), "bytes_per_param": sum(per.values())}
 
 
+def param_count(cfg) -> int:
+    """Parameters of recompute_lab.model's GPT (or toy MLP) for model config ``cfg``, counted from the shapes
+    alone (tied weights once), so that absurd sizes are refused before anything is built."""
+    h, v = cfg.d_model, cfg.vocab_size
+    bias = 1 if cfg.bias else 0
+
+    def linear(fan_in: int, fan_out: int) -> int:
+        return fan_in * fan_out + bias * fan_out
+
+    norm = h * (1 + (bias if cfg.norm == "layernorm" else 0))  # LayerNorm: weight (+ bias); RMSNorm: weight
+    if cfg.arch == "toy_mlp":
+        block, final_norm = 2 * linear(h, h), 0
+    else:
+        hd = h // cfg.n_head
+        qkv = linear(h, (cfg.n_head + 2 * (cfg.n_kv_head or cfg.n_head)) * hd)
+        fc = linear(h, (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff)
+        block, final_norm = 2 * norm + qkv + linear(h, h) + fc + linear(cfg.d_ff, h), norm
+    positions = cfg.max_seq_len * h if cfg.positions == "learned" and cfg.arch != "toy_mlp" else 0
+    head = 0 if cfg.tie_embeddings else h * v
+    return v * h + positions + cfg.n_layer * block + final_norm + head
+
+
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int) -> int:
     """Korthikanti et al. 2022: one transformer layer, 16-bit, dropout on, no recomputation: sbh(34 + 5as/h)."""
     return s * b * h * 34 + 5 * a * s * s * b

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from recompute_lab.analysis.callback import SWEEP_EXIT
 from recompute_lab.cli import check_overrides
 from recompute_lab.config import CONF_DIR, ConfigError
 from recompute_lab.distributed import env_rank, prepare_argv
@@ -38,8 +39,14 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"recompute_lab: invalid configuration: {e}", file=sys.stderr)
         if multirun:
-            return None  # recorded in results.json; the rest of the sweep continues
+            return None  # recorded in results.json; the rest of the sweep continues (the tally counts it)
         sys.exit(2)
+    except Exception as e:
+        if not multirun:
+            raise
+        print(f"recompute_lab: job {run_dir.name} failed: {type(e).__name__}: {e} (recorded in its results.json; "
+              "the sweep goes on)", file=sys.stderr)
+        return None
     ok = results["status"] == "ok"
     if env_rank() == 0:
         print(format_summary(results, run_dir / "results.json"), file=sys.stdout if ok else sys.stderr)
@@ -57,6 +64,7 @@ def cli() -> None:
         print(f"recompute_lab: invalid configuration: {e}", file=sys.stderr)
         sys.exit(2)
     main()
+    sys.exit(SWEEP_EXIT.pop("code", 0))  # a multirun: 1 unless every job ended ok (analysis.callback.SweepTally)
 
 
 if __name__ == "__main__":

@@ -122,14 +122,13 @@ def test_sigterm_to_cli_checkpoints_and_resume_finishes(tmp_path):
     import os
 
     run_dir = tmp_path / "run"
-    args = ["trainer.steps=100000", *FAST, f"hydra.run.dir={run_dir}"]
+    args = ["trainer.steps=100000", "trainer.checkpoint_every=20", *FAST, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "recompute_lab.train", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "WANDB_MODE": "disabled"})
-    deadline = time.time() + 120
-    while not (run_dir / ".hydra").is_dir() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(4)  # into the training loop
+    deadline = time.time() + 180
+    while not (run_dir / "checkpoint.pt").is_file() and time.time() < deadline:
+        time.sleep(0.2)  # the first periodic checkpoint: the training loop runs (earlier, setup would just stop)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
@@ -180,9 +179,15 @@ def test_memory_guard_refuses_before_allocating(tmp_path, monkeypatch):
     monkeypatch.setattr(GPT, "__init__", spy)
     res = engine.run(compose_config(["trainer.steps=2", "trainer.max_memory_gb=0.001", *FAST]), tmp_path / "a")
     assert res["status"] == "oom" and "exceeds trainer.max_memory_gb=0.001" in res["error"]
-    assert set(built) == {"meta"}  # only the meta replica that predicts the peak was built
+    assert built == []  # refused on the analytic model state (1.9 MB > 1 MB) before anything was built
     guard = res["memory"]["guard"]
-    assert guard["predicted_peak_bytes"] > 0.001e9
+    assert guard["predicted_model_state_bytes"] > 0.001e9 and "predicted_peak_bytes" not in guard
+    # A cap above the model state but below the step's peak: refused on the meta replica's predicted peak.
+    cap = (guard["predicted_model_state_bytes"] + 1000) / 1e9
+    res = engine.run(compose_config(["trainer.steps=2", f"trainer.max_memory_gb={cap}", *FAST]), tmp_path / "p")
+    assert res["status"] == "oom" and "predicted peak" in res["error"] and set(built) == {"meta"}
+    guard = res["memory"]["guard"]
+    assert guard["predicted_peak_bytes"] > cap * 1e9
     # A cap above the prediction lets the run go on; op has no closed form, so its meta count is used.
     ok = engine.run(compose_config(["trainer.steps=1", "+strategy=op",
                                     f"trainer.max_memory_gb={2 * guard['predicted_peak_bytes'] / 1e9}", *FAST]),

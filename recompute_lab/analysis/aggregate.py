@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from recompute_lab.recompute import label_of
+from recompute_lab.runrecord import is_locked
 from recompute_lab.theory import korthikanti_layer_bytes, naive_layer_bytes
 from recompute_lab.timing import describe
 
@@ -103,17 +104,60 @@ def match_key(config: Optional[dict], also_ignore: tuple[str, ...] = ()) -> str:
     return json.dumps(c, sort_keys=True, default=str)
 
 
-def row_of(res: dict, run: str) -> dict:
-    """One flat row from one results.json (every column present, None where the run did not measure it)."""
-    cfg = res.get("config") or {}
-    mem, fl, t = res.get("memory") or {}, res.get("flops") or {}, res.get("time") or {}
-    ms = mem.get("model_state_bytes") or {}
-    per_kind = ms.get("per_param") or {}
-    ps = fl.get("per_step") or {}
-    model = res.get("model") or {}
+# Columns that hold text; every other column is a number (or None).
+TEXT_COLUMNS = ("run", "status", "model", "precision", "strategy", "attention", "peak_source", "baseline", "note",
+                "error")
+
+
+def _dict(v: Any) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _clean(obj: Any) -> Any:
+    """JSON as the writer (or another tool) left it, made safe to compute with: the writer's "inf" / "-inf"
+    strings become floats, NaN becomes None, containers are walked."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, str) and obj.lower() in ("inf", "+inf", "infinity", "-inf", "-infinity"):
+        return float(obj.replace("inity", ""))
+    if isinstance(obj, str) and obj.lower() == "nan" or (isinstance(obj, float) and obj != obj):
+        return None
+    return obj
+
+
+def _coerce(row: dict) -> dict:
+    """Numbers where numbers belong, text where text belongs; anything else (a list, a dict, a bool) is None."""
+    for col in COLUMNS:
+        v = row.get(col)
+        if col in TEXT_COLUMNS:
+            row[col] = v if v is None or isinstance(v, str) else (str(v) if isinstance(v, (int, float)) else None)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            row[col] = None
+    return row
+
+
+def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
+    """One flat row from one results.json (every column present, None where the run did not measure it).
+
+    Tolerant of every value the writer can produce and of foreign JSON: wrong types read as missing. A
+    ``running`` record whose run folder (``folder``) no live process holds is reported as ``killed``.
+    """
+    res = _clean(res)
+    cfg = _dict(res.get("config"))
+    mem, fl, t = _dict(res.get("memory")), _dict(res.get("flops")), _dict(res.get("time"))
+    ms = _dict(mem.get("model_state_bytes"))
+    per_kind = _dict(ms.get("per_param"))
+    ps = _dict(fl.get("per_step"))
+    model = _dict(res.get("model"))
+    status = res.get("status") if isinstance(res.get("status"), str) else "unknown"
+    error = res.get("error") or None
+    if status == "running" and folder is not None and not is_locked(folder):
+        status, error = "killed", "no process holds the run folder: the job died without its final record"
     row = dict.fromkeys(COLUMNS)
     row.update(
-        run=run, status=res.get("status", "unknown"), error=(res.get("error") or None),
+        run=run, status=status, error=error,
         model=_get(cfg, "model.name"), precision=precision_label(cfg.get("precision")),
         strategy=strategy_label(cfg.get("strategy")), attention=_get(cfg, "model.attention"),
         seq_len=model.get("seq_len", _get(cfg, "data.seq_len")),
@@ -135,9 +179,10 @@ def row_of(res: dict, run: str) -> dict:
         step_s_median=t.get("step_s_median"), step_s_p90=t.get("step_s_p90"), tokens_per_s=t.get("tokens_per_s"),
         final_loss=_get(res, "loss.final"), step_s_min=_fastest_step(t),
     )
+    _coerce(row)
     if row["error"]:
         row["error"] = str(row["error"]).splitlines()[0][:200]
-    plan = res.get("strategy") or {}
+    plan = _dict(res.get("strategy"))
     # offload on a device whose "host" is itself (CPU) moves nothing; the saved-tensor count may read 0 there.
     row["_offload_noop"] = bool(plan.get("offload")) and plan.get("offload_effective") is False
     if row["_offload_noop"]:
@@ -147,16 +192,18 @@ def row_of(res: dict, run: str) -> dict:
     # Runs that differ only in sequence length (figure 1's series) / only in precision (figure 2's bars).
     row["_series_key"] = match_key(cfg, ("data.seq_len", "model.max_seq_len"))
     row["_precision_key"] = match_key(cfg, ("precision",))
-    row["_strategy_name"] = (cfg.get("strategy") or {}).get("name", "none")
-    row["_strategy_cfg"] = cfg.get("strategy") or {"name": "none"}
+    row["_strategy_name"] = _dict(cfg.get("strategy")).get("name", "none")
+    row["_strategy_cfg"] = _dict(cfg.get("strategy")) or {"name": "none"}
     return row
 
 
 def _fastest_step(t: dict) -> Optional[float]:
     """The fastest timed step (warmup steps left out). On a machine shared with other processes the median
     absorbs their bursts; the fastest step is the least disturbed estimate of the step's own cost (timeit's rule)."""
-    steps = t.get("step_s") or []
-    timed = steps[t.get("warmup_steps") or 0:] or steps
+    steps = [x for x in (t.get("step_s") if isinstance(t.get("step_s"), list) else [])
+             if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    warm = t.get("warmup_steps") if isinstance(t.get("warmup_steps"), int) else 0
+    timed = steps[warm:] or steps
     return min(timed) if timed else None
 
 
@@ -210,7 +257,7 @@ def load_rows(folder: Path) -> list[dict]:
                        _strategy_name=None, _strategy_cfg=None)
             rows.append(row)
             continue
-        rows.append(row_of(res, run))
+        rows.append(row_of(res, run, path.parent))
     rows.sort(key=_sort_key)
     pair_with_baselines(rows)
     return rows

@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from recompute_lab.runrecord import read_status
+
 log = logging.getLogger(__name__)
 
 
@@ -33,3 +35,29 @@ class AnalyzeOnMultirunEnd(Callback):
         except Exception as e:  # the runs are done and recorded; analysis is a bonus, never a failure
             log.warning("recompute_lab: analysis of %s failed (%s: %s); rerun with "
                         "python -m recompute_lab.analyze %s", sweep_dir, type(e).__name__, e, sweep_dir)
+
+
+# Set by SweepTally at the end of a multirun: the command's exit status (recompute_lab.train.cli reads it).
+SWEEP_EXIT: dict = {}
+
+
+def tally(sweep_dir: Path) -> tuple[str, int]:
+    """("9 jobs: 7 ok, 1 oom, 1 error", exit status) for the results.json files under ``sweep_dir``."""
+    counts: dict[str, int] = {}
+    for path in sorted(Path(sweep_dir).glob("*/results.json")):
+        status = read_status(path) or "missing"
+        counts[status] = counts.get(status, 0) + 1
+    total = sum(counts.values())
+    parts = [f"{counts.pop('ok')} ok"] if "ok" in counts else []
+    parts += [f"{n} {status}" for status, n in sorted(counts.items())]
+    return f"{total} jobs: {', '.join(parts) or 'none recorded'}", int(bool(counts) or not total)
+
+
+class SweepTally(Callback):
+    """At the end of a multirun (after the analysis callback, which is listed first), print one line counting
+    the jobs by status and make the command exit 1 unless every job ended ok."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        line, code = tally(Path(config.hydra.sweep.dir))
+        print(f"recompute_lab: {line}", flush=True)
+        SWEEP_EXIT["code"] = code

@@ -169,9 +169,11 @@ def parse_options(cfg: Any) -> Any:
         raise ConfigError(f"{', '.join(f'strategy.{k}' for k in unknown)} is not an option of strategy "
                           f"{spec.name!r}; its options: {', '.join(valid)}")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.options), data))
+        opts = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(spec.options), data))
     except OmegaConfBaseException as e:
         raise ConfigError(f"strategy {spec.name!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+    opts.check()
+    return opts
 
 
 def label_of(opts: Optional[dict]) -> str:
@@ -187,10 +189,13 @@ def label_of(opts: Optional[dict]) -> str:
     spec = STRATEGIES.get(name)
     if spec is None:
         return name + suffix
-    if spec.label is not None:
-        return spec.label(opts) + suffix
-    defaults = dataclasses.asdict(spec.options())
-    changed = [k for k in option_names(name) if k != "offload" and k in opts and opts[k] != _plain(defaults.get(k))]
+    try:
+        if spec.label is not None:
+            return spec.label(opts) + suffix
+        defaults = dataclasses.asdict(spec.options())
+        changed = [k for k in option_names(name) if k != "offload" and k in opts and opts[k] != _plain(defaults.get(k))]
+    except (TypeError, ValueError, AttributeError):  # options of the wrong shape (a hand-edited or foreign record)
+        return name + suffix
     if not changed:
         return name + suffix
     return f"{name}({','.join(f'{k}={short(opts[k])}' for k in changed)}){suffix}"

@@ -13,6 +13,7 @@ recomputation; the smallest budget this planner reaches is that of full recomput
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,20 +48,27 @@ class BudgetConfig(StrategyConfig):
     device_memory_gb: Optional[float] = None  # whole step (model state + activations) in 1e9 bytes
     objective: Objective = Objective.flops    # what the plan minimises
 
+    def check(self) -> None:
+        if self.budget_bytes is not None and self.device_memory_gb is not None:
+            raise ConfigError("set one of strategy.budget_bytes and strategy.device_memory_gb, not both")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise ConfigError(f"strategy.budget_bytes must be positive, got {self.budget_bytes}")
+        gb = self.device_memory_gb
+        if gb is not None and not (math.isfinite(gb) and gb > 0):
+            raise ConfigError(f"strategy.device_memory_gb must be a finite number > 0, got {gb}")
+        fraction = self.budget_fraction
+        if fraction is not None and not 0 < fraction <= 1:  # NaN fails both comparisons
+            raise ConfigError(f"strategy.budget_fraction must be in (0, 1], got {fraction}")
+
 
 def resolve_budget(opts: BudgetConfig, none_bytes: int, n_params: int, shape: RunShape) -> dict:
     """The activation budget in bytes and where it comes from (budget_bytes or device_memory_gb beat the fraction)."""
+    opts.check()
     given, gb = opts.budget_bytes, opts.device_memory_gb
     fraction = DEFAULT_FRACTION if opts.budget_fraction is None else opts.budget_fraction
-    if given is not None and gb is not None:
-        raise ConfigError("set one of strategy.budget_bytes and strategy.device_memory_gb, not both")
     if given is not None:
-        if given <= 0:
-            raise ConfigError(f"strategy.budget_bytes must be positive, got {given}")
         return {"bytes": int(given), "source": "budget_bytes"}
     if gb is not None:
-        if not gb > 0:
-            raise ConfigError(f"strategy.device_memory_gb must be positive, got {gb}")
         state = theory.model_state_bytes(n_params, shape.precision, shape.fp32_grad_accum)
         left = int(gb * GB) - state["total"]
         if left <= 0:
@@ -70,8 +78,6 @@ def resolve_budget(opts: BudgetConfig, none_bytes: int, n_params: int, shape: Ru
         return {"bytes": left, "source": f"device_memory_gb={gb} minus model state {state['total']} B "
                                           f"({state['bytes_per_param']} B/param, {shape.precision})",
                 "model_state_bytes": state["total"]}
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"strategy.budget_fraction must be in (0, 1], got {fraction}")
     return {"bytes": int(fraction * none_bytes), "source": f"budget_fraction={fraction} of none's {none_bytes} B"}
 
 
