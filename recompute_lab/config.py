@@ -133,12 +133,28 @@ class OptimizerConfig:
 
 
 @dataclass
+class OverheadConfig:
+    """trainer.overhead: after training, the run's step timed against a baseline strategy's step, interleaved on
+    the same batches in the same process, with a 95% interval (recompute_lab.overhead, recompute_lab.timing).
+    Each round runs two steps of each arm; off: trainer.overhead.enabled=false."""
+
+    enabled: bool = True
+    baseline: str = "none"         # any strategy name (its default options); the run's own strategy: skipped
+    min_rounds: int = 6            # rounds before the width test; >= 6 for a 95% interval
+    max_rounds: int = 20           # cap on the rounds (4 steps each)
+    target_ci_width: float = 0.05  # stop once (ci95_high - ci95_low) / ratio <= this
+    max_seconds: float = 120.0     # cap on the measurement's wall time (0: no time cap)
+    warmup_rounds: int = 1         # untimed rounds first (allocator, caches, SAC dispatch warm for both arms)
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100
     grad_accum: int = 1          # micro-batches per optimizer step
     seed: int = 0
     device: Device = Device.auto
-    num_threads: int = 0         # torch.set_num_threads; 0 keeps torch's default
+    num_threads: int = 1         # torch.set_num_threads, fixed so step times compare across machines and load;
+    #                              recorded in results.json env.num_threads; 0 = torch's default (every core)
     warmup_steps: int = 3        # steps excluded from the timing statistics
     progress: bool = True        # tqdm progress bar with loss and tokens/s
     deterministic: bool = False  # torch.use_deterministic_algorithms
@@ -152,6 +168,7 @@ class TrainerConfig:
     memory_guard: bool = True    # false: no guard at all
     probe: bool = True           # one instrumented memory probe step before training (recompute_lab.probe)
     memory_snapshot: bool = False  # CUDA: write memory_snapshot.pickle of the probe step (pytorch.org/memory_viz)
+    overhead: OverheadConfig = field(default_factory=OverheadConfig)  # paired time overhead vs a baseline
 
 
 @dataclass

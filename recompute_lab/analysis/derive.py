@@ -84,17 +84,29 @@ def richest_group(rows: list[dict], want: Optional[set] = None) -> Optional[tupl
     return max(counts, key=lambda k: (len(counts[k]), k[3] or 0, str(k)))
 
 
+TIME_KEYS = ("time_overhead", "time_overhead_ci_low", "time_overhead_ci_high", "time_rounds")
+
+
+def interval_contains_zero(p: dict) -> bool:
+    """Whether a paired time overhead's 95% interval contains 0 (no slowdown shown); False without an interval."""
+    lo, hi = p.get("time_overhead_ci_low"), p.get("time_overhead_ci_high")
+    return lo is not None and hi is not None and lo <= 0.0 <= hi and not lo == hi == 0.0
+
+
 def tradeoffs(rows: list[dict], group: Optional[tuple] = None) -> list[dict]:
-    """Per strategy in ``group`` (default: the richest): activation saving, FLOP and time overhead vs none."""
+    """Per strategy in ``group`` (default: the richest): activation saving, FLOP overhead and the run's paired time
+    overhead against `none` with its 95% interval (time_overhead_ci_low/high)."""
     group = group or richest_group(rows)
     out, seen = [], set()
     for r in ok_rows(rows):  # a strategy run twice with the same config (two sweeps) counts once: the first
         if group_key(r) == group and r["baseline"] is not None and r["strategy"] not in seen | {"none"}:
             seen.add(r["strategy"])
+            vs_none = r.get("time_baseline") == "none"  # a paired overhead against another baseline is not vs none
             out.append({"strategy": r["strategy"], "run": r["run"], "act_saved_frac": r["act_saved_frac"],
                         "act_saved_bytes": r["act_saved_bytes"], "flop_overhead": r["flop_overhead"],
-                        "time_overhead": r["time_overhead"], "time_overhead_min": r["time_overhead_min"],
-                        "act_bytes": r["act_bytes_measured"],
+                        **{k: r.get(k) if vs_none else None for k in TIME_KEYS},
+                        "time_contended": r.get("time_contended"), "time_baseline": r.get("time_baseline"),
+                        "act_bytes": r["act_bytes_measured"], "offload_noop": bool(r.get("_offload_noop")),
                         "peak_bytes": r["peak_bytes_measured"], "note": r.get("note")})
     return sorted(out, key=lambda t: t["strategy"])
 
@@ -121,13 +133,16 @@ def components(rows: list[dict]) -> list[dict]:
             continue
         seen.add(r["strategy"])
         flops = r["flops_recompute"]
-        # extra seconds per step, from the fastest steps (see aggregate._fastest_step): s - s0 = s * o / (1 + o)
-        o = r["time_overhead_min"]
-        extra_s = None if o is None else o * r["step_s_min"] / (1 + o)
+        # extra seconds per step from the run's paired measurement: baseline step x overhead, with its interval
+        base_s = r.get("time_baseline_step_s") if r.get("time_baseline") == "none" else None
+        extra = {k: None if base_s is None or r.get(c) is None else base_s * r[c]
+                 for k, c in (("extra_step_s", "time_overhead"), ("extra_step_s_ci_low", "time_overhead_ci_low"),
+                              ("extra_step_s_ci_high", "time_overhead_ci_high"))}
         out.append({"strategy": r["strategy"], "component": COMPONENTS[r["strategy"]], "run": r["run"],
                     "freed_bytes": r["act_saved_bytes"], "recompute_flops": flops,
                     "bytes_per_flop": (r["act_saved_bytes"] / flops) if flops else None,
-                    "extra_step_s": extra_s, "flop_overhead": r["flop_overhead"]})
+                    **extra, **{k: r.get(k) if base_s is not None else None for k in TIME_KEYS},
+                    "flop_overhead": r["flop_overhead"]})
     # Ranking: freed bytes per recomputed FLOP, highest first. Components whose recompute has no counted FLOPs
     # (pointwise ops only: norms) have no ratio; they follow, by bytes freed, since they cost time, not matmuls.
     return sorted(out, key=lambda c: (c["bytes_per_flop"] is None, -(c["bytes_per_flop"] or c["freed_bytes"]),

@@ -3,8 +3,10 @@ carry every distinction; colour only repeats it) with labelled units.
 
 1 activation_vs_context   saved activation bytes vs sequence length: measured, Korthikanti, the seed's line
 2 memory_breakdown        stacked memory per strategy x precision: params, grads, master, optimizer, acts, logits
-3 pareto                  activation saving vs FLOP overhead and vs time overhead, frontier drawn
-4 components              bytes freed per recomputed FLOP (and per ms of step time) by recomputed component
+3 pareto                  activation saving vs FLOP overhead (frontier drawn) and vs the paired time overhead
+                          (95% interval as an error bar; hollow where it contains 0)
+4 components              bytes freed per recomputed FLOP (and per ms of extra step time, with its interval) by
+                          recomputed component
 5 bytes_per_param         model-state bytes per parameter by precision, measured by kind, predicted marked
 
 A figure whose data the sweep lacks is still written: it says which runs or results.json keys are missing.
@@ -19,7 +21,7 @@ matplotlib.use("Agg")  # files only, no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 from recompute_lab.analysis import derive  # noqa: E402
-from recompute_lab.analysis.aggregate import missing_keys  # noqa: E402
+from recompute_lab.analysis.aggregate import fmt_overhead, missing_keys  # noqa: E402
 
 FIGURES = ("fig1_activation_vs_context", "fig2_memory_breakdown", "fig3_pareto", "fig4_components",
            "fig5_bytes_per_param")
@@ -115,37 +117,59 @@ def fig_memory_breakdown(rows, out: Path) -> list[Path]:
 
 
 def fig_pareto(rows, out: Path) -> list[Path]:
+    """Left: saving vs counted FLOP overhead, Pareto frontier (exact quantities). Right: saving vs the paired time
+    overhead with its 95% interval as an error bar; hollow markers where the interval contains 0 (within noise).
+    No frontier on the right: a point there is an interval, not a value to rank by."""
     pts = derive.tradeoffs(rows)
     fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2), sharey=True)
-    for ax, xkey, xlabel in ((axes[0], "flop_overhead", "recomputed FLOPs / (forward + backward) (%)"),
-                             (axes[1], "time_overhead_min", "fastest step time vs none's (%)")):
-        good = [p for p in pts if p[xkey] is not None and p["act_saved_frac"] is not None]
-        for i, p in enumerate(good):
-            ax.plot(100 * p[xkey], 100 * p["act_saved_frac"], marker=MARKERS[i % len(MARKERS)], ls="none",
-                    color="black", mfc=GREYS[i % len(GREYS)], ms=8, label=p["strategy"])
-        if good:
-            front = derive.pareto_frontier([(p[xkey], p["act_saved_frac"]) for p in good])
-            ax.plot([100 * good[i][xkey] for i in front], [100 * good[i]["act_saved_frac"] for i in front],
-                    ls="--", color="0.3", lw=1, label="Pareto frontier")
-        ax.set_xlabel(xlabel)
-        if not good:
-            _note(ax, _missing_text(rows, ("act_bytes_measured", xkey), "runs that record\n"
-                                    "memory.activation_bytes (memory probe)") if pts else
-                  "no strategy run with a matching `none` baseline\nto fill it: +strategy=none,full,... (same config)")
+    style = {p["strategy"]: (MARKERS[i % len(MARKERS)], GREYS[i % len(GREYS)]) for i, p in enumerate(pts)}
+    saved = [p for p in pts if p["act_saved_frac"] is not None]
+    good = [p for p in saved if p["flop_overhead"] is not None]
+    ax = axes[0]
+    for p in good:
+        m, c = style[p["strategy"]]
+        ax.plot(100 * p["flop_overhead"], 100 * p["act_saved_frac"], marker=m, ls="none", color="black", mfc=c, ms=8,
+                label=p["strategy"])
+    if good:
+        front = derive.pareto_frontier([(p["flop_overhead"], p["act_saved_frac"]) for p in good])
+        ax.plot([100 * good[i]["flop_overhead"] for i in front], [100 * good[i]["act_saved_frac"] for i in front],
+                ls="--", color="0.3", lw=1, label="Pareto frontier (FLOPs, bytes)")
+    ax.set_xlabel("recomputed FLOPs / (forward + backward) (%)")
+    ax = axes[1]
+    timed = [p for p in saved if p["time_overhead"] is not None]
+    for p in timed:
+        m, c = style[p["strategy"]]
+        lo, hi = p["time_overhead_ci_low"], p["time_overhead_ci_high"]
+        xerr = None if lo is None else [[100 * (p["time_overhead"] - lo)], [100 * (hi - p["time_overhead"])]]
+        ax.errorbar(100 * p["time_overhead"], 100 * p["act_saved_frac"], xerr=xerr, marker=m, ls="none",
+                    color="black", ecolor="0.35", capsize=3, ms=8,
+                    mfc="white" if derive.interval_contains_zero(p) or lo is None else c)
+    ax.axvline(0, ls=":", color="0.4", lw=1)
+    ax.set_xlabel("step time vs none (%), paired in-run, 95% CI")
+    if timed and any(derive.interval_contains_zero(p) for p in timed):
+        ax.text(0.01, 0.01, "hollow: interval contains 0 (within noise)", transform=ax.transAxes, fontsize=7)
+    if not good:
+        _note(axes[0], _missing_text(rows, ("act_bytes_measured", "flop_overhead"), "runs that record\n"
+                                     "memory.activation_bytes (memory probe)") if pts else
+              "no strategy run with a matching `none` baseline\nto fill it: +strategy=none,full,... (same config)")
+    if not timed:
+        contended = [p["strategy"] for p in pts if p.get("time_contended")]
+        _note(axes[1], ("times contended (parallel launcher): not used\n" + ", ".join(contended)) if contended else
+              "no paired time overhead vs none in these runs\n(results.json time.overhead)\n"
+              "to fill it: rerun with trainer.overhead.enabled=true")
     axes[0].set_ylabel("saved activations freed vs none (%)")
     group = derive.richest_group(rows)
     axes[0].set_title("memory saved vs FLOP overhead")
-    axes[1].set_title("memory saved vs time overhead")
+    axes[1].set_title("memory saved vs time overhead (with 95% interval)")
     skipped = [p["strategy"] for p in pts if p["act_saved_frac"] is None]
     title = "" if not group else \
         f"Recomputation trade-off: {group[0]}, {group[1]}, attention={group[2]}, s={group[3]}, b={group[4]}"
     if skipped and len(skipped) < len(pts):
         title += "\nnot plotted (no activation saving measured): " + ", ".join(skipped)
     fig.suptitle(title, fontsize=9, y=1.05 if "\n" in title else 1.0)
-    if any(p["act_saved_frac"] is not None for p in pts):  # one legend under both panels, markers name points
+    if saved:  # one legend under both panels, markers name points
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 0.0))
-
     return _save(fig, out, FIGURES[2])
 
 
@@ -164,24 +188,37 @@ def fig_components(rows, out: Path) -> list[Path]:
                 axes[0].text(0, i, " no counted FLOPs recomputed (pointwise ops only)", va="center", fontsize=7)
         axes[0].set_yticks(list(y), names, fontsize=7)
         axes[0].invert_yaxis()
-        per_ms = [(c["freed_bytes"] / MIB) / (1e3 * c["extra_step_s"]) if c["extra_step_s"] and c["extra_step_s"] > 0
-                  else 0.0 for c in comps]
-        axes[1].barh(y, per_ms, color=[GREYS[i % len(GREYS)] for i in y], edgecolor="black",
+        # MiB per ms of extra step time, drawn only where the paired interval shows a slowdown (its lower bound
+        # > 0); the error bar maps the interval of the extra time onto the ratio (freed / extra_high .. / extra_low).
+        shown = [c["extra_step_s_ci_low"] is not None and c["extra_step_s_ci_low"] > 0 for c in comps]
+        per_ms = [(c["freed_bytes"] / MIB) / (1e3 * c["extra_step_s"]) if ok else 0.0 for c, ok in zip(comps, shown)]
+        err = [[v - (c["freed_bytes"] / MIB) / (1e3 * c["extra_step_s_ci_high"]) if ok else 0.0
+                for v, c, ok in zip(per_ms, comps, shown)],
+               [(c["freed_bytes"] / MIB) / (1e3 * c["extra_step_s_ci_low"]) - v if ok else 0.0
+                for v, c, ok in zip(per_ms, comps, shown)]]
+        axes[1].barh(y, per_ms, xerr=err, capsize=3, color=[GREYS[i % len(GREYS)] for i in y], edgecolor="black",
                      hatch=[HATCHES[i % len(HATCHES)] for i in y])
-        for i, c in enumerate(comps):
-            if not (c["extra_step_s"] and c["extra_step_s"] > 0):
-                axes[1].text(0, i, " no measurable extra step time", va="center", fontsize=7)
+        for i, (c, ok) in enumerate(zip(comps, shown)):
+            if not ok:
+                axes[1].text(0, i, " " + _time_words(c), va="center", fontsize=7)
         axes[1].set_yticks(list(y), [""] * len(comps))
         axes[1].invert_yaxis()
     else:
         _note(axes[0], "no selective[component] run with a matching `none` run and activation bytes\n"
                        "to fill it: " + "  and  ".join(derive.COMPONENT_RUNS))
     axes[0].set_xlabel("bytes freed per recomputed FLOP (B/FLOP)")
-    axes[1].set_xlabel("MiB freed per ms of extra step time")
+    axes[1].set_xlabel("MiB freed per ms of extra step time (paired, 95% CI)")
     fig.suptitle("Value of recomputing each component (selective, one module kind at a time)", fontsize=9)
     if comps and missing:
         fig.text(0.01, 0.01, "not in this sweep: " + ", ".join(missing), fontsize=7)
     return _save(fig, out, FIGURES[3])
+
+
+def _time_words(c: dict) -> str:
+    """Why a component has no MiB-per-ms bar: no paired measurement, an interval that contains 0, or faster."""
+    if c.get("time_overhead") is None:
+        return "no paired time overhead vs none (results.json time.overhead)"
+    return fmt_overhead(c)
 
 
 def fig_bytes_per_param(rows, out: Path) -> list[Path]:

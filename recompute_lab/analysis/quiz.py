@@ -16,7 +16,7 @@ from typing import Optional
 
 from recompute_lab import theory
 from recompute_lab.analysis import derive
-from recompute_lab.analysis.aggregate import fmt_bytes, group_key, ok_rows
+from recompute_lab.analysis.aggregate import fmt_bytes, fmt_overhead, group_key, ok_rows
 from recompute_lab.analysis.figures import FIGURES
 from recompute_lab.config import ModelConfig
 
@@ -74,23 +74,35 @@ def q2_tradeoff(rows: list[dict]) -> list[str]:
     g = derive.richest_group(rows)
     out.append(f"It frees saved activations and pays with recomputed forward work. Against `none` at {g[0]}, "
                f"{g[1]}, attention={g[2]}, s={g[3]}, b={g[4]} ({fig(3)}; summary.csv columns act_saved_frac, "
-               "flop_overhead, time_overhead_min):")
+               "flop_overhead, time_overhead with time_overhead_ci_low/high):")
     out.append("")
     for t in tr:
-        if t.get("note"):
-            out.append(f"- `{t['strategy']}`: {t['note']}; {pct(t['flop_overhead'])} more FLOPs (row `{t['run']}`).")
+        if t["offload_noop"]:
+            out.append(f"- `{t['strategy']}`: {t['note'].split('; ')[0]}; {pct(t['flop_overhead'])} more FLOPs "
+                       f"(row `{t['run']}`).")
             continue
         act = ("activation saving n/a (memory.activation_bytes missing)" if t["act_saved_frac"] is None else
                f"**{pct(t['act_saved_frac'])} less activation memory** ({fmt_bytes(t['act_saved_bytes'])})")
-        time = "n/a" if t["time_overhead_min"] is None else f"{100 * t['time_overhead_min']:+.1f}%"
-        if t["time_overhead_min"] is not None and t["time_overhead_min"] < 0:
-            time += " (faster than `none`: timing noise of a shared machine)"
-        out.append(f"- `{t['strategy']}`: {act} for **{pct(t['flop_overhead'])} more FLOPs** and {time} step time "
-                   f"(row `{t['run']}`).")
-    out += ["", "Step time is each run's fastest timed step against the `none` run's (the median, in column "
-            "time_overhead, absorbs other processes' bursts on a shared CPU); it varies between reruns, FLOPs and "
-            "bytes do not. Recomputed pointwise ops (norms, activations) cost time but no counted FLOPs.", ""]
+        out.append(f"- `{t['strategy']}`: {act} for **{pct(t['flop_overhead'])} more FLOPs**; step time "
+                   f"{_time(t)} (row `{t['run']}`).")
+    out += ["", "Step time is each run's own paired measurement (results.json time.overhead): after training, its "
+            "step and `none`'s step alternate in ABBA rounds on the same batches in the same process; the ratio is "
+            "the median over rounds with a distribution-free 95% interval. An interval that contains 0 is written "
+            "\"within noise (+-x%)\": no slowdown or speed-up is shown at that precision. FLOPs and bytes are exact "
+            "and do not vary between reruns. Recomputed pointwise ops (norms, activations) cost time but no counted "
+            "FLOPs.", ""]
     return out
+
+
+def _time(t: dict) -> str:
+    """A trade-off's time overhead in words, or why it has none."""
+    if t.get("time_contended"):
+        return f"not used (contended: {t['time_contended']})"
+    if t["time_overhead"] is None:
+        why = (f"measured against `{t['time_baseline']}`, not `none`" if t.get("time_baseline") not in (None, "none")
+               else "no paired measurement in this run (trainer.overhead)")
+        return f"n/a ({why})"
+    return fmt_overhead(t)
 
 
 def q3_full(rows: list[dict]) -> list[str]:
@@ -138,8 +150,9 @@ def q4_component(rows: list[dict]) -> list[str]:
     for i, c in enumerate(comps, 1):
         per = ("no counted FLOPs recomputed" if c["bytes_per_flop"] is None
                else f"**{c['bytes_per_flop']:.4g} B/FLOP**")
+        time = "" if c["time_overhead"] is None else f"; step time {fmt_overhead(c)}"
         out.append(f"{i}. {c['component']} (`{c['strategy']}`): frees {fmt_bytes(c['freed_bytes'])} for "
-                   f"{c['recompute_flops'] or 0:,} recomputed FLOPs ({pct(c['flop_overhead'])} more); {per} "
+                   f"{c['recompute_flops'] or 0:,} recomputed FLOPs ({pct(c['flop_overhead'])} more); {per}{time} "
                    f"(row `{c['run']}`).")
     top = next((c for c in comps if c["bytes_per_flop"] is not None), None)
     if top is not None:
