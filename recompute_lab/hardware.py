@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import hashlib
 import json
 import os
@@ -59,12 +58,6 @@ def gemm_rate(device_type: str = "cpu", dtype_name: str = "float32", n: int = 10
     bm = torch.randn(n, n, dtype=dtype, device=device_type)
     a @ bm  # warm up (thread pool, caches)
     return 2 * n ** 3 / best_time(lambda: a @ bm, device_type, reps)
-
-
-@functools.lru_cache(maxsize=None)
-def measured_matmul_peak(device_type: str = "cpu", dtype_name: str = "float32", n: int = 1024, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n GEMM on this machine (cached per process, whatever the thread count)."""
-    return gemm_rate(device_type, dtype_name, n, reps)
 
 
 CACHE_ENV = "RECOMPUTE_LAB_CACHE_DIR"
