@@ -5,7 +5,8 @@
 Runs on CPU in a few minutes (tiny models, fixed seeds: trainer.seed=0, data.seed=1234); the run folders go
 to --runs (default outputs/reproduce_runs, git-ignored) and are deleted first, so nothing stale is mixed in.
 --out receives summary.csv, summary.md, the five figures (PNG + PDF) and quiz.md. Rerunning gives the same
-summary.csv except the timing columns (aggregate.TIMING_COLUMNS).
+summary.csv except the timing columns (aggregate.TIMING_COLUMNS). Each job prints a line when it starts and when
+it ends (status, seconds), read from the sweep's own output (Hydra's launcher lines and recompute_lab's log).
 
 A sweep asks only for strategies this checkout has (conf/strategy/NAME.yaml); a figure whose runs cannot be
 made yet is skipped with a note, and the figure and quiz.md then say which runs are missing.
@@ -13,7 +14,9 @@ made yet is skipped with a note, and the figure and quiz.md then say which runs 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,14 +83,41 @@ def plan() -> list[tuple[str, str, list[str], str]]:
     return out
 
 
+LAUNCH = re.compile(r"Launching (\d+) jobs")
+JOB = re.compile(r"\t#(\d+) : (.*)")  # Hydra's basic launcher, one line per job as it starts
+END = re.compile(r"\] run (ok|oom|diverged|interrupted|error)\b.*?: (\d+ min \d+ s|[\d.]+ s) \(results\.json")
+
+
+def job_lines(lines, name: str):
+    """The per-job progress lines of a sweep's output (Hydra's launch lines, recompute_lab.engine's run lines)."""
+    total = "?"
+    for line in lines:
+        if m := LAUNCH.search(line):
+            total = m[1]
+        elif m := JOB.search(line):
+            yield f"  {name}: job {int(m[1]) + 1}/{total} {m[2].strip()}"
+        elif m := END.search(line):
+            yield f"    {m[1]} in {m[2]}"
+
+
 def run_sweep(exp: str, folder: Path, overrides: list[str]) -> None:
     cmd = [sys.executable, "-m", "recompute_lab.train", "-m", f"+experiment={exp}", f"hydra.sweep.dir={folder}",
            "hydra.callbacks.analyze.enabled=false", *overrides]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}  # unbuffered: job lines as they happen
+    tail: collections.deque = collections.deque(maxlen=60)  # the end of the output, for a failure's message
+
+    def read(stream):
+        for line in stream:
+            tail.append(line)
+            yield line
+
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:
+        for message in job_lines(read(proc.stdout), exp):
+            print(message, flush=True)
     if proc.returncode != 0:
-        raise SystemExit(f"sweep {exp} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"sweep {exp} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{''.join(tail)[-3000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ message from OmegaConf naming the valid values. Rules that span fields (``n_head
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -222,7 +223,7 @@ class EstimateConfig:
 
     target: Target = Target.cuda                        # whose kernels decide what is saved
     seq_lens: list[int] = field(default_factory=list)   # a series of sequence lengths; empty = data.seq_len
-    out: str = "estimate.json"                          # where the JSON goes (relative to the working dir)
+    out: str = "estimate.json"                          # where the JSON goes (relative to the run's output dir)
 
 
 @dataclass
@@ -250,7 +251,11 @@ class Config:
 def register_configs() -> None:
     """Store the schemas. Called on import so both @hydra.main and the compose API see them."""
     cs = ConfigStore.instance()
-    cs.store(name="recompute_lab_schema", node=Config)
+    # The root holds one typed node per group (not a Config node), so that estimate.yaml can add its `estimate`
+    # section on top of config.yaml; Hydra still closes the root after composing, and recompute_lab.cli checks
+    # root keys added with + before Hydra runs.
+    cs.store(name="recompute_lab_schema", node={f.name: f.default_factory() for f in dataclasses.fields(Config)})
+    cs.store(name="recompute_lab_estimate_schema", node={"estimate": EstimateConfig})
     for group, node in [("model", ModelConfig), ("precision", PrecisionConfig), ("data", DataConfig),
                         ("optimizer", OptimizerConfig), ("trainer", TrainerConfig),
                         ("logger", LoggerConfig), ("strategy", StrategyConfig),

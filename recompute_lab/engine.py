@@ -9,6 +9,7 @@ memory guard and probe, the model with its recomputation plan), ``count_flops``,
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import statistics
 import traceback
@@ -23,7 +24,8 @@ from tqdm import tqdm
 from recompute_lab import checkpoint, distributed, flops, overhead, theory
 from recompute_lab.config import ConfigError, Device, validate
 from recompute_lab.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
-from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes
+from recompute_lab.logs import Laps, StepLines
+from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes, step_memory
 from recompute_lab.model import build_model
 from recompute_lab.precision import make_precision
 from recompute_lab.probe import guard_memory, memory_probe
@@ -32,6 +34,7 @@ from recompute_lab.runrecord import FolderBusy, RunFolder
 from recompute_lab.tracking import env_info, format_summary, new_results
 from recompute_lab.wandb_logger import RunLogger
 
+log = logging.getLogger(__name__)
 
 def resolve_device(name: str) -> torch.device:
     if name == Device.cuda and not torch.cuda.is_available():
@@ -77,6 +80,7 @@ class Run:
 
 def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
     """Validate, pick the device and precision, guard and probe memory, build the model with its plan."""
+    laps = Laps(log)
     t = cfg.trainer
     if t.memory_snapshot and not t.probe:
         raise ConfigError("trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true")
@@ -90,15 +94,20 @@ def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistC
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
     batches = dctx.batches(cfg.data, cfg.model.vocab_size)  # this rank's rows of the global batch
+    laps("setup", f"device {device}, {torch.get_num_threads()} threads, parameters {policy.param_dtype}")
     plan = guard_memory(cfg, policy, device, results, dctx)
+    if t.max_memory_gb is not None:
+        laps("memory guard", f"predicted peak within trainer.max_memory_gb={t.max_memory_gb}")
     if t.probe:  # memory probe on a fresh model, before the training model exists (recompute_lab.probe)
         snapshot = Path(run_dir) / "memory_snapshot.pickle" if t.memory_snapshot and run_dir is not None else None
         probe_batch = tuple(x.to(device) for x in batches.get(0, 0))
         memory, plan = memory_probe(cfg, device, policy, probe_batch, snapshot, plan, dctx)  # this rank's step
         results["memory"].update(memory)
+        laps("memory probe", probe_note(results["memory"]))
     model = build_model(cfg.model, device, policy.param_dtype)
     plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)  # a solved plan is replayed
     results["strategy"] = plan.to_dict()
+    laps(f"model + strategy {plan.name}", f"{model.get_num_params():,} params; {plan.description}")
     results["model"] = {"params": model.get_num_params(),
                         "non_embedding_params": model.get_num_params(non_embedding=True),
                         "n_layer": cfg.model.n_layer, "d_model": cfg.model.d_model, "n_head": cfg.model.n_head,
@@ -217,6 +226,7 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
     model.train()
     bar = tqdm(range(start, t.steps), disable=not t.progress, desc=f"{cfg.model.name}/{cfg.strategy.name}",
                leave=False, initial=start, total=t.steps)
+    step_lines = StepLines(log, t.steps, logging.DEBUG if t.progress else logging.INFO)  # train.log gets them
     for step in bar:
         progress["step"] = signals.step = step
         micro = [tuple(x.to(device, non_blocking=True) for x in run.batches.get(step, m)) for m in range(t.grad_accum)]
@@ -239,7 +249,9 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
         tok_s = tokens_per_step / timer.seconds
         bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
         logger.log({"loss": loss_val, "lr": scheduler.get_last_lr()[0], "step_s": timer.seconds,
-                    "tokens_per_s": tok_s}, step=step)
+                    "tokens_per_s": tok_s, **({} if grad_norm is None else {"grad_norm": float(grad_norm)}),
+                    **step_memory(device)}, step=step)
+        step_lines(step, loss_val, timer.seconds, tok_s)
         done = step + 1
         if stop:
             save_checkpoint(done)
@@ -299,13 +311,28 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
     """Every step of a run; fills ``results`` in place as it goes (``progress``: step and phase now)."""
     dctx = dctx or distributed.DistContext()
     run = build(cfg, results, run_dir, dctx)
+    laps = Laps(log)
     counted = count_flops(cfg, run, results)
+    laps("FLOP count on meta", flops_note(results["flops"]))
     start = restore(run, results, resume)
+    if start:
+        laps("resume", f"from step {start}")
     signals.checkpointed_step = start if resume else None
     signals.immediate = False  # from here a signal finishes the step and checkpoints
+    log.info("training: steps %d..%d of %d, %s tokens per step", start + 1, cfg.trainer.steps, cfg.trainer.steps,
+             f"{cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum:,}")
+    laps.reset()
     loop(cfg, run, start, results, logger, run_dir, progress, signals)
+    laps("training", f"{cfg.trainer.steps - start} steps")
     summarize(cfg, run, counted, results)
+    tm = results["time"]
+    if tm.get("step_s_median") is not None:
+        log.info("step time median %.4f s (p90 %.4f s), %s tokens/s", tm["step_s_median"], tm["step_s_p90"],
+                 f"{tm['tokens_per_s']:,.0f}")
+    else:
+        log.info("step time: none (%s)", tm.get("reason") or "no timed step")
     measure_overhead(cfg, run, results, progress, signals)
+    laps("paired overhead", str((results["time"].get("overhead") or {}).get("ratio")))
     if dctx.enabled:
         dctx.report(cfg, results)  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
 
@@ -331,6 +358,9 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
     """
     run_dir = Path(run_dir)
     results = new_results(cfg)
+    whole, laps = Laps(log), Laps(log)
+    log.info("run: model %s, precision %s, strategy %s, batch %s x seq %s, %s steps -> %s", cfg.model.name,
+             cfg.precision.name, cfg.strategy.name, cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.steps, run_dir)
     dctx = distributed.DistContext.from_env(cfg)  # rank 0 of 1 unless started by torchrun / submitit
     folder = RunFolder(run_dir, write=dctx.is_main)  # rank 0 owns the output dir
     progress: dict = {"step": None, "phase": "setup"}
@@ -350,6 +380,7 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
             raise
         folder.start(results)
         logger = RunLogger(distributed.logger_cfg(cfg, dctx), run_dir, group)  # one W&B run: rank 0's
+        laps(f"W&B run ({logger.mode})")
         try:
             train(cfg, results, logger, run_dir, progress, signals, dctx, resume)
             results["status"] = "ok"
@@ -378,9 +409,27 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
             folder.release()
             logger.summarize(results, format_summary(results))
             logger.finish(exit_code)
+            whole(f"run {results['status']}" + (f" ({results.get('error')})" if exit_code else ""),
+                  f"results.json and W&B ({logger.mode}) in {run_dir}")
             dctx.close()
             if exit_code:
                 gc.collect()  # free the failed run's tensors before the next job of a sweep
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
     return results
+
+
+def probe_note(memory: dict) -> str:
+    """One line on what the memory probe measured (for the log)."""
+    act, peak = memory.get("activation_bytes") or {}, memory.get("peak_bytes") or {}
+    if act.get("measured") is None:
+        return "no measurement" + (f": {memory['probe_error']}" if memory.get("probe_error") else "")
+    mb = lambda b: "-" if b is None else f"{b / 1e6:.2f} MB"
+    return (f"activations {mb(act['measured'])} saved (predicted {mb(act.get('predicted'))}), "
+            f"peak {mb(peak.get('measured'))} ({peak.get('source') or 'n/a'})")
+
+
+def flops_note(fl: dict) -> str:
+    ps = fl["per_step"]
+    return (f"forward {ps['forward'] / 1e9:.3g} GFLOP, backward {ps['backward'] / 1e9:.3g}, recompute "
+            f"{ps['recompute'] / 1e9:.3g} (+{fl['recompute_overhead']:.1%})")

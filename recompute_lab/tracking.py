@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from recompute_lab.config import to_container
 from recompute_lab.fileio import atomic_write_text
+from recompute_lab.provenance import git_info
 from recompute_lab.timing import describe
 
 SCHEMA_VERSION = 1
@@ -54,6 +55,7 @@ def env_info(device: torch.device, dtype: torch.dtype) -> dict:
         "num_threads": torch.get_num_threads(),
         # Recorded in the run's own results (not the repo) so a sweep over machines can be told apart.
         "hostname": socket.gethostname(),
+        "git": git_info(),  # the code's commit (recompute_lab.provenance); W&B's config has it too
     }
 
 

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# A developer's machine settings (conf/local/default.yaml, git-ignored) must not change what the tests run.
+LOCAL_OFF = ["~local"] if (Path(CONF_DIR) / "local" / "default.yaml").exists() else []
+HYDRA_APPS = ("recompute_lab.train", "recompute_lab.estimate")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def machine_cache_in_tmp(tmp_path_factory):
@@ -50,7 +54,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()):
     """The composed (not yet validated) config for ``overrides``, as the CLI would see it."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=[*overrides, *LOCAL_OFF])
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,6 +73,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "rec
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would, in ``cwd``."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    args = [*args, *LOCAL_OFF] if module in HYDRA_APPS else list(args)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 

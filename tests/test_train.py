@@ -1,6 +1,7 @@
 """End to end: the real CLI in a subprocess, the engine in-process, results.json per the contract."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from recompute_lab.engine import run
 from recompute_lab.tracking import write_json_atomic
 
-from conftest import FAST, compose_config, load_results, run_cli
+from conftest import FAST, ROOT, compose_config, load_results, run_cli
 
 CONTRACT = {"schema_version", "status", "config", "env", "model", "loss", "memory", "flops", "time"}
 
@@ -26,6 +27,14 @@ def test_cli_default_full_run_writes_results(tmp_path):
     assert res["time"]["tokens_per_s"] > 0 and res["time"]["warmup_steps"] == 3
     ms = res["memory"]["model_state_bytes"]
     assert ms["measured"] == ms["predicted"] == 16 * res["model"]["params"]
+    # train.log tells the story: every phase with its time, step lines, the end; the summary is in it too.
+    log = (out / "train.log").read_text()
+    for phase in ("run: model tiny", "W&B run (disabled): ", "setup: ", "memory probe: ", "model + strategy full: ",
+                  "FLOP count on meta: ", "training: steps 1..12 of 12", "step 12/12: loss", "training: ",
+                  "step time median", "run ok: ", "status ok  model=tiny"):
+        assert phase in log, phase
+    assert log.index("memory probe") < log.index("FLOP count") < log.index("step 1/12") < log.index("run ok")
+    assert "[recompute_lab.engine][INFO] - memory probe: " in log and " s (activations " in log
 
 
 def test_same_seed_same_loss_history(tmp_path):
@@ -79,6 +88,13 @@ def test_multirun_2x2_writes_four_results(tmp_path):
     combos = {(load_results(f)["strategy"]["name"], load_results(f)["model"]["n_layer"]) for f in files}
     assert combos == {("none", 1), ("none", 2), ("full", 1), ("full", 2)}
     assert all(load_results(f)["status"] == "ok" for f in files)
+    # experiments/reproduce_figures.py prints a line per job from this output (Hydra's launch lines, our log).
+    spec = importlib.util.spec_from_file_location("reproduce_figures", ROOT / "experiments" / "reproduce_figures.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    lines = list(reproduce.job_lines((proc.stdout + proc.stderr).splitlines(keepends=True), "sweep"))
+    assert [x for x in lines if "job" in x][0].startswith("  sweep: job 1/4 +strategy=none model.n_layer=1 ")
+    assert len([x for x in lines if x.startswith("    ok in ")]) == 4
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
