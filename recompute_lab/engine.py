@@ -76,6 +76,7 @@ class Run:
     plan: Any  # recompute_lab.recompute.Plan
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_norm: Optional[torch.Tensor] = None  # set by train_step (None when clipping is off)
 
 
 def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
@@ -199,6 +200,7 @@ def train_step(cfg: DictConfig, run: Run, micro: list, progress: dict, model: Op
         err = Diverged(f"non-finite gradient norm {grad_norm.item()} {where}".rstrip())
         err.loss = loss_sum.item()
         raise err
+    run.grad_norm = grad_norm  # the step's clipped-gradient norm, for the per-step log
     optimizer.step()
     run.scheduler.step()
     return loss_sum
@@ -249,7 +251,7 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
         tok_s = tokens_per_step / timer.seconds
         bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
         logger.log({"loss": loss_val, "lr": scheduler.get_last_lr()[0], "step_s": timer.seconds,
-                    "tokens_per_s": tok_s, **({} if grad_norm is None else {"grad_norm": float(grad_norm)}),
+                    "tokens_per_s": tok_s, **({} if run.grad_norm is None else {"grad_norm": float(run.grad_norm)}),
                     **step_memory(device)}, step=step)
         step_lines(step, loss_val, timer.seconds, tok_s)
         done = step + 1
