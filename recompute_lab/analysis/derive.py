@@ -219,3 +219,17 @@ def memory_budget(rows: list[dict]) -> dict:
         out.update(full=need["full"], next_strategy=lowest_other, next_need=others[lowest_other],
                    only_full_fits=need["full"] < others[lowest_other])
     return out
+
+
+def context_gap(rows: list[dict]) -> str:
+    """Why figure 1 / quiz Q1 has no curve: the true reason and the runs that would give one."""
+    none = [r for r in ok_rows(rows) if r["strategy"] == "none"]
+    hint = "to fill it: +strategy=none data.seq_len=64,128,256 (model.max_seq_len >= the largest)"
+    if not none:
+        return f"no successful `none` runs in this sweep\n{hint}"
+    lens = sorted({r["seq_len"] for r in none if r["seq_len"] is not None})
+    if len(lens) < 2:
+        return (f"{len(none)} `none` run(s), all at one sequence length (s = {', '.join(map(str, lens)) or '?'}):"
+                f"\na curve needs two or more\n{hint}")
+    return (f"{len(none)} `none` runs at s = {', '.join(map(str, lens))}, but no config has two of them "
+            f"(they differ in other settings)\n{hint}")
