@@ -1,4 +1,4 @@
-"""The five figures of a sweep, as PNG + PDF, readable in black and white (markers, line styles and hatches
+"""The six figures of a sweep, as PNG + PDF, readable in black and white (markers, line styles and hatches
 carry every distinction; colour only repeats it) with labelled units.
 
 1 activation_vs_context   saved activation bytes vs sequence length: measured, Korthikanti, the 2·2·h line
@@ -8,6 +8,7 @@ carry every distinction; colour only repeats it) with labelled units.
 4 components              bytes freed per recomputed FLOP (and per ms of extra step time, with its interval) by
                           recomputed component
 5 bytes_per_param         model-state bytes per parameter by precision, measured by kind, predicted marked
+6 parity                  predicted vs measured bytes (saved activations, peak) for every run, y = x drawn
 
 A figure whose data the sweep lacks is still written: it says why (the true reason, e.g. one sequence length)
 and which runs or results.json keys would fill it. Style (sizes, fonts, palette, byte units): analysis.style.
@@ -23,7 +24,7 @@ from recompute_lab.analysis.aggregate import fmt_overhead, missing_keys
 from recompute_lab.analysis.style import COLORS, HATCHES, MARKERS
 
 FIGURES = ("fig1_activation_vs_context", "fig2_memory_breakdown", "fig3_pareto", "fig4_components",
-           "fig5_bytes_per_param")
+           "fig5_bytes_per_param", "fig6_parity")
 MIB = 2 ** 20
 GREYS = COLORS  # fills: colour-blind-safe colours; hatches and markers carry the distinction in greyscale
 
@@ -81,7 +82,7 @@ def fig_activation_vs_context(rows, out: Path) -> list[Path]:
         style.plain_log_axis(ax.xaxis)
         style.plain_log_axis(ax.yaxis)
         ax.set_xticks(sorted({p["seq_len"] for pts in series.values() for p in pts}))
-        ax.legend(loc="upper left")
+        fig.legend(loc="outside lower center", ncol=1)  # below the axes: never over a curve
     if not series:
         _note(ax, derive.context_gap(rows))
     elif not have_measured:
@@ -256,10 +257,48 @@ def fig_bytes_per_param(rows, out: Path) -> list[Path]:
     return _save(fig, out, FIGURES[4])
 
 
+PARITY = (("act_bytes", "saved activations", "o"), ("peak_bytes", "peak memory", "s"))
+
+
+def fig_parity(rows, out: Path) -> list[Path]:
+    """Predicted (recompute_lab.theory) vs measured bytes for every ok run, log-log, with the y = x line: the
+    tool's core claim as one picture. Points off the line are named in the note (largest relative error)."""
+    fig, ax = style.figure(width=style.ONE_COLUMN * 1.3, height=3.6)
+    pts = {}
+    for kind, _label, _ in PARITY:
+        pts[kind] = [(r[f"{kind}_predicted"], r[f"{kind}_measured"], r) for r in rows if r["status"] == "ok"
+                     and r.get(f"{kind}_predicted") and r.get(f"{kind}_measured")]
+    allv = [v for p in pts.values() for a, b, _ in p for v in (a, b)]
+    if not allv:
+        _note(ax, "no run has both predicted and measured bytes\nto fill it: runs with the memory probe on")
+        return _save(fig, out, FIGURES[5])
+    unit, div = style.byte_unit(max(allv))
+    for i, (kind, label, marker) in enumerate(PARITY):
+        if pts[kind]:
+            ax.plot([a / div for a, _, _ in pts[kind]], [b / div for _, b, _ in pts[kind]], ls="none", marker=marker,
+                    mfc="none" if i else COLORS[0], color="black" if i else COLORS[0], ms=6,
+                    label=f"{label} ({len(pts[kind])} runs)")
+    lo, hi = min(allv) / div / 1.3, max(allv) / div * 1.3
+    ax.plot([lo, hi], [lo, hi], ls="--", color="0.4", lw=1, label="measured = predicted")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    style.plain_log_axis(ax.xaxis)
+    style.plain_log_axis(ax.yaxis)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel(f"predicted ({unit})")
+    ax.set_ylabel(f"measured ({unit})")
+    worst = max(abs(b / a - 1) for p in pts.values() for a, b, _ in p)
+    ax.set_title(f"Predicted vs measured bytes (worst {100 * worst:.1f}%)")
+    fig.legend(loc="outside lower center", ncol=1)
+    return _save(fig, out, FIGURES[5])
+
+
 def write_all(rows, out: Path) -> list[Path]:
     """Write every figure into ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fn in (fig_activation_vs_context, fig_memory_breakdown, fig_pareto, fig_components, fig_bytes_per_param):
+    for fn in (fig_activation_vs_context, fig_memory_breakdown, fig_pareto, fig_components, fig_bytes_per_param,
+               fig_parity):
         paths += fn(rows, out)
     return paths
