@@ -6,7 +6,7 @@ Runs on CPU in a few minutes (tiny models, fixed seeds: trainer.seed=0, data.see
 to --runs (default outputs/reproduce_runs, git-ignored). A --runs folder this script made (it holds the marker
 file .reproduce_figures) is emptied first, so nothing stale is mixed in; any other non-empty folder is refused,
 never deleted. Each finished run is printed as it lands.
---out receives summary.csv, summary.md, the six figures (PNG + PDF) and quiz.md, plus what keeps them honest:
+--out receives summary.csv, summary.md, the seven figures (PNG + PDF) and quiz.md, plus what keeps them honest:
 results.json.gz (every run's results.json, the analysis input) and manifest.json (sha256 of that input and of
 every artifact, the matplotlib version). tests/test_figures_fresh.py re-analyses results.json.gz with the
 current code and compares it with the committed files, and reruns one run per strategy to check the bytes and
@@ -99,7 +99,8 @@ BUNDLE = "results.json.gz"
 MANIFEST = "manifest.json"
 # What the freshness test compares byte for byte with a re-analysis (the PNGs only with the same matplotlib).
 TEXT_ARTIFACTS = ("summary.csv", "summary.md", "quiz.md")
-COMMITTED_FIGURES = ("fig1_activation_vs_context.png", "fig3_pareto.png", "fig6_parity.png")
+COMMITTED_FIGURES = ("fig1_activation_vs_context.png", "fig3_pareto.png", "fig6_parity.png",
+                     "fig7_memory_vs_seq.png")
 
 
 def prepare_runs(runs: Path) -> None:

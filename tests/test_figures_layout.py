@@ -118,7 +118,8 @@ def test_ordinary_sweep_one_sequence_length(tmp_path, drawn):
 
 def test_every_strategy_and_components_are_readable(tmp_path, drawn):
     runs = {f"+strategy={s}": result(s, overhead=1.0 + 0.01 * i) for i, s in enumerate(STRATS)}
-    runs.update({f"+strategy=none,data.seq_len={s}": result("none", seq_len=s) for s in (128, 256)})
+    runs.update({f"+strategy={st},data.seq_len={s}": result(st, seq_len=s) for s in (128, 256)
+                 for st in ("none", "full")})
     analyze(write_sweep(tmp_path / "sw", runs), tmp_path / "out")
     assert set(drawn) == set(figures.FIGURES)
     for fig in drawn.values():
@@ -126,6 +127,8 @@ def test_every_strategy_and_components_are_readable(tmp_path, drawn):
     fig4 = drawn["fig4_components"]
     assert len([t for t in fig4.axes[0].get_yticklabels() if t.get_text()]) == 4  # core_attn, attn, mlp, norm rows
     assert fig4.axes[0].get_xticklabels()[0].get_rotation() == 30
+    fig7 = drawn["fig7_memory_vs_seq"]  # memory vs s per strategy: none and full have three lengths each
+    assert sorted(line.get_label() for line in fig7.axes[0].get_lines()) == ["full", "none"]
 
 
 def test_one_strategy_sweep(tmp_path, drawn):

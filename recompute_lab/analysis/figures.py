@@ -1,4 +1,4 @@
-"""The six figures of a sweep, as PNG + PDF, readable in black and white (markers, line styles and hatches
+"""The seven figures of a sweep, as PNG + PDF, readable in black and white (markers, line styles and hatches
 carry every distinction; colour only repeats it) with labelled units.
 
 1 activation_vs_context   saved activation bytes vs sequence length: measured, Korthikanti, the 2·2·h line
@@ -9,6 +9,7 @@ carry every distinction; colour only repeats it) with labelled units.
                           recomputed component
 5 bytes_per_param         model-state bytes per parameter by precision, measured by kind, predicted marked
 6 parity                  predicted vs measured bytes (saved activations, peak) for every run, y = x drawn
+7 memory_vs_seq           saved activation bytes vs sequence length per strategy, one panel per attention backend
 
 A figure whose data the sweep lacks is still written: it says why (the true reason, e.g. one sequence length)
 and which runs or results.json keys would fill it. Style (sizes, fonts, palette, byte units): analysis.style.
@@ -24,7 +25,7 @@ from recompute_lab.analysis.aggregate import fmt_overhead, missing_keys
 from recompute_lab.analysis.style import COLORS, HATCHES, MARKERS
 
 FIGURES = ("fig1_activation_vs_context", "fig2_memory_breakdown", "fig3_pareto", "fig4_components",
-           "fig5_bytes_per_param", "fig6_parity")
+           "fig5_bytes_per_param", "fig6_parity", "fig7_memory_vs_seq")
 MIB = 2 ** 20
 GREYS = COLORS  # fills: colour-blind-safe colours; hatches and markers carry the distinction in greyscale
 
@@ -294,11 +295,46 @@ def fig_parity(rows, out: Path) -> list[Path]:
     return _save(fig, out, FIGURES[5])
 
 
+def fig_memory_vs_seq(rows, out: Path) -> list[Path]:
+    """Measured saved activations vs s, one line per strategy, one panel per attention backend."""
+    series = derive.strategy_series(rows)
+    attns = sorted({k[2] for k in series}, key=str)
+    fig, axes = style.figure(max(1, len(attns)), height=3.4, sharey=True, squeeze=False)
+    axes = list(axes[0])
+    if not series:
+        _note(axes[0], "no strategy has runs at two or more sequence lengths with measured activation bytes\n"
+                       "to fill it: +strategy=none,full,selective data.seq_len=64,128,256")
+        return _save(fig, out, FIGURES[6])
+    unit, div = style.byte_unit(max(p[1] for pts in series.values() for p in pts))
+    strategies = sorted({k[4] for k in series}, key=lambda n: (n != "none", n))
+    for ax, attn in zip(axes, attns):
+        for key, pts in series.items():
+            if key[2] != attn:
+                continue
+            i = strategies.index(key[4])
+            ax.plot([p[0] for p in pts], [p[1] / div for p in pts], marker=MARKERS[i % len(MARKERS)],
+                    ls=style.LINESTYLES[i % len(style.LINESTYLES)], color=COLORS[i % len(COLORS)], ms=6,
+                    label=key[4])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        style.plain_log_axis(ax.xaxis)
+        style.plain_log_axis(ax.yaxis)
+        ax.set_xticks(sorted({p[0] for k, pts in series.items() if k[2] == attn for p in pts}))
+        ax.set_xlabel("sequence length s (tokens)")
+        ax.set_title(f"attention={attn}")
+    axes[0].set_ylabel(f"saved activations per step ({unit})")
+    model, precision, _, batch = next(iter(series))[:4]
+    fig.suptitle(f"Saved activations vs sequence length per strategy: {model}, {precision}, b={batch}")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)))
+    return _save(fig, out, FIGURES[6])
+
+
 def write_all(rows, out: Path) -> list[Path]:
     """Write every figure into ``out``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for fn in (fig_activation_vs_context, fig_memory_breakdown, fig_pareto, fig_components, fig_bytes_per_param,
-               fig_parity):
+               fig_parity, fig_memory_vs_seq):
         paths += fn(rows, out)
     return paths
