@@ -77,13 +77,13 @@ def test_quiz_numbers_equal_recomputed_values(sweep, tmp_path):
     _, none = by[("none", s)]
     ps = full["flops"]["per_step"]
     assert f"**{_pct(ps['recompute'] / (ps['forward'] + ps['backward']))} more FLOPs**" in quiz
-    assert f"row `{run_full}`" in quiz
+    assert f"row `{aggregate.run_label(run_full)}`" in quiz
     o = full["time"]["overhead"]  # the run's own paired measurement, with its interval
     assert o["baseline"] == "none" and o["rounds"] >= 6 and none["time"]["overhead"]["rounds"] == 0
     lo, hi, r = o["ci95_low"] - 1, o["ci95_high"] - 1, o["ratio"] - 1
     time_words = (f"within noise (+-{100 * max(-lo, hi):.1f}%)" if lo <= 0 <= hi
                   else f"{100 * r:+.1f}% (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)")
-    assert f"; step time {time_words} (row `{run_full}`)" in quiz
+    assert f"; step time {time_words} (row `{aggregate.run_label(run_full)}`)" in quiz
     bpp = res[sorted(res)[0]]["memory"]["model_state_bytes"]
     assert bpp["measured"] == 16 * res[sorted(res)[0]]["model"]["params"]
     assert f"**{bpp['measured'] / res[sorted(res)[0]]['model']['params']:.1f} B/param**" in quiz  # 16.0, not 12

@@ -330,19 +330,35 @@ def fmt_pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
+def run_label(run: str) -> str:
+    """A short name for a run folder: its Hydra job number, after its sweep folder's name without the number
+    ("2_fig3_pareto/1_+strategy=full" -> "fig3_pareto/1"); names are cut to 28 characters. summary.csv's `run`
+    keeps the full folder name."""
+    parts = str(run).replace("\\", "/").split("/")
+    out = []
+    for i, part in enumerate(parts):
+        head, _, tail = part.partition("_")
+        if head.isdigit() and tail:
+            part = head if i == len(parts) - 1 else tail
+        out.append(part if len(part) <= 28 else part[:27] + "…")
+    return "/".join(out)
+
+
 def write_markdown(rows: list[dict], path: Path) -> None:
     """summary.md: the table a person reads (bytes in binary units, ratios in %)."""
-    head = ["run", "status", "model", "precision", "strategy", "attn", "seq", "act saved (meas.)",
+    head = ["job", "status", "model", "precision", "strategy", "attn", "seq", "act saved (meas.)",
             "act (pred.)", "peak (meas.)", "B/param", "FLOP overhead", "act saving",
             "time overhead (paired, 95% CI)", "tokens/s", "final loss"]
     lines = ["# Sweep summary", "", f"{len(rows)} runs, {len(ok_rows(rows))} ok. Bytes in binary units; savings "
              "and FLOP overheads relative to the `none` run with the same config (column `baseline` in summary.csv). "
              "Time overhead: each run's own paired, interleaved measurement against its baseline strategy "
              "(column `time_baseline`; results.json time.overhead), with its 95% interval; an interval that "
-             "contains 0 reads \"within noise\". Tokens/s are single-run figures, not comparisons.",
+             "contains 0 reads \"within noise\". Tokens/s are single-run figures, not comparisons. Column job: the "
+             "run folder's Hydra job number(s) (summary.csv column `run` has the full folder name).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["run"], r["status"], r["model"], r["precision"], r["strategy"], r["attention"], r["seq_len"],
+        cells = [run_label(r["run"]), r["status"], r["model"], r["precision"], r["strategy"], r["attention"],
+                 r["seq_len"],
                  fmt_bytes(r["act_bytes_measured"]), fmt_bytes(r["act_bytes_predicted"]),
                  fmt_bytes(r["peak_bytes_measured"]),
                  "n/a" if r["bytes_per_param_measured"] is None else f"{r['bytes_per_param_measured']:.1f}",

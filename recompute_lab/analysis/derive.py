@@ -219,3 +219,36 @@ def memory_budget(rows: list[dict]) -> dict:
         out.update(full=need["full"], next_strategy=lowest_other, next_need=others[lowest_other],
                    only_full_fits=need["full"] < others[lowest_other])
     return out
+
+
+def context_gap(rows: list[dict]) -> str:
+    """Why figure 1 / quiz Q1 has no curve: the true reason and the runs that would give one."""
+    none = [r for r in ok_rows(rows) if r["strategy"] == "none"]
+    hint = "to fill it: +strategy=none data.seq_len=64,128,256 (model.max_seq_len >= the largest)"
+    if not none:
+        return f"no successful `none` runs in this sweep\n{hint}"
+    lens = sorted({r["seq_len"] for r in none if r["seq_len"] is not None})
+    if len(lens) < 2:
+        return (f"{len(none)} `none` run(s), all at one sequence length (s = {', '.join(map(str, lens)) or '?'}):"
+                f"\na curve needs two or more\n{hint}")
+    return (f"{len(none)} `none` runs at s = {', '.join(map(str, lens))}, but no config has two of them "
+            f"(they differ in other settings)\n{hint}")
+
+
+def strategy_series(rows: list[dict]) -> dict[tuple, list[tuple[int, int]]]:
+    """Figure 7: measured saved activations (s, bytes) per (model, precision, attention, batch, strategy, rest of
+    the config), for the series with two or more sequence lengths; the richest (model, precision, batch) only."""
+    series: dict[tuple, dict[int, int]] = defaultdict(dict)
+    for r in ok_rows(rows):
+        if r["seq_len"] is None or r["act_bytes_measured"] is None or r.get("_offload_noop"):
+            continue
+        key = (r["model"], r["precision"], r["attention"], r["batch_size"], r["strategy"], r["_series_key"])
+        series[key].setdefault(r["seq_len"], r["act_bytes_measured"])
+    series = {k: sorted(v.items()) for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return {}
+    count: dict[tuple, int] = defaultdict(int)
+    for k in series:
+        count[(k[0], k[1], k[3])] += 1
+    best = max(count, key=lambda g: (count[g], str(g)))
+    return {k: v for k, v in sorted(series.items(), key=lambda kv: str(kv[0])) if (k[0], k[1], k[3]) == best}
