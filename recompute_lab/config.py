@@ -9,6 +9,7 @@ message from OmegaConf naming the valid values. Rules that span fields (``n_head
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -148,12 +149,28 @@ class OptimizerConfig:
 
 
 @dataclass
+class OverheadConfig:
+    """trainer.overhead: after training, the run's step timed against a baseline strategy's step, interleaved on
+    the same batches in the same process, with a 95% interval (recompute_lab.overhead, recompute_lab.timing).
+    Each round runs two steps of each arm; off: trainer.overhead.enabled=false."""
+
+    enabled: bool = True
+    baseline: str = "none"         # any strategy name (its default options); the run's own strategy: skipped
+    min_rounds: int = 6            # rounds before the width test; >= 6 for a 95% interval
+    max_rounds: int = 20           # cap on the rounds (4 steps each)
+    target_ci_width: float = 0.05  # stop once (ci95_high - ci95_low) / ratio <= this
+    max_seconds: float = 120.0     # cap on the measurement's wall time (0: no time cap)
+    warmup_rounds: int = 1         # untimed rounds first (allocator, caches, SAC dispatch warm for both arms)
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100
     grad_accum: int = 1          # micro-batches per optimizer step
     seed: int = 0
     device: Device = Device.auto
-    num_threads: int = 0         # torch.set_num_threads; 0 keeps torch's default
+    num_threads: int = 1         # torch.set_num_threads, fixed so step times compare across machines and load;
+    #                              recorded in results.json env.num_threads; 0 = torch's default (every core)
     warmup_steps: int = 3        # steps excluded from the timing statistics
     progress: bool = True        # tqdm progress bar with loss and tokens/s
     deterministic: bool = False  # torch.use_deterministic_algorithms
@@ -167,6 +184,7 @@ class TrainerConfig:
     memory_guard: bool = True    # false: no guard at all
     probe: bool = True           # one instrumented memory probe step before training (recompute_lab.probe)
     memory_snapshot: bool = False  # CUDA: write memory_snapshot.pickle of the probe step (pytorch.org/memory_viz)
+    overhead: OverheadConfig = field(default_factory=OverheadConfig)  # paired time overhead vs a baseline
 
 
 @dataclass
@@ -220,7 +238,7 @@ class EstimateConfig:
 
     target: Target = Target.cuda                        # whose kernels decide what is saved
     seq_lens: list[int] = field(default_factory=list)   # a series of sequence lengths; empty = data.seq_len
-    out: str = "estimate.json"                          # where the JSON goes (relative to the working dir)
+    out: str = "estimate.json"                          # where the JSON goes (relative to the run's output dir)
 
 
 @dataclass
@@ -248,7 +266,11 @@ class Config:
 def register_configs() -> None:
     """Store the schemas. Called on import so both @hydra.main and the compose API see them."""
     cs = ConfigStore.instance()
-    cs.store(name="recompute_lab_schema", node=Config)
+    # The root holds one typed node per group (not a Config node), so that estimate.yaml can add its `estimate`
+    # section on top of config.yaml; Hydra still closes the root after composing, and recompute_lab.cli checks
+    # root keys added with + before Hydra runs.
+    cs.store(name="recompute_lab_schema", node={f.name: f.default_factory() for f in dataclasses.fields(Config)})
+    cs.store(name="recompute_lab_estimate_schema", node={"estimate": EstimateConfig})
     for group, node in [("model", ModelConfig), ("precision", PrecisionConfig), ("data", DataConfig),
                         ("optimizer", OptimizerConfig), ("trainer", TrainerConfig),
                         ("logger", LoggerConfig), ("strategy", StrategyConfig),

@@ -1,37 +1,36 @@
-"""Predict training memory for models too large for this machine: the meta device allocates nothing.
+"""Predict training memory for models too large for this machine, on the meta device (nothing is allocated):
+``recompute-lab-estimate model=llama3_8b data.seq_len=4096 +strategy=full`` or ``python -m
+recompute_lab.estimate ...``; -m sweeps (models, strategies, data.seq_len) write one estimate.json per job.
 
     python -m recompute_lab.estimate model=llama3_8b data.seq_len=4096 +strategy=full precision=fp32
     python -m recompute_lab.estimate model=llama3_70b data.batch_size=1 'estimate.seq_lens=[1024,4096,16384]'
+    python -m recompute_lab.estimate -m model=llama3_8b,llama3_70b '+strategy=none,full' data.seq_len=4096,8192
 
-The training config composes as for ``recompute_lab.train`` (Hydra compose API over the same conf/); the
-``estimate.*`` keys (recompute_lab.config.EstimateConfig: target cuda | cpu, seq_lens, out) are this command's
-own. The model is built on the meta device with the strategy applied, one forward runs under the saved-tensor
-accounting of recompute_lab.measure, and recompute_lab.target_kernels makes the meta ops save what the
-target device's kernels save. The table sets the meta measurement beside recompute_lab.theory, Korthikanti's
+A Hydra app over the training config tree (conf/estimate.yaml = conf/config.yaml + the ``estimate.*`` keys of
+recompute_lab.config.EstimateConfig: target cuda | cpu, seq_lens, out), with --help, --cfg job and an output dir
+per run (outputs/estimate/DATE/TIME, multirun/estimate/DATE/TIME/N_OVERRIDES) holding estimate.json and
+estimate.log. The model is built on the meta device with the strategy applied, one forward runs under the
+saved-tensor accounting of recompute_lab.measure, and recompute_lab.target_kernels makes the meta ops save what
+the target device's kernels save. The table sets the meta measurement beside recompute_lab.theory, Korthikanti's
 formula and the seed notebook's guess; estimate.json holds the same memory keys as results.json, per seq_len.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from recompute_lab import peak as peaks
-from recompute_lab import theory
+from recompute_lab import app
 from recompute_lab.config import CONF_DIR, ConfigError, EstimateConfig, to_container, validate
-from recompute_lab.hf import notes as hf_notes
-from recompute_lab.hf import resolve_model
-from recompute_lab.measure import meta_saved_tensors
-from recompute_lab.model import build_model
-from recompute_lab.precision import make_precision
-from recompute_lab.recompute import RunShape, apply_strategy, parse_options
-from recompute_lab.target_kernels import assumptions
-from recompute_lab.tracking import write_json_atomic
+from recompute_lab.logs import Laps, route_warnings
+
+log = logging.getLogger("recompute_lab.estimate")  # not __name__: "__main__" under python -m
 
 GB = 1e9  # decimal gigabytes, as in the Ultra-Scale Playbook's tables
 
@@ -53,8 +52,20 @@ def grouped(by_module: dict) -> dict:
     return out
 
 
-def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
+def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     """Model state and, per sequence length, activation and peak bytes for ``cfg`` on ``est.target``."""
+    # torch and the model only now: --help and --cfg job of this module import neither.
+    from recompute_lab import peak as peaks
+    from recompute_lab import theory
+    from recompute_lab.hf import notes as hf_notes
+    from recompute_lab.hf import resolve_model
+    from recompute_lab.measure import meta_saved_tensors
+    from recompute_lab.model import build_model
+    from recompute_lab.precision import make_precision
+    from recompute_lab.recompute import RunShape, apply_strategy, parse_options
+    from recompute_lab.target_kernels import assumptions
+
+    laps = Laps(log)
     resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
     seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
     notes = hf_notes(cfg.model)
@@ -69,6 +80,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
     model = build_model(cfg.model, "meta", policy.param_dtype)
     plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg))
     model.train()
+    laps(f"meta model {cfg.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params")
     n_params = model.get_num_params()
     par = cfg.parallel
     dp = par.dp_size or 1
@@ -95,6 +107,9 @@ def estimate(cfg: DictConfig, est: EstimateConfig) -> dict:
             # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache included)
             measured, by_module = counted["resident_total"], counted["by_module"]
         peak = peaks.predict_peak(cfg.model, st, state, pred, step)
+        laps(f"s={s} b={b} ({len(series) + 1}/{len(seq_lens)})",
+             f"activations {(measured if measured is not None else pred['total']) / GB:.2f} GB "
+             f"{'meta-measured' if measured is not None else 'theory'}")
         layers = cfg.model.n_layer
         series.append({
             "seq_len": s, "batch_size": b,
@@ -152,34 +167,34 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(Hydra overrides for the training config, estimate.* dotlist)."""
-    own = [a.lstrip("+") for a in argv if a.lstrip("+").startswith("estimate.")]
-    return [a for a in argv if not a.lstrip("+").startswith("estimate.")], own
-
-
-def main(argv: list[str] | None = None) -> int:
-    overrides, own = split_args(sys.argv[1:] if argv is None else argv)
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="estimate")
+def main(cfg: DictConfig) -> float | None:
+    """One estimate per job: the table on stdout, estimate.json (estimate.out) in the job's output dir."""
+    route_warnings()
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     t0 = time.perf_counter()
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-        est = OmegaConf.merge(OmegaConf.structured(EstimateConfig),
-                              OmegaConf.from_dotlist(own).get("estimate", {}))
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"estimate: invalid arguments: {e}", file=sys.stderr)
-        return 1
-    try:
-        res = estimate(cfg, est)
+        res = estimate(cfg, cfg.estimate)
     except ConfigError as e:
-        print(f"estimate: invalid configuration: {e}", file=sys.stderr)
-        return 2
+        log.error("estimate: invalid configuration: %s", e)
+        if multirun:
+            return None  # the sweep's other jobs go on
+        sys.exit(2)
+    from recompute_lab.tracking import write_json_atomic
+
     res["elapsed_s"] = time.perf_counter() - t0
     print(format_table(res))
-    write_json_atomic(Path(est.out), res)
-    print(f"wrote {est.out} ({res['elapsed_s']:.1f} s)")
-    return 0
+    out = Path(hc.runtime.output_dir) / cfg.estimate.out  # an absolute estimate.out stays as it is
+    write_json_atomic(out, res)
+    log.info("wrote %s (%.1f s)", out, res["elapsed_s"])
+    return res["memory"]["peak_bytes"]["predicted"]
+
+
+def cli() -> None:
+    """``python -m recompute_lab.estimate`` (and the ``recompute-lab-estimate`` console script)."""
+    app.launch(main, "estimate", root_keys=("estimate",))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

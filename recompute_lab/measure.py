@@ -16,6 +16,7 @@ state and are reported apart.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import weakref
 from typing import Any, Callable, Iterable
@@ -288,3 +289,18 @@ def meta_saved_tensors(model: nn.Module, batch: int, seq: int, target: str) -> d
         with kernels:
             return model(idx, idx.clone())
     return saved_tensors(model, forward)
+
+
+def step_memory(device: torch.device) -> dict:
+    """Memory now, for the per-step W&B series: the CUDA allocator's allocated / reserved bytes (and the peak since
+    the loop's reset) on CUDA; the process's resident set size on CPU (Linux /proc; empty where unavailable)."""
+    if device.type == "cuda":
+        return {"memory/allocated_bytes": torch.cuda.memory_allocated(device),
+                "memory/reserved_bytes": torch.cuda.memory_reserved(device),
+                "memory/max_allocated_bytes": torch.cuda.max_memory_allocated(device)}
+    try:
+        with open("/proc/self/statm") as f:
+            return {"memory/rss_bytes": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
+    except (OSError, ValueError, IndexError, AttributeError):
+        return {}
+

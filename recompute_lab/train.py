@@ -1,4 +1,6 @@
-"""Entry point: ``python -m recompute_lab.train +strategy=full`` (add ``-m`` and comma lists to sweep).
+"""Train a model with one recomputation strategy and measure what it costs (memory, FLOPs, time):
+``recompute-lab-train +strategy=full`` or ``python -m recompute_lab.train +strategy=full``; results.json,
+train.log and the W&B run go to the run's output dir (outputs/DATE/TIME; multirun/DATE/TIME/N_OVERRIDES with -m).
 
 Thin on purpose: Hydra composes conf/ against the schemas in recompute_lab.config, and recompute_lab.engine
 does the work. A configuration that composes but breaks a cross-field rule ends with a one-line message and
@@ -11,6 +13,7 @@ file; only rank 0 creates the Hydra output dir, prints the summary and writes re
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -19,37 +22,45 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from recompute_lab.analysis.callback import SWEEP_EXIT
-from recompute_lab.cli import check_overrides
+from recompute_lab import app
 from recompute_lab.config import CONF_DIR, ConfigError
-from recompute_lab.distributed import env_rank, prepare_argv
-from recompute_lab.engine import run
-from recompute_lab.tracking import format_summary
+
+log = logging.getLogger("recompute_lab.train")  # not __name__: "__main__" under python -m
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # Imported here, after Hydra parsed the command line: --help and --cfg job need neither torch nor the engine.
+    from recompute_lab.distributed import env_rank
+    from recompute_lab.engine import run
+    from recompute_lab.logs import route_warnings
+    from recompute_lab.tracking import format_summary
+    from recompute_lab.wandb_logger import sweep_group
+
+    route_warnings()  # one log line per warning, no source line
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     # Jobs of one sweep share a W&B group named after the sweep folder (e.g. "2026-11-29_01-02-03").
-    group = "_".join(Path(hc.sweep.dir).parts[-2:]) if multirun else None
+    group = sweep_group(hc.sweep.dir) if multirun else None
     run_dir = Path(hc.runtime.output_dir)
     try:
         results = run(cfg, run_dir, group=group)
     except ConfigError as e:
-        print(f"recompute_lab: invalid configuration: {e}", file=sys.stderr)
+        log.error("recompute_lab: invalid configuration: %s", e)
         if multirun:
             return None  # recorded in results.json; the rest of the sweep continues (the tally counts it)
         sys.exit(2)
     except Exception as e:
         if not multirun:
             raise
-        print(f"recompute_lab: job {run_dir.name} failed: {type(e).__name__}: {e} (recorded in its results.json; "
-              "the sweep goes on)", file=sys.stderr)
+        log.error("recompute_lab: job %s failed: %s: %s (recorded in its results.json; the sweep goes on)",
+                  run_dir.name, type(e).__name__, e)
         return None
     ok = results["status"] == "ok"
     if env_rank() == 0:
-        print(format_summary(results, run_dir / "results.json"), file=sys.stdout if ok else sys.stderr)
+        summary = format_summary(results, run_dir / "results.json")
+        print(summary, file=sys.stdout if ok else sys.stderr)
+        log.debug("summary:\n%s", summary)  # into train.log (the console has it from print)
     if not ok and not multirun:
         sys.exit(1)  # a single run that failed fails the command; in a sweep the next job still runs
     return results["loss"]["final"]
@@ -57,13 +68,9 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """``python -m recompute_lab.train`` (and the ``recompute-lab-train`` console script)."""
-    sys.argv = prepare_argv(sys.argv)  # before Hydra parses it: --local_rank, non-zero ranks' output dirs
-    try:
-        check_overrides(sys.argv[1:])  # mistakes Hydra would accept or explain misleadingly
-    except ConfigError as e:
-        print(f"recompute_lab: invalid configuration: {e}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    app.launch(main)  # launcher fixes and override checks before Hydra parses the command line (recompute_lab.app)
+    from recompute_lab.analysis.callback import SWEEP_EXIT
+
     sys.exit(SWEEP_EXIT.pop("code", 0))  # a multirun: 1 unless every job ended ok (analysis.callback.SweepTally)
 
 

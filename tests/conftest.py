@@ -20,6 +20,25 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# A developer's machine settings (conf/local/default.yaml, git-ignored) must not change what the tests run.
+LOCAL_OFF = ["~local"] if (Path(CONF_DIR) / "local" / "default.yaml").exists() else []
+HYDRA_APPS = ("recompute_lab.train", "recompute_lab.estimate")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def machine_cache_in_tmp(tmp_path_factory):
+    """Per-machine measurements (the CPU peak FLOP/s) go to a temporary folder, never ~/.cache, in every test and
+    every CLI subprocess a test starts."""
+    from recompute_lab.hardware import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("machine_cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
 
 def one_thread_fixture():
     """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting other processes."""
@@ -35,7 +54,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()):
     """The composed (not yet validated) config for ``overrides``, as the CLI would see it."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=[*overrides, *LOCAL_OFF])
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,6 +73,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "rec
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would, in ``cwd``."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    args = [*args, *LOCAL_OFF] if module in HYDRA_APPS else list(args)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 

@@ -56,9 +56,10 @@ def test_estimate_cli_is_fast_and_model_state_exact(tmp_path, model):
 
 def test_estimate_series_and_bad_target(tmp_path):
     proc = run_cli(["model=small", "data.batch_size=1", "estimate.seq_lens=[512,2048]", "estimate.target=cpu",
-                    "model.attention=eager", "estimate.out=e.json"], cwd=tmp_path, module="recompute_lab.estimate")
+                    "model.attention=eager", "estimate.out=e.json", f"hydra.run.dir={tmp_path / 'run'}"],
+                   cwd=tmp_path, module="recompute_lab.estimate")
     assert proc.returncode == 0, proc.stderr
-    series = json.loads((tmp_path / "e.json").read_text())["series"]
+    series = json.loads((tmp_path / "run" / "e.json").read_text())["series"]  # a relative out: in the run dir
     assert [x["seq_len"] for x in series] == [512, 2048]
     assert all(x["activation_bytes"]["measured"] == x["activation_bytes"]["predicted"] for x in series)
     assert "raised from 1024 to 2048" in proc.stdout
@@ -138,3 +139,23 @@ def test_estimate_shards_model_state_per_rank(tmp_path):
         assert proc.returncode == 0, proc.stderr
         state = json.loads(out.read_text())["memory"]["model_state_bytes"]
         assert state["predicted"] == per_rank == theory.model_state_bytes_sharded(n, "fp32", False, kind, dp)["total"]
+
+
+def test_estimate_multirun_writes_one_estimate_json_per_job(tmp_path):
+    """-m over strategies and sequence lengths: one output dir per job with its estimate.json and estimate.log."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "+strategy=none,full", "data.seq_len=32,64", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+                   module="recompute_lab.estimate")
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(sweep.glob("*/estimate.json"))
+    assert len(files) == 4 and not (tmp_path / "estimate.json").exists()
+    act = {}
+    for f in files:
+        res = json.loads(f.read_text())
+        act[res["strategy"]["name"], res["series"][0]["seq_len"]] = res["memory"]["activation_bytes"]["measured"]
+    assert set(act) == {("none", 32), ("none", 64), ("full", 32), ("full", 64)}
+    assert act["full", 32] < act["none", 32] < act["none", 64] and act["full", 64] < act["none", 64]
+    assert "0_+strategy=none,data.seq_len=32" in {f.parent.name for f in files}  # folders named by overrides
+    log = (files[0].parent / "estimate.log").read_text()
+    assert "meta model tiny + strategy" in log and "s=32 b=8 (1/1)" in log and "wrote " in log
+    assert not (sweep / "analysis").exists()  # the training sweep's analysis callback is off for estimates

@@ -26,6 +26,14 @@ def test_cli_default_full_run_writes_results(tmp_path):
     assert res["time"]["tokens_per_s"] > 0 and res["time"]["warmup_steps"] == 3
     ms = res["memory"]["model_state_bytes"]
     assert ms["measured"] == ms["predicted"] == 16 * res["model"]["params"]
+    # train.log tells the story: every phase with its time, step lines, the end; the summary is in it too.
+    log = (out / "train.log").read_text()
+    for phase in ("run: model tiny", "W&B run (disabled): ", "setup: ", "memory probe: ", "model + strategy full: ",
+                  "FLOP count on meta: ", "training: steps 1..12 of 12", "step 12/12: loss", "training: ",
+                  "step time median", "run ok: ", "status ok  model=tiny"):
+        assert phase in log, phase
+    assert log.index("memory probe") < log.index("FLOP count") < log.index("step 1/12") < log.index("run ok")
+    assert "[recompute_lab.engine][INFO] - memory probe: " in log and " s (activations " in log
 
 
 def test_same_seed_same_loss_history(tmp_path):

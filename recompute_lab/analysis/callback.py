@@ -35,6 +35,22 @@ class AnalyzeOnMultirunEnd(Callback):
         except Exception as e:  # the runs are done and recorded; analysis is a bonus, never a failure
             log.warning("recompute_lab: analysis of %s failed (%s: %s); rerun with "
                         "python -m recompute_lab.analyze %s", sweep_dir, type(e).__name__, e, sweep_dir)
+            return
+        log_to_wandb(config, sweep_dir, res)
+
+
+def log_to_wandb(config: DictConfig, sweep_dir: Path, res: dict) -> None:
+    """The analysis as one W&B run of the sweep's group (job_type analysis), per the sweep's logger settings
+    (none with logger=none or logger.mode=disabled). W&B never fails the sweep (RunLogger warns instead)."""
+    from recompute_lab.provenance import git_info
+    from recompute_lab.wandb_logger import RunLogger, sweep_group
+
+    logger = RunLogger(config, res["out"], sweep_group(sweep_dir), job_type="analysis", tags=["analysis"],
+                       config={"sweep_dir": str(sweep_dir), "runs": len(res["rows"]), "git": git_info()})
+    if logger.run is not None:
+        logger.analysis(res["rows"], res["files"])
+        log.info("recompute_lab: sweep analysis logged to W&B (%s, group %s)", logger.mode, sweep_group(sweep_dir))
+    logger.finish()
 
 
 # Set by SweepTally at the end of a multirun: the command's exit status (recompute_lab.train.cli reads it).

@@ -16,6 +16,7 @@ recomputation; the smallest budget this planner reaches is that of full recomput
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -37,6 +38,7 @@ __all__ = ["BudgetConfig", "Objective", "apply_budget", "solve", "resolve_budget
 
 DEFAULT_FRACTION = 0.5
 GB = 10 ** 9
+log = logging.getLogger(__name__)
 
 
 class Objective(StrEnum):
@@ -138,6 +140,9 @@ def solve(model: GPT, opts: BudgetConfig, shape: RunShape, probed: Probed) -> Pl
         recomputed += apply_option(model, i, options[o], hook)
         chosen.append(options[o].name)
     per_op_blocks = [i for i, o in enumerate(order) if options[o].per_op]
+    log.info("budget: plan saves %d of %d B allowed (none: %d B), recomputes %d FLOPs per micro-batch; %s",
+             outside.bytes + best[0], budget["bytes"], none_bytes, sum(prices[o].flops for o in order),
+             ", ".join(f"{chosen.count(c)} x {c}" for c in dict.fromkeys(chosen)))
     details = {
         "chosen": chosen, "objective": str(objective), "budget": budget,
         "predicted_recompute_flops": sum(prices[o].flops for o in order), "cost": list(cost),

@@ -22,6 +22,8 @@ import copy
 import dataclasses
 import functools
 import gc
+import logging
+import time
 from typing import Any, Optional
 
 import torch
@@ -30,6 +32,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from tqdm import tqdm
 
 from recompute_lab.config import Arch, Attention
 from recompute_lab.measure import LiveStorages, storage_key
@@ -38,6 +41,7 @@ from recompute_lab.recompute.base import RunShape
 from recompute_lab.recompute.budget.options import Option, apply_option, block_options, module_names
 
 _aten = torch.ops.aten
+log = logging.getLogger(__name__)
 
 
 def _already_shape_wrapped(f):
@@ -174,25 +178,37 @@ def probe(model: GPT, options: list[Option], batch: int, seq: int, dtype: torch.
     threads = torch.get_num_threads()
     if device.type == "cpu":  # one block's small ops: dispatch overhead dominates, and extra threads contend
         torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    log.info("budget: pricing %d options on one-block replicas (batch %d x seq %d, %s, %s)", len(options), batch, seq,
+             str(dtype).replace("torch.", ""), device.type)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG stays put
-            measured = [measure_step(replica(model, 1, device, dtype, o), batch, seq, True, autocast)
-                        for o in options]
-            none = measured[0]  # options[0] is always "none"
-            if hasattr(model, "hf"):
-                # Hugging Face models make some tensors once per forward and share them among layers (RoPE's cos
-                # and sin, masks, position ids): a block's own bytes are what a second block run the same way
-                # adds; the rest of the 1-layer replica lies outside the blocks (none) or is kept once by any
-                # number of blocks run this way (shared).
-                twos = [measure_step(replica(model, 2, device, dtype, o, every=True), batch, seq, False, autocast)
-                        for o in options]
-                outside = Measured(2 * none.activation_bytes - twos[0].activation_bytes, 0, 0)
-                own = [t.activation_bytes - m.activation_bytes for t, m in zip(twos, measured)]
-            else:
-                outside = measure_step(replica(model, 0, device, dtype, None), batch, seq, False, autocast)
-                own = [m.activation_bytes - outside.activation_bytes for m in measured]
+            # Hugging Face models make some tensors once per forward and share them among layers (RoPE's cos and
+            # sin, masks, position ids): a block's own bytes are what a second block run the same way adds; the
+            # rest of the 1-layer replica lies outside the blocks (none) or is kept once by any number of blocks
+            # run this way (Price.shared).
+            hf = hasattr(model, "hf")
+            outside = None if hf else measure_step(replica(model, 0, device, dtype, None), batch, seq, False,
+                                                   autocast)
+            measured, twos = [], []
+            bar = tqdm(options, desc="budget: pricing options", leave=False, disable=None)  # a bar on terminals
+            for o in bar:  # one line per option, on the console too when there is no bar (logs, SLURM)
+                t = time.perf_counter()
+                measured.append(measure_step(replica(model, 1, device, dtype, o), batch, seq, True, autocast))
+                if hf:
+                    twos.append(measure_step(replica(model, 2, device, dtype, o, every=True), batch, seq, False,
+                                             autocast))
+                log.log(logging.DEBUG if not bar.disable else logging.INFO, "budget: option %d/%d %s priced in %.2f s",
+                        len(measured), len(options), o.name, time.perf_counter() - t)
     finally:
         torch.set_num_threads(threads)
+    log.info("budget: %d options priced in %.1f s", len(options), time.perf_counter() - t0)
+    none = measured[0]  # options[0] is always "none"
+    if hf:
+        outside = Measured(2 * none.activation_bytes - twos[0].activation_bytes, 0, 0)
+        own = [t.activation_bytes - m.activation_bytes for t, m in zip(twos, measured)]
+    else:
+        own = [m.activation_bytes - outside.activation_bytes for m in measured]
     prices = [Price(b, m.backward_flops - none.backward_flops, max(m.pointwise_bytes - none.pointwise_bytes, 0),
                     max(m.activation_bytes - outside.activation_bytes - b, 0)) for b, m in zip(own, measured)]
     return Price(outside.activation_bytes, 0, 0), prices

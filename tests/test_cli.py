@@ -1,0 +1,137 @@
+"""The command-line entry points: --help (user groups only, fast: no torch), console scripts, the `local` hook."""
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from recompute_lab import app
+from recompute_lab.config import CONF_DIR
+
+from conftest import ROOT, run_cli
+
+USER_GROUPS = ["data", "experiment", "local", "logger", "model", "optimizer", "parallel", "precision", "strategy",
+               "trainer"]
+
+
+@pytest.mark.parametrize("module", ["recompute_lab.train", "recompute_lab.estimate"])
+def test_hydra_app_help_lists_the_user_groups_only(tmp_path, module):
+    proc = run_cli(["--help"], cwd=tmp_path, module=module)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "schema/" not in out and "hydra/" not in out  # Hydra's default help lists eight schema/* groups
+    section = out.split("== Config groups")[1].split("== Config (")[0]
+    listed = [line.split(":")[0] for line in section.splitlines()[1:] if ":" in line]
+    assert listed == USER_GROUPS
+    assert "model: gpt2_small, hf, llama3_1b, llama3_70b, llama3_8b, small, tiny*, toy_mlp" in out
+    assert "strategy: budget, full," in out and "+strategy=NAME" in out
+    assert ("estimate:\n  target: cuda" in out) == (module == "recompute_lab.estimate")  # its own options
+    assert not list(tmp_path.iterdir())  # --help creates no output dir
+
+
+def test_help_imports_neither_torch_nor_the_engine():
+    """Help is fast because the heavy imports wait for a run (1.1 s -> 0.2 s here, idle); checked by what is
+    imported rather than by a wall time that a shared machine's load would make flaky."""
+    code = ("import atexit, sys; atexit.register(lambda: print('heavy:', sorted(m for m in ('torch', "
+            "'recompute_lab.engine', 'recompute_lab.recompute') if m in sys.modules)));"
+            "sys.argv = ['recompute-lab-train', '--help']; from recompute_lab.train import cli; cli()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("heavy: []")
+
+
+def test_help_with_a_strategy_shows_its_options_and_bad_overrides_fail_cleanly(tmp_path):
+    proc = run_cli(["--help", "+strategy=layers"], cwd=tmp_path)
+    assert proc.returncode == 0 and "  method: block\n  num_layers: 1" in proc.stdout
+    bad = run_cli(["--help", "model.n_layr=3"], cwd=tmp_path)
+    assert bad.returncode == 2 and "did you mean 'n_layer'" in bad.stderr and "Traceback" not in bad.stderr
+    typed = run_cli(["--help", "model.n_layer=two"], cwd=tmp_path)
+    assert typed.returncode == 1 and "n_layer" in typed.stderr and "Traceback" not in typed.stderr
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    proc = run_cli(["--cfg", "job", "+strategy=full", "model=small"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: small" in proc.stdout and "name: full" in proc.stdout and "hydra:" not in proc.stdout
+
+
+@pytest.mark.parametrize("module", ["recompute_lab.analyze", "recompute_lab.dashboard", "recompute_lab.wandb_sweep"])
+def test_argparse_entry_points_help(tmp_path, module):
+    proc = run_cli(["--help"], cwd=tmp_path, module=module)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: recompute-lab-")
+
+
+def test_console_scripts_point_at_the_entry_points():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"recompute-lab-train", "recompute-lab-estimate", "recompute-lab-analyze",
+                            "recompute-lab-dashboard", "recompute-lab-wandb-sweep"}
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+    # The Hydra apps' scripts go through recompute_lab.app (checks before Hydra, fast help), not bare @hydra.main.
+    assert scripts["recompute-lab-train"] == "recompute_lab.train:cli"
+    assert scripts["recompute-lab-estimate"] == "recompute_lab.estimate:cli"
+
+
+@pytest.fixture
+def conf_copy(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    for extra in (conf / "local").glob("*.yaml"):  # only the tracked example: no developer's own settings
+        if extra.name != "example.yaml":
+            extra.unlink()
+    yield conf
+    GlobalHydra.instance().clear()
+
+
+def _compose(conf, overrides=()):
+    import recompute_lab.recompute  # noqa: F401  (strategy schemas)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_local_hook_is_optional_git_ignored_and_loses_to_the_command_line(conf_copy):
+    assert _compose(conf_copy).trainer.steps == 100  # no local/default.yaml: nothing changes
+    assert _compose(conf_copy, ["local=example"]).trainer.steps == 100  # the example is all comments
+    (conf_copy / "local" / "default.yaml").write_text("# @package _global_\ntrainer:\n  steps: 7\n"
+                                                      "logger:\n  entity: my-team\n")
+    cfg = _compose(conf_copy)
+    assert cfg.trainer.steps == 7 and cfg.logger.entity == "my-team"
+    assert _compose(conf_copy, ["trainer.steps=3"]).trainer.steps == 3  # the command line wins
+    assert _compose(conf_copy, ["~local"]).trainer.steps == 100  # skipped for one command
+    assert "local: default*, example  (machine settings: conf/local/default.yaml, git-ignored, loaded" in \
+        app.groups_text(conf_copy)
+    ignored = subprocess.run(["git", "check-ignore", "-q", "conf/local/default.yaml"], cwd=ROOT)
+    tracked = subprocess.run(["git", "check-ignore", "-q", "conf/local/example.yaml"], cwd=ROOT)
+    assert ignored.returncode == 0 and tracked.returncode == 1
+
+
+def test_group_listing_reads_the_config_tree(conf_copy):
+    groups = app.user_groups(conf_copy)
+    assert list(groups) == USER_GROUPS and groups["local"] == ["example"]
+    choices = app.default_choices(conf_copy)
+    assert choices["model"] == "tiny" and choices["local"] == "default" and "strategy" not in choices
+
+
+def test_warnings_become_one_log_line_without_source(caplog, monkeypatch):
+    import logging
+    import warnings
+
+    from recompute_lab.logs import route_warnings
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    route_warnings()
+    with caplog.at_level(logging.WARNING, logger="py.warnings"), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("offload moves nothing on CPU", UserWarning, stacklevel=1)
+    assert caplog.messages == ["UserWarning: offload moves nothing on CPU"]
+    assert "warnings.warn(" not in caplog.text  # the default display would print the source line
