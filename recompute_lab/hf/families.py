@@ -19,7 +19,6 @@ from typing import Any, Callable, Optional
 
 from recompute_lab.config import ConfigError
 
-PARTS = ("norm1", "attn", "attn.qkv", "attn.core", "attn.out", "norm2", "mlp", "mlp.fc", "mlp.act", "mlp.proj")
 SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "max_seq_len")
 
 
@@ -37,14 +36,6 @@ class Family:
     structure: Optional[str] = None
     disagree: Optional[Callable[[Any], list[str]]] = None  # config -> why the theory's model does not match it
     derived: Optional[Callable[[Any], dict]] = None         # config -> recompute_lab model fields besides shapes
-
-    def modules(self, part: str) -> tuple[str, ...]:
-        """Relative module names playing ``part`` (a ConfigError names the parts this family has if absent)."""
-        if part not in self.parts:
-            have = ", ".join(p for p in PARTS if p in self.parts) or "none"
-            raise ConfigError(f"Hugging Face family {self.name!r} has no submodule for part {part!r} "
-                              f"(its parts: {have})")
-        return self.parts[part]
 
     def canonical(self, rel: str) -> Optional[str]:
         """The canonical part a single relative module name plays (None if it plays none alone)."""
@@ -152,7 +143,3 @@ def family_for(model_type: str, forced: Optional[str] = None) -> Family:
                               "(or null: from the config's model_type)")
         return FAMILIES[forced]
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None) or generic(model_type)
-
-
-def known_types() -> list[str]:
-    return [t for f in FAMILIES.values() for t in f.model_types]

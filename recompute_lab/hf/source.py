@@ -24,7 +24,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from recompute_lab.config import Arch, ConfigError, ModelConfig
-from recompute_lab.hf.families import SHAPE_FIELDS, Family, family_for, known_types
+from recompute_lab.hf.families import SHAPE_FIELDS, Family, family_for
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "hf_configs"
 MIN_TRANSFORMERS = (5, 0)
@@ -226,7 +226,3 @@ def resolve_model(cfg: DictConfig | Any) -> None:
         mcfg.name = name_of(mcfg.hf.config)
     mcfg.hf.family = family.name if family.structure else None
     mcfg.hf.model_type = str(config.model_type)
-
-
-def known_families_text() -> str:
-    return f"known model_types: {', '.join(known_types())}"
