@@ -1,13 +1,15 @@
 """Benchmark: every strategy side by side — saved activation bytes, recompute FLOP overhead, time overhead.
 
 To run:  python experiments/bench_strategies.py [--model small] [--seq-lens 256,512,1024] [--attention eager,sdpa]
-                                                [--steps 4] [--csv experiments/out/bench_strategies.csv]
+                                                [--steps 4] [--max-rounds 20] [--csv experiments/out/bench.csv]
 
 For each (attention backend, seq_len) the strategies run one after another in this process with the same model,
-batch and threads; time overhead = a strategy's median step time / `none`'s median step time in the same block,
-so it includes what FLOP counting misses (recomputed norms, activations, softmax, dropout; op SAC's dispatch).
-`op` and `regions` (default plans) save and recompute the same things, one through a TorchDispatchMode (SAC),
-one through torch_remat regions: their time columns compare the two mechanisms' CPU overhead.
+batch and threads. Activation ratio = a strategy's measured saved bytes / `none`'s. Time overhead = the run's
+own paired measurement (results.json time.overhead, recompute_lab.overhead): after training, the strategy's step
+and `none`'s step alternate in ABBA rounds on the same batches, median ratio with its 95% interval; it includes
+what FLOP counting misses (recomputed norms, activations, softmax, dropout; op SAC's dispatch). `op` and
+`regions` (default plans) save and recompute the same things, one through a TorchDispatchMode (SAC), one through
+torch_remat regions: their time columns compare the two mechanisms' CPU overhead.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import get, print_table, run_overrides, write_csv  # noqa: E402
+from common import get, print_table, run_overrides, time_columns, write_csv  # noqa: E402
 
 from recompute_lab.recompute import STRATEGIES  # noqa: E402
 
@@ -31,6 +33,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--strategies", default=",".join(n for n in DEFAULT_ORDER if n in STRATEGIES))
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--max-rounds", type=int, default=20, help="cap on each run's paired rounds (trainer.overhead)")
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for name in names:
                 res = run_overrides([f"model={args.model}", f"model.attention={attention}", f"+strategy={name}",
                                      f"data.seq_len={seq}", f"data.batch_size={args.batch_size}",
-                                     f"trainer.steps={args.steps}", "trainer.warmup_steps=1", *args.extra])
+                                     f"trainer.steps={args.steps}", "trainer.warmup_steps=1",
+                                     f"trainer.overhead.max_rounds={args.max_rounds}", *args.extra])
                 if res["status"] != "ok":
                     print(f"{name} {attention} s={seq}: {res['status']} {res.get('error')}", file=sys.stderr)
                     continue
@@ -55,16 +59,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "activation_bytes": get(res, "memory.activation_bytes.measured"),
                        "activation_bytes_predicted": get(res, "memory.activation_bytes.predicted"),
                        "recompute_flop_overhead": res["flops"]["recompute_overhead"],
-                       "step_s_median": res["time"]["step_s_median"]}
+                       **time_columns(res["time"].get("overhead") or {})}
                 base = row if name == "none" else base
                 row["activation_ratio"] = (row["activation_bytes"] / base["activation_bytes"]
                                            if base and row["activation_bytes"] and base["activation_bytes"] else None)
-                row["time_overhead"] = row["step_s_median"] / base["step_s_median"] if base else None
                 rows.append(row)
-    print(f"model={args.model} batch={args.batch_size} steps={args.steps} (median after 1 warmup step)")
+    print(f"model={args.model} batch={args.batch_size} steps={args.steps}; time: paired in-run vs none, 95% CI")
     print_table(rows, [("attention", "attention", "s"), ("seq_len", "seq", "d"), ("strategy", "strategy", "s"),
                        ("activation_bytes", "act bytes", ",.0f"), ("activation_ratio", "act/none", ".3f"),
-                       ("recompute_flop_overhead", "FLOP ovh", ".3f"), ("time_overhead", "time/none", ".3f")])
+                       ("recompute_flop_overhead", "FLOP ovh", ".3f"), ("time_overhead", "time/none", ".3f"),
+                       ("time_words", "time overhead (95% CI)", "s")])
     write_csv(rows, args.csv)
     return rows
 

@@ -11,6 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from recompute_lab.config import CONF_DIR as CONF
 from recompute_lab.engine import run
+from recompute_lab.timing import describe
 
 
 def compose_cfg(overrides: list[str]):
@@ -56,3 +57,10 @@ def write_csv(rows: list[dict], path: Optional[str]) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def time_columns(o: dict) -> dict:
+    """A run's paired time overhead (results.json time.overhead) as table columns: ratio, interval, rounds, words."""
+    return {"time_overhead": o.get("ratio"), "time_ci95_low": o.get("ci95_low"), "time_ci95_high": o.get("ci95_high"),
+            "time_rounds": o.get("rounds"),
+            "time_words": o.get("skipped") or describe(o.get("ratio"), o.get("ci95_low"), o.get("ci95_high"))}

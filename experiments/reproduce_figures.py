@@ -3,10 +3,19 @@
     python experiments/reproduce_figures.py --out experiments/figures
 
 Runs on CPU in a few minutes (tiny models, fixed seeds: trainer.seed=0, data.seed=1234); the run folders go
-to --runs (default outputs/reproduce_runs, git-ignored) and are deleted first, so nothing stale is mixed in.
---out receives summary.csv, summary.md, the five figures (PNG + PDF) and quiz.md. Rerunning gives the same
-summary.csv except the timing columns (aggregate.TIMING_COLUMNS). Each job prints a line when it starts and when
-it ends (status, seconds), read from the sweep's own output (Hydra's launcher lines and recompute_lab's log).
+to --runs (default outputs/reproduce_runs, git-ignored). A --runs folder this script made (it holds the marker
+file .reproduce_figures) is emptied first, so nothing stale is mixed in; any other non-empty folder is refused,
+never deleted. Each finished run is printed as it lands.
+--out receives summary.csv, summary.md, the seven figures (PNG + PDF) and quiz.md, plus what keeps them honest:
+results.json.gz (every run's results.json, the analysis input) and manifest.json (sha256 of that input and of
+every artifact, the matplotlib version). tests/test_figures_fresh.py re-analyses results.json.gz with the
+current code and compares it with the committed files, and reruns one run per strategy to check the bytes and
+FLOPs in results.json.gz are what the current code measures. Rerunning gives the same summary.csv except the
+timing columns (aggregate.TIMING_COLUMNS).
+
+    python experiments/reproduce_figures.py --from-bundle experiments/figures/results.json.gz
+
+re-analyses the committed results without running anything (after a change to the analysis code only).
 
 A sweep asks only for strategies this checkout has (conf/strategy/NAME.yaml); a figure whose runs cannot be
 made yet is skipped with a note, and the figure and quiz.md then say which runs are missing.
@@ -14,12 +23,14 @@ made yet is skipped with a note, and the figure and quiz.md then say which runs 
 from __future__ import annotations
 
 import argparse
-import collections
+import gzip
+import hashlib
+import json
 import os
-import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,62 +94,130 @@ def plan() -> list[tuple[str, str, list[str], str]]:
     return out
 
 
-LAUNCH = re.compile(r"Launching (\d+) jobs")
-JOB = re.compile(r"\t#(\d+) : (.*)")  # Hydra's basic launcher, one line per job as it starts
-END = re.compile(r"\] run (ok|oom|diverged|interrupted|error)\b.*?: (\d+ min \d+ s|[\d.]+ s) \(results\.json")
+MARKER = ".reproduce_figures"
+BUNDLE = "results.json.gz"
+MANIFEST = "manifest.json"
+# What the freshness test compares byte for byte with a re-analysis (the PNGs only with the same matplotlib).
+TEXT_ARTIFACTS = ("summary.csv", "summary.md", "quiz.md")
+COMMITTED_FIGURES = ("fig1_activation_vs_context.png", "fig3_pareto.png", "fig6_parity.png",
+                     "fig7_memory_vs_seq.png")
 
 
-def job_lines(lines, name: str):
-    """The per-job progress lines of a sweep's output (Hydra's launch lines, recompute_lab.engine's run lines)."""
-    total = "?"
-    for line in lines:
-        if m := LAUNCH.search(line):
-            total = m[1]
-        elif m := JOB.search(line):
-            yield f"  {name}: job {int(m[1]) + 1}/{total} {m[2].strip()}"
-        elif m := END.search(line):
-            yield f"    {m[1]} in {m[2]}"
+def prepare_runs(runs: Path) -> None:
+    """Empty ``runs`` if this script made it (marker file); refuse any other non-empty folder."""
+    if runs.exists() and any(runs.iterdir()):
+        if not (runs / MARKER).is_file():
+            raise SystemExit(f"{runs} is not empty and was not made by this script (no {MARKER}): not deleting "
+                             "it; pass an empty or new --runs folder")
+        shutil.rmtree(runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / MARKER).write_text("made by experiments/reproduce_figures.py; emptied on its next run\n")
 
 
 def run_sweep(exp: str, folder: Path, overrides: list[str]) -> None:
+    """Run one sweep, printing each run as its results.json appears (a sweep is otherwise silent)."""
     cmd = [sys.executable, "-m", "recompute_lab.train", "-m", f"+experiment={exp}", f"hydra.sweep.dir={folder}",
            "hydra.callbacks.analyze.enabled=false", *overrides]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}  # unbuffered: job lines as they happen
-    tail: collections.deque = collections.deque(maxlen=60)  # the end of the output, for a failure's message
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        seen: set[Path] = set()
+        while True:
+            done = proc.poll() is not None
+            for p in sorted(folder.rglob("results.json")) if folder.exists() else []:
+                if p not in seen and _status(p) not in (None, "running"):
+                    seen.add(p)
+                    print(f"  {_status(p)}: {p.parent.name}", flush=True)
+            if done:
+                break
+            time.sleep(1.0)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"sweep {exp} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{err.read()[-3000:]}")
 
-    def read(stream):
-        for line in stream:
-            tail.append(line)
-            yield line
 
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:
-        for message in job_lines(read(proc.stdout), exp):
-            print(message, flush=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"sweep {exp} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{''.join(tail)[-3000:]}")
+def _status(path: Path):
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_bundle(runs: Path, path: Path) -> None:
+    """Every run's results.json in one small deterministic file: {relative run folder: results}."""
+    data = {str(p.parent.relative_to(runs)): json.loads(p.read_text()) for p in sorted(runs.rglob("results.json"))}
+    raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:
+        gz.write(raw)
+
+
+def read_bundle(path: Path) -> dict:
+    with gzip.open(path, "rb") as gz:
+        return json.loads(gz.read())
+
+
+def unpack_bundle(path: Path, runs: Path) -> None:
+    """Write a bundle back out as run folders (what ``analyze`` reads)."""
+    for run, res in read_bundle(path).items():
+        (runs / run).mkdir(parents=True, exist_ok=True)
+        (runs / run / "results.json").write_text(json.dumps(res))
+
+
+def write_manifest(out: Path, source: str) -> None:
+    import matplotlib
+    import torch
+
+    names = [BUNDLE, *TEXT_ARTIFACTS, *COMMITTED_FIGURES]
+    man = {"generated_by": "python experiments/reproduce_figures.py", "source": source,
+           "matplotlib": matplotlib.__version__, "torch": torch.__version__,
+           "sha256": {n: _sha(out / n) for n in names if (out / n).is_file()}}
+    (out / MANIFEST).write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+
+
+def analyse_into(runs: Path, out: Path, source: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    res = analyze(runs, out, label=source)
+    write_bundle(runs, out / BUNDLE)
+    write_manifest(out, source)
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "figures", help="figures, tables, quiz.md")
-    p.add_argument("--runs", type=Path, default=ROOT / "outputs" / "reproduce_runs", help="run folders (wiped)")
+    p.add_argument("--runs", type=Path, default=ROOT / "outputs" / "reproduce_runs",
+                   help="run folders (emptied only if this script made it)")
+    p.add_argument("--from-bundle", type=Path, default=None,
+                   help="re-analyse this results.json.gz (e.g. the committed one) instead of running the sweeps")
     args = p.parse_args(argv)
-    runs = args.runs.resolve()
-    if runs.exists():
-        shutil.rmtree(runs)
-    runs.mkdir(parents=True)
     t0 = time.perf_counter()
+    if args.from_bundle is not None:
+        bundle = read_bundle(args.from_bundle)
+        source = json.loads((args.from_bundle.parent / MANIFEST).read_text())["source"] \
+            if (args.from_bundle.parent / MANIFEST).is_file() else str(args.from_bundle)
+        with tempfile.TemporaryDirectory() as tmp:
+            unpack_bundle(args.from_bundle, Path(tmp))
+            res = analyse_into(Path(tmp), args.out, source)
+        print(f"re-analysed {len(bundle)} runs from {args.from_bundle} -> {args.out} "
+              f"({time.perf_counter() - t0:.0f} s)")
+        return 0
+    runs = args.runs.resolve()
+    prepare_runs(runs)
     for exp, name, overrides, note in plan():
         if not name:
             print(f"{exp}: {note}", flush=True)
             continue
         t = time.perf_counter()
+        print(f"{exp} {' '.join(overrides)}: running".rstrip(), flush=True)
         run_sweep(exp, runs / name, overrides)
         print(f"{exp} {' '.join(overrides)}: {time.perf_counter() - t:.0f} s {note}".rstrip(), flush=True)
     source = os.path.relpath(runs, ROOT) if runs.is_relative_to(ROOT) else str(runs)
-    res = analyze(runs, args.out, label=source)
+    res = analyse_into(runs, args.out, source)
     bad = [r for r in res["rows"] if r["status"] != "ok"]
     print(f"analysed {len(res['rows'])} runs ({len(bad)} not ok) from {source} -> {args.out}")
     print(f"total {time.perf_counter() - t0:.0f} s")

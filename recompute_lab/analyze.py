@@ -3,7 +3,7 @@ quiz for a finished sweep.
 
 Reads every results.json under SWEEP_DIR (a multirun folder, or any folder of run folders) and writes into DIR
 (default SWEEP_DIR/analysis): summary.csv (one row per run, failed runs included with their status),
-summary.md, the five figures as PNG + PDF, and quiz.md. A folder without results.json is an error (exit 2)
+summary.md, the seven figures as PNG + PDF, and quiz.md. A folder without results.json is an error (exit 2)
 and nothing is written.
 """
 from __future__ import annotations

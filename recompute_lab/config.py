@@ -39,6 +39,7 @@ class StrEnum(str, Enum):
 class Arch(StrEnum):
     gpt = "gpt"          # decoder-only transformer
     toy_mlp = "toy_mlp"  # the seed notebook's Linear-ReLU-Linear blocks, no attention
+    hf = "hf"            # a Hugging Face transformers causal LM (model=hf; recompute_lab.hf)
 
 
 class Norm(StrEnum):
@@ -85,6 +86,19 @@ class WandbMode(StrEnum):
 
 
 @dataclass
+class HFConfig:
+    """``model=hf``: a Hugging Face transformers causal LM, built with ``from_config`` (random weights, nothing
+    downloaded) unless ``weights`` is set. recompute_lab.hf.resolve_model fills the model's other fields from it."""
+
+    config: Optional[str] = None  # a shipped name (recompute_lab/assets/hf_configs), a config.json or its folder,
+    #                               or a hub model id (needs the network)
+    overrides: dict[str, Any] = field(default_factory=dict)  # config keys to change: +model.hf.overrides.KEY=VALUE
+    weights: Optional[str] = None  # pretrained weights: a local folder with safetensors, or a hub id when online
+    family: Optional[str] = None   # submodule map and theory to use (gpt2 | llama); None: from the model_type
+    model_type: Optional[str] = None  # filled in by resolution (the config's model_type): the fields are resolved
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     arch: Arch = Arch.gpt
@@ -104,6 +118,7 @@ class ModelConfig:
     attention: Attention = Attention.sdpa
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    hf: HFConfig = field(default_factory=HFConfig)  # arch=hf only
 
 
 @dataclass
@@ -134,12 +149,28 @@ class OptimizerConfig:
 
 
 @dataclass
+class OverheadConfig:
+    """trainer.overhead: after training, the run's step timed against a baseline strategy's step, interleaved on
+    the same batches in the same process, with a 95% interval (recompute_lab.overhead, recompute_lab.timing).
+    Each round runs two steps of each arm; off: trainer.overhead.enabled=false."""
+
+    enabled: bool = True
+    baseline: str = "none"         # any strategy name (its default options); the run's own strategy: skipped
+    min_rounds: int = 6            # rounds before the width test; >= 6 for a 95% interval
+    max_rounds: int = 20           # cap on the rounds (4 steps each)
+    target_ci_width: float = 0.05  # stop once (ci95_high - ci95_low) / ratio <= this
+    max_seconds: float = 120.0     # cap on the measurement's wall time (0: no time cap)
+    warmup_rounds: int = 1         # untimed rounds first (allocator, caches, SAC dispatch warm for both arms)
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100
     grad_accum: int = 1          # micro-batches per optimizer step
     seed: int = 0
     device: Device = Device.auto
-    num_threads: int = 0         # torch.set_num_threads; 0 keeps torch's default
+    num_threads: int = 1         # torch.set_num_threads, fixed so step times compare across machines and load;
+    #                              recorded in results.json env.num_threads; 0 = torch's default (every core)
     warmup_steps: int = 3        # steps excluded from the timing statistics
     progress: bool = True        # tqdm progress bar with loss and tokens/s
     deterministic: bool = False  # torch.use_deterministic_algorithms
@@ -153,6 +184,7 @@ class TrainerConfig:
     memory_guard: bool = True    # false: no guard at all
     probe: bool = True           # one instrumented memory probe step before training (recompute_lab.probe)
     memory_snapshot: bool = False  # CUDA: write memory_snapshot.pickle of the probe step (pytorch.org/memory_viz)
+    overhead: OverheadConfig = field(default_factory=OverheadConfig)  # paired time overhead vs a baseline
 
 
 @dataclass
@@ -279,6 +311,9 @@ def _positive(name: str, value: Any) -> None:
 def validate(cfg: DictConfig | Config) -> None:
     """Cross-field rules that a schema cannot express; raise ConfigError with a readable message."""
     m, d, t, o = cfg.model, cfg.data, cfg.trainer, cfg.optimizer
+    if m.arch == Arch.hf and m.get("hf", {}).get("model_type") is None:
+        raise ConfigError("model=hf: the model fields come from the Hugging Face config; resolve them first "
+                          "(recompute_lab.hf.resolve_model(cfg), which the entry points call)")
     for name in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "max_seq_len"):
         _positive(f"model.{name}", getattr(m, name))
     for name in ("seq_len", "batch_size"):

@@ -21,8 +21,9 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from recompute_lab import checkpoint, distributed, flops, theory
-from recompute_lab.config import ConfigError, Device, validate
+from recompute_lab import checkpoint, distributed, flops, overhead, theory
+from recompute_lab.config import ConfigError, Device, to_container, validate
+from recompute_lab.hf import resolve_model
 from recompute_lab.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
 from recompute_lab.logs import Laps, StepLines
 from recompute_lab.measure import StepTimer, cuda_peak_bytes, model_state_bytes, step_memory
@@ -31,6 +32,7 @@ from recompute_lab.precision import make_precision
 from recompute_lab.probe import guard_memory, memory_probe
 from recompute_lab.recompute import RunShape, apply_strategy, parse_options
 from recompute_lab.runrecord import FolderBusy, RunFolder
+from recompute_lab.timing import describe
 from recompute_lab.tracking import env_info, format_summary, new_results
 from recompute_lab.wandb_logger import RunLogger
 
@@ -76,6 +78,7 @@ class Run:
     plan: Any  # recompute_lab.recompute.Plan
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    grad_norm: Optional[torch.Tensor] = None  # set by train_step (None when clipping is off)
 
 
 def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
@@ -154,6 +157,57 @@ def record_model_state(run: Run, results: dict) -> None:
         bytes_per_param={"predicted": predicted["bytes_per_param"], "measured": measured["bytes_per_param"]})
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """The config values a training step reads, as plain Python: an OmegaConf attribute access costs ~25 us, which
+    on a 7 ms `tiny` step was most of the framework's 2-3% overhead over a bare loop (experiments/bench_overhead)."""
+
+    grad_accum: int
+    grad_clip: float
+    stop_on_nan: bool
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> "StepSettings":
+        return cls(int(cfg.trainer.grad_accum), float(cfg.optimizer.grad_clip), bool(cfg.trainer.stop_on_nan))
+
+
+def train_step(cfg: DictConfig, run: Run, micro: list, progress: dict, model: Optional[torch.nn.Module] = None,
+               where: str = "", settings: Optional[StepSettings] = None) -> torch.Tensor:
+    """One optimizer step over the micro-batches ``micro``: forward, backward, clip, step; the summed loss.
+
+    ``model``: the module to run (default ``run.model``; the overhead measurement passes a baseline that shares
+    its parameters and optimizer). ``settings``: ``StepSettings.of(cfg)``, computed once by callers that step many
+    times. A non-finite gradient norm (with trainer.stop_on_nan) raises Diverged before the optimizer steps; the
+    exception carries the step's summed loss as ``loss``.
+    """
+    model = run.model if model is None else model
+    st = settings or StepSettings.of(cfg)
+    optimizer, device = run.optimizer, run.device
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = None
+    for idx, targets in micro:
+        progress["phase"] = "forward"
+        with run.policy.autocast(device.type):
+            loss = model(idx, targets)
+            if st.grad_accum > 1:  # no extra ops (and their dispatch cost) for the common single micro-batch
+                loss = loss / st.grad_accum
+        progress["phase"] = "backward"
+        loss.backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    progress["phase"] = "optimizer"
+    grad_norm = None
+    if st.grad_clip > 0:
+        grad_norm = run.policy.clip_grad_norm(model, optimizer, st.grad_clip)
+    if st.stop_on_nan and grad_norm is not None and not torch.isfinite(grad_norm):
+        err = Diverged(f"non-finite gradient norm {grad_norm.item()} {where}".rstrip())
+        err.loss = loss_sum.item()
+        raise err
+    run.grad_norm = grad_norm  # the step's clipped-gradient norm, for the per-step log
+    optimizer.step()
+    run.scheduler.step()
+    return loss_sum
+
+
 def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
          signals: SignalFlag) -> None:
     """The training loop: forward, backward, clip, step; record loss and time; checkpoint when asked or stopped."""
@@ -170,6 +224,7 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
         results["checkpoint"] = {"path": str(path), "step": done}
         signals.checkpointed_step = done
 
+    settings = StepSettings.of(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -179,25 +234,12 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
     for step in bar:
         progress["step"] = signals.step = step
         micro = [tuple(x.to(device, non_blocking=True) for x in run.batches.get(step, m)) for m in range(t.grad_accum)]
-        with StepTimer(device) as timer:
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for idx, targets in micro:
-                progress["phase"] = "forward"
-                with run.policy.autocast(device.type):
-                    loss = model(idx, targets) / t.grad_accum
-                progress["phase"] = "backward"
-                loss.backward()
-                loss_sum += loss.detach()
-            progress["phase"] = "optimizer"
-            grad_norm = None
-            if cfg.optimizer.grad_clip > 0:
-                grad_norm = run.policy.clip_grad_norm(model, optimizer, cfg.optimizer.grad_clip)
-            if t.stop_on_nan and grad_norm is not None and not torch.isfinite(grad_norm):
-                history.append(loss_sum.item())  # keep the failing step's loss in the record
-                raise Diverged(f"non-finite gradient norm {grad_norm.item()} at step {step}")
-            optimizer.step()
-            scheduler.step()
+        try:
+            with StepTimer(device) as timer:
+                loss_sum = train_step(cfg, run, micro, progress, where=f"at step {step}", settings=settings)
+        except Diverged as e:
+            history.append(e.loss)  # keep the failing step's loss in the record
+            raise
         loss_val, stop = run.dctx.reduce_step(loss_sum, signals.received is not None)  # mean over ranks
         history.append(loss_val)
         step_s.append(timer.seconds)
@@ -211,7 +253,7 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
         tok_s = tokens_per_step / timer.seconds
         bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
         logger.log({"loss": loss_val, "lr": scheduler.get_last_lr()[0], "step_s": timer.seconds,
-                    "tokens_per_s": tok_s, **({} if grad_norm is None else {"grad_norm": float(grad_norm)}),
+                    "tokens_per_s": tok_s, **({} if run.grad_norm is None else {"grad_norm": float(run.grad_norm)}),
                     **step_memory(device)}, step=step)
         step_lines(step, loss_val, timer.seconds, tok_s)
         done = step + 1
@@ -231,22 +273,40 @@ def summarize(cfg: DictConfig, run: Run, counted: dict, results: dict) -> None:
     t = cfg.trainer
     results["loss"].update(first=history[0], final=history[-1])
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
-    timed = step_s[t.warmup_steps:] if len(step_s) > t.warmup_steps else step_s
-    med = statistics.median(timed)
-    results["time"].update(step_s_median=med, step_s_p90=percentile(timed, 0.9), tokens_per_s=tokens_per_step / med,
-                           warmup_steps=len(step_s) - len(timed), tokens_per_step=tokens_per_step)
+    contended = overhead.contention(cfg)  # parallel launcher jobs or CPU ranks timing each other's load
+    results["time"].update(contended=contended is not None, contended_reason=contended)
+    timed = step_s[t.warmup_steps:]
     model_flops = counted["forward"] + counted["backward"]
     # The dtype the matmuls run in: autocast's, FSDP mixed precision's (bf16_master under fsdp), else the params'.
     compute_dtype = (run.policy.autocast_dtype or getattr(run.dctx.mp_policy, "param_dtype", None)
                      or run.policy.param_dtype)
     peak_rate, peak_source = flops.peak_flops(run.device, compute_dtype)
-    results["flops"].update(flops.utilization(model_flops, counted["recompute"], med, peak_rate),
-                            peak_flops_per_s=peak_rate, peak_source=peak_source,
-                            achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
+    results["flops"].update(peak_flops_per_s=peak_rate, peak_source=peak_source)
+    if not timed:  # every step was a warmup step: no time to report, and no MFU
+        results["time"].update(warmup_steps=len(step_s), tokens_per_step=tokens_per_step,
+                               reason=f"no step after trainer.warmup_steps={t.warmup_steps} was timed "
+                                      f"({len(step_s)} steps ran): raise trainer.steps or lower warmup_steps")
+    else:
+        med = statistics.median(timed)
+        results["time"].update(step_s_median=med, step_s_p90=percentile(timed, 0.9),
+                               tokens_per_s=tokens_per_step / med, warmup_steps=len(step_s) - len(timed),
+                               tokens_per_step=tokens_per_step)
+        results["flops"].update(flops.utilization(model_flops, counted["recompute"], med, peak_rate),
+                                achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
     peak = cuda_peak_bytes(run.device)
     if peak is not None:
         # The probe's peak (same step as the prediction) stays in `measured`; this is the whole training run's.
         results["memory"]["peak_bytes"].update(training_allocated=peak["allocated"], training_reserved=peak["reserved"])
+
+
+def measure_overhead(cfg: DictConfig, run: Run, results: dict, progress: dict, signals: SignalFlag) -> None:
+    """time.overhead: this run's training step against the baseline strategy's, paired (recompute_lab.overhead)."""
+    progress.update(step=None, phase="overhead")
+    scratch: dict = {}  # train_step's phase reports: the failure record keeps phase "overhead"
+    settings = StepSettings.of(cfg)
+    results["time"]["overhead"] = overhead.measure(
+        cfg, run, lambda model, micro: train_step(cfg, run, micro, scratch, model, "(overhead)", settings),
+        should_stop=lambda: signals.received is not None)
 
 
 def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
@@ -269,8 +329,14 @@ def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, prog
     loop(cfg, run, start, results, logger, run_dir, progress, signals)
     laps("training", f"{cfg.trainer.steps - start} steps")
     summarize(cfg, run, counted, results)
-    log.info("step time median %.4f s (p90 %.4f s), %s tokens/s", results["time"]["step_s_median"],
-             results["time"]["step_s_p90"], f"{results['time']['tokens_per_s']:,.0f}")
+    tm = results["time"]
+    if tm.get("step_s_median") is not None:
+        log.info("step time median %.4f s (p90 %.4f s), %s tokens/s", tm["step_s_median"], tm["step_s_p90"],
+                 f"{tm['tokens_per_s']:,.0f}")
+    else:
+        log.info("step time: none (%s)", tm.get("reason") or "no timed step")
+    measure_overhead(cfg, run, results, progress, signals)
+    laps("paired overhead", overhead_note(results["time"].get("overhead") or {}))
     if dctx.enabled:
         dctx.report(cfg, results)  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
 
@@ -279,8 +345,10 @@ def preflight(cfg: DictConfig, run_dir: Path) -> Optional[tuple[Path, dict]]:
     """Everything that can refuse a run, checked before anything is written or started: the config's rules,
     the strategy's options and the resume checkpoint (located, verified and matched to the config).
     Returns (path, state) of the checkpoint to resume from, or None."""
+    resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
     validate(cfg)
     parse_options(cfg.strategy)
+    overhead.check_config(cfg)  # trainer.overhead (its baseline strategy) before the run, not after training
     path = checkpoint.locate(cfg.trainer.resume, run_dir)
     return None if path is None else (path, checkpoint.load(path, cfg))
 
@@ -306,6 +374,7 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
         try:
             folder.acquire()
             resume = preflight(cfg, run_dir)
+            results["config"] = to_container(cfg)  # as resolved (model=hf: the Hugging Face model's fields)
         except ConfigError as e:
             results.update(status="error", error=f"invalid configuration: {e}")
             if not isinstance(e, FolderBusy):
@@ -370,3 +439,11 @@ def flops_note(fl: dict) -> str:
     ps = fl["per_step"]
     return (f"forward {ps['forward'] / 1e9:.3g} GFLOP, backward {ps['backward'] / 1e9:.3g}, recompute "
             f"{ps['recompute'] / 1e9:.3g} (+{fl['recompute_overhead']:.1%})")
+
+
+def overhead_note(ovh: dict) -> str:
+    """One line on the paired time overhead (for the log): 'step time vs none: +11.6% (95% CI ...), 14 rounds'."""
+    if ovh.get("skipped") or ovh.get("ratio") is None:
+        return f"skipped: {ovh.get('skipped') or 'not measured'}"
+    return (f"step time vs {ovh.get('baseline')}: {describe(ovh['ratio'], ovh.get('ci95_low'), ovh.get('ci95_high'))}, "
+            f"{ovh.get('rounds')} rounds")

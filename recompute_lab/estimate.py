@@ -39,6 +39,8 @@ def group_of(module: str) -> str:
     """Table rows: embeddings, blocks, final norm + head, loss (the fp32 logits' log-softmax)."""
     if module.startswith("blocks."):
         return "blocks"
+    if module.startswith("hf."):  # a Hugging Face model's own names (embed_tokens / wte / wpe, norm / ln_f, lm_head)
+        return "embeddings" if "emb" in module or module.endswith((".wte", ".wpe", ".drop")) else "norm_f + head"
     return {"tok_emb": "embeddings", "pos_emb": "embeddings", "drop": "embeddings", "norm_f": "norm_f + head",
             "head": "norm_f + head", "loss": "loss (fp32 logits)"}.get(module, module)
 
@@ -55,6 +57,8 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     # torch and the model only now: --help and --cfg job of this module import neither.
     from recompute_lab import peak as peaks
     from recompute_lab import theory
+    from recompute_lab.hf import notes as hf_notes
+    from recompute_lab.hf import resolve_model
     from recompute_lab.measure import meta_saved_tensors
     from recompute_lab.model import build_model
     from recompute_lab.precision import make_precision
@@ -62,8 +66,9 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     from recompute_lab.target_kernels import assumptions
 
     laps = Laps(log)
+    resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
     seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
-    notes = []
+    notes = hf_notes(cfg.model)
     if max(seq_lens) > cfg.model.max_seq_len:  # position tables live on meta: growing them costs nothing
         notes.append(f"model.max_seq_len raised from {cfg.model.max_seq_len} to {max(seq_lens)} for the series")
         cfg.model.max_seq_len = max(seq_lens)
@@ -99,7 +104,8 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
         if not autocast:
             counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
-            measured, by_module = counted["total"], counted["by_module"]
+            # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache included)
+            measured, by_module = counted["resident_total"], counted["by_module"]
         peak = peaks.predict_peak(cfg.model, st, state, pred, step)
         laps(f"s={s} b={b} ({len(series) + 1}/{len(seq_lens)})",
              f"activations {(measured if measured is not None else pred['total']) / GB:.2f} GB "

@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
+from recompute_lab import theory
 from recompute_lab.config import Arch, Mlp
 from recompute_lab.hardware import peak_flops  # noqa: F401  (re-exported: MFU's denominator)
 from recompute_lab.model import build_model
@@ -128,6 +129,10 @@ def predict_step_flops(cfg: DictConfig, plan: Optional[Plan] = None) -> dict:
     the module formula does not apply: ``plan.flops_reason``)."""
     m = cfg.model
     b, s, accum = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.grad_accum
+    ext = theory.external(m)  # a Hugging Face model: its family's parts play ours (recompute_lab.hf.theory)
+    why = ext.flops_reason(m) if ext is not None else None
+    if why:
+        return {"forward": None, "backward": None, "recompute": None, "recompute_unpredicted_reason": why}
     parts = module_forward_flops(cfg, b, s)
     head = 2 * b * s * m.d_model * m.vocab_size
     forward = m.n_layer * parts["block"] + head
@@ -142,6 +147,8 @@ def predict_step_flops(cfg: DictConfig, plan: Optional[Plan] = None) -> dict:
     for name in recomputed:
         pieces = name.split(".")
         sub = ".".join(pieces[2:]) or "block"
+        if ext is not None and sub != "block":
+            sub = ext.canonical(m, sub) or sub
         if pieces[0] != "blocks" or len(pieces) < 2 or sub not in parts:
             recompute, reason = None, f"no analytic FLOPs for recomputed module {name!r}"
             break

@@ -216,7 +216,12 @@ class GPT(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """Build the model directly on ``device`` (``meta`` allocates nothing) in parameter dtype ``dtype``."""
+    """Build the model directly on ``device`` (``meta`` allocates nothing) in parameter dtype ``dtype``.
+    ``arch=hf``: a Hugging Face causal LM behind the same interface (recompute_lab.hf.adapter)."""
+    if cfg.arch == Arch.hf:
+        from recompute_lab.hf.adapter import build
+
+        return build(cfg, device, dtype)
     with torch.device(device):
         model = GPT(cfg)
     if dtype != torch.float32:

@@ -57,7 +57,10 @@ class ParamTensor:
 
 def param_tensors(cfg, n_layer: Optional[int] = None) -> list[ParamTensor]:
     """Every parameter of recompute_lab.model.GPT built from ``cfg``, in ``model.parameters()`` order (a tied head
-    weight once); ``n_layer`` overrides the config's block count (blocks are identical)."""
+    weight once); ``n_layer`` overrides the config's block count (blocks are identical). Hugging Face models
+    (recompute_lab.hf): their own parameters, from a one-layer build on the meta device."""
+    if theory.external(cfg) is not None:
+        return [ParamTensor(name, shape) for name, shape in theory.external(cfg).param_tensors(cfg, n_layer)]
     h, v, toy = cfg.d_model, cfg.vocab_size, cfg.arch == "toy_mlp"
     out = [ParamTensor("tok_emb.weight", (v, h))]
     if cfg.positions == "learned" and not toy:
@@ -95,7 +98,9 @@ def param_tensors(cfg, n_layer: Optional[int] = None) -> list[ParamTensor]:
 
 def buffer_bytes(cfg) -> int:
     """The model's buffers (never sharded): each eager AttentionCore's bool (S, S) causal mask, each Rotary's fp32
-    cos and sin tables (S, head_dim / 2), S = max_seq_len."""
+    cos and sin tables (S, head_dim / 2), S = max_seq_len. Hugging Face models: their own buffers."""
+    if theory.external(cfg) is not None:
+        return theory.external(cfg).buffer_bytes(cfg)
     if cfg.arch == "toy_mlp":
         return 0
     s = cfg.max_seq_len

@@ -42,9 +42,27 @@ def model_state_bytes(n_params: int, precision: str, fp32_grad_accum: bool = Fal
     return {"per_param": by_kind, "total": sum(by_kind.values()), "bytes_per_param": sum(per.values())}
 
 
+# Architectures described outside this module: arch name -> a module with saved_terms(cfg, st),
+# region_inputs(cfg, st, name), reason(cfg, st) (why no closed form, or None), param_tensors(cfg, n_layer),
+# param_count(cfg) and buffer_bytes(cfg). recompute_lab.hf registers "hf" when imported.
+ARCHS: dict = {}
+
+
+def external(cfg):
+    """The module describing ``cfg``'s architecture when it is not recompute_lab.model's own (else None)."""
+    arch = str(cfg.arch)
+    if arch in ("gpt", "toy_mlp"):
+        return None
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch}: no theory registered (import recompute_lab.hf first)")
+    return ARCHS[arch]
+
+
 def param_count(cfg) -> int:
     """Parameters of recompute_lab.model's GPT (or toy MLP) for model config ``cfg``, counted from the shapes
     alone (tied weights once), so that absurd sizes are refused before anything is built."""
+    if external(cfg) is not None:  # a Hugging Face model: from a one-layer build on the meta device
+        return external(cfg).param_count(cfg)
     h, v = cfg.d_model, cfg.vocab_size
     bias = 1 if cfg.bias else 0
 
@@ -330,11 +348,16 @@ def predict_activations(cfg, st: Setting, plan=None) -> dict:
     """
     if plan is not None and plan.activation_reason:
         return {"total": None, "reason": plan.activation_reason}
-    terms = saved_terms(cfg, st)
+    ext = external(cfg)
+    why = ext.reason(cfg, st) if ext is not None else None
+    if why:
+        return {"total": None, "reason": why}
+    terms = ext.saved_terms(cfg, st) if ext is not None else saved_terms(cfg, st)
+    inputs_of = ext.region_inputs if ext is not None else region_inputs
     regions = region_names(plan) if plan is not None else []
     region_of: dict[str, list[Saved]] = {}
     for name in regions:
-        inputs = region_inputs(cfg, st, name)
+        inputs = inputs_of(cfg, st, name)
         if inputs is None:
             return {"total": None, "reason": f"no analytic model for a checkpoint region over {name!r}"}
         region_of[name] = [Saved(name, "checkpoint", stor, nb, "checkpoint region input") for stor, nb in inputs]

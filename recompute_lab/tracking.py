@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from recompute_lab.config import to_container
 from recompute_lab.fileio import atomic_write_text
 from recompute_lab.provenance import git_info
+from recompute_lab.timing import describe
 
 SCHEMA_VERSION = 1
 
@@ -95,8 +96,15 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
              f"precision={cfg['precision']['name']} strategy={cfg['strategy']['name']} "
              f"attention={cfg['model']['attention']} device={results['env'].get('device', '?')}"]
     if loss["final"] is not None:
-        lines.append(f"  loss {loss['first']:.4f} -> {loss['final']:.4f} over {len(loss['history'])} steps; "
-                     f"{_si(t['tokens_per_s'])} tokens/s (median step {t['step_s_median'] * 1e3:.1f} ms)")
+        speed = (f"{_si(t['tokens_per_s'])} tokens/s (median step {t['step_s_median'] * 1e3:.1f} ms)"
+                 if t.get("step_s_median") is not None else f"time n/a: {t.get('reason', 'no timed step')}")
+        lines.append(f"  loss {loss['first']:.4f} -> {loss['final']:.4f} over {len(loss['history'])} steps; {speed}")
+    ovh = t.get("overhead") or {}
+    if ovh.get("baseline") is not None and (ovh.get("rounds") or ovh.get("skipped")):
+        what = (f"skipped: {ovh['skipped']}" if ovh.get("skipped") else
+                f"{describe(ovh['ratio'], ovh['ci95_low'], ovh['ci95_high'])}, {ovh['rounds']} paired rounds")
+        lines.append(f"  step time vs {ovh['baseline']}: {what}"
+                     + (f" [contended: {t['contended_reason']}]" if t.get("contended") else ""))
     par = results.get("parallel") or {}
     if ms.get("measured") is not None:
         scope = f" per rank of {par.get('world_size')} ({par.get('kind')})" if par.get("world_size", 1) > 1 else ""

@@ -25,6 +25,21 @@ LOCAL_OFF = ["~local"] if (Path(CONF_DIR) / "local" / "default.yaml").exists() e
 HYDRA_APPS = ("recompute_lab.train", "recompute_lab.estimate")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def machine_cache_in_tmp(tmp_path_factory):
+    """Per-machine measurements (the CPU peak FLOP/s) go to a temporary folder, never ~/.cache, in every test and
+    every CLI subprocess a test starts."""
+    from recompute_lab.hardware import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("machine_cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 def one_thread_fixture():
     """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting other processes."""
     import torch

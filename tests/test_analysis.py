@@ -77,11 +77,13 @@ def test_quiz_numbers_equal_recomputed_values(sweep, tmp_path):
     _, none = by[("none", s)]
     ps = full["flops"]["per_step"]
     assert f"**{_pct(ps['recompute'] / (ps['forward'] + ps['backward']))} more FLOPs**" in quiz
-    assert f"row `{run_full}`" in quiz
-    def fastest(r):  # the fastest timed step, warmup steps left out
-        return min(r["time"]["step_s"][r["time"]["warmup_steps"]:])
-
-    assert f"{100 * (fastest(full) / fastest(none) - 1):+.1f}%" in quiz
+    assert f"row `{aggregate.run_label(run_full)}`" in quiz
+    o = full["time"]["overhead"]  # the run's own paired measurement, with its interval
+    assert o["baseline"] == "none" and o["rounds"] >= 6 and none["time"]["overhead"]["rounds"] == 0
+    lo, hi, r = o["ci95_low"] - 1, o["ci95_high"] - 1, o["ratio"] - 1
+    time_words = (f"within noise (+-{100 * max(-lo, hi):.1f}%)" if lo <= 0 <= hi
+                  else f"{100 * r:+.1f}% (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)")
+    assert f"; step time {time_words} (row `{aggregate.run_label(run_full)}`)" in quiz
     bpp = res[sorted(res)[0]]["memory"]["model_state_bytes"]
     assert bpp["measured"] == 16 * res[sorted(res)[0]]["model"]["params"]
     assert f"**{bpp['measured'] / res[sorted(res)[0]]['model']['params']:.1f} B/param**" in quiz  # 16.0, not 12
@@ -126,7 +128,7 @@ def test_failed_run_is_still_analysed(sweep, tmp_path):
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "an" / "summary.csv").open())}
     failed = rows[str(victim.parent.relative_to(copy))]
     assert failed["status"] == "oom" and failed["error"].startswith("CUDA out of memory")
-    assert failed["time_overhead"] == failed["time_overhead_min"] == failed["baseline"] == failed["step_s_min"] == ""
+    assert failed["time_overhead"] == failed["time_overhead_ci_low"] == failed["baseline"] == failed["step_s_min"] == ""
     assert rows["broken"]["status"] == "unreadable"
     md = (tmp_path / "an" / "summary.md").read_text()
     assert "**oom** — CUDA out of memory" in md
@@ -171,6 +173,53 @@ def test_baseline_matching_and_frontier():
     pts = [(0.0, 0.0), (0.3, 0.5), (0.2, 0.6), (0.4, 0.9)]
     assert derive.pareto_frontier(pts) == [0, 2, 3]
     assert aggregate.strategy_label({"name": "selective", "modules": ["attn", "mlp"]}) == "selective[attn+mlp]"
+
+
+def _result(strategy: str, overhead: dict | None, contended: str | None = None) -> dict:
+    cfg = {"model": {"name": "tiny", "attention": "eager"}, "precision": {"name": "fp32"}, "data": {"seq_len": 64},
+           "strategy": {"name": strategy}, "trainer": {"steps": 4}}
+    return {"schema_version": 1, "status": "ok", "config": cfg, "model": {"seq_len": 64, "batch_size": 8},
+            "memory": {"activation_bytes": {"measured": 1000 if strategy == "none" else 400}},
+            "flops": {"per_step": {"forward": 10, "backward": 20, "recompute": 3}, "recompute_overhead": 0.1},
+            "time": {"step_s": [0.1] * 4, "warmup_steps": 1, "step_s_median": 0.1, "overhead": overhead,
+                     "contended": contended is not None, "contended_reason": contended}}
+
+
+def test_time_overheads_are_paired_intervals_and_noise_is_called_noise(tmp_path):
+    """Time columns come from each run's paired time.overhead; an interval containing 0 reads 'within noise'; a
+    contended run's time is not used; nothing is derived from two runs' separate step times."""
+    def overhead(ratio, lo, hi, baseline="none"):
+        return {"baseline": baseline, "ratio": ratio, "ci95_low": lo, "ci95_high": hi, "rounds": 8,
+                "baseline_step_s": 0.01, "method": "m", "skipped": None}
+
+    runs = {"none": _result("none", {**overhead(1.0, 1.0, 1.0), "rounds": 0}),
+            "full": _result("full", overhead(1.25, 1.2, 1.31)),
+            "selective": _result("selective", overhead(1.02, 0.97, 1.08)),
+            "sqrt": _result("sqrt", overhead(1.4, 1.3, 1.5), contended="joblib launcher (n_jobs=2): ..."),
+            "layers": _result("layers", None)}
+    runs["full"]["time"]["step_s_median"] = 0.001  # a separate run's time would say -99%: must not be used
+    for name, res in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    rows = {r["_strategy_name"]: r for r in aggregate.load_rows(tmp_path)}
+    assert rows["full"]["time_overhead"] == pytest.approx(0.25) and rows["full"]["time_overhead_ci_low"] == \
+        pytest.approx(0.2)
+    assert aggregate.fmt_overhead(rows["full"]) == "+25.0% (95% CI +20.0% to +31.0%)"
+    assert aggregate.fmt_overhead(rows["selective"]) == "within noise (+-8.0%)"
+    assert aggregate.fmt_overhead(rows["none"]) == "+0.0% (by definition)"
+    assert rows["sqrt"]["time_overhead"] is None and "time not used: joblib" in rows["sqrt"]["note"]
+    assert rows["layers"]["time_overhead"] is None and aggregate.fmt_overhead(rows["layers"]) == "n/a"
+    tr = {t["strategy"].split("[")[0]: t for t in derive.tradeoffs(list(rows.values()))}
+    assert derive.interval_contains_zero(tr["selective"]) and not derive.interval_contains_zero(tr["full"])
+    from recompute_lab.analysis import quiz
+    text = "\n".join(quiz.q2_tradeoff(list(rows.values())))
+    assert "step time within noise (+-8.0%)" in text and "step time +25.0% (95% CI +20.0% to +31.0%)" in text
+    assert "not used (contended: joblib" in text and "no paired measurement in this run" in text
+    aggregate.write_markdown(list(rows.values()), tmp_path / "summary.md")
+    md = (tmp_path / "summary.md").read_text()
+    assert "within noise (+-8.0%)" in md and "n/a (contended)" in md and "-99" not in md
+    from recompute_lab.analysis.figures import fig_pareto
+    assert fig_pareto(list(rows.values()), tmp_path)[0].stat().st_size > 0
 
 
 @pytest.mark.slow

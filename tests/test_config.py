@@ -22,11 +22,16 @@ def options(group: str) -> list[str]:
 def test_every_option_composes_and_validates(group, option):
     prefix = "+" if group == "strategy" else ""
     cfg = compose_config([f"{prefix}{group}={option}"])
+    if (group, option) == ("model", "hf"):  # fields filled from the Hugging Face config (the optional extra)
+        pytest.importorskip("transformers")
+        from recompute_lab.hf import resolve_model
+
+        resolve_model(cfg)
     validate(cfg)
     if group == "strategy":
         assert cfg.strategy.name == option
     if group == "model":
-        assert cfg.model.name == option
+        assert cfg.model.name == option or cfg.model.name.startswith(f"{option}:")
         assert cfg.data.seq_len == cfg.model.max_seq_len  # default context = the model's position table
 
 

@@ -27,6 +27,14 @@ def test_gpu_check_reduced(tmp_path):
     assert all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 for r in rows)
     overhead = {r["strategy"]: float(r["recompute_overhead"]) for r in rows}
     assert overhead["none"] == 0 < overhead["selective"] < overhead["full"]
+    # the paired time overheads of full / selective / op against none, each with its interval
+    time = {r["strategy"]: r for r in rows}
+    assert time["none"]["time_overhead"] == "1.0" and time["none"]["time_words"] == "+0.0% (by definition)"
+    for name in ("full", "selective", "op"):
+        r = time[name]
+        assert int(r["time_rounds"]) == 6 and float(r["time_ci95_low"]) <= float(r["time_overhead"]) \
+            <= float(r["time_ci95_high"])
+    assert "paired time overhead vs none" in proc.stdout
 
 
 @pytest.mark.slow
@@ -37,6 +45,9 @@ def test_bench_strategies_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = {r["strategy"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"none", "full", "selective"} and float(rows["none"]["time_overhead"]) == 1.0
+    assert rows["none"]["time_words"] == "+0.0% (by definition)"
+    assert all(float(r["time_ci95_low"]) <= float(r["time_overhead"]) <= float(r["time_ci95_high"])
+               for r in rows.values())
     assert float(rows["full"]["recompute_flop_overhead"]) > float(rows["selective"]["recompute_flop_overhead"]) > 0
     bad = run_script("bench_strategies.py", "--strategies", "nope")
     assert bad.returncode != 0 and "valid" in bad.stderr
@@ -45,7 +56,58 @@ def test_bench_strategies_tiny(tmp_path):
 @pytest.mark.slow
 def test_bench_overhead_tiny(tmp_path):
     out = tmp_path / "o.csv"
-    proc = run_script("bench_overhead.py", "--repeats", "1", "--steps", "5", "--csv", str(out))
+    proc = run_script("bench_overhead.py", "--pairing", "runs", "--rounds", "1", "--steps", "5", "--csv", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(out.open()))
-    assert [r["strategy"] for r in rows] == ["none", "full"] and all(float(r["ratio_median"]) > 0 for r in rows)
+    assert [r["strategy"] for r in rows] == ["none", "full"] and all(float(r["ratio"]) > 0 for r in rows)
+    assert all(r["ci95_low"] == "" and r["target"].startswith("undecided (no interval") for r in rows)
+    proc = run_script("bench_overhead.py", "--rounds", "6", "--strategies", "full", "--csv", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["pairing"] == "steps" and float(row["ci95_low"]) <= float(row["ratio"]) <= float(row["ci95_high"])
+    assert row["target"].split()[0] in ("met", "missed", "undecided")
+
+
+@pytest.mark.slow
+def test_bench_time_vs_flops_tiny(tmp_path):
+    out = tmp_path / "t.csv"
+    proc = run_script("bench_time_vs_flops.py", "--model", "tiny", "--seq-len", "32", "--max-rounds", "6",
+                      "--csv", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["strategy"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"full", "selective", "layers"}
+    for r in rows.values():
+        flop, ratio = float(r["flop_overhead"]), float(r["time_overhead"])
+        assert flop > 0 and float(r["time_per_flop"]) == pytest.approx((ratio - 1) / flop)
+        assert float(r["time_per_flop_low"]) <= float(r["time_per_flop"]) <= float(r["time_per_flop_high"])
+    bad = run_script("bench_time_vs_flops.py", "--strategies", "none")
+    assert bad.returncode != 0 and "cannot be compared" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_probe_tiny(tmp_path):
+    out = tmp_path / "p.csv"
+    proc = run_script("bench_probe.py", "--model", "tiny", "--rounds", "1", "--steps", "5", "--isolation",
+                      "inprocess", "--extra", "data.seq_len=32", "--csv", str(out))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = list(csv.DictReader(out.open()))
+    assert int(row["rounds"]) == 1 and float(row["ratio"]) > 0 and "no interval" in row["verdict"]
+    assert proc.stdout.count("probe=on ") == 2 and proc.stdout.count("probe=off") == 2
+    proc = run_script("bench_probe.py", "--model", "tiny", "--rounds", "6", "--steps", "2", "--extra",
+                      "data.seq_len=32", "--csv", str(out))  # step-level pairing between two worker processes
+    assert proc.returncode == 0, proc.stderr
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["isolation"] == "workers" and int(row["rounds"]) == 6
+    assert float(row["ci95_low"]) <= float(row["ratio"]) <= float(row["ci95_high"])
+
+
+def test_framework_target_is_judged_on_the_interval():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import bench_overhead
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    assert bench_overhead.verdict(0.98, 1.015).startswith("met")
+    assert bench_overhead.verdict(1.03, 1.2).startswith("missed")
+    assert bench_overhead.verdict(0.95, 1.05).startswith("undecided (interval")  # a median of 1.00 is not enough
+    assert bench_overhead.verdict(None, None).startswith("undecided (no interval")

@@ -1,10 +1,15 @@
 """Load every results.json under a sweep folder into one flat row per run, and pair runs with their baseline.
 
 A run's *baseline* is the `none` run (nothing recomputed) whose resolved config is identical except for the
-strategy (and settings that do not change a result: logger, progress bar, resume/checkpoint options). Against
-it a row gets its activation saving (1 - saved bytes / baseline's saved bytes) and its time overhead (median
-step time / baseline's - 1). Failed runs (status oom, diverged, interrupted, error) and unreadable files keep a
-row with their status; their numbers are None, printed as n/a.
+strategy (and settings that do not change a result: logger, progress bar, resume/checkpoint options, the
+overhead measurement's settings). Against it a row gets its activation saving (1 - saved bytes / baseline's
+saved bytes). Its time overhead is NOT taken from two runs' step times (two separate runs of one config differed
+by -92% to +461% on a shared CPU): it is the run's own paired measurement, results.json ``time.overhead``
+(recompute_lab.overhead: ratio of the median of interleaved rounds against the baseline strategy, with a 95%
+interval), read into time_overhead and time_overhead_ci_low/high (ratio - 1). Runs whose times were contended (a
+parallel launcher's jobs side by side) keep their overhead out of these columns and say so in ``note``. Failed
+runs (status oom, diverged, interrupted, error) and unreadable files keep a row with their status; their numbers
+are None, printed as n/a.
 
 Only results.json is read (the contract of recompute_lab.tracking, schema_version 1). Keys written by the memory
 probe (memory.activation_bytes.*, memory.peak_bytes.*) may be absent in older runs: their columns are then None,
@@ -22,6 +27,7 @@ from typing import Any, Optional
 from recompute_lab.recompute import label_of
 from recompute_lab.runrecord import is_locked
 from recompute_lab.theory import korthikanti_layer_bytes, naive_layer_bytes
+from recompute_lab.timing import describe
 
 
 class AnalysisError(ValueError):
@@ -30,10 +36,10 @@ class AnalysisError(ValueError):
 
 # Config keys that do not change what a run measures: ignored when matching a run to its baseline.
 IGNORED_FOR_MATCH = ("strategy", "logger", "trainer.progress", "trainer.resume", "trainer.checkpoint_every",
-                     "trainer.memory_snapshot")
+                     "trainer.memory_snapshot", "trainer.overhead")
 # Columns that depend on wall-clock time: they differ between reruns of the same sweep.
 TIMING_COLUMNS = ("step_s_median", "step_s_p90", "step_s_min", "tokens_per_s", "time_overhead",
-                  "time_overhead_min", "mfu", "hfu")
+                  "time_overhead_ci_low", "time_overhead_ci_high", "time_rounds", "time_baseline_step_s", "mfu", "hfu")
 COLUMNS = (
     "run", "status", "model", "precision", "strategy", "attention", "seq_len", "batch_size", "n_layer",
     "d_model", "n_head", "vocab_size", "params",
@@ -42,7 +48,8 @@ COLUMNS = (
     "ms_params", "ms_grads", "ms_master", "ms_optimizer",
     "flops_forward", "flops_backward", "flops_recompute", "flop_overhead",
     "step_s_median", "step_s_p90", "step_s_min", "tokens_per_s", "mfu", "hfu", "final_loss",
-    "baseline", "act_saved_bytes", "act_saved_frac", "time_overhead", "time_overhead_min", "note", "error",
+    "baseline", "act_saved_bytes", "act_saved_frac", "time_baseline", "time_overhead", "time_overhead_ci_low",
+    "time_overhead_ci_high", "time_rounds", "time_baseline_step_s", "time_contended", "note", "error",
 )
 OK = "ok"
 
@@ -180,6 +187,7 @@ def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
     row["_offload_noop"] = bool(plan.get("offload")) and plan.get("offload_effective") is False
     if row["_offload_noop"]:
         row["note"] = "offload moves nothing on this device: activation saving not counted"
+    paired_overhead(row, t)
     row["_key"] = match_key(cfg)
     # Runs that differ only in sequence length (figure 1's series) / only in precision (figure 2's bars).
     row["_series_key"] = match_key(cfg, ("data.seq_len", "model.max_seq_len"))
@@ -197,6 +205,39 @@ def _fastest_step(t: dict) -> Optional[float]:
     warm = t.get("warmup_steps") if isinstance(t.get("warmup_steps"), int) else 0
     timed = steps[warm:] or steps
     return min(timed) if timed else None
+
+
+def paired_overhead(row: dict, t: dict) -> None:
+    """The run's own paired time overhead (results.json time.overhead) as ratio - 1 with its interval; kept out
+    (None, with a note) when the run's times were contended or the measurement was skipped."""
+    o = t.get("overhead") or {}
+    row["time_baseline"] = o.get("baseline")
+    if t.get("contended"):
+        row["time_contended"] = t.get("contended_reason") or "contended"
+        row["note"] = _join(row.get("note"), f"time not used: {row['time_contended']}")
+        return
+    if o.get("skipped"):
+        row["note"] = _join(row.get("note"), f"no paired time overhead: {o['skipped']}")
+    if o.get("ratio") is None:
+        return
+    row.update(time_overhead=o["ratio"] - 1.0, time_rounds=o.get("rounds"),
+               time_baseline_step_s=o.get("baseline_step_s"),
+               time_overhead_ci_low=None if o.get("ci95_low") is None else o["ci95_low"] - 1.0,
+               time_overhead_ci_high=None if o.get("ci95_high") is None else o["ci95_high"] - 1.0)
+
+
+def _join(a: Optional[str], b: str) -> str:
+    return b if not a else f"{a}; {b}"
+
+
+def fmt_overhead(r: dict) -> str:
+    """A row's paired time overhead in words (recompute_lab.timing.describe): an interval that contains 0 is
+    'within noise (+-x%)', never a finding."""
+    o = r.get("time_overhead")
+    if o is None:
+        return "n/a"
+    lo, hi = r.get("time_overhead_ci_low"), r.get("time_overhead_ci_high")
+    return describe(1 + o, None if lo is None else 1 + lo, None if hi is None else 1 + hi)
 
 
 def load_rows(folder: Path) -> list[dict]:
@@ -228,7 +269,8 @@ def _sort_key(r: dict) -> tuple:
 
 
 def pair_with_baselines(rows: list[dict]) -> None:
-    """Fill baseline, act_saved_bytes/frac and time_overhead from the matching successful `none` run."""
+    """Fill baseline and act_saved_bytes/frac from the matching successful `none` run (time overheads are the runs'
+    own paired measurements, read by row_of)."""
     baselines: dict[str, dict] = {}
     for r in rows:  # rows are sorted: the first matching `none` run wins
         if r.get("_strategy_name") == "none" and r["status"] == OK and r["_key"] not in baselines:
@@ -242,10 +284,6 @@ def pair_with_baselines(rows: list[dict]) -> None:
         if a is not None and a0 and not r.get("_offload_noop"):
             r["act_saved_bytes"] = a0 - a
             r["act_saved_frac"] = (a0 - a) / a0
-        for col, out in (("step_s_median", "time_overhead"), ("step_s_min", "time_overhead_min")):
-            s, s0 = r[col], b[col]
-            if s is not None and s0:
-                r[out] = s / s0 - 1.0
 
 
 def missing_keys(rows: list[dict], columns: tuple[str, ...]) -> dict[str, list[str]]:
@@ -292,20 +330,42 @@ def fmt_pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
+def run_label(run: str) -> str:
+    """A short name for a run folder: its Hydra job number, after its sweep folder's name without the number
+    ("2_fig3_pareto/1_+strategy=full" -> "fig3_pareto/1"); names are cut to 28 characters. summary.csv's `run`
+    keeps the full folder name."""
+    parts = str(run).replace("\\", "/").split("/")
+    out = []
+    for i, part in enumerate(parts):
+        head, _, tail = part.partition("_")
+        if head.isdigit() and tail:
+            part = head if i == len(parts) - 1 else tail
+        out.append(part if len(part) <= 28 else part[:27] + "…")
+    return "/".join(out)
+
+
 def write_markdown(rows: list[dict], path: Path) -> None:
     """summary.md: the table a person reads (bytes in binary units, ratios in %)."""
-    head = ["run", "status", "model", "precision", "strategy", "attn", "seq", "act saved (meas.)",
-            "act (pred.)", "peak (meas.)", "B/param", "FLOP overhead", "act saving", "time overhead (fastest step)",
-            "tokens/s", "final loss"]
+    head = ["job", "status", "model", "precision", "strategy", "attn", "seq", "act saved (meas.)",
+            "act (pred.)", "peak (meas.)", "B/param", "FLOP overhead", "act saving",
+            "time overhead (paired, 95% CI)", "tokens/s", "final loss"]
     lines = ["# Sweep summary", "", f"{len(rows)} runs, {len(ok_rows(rows))} ok. Bytes in binary units; savings "
-             "and overheads relative to the `none` run with the same config (column `baseline` in summary.csv).",
+             "and FLOP overheads relative to the `none` run with the same config (column `baseline` in summary.csv). "
+             "Time overhead: each run's own paired, interleaved measurement against its baseline strategy "
+             "(column `time_baseline`; results.json time.overhead), with its 95% interval; an interval that "
+             "contains 0 reads \"within noise\". Tokens/s are single-run figures, not comparisons. Column job: the "
+             "run folder's Hydra job number(s) (summary.csv column `run` has the full folder name).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["run"], r["status"], r["model"], r["precision"], r["strategy"], r["attention"], r["seq_len"],
+        cells = [run_label(r["run"]), r["status"], r["model"], r["precision"], r["strategy"], r["attention"],
+                 r["seq_len"],
                  fmt_bytes(r["act_bytes_measured"]), fmt_bytes(r["act_bytes_predicted"]),
                  fmt_bytes(r["peak_bytes_measured"]),
                  "n/a" if r["bytes_per_param_measured"] is None else f"{r['bytes_per_param_measured']:.1f}",
-                 fmt_pct(r["flop_overhead"]), fmt_pct(r["act_saved_frac"]), fmt_pct(r["time_overhead_min"]),
+                 fmt_pct(r["flop_overhead"]), fmt_pct(r["act_saved_frac"]),
+                 fmt_overhead(r) + ("" if not r.get("time_baseline") or r["time_baseline"] == "none"
+                                    else f" vs {r['time_baseline']}") + (" (contended)" if r.get("time_contended")
+                                                                          else ""),
                  "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
                  "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"]
         lines.append("| " + " | ".join("n/a" if c is None else str(c).replace("|", "/") for c in cells) + " |")

@@ -84,17 +84,29 @@ def richest_group(rows: list[dict], want: Optional[set] = None) -> Optional[tupl
     return max(counts, key=lambda k: (len(counts[k]), k[3] or 0, str(k)))
 
 
+TIME_KEYS = ("time_overhead", "time_overhead_ci_low", "time_overhead_ci_high", "time_rounds")
+
+
+def interval_contains_zero(p: dict) -> bool:
+    """Whether a paired time overhead's 95% interval contains 0 (no slowdown shown); False without an interval."""
+    lo, hi = p.get("time_overhead_ci_low"), p.get("time_overhead_ci_high")
+    return lo is not None and hi is not None and lo <= 0.0 <= hi and not lo == hi == 0.0
+
+
 def tradeoffs(rows: list[dict], group: Optional[tuple] = None) -> list[dict]:
-    """Per strategy in ``group`` (default: the richest): activation saving, FLOP and time overhead vs none."""
+    """Per strategy in ``group`` (default: the richest): activation saving, FLOP overhead and the run's paired time
+    overhead against `none` with its 95% interval (time_overhead_ci_low/high)."""
     group = group or richest_group(rows)
     out, seen = [], set()
     for r in ok_rows(rows):  # a strategy run twice with the same config (two sweeps) counts once: the first
         if group_key(r) == group and r["baseline"] is not None and r["strategy"] not in seen | {"none"}:
             seen.add(r["strategy"])
+            vs_none = r.get("time_baseline") == "none"  # a paired overhead against another baseline is not vs none
             out.append({"strategy": r["strategy"], "run": r["run"], "act_saved_frac": r["act_saved_frac"],
                         "act_saved_bytes": r["act_saved_bytes"], "flop_overhead": r["flop_overhead"],
-                        "time_overhead": r["time_overhead"], "time_overhead_min": r["time_overhead_min"],
-                        "act_bytes": r["act_bytes_measured"],
+                        **{k: r.get(k) if vs_none else None for k in TIME_KEYS},
+                        "time_contended": r.get("time_contended"), "time_baseline": r.get("time_baseline"),
+                        "act_bytes": r["act_bytes_measured"], "offload_noop": bool(r.get("_offload_noop")),
                         "peak_bytes": r["peak_bytes_measured"], "note": r.get("note")})
     return sorted(out, key=lambda t: t["strategy"])
 
@@ -121,13 +133,16 @@ def components(rows: list[dict]) -> list[dict]:
             continue
         seen.add(r["strategy"])
         flops = r["flops_recompute"]
-        # extra seconds per step, from the fastest steps (see aggregate._fastest_step): s - s0 = s * o / (1 + o)
-        o = r["time_overhead_min"]
-        extra_s = None if o is None else o * r["step_s_min"] / (1 + o)
+        # extra seconds per step from the run's paired measurement: baseline step x overhead, with its interval
+        base_s = r.get("time_baseline_step_s") if r.get("time_baseline") == "none" else None
+        extra = {k: None if base_s is None or r.get(c) is None else base_s * r[c]
+                 for k, c in (("extra_step_s", "time_overhead"), ("extra_step_s_ci_low", "time_overhead_ci_low"),
+                              ("extra_step_s_ci_high", "time_overhead_ci_high"))}
         out.append({"strategy": r["strategy"], "component": COMPONENTS[r["strategy"]], "run": r["run"],
                     "freed_bytes": r["act_saved_bytes"], "recompute_flops": flops,
                     "bytes_per_flop": (r["act_saved_bytes"] / flops) if flops else None,
-                    "extra_step_s": extra_s, "flop_overhead": r["flop_overhead"]})
+                    **extra, **{k: r.get(k) if base_s is not None else None for k in TIME_KEYS},
+                    "flop_overhead": r["flop_overhead"]})
     # Ranking: freed bytes per recomputed FLOP, highest first. Components whose recompute has no counted FLOPs
     # (pointwise ops only: norms) have no ratio; they follow, by bytes freed, since they cost time, not matmuls.
     return sorted(out, key=lambda c: (c["bytes_per_flop"] is None, -(c["bytes_per_flop"] or c["freed_bytes"]),
@@ -204,3 +219,36 @@ def memory_budget(rows: list[dict]) -> dict:
         out.update(full=need["full"], next_strategy=lowest_other, next_need=others[lowest_other],
                    only_full_fits=need["full"] < others[lowest_other])
     return out
+
+
+def context_gap(rows: list[dict]) -> str:
+    """Why figure 1 / quiz Q1 has no curve: the true reason and the runs that would give one."""
+    none = [r for r in ok_rows(rows) if r["strategy"] == "none"]
+    hint = "to fill it: +strategy=none data.seq_len=64,128,256 (model.max_seq_len >= the largest)"
+    if not none:
+        return f"no successful `none` runs in this sweep\n{hint}"
+    lens = sorted({r["seq_len"] for r in none if r["seq_len"] is not None})
+    if len(lens) < 2:
+        return (f"{len(none)} `none` run(s), all at one sequence length (s = {', '.join(map(str, lens)) or '?'}):"
+                f"\na curve needs two or more\n{hint}")
+    return (f"{len(none)} `none` runs at s = {', '.join(map(str, lens))}, but no config has two of them "
+            f"(they differ in other settings)\n{hint}")
+
+
+def strategy_series(rows: list[dict]) -> dict[tuple, list[tuple[int, int]]]:
+    """Figure 7: measured saved activations (s, bytes) per (model, precision, attention, batch, strategy, rest of
+    the config), for the series with two or more sequence lengths; the richest (model, precision, batch) only."""
+    series: dict[tuple, dict[int, int]] = defaultdict(dict)
+    for r in ok_rows(rows):
+        if r["seq_len"] is None or r["act_bytes_measured"] is None or r.get("_offload_noop"):
+            continue
+        key = (r["model"], r["precision"], r["attention"], r["batch_size"], r["strategy"], r["_series_key"])
+        series[key].setdefault(r["seq_len"], r["act_bytes_measured"])
+    series = {k: sorted(v.items()) for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return {}
+    count: dict[tuple, int] = defaultdict(int)
+    for k in series:
+        count[(k[0], k[1], k[3])] += 1
+    best = max(count, key=lambda g: (count[g], str(g)))
+    return {k: v for k, v in sorted(series.items(), key=lambda kv: str(kv[0])) if (k[0], k[1], k[3]) == best}

@@ -16,7 +16,7 @@ from typing import Optional
 
 from recompute_lab import theory
 from recompute_lab.analysis import derive
-from recompute_lab.analysis.aggregate import fmt_bytes, group_key, ok_rows
+from recompute_lab.analysis.aggregate import fmt_bytes, fmt_overhead, group_key, ok_rows, run_label
 from recompute_lab.analysis.figures import FIGURES
 from recompute_lab.config import ModelConfig
 
@@ -34,8 +34,10 @@ def q1_sequence_length(rows: list[dict]) -> list[str]:
     series = derive.context_series(rows)
     measured = {k: v for k, v in series.items() if sum(p["measured"] is not None for p in v) >= 2}
     if not measured:
-        out.append("**Not answerable from this sweep:** it needs `none` runs at two or more sequence lengths with "
-                   "saved-activation bytes measured (memory.activation_bytes.measured). Add e.g. "
+        reason = derive.context_gap(rows).split("\n")[0] if not series else \
+            "the `none` runs have no saved-activation bytes measured (memory.activation_bytes.measured)"
+        out.append(f"**Not answerable from this sweep** ({reason}): it needs `none` runs at two or more sequence "
+                   "lengths with saved-activation bytes measured (memory.activation_bytes.measured). Add e.g. "
                    "`+strategy=none data.seq_len=64,128,256 model.max_seq_len=256 model.attention=sdpa,eager`.")
         return out + [""]
     out.append("Every token leaves, in every layer, the tensors backward needs (norm outputs, q/k/v, the attention "
@@ -47,7 +49,7 @@ def q1_sequence_length(rows: list[dict]) -> list[str]:
     saw_eager_fit = False
     for (model, precision, attention, batch, _), pts in measured.items():
         f = derive.fit_context(pts)
-        runs = ", ".join(f"`{p['run']}`" for p in pts if p["measured"] is not None)
+        runs = ", ".join(f"`{run_label(p['run'])}`" for p in pts if p["measured"] is not None)
         line = (f"- {model}, {precision}, attention={attention}, b={batch}: linear slope "
                 f"**{f['slope_per_token']:.1f} B per token** ({f['slope_per_token_layer']:.1f} B per token per "
                 f"layer) over s = {', '.join(str(p['seq_len']) for p in pts if p['measured'] is not None)}")
@@ -74,23 +76,35 @@ def q2_tradeoff(rows: list[dict]) -> list[str]:
     g = derive.richest_group(rows)
     out.append(f"It frees saved activations and pays with recomputed forward work. Against `none` at {g[0]}, "
                f"{g[1]}, attention={g[2]}, s={g[3]}, b={g[4]} ({fig(3)}; summary.csv columns act_saved_frac, "
-               "flop_overhead, time_overhead_min):")
+               "flop_overhead, time_overhead with time_overhead_ci_low/high):")
     out.append("")
     for t in tr:
-        if t.get("note"):
-            out.append(f"- `{t['strategy']}`: {t['note']}; {pct(t['flop_overhead'])} more FLOPs (row `{t['run']}`).")
+        if t["offload_noop"]:
+            out.append(f"- `{t['strategy']}`: {t['note'].split('; ')[0]}; {pct(t['flop_overhead'])} more FLOPs "
+                       f"(row `{run_label(t['run'])}`).")
             continue
         act = ("activation saving n/a (memory.activation_bytes missing)" if t["act_saved_frac"] is None else
                f"**{pct(t['act_saved_frac'])} less activation memory** ({fmt_bytes(t['act_saved_bytes'])})")
-        time = "n/a" if t["time_overhead_min"] is None else f"{100 * t['time_overhead_min']:+.1f}%"
-        if t["time_overhead_min"] is not None and t["time_overhead_min"] < 0:
-            time += " (faster than `none`: timing noise of a shared machine)"
-        out.append(f"- `{t['strategy']}`: {act} for **{pct(t['flop_overhead'])} more FLOPs** and {time} step time "
-                   f"(row `{t['run']}`).")
-    out += ["", "Step time is each run's fastest timed step against the `none` run's (the median, in column "
-            "time_overhead, absorbs other processes' bursts on a shared CPU); it varies between reruns, FLOPs and "
-            "bytes do not. Recomputed pointwise ops (norms, activations) cost time but no counted FLOPs.", ""]
+        out.append(f"- `{t['strategy']}`: {act} for **{pct(t['flop_overhead'])} more FLOPs**; step time "
+                   f"{_time(t)} (row `{run_label(t['run'])}`).")
+    out += ["", "Step time is each run's own paired measurement (results.json time.overhead): after training, its "
+            "step and `none`'s step alternate in ABBA rounds on the same batches in the same process; the ratio is "
+            "the median over rounds with a distribution-free 95% interval. An interval that contains 0 is written "
+            "\"within noise (+-x%)\": no slowdown or speed-up is shown at that precision. FLOPs and bytes are exact "
+            "and do not vary between reruns. Recomputed pointwise ops (norms, activations) cost time but no counted "
+            "FLOPs.", ""]
     return out
+
+
+def _time(t: dict) -> str:
+    """A trade-off's time overhead in words, or why it has none."""
+    if t.get("time_contended"):
+        return f"not used (contended: {t['time_contended']})"
+    if t["time_overhead"] is None:
+        why = (f"measured against `{t['time_baseline']}`, not `none`" if t.get("time_baseline") not in (None, "none")
+               else "no paired measurement in this run (trainer.overhead)")
+        return f"n/a ({why})"
+    return fmt_overhead(t)
 
 
 def q3_full(rows: list[dict]) -> list[str]:
@@ -138,9 +152,10 @@ def q4_component(rows: list[dict]) -> list[str]:
     for i, c in enumerate(comps, 1):
         per = ("no counted FLOPs recomputed" if c["bytes_per_flop"] is None
                else f"**{c['bytes_per_flop']:.4g} B/FLOP**")
+        time = "" if c["time_overhead"] is None else f"; step time {fmt_overhead(c)}"
         out.append(f"{i}. {c['component']} (`{c['strategy']}`): frees {fmt_bytes(c['freed_bytes'])} for "
-                   f"{c['recompute_flops'] or 0:,} recomputed FLOPs ({pct(c['flop_overhead'])} more); {per} "
-                   f"(row `{c['run']}`).")
+                   f"{c['recompute_flops'] or 0:,} recomputed FLOPs ({pct(c['flop_overhead'])} more); {per}{time} "
+                   f"(row `{run_label(c['run'])}`).")
     top = next((c for c in comps if c["bytes_per_flop"] is not None), None)
     if top is not None:
         holds = top["strategy"] in ("selective[core_attn]", "selective[attn]")
@@ -161,14 +176,16 @@ def seed_errors(rows: list[dict]) -> list[str]:
     bpp = {e["precision"]: e for e in derive.bytes_per_param(rows)}
     if "fp32" in bpp:
         out.append(f"- **fp32 with Adam is 16 B per parameter, not 12.** Measured here: "
-                   f"**{bpp['fp32']['measured']:.1f} B/param** (row `{bpp['fp32']['run']}`, {fig(5)}). The notebook "
+                   f"**{bpp['fp32']['measured']:.1f} B/param** (row `{run_label(bpp['fp32']['run'])}`, {fig(5)}). "
+                   "The notebook "
                    "adds weights + momentum + variance and forgets the gradients (4 B).")
     else:
         out.append("- fp32 with Adam is 16 B per parameter, not 12 (the notebook forgets the gradients); add a "
                    "`precision=fp32` run to show it measured.")
     for name in ("bf16_master", "bf16_master+fp32_grad_accum"):
         if name in bpp:
-            out.append(f"- `{name}`: measured **{bpp[name]['measured']:.1f} B/param** (row `{bpp[name]['run']}`).")
+            out.append(f"- `{name}`: measured **{bpp[name]['measured']:.1f} B/param** "
+                       f"(row `{run_label(bpp[name]['run'])}`).")
     series = derive.context_series(rows)
     eager = [(k, derive.fit_context(v)) for k, v in series.items() if k[2] == "eager"]
     eager = [(k, f) for k, f in eager if "quad_s2" in f]
@@ -225,7 +242,8 @@ def write_quiz(rows: list[dict], path: Path, source: str) -> str:
     head = ["# Quick Quiz, answered from data", "",
             f"Sweep `{source}`: {len(rows)} runs, {n_ok} ok"
             + (f", {len(failed)} not ok ({', '.join(sorted({r['status'] for r in failed}))})" if failed else "")
-            + ". Tables: `summary.csv` / `summary.md`; figures beside this file.", ""]
+            + ". Tables: `summary.csv` / `summary.md` (rows named by their `job` label, summary.md's first column); "
+            "figures beside this file.", ""]
     text = "\n".join(head + q1_sequence_length(rows) + q2_tradeoff(rows) + q3_full(rows) + q4_component(rows)
                      + seed_errors(rows))
     Path(path).write_text(text)

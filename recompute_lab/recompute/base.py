@@ -25,7 +25,7 @@ from torch import nn
 from recompute_lab.config import ConfigError, StrategyConfig
 from recompute_lab.model import GPT, Block
 from recompute_lab.precision import make_precision
-from recompute_lab.recompute.wrap import offload_saved_tensors
+from recompute_lab.recompute.wrap import SUBREGIONS, offload_saved_tensors
 
 
 @dataclass(frozen=True)
@@ -240,6 +240,45 @@ def has_transformer_blocks(model: nn.Module) -> bool:
     return all(isinstance(b, Block) for b in model.blocks)
 
 
+# The canonical parts of a transformer block, as recompute_lab.model's Block names its own submodules.
+BLOCK_PARTS = {p: (p,) for p in ("attn", "mlp", *SUBREGIONS)}
+
+
+def is_hf(model: nn.Module) -> bool:
+    """A Hugging Face model behind the model interface (recompute_lab.hf.adapter.HFCausalLM)."""
+    return getattr(model, "family", None) is not None and hasattr(model, "hf")
+
+
+def parts_of(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Which submodules of a block (names relative to it) play each canonical part (attn, attn.core, mlp,
+    norm1, ...): a Hugging Face model's family map, the identity for recompute_lab's transformer blocks, none for
+    toy blocks."""
+    if is_hf(model):
+        return model.parts
+    return BLOCK_PARTS if has_transformer_blocks(model) else {}
+
+
+def part_modules(model: nn.Module, part: str, strategy: str) -> tuple[str, ...]:
+    """The relative module names playing ``part`` in each block, or a ConfigError saying what this model has."""
+    parts = parts_of(model)
+    if part in parts:
+        return parts[part]
+    if is_hf(model):
+        fam = model.family
+        have = ", ".join(p for p in BLOCK_PARTS if p in parts)
+        if not parts:
+            raise ConfigError(
+                f"strategy {strategy!r} acts on named submodules of a decoder layer (attention, MLP, norms), and "
+                f"Hugging Face model_type {fam.name!r} has no submodule map (known families: gpt2 = gpt2; llama = "
+                f"llama, mistral, qwen2; model.hf.family=llama|gpt2 applies one to a model of that structure). "
+                f"Valid strategies for it: {', '.join(n for n, s in STRATEGIES.items() if not s.needs_attention)}, "
+                "and regions at block level (strategy.save=[])")
+        raise ConfigError(f"strategy {strategy!r} needs part {part!r}, which Hugging Face family {fam.name!r} does "
+                          f"not have here (its parts: {have})")
+    raise ConfigError(f"strategy {strategy!r} needs transformer blocks (attention, MLP, norms); the "
+                      f"{model.cfg.arch} arch has none")
+
+
 def block_names(model: GPT) -> list[str]:
     return [f"blocks.{i}" for i in range(len(model.blocks))]
 
@@ -255,7 +294,7 @@ def apply_strategy(model: GPT, cfg: Any, shape: Optional[RunShape] = None, reuse
     """
     opts = parse_options(cfg)
     spec = lookup(opts.name)
-    if spec.needs_attention and not has_transformer_blocks(model):
+    if spec.needs_attention and not parts_of(model) and not is_hf(model):  # HF families: the strategy says
         valid = ", ".join(n for n, s in STRATEGIES.items() if not s.needs_attention)
         raise ConfigError(f"strategy {spec.name!r} needs transformer blocks (attention, MLP, norms); the "
                           f"{model.cfg.arch} arch has none. Valid strategies for it: {valid}")

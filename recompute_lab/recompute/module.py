@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from recompute_lab.config import ConfigError, StrategyConfig, StrEnum
 from recompute_lab.model import GPT
-from recompute_lab.recompute.base import Plan, RunShape, block_names, check_names, check_range, register
+from recompute_lab.recompute.base import (Plan, RunShape, block_names, check_names, check_range, part_modules,
+                                          register)
 from recompute_lab.recompute.wrap import checkpoint_groups, checkpoint_module, chunks
 
 
@@ -28,7 +29,8 @@ def apply_full(model: GPT, opts: StrategyConfig, shape: RunShape) -> Plan:
                 recomputed=block_names(model), saved=["block inputs"])
 
 
-# selective: Megatron's recompute_modules. Each option names the submodules (relative to a block) it checkpoints.
+# selective: Megatron's recompute_modules. Each option names the block parts it checkpoints (recompute_lab.model's
+# own submodule names; a Hugging Face family maps each part to its modules, recompute_lab.hf.families).
 SELECTIVE_MODULES: dict[str, tuple[str, ...]] = {
     "core_attn": ("attn.core",),       # QK^T, mask, softmax, dropout, xV (or the one SDPA call)
     "attn": ("attn",),                 # the whole attention sublayer: qkv, core, out projection, dropout
@@ -56,7 +58,7 @@ def apply_selective(model: GPT, opts: SelectiveConfig, shape: RunShape) -> Plan:
     if "attn" in chosen and "core_attn" in chosen:
         chosen.remove("core_attn")  # already inside the recomputed attention sublayer; nesting would rerun it twice
         notes.append("core_attn is part of attn: checkpointed once, as part of the attention sublayer")
-    rel = [r for m in chosen for r in SELECTIVE_MODULES[m]]
+    rel = [r for m in chosen for part in SELECTIVE_MODULES[m] for r in part_modules(model, part, "selective")]
     recomputed = []
     for i, block in enumerate(model.blocks):
         for r in rel:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 from recompute_lab.config import StrategyConfig
 from recompute_lab.model import GPT
-from recompute_lab.recompute.base import Plan, RunShape, check_names, register
-from recompute_lab.recompute.wrap import ALWAYS_RECOMPUTED, SUBREGIONS, RngStateHook, remat_block, remat_subregion
+from recompute_lab.recompute.base import Plan, RunShape, check_names, is_hf, part_modules, parts_of, register
+from recompute_lab.recompute.wrap import (ALWAYS_RECOMPUTED, SUBREGIONS, RngStateHook, region_name, remat_block,
+                                          remat_subregion)
 
 
 @dataclass
@@ -32,16 +33,22 @@ class RegionsConfig(StrategyConfig):
 @register("regions", RegionsConfig, needs_attention=True)
 def apply_regions(model: GPT, opts: RegionsConfig, shape: RunShape) -> Plan:
     save = check_names("region in strategy.save", list(opts.save), list(SUBREGIONS))
-    recompute = [r for r in SUBREGIONS if r not in save]
+    for r in save:  # a Hugging Face family names its own modules for each part (one part may be several)
+        part_modules(model, r, "regions")
+    parts = parts_of(model)
+    present = [r for r in SUBREGIONS if r in parts]
+    recompute = [r for r in present if r not in save]
     hook = RngStateHook(model.tok_emb.weight.device)
     for i, block in enumerate(model.blocks):
-        for r in SUBREGIONS:
-            remat_subregion(block.get_submodule(r), r, save=r in save)
+        for r in present:
+            for rel in parts[r]:
+                remat_subregion(block.get_submodule(rel), region_name(r, parts[r], rel), save=r in save)
         remat_block(block, i, hook)
     n = len(model.blocks)
+    rerun = [rel for r in recompute for rel in parts[r]] + ([] if is_hf(model) else list(ALWAYS_RECOMPUTED))
     return Plan("regions", "each block is a torch_remat checkpoint region; the named sub-regions in `save` keep "
                            "their activations and are skipped on recompute, the rest reruns in backward",
-                recomputed=[f"blocks.{i}.{r}" for i in range(n) for r in (*recompute, *ALWAYS_RECOMPUTED)],
+                recomputed=[f"blocks.{i}.{rel}" for i in range(n) for rel in rerun],
                 saved=["block inputs", *(f"blocks.*.{r} (its autograd saves and its output)" for r in save)],
                 block_groups=[[i] for i in range(n)],
                 activation_reason="strategy 'regions': torch_remat regions save per their own policy",

@@ -105,19 +105,27 @@ class RngStateHook:
             torch.cuda.set_rng_state(cuda, self.device)
 
 
+def region_name(part: str, modules: tuple[str, ...], rel: str) -> str:
+    """A torch_remat region's name: the part (attn.qkv), or part[module] when several modules play it (Hugging Face
+    Llama's q/k/v projections: attn.qkv[q_proj], ...; region names must be unique within a block)."""
+    return part if len(modules) == 1 else f"{part}[{rel.rsplit('.', 1)[-1]}]"
+
+
 def remat_subregion(module: nn.Module, name: str, save: bool) -> None:
     """Name ``module``'s forward as a torch_remat region inside its block, saved or recomputed.
 
     A bare (non-region) op that reads a saved region's output during recompute would read a placeholder; our
     bare consumers (dropout after out/proj, the head merge after core, RoPE after qkv) need those outputs, so a
-    saved region persists its output at once with ``recompute_needs_tensor``.
+    saved region persists its output (each tensor of a tuple output) at once with ``recompute_needs_tensor``.
     """
     call = remat.region(module.forward, name, recompute=not save)
     if save:
         @functools.wraps(module.forward)
         def forward(*args: Any, **kwargs: Any) -> Any:
             out = call(*args, **kwargs)
-            remat.recompute_needs_tensor(out)
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, Tensor):
+                    remat.recompute_needs_tensor(t)
             return out
         module.forward = forward
     else:

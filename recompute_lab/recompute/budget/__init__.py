@@ -118,14 +118,19 @@ def solve(model: GPT, opts: BudgetConfig, shape: RunShape, probed: Probed) -> Pl
     none_bytes = outside.bytes + n * prices[0].bytes
     budget = resolve_budget(opts, none_bytes, model.get_num_params(), shape)
     sizes = [p.bytes for p in prices]
-    keep = undominated(sizes, costs)
-    frontier = pareto_plans(n, [sizes[o] for o in keep], [costs[o] for o in keep])
-    best = cheapest_within(frontier, budget["bytes"] - outside.bytes)
-    if best is None:
-        smallest = outside.bytes + frontier[0][0]
+    # Bytes some options keep once for all their blocks (Hugging Face layers' arguments held by checkpoint
+    # regions): solved twice, with every option plus those bytes, and with only the options that keep none.
+    shared = max(p.shared for p in prices)
+    solved = [_frontier(n, [o for o in range(len(options)) if not prices[o].shared or extra], sizes, costs,
+                        budget["bytes"] - outside.bytes - extra) + (extra,)
+              for extra in ([shared, 0] if shared else [0])]
+    fitting = [c for c in solved if c[2] is not None]
+    if not fitting:
+        smallest = min(outside.bytes + extra + frontier[0][0] for _, frontier, _, extra in solved)
         raise ConfigError(f"no plan fits an activation budget of {budget['bytes']} B ({budget['source']}); the "
                           f"smallest reachable is {smallest} B (full recomputation of every block; `none` saves "
                           f"{none_bytes} B)")
+    keep, frontier, best, extra = min(fitting, key=lambda c: (c[2][1], c[2][0] + c[3]))
     _, cost, counts = best
     # Most recomputation in the first blocks (their activations live longest, as Megatron's block method).
     order = sorted((keep[j] for j in range(len(keep)) for _ in range(counts[j])), key=lambda o: prices[o].bytes)
@@ -142,7 +147,7 @@ def solve(model: GPT, opts: BudgetConfig, shape: RunShape, probed: Probed) -> Pl
         "chosen": chosen, "objective": str(objective), "budget": budget,
         "predicted_recompute_flops": sum(prices[o].flops for o in order), "cost": list(cost),
         "predicted_pointwise_bytes": sum(prices[o].pointwise_bytes for o in order),
-        "none_activation_bytes": none_bytes, "outside_blocks_bytes": outside.bytes,
+        "none_activation_bytes": none_bytes, "outside_blocks_bytes": outside.bytes, "shared_bytes": extra,
         "option_prices": {options[o].name: dataclasses.asdict(prices[o]) for o in sorted(set(order))},
         "roofline": rates, "pareto_points": len(frontier), "undominated_options": [options[o].name for o in keep],
         "op_level_blocks": per_op_blocks,
@@ -152,9 +157,17 @@ def solve(model: GPT, opts: BudgetConfig, shape: RunShape, probed: Probed) -> Pl
                 recomputed=recomputed, saved=["per block, what its chosen option keeps (see chosen and option_prices)"],
                 activation_reason="strategy 'budget': a solver's per-op plan",
                 flops_reason=PER_OP_REASON if per_op_blocks else None,
-                predicted_activation_bytes=outside.bytes + best[0], details=details,
+                predicted_activation_bytes=outside.bytes + extra + best[0], details=details,
                 notes=[f"probe: {probed.batch}x{probed.seq} tokens, {_dtypes(probed)} one-block replicas on "
                        f"{device.type}; FLOPs and bytes per micro-batch"], warnings=list(probed.warnings))
+
+
+def _frontier(n: int, allowed: list[int], sizes: list[int], costs: list[tuple], capacity: int) -> tuple:
+    """(options kept, Pareto frontier of n-block plans over them, the cheapest plan within ``capacity`` or None);
+    the frontier's option counts index the kept options."""
+    keep = [allowed[j] for j in undominated([sizes[o] for o in allowed], [costs[o] for o in allowed])]
+    frontier = pareto_plans(n, [sizes[o] for o in keep], [costs[o] for o in keep])
+    return keep, frontier, cheapest_within(frontier, capacity)
 
 
 def _dtypes(probed: Probed) -> str:

@@ -11,8 +11,9 @@ backward is run:
 - pointwise bytes: bytes read + written in that backward by ops with no FLOP formula (norms, activations,
   softmax, dropout, adds; views excluded), option minus none. Pointwise recomputation is never free.
 A zero-block replica gives what lies outside the blocks (embeddings, dropout mask, final norm, logits): always
-saved, inside the budget. Blocks are identical, so a plan's bytes and cost are the zero-block figure plus a sum
-over blocks of the probed option figures.
+saved, inside the budget (Hugging Face models: a 1-block replica minus one block's increment, so tensors their
+forward makes once for all layers, RoPE's cos and sin, count once). Blocks are identical, so a plan's bytes and
+cost are the zero-block figure plus a sum over blocks of the probed option figures.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from recompute_lab.config import Arch, Attention
 from recompute_lab.measure import LiveStorages, storage_key
 from recompute_lab.model import GPT, build_model
 from recompute_lab.recompute.base import RunShape
-from recompute_lab.recompute.budget.options import Option, apply_option, block_options
+from recompute_lab.recompute.budget.options import Option, apply_option, block_options, module_names
 
 _aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -127,23 +128,32 @@ def _with_layers(mcfg: Any, n: int) -> Any:
     return dataclasses.replace(mcfg, n_layer=n)
 
 
-def replica(model: GPT, n_layer: int, device: torch.device, dtype: torch.dtype, opt: Optional[Option]) -> GPT:
-    """A fresh ``n_layer``-block copy of ``model``'s architecture with ``opt`` applied to its first block."""
+def replica(model: GPT, n_layer: int, device: torch.device, dtype: torch.dtype, opt: Optional[Option],
+            every: bool = False) -> GPT:
+    """A fresh ``n_layer``-block copy of ``model``'s architecture with ``opt`` applied to its first block (every
+    block with ``every``)."""
     rep = build_model(_with_layers(model.cfg, n_layer), device, dtype).train()
-    if torch.device(device).type == "meta" and model.cfg.attention == Attention.sdpa and model.cfg.arch == Arch.gpt:
-        for block in rep.blocks:  # before any checkpoint wraps it
-            block.attn.core.forward = functools.partial(_flash_core, block.attn.core)
-    if opt is not None and n_layer:
-        apply_option(rep, 0, opt)
+    if torch.device(device).type == "meta" and model.cfg.attention == Attention.sdpa:
+        if model.cfg.arch == Arch.gpt:
+            for block in rep.blocks:  # before any checkpoint wraps it
+                block.attn.core.forward = functools.partial(_flash_core, block.attn.core)
+        elif hasattr(rep, "use_flash_cores"):  # Hugging Face models (recompute_lab.hf.adapter)
+            rep.use_flash_cores()
+    if opt is not None:
+        for i in range(n_layer if every else min(n_layer, 1)):
+            apply_option(rep, i, opt)
     return rep
 
 
 @dataclasses.dataclass
 class Price:
-    """An option's figures for one block (outside: the zero-block model's), as the solver sees them."""
+    """An option's figures for one block (outside: the zero-block model's), as the solver sees them. ``shared``:
+    bytes that blocks run this way keep once for all of them (a Hugging Face layer's arguments, e.g. the int64
+    position ids or eager's float mask, held by every checkpoint region but stored once)."""
     bytes: int
     flops: int
     pointwise_bytes: int
+    shared: int = 0
 
 
 @dataclasses.dataclass
@@ -173,20 +183,34 @@ def probe(model: GPT, options: list[Option], batch: int, seq: int, dtype: torch.
              str(dtype).replace("torch.", ""), device.type)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG stays put
-            outside = measure_step(replica(model, 0, device, dtype, None), batch, seq, False, autocast)
-            measured = []
+            # Hugging Face models make some tensors once per forward and share them among layers (RoPE's cos and
+            # sin, masks, position ids): a block's own bytes are what a second block run the same way adds; the
+            # rest of the 1-layer replica lies outside the blocks (none) or is kept once by any number of blocks
+            # run this way (Price.shared).
+            hf = hasattr(model, "hf")
+            outside = None if hf else measure_step(replica(model, 0, device, dtype, None), batch, seq, False,
+                                                   autocast)
+            measured, twos = [], []
             bar = tqdm(options, desc="budget: pricing options", leave=False, disable=None)  # a bar on terminals
             for o in bar:  # one line per option, on the console too when there is no bar (logs, SLURM)
                 t = time.perf_counter()
                 measured.append(measure_step(replica(model, 1, device, dtype, o), batch, seq, True, autocast))
+                if hf:
+                    twos.append(measure_step(replica(model, 2, device, dtype, o, every=True), batch, seq, False,
+                                             autocast))
                 log.log(logging.DEBUG if not bar.disable else logging.INFO, "budget: option %d/%d %s priced in %.2f s",
                         len(measured), len(options), o.name, time.perf_counter() - t)
     finally:
         torch.set_num_threads(threads)
     log.info("budget: %d options priced in %.1f s", len(options), time.perf_counter() - t0)
     none = measured[0]  # options[0] is always "none"
-    prices = [Price(m.activation_bytes - outside.activation_bytes, m.backward_flops - none.backward_flops,
-                    max(m.pointwise_bytes - none.pointwise_bytes, 0)) for m in measured]
+    if hf:
+        outside = Measured(2 * none.activation_bytes - twos[0].activation_bytes, 0, 0)
+        own = [t.activation_bytes - m.activation_bytes for t, m in zip(twos, measured)]
+    else:
+        own = [m.activation_bytes - outside.activation_bytes for m in measured]
+    prices = [Price(b, m.backward_flops - none.backward_flops, max(m.pointwise_bytes - none.pointwise_bytes, 0),
+                    max(m.activation_bytes - outside.activation_bytes - b, 0)) for b, m in zip(own, measured)]
     return Price(outside.activation_bytes, 0, 0), prices
 
 
@@ -198,8 +222,11 @@ def kept_weight_copies(model: GPT, opt: Optional[Option], itemsize: int) -> int:
         return model.head.weight.numel() * itemsize
     if opt.kind == "block":
         return 0
-    linears = [(n, m) for n, m in model.blocks[0].named_modules() if isinstance(m, nn.Linear)]
-    recomputed = opt.modules if opt.kind == "modules" else ()
+    # Linear layers, and any module with a 2-D weight that is not an embedding (Hugging Face's Conv1D: addmm).
+    linears = [(n, m) for n, m in model.blocks[0].named_modules() if isinstance(m, nn.Linear) or (
+        isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2
+        and not isinstance(m, nn.Embedding))]
+    recomputed = module_names(model, opt.modules) if opt.kind == "modules" else ()
     return sum(m.weight.numel() * itemsize for n, m in linears
                if not any(n == r or n.startswith(r + ".") for r in recomputed))
 
