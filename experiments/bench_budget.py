@@ -1,7 +1,7 @@
 """Benchmark: the budget planner vs every fixed strategy that meets the same activation budget.
 
 To run:  python experiments/bench_budget.py [OUT_DIR] [--model small] [--seq-len 128] [--batch 4] [--repeats 5]
-         (OUT_DIR defaults to experiments/out/, git-ignored; a few minutes on 2 CPU cores)
+         (OUT_DIR defaults to experiments/out/, git-ignored; 29 min on 2 CPU cores shared with other work)
 
 For each attention backend (eager, sdpa) and each budget from 10% to 100% of `none`'s activation bytes:
 - the budget plan (objective flops) is solved from one probe and applied to a fresh model;

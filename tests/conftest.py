@@ -82,7 +82,10 @@ def load_results(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-FAST = ["logger=none", "trainer.progress=false"]
+# Tests' runs: no W&B, no progress bar; FAST also skips the paired time overhead (38 extra steps, ~40% of a tiny
+# run), which tests/test_overhead.py and the analysis tests keep with FAST_TIMED.
+FAST_TIMED = ["logger=none", "trainer.progress=false"]
+FAST = [*FAST_TIMED, "trainer.overhead.enabled=false"]
 
 
 def retained_bytes(forward, exclude=()) -> tuple[int, object]:

@@ -19,7 +19,7 @@ from recompute_lab.analysis.callback import AnalyzeOnMultirunEnd
 from recompute_lab.analysis.figures import FIGURES
 from recompute_lab.analyze import analyze
 
-from conftest import ROOT, FAST, run_cli
+from conftest import ROOT, FAST_TIMED, run_cli
 
 SEQ_LENS = (32, 64)
 
@@ -29,7 +29,7 @@ def sweep(tmp_path_factory) -> Path:
     """A real multirun through the CLI; the callback (on by default) analyses it into SWEEP/analysis."""
     tmp = tmp_path_factory.mktemp("sweep")
     proc = run_cli(["-m", "+strategy=none,full", f"data.seq_len={','.join(map(str, SEQ_LENS))}",
-                    "trainer.steps=3", "trainer.warmup_steps=1", *FAST, f"hydra.sweep.dir={tmp / 'sw'}"], cwd=tmp)
+                    "trainer.steps=3", "trainer.warmup_steps=1", *FAST_TIMED, f"hydra.sweep.dir={tmp / 'sw'}"], cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "sw"
 

@@ -13,9 +13,9 @@ from recompute_lab.config import ConfigError
 from recompute_lab.engine import build, run
 from recompute_lab.distributed import DistContext
 
-from conftest import FAST, compose_config
+from conftest import FAST_TIMED, compose_config
 
-TINY = ["trainer.steps=4", "trainer.warmup_steps=1", *FAST]
+TINY = ["trainer.steps=4", "trainer.warmup_steps=1", *FAST_TIMED]
 KEYS = {"baseline", "ratio", "ci95_low", "ci95_high", "rounds", "method"}
 
 
@@ -83,7 +83,7 @@ def test_arms_share_the_model_state_and_see_the_same_batches(tmp_path):
 
 
 def test_no_timed_step_gives_null_time_with_a_reason(tmp_path):
-    res = run(compose_config(["trainer.steps=3", "trainer.warmup_steps=3", *FAST]), tmp_path)
+    res = run(compose_config(["trainer.steps=3", "trainer.warmup_steps=3", *FAST_TIMED]), tmp_path)
     t = res["time"]
     assert res["status"] == "ok" and t["step_s_median"] is None and t["tokens_per_s"] is None
     assert "no step after trainer.warmup_steps=3 was timed" in t["reason"] and len(t["step_s"]) == 3
@@ -94,7 +94,7 @@ def test_thread_count_is_a_fixed_recorded_default(tmp_path):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        res = run(compose_config(["trainer.steps=2", "trainer.overhead.enabled=false", *FAST]), tmp_path)
+        res = run(compose_config(["trainer.steps=2", "trainer.overhead.enabled=false", *FAST_TIMED]), tmp_path)
         assert res["config"]["trainer"]["num_threads"] == 1 and res["env"]["num_threads"] == 1
     finally:
         torch.set_num_threads(before)
@@ -156,7 +156,7 @@ def test_full_vs_none_on_small_is_above_one_and_reruns_agree(tmp_path):
     """The real thing: `full` recomputes ~21% more FLOPs on `small` at s=256; its paired interval must lie
     strictly above 1, and two reruns must give overlapping intervals."""
     cfg = compose_config(["model=small", "data.seq_len=256", "data.batch_size=2", "+strategy=full", "trainer.steps=2",
-                          "trainer.warmup_steps=1", "trainer.probe=false", *FAST])
+                          "trainer.warmup_steps=1", "trainer.probe=false", *FAST_TIMED])
     runs = [run(cfg, tmp_path / name)["time"]["overhead"] for name in ("a", "b")]
     for o in runs:
         print(f"full vs none, small s=256 b=2: ratio {o['ratio']} [{o['ci95_low']}, {o['ci95_high']}], "
