@@ -42,7 +42,8 @@ def test_committed_figure_is_what_the_code_draws(regenerated):
     made_with = re.search(r"\(matplotlib ([^)]+)\)", (FIGS / "what_fits.md").read_text()).group(1)
     if made_with != matplotlib.__version__:
         pytest.skip(f"PNG bytes compared only under matplotlib {made_with}")
-    sha = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (regenerated[0] / "what_fits.png", FIGS / "what_fits.png")]
+    pngs = (regenerated[0] / "what_fits.png", FIGS / "what_fits.png")
+    sha = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pngs]
     assert sha[0] == sha[1], "experiments/figures/what_fits.png is stale: rerun python experiments/what_fits.py"
 
 
