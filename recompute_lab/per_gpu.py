@@ -132,3 +132,65 @@ def plan_stages(cfg, lay, device_bytes: int, batch: int, seq: int, precision: st
         chosen.append(None if row is None else row["strategy"])
         rows.append(row if row is not None else {**cand, "strategy": None})
     return {"stages": rows, "strategies": chosen, "fits": all(c is not None for c in chosen)}
+
+
+def measure_micro_batch(cfg, tp: int, sp: bool, strategy: str, b: int, s_local: int, param_bytes: int = 2,
+                        target: str = "cuda") -> dict:
+    """:func:`micro_batch`'s bytes measured: a two-block copy of ``cfg`` on the meta device with PyTorch's tp
+    plan over a fake process group (recompute_lab.tensor_parallel), one forward under the saved-tensor hook."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from recompute_lab import tensor_parallel as T
+
+    two = OmegaConf.create(OmegaConf.to_container(cfg))
+    two.n_layer, two.max_seq_len = 2, max(int(cfg.max_seq_len), s_local)
+    with T.fake_world(tp):
+        model, _ = T.build_parallel(two, tp, sp, {"name": strategy},
+                                    dtype=torch.bfloat16 if param_bytes == 2 else torch.float32)
+        got = T.measure_rank(model, b, s_local, target)
+    by = got["by_module"]
+    return {"layer": sum(v for k, v in by.items() if theory.covers("blocks.1", k)),
+            "first": sum(v for k, v in by.items() if k in ("tok_emb", "pos_emb", "drop")),
+            "last": sum(v for k, v in by.items() if k in ("norm_f", "head", "loss")), "total": got["total"]}
+
+
+def layout_estimate(cfg, lay, strategy: str, batch: int, seq: int, precision: str, target: str) -> dict:
+    """estimate's per-GPU section: one micro-batch measured on meta beside the per-rank theory, every pipeline
+    rank's bytes by kind, and (estimate.layout.device_gb set) the per-stage plan."""
+    L.validate_layout(lay, cfg, seq)
+    tp, cp = int(lay.tp), int(lay.cp)
+    sp = bool(lay.sp) and tp > 1
+    pbytes = 2 if precision == "bf16_master" else 4
+    if precision == "bf16_autocast":
+        raise ConfigError("estimate.layout: bf16_autocast has no meta backend; use precision=bf16_master or fp32")
+    measured = measure_micro_batch(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
+    predicted = micro_batch(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
+    out = {"layout": {k: (str(v) if k == "pp_schedule" else v) for k, v in lay.items()},
+           "gpus": L.n_gpus(lay), "micro_batch": {"measured": measured, "predicted": predicted},
+           "stages": stage_bytes(cfg, lay, strategy, batch, seq, precision, target),
+           "korthikanti_layer": L.korthikanti_tp_layer_bytes(seq // cp, batch, cfg.d_model, cfg.n_head, tp, sp,
+                                                             strategy)}
+    if lay.device_gb is not None:
+        out["plan"] = plan_stages(cfg, lay, int(lay.device_gb * 1e9), batch, seq, precision, target)
+    return out
+
+
+def format_layout(rep: dict) -> list[str]:
+    """estimate's table lines for the layout section (GB = 1e9 B)."""
+    lay, mb = rep["layout"], rep["micro_batch"]
+    lines = [f"per GPU under tp={lay['tp']} (sp={lay['sp']}) pp={lay['pp']} ({lay['pp_schedule']}, v={lay['pp_virtual']}, "
+             f"m={lay['microbatches'] or lay['pp']}) cp={lay['cp']} dp_shard={lay['dp_shard']} "
+             f"dp_replicate={lay['dp_replicate']}: {rep['gpus']} GPUs",
+             "  one micro-batch per rank, GB   measured (meta, PyTorch TP)   theory   Korthikanti/layer"]
+    for k in ("layer", "first", "last"):
+        kor = f"{rep['korthikanti_layer'] / 1e9:>12.3f}" if k == "layer" else ""
+        lines.append(f"    {k:<26}{mb['measured'][k] / 1e9:>14.3f}{mb['predicted'][k] / 1e9:>12.3f}{kor}")
+    lines.append("  rank  layers in-flight " + "".join(f"{k:>13}" for k in (*KINDS, "total")))
+    for r in rep["stages"]:
+        lines.append(f"  {r['rank']:>4}  {r['layers']:>6} {r['in_flight']:>9} "
+                     + "".join(f"{r[k] / 1e9:>13.2f}" for k in (*KINDS, "total")))
+    if "plan" in rep:
+        lines.append(f"  per-stage plan for {rep['layout']['device_gb']} GB: {rep['plan']['strategies']} "
+                     f"({'fits' if rep['plan']['fits'] else 'does not fit'})")
+    return lines

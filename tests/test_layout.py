@@ -162,3 +162,30 @@ def test_learned_positions_with_sp_refused():
     lay = OmegaConf.structured(LayoutConfig(tp=2, sp=True))
     with pytest.raises(ConfigError, match="positions=rope"):
         L.validate_layout(lay, cfg_of(KORTHIKANTI, positions="learned"), 32)
+
+
+def test_estimate_cli_per_gpu_section(tmp_path):
+    """python -m recompute_lab.estimate with estimate.layout.*: one micro-batch measured on meta equals the per-rank
+    theory, each pipeline rank's model state is the layout's, and a bad degree exits 2 naming the valid ones."""
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "e.json"
+    args = ["model=tiny", "model.positions=rope", "model.n_layer=4", "data.batch_size=2", "data.seq_len=32",
+            "precision=bf16_master", "+strategy=full", "estimate.layout.tp=2", "estimate.layout.pp=2",
+            "estimate.layout.dp_shard=2", "estimate.layout.device_gb=1", f"estimate.out={out}"]
+    proc = run_cli(args, cwd=tmp_path, module="recompute_lab.estimate")
+    assert proc.returncode == 0, proc.stderr
+    assert "per GPU under tp=2 (sp=True) pp=2" in proc.stdout
+    res = json.loads(out.read_text())["series"][0]["per_gpu"]
+    mb = res["micro_batch"]
+    assert {k: mb["measured"][k] for k in ("layer", "first", "last")} == \
+        {k: mb["predicted"][k] for k in ("layer", "first", "last")}
+    cfg = OmegaConf.create(json.loads(out.read_text())["config"]["model"])
+    lay = OmegaConf.structured(LayoutConfig(tp=2, pp=2, dp_shard=2))
+    assert [r["model_state"] for r in res["stages"]] == \
+        [L.model_state_per_rank(cfg, lay, "bf16_master", stage=r)["total"] for r in range(2)]
+    assert res["gpus"] == 8 and res["plan"]["fits"] and [r["in_flight"] for r in res["stages"]] == [2, 1]
+    bad = run_cli(args[:-5] + ["estimate.layout.tp=3"], cwd=tmp_path, module="recompute_lab.estimate")
+    assert bad.returncode == 2 and "valid tp: [1, 2, 4]" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
