@@ -179,10 +179,10 @@ def layout_estimate(cfg, lay, strategy: str, batch: int, seq: int, precision: st
 def format_layout(rep: dict) -> list[str]:
     """estimate's table lines for the layout section (GB = 1e9 B)."""
     lay, mb = rep["layout"], rep["micro_batch"]
-    lines = [f"per GPU under tp={lay['tp']} (sp={lay['sp']}) pp={lay['pp']} ({lay['pp_schedule']}, v={lay['pp_virtual']}, "
-             f"m={lay['microbatches'] or lay['pp']}) cp={lay['cp']} dp_shard={lay['dp_shard']} "
+    lines = [f"per GPU under tp={lay['tp']} (sp={lay['sp']}) pp={lay['pp']} ({lay['pp_schedule']}, "
+             f"v={lay['pp_virtual']}, m={lay['microbatches'] or lay['pp']}) cp={lay['cp']} dp_shard={lay['dp_shard']} "
              f"dp_replicate={lay['dp_replicate']}: {rep['gpus']} GPUs",
-             "  one micro-batch per rank, GB   measured (meta, PyTorch TP)   theory   Korthikanti/layer"]
+             "  one micro-batch per rank, GB   measured (meta, PyTorch TP)   theory   Korthikanti/layer (eager s^2)"]
     for k in ("layer", "first", "last"):
         kor = f"{rep['korthikanti_layer'] / 1e9:>12.3f}" if k == "layer" else ""
         lines.append(f"    {k:<26}{mb['measured'][k] / 1e9:>14.3f}{mb['predicted'][k] / 1e9:>12.3f}{kor}")
