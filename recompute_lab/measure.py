@@ -31,8 +31,13 @@ from recompute_lab.target_kernels import TargetKernels
 
 
 def _local(t: Tensor) -> Tensor:
-    """The tensor this process holds: a DTensor's local shard, any other tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+    """The tensor this process holds: a DTensor's local shard, the result inside a collective's pending wrapper
+    (funcol's AsyncCollectiveTensor, whose own storage is invalid), any other tensor itself."""
+    if hasattr(t, "to_local") and hasattr(t, "placements"):
+        t = t.to_local()
+    while isinstance(getattr(t, "elem", None), Tensor) and type(t) is not Tensor:
+        t = t.elem
+    return t
 
 
 def storage_key(t: Tensor) -> tuple:
