@@ -60,3 +60,14 @@ def test_planner_picks_the_cheapest_strategy_that_fits_per_stage():
     assert plan["strategies"][-1] == "none" and plan["strategies"][0] == "full" and plan["fits"]
     assert all(r["total"] <= budget for r in plan["stages"])
     assert not per_gpu.plan_stages(cfg, lay, min(r["total"] for r in full) - 1, 1, 32768)["fits"]
+
+
+def test_context_parallel_is_the_sequence_split_and_refuses_eager():
+    """cp ranks hold s / cp tokens of each per-token tensor (flash kernels: no s^2 term), model state unchanged."""
+    cfg = wf.model_cfg("llama3_70b", 8192)
+    cp4 = per_gpu.stage_bytes(cfg, OmegaConf.structured(LayoutConfig(tp=8, cp=4)), "none", 1, 8192)[0]
+    one = per_gpu.stage_bytes(cfg, OmegaConf.structured(LayoutConfig(tp=8)), "none", 1, 2048)[0]
+    assert cp4["activations"] == one["activations"] and cp4["model_state"] == one["model_state"]
+    cfg.attention = "eager"
+    with pytest.raises(Exception, match="attention=sdpa"):
+        per_gpu.stage_bytes(cfg, OmegaConf.structured(LayoutConfig(tp=8, cp=4)), "none", 1, 8192)
