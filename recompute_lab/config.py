@@ -232,6 +232,33 @@ class Target(StrEnum):
     cpu = "cpu"
 
 
+class PipeSchedule(StrEnum):
+    one_f_one_b = "1f1b"         # PipeDream-flush 1F1B (Narayanan et al. 2021): stage i keeps p - i micro-batches
+    interleaved = "interleaved"  # interleaved 1F1B with pp_virtual model chunks per rank (Narayanan et al. 2021)
+
+
+@dataclass
+class LayoutConfig:
+    """estimate.layout: a 4D parallel layout whose per-GPU memory estimate predicts (recompute_lab.layout).
+
+    Why a node of ``estimate`` and not of ``parallel``: the trainer runs only what ``parallel`` offers (ddp, fsdp
+    under torchrun); tensor, pipeline and context parallelism exist here as per-rank predictions on the meta
+    device, so they sit with the other options of the command that evaluates them. GPUs = tp x pp x cp x
+    dp_shard x dp_replicate; data.batch_size is the micro-batch per pipeline micro-step.
+    """
+
+    tp: int = 1                    # tensor-parallel degree: divides n_head, n_kv_head, d_ff and vocab_size
+    sp: bool = True                # sequence parallelism (norms/dropouts sharded over tp along the sequence)
+    pp: int = 1                    # pipeline stages; n_layer not divisible: the first stages get one more layer
+    pp_schedule: PipeSchedule = PipeSchedule.one_f_one_b
+    pp_virtual: int = 1            # interleaved: model chunks per rank (v); pp x pp_virtual divides n_layer
+    microbatches: Optional[int] = None  # micro-batches per step (m); None: pp (the fewest that fill the pipe)
+    cp: int = 1                    # context parallelism: the sequence split over cp ranks (divides seq_len)
+    dp_shard: int = 1              # FSDP (ZeRO-3) shard degree of the model state
+    dp_replicate: int = 1          # replicas of the sharded state (HSDP): more GPUs, same bytes per GPU
+    device_gb: Optional[float] = None  # device memory (GB = 1e9 B) for the per-stage plan; None: no plan
+
+
 @dataclass
 class EstimateConfig:
     """``python -m recompute_lab.estimate``'s own options (estimate.*), outside the training config."""
@@ -239,6 +266,7 @@ class EstimateConfig:
     target: Target = Target.cuda                        # whose kernels decide what is saved
     seq_lens: list[int] = field(default_factory=list)   # a series of sequence lengths; empty = data.seq_len
     out: str = "estimate.json"                          # where the JSON goes (relative to the run's output dir)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)  # per-GPU under tp/sp/pp/cp/fsdp (all 1: off)
 
 
 @dataclass

@@ -55,6 +55,7 @@ def grouped(by_module: dict) -> dict:
 def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     """Model state and, per sequence length, activation and peak bytes for ``cfg`` on ``est.target``."""
     # torch and the model only now: --help and --cfg job of this module import neither.
+    from recompute_lab import layout, per_gpu
     from recompute_lab import peak as peaks
     from recompute_lab import theory
     from recompute_lab.hf import notes as hf_notes
@@ -74,7 +75,14 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
         cfg.model.max_seq_len = max(seq_lens)
     cfg.data.seq_len = min(seq_lens)
     validate(cfg)
-    parse_options(cfg.strategy)
+    opts = parse_options(cfg.strategy)
+    lay = est.get("layout")
+    if layout.is_active(lay):
+        for s in seq_lens:
+            layout.validate_layout(lay, cfg.model, s, cfg.parallel)
+        if opts.name not in per_gpu.STRATEGIES or (opts.name == "selective" and list(opts.modules) != ["core_attn"]):
+            raise ConfigError(f"estimate.layout plans per GPU for strategies {', '.join(per_gpu.STRATEGIES)} "
+                              f"(selective: modules=[core_attn]), not {opts.name}")
     target = str(est.target)
     policy = make_precision(cfg.precision)
     model = build_model(cfg.model, "meta", policy.param_dtype)
@@ -111,6 +119,9 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
              f"activations {(measured if measured is not None else pred['total']) / GB:.2f} GB "
              f"{'meta-measured' if measured is not None else 'theory'}")
         layers = cfg.model.n_layer
+        if layout.is_active(lay):  # per GPU: one micro-batch measured with PyTorch's TP plan, every stage's bytes
+            series_layout = per_gpu.layout_estimate(cfg.model, lay, opts.name, b, s, policy.name, target)
+            laps(f"s={s} per GPU under the layout", f"{max(r['total'] for r in series_layout['stages']) / GB:.2f} GB")
         series.append({
             "seq_len": s, "batch_size": b,
             "activation_bytes": {"predicted": pred["total"], "measured": measured, "source": "meta",
@@ -122,6 +133,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
             "logits_bytes": pred.get("logits"),
             "peak_bytes": {"predicted": None if peak is None else peak["total"], "measured": None,
                            "source": "theory", "phases": None if peak is None else peak["phases"]},
+            **({"per_gpu": series_layout} if layout.is_active(lay) else {}),
         })
     first = series[0]
     return {"config": to_container(cfg), "target": target, "assumptions": assumptions(target), "notes": notes,
@@ -163,6 +175,11 @@ def format_table(res: dict) -> str:
     lines.append(row("  Korthikanti sbh(34+5as/h) x L", [x["activation_bytes"]["korthikanti"] for x in series]))
     lines.append(row("  naive 2*2*h per token x L", [x["activation_bytes"]["naive"] for x in series]))
     lines.append(row("peak (theory)", [x["peak_bytes"]["predicted"] for x in series]))
+    for x in series:
+        if "per_gpu" in x:
+            from recompute_lab.per_gpu import format_layout
+
+            lines += [f"s={x['seq_len']}:"] + format_layout(x["per_gpu"])
     lines += [f"assumption: {a}" for a in res["assumptions"]] + [f"note: {n}" for n in res["notes"]]
     return "\n".join(lines)
 

@@ -31,11 +31,17 @@ from recompute_lab.target_kernels import TargetKernels
 
 
 def _local(t: Tensor) -> Tensor:
-    """The tensor this process holds: a DTensor's local shard, any other tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+    """The tensor this process holds: a DTensor's local shard, the result inside a collective's pending wrapper
+    (funcol's AsyncCollectiveTensor, whose own storage is invalid), any other tensor itself."""
+    if hasattr(t, "to_local") and hasattr(t, "placements"):
+        t = t.to_local()
+    while isinstance(getattr(t, "elem", None), Tensor) and type(t) is not Tensor:
+        t = t.elem
+    return t
 
 
 def storage_key(t: Tensor) -> tuple:
+    t = _local(t)  # a DTensor's own storage is a wrapper: key its local shard (tensor parallelism, FSDP2)
     s = t.untyped_storage()
     # All meta tensors report data_ptr 0: tell their storages apart by the storage object itself.
     return (t.device.type, s._cdata if t.device.type == "meta" else s.data_ptr())
@@ -127,7 +133,7 @@ class LiveStorages(TorchDispatchMode):
                 k = storage_key(o)
                 if k not in ins:
                     self.op[k] = func.overloadpacket.__name__
-                    st = o.untyped_storage()
+                    st = _local(o).untyped_storage()
                     self.new[k] = (StorageWeakRef(st), st.nbytes())
         return out
 
@@ -155,9 +161,10 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
     def pack(t: Tensor) -> Tensor:
         k = storage_key(t)
         if k not in exclude and (k not in saved or saved[k]["ref"]() is None):
+            lt = _local(t)  # a DTensor (tensor parallelism): this rank's shard is what it holds
             saved[k] = {"module": stack[-1], "op": producers.op.get(k, "input"), "ref": weakref.ref(t),
-                        "nbytes": t.untyped_storage().nbytes(), "dtype": str(t.dtype).replace("torch.", ""),
-                        "shape": list(t.shape)}
+                        "nbytes": lt.untyped_storage().nbytes(), "dtype": str(t.dtype).replace("torch.", ""),
+                        "shape": list(lt.shape)}
         return t  # unchanged: the hook only looks
 
     handles = []

@@ -70,7 +70,8 @@ class _Norm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, n_stats: int, stat_dtype):
-        stats = [torch.empty(*x.shape[:-1], 1, dtype=stat_dtype, device=x.device) for _ in range(n_stats)]
+        # empty_like of a (..., 1) slice: a sequence-parallel DTensor input gives statistics sharded like it
+        stats = [torch.empty_like(x[..., :1], dtype=stat_dtype) for _ in range(n_stats)]
         ctx.save_for_backward(x, *stats)
         return torch.empty_like(x)
 

@@ -338,7 +338,7 @@ def region_names(plan) -> list[str]:
     return recomputed
 
 
-def predict_activations(cfg, st: Setting, plan=None) -> dict:
+def predict_activations(cfg, st: Setting, plan=None, source=None) -> dict:
     """Saved-for-backward bytes of one forward under ``plan``; ``total`` None with a ``reason`` when not predictable.
 
     ``plan`` is a recompute_lab.recompute.Plan (None: nothing recomputed). A module in ``plan.recomputed`` is one
@@ -348,7 +348,7 @@ def predict_activations(cfg, st: Setting, plan=None) -> dict:
     """
     if plan is not None and plan.activation_reason:
         return {"total": None, "reason": plan.activation_reason}
-    ext = external(cfg)
+    ext = source or external(cfg)  # source: another saved-term description (a tensor-parallel rank's)
     why = ext.reason(cfg, st) if ext is not None else None
     if why:
         return {"total": None, "reason": why}

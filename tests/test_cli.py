@@ -28,7 +28,7 @@ def test_hydra_app_help_lists_the_user_groups_only(tmp_path, module):
     section = out.split("== Config groups")[1].split("== Config (")[0]
     listed = [line.split(":")[0] for line in section.splitlines()[1:] if ":" in line]
     assert listed == USER_GROUPS
-    assert "model: gpt2_small, hf, llama3_1b, llama3_70b, llama3_8b, small, tiny*, toy_mlp" in out
+    assert "model: gpt2_small, hf, llama3_1b, llama3_405b, llama3_70b, llama3_8b, small, tiny*, toy_mlp" in out
     assert "strategy: budget, full," in out and "+strategy=NAME" in out
     assert ("estimate:\n  target: cuda" in out) == (module == "recompute_lab.estimate")  # its own options
     assert not list(tmp_path.iterdir())  # --help creates no output dir
