@@ -52,6 +52,17 @@ def grouped(by_module: dict) -> dict:
     return out
 
 
+def fit_positions(cfg: DictConfig, est: EstimateConfig | DictConfig, notes: list) -> list[int]:
+    """The sequence lengths to estimate; the position table grows to the longest (it lives on meta: growing it
+    costs nothing) with a note, and data.seq_len is the shortest. Called before validate()."""
+    seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
+    if max(seq_lens) > cfg.model.max_seq_len:
+        notes.append(f"model.max_seq_len raised from {cfg.model.max_seq_len} to {max(seq_lens)} for the series")
+        cfg.model.max_seq_len = max(seq_lens)
+    cfg.data.seq_len = min(seq_lens)
+    return seq_lens
+
+
 def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     """Model state and, per sequence length, activation and peak bytes for ``cfg`` on ``est.target``."""
     # torch and the model only now: --help and --cfg job of this module import neither.
@@ -68,15 +79,11 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
 
     laps = Laps(log)
     resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
-    seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
     notes = hf_notes(cfg.model)
-    if max(seq_lens) > cfg.model.max_seq_len:  # position tables live on meta: growing them costs nothing
-        notes.append(f"model.max_seq_len raised from {cfg.model.max_seq_len} to {max(seq_lens)} for the series")
-        cfg.model.max_seq_len = max(seq_lens)
-    cfg.data.seq_len = min(seq_lens)
+    seq_lens = fit_positions(cfg, est, notes)
     validate(cfg)
     opts = parse_options(cfg.strategy)
-    lay = est.get("layout")
+    lay = getattr(est, "layout", None)  # a DictConfig or an EstimateConfig (tests call estimate() directly)
     if layout.is_active(lay):
         for s in seq_lens:
             layout.validate_layout(lay, cfg.model, s, cfg.parallel)

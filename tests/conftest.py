@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -23,6 +24,29 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # A developer's machine settings (conf/local/default.yaml, git-ignored) must not change what the tests run.
 LOCAL_OFF = ["~local"] if (Path(CONF_DIR) / "local" / "default.yaml").exists() else []
 HYDRA_APPS = ("recompute_lab.train", "recompute_lab.estimate")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cover(*argnames): a parametrized product whose fast run keeps only the cases "
+                            "needed for every value of each named argument to appear once; the rest run with -m slow")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m 'not slow' deselects
+def pytest_collection_modifyitems(config, items):
+    """Thin the products marked ``cover``: each value of each named argument appears in one fast case (cases taken
+    greedily in a fixed pseudo-random order, so values pair differently across axes); the full product is
+    ``-m slow``. E.g. 9 strategies x 4 precisions -> 9 fast cases, each precision among them."""
+    seen: dict[str, set] = {}
+    for item in sorted(items, key=lambda it: hashlib.md5(it.nodeid.encode()).hexdigest()):
+        marker = item.get_closest_marker("cover")
+        if marker is None or not hasattr(item, "callspec"):
+            continue
+        names = marker.args or tuple(item.callspec.params)
+        pairs = {(n, repr(item.callspec.params[n])) for n in names}  # repr: values may be lists of overrides
+        covered = seen.setdefault(item.nodeid.split("[")[0], set())
+        if pairs <= covered:
+            item.add_marker(pytest.mark.slow)
+        covered |= pairs
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -262,6 +262,7 @@ LLAMA = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.positions=rope", "mode
 VARIANTS = {"tiny": [], "llama": LLAMA, "toy_mlp": ["model.arch=toy_mlp", "model.max_seq_len=1"]}
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16_autocast", "bf16_master"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("variant", list(VARIANTS))

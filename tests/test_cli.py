@@ -208,6 +208,7 @@ def test_readme_example_commands_compose_and_validate():
     import recompute_lab.recompute  # noqa: F401
     from recompute_lab.cli import check_overrides
     from recompute_lab.config import validate
+    from recompute_lab.estimate import fit_positions
     from recompute_lab.hf import resolve_model
     from recompute_lab.hf.source import shipped
     from recompute_lab.recompute import parse_options
@@ -222,6 +223,8 @@ def test_readme_example_commands_compose_and_validate():
         if str(cfg.model.arch) == "hf" and cfg.model.hf.config not in shipped():
             continue  # /path/to/model: a placeholder for the reader's own config; composing was the check
         resolve_model(cfg)  # model=hf: the fields from its Hugging Face config, as the entry points do
+        if app_name == "estimate":
+            fit_positions(cfg, cfg.estimate, [])  # estimate grows the meta position table to the longest sequence
         validate(cfg)
         parse_options(cfg.strategy)
     GlobalHydra.instance().clear()

@@ -222,6 +222,7 @@ def reference(family: str, attention: str):
     return grads(built(hf_cfg(family, attention, "+strategy=none", n_layer=4))[0])
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("vid,overrides", VARIANTS, ids=[v[0] for v in VARIANTS])
@@ -268,6 +269,7 @@ def saved_bytes_cases():
             yield pytest.param(vid, overrides, torch.bfloat16, id=f"{vid}-bf16", marks=slow)
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("vid,overrides,dtype", list(saved_bytes_cases()))
@@ -323,6 +325,7 @@ def flash_terms(cfg, plan) -> int:
     return per * m.n_layer + per * cores
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("vid,overrides", [("none", ["+strategy=none"])] + [v for v in VARIANTS if v[0] in

@@ -72,6 +72,7 @@ def test_every_module_level_strategy_is_predicted(strategy, attention):
     assert pred["total"] == measured["total"]
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("strategy", ["none", "full", "selective"])
@@ -84,6 +85,7 @@ def test_predicted_activation_bytes_match_saved_tensors(model_kw, b, s, strategy
     assert pred["by_module"] == measured["by_module"]
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("variant", [dict(dropout=0.1), dict(dropout=0.1, attention="eager"), LLAMA_LIKE,
                                      dict(LLAMA_LIKE, attention="eager"), dict(LLAMA_LIKE, dropout=0.1),
                                      dict(TINY, arch="toy_mlp", max_seq_len=1), dict(mlp="gelu_tanh", dropout=0.1)],

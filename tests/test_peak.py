@@ -33,6 +33,7 @@ def probe(overrides: list[str]) -> dict:
     return out["peak_bytes"]
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("model", [
     ["model=toy_mlp"], ["model=tiny"], ["model=tiny", "model.attention=eager", "model.dropout=0.1"],

@@ -200,6 +200,7 @@ def test_fp32_grad_accum_matches_double_batch_within_bf16_tolerance():
     assert (torch.sign(du) != torch.sign(dv)).float().mean() < 0.01
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("key", list(PRECISIONS))
 @pytest.mark.parametrize("strategy", sorted(recompute_lab.recompute.STRATEGIES))
 def test_every_strategy_runs_under_every_precision(tmp_path, strategy, key):

@@ -155,6 +155,7 @@ HISTORY_VARIANTS = [v for v in VARIANTS if v[0] in
                     ("full", "selective", "layers-uniform2", "sqrt", "op", "regions", "full-offload")]
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("vid,overrides", HISTORY_VARIANTS, ids=[v[0] for v in HISTORY_VARIANTS])
 def test_20_step_loss_history_matches_none(vid, overrides, attention, tmp_path_factory):

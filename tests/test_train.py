@@ -83,7 +83,7 @@ def test_multirun_2x2_writes_four_results(tmp_path):
     files = sorted(sweep.glob("*/results.json"))
     assert len(files) == 4
     names = sorted(f.parent.name for f in files)
-    assert "0_+strategy=none,model.n_layer=1,trainer.steps=3" in names  # readable per-override folders
+    assert "0_+strategy=none,model.n_layer=1,trainer.overhead.enabled=False,trainer.steps=3" in names  # readable
     combos = {(load_results(f)["strategy"]["name"], load_results(f)["model"]["n_layer"]) for f in files}
     assert combos == {("none", 1), ("none", 2), ("full", 1), ("full", 2)}
     assert all(load_results(f)["status"] == "ok" for f in files)

@@ -71,3 +71,21 @@ def test_context_parallel_is_the_sequence_split_and_refuses_eager():
     cfg.attention = "eager"
     with pytest.raises(Exception, match="attention=sdpa"):
         per_gpu.stage_bytes(cfg, OmegaConf.structured(LayoutConfig(tp=8, cp=4)), "none", 1, 8192)
+
+
+def test_readme_planning_table_is_what_the_code_computes():
+    """README's "Planning a large run" table (Llama-3 70B, 8k, tp=8, FSDP over 8) and the selective total beside it
+    are the per-GPU figures of recompute_lab.per_gpu now."""
+    text = (ROOT / "README.md").read_text().split("## Planning a large run")[1].split("\n## ")[0]
+    cfg = wf.model_cfg("llama3_70b", 8192)
+    gb = wf.GB
+    for sp, label in ((True, "SP on"), (False, "SP off")):
+        lay = OmegaConf.structured(LayoutConfig(tp=8, sp=sp, dp_shard=8))
+        rank0 = per_gpu.stage_bytes(cfg, lay, "none", 1, 8192)[0]
+        layer = per_gpu.micro_batch(cfg, 8, sp, "none", 1, 8192)["layer"]
+        row = (f"| {label} | {layer / gb:.3f} GB | {rank0['activations'] / gb:.1f} GB | "
+               f"{rank0['model_state'] / gb:.1f} GB | {rank0['total'] / gb:.1f} GB |")
+        assert row in text, f"README's row should read: {row}"
+    on = OmegaConf.structured(LayoutConfig(tp=8, sp=True, dp_shard=8))
+    sel, none = (per_gpu.stage_bytes(cfg, on, s, 1, 8192)[0]["total"] / gb for s in ("selective", "none"))
+    assert f"({sel:.1f} vs {none:.1f} GB)" in text
