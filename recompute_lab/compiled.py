@@ -169,6 +169,7 @@ class Session:
     """The run's compilation: one backend (and graph recorder) shared by every model the run compiles."""
 
     def __init__(self, ccfg: Any):
+        torch._dynamo.reset()  # a run starts from an empty compile cache: its compile time and graphs are its own
         self.backend = str(ccfg.backend)
         self.scope = str(ccfg.scope)
         self.memory_budget = None if ccfg.memory_budget is None else float(ccfg.memory_budget)
