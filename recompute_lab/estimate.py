@@ -75,6 +75,11 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     cfg.data.seq_len = min(seq_lens)
     validate(cfg)
     parse_options(cfg.strategy)
+    backend = str((cfg.get("compile") or {}).get("backend", "off"))
+    if backend != "off":  # an eager estimate must not pass for a compiled one
+        raise ConfigError(f"compile.backend={backend}: estimate predicts eager runs on the meta device; what a "
+                          "compiled step saves is the partitioner's choice, measured by a run "
+                          "(python -m recompute_lab.train compile=...); use compile=off here")
     target = str(est.target)
     policy = make_precision(cfg.precision)
     model = build_model(cfg.model, "meta", policy.param_dtype)

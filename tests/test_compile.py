@@ -200,3 +200,11 @@ def test_inductor_run_measures_saved_bytes_and_says_why_no_flops(tmp_path):
     assert res["status"] == "ok" and res["compile"]["gradient_check"]["ok"] is True
     assert res["memory"]["activation_bytes"]["measured"] > 0
     assert res["flops"]["per_step"]["recompute"] is None and "inductor" in res["flops"]["recompute_reason"]
+
+
+def test_estimate_refuses_a_compiled_config_rather_than_predict_eager_bytes():
+    from recompute_lab.config import ConfigError, EstimateConfig
+    from recompute_lab.estimate import estimate
+
+    with pytest.raises(ConfigError, match="estimate predicts eager runs"):
+        estimate(compose_config([*SHAPE, "compile=eager_partition"]), EstimateConfig())
