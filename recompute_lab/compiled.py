@@ -29,6 +29,7 @@ dynamo recompile the graph under them or run eagerly, so they are not run on com
 from __future__ import annotations
 
 import functools
+import operator
 import time
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -278,7 +279,7 @@ def graph_flops(gm: fx.GraphModule) -> dict:
     """FLOPs of one run of ``gm``: total, and those of nodes that depend on no tangent (in a backward graph: the
     forward ops it recomputes; every node of a forward graph)."""
     downstream: set[fx.Node] = set()  # nodes that depend on a tangent: the gradient computation
-    total = rerun = 0
+    total = rerun = ops = 0
     for n in gm.graph.nodes:
         if (n.op == "placeholder" and n.name.startswith("tangents")) or any(a in downstream
                                                                             for a in n.all_input_nodes):
@@ -289,7 +290,9 @@ def graph_flops(gm: fx.GraphModule) -> dict:
         total += spent
         if n not in downstream:
             rerun += spent
-    return {"total": total, "recompute": rerun}
+            # a forward op duplicated in backward (tuple unpacking and views, which compute nothing, aside)
+            ops += not (n.target is operator.getitem or getattr(n.target, "is_view", False))
+    return {"total": total, "recompute": rerun, "recompute_ops": ops}
 
 
 def graph_measurements(recorder: Recorder) -> dict:
@@ -302,7 +305,7 @@ def graph_measurements(recorder: Recorder) -> dict:
             continue
         fw, bw = graph_flops(p.forward), graph_flops(p.backward)
         row = {"calls": p.calls, "saved_bytes": p.saved_bytes(), "forward": fw["total"], "backward": bw["total"],
-               "recompute": bw["recompute"], "saved": len(p.saved())}
+               "recompute": bw["recompute"], "recompute_ops": bw["recompute_ops"], "saved": len(p.saved())}
         out["pairs"].append(row)
         for k in ("saved_bytes", "forward", "backward", "recompute"):
             out[k] += p.calls * row[k]
