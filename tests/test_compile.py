@@ -211,3 +211,25 @@ def test_estimate_refuses_a_compiled_config_rather_than_predict_eager_bytes():
 
     with pytest.raises(ConfigError, match="estimate predicts eager runs"):
         estimate(compose_config([*SHAPE, "compile=eager_partition"]), EstimateConfig())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_compiled_blocks_under_ddp_and_fsdp(tmp_path, kind):
+    """Compile comes after the strategy and before DDP / FSDP2 (torchtitan's order): two CPU ranks run it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "recompute_lab.train", f"parallel={kind}", "compile=eager_partition", "+strategy=full", *CLI,
+           f"hydra.run.dir={tmp_path / 'r'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = load_results(tmp_path / "r" / "results.json")
+    assert res["status"] == "ok" and res["compile"]["gradient_check"]["ok"] is True
+    cfg = compose_config([*SHAPE, "+strategy=full"])
+    from recompute_lab import flops
+
+    assert res["flops"]["per_step"]["recompute"] == flops.count_step_flops(cfg)["recompute"]
