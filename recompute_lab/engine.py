@@ -544,6 +544,8 @@ def probe_note(memory: dict) -> str:
 
 def flops_note(fl: dict) -> str:
     ps = fl["per_step"]
-    rec = ("not counted: " + str(fl.get("recompute_reason")) if ps["recompute"] is None
-           else f"{ps['recompute'] / 1e9:.3g} (+{fl['recompute_overhead']:.1%})")
-    return f"forward {ps['forward'] / 1e9:.3g} GFLOP, backward {ps['backward'] / 1e9:.3g}, recompute {rec}"
+    if ps["recompute"] is None:  # a compiled run whose graphs are not counted (flops.recompute_reason says why)
+        return (f"forward {ps['forward'] / 1e9:.3g} GFLOP, backward {ps['backward'] / 1e9:.3g}, recompute not "
+                f"counted: {fl.get('recompute_reason')}")
+    return (f"forward {ps['forward'] / 1e9:.3g} GFLOP, backward {ps['backward'] / 1e9:.3g}, recompute "
+            f"{ps['recompute'] / 1e9:.3g} (+{fl['recompute_overhead']:.1%})")

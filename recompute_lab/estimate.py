@@ -67,6 +67,11 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
 
     laps = Laps(log)
     resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
+    backend = str((cfg.get("compile") or {}).get("backend", "off"))
+    if backend != "off":  # an eager estimate must not pass for a compiled one
+        raise ConfigError(f"compile.backend={backend}: estimate predicts eager runs on the meta device; what a "
+                          "compiled step saves is the partitioner's choice, measured by a run "
+                          "(python -m recompute_lab.train compile=...); use compile=off here")
     seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
     notes = hf_notes(cfg.model)
     if max(seq_lens) > cfg.model.max_seq_len:  # position tables live on meta: growing them costs nothing
@@ -75,11 +80,6 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     cfg.data.seq_len = min(seq_lens)
     validate(cfg)
     parse_options(cfg.strategy)
-    backend = str((cfg.get("compile") or {}).get("backend", "off"))
-    if backend != "off":  # an eager estimate must not pass for a compiled one
-        raise ConfigError(f"compile.backend={backend}: estimate predicts eager runs on the meta device; what a "
-                          "compiled step saves is the partitioner's choice, measured by a run "
-                          "(python -m recompute_lab.train compile=...); use compile=off here")
     target = str(est.target)
     policy = make_precision(cfg.precision)
     model = build_model(cfg.model, "meta", policy.param_dtype)
