@@ -17,8 +17,8 @@ Under the eager-kernel backend the partitioned graphs are recorded (``Pair``: th
 of one compile, which forward inputs are parameters, how often the forward ran), so the run can say, from the
 graphs alone and independently of any run-time hook:
   saved bytes     the backward graph's inputs that are neither gradients (tangents) nor parameters, storages once
-  FLOPs           FlopCounterMode over each graph run on its fake tensors; a backward node that depends on no
-                  tangent is forward work rerun in backward: its FLOPs are the recompute FLOPs
+  FLOPs           FlopCounterMode's formulas applied to each node's fake values (nothing runs); a backward node
+                  that depends on no tangent is forward work rerun in backward: its FLOPs are the recompute FLOPs
 Inductor compiles the graphs into its own kernels; there they are not recorded and the run says so.
 
 What measurement paths do under compilation (recompute_lab.probe): saved_tensors_hooks see the compiled
@@ -204,7 +204,7 @@ class Session:
         return out
 
     def describe(self) -> dict:
-        """The ``compile`` section of results.json (without the measurements, which the probe adds)."""
+        """The ``compile`` section of results.json, before engine.compile_step adds what it measured."""
         return {"backend": self.backend, "scope": self.scope, "memory_budget": self.memory_budget,
                 "partitioner_default_budget": _default_budget(), "graphs": len(self.recorder.pairs),
                 "backend_s": self.recorder.backend_s}
