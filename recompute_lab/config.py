@@ -1,6 +1,7 @@
 """Typed configuration schemas for recompute_lab, registered in Hydra's ConfigStore.
 
-Every config group (model, precision, data, optimizer, trainer, logger, strategy, parallel) has a dataclass here.
+Every config group (model, precision, data, optimizer, trainer, logger, strategy, parallel, compile) has a dataclass
+here.
 The root schema is stored as ``recompute_lab_schema`` (outside every swept group, so that
 ``'+strategy=glob(*)'`` only finds real strategies) and ``conf/config.yaml`` lists it first in its
 defaults. A misspelt key, a wrong type or a value outside an Enum therefore fails at compose time with a
@@ -279,6 +280,27 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3); false: keep to backward
 
 
+class CompileBackend(StrEnum):
+    off = "off"                                                # eager: nothing compiled (the default)
+    aot_eager_decomp_partition = "aot_eager_decomp_partition"  # AOTAutograd's min-cut partitioner, eager kernels
+    inductor = "inductor"                                      # the same partition, Inductor's generated kernels
+
+
+class CompileScope(StrEnum):
+    block = "block"  # each transformer block compiled on its own (torchtitan's per-block compile)
+    model = "model"  # the whole model, loss included, as one graph
+
+
+@dataclass
+class CompileConfig:
+    """torch.compile as an axis (recompute_lab/compiled.py), applied after the recomputation strategy and before
+    DDP / FSDP (torchtitan's order: AC, compile, FSDP)."""
+
+    backend: CompileBackend = CompileBackend.off
+    memory_budget: Optional[float] = None  # torch._functorch.config.activation_memory_budget in (0, 1]; null: default
+    scope: CompileScope = CompileScope.block
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -289,6 +311,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
 
 def register_configs() -> None:
@@ -302,7 +325,7 @@ def register_configs() -> None:
     for group, node in [("model", ModelConfig), ("precision", PrecisionConfig), ("data", DataConfig),
                         ("optimizer", OptimizerConfig), ("trainer", TrainerConfig),
                         ("logger", LoggerConfig), ("strategy", StrategyConfig),
-                        ("parallel", ParallelConfig)]:
+                        ("parallel", ParallelConfig), ("compile", CompileConfig)]:
         cs.store(group=f"schema/{group}", name="base", node=node)
 
 
@@ -381,6 +404,25 @@ def validate(cfg: DictConfig | Config) -> None:
         raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), got {list(o.betas)}")
     if getattr(cfg, "parallel", None) is not None:  # configs saved before the parallel group have none
         validate_parallel(cfg)
+    if getattr(cfg, "compile", None) is not None:  # nor before the compile group
+        validate_compile(cfg)
+
+
+def validate_compile(cfg: DictConfig) -> None:
+    """Cross-field rules for ``compile`` (part of validate)."""
+    c = cfg.compile
+    valid = ", ".join(b.value for b in CompileBackend)
+    if str(c.backend) not in {b.value for b in CompileBackend}:
+        raise ConfigError(f"compile.backend={c.backend!r} is not a backend; valid: {valid}")
+    if c.memory_budget is not None:
+        _in_range("compile.memory_budget", float(c.memory_budget), 0.0, 1.0, False)
+        if c.backend == CompileBackend.off:
+            raise ConfigError(f"compile.memory_budget={c.memory_budget} is the compiled partitioner's budget: it "
+                              f"needs compile.backend set to one of {valid.replace('off, ', '')} "
+                              "(compile=eager_partition or compile=inductor)")
+    if c.backend != CompileBackend.off and cfg.model.arch == Arch.hf:
+        raise ConfigError("compile.backend is supported for recompute_lab's own models (arch gpt, toy_mlp); "
+                          "model=hf runs with compile=off")
 
 
 def validate_parallel(cfg: DictConfig) -> None:

@@ -21,8 +21,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from recompute_lab import checkpoint, distributed, flops, overhead, theory
-from recompute_lab.config import ConfigError, Device, to_container, validate
+from recompute_lab import checkpoint, compiled, distributed, flops, overhead, theory
+from recompute_lab.config import CompileBackend, ConfigError, Device, to_container, validate
 from recompute_lab.hf import resolve_model
 from recompute_lab.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
 from recompute_lab.logs import Laps, StepLines
@@ -79,6 +79,13 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     grad_norm: Optional[torch.Tensor] = None  # set by train_step (None when clipping is off)
+    session: Optional[compiled.Session] = None  # compile.backend not off: the run's torch.compile backend
+
+
+def compile_session(cfg: DictConfig) -> Optional[compiled.Session]:
+    """The run's compilation (None for compile.backend=off, and for configs saved before the compile group)."""
+    c = cfg.get("compile")
+    return None if c is None or c.backend == CompileBackend.off else compiled.Session(c)
 
 
 def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
@@ -99,12 +106,13 @@ def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistC
     batches = dctx.batches(cfg.data, cfg.model.vocab_size)  # this rank's rows of the global batch
     laps("setup", f"device {device}, {torch.get_num_threads()} threads, parameters {policy.param_dtype}")
     plan = guard_memory(cfg, policy, device, results, dctx)
+    session = compile_session(cfg)
     if t.max_memory_gb is not None:
         laps("memory guard", f"predicted peak within trainer.max_memory_gb={t.max_memory_gb}")
     if t.probe:  # memory probe on a fresh model, before the training model exists (recompute_lab.probe)
         snapshot = Path(run_dir) / "memory_snapshot.pickle" if t.memory_snapshot and run_dir is not None else None
         probe_batch = tuple(x.to(device) for x in batches.get(0, 0))
-        memory, plan = memory_probe(cfg, device, policy, probe_batch, snapshot, plan, dctx)  # this rank's step
+        memory, plan = memory_probe(cfg, device, policy, probe_batch, snapshot, plan, dctx, session)  # this rank's
         results["memory"].update(memory)
         laps("memory probe", probe_note(results["memory"]))
     model = build_model(cfg.model, device, policy.param_dtype)
@@ -116,22 +124,114 @@ def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistC
                         "n_layer": cfg.model.n_layer, "d_model": cfg.model.d_model, "n_head": cfg.model.n_head,
                         "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
                         "grad_accum": t.grad_accum, "name": cfg.model.name}
+    if session is not None:  # compiled after the strategy, before DDP / FSDP (torchtitan's order)
+        results["compile"] = compile_step(cfg, session.apply(model), session, policy, device,
+                                          tuple(x.to(device) for x in batches.get(0, 0)))
+        laps(f"compile ({session.backend}, scope {session.scope})", f"first compiled step {session.first_step_s:.1f} s "
+             f"({session.first_step_where})")
     model = dctx.wrap(model)  # DDP / FSDP2 after the recomputation wrappers (torchtitan's order)
     optimizer = policy.build_optimizer(model, cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer, t.steps))
-    return Run(device, policy, dctx, batches, model, plan, optimizer, scheduler)
+    return Run(device, policy, dctx, batches, model, plan, optimizer, scheduler, session=session)
+
+
+GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}  # of max |g_eager| per tensor
+
+
+def compile_step(cfg: DictConfig, model: torch.nn.Module, session: compiled.Session, policy, device: torch.device,
+                 batch: tuple) -> dict:
+    """The compiled model's first forward + backward, outside the timed loop (it compiles unless the probe did),
+    with the partitioned graphs measured over it and its gradients checked against eager ``none`` on the same
+    batch and weights. Gradients are dropped afterwards and the RNG restored: training starts as if unprobed."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        def step() -> torch.Tensor:
+            with policy.autocast(device.type):
+                loss = model(*batch)
+            loss.backward()
+            return loss.detach()
+
+        session.recorder.reset()
+        loss = session.first_step(step, "training model's warm-up step")
+        graphs = _graph_counts(session)
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        check = _gradient_check(cfg, model, policy, device, batch, loss, grads)
+    return {**session.describe(), "graphs_per_step": graphs, "gradient_check": check}
+
+
+def _graph_counts(session: compiled.Session) -> dict:
+    if not session.records_graphs:
+        return {"available": False, "reason": compiled.INDUCTOR_FLOPS_REASON}
+    try:
+        return {"available": True, **compiled.graph_measurements(session.recorder)}
+    except Exception as e:  # a graph that cannot run on its fake values: the count is missing, not wrong
+        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
+
+
+def _gradient_check(cfg: DictConfig, model: torch.nn.Module, policy, device: torch.device, batch: tuple,
+                    loss: torch.Tensor, grads: dict) -> dict:
+    """max over parameters of max |g - g_eager| / max |g_eager| against eager ``none`` sharing the weights."""
+    if cfg.model.dropout > 0:
+        return {"ok": None, "reason": "model.dropout > 0: compiled graphs draw their own random masks"}
+    rtol = GRAD_RTOL.get(policy.autocast_dtype or policy.param_dtype, 1e-4)
+    ref_model = overhead.build_baseline(cfg, Run(device, policy, None, None, model, None, None, None),
+                                        parse_options({"name": "none"}))
+    with policy.autocast(device.type):
+        ref_loss = ref_model(*batch)
+    ref_loss.backward()
+    worst, where = 0.0, None
+    for name, p in model.named_parameters():
+        if p.grad is None or name not in grads:
+            continue
+        err = ((grads[name] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30)).item()
+        if err > worst:
+            worst, where = err, name
+    model.zero_grad(set_to_none=True)
+    return {"ok": worst <= rtol and len(grads) > 0, "max_rel_diff": worst, "worst_param": where, "rtol": rtol,
+            "params_compared": len(grads), "loss": loss.item(), "eager_loss": ref_loss.item(),
+            "method": "compiled step vs eager strategy none, same weights and batch; per parameter "
+                      "max|g - g_eager| / max|g_eager|"}
 
 
 def count_flops(cfg: DictConfig, run: Run, results: dict) -> dict:
-    """FLOPs counted on a meta replica (no memory, no effect on the timed steps) beside the analytic prediction."""
+    """FLOPs counted on a meta replica (no memory, no effect on the timed steps) beside the analytic prediction;
+    a compiled run's recompute FLOPs come from its partitioned graphs (recompute_lab.compiled)."""
     counted = flops.count_step_flops(cfg, run.policy.param_dtype, run.plan)
+    if run.session is not None:
+        counted = compiled_flops(cfg, counted, results["compile"]["graphs_per_step"])
+    recompute = counted["recompute"]
     results["flops"].update(
         per_step={k: counted[k] for k in ("forward", "backward", "recompute")},
         predicted_per_step=flops.predict_step_flops(cfg, run.plan),
-        recompute_overhead=counted["recompute"] / (counted["forward"] + counted["backward"]),
+        recompute_overhead=None if recompute is None else recompute / (counted["forward"] + counted["backward"]),
         by_op={"forward": counted["forward_by_op"], "backward": counted["backward_by_op"]},
         method=counted["method"])
+    if counted.get("recompute_reason"):
+        results["flops"]["recompute_reason"] = counted["recompute_reason"]
     return counted
+
+
+def compiled_flops(cfg: DictConfig, counted: dict, graphs: dict) -> dict:
+    """The meta count with its recompute replaced by the compiled graphs': forward and backward stay the model's
+    FLOPs (compiling changes neither); recompute = FLOPs of backward-graph nodes that depend on no gradient, per
+    micro-batch, times the micro-batches. The graphs must hold the whole forward of the compiled scope (every
+    block, or the whole model): FLOPs of an eager remainder (a graph break) would otherwise be missed."""
+    out = {**counted, "eager_recompute": counted["recompute"],
+           "method": "forward / backward: FlopCounterMode on a meta replica (the model's FLOPs); recompute: "
+                     "FlopCounterMode over the compiled backward graphs, nodes that depend on no tangent"}
+    if not graphs.get("available"):
+        return {**out, "recompute": None, "recompute_reason": graphs.get("reason")}
+    b, s = cfg.data.batch_size, cfg.data.seq_len
+    parts = flops.module_forward_flops(cfg, b, s)
+    scope = str(cfg.compile.scope)
+    expected = (cfg.model.n_layer * parts["block"] if scope == "block"
+                else flops.predict_step_flops(cfg)["forward"] // cfg.trainer.grad_accum)
+    if graphs["forward"] != expected:
+        return {**out, "recompute": None,
+                "recompute_reason": f"the compiled graphs hold {graphs['forward']} of the {expected} forward FLOPs "
+                                    f"of compile.scope={scope} (a graph break?): recompute outside them is not seen"}
+    return {**out, "recompute": graphs["recompute"] * cfg.trainer.grad_accum}
 
 
 def restore(run: Run, results: dict, resume: Optional[tuple[Path, dict]]) -> int:
@@ -282,6 +382,11 @@ def summarize(cfg: DictConfig, run: Run, counted: dict, results: dict) -> None:
                      or run.policy.param_dtype)
     peak_rate, peak_source = flops.peak_flops(run.device, compute_dtype)
     results["flops"].update(peak_flops_per_s=peak_rate, peak_source=peak_source)
+    if run.session is not None:
+        results["time"].update(compile_s=run.session.first_step_s, compile_where=run.session.first_step_where,
+                               compile_note="wall time of the run's first compiled forward + backward (dynamo "
+                                            "tracing, AOTAutograd partitioning, backend compile, one step); "
+                                            "never part of step_s")
     if not timed:  # every step was a warmup step: no time to report, and no MFU
         results["time"].update(warmup_steps=len(step_s), tokens_per_step=tokens_per_step,
                                reason=f"no step after trainer.warmup_steps={t.warmup_steps} was timed "
@@ -291,8 +396,11 @@ def summarize(cfg: DictConfig, run: Run, counted: dict, results: dict) -> None:
         results["time"].update(step_s_median=med, step_s_p90=percentile(timed, 0.9),
                                tokens_per_s=tokens_per_step / med, warmup_steps=len(step_s) - len(timed),
                                tokens_per_step=tokens_per_step)
-        results["flops"].update(flops.utilization(model_flops, counted["recompute"], med, peak_rate),
-                                achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
+        if counted["recompute"] is None:  # HFU needs the recompute FLOPs
+            results["flops"].update(mfu=flops.utilization(model_flops, 0, med, peak_rate)["mfu"], hfu=None)
+        else:
+            results["flops"].update(flops.utilization(model_flops, counted["recompute"], med, peak_rate),
+                                    achieved_flops_per_s=(model_flops + counted["recompute"]) / med)
     peak = cuda_peak_bytes(run.device)
     if peak is not None:
         # The probe's peak (same step as the prediction) stays in `measured`; this is the whole training run's.
@@ -437,6 +545,9 @@ def probe_note(memory: dict) -> str:
 
 def flops_note(fl: dict) -> str:
     ps = fl["per_step"]
+    if ps["recompute"] is None:  # a compiled run whose graphs are not counted (flops.recompute_reason says why)
+        return (f"forward {ps['forward'] / 1e9:.3g} GFLOP, backward {ps['backward'] / 1e9:.3g}, recompute not "
+                f"counted: {fl.get('recompute_reason')}")
     return (f"forward {ps['forward'] / 1e9:.3g} GFLOP, backward {ps['backward'] / 1e9:.3g}, recompute "
             f"{ps['recompute'] / 1e9:.3g} (+{fl['recompute_overhead']:.1%})")
 

@@ -79,6 +79,11 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
 
     laps = Laps(log)
     resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
+    backend = str((cfg.get("compile") or {}).get("backend", "off"))
+    if backend != "off":  # an eager estimate must not pass for a compiled one
+        raise ConfigError(f"compile.backend={backend}: estimate predicts eager runs on the meta device; what a "
+                          "compiled step saves is the partitioner's choice, measured by a run "
+                          "(python -m recompute_lab.train compile=...); use compile=off here")
     notes = hf_notes(cfg.model)
     seq_lens = fit_positions(cfg, est, notes)
     validate(cfg)

@@ -12,7 +12,8 @@ checkpoints: nothing else in results.json sees them.
 Skipped, with the reason in ``time.overhead.skipped``: switched off; a parallel run (DDP / FSDP wrap the one
 model); a baseline predicted not to fit (the memory guard's prediction against ``trainer.max_memory_gb``, else the
 device's memory); a baseline that runs out of memory or diverges anyway. When the run's
-strategy is the baseline the ratio is 1 by definition (rounds 0).
+strategy is the baseline the ratio is 1 by definition (rounds 0), unless the run is compiled: the baseline is
+eager, so compiled `none` is timed against eager `none`.
 
 ``contention`` says why a run's times are not to be trusted: several jobs of a parallel launcher (joblib,
 submitit's local executor) or several torchrun ranks sharing one machine's CPU cores.
@@ -107,7 +108,8 @@ def measure(cfg: DictConfig, run, train_step: Callable[[torch.nn.Module, list], 
         return empty(label, "trainer.overhead.enabled=false")
     if run.dctx.enabled:
         return empty(label, f"parallel={run.dctx.kind}: the paired measurement runs in one process only")
-    if parse_options(cfg.strategy) == baseline:
+    compiled = getattr(run, "session", None) is not None  # the baseline always runs eagerly
+    if parse_options(cfg.strategy) == baseline and not compiled:
         return {**empty(label, None), "ratio": 1.0, "ci95_low": 1.0, "ci95_high": 1.0,
                 "method": "the run's strategy is the baseline: ratio 1 by definition"}
     reason = fit_reason(cfg, run, baseline)
@@ -153,6 +155,9 @@ def measure(cfg: DictConfig, run, train_step: Callable[[torch.nn.Module, list], 
     out = paired.to_dict()
     out.update(baseline=label, skipped=None, strategy_step_s=out.pop("a_step_s"),
                baseline_step_s=out.pop("b_step_s"))
+    if compiled:
+        out["baseline_note"] = (f"this run is compiled (compile.backend={run.session.backend}); the baseline runs "
+                                "eagerly")
     if paired.rounds < MIN_ROUNDS_FOR_CI:
         out["note"] = f"{paired.rounds} rounds ({paired.stopped}): an interval needs {MIN_ROUNDS_FOR_CI}"
     return out

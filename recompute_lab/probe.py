@@ -89,18 +89,20 @@ def memory_history(device: torch.device, path: Optional[Path]):
 
 
 def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path] = None,
-                 plan: Optional[Plan] = None, dctx=None) -> tuple[dict, Optional[Plan]]:
+                 plan: Optional[Plan] = None, dctx=None, session=None) -> tuple[dict, Optional[Plan]]:
     """Run the probe step on a fresh model: (the ``memory`` section of results.json, the plan it applied).
 
     ``batch`` is one (idx, targets) micro-batch on ``device``; ``snapshot`` a path for the CUDA memory snapshot
     pickle (viewable at https://pytorch.org/memory_viz), or None; ``plan`` a plan this run already solved
     (replayed); ``dctx`` this rank's recompute_lab.distributed.DistContext: under ddp / fsdp the step is measured
-    on the wrapped model, so the peak is this rank's. A probe that fails for any reason but memory or
-    configuration does not stop training: the error is recorded as ``probe_error`` and the memory keys stay empty.
+    on the wrapped model, so the peak is this rank's; ``session`` the run's recompute_lab.compiled.Session
+    (compile.backend not off): the probe's model is compiled after its strategy, as the training model is.
+    A probe that fails for any reason but memory or configuration does not stop training: the error is recorded
+    as ``probe_error`` and the memory keys stay empty.
     Running out of memory and an invalid configuration do propagate (the training step would fail the same way).
     """
     try:
-        return _probe(cfg, device, policy, batch, snapshot, plan, dctx)
+        return _probe(cfg, device, policy, batch, snapshot, plan, dctx, session)
     except ConfigError:
         raise
     except Exception as e:
@@ -112,7 +114,7 @@ def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, sn
 
 
 def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path],
-           plan: Optional[Plan], dctx=None) -> tuple[dict, Plan]:
+           plan: Optional[Plan], dctx=None, session=None) -> tuple[dict, Plan]:
     idx, targets = batch
     devices = [device] if device.type == "cuda" else []
     wrapped = dctx is not None and dctx.enabled
@@ -120,6 +122,8 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
         model = build_model(cfg.model, device, policy.param_dtype)
         plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)
         n_params = model.get_num_params()
+        if session is not None:
+            session.apply(model)  # after the strategy, before DDP / FSDP (torchtitan's order)
         if wrapped:  # the step as this rank runs it: DDP / FSDP2 around the recomputation wrappers
             model = dctx.wrap(model)
         optimizer = policy.build_optimizer(model, cfg.optimizer)
@@ -136,9 +140,13 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
             optimizer.zero_grad(set_to_none=True)
             del norm  # held through the step, as the loop holds its grad_norm
 
-        finish(forward())  # warm step: the optimizer state exists from here on, as in every later step
+        if session is None:
+            finish(forward())  # warm step: the optimizer state exists from here on, as in every later step
+        else:  # the warm step compiles (timed as time.compile_s when it is the run's first compiled step)
+            session.first_step(lambda: finish(forward()), "memory probe's warm step")
         with memory_history(device, snapshot), CudaPeak(device) as cuda:
-            tracked = mem_tracker_step(model, optimizer, forward, finish, inputs=(idx, targets))
+            tracked = (mem_tracker_step(model, optimizer, forward, finish, inputs=(idx, targets)) if session is None
+                       else {"available": False, "reason": COMPILED_MEMTRACKER})
         if not tracked["available"]:  # still run the step the allocator counters measure
             with CudaPeak(device) as cuda:
                 finish(forward())
@@ -149,6 +157,11 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
             compute = make_precision(cfg.precision)
             model = build_model(cfg.model, device, compute.param_dtype).train()
             apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)
+            if session is not None:
+                session.apply(model)
+        if session is not None:
+            return _compiled_memory(cfg, device, policy, plan, n_params, dctx, session, model, forward, cuda,
+                                    snapshot), plan
         counted = saved_tensors(model, forward)
         del counted["output"]  # drop the graph: its saved tensors are freed here
         remat = remat_saved_bytes(forward)
@@ -184,6 +197,51 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
         peak_bytes["snapshot_note"] = "trainer.memory_snapshot records the CUDA caching allocator: nothing on CPU"
     return {"activation_bytes": activation, "peak_bytes": peak_bytes, "plan": plan.to_dict(),
             "theory_setting": vars(pred["setting"])}, plan
+
+
+COMPILED_MEMTRACKER = ("MemTracker not run on a compiled model: its TorchDispatchMode and module hooks make dynamo "
+                       "recompile under them or run the step eagerly, so its peak would not be the compiled step's")
+COMPILED_PREDICTION = ("compiled: AOTAutograd's partitioner chooses what is saved (compile.memory_budget); "
+                       "recompute_lab.theory predicts the eager strategy only")
+
+
+def _compiled_memory(cfg: DictConfig, device: torch.device, policy, plan: Plan, n_params: int, dctx, session,
+                     model, forward, cuda: CudaPeak, snapshot: Optional[Path]) -> dict:
+    """The probe's memory section for a compiled model: saved bytes by a pack hook dynamo does not trace, the
+    same bytes counted on the partitioned backward graphs (eager-kernel backend), CUDA allocator peak on CUDA;
+    what cannot be measured under compilation is None with its reason."""
+    from recompute_lab import compiled
+
+    session.recorder.reset()
+    counted = compiled.count_saved(model, forward)
+    calls = session.recorder.calls
+    del counted["output"]
+    if session.records_graphs and not calls:
+        raise RuntimeError("the compiled graphs did not run in the probe's forward (dynamo fell back to eager): "
+                           "saved bytes would be the eager model's")
+    graph = ({"total": sum(p.calls * p.saved_bytes() for p in session.recorder.pairs), "calls": calls,
+              "method": "sum over the partitioned backward graphs' inputs (no tangents, no parameters, storages "
+                        "once), times each graph's forward calls"}
+             if session.records_graphs else {"total": None, "reason": compiled.INDUCTOR_FLOPS_REASON})
+    pred = predicted_memory(cfg, policy, plan, n_params, device.type, dctx)
+    activation = {
+        "predicted": None, "prediction_note": COMPILED_PREDICTION, "eager_predicted": pred["activations"]["total"],
+        "measured": counted["total"], "hooked": counted["total"], "graph_count": graph,
+        "method": "saved_tensors_hooks pack hook (dynamo-disabled) over one compiled forward; storages once, "
+                  "parameters and buffers excluded",
+        "by_module": None, "by_module_reason": "module hooks on a compiled model make dynamo recompile; by dtype "
+                                               "instead", "by_dtype": counted["by_dtype"],
+        "micro_batch": {"batch": cfg.data.batch_size, "seq": cfg.data.seq_len},
+        "remat_report": {"available": False, "reason": "not run on a compiled model"},
+    }
+    measured, source = (cuda.result["allocated"], "cuda_allocator") if cuda.result is not None else (None, None)
+    peak_bytes = {"predicted": None, "prediction_note": COMPILED_PREDICTION, "measured": measured, "source": source,
+                  "cuda": cuda.result, "mem_tracker": {"available": False, "reason": COMPILED_MEMTRACKER},
+                  "snapshot": str(snapshot) if snapshot is not None and device.type == "cuda" else None}
+    if measured is None:
+        peak_bytes["reason"] = f"on {device.type} only MemTracker measures a peak: {COMPILED_MEMTRACKER}"
+    return {"activation_bytes": activation, "peak_bytes": peak_bytes, "plan": plan.to_dict(),
+            "theory_setting": vars(pred["setting"])}
 
 
 def _logits(counted: dict) -> int:

@@ -119,9 +119,11 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
                      f"{peak.get('source') or 'n/a'})")
     if fl.get("per_step"):
         ps = fl["per_step"]
-        mfu = f"  MFU {fl['mfu']:.1%} HFU {fl['hfu']:.1%}" if fl.get("mfu") is not None else ""
-        lines.append(f"  FLOPs/step {_si(ps['forward'] + ps['backward'])} + recompute {_si(ps['recompute'])} "
-                     f"(+{fl['recompute_overhead']:.1%}){mfu}")
+        hfu = "n/a" if fl.get("hfu") is None else f"{fl['hfu']:.1%}"  # n/a: recompute not counted (inductor)
+        mfu = f"  MFU {fl['mfu']:.1%} HFU {hfu}" if fl.get("mfu") is not None else ""
+        over = "" if fl.get("recompute_overhead") is None else f" (+{fl['recompute_overhead']:.1%})"
+        lines.append(f"  FLOPs/step {_si(ps['forward'] + ps['backward'])} + recompute {_si(ps['recompute'])}"
+                     f"{over}{mfu}")
     if results.get("error"):
         lines.append(f"  error: {results['error']}")
     if path is not None:

@@ -15,8 +15,8 @@ from recompute_lab.config import CONF_DIR
 
 from conftest import ROOT, run_cli
 
-USER_GROUPS = ["data", "experiment", "local", "logger", "model", "optimizer", "parallel", "precision", "strategy",
-               "trainer"]
+USER_GROUPS = ["compile", "data", "experiment", "local", "logger", "model", "optimizer", "parallel", "precision",
+               "strategy", "trainer"]
 
 
 @pytest.mark.parametrize("module", ["recompute_lab.train", "recompute_lab.estimate"])
