@@ -267,6 +267,9 @@ def plot(raw: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from recompute_lab.analysis import style
+
+    style.apply()  # the project's figure style (and the same pixels whether or not another figure set it first)
     none_bytes, model_flops = raw["none"]["saved_bytes"], raw["none"]["fwd_bwd_flops"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"planner": ("o-", "C3"), "partitioner": ("s--", "C0"), "planner+compile": ("^-", "C2"),

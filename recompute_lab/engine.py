@@ -21,8 +21,8 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from recompute_lab import checkpoint, compiled, distributed, flops, overhead, theory
-from recompute_lab.config import CompileBackend, ConfigError, Device, to_container, validate
+from recompute_lab import checkpoint, compiled, compiled_run, distributed, flops, overhead, theory
+from recompute_lab.config import ConfigError, Device, to_container, validate
 from recompute_lab.hf import resolve_model
 from recompute_lab.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
 from recompute_lab.logs import Laps, StepLines
@@ -82,12 +82,6 @@ class Run:
     session: Optional[compiled.Session] = None  # compile.backend not off: the run's torch.compile backend
 
 
-def compile_session(cfg: DictConfig) -> Optional[compiled.Session]:
-    """The run's compilation (None for compile.backend=off, and for configs saved before the compile group)."""
-    c = cfg.get("compile")
-    return None if c is None or c.backend == CompileBackend.off else compiled.Session(c)
-
-
 def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
     """Validate, pick the device and precision, guard and probe memory, build the model with its plan."""
     laps = Laps(log)
@@ -106,7 +100,7 @@ def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistC
     batches = dctx.batches(cfg.data, cfg.model.vocab_size)  # this rank's rows of the global batch
     laps("setup", f"device {device}, {torch.get_num_threads()} threads, parameters {policy.param_dtype}")
     plan = guard_memory(cfg, policy, device, results, dctx)
-    session = compile_session(cfg)
+    session = compiled_run.session_of(cfg)
     if t.max_memory_gb is not None:
         laps("memory guard", f"predicted peak within trainer.max_memory_gb={t.max_memory_gb}")
     if t.probe:  # memory probe on a fresh model, before the training model exists (recompute_lab.probe)
@@ -125,7 +119,7 @@ def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistC
                         "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
                         "grad_accum": t.grad_accum, "name": cfg.model.name}
     if session is not None:  # compiled after the strategy, before DDP / FSDP (torchtitan's order)
-        results["compile"] = compile_step(cfg, session.apply(model), session, policy, device,
+        results["compile"] = compiled_run.first_step(cfg, session.apply(model), session, policy, device,
                                           tuple(x.to(device) for x in batches.get(0, 0)))
         laps(f"compile ({session.backend}, scope {session.scope})", f"first compiled step {session.first_step_s:.1f} s "
              f"({session.first_step_where})")
@@ -135,71 +129,12 @@ def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistC
     return Run(device, policy, dctx, batches, model, plan, optimizer, scheduler, session=session)
 
 
-GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}  # of max |g_eager| per tensor
-
-
-def compile_step(cfg: DictConfig, model: torch.nn.Module, session: compiled.Session, policy, device: torch.device,
-                 batch: tuple) -> dict:
-    """The compiled model's first forward + backward, outside the timed loop (it compiles unless the probe did),
-    with the partitioned graphs measured over it and its gradients checked against eager ``none`` on the same
-    batch and weights. Gradients are dropped afterwards and the RNG restored: training starts as if unprobed."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        def step() -> torch.Tensor:
-            with policy.autocast(device.type):
-                loss = model(*batch)
-            loss.backward()
-            return loss.detach()
-
-        session.recorder.reset()
-        loss = session.first_step(step, "training model's warm-up step")
-        graphs = _graph_counts(session)
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad(set_to_none=True)
-        check = _gradient_check(cfg, model, policy, device, batch, loss, grads)
-    return {**session.describe(), "graphs_per_step": graphs, "gradient_check": check}
-
-
-def _graph_counts(session: compiled.Session) -> dict:
-    if not session.records_graphs:
-        return {"available": False, "reason": compiled.INDUCTOR_FLOPS_REASON}
-    try:
-        return {"available": True, **compiled.graph_measurements(session.recorder)}
-    except Exception as e:  # a graph that cannot run on its fake values: the count is missing, not wrong
-        return {"available": False, "reason": f"{type(e).__name__}: {e}"}
-
-
-def _gradient_check(cfg: DictConfig, model: torch.nn.Module, policy, device: torch.device, batch: tuple,
-                    loss: torch.Tensor, grads: dict) -> dict:
-    """max over parameters of max |g - g_eager| / max |g_eager| against eager ``none`` sharing the weights."""
-    if cfg.model.dropout > 0:
-        return {"ok": None, "reason": "model.dropout > 0: compiled graphs draw their own random masks"}
-    rtol = GRAD_RTOL.get(policy.autocast_dtype or policy.param_dtype, 1e-4)
-    ref_model = overhead.build_baseline(cfg, Run(device, policy, None, None, model, None, None, None),
-                                        parse_options({"name": "none"}))
-    with policy.autocast(device.type):
-        ref_loss = ref_model(*batch)
-    ref_loss.backward()
-    worst, where = 0.0, None
-    for name, p in model.named_parameters():
-        if p.grad is None or name not in grads:
-            continue
-        err = ((grads[name] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30)).item()
-        if err > worst:
-            worst, where = err, name
-    model.zero_grad(set_to_none=True)
-    return {"ok": worst <= rtol and len(grads) > 0, "max_rel_diff": worst, "worst_param": where, "rtol": rtol,
-            "params_compared": len(grads), "loss": loss.item(), "eager_loss": ref_loss.item(),
-            "method": "compiled step vs eager strategy none, same weights and batch; per parameter "
-                      "max|g - g_eager| / max|g_eager|"}
-
-
 def count_flops(cfg: DictConfig, run: Run, results: dict) -> dict:
     """FLOPs counted on a meta replica (no memory, no effect on the timed steps) beside the analytic prediction;
     a compiled run's recompute FLOPs come from its partitioned graphs (recompute_lab.compiled)."""
     counted = flops.count_step_flops(cfg, run.policy.param_dtype, run.plan)
     if run.session is not None:
-        counted = compiled_flops(cfg, counted, results["compile"]["graphs_per_step"])
+        counted = compiled_run.recompute_flops(cfg, counted, results["compile"]["graphs_per_step"])
     recompute = counted["recompute"]
     results["flops"].update(
         per_step={k: counted[k] for k in ("forward", "backward", "recompute")},
@@ -210,28 +145,6 @@ def count_flops(cfg: DictConfig, run: Run, results: dict) -> dict:
     if counted.get("recompute_reason"):
         results["flops"]["recompute_reason"] = counted["recompute_reason"]
     return counted
-
-
-def compiled_flops(cfg: DictConfig, counted: dict, graphs: dict) -> dict:
-    """The meta count with its recompute replaced by the compiled graphs': forward and backward stay the model's
-    FLOPs (compiling changes neither); recompute = FLOPs of backward-graph nodes that depend on no gradient, per
-    micro-batch, times the micro-batches. The graphs must hold the whole forward of the compiled scope (every
-    block, or the whole model): FLOPs of an eager remainder (a graph break) would otherwise be missed."""
-    out = {**counted, "eager_recompute": counted["recompute"],
-           "method": "forward / backward: FlopCounterMode on a meta replica (the model's FLOPs); recompute: "
-                     "FlopCounterMode over the compiled backward graphs, nodes that depend on no tangent"}
-    if not graphs.get("available"):
-        return {**out, "recompute": None, "recompute_reason": graphs.get("reason")}
-    b, s = cfg.data.batch_size, cfg.data.seq_len
-    parts = flops.module_forward_flops(cfg, b, s)
-    scope = str(cfg.compile.scope)
-    expected = (cfg.model.n_layer * parts["block"] if scope == "block"
-                else flops.predict_step_flops(cfg)["forward"] // cfg.trainer.grad_accum)
-    if graphs["forward"] != expected:
-        return {**out, "recompute": None,
-                "recompute_reason": f"the compiled graphs hold {graphs['forward']} of the {expected} forward FLOPs "
-                                    f"of compile.scope={scope} (a graph break?): recompute outside them is not seen"}
-    return {**out, "recompute": graphs["recompute"] * cfg.trainer.grad_accum}
 
 
 def restore(run: Run, results: dict, resume: Optional[tuple[Path, dict]]) -> int:
