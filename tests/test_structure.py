@@ -143,3 +143,16 @@ def test_strategy_yamls_take_every_option_from_their_schema():
 
 def _plain(v):
     return v.value if hasattr(v, "value") else v
+
+
+def test_readme_states_the_test_counts():
+    """README's test counts are the suite's: fast (the default -m 'not slow') and slow (the rest)."""
+    import re
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0"], capture_output=True,
+                          text=True, timeout=300, cwd=PKG.parent)
+    fast, total, slow = map(int, re.search(r"(\d+)/(\d+) tests collected \((\d+) deselected\)", proc.stdout).groups())
+    assert fast + slow == total
+    readme = (PKG.parent / "README.md").read_text()
+    assert f"{fast} tests" in readme and f"other {slow}" in readme, \
+        f"README should say {fast} tests (fast) and the other {slow} (slow)"
