@@ -17,8 +17,9 @@ flash / efficient SDPA kernels (the CUDA target) attention saves only local q, k
 (torch.distributed.tensor.experimental) was not run on meta here: it dispatches SDPA to ring-attention kernels
 a fake process group does not exercise. Eager attention's s^2 scores are refused under cp > 1.
 
-:func:`plan_stages` picks, per stage, the first of none, selective, full (ascending recompute cost) whose total
-fits the device: a choice among three fixed strategies, not a per-module solve.
+:func:`plan_stages` picks, per stage, the fewest recompute FLOPs whose total fits the device: none or selective on
+most layers and full recomputation on n of them (n chosen per stage; interleaved schedules: whole strategies).
+It is not the single-device budget planner's per-module solve.
 """
 from __future__ import annotations
 
@@ -116,22 +117,61 @@ def stage_bytes(cfg, lay, strategy: str, batch: int, seq: int, precision: str = 
     return out
 
 
+def layer_recompute_flops(cfg, strategy: str, b: int, seq: int, tp: int, cp: int) -> int:
+    """FLOPs one layer reruns in backward for one micro-batch on one rank (recompute_lab.flops' rules: ``full``
+    reruns the block but its last linear, ``selective`` the attention core's QK^T), split over tp; under cp each
+    rank's s / cp queries meet all s keys."""
+    if strategy == "none":
+        return 0
+    from recompute_lab import flops  # torch: only when planning
+
+    model = SimpleNamespace(model=cfg)
+    parts = flops.module_forward_flops(model, b, seq // cp)
+    extra = parts["attn.core"] * (cp - 1)  # 4 b (s/cp) s d, not 4 b (s/cp)^2 d
+    for k in ("attn.core", "attn", "block"):
+        parts[k] += extra
+    return flops.recompute_flops(model, parts, "block" if strategy == "full" else "attn.core") // tp
+
+
 def plan_stages(cfg, lay, device_bytes: int, batch: int, seq: int, precision: str = "bf16_master",
                 target: str = "cuda") -> dict:
-    """Per stage, the cheapest of none / selective / full whose per-GPU total fits ``device_bytes``; a stage
-    where nothing fits gets None. Returns {"stages": [...], "fits": bool}."""
+    """Per stage, the plan with the fewest recompute FLOPs whose per-GPU total fits ``device_bytes`` (ties: fewer
+    bytes): a base strategy (none or selective) on the stage's layers but n, full recomputation on n of them
+    (Megatron's --recompute-num-layers, chosen per stage: early 1F1B stages keep more micro-batches in flight).
+    Interleaved schedules (a rank holds several chunks) choose per stage among the three whole strategies only.
+    A stage where nothing fits gets None. Returns {"stages": [...], "strategies": [labels], "fits": bool}."""
+    tp, cp, v, pp = int(lay.tp), int(lay.cp), int(lay.pp_virtual), int(lay.pp)
+    sp = bool(lay.sp) and tp > 1
+    pbytes = 2 if precision == "bf16_master" else 4
+    m = L.microbatches(lay)
+    rows = {st: stage_bytes(cfg, lay, st, batch, seq, precision, target) for st in STRATEGIES}
+    layer = {st: micro_batch(cfg, tp, sp, st, batch, seq // cp, pbytes, target)["layer"] for st in STRATEGIES}
+    cost = {st: layer_recompute_flops(cfg, st, batch, seq, tp, cp) for st in STRATEGIES}
     chosen: list = []
-    rows: list = []
-    for rank in range(int(lay.pp)):
-        row = None
-        for strat in STRATEGIES:
-            cand = stage_bytes(cfg, lay, strat, batch, seq, precision, target)[rank]
-            if cand["total"] <= device_bytes:
-                row = cand
-                break
-        chosen.append(None if row is None else row["strategy"])
-        rows.append(row if row is not None else {**cand, "strategy": None})
-    return {"stages": rows, "strategies": chosen, "fits": all(c is not None for c in chosen)}
+    out: list = []
+    for rank in range(pp):
+        best = None
+        for base in ("none", "selective"):
+            row = rows[base][rank]
+            n_layers = row["layers"]
+            for n in (range(n_layers + 1) if v == 1 else (0, n_layers)):
+                if n == n_layers:  # every layer recomputed: the full row itself (base does not matter)
+                    cand = dict(rows["full"][rank], strategy="full")
+                else:
+                    act = row["activations"] + row["in_flight"] * n * (layer["full"] - layer[base])
+                    transient = max(row["transient"], rows["full"][rank]["transient"] if n else 0)
+                    kinds = {"model_state": row["model_state"], "activations": act, "transient": transient,
+                             "buffers": row["buffers"]}
+                    cand = {**row, **kinds, "total": sum(kinds.values()),
+                            "strategy": base if n == 0 else f"{base} + {n}/{n_layers} full"}
+                cand.update(full_layers=n, recompute_flops=m * (n * cost["full"] + (n_layers - n) * cost[base]))
+                key = (cand["total"] > device_bytes, cand["recompute_flops"], cand["total"])
+                if best is None or key < best[0]:
+                    best = (key, cand)
+        fits = not best[0][0]
+        chosen.append(best[1]["strategy"] if fits else None)
+        out.append(best[1] if fits else {**rows["full"][rank], "strategy": None})
+    return {"stages": out, "strategies": chosen, "fits": all(c is not None for c in chosen)}
 
 
 def measure_micro_batch(cfg, tp: int, sp: bool, strategy: str, b: int, s_local: int, param_bytes: int = 2,

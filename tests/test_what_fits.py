@@ -47,9 +47,10 @@ def test_committed_figure_is_what_the_code_draws(regenerated):
     assert sha[0] == sha[1], "experiments/figures/what_fits.png is stale: rerun python experiments/what_fits.py"
 
 
-def test_planner_picks_the_cheapest_strategy_that_fits_per_stage():
-    """70B, tp8 pp4, 32k: the first stage keeps 4 micro-batches in flight, the last one: with a device between
-    their needs the planner recomputes fully on early stages and nothing on the last."""
+def test_planner_recomputes_fewest_layers_that_fit_per_stage():
+    """70B, tp8 pp4, 32k: the first stage keeps 4 micro-batches in flight, the last one. With a device exactly the
+    last stage's need without recomputation, the last stage recomputes nothing and earlier stages recompute some
+    layers fully, each the fewest that fit (one fewer does not), each plan within the device."""
     cfg = wf.model_cfg("llama3_70b", 32768)
     lay = OmegaConf.structured(LayoutConfig(tp=8, pp=4, dp_shard=8))
     none = per_gpu.stage_bytes(cfg, lay, "none", 1, 32768)
@@ -57,9 +58,34 @@ def test_planner_picks_the_cheapest_strategy_that_fits_per_stage():
     assert [r["in_flight"] for r in none] == [4, 3, 2, 1]
     budget = none[-1]["total"]  # exactly what the last stage needs without recomputation
     plan = per_gpu.plan_stages(cfg, lay, budget, 1, 32768)
-    assert plan["strategies"][-1] == "none" and plan["strategies"][0] == "full" and plan["fits"]
-    assert all(r["total"] <= budget for r in plan["stages"])
+    assert plan["fits"] and plan["strategies"][-1] == "none" and all(r["total"] <= budget for r in plan["stages"])
+    layer = {st: per_gpu.micro_batch(cfg, 8, True, st, 1, 32768)["layer"] for st in ("none", "full")}
+    for rank, row in enumerate(plan["stages"][:-1]):
+        n = row["full_layers"]
+        assert 0 < n < row["layers"] and row["strategy"] == f"none + {n}/{row['layers']} full"
+        # the same bytes counted from the whole-strategy rows: none's, with n layers' activations swapped for full's
+        act = none[rank]["activations"] + none[rank]["in_flight"] * n * (layer["full"] - layer["none"])
+        assert row["activations"] == act and row["transient"] == full[rank]["transient"]
+        assert row["total"] - row["in_flight"] * (layer["full"] - layer["none"]) > budget  # n - 1 layers: too big
+    # recompute FLOPs grow with the layers recomputed; whole-stage full costs the most
+    f = [r["recompute_flops"] for r in plan["stages"]]
+    assert f == sorted(f, reverse=True) and f[-1] == 0
     assert not per_gpu.plan_stages(cfg, lay, min(r["total"] for r in full) - 1, 1, 32768)["fits"]
+
+
+def test_layer_recompute_flops_follow_the_flop_module():
+    """Full reruns a block but its last linear, selective the attention core's QK^T; both split over tp; cp ranks
+    see s / cp queries against all s keys."""
+    from types import SimpleNamespace
+
+    from recompute_lab import flops
+
+    cfg = wf.model_cfg("llama3_70b", 8192)
+    parts = flops.module_forward_flops(SimpleNamespace(model=cfg), 1, 8192)
+    assert per_gpu.layer_recompute_flops(cfg, "full", 1, 8192, 8, 1) == (parts["block"] - parts["mlp.proj"]) // 8
+    assert per_gpu.layer_recompute_flops(cfg, "selective", 1, 8192, 8, 1) == parts["attn.core"] // 2 // 8
+    assert per_gpu.layer_recompute_flops(cfg, "selective", 1, 8192, 8, 4) == parts["attn.core"] // 4 // 2 // 8
+    assert per_gpu.layer_recompute_flops(cfg, "none", 1, 8192, 8, 4) == 0
 
 
 def test_context_parallel_is_the_sequence_split_and_refuses_eager():
@@ -89,3 +115,7 @@ def test_readme_planning_table_is_what_the_code_computes():
     on = OmegaConf.structured(LayoutConfig(tp=8, sp=True, dp_shard=8))
     sel, none = (per_gpu.stage_bytes(cfg, on, s, 1, 8192)[0]["total"] / gb for s in ("selective", "none"))
     assert f"({sel:.1f} vs {none:.1f} GB)" in text
+    table = (FIGS / "what_fits.md").read_text()  # itself held to the code by the tests above
+    for plan in re.findall(r"`((?:full|none)[^`]* full)`", text):
+        assert f"| {plan} |" in table, f"README quotes a per-stage plan what_fits.md does not have: {plan}"
+    assert len(re.findall(r"`((?:full|none)[^`]* full)`", text)) >= 2
