@@ -115,8 +115,8 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
     if act.get("measured") is not None:
         lines.append(f"  activations saved for backward {_si(act['measured'], 'B')} "
                      f"(predicted {_si(act.get('predicted'), 'B')}); "
-                     f"peak {_si(peak.get('measured'), 'B')} (predicted {_si(peak.get('predicted'), 'B')}, "
-                     f"{peak.get('source') or 'n/a'})")
+                     f"peak {_si(peak.get('measured'), 'B')} (predicted {peak_bound(peak)}"
+                     f"{_si(peak.get('predicted'), 'B')}, {peak.get('source') or 'n/a'})")
     if fl.get("per_step"):
         ps = fl["per_step"]
         hfu = "n/a" if fl.get("hfu") is None else f"{fl['hfu']:.1%}"  # n/a: recompute not counted (inductor)
@@ -129,3 +129,9 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
     if path is not None:
         lines.append(f"  results: {path}")
     return "\n".join(lines)
+
+
+def peak_bound(peak: dict) -> str:
+    """'<= ' when the predicted peak is the recompute phase's, which recompute_lab.peak computes as an upper bound
+    (every gradient counted while a region recomputes, though most do not exist yet); '' when it is exact."""
+    return "<= " if (peak.get("predicted_parts") or {}).get("phase") == "recompute" else ""

@@ -34,6 +34,10 @@ def test_cli_default_full_run_writes_results(tmp_path):
         assert phase in log, phase
     assert log.index("memory probe") < log.index("FLOP count") < log.index("step 1/12") < log.index("run ok")
     assert "[recompute_lab.engine][INFO] - memory probe: " in log and " s (activations " in log
+    # full's predicted peak is the recompute phase's upper bound, and the summary says so
+    pk = res["memory"]["peak_bytes"]
+    assert pk["predicted_parts"]["phase"] == "recompute" and pk["predicted"] >= pk["measured"]
+    assert f"(predicted <= {pk['predicted'] / 1e6:.2f} MB, mem_tracker)" in log
 
 
 def test_same_seed_same_loss_history(tmp_path):
