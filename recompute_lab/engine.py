@@ -98,7 +98,7 @@ def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistC
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
     batches = dctx.batches(cfg.data, cfg.model.vocab_size)  # this rank's rows of the global batch
-    laps("setup", f"device {device}, {torch.get_num_threads()} threads, parameters {policy.param_dtype}")
+    laps("setup", f"device {device}, {torch.get_num_threads()} thread(s), parameters {policy.param_dtype}")
     plan = guard_memory(cfg, policy, device, results, dctx)
     session = compiled_run.session_of(cfg)
     if t.max_memory_gb is not None:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from recompute_lab.engine import run
 from recompute_lab.tracking import write_json_atomic
 
-from conftest import FAST, compose_config, load_results, run_cli
+from conftest import FAST, ROOT, compose_config, load_results, run_cli
 
 CONTRACT = {"schema_version", "status", "config", "env", "model", "loss", "memory", "flops", "time"}
 
@@ -38,6 +39,14 @@ def test_cli_default_full_run_writes_results(tmp_path):
     pk = res["memory"]["peak_bytes"]
     assert pk["predicted_parts"]["phase"] == "recompute" and pk["predicted"] >= pk["measured"]
     assert f"(predicted <= {pk['predicted'] / 1e6:.2f} MB, mem_tracker)" in log
+    # README's example train.log has the phases and summary lines of this run (the same format, nothing renamed)
+    example = (ROOT / "README.md").read_text().split("### What a run tells you while it runs")[1].split("```")[1]
+    phases = {re.sub(r"\d+", "N", ln.split(" - ", 1)[1].split(":")[0]) for ln in example.splitlines() if " - " in ln}
+    ours = {re.sub(r"\d+", "N", ln.split(" - ", 1)[1].split(":")[0]) for ln in log.splitlines() if " - " in ln}
+    # FAST skips the paired overhead and W&B (the example logged offline)
+    assert phases <= ours | {"paired overhead", "W&B run (offline)"}, phases - ours
+    summary = [ln.strip().split(" ")[0] for ln in example.split("summary:")[1].splitlines() if ln.strip()]
+    assert all(any(ln.strip().startswith(w) for ln in log.splitlines()) for w in summary if w != "step"), summary
 
 
 def test_same_seed_same_loss_history(tmp_path):
