@@ -228,11 +228,12 @@ def count_saved(model: nn.Module, forward: Callable[[], Any]) -> dict:
 
     @torch._dynamo.disable
     def pack(t: torch.Tensor) -> torch.Tensor:
+        held = t.detach()  # not t: a saved output would hold its own grad_fn (see recompute_lab.measure.saved_tensors)
         k = storage_key(t)
         if k not in exclude and (k not in saved or saved[k]["ref"]() is None):
-            saved[k] = {"ref": weakref.ref(t), "nbytes": t.untyped_storage().nbytes(), "shape": list(t.shape),
+            saved[k] = {"ref": weakref.ref(held), "nbytes": t.untyped_storage().nbytes(), "shape": list(t.shape),
                         "dtype": str(t.dtype).replace("torch.", "")}
-        return t
+        return held
 
     with torch.autograd.graph.saved_tensors_hooks(pack, torch._dynamo.disable(lambda t: t)):
         output = forward()

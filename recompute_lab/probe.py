@@ -25,7 +25,8 @@ from recompute_lab import peak as peaks
 from recompute_lab import theory
 from recompute_lab.config import ConfigError
 from recompute_lab.failures import is_oom
-from recompute_lab.measure import CudaPeak, mem_tracker_step, meta_saved_tensors, remat_saved_bytes, saved_tensors
+from recompute_lab.measure import (CudaPeak, mem_tracker_step, meta_saved_tensors, release_parameters,
+                                   remat_saved_bytes, saved_tensors)
 from recompute_lab.model import build_model
 from recompute_lab.hardware import device_memory_bytes
 from recompute_lab.precision import make_precision
@@ -165,6 +166,8 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
         counted = saved_tensors(model, forward)
         del counted["output"]  # drop the graph: its saved tensors are freed here
         remat = remat_saved_bytes(forward)
+        if tracked["available"] and not wrapped:
+            release_parameters(model)  # MemTracker leaves the probe model's parameters referenced (see there)
         model = optimizer = None  # frees both: the closures above share these variables
     if device.type == "cuda":
         torch.cuda.empty_cache()
