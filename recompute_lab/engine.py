@@ -8,6 +8,7 @@ memory guard and probe, the model with its recomputation plan), ``count_flops``,
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import math
@@ -383,6 +384,7 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
     divergence and interruption end the run with their status and return normally, so a sweep goes on.
     """
     run_dir = Path(run_dir)
+    release_host_memory()  # what an earlier job of this process freed (Hydra runs a sweep's jobs in one process)
     results = new_results(cfg)
     whole, laps = Laps(log), Laps(log)
     log.info("run: model %s, precision %s, strategy %s, batch %s x seq %s, %s steps -> %s", cfg.model.name,
@@ -444,6 +446,17 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
     return results
+
+
+def release_host_memory() -> None:
+    """Collect garbage and hand the freed heap back to the OS (glibc's malloc_trim; a no-op elsewhere): glibc keeps
+    freed blocks in its arenas, so without it an in-process sweep's resident memory grew by about a model's size per
+    job although no tensor of the earlier jobs was alive (small, 12 jobs: 0.65 -> 1.6 GB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps what it keeps
+        pass
 
 
 def probe_note(memory: dict) -> str:
