@@ -4,6 +4,7 @@ against eager ``none`` on the same weights and batch), and the recompute FLOPs r
 graphs. The compile mechanics themselves (backend, graph recorder, saved-byte counts) are recompute_lab.compiled."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -11,9 +12,8 @@ from omegaconf import DictConfig
 
 from recompute_lab import compiled, flops
 from recompute_lab.config import CompileBackend
-from recompute_lab.model import build_model
-from recompute_lab.overhead import share_tensors
-from recompute_lab.recompute import RunShape, apply_strategy, parse_options
+from recompute_lab.overhead import build_baseline
+from recompute_lab.recompute import parse_options
 
 
 def session_of(cfg: DictConfig) -> Optional[compiled.Session]:
@@ -62,10 +62,8 @@ def _gradient_check(cfg: DictConfig, model: torch.nn.Module, policy, device: tor
     if cfg.model.dropout > 0:
         return {"ok": None, "reason": "model.dropout > 0: compiled graphs draw their own random masks"}
     rtol = GRAD_RTOL.get(policy.autocast_dtype or policy.param_dtype, 1e-4)
-    ref_model = build_model(cfg.model, "meta", policy.param_dtype)  # the compiled model's tensors, no wrappers
-    share_tensors(ref_model, model)
-    apply_strategy(ref_model, parse_options({"name": "none"}), RunShape.of(cfg))
-    ref_model.train()
+    # eager `none` on the compiled model's very tensors (build_baseline reads only .policy and .model)
+    ref_model = build_baseline(cfg, SimpleNamespace(policy=policy, model=model), parse_options({"name": "none"}))
     with policy.autocast(device.type):
         ref_loss = ref_model(*batch)
     ref_loss.backward()
