@@ -82,7 +82,7 @@ def validate_layout(lay, model, seq_len: int, parallel=None) -> None:
             raise ConfigError(f"pp_schedule=interleaved needs microbatches to be a multiple of pp={pp} "
                               f"(Megatron's rule; PyTorch's rounds), got {m}")
     elif v != 1:
-        raise ConfigError(f"estimate.layout.pp_virtual={v} needs pp_schedule=interleaved (1f1b: 1)")
+        raise ConfigError(f"estimate.layout.pp_virtual={v} needs pp_schedule=interleaved (one_f_one_b: 1)")
     if lay.device_gb is not None and not lay.device_gb > 0:
         raise ConfigError(f"estimate.layout.device_gb must be positive or null, got {lay.device_gb}")
 

@@ -189,3 +189,24 @@ def test_estimate_cli_per_gpu_section(tmp_path):
     assert res["gpus"] == 8 and res["plan"]["fits"] and [r["in_flight"] for r in res["stages"]] == [2, 1]
     bad = run_cli(args[:-5] + ["estimate.layout.tp=3"], cwd=tmp_path, module="recompute_lab.estimate")
     assert bad.returncode == 2 and "valid tp: [1, 2, 4]" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
+
+
+def test_readme_pp_schedule_values_compose():
+    """The schedule names README gives for estimate.layout.pp_schedule are the ones the schema takes (it had
+    '1f1b', the enum's value, which Hydra refuses: overrides name the member)."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import ROOT
+    from recompute_lab.config import CONF_DIR
+
+    values = re.search(r"`pp_schedule=([\w|]+)`", (ROOT / "README.md").read_text()).group(1).split("|")
+    assert len(values) == 2
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for v in values:
+            cfg = compose(config_name="estimate", overrides=[f"estimate.layout.pp_schedule={v}"])
+            assert str(cfg.estimate.layout.pp_schedule) in ("1f1b", "interleaved")
+    GlobalHydra.instance().clear()
