@@ -23,12 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from recompute_lab import theory  # noqa: E402
+from recompute_lab.predict import theory  # noqa: E402
 from recompute_lab.config import CONF_DIR  # noqa: E402
-from recompute_lab.estimate import GB  # noqa: E402
-from recompute_lab.measure import meta_saved_tensors  # noqa: E402
-from recompute_lab.model import build_model  # noqa: E402
-from recompute_lab.recompute import RunShape, apply_strategy  # noqa: E402
+from recompute_lab.cli.estimate import GB  # noqa: E402
+from recompute_lab.measure.memory import meta_saved_tensors  # noqa: E402
+from recompute_lab.model.gpt import build_model  # noqa: E402
+from recompute_lab.strategies import RunShape, apply_strategy  # noqa: E402
 
 CONTEXTS = [512, 1024, 2048, 4096, 8192]  # the notebook's context lengths
 

@@ -26,10 +26,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torch.utils.flop_counter import FlopCounterMode
 
-from recompute_lab.recompute import budget as B
-from recompute_lab.model import build_model
+from recompute_lab.strategies import budget as B
+from recompute_lab.model.gpt import build_model
 from recompute_lab.config import ConfigError
-from recompute_lab.recompute import RunShape, apply_strategy, parse_options
+from recompute_lab.strategies import RunShape, apply_strategy, parse_options
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 FIXED = [

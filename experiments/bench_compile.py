@@ -10,12 +10,12 @@ Points, all on `tiny` (fp32, CPU, one micro-batch of --batch x --seq-len), each 
   partitioner       torch.compile of the whole model (aot_eager_decomp_partition: the min-cut partitioner, eager
                     kernels), strategy none, activation_memory_budget = k for each k in KNOBS
   planner+compile   the planner's plan at f, then each block compiled (partitioner budget 1.0)
-Measured at each point: saved bytes (compiled: recompute_lab.compiled.count_saved, a saved_tensors_hooks pack
-hook; eager: recompute_lab.measure's count of live storages, which also sees op-level SAC's cache; parameters
+Measured at each point: saved bytes (compiled: recompute_lab.measure.compiled.count_saved, a saved_tensors_hooks pack
+hook; eager: recompute_lab.measure.memory's count of live storages, which also sees op-level SAC's cache; parameters
 excluded, storages once in both), recompute FLOPs (eager: the
-meta-replica count of recompute_lab.flops; compiled: FLOPs of backward-graph nodes that depend on no gradient),
+meta-replica count of recompute_lab.measure.flops; compiled: FLOPs of backward-graph nodes that depend on no gradient),
 the step (forward + backward) time against eager `none` in paired ABBA rounds with a 95% interval
-(recompute_lab.timing), compile time (first compiled step), and the largest gradient difference to eager `none`.
+(recompute_lab.measure.timing), compile time (first compiled step), and the largest gradient difference to eager `none`.
 
 Table (table.csv, table.md): for each f, the planner's and planner+compile's own point at f; for the partitioner
 and the fixed strategies the point with the fewest recompute FLOPs among those whose measured saved bytes fit
@@ -64,10 +64,10 @@ def build(overrides: list[str], compile_knob=None, scope: str = "model"):
     ``compile_knob`` is not False (None: the partitioner's default budget)."""
     import torch
 
-    from recompute_lab import compiled
-    from recompute_lab.cli import compose_run_config
-    from recompute_lab.model import build_model
-    from recompute_lab.recompute import RunShape, apply_strategy
+    from recompute_lab.measure import compiled
+    from recompute_lab.cli.overrides import compose_run_config
+    from recompute_lab.model.gpt import build_model
+    from recompute_lab.strategies import RunShape, apply_strategy
 
     knob = [] if compile_knob is None else [f"compile.memory_budget={compile_knob}"]
     comp = [] if compile_knob is False else ["compile=eager_partition", f"compile.scope={scope}", *knob]
@@ -101,8 +101,9 @@ def step_of(model, data):
 
 def measure(cfg, model, plan, session, ref, args) -> dict:
     """Saved bytes, recompute FLOPs, paired time vs eager none (``ref``: its model and gradients), compile time."""
-    from recompute_lab import compiled, flops
-    from recompute_lab.timing import run_paired
+    from recompute_lab.measure import compiled
+    from recompute_lab.measure import flops
+    from recompute_lab.measure.timing import run_paired
 
     data = batch(args)
     compile_s = None
@@ -135,8 +136,9 @@ def measure(cfg, model, plan, session, ref, args) -> dict:
 def saved_bytes(model, data, is_compiled: bool) -> dict:
     """Bytes kept for backward after one forward: on a compiled model the pack-hook count (its saved tensors are
     the compiled autograd function's); eager, every storage the forward made that is still alive (op-level SAC
-    keeps its saved outputs in a cache that saved_tensors_hooks never sees; recompute_lab.measure)."""
-    from recompute_lab import compiled, measure
+    keeps its saved outputs in a cache that saved_tensors_hooks never sees; recompute_lab.measure.memory)."""
+    from recompute_lab.measure import compiled
+    from recompute_lab.measure import memory as measure
 
     if is_compiled:
         counted = compiled.count_saved(model, lambda: model(*data))
@@ -147,7 +149,7 @@ def saved_bytes(model, data, is_compiled: bool) -> dict:
 
 def reference(args) -> dict:
     """Eager none: the baseline model every arm is timed against, its saved bytes, gradients and FLOPs."""
-    from recompute_lab import flops
+    from recompute_lab.measure import flops
 
     cfg, model, _, _ = build(shape_overrides(args), compile_knob=False)
     data = batch(args)
@@ -215,7 +217,7 @@ def best(points: list[dict], family: str, fraction: float, none_bytes: int):
 
 
 def table(raw: dict) -> list[dict]:
-    from recompute_lab.timing import describe
+    from recompute_lab.measure.timing import describe
 
     none_bytes, model_flops = raw["none"]["saved_bytes"], raw["none"]["fwd_bwd_flops"]
     rows = []

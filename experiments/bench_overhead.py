@@ -3,9 +3,9 @@
 To run:  python experiments/bench_overhead.py [--model tiny] [--strategies none,full] [--pairing steps]
                                               [--rounds 30] [--steps 30]
 
-Both arms train the same model (recompute_lab.model, the same strategy applied), on the same batches, with the
+Both arms train the same model (recompute_lab.model.gpt, the same strategy applied), on the same batches, with the
 same threads, AdamW settings, LR schedule and gradient clipping; arm B is a plain loop written here. The arms
-alternate in ABBA / BAAB rounds (recompute_lab.timing.run_paired), so drift of a noisy machine hits both; the
+alternate in ABBA / BAAB rounds (recompute_lab.measure.timing.run_paired), so drift of a noisy machine hits both; the
 table gives the median of the per-round ratios with its 95% interval. The target is met when the interval's
 upper bound is <= 1.02, missed when its lower bound is above, and otherwise not decided by this many rounds.
 
@@ -31,14 +31,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from recompute_lab.data import Batches
-from recompute_lab.distributed import DistContext
-from recompute_lab.engine import StepSettings, build, lr_lambda, run, train_step
-from recompute_lab.measure import StepTimer
-from recompute_lab.model import build_model
-from recompute_lab.recompute import STRATEGIES, RunShape, apply_strategy
-from recompute_lab.timing import MIN_ROUNDS_FOR_CI, run_paired
-from recompute_lab.tracking import new_results
+from recompute_lab.model.data import Batches
+from recompute_lab.run.distributed import DistContext
+from recompute_lab.run.engine import StepSettings, build, lr_lambda, run, train_step
+from recompute_lab.measure.memory import StepTimer
+from recompute_lab.model.gpt import build_model
+from recompute_lab.strategies import STRATEGIES, RunShape, apply_strategy
+from recompute_lab.measure.timing import MIN_ROUNDS_FOR_CI, run_paired
+from recompute_lab.record.results import new_results
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 

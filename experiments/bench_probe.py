@@ -4,7 +4,7 @@ To run:  python experiments/bench_probe.py [--model small] [--rounds 30] [--isol
                                            [--extra data.seq_len=256 data.batch_size=2] [--csv out.csv]
 
 Arm A trains with `trainer.probe=true`, arm B with `trainer.probe=false`; everything else is equal (the in-run
-overhead measurement is off). The arms alternate in ABBA / BAAB rounds (recompute_lab.timing.run_paired); per
+overhead measurement is off). The arms alternate in ABBA / BAAB rounds (recompute_lab.measure.timing.run_paired); per
 round the ratio is (A1 + A2) / (B1 + B2); the table gives the median ratio and its 95% interval.
 
 --isolation workers (default, step-level pairing): two worker processes, started alike; each builds the run with
@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compose_cfg, print_table, run_overrides, write_csv  # noqa: E402
 
-from recompute_lab.timing import describe, run_paired  # noqa: E402
+from recompute_lab.measure.timing import describe, run_paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,10 +55,10 @@ def median_step_s(overrides: list[str], isolation: str) -> float:
 
 def worker(conn, overrides: list[str], warm_steps: int) -> None:
     """A training run held open: build it (probe as configured), warm it up, then one step per request."""
-    from recompute_lab.distributed import DistContext
-    from recompute_lab.engine import build, train_step
-    from recompute_lab.measure import StepTimer
-    from recompute_lab.tracking import new_results
+    from recompute_lab.run.distributed import DistContext
+    from recompute_lab.run.engine import build, train_step
+    from recompute_lab.measure.memory import StepTimer
+    from recompute_lab.record.results import new_results
 
     cfg = compose_cfg([*overrides, "logger=none", "trainer.progress=false"])
     with tempfile.TemporaryDirectory() as d:

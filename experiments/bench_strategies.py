@@ -5,7 +5,7 @@ To run:  python experiments/bench_strategies.py [--model small] [--seq-lens 256,
 
 For each (attention backend, seq_len) the strategies run one after another in this process with the same model,
 batch and threads. Activation ratio = a strategy's measured saved bytes / `none`'s. Time overhead = the run's
-own paired measurement (results.json time.overhead, recompute_lab.overhead): after training, the strategy's step
+own paired measurement (results.json time.overhead, recompute_lab.measure.overhead): after training, the strategy's step
 and `none`'s step alternate in ABBA rounds on the same batches, median ratio with its 95% interval; it includes
 what FLOP counting misses (recomputed norms, activations, softmax, dropout; op SAC's dispatch). `op` and
 `regions` (default plans) save and recompute the same things, one through a TorchDispatchMode (SAC), one through
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import get, print_table, run_overrides, time_columns, write_csv  # noqa: E402
 
-from recompute_lab.recompute import STRATEGIES  # noqa: E402
+from recompute_lab.strategies import STRATEGIES  # noqa: E402
 
 DEFAULT_ORDER = ["none", "full", "selective", "layers", "sqrt", "op", "regions", "offload", "budget"]
 

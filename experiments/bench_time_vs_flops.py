@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, run_overrides, time_columns, write_csv  # noqa: E402
 
-from recompute_lab.recompute import STRATEGIES  # noqa: E402
+from recompute_lab.strategies import STRATEGIES  # noqa: E402
 
 
 def time_per_flop(flop_ovh: float, ratio, lo, hi) -> dict:

@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from recompute_lab.config import CONF_DIR as CONF
-from recompute_lab.engine import run
-from recompute_lab.timing import describe
+from recompute_lab.run.engine import run
+from recompute_lab.measure.timing import describe
 
 
 def compose_cfg(overrides: list[str]):

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from recompute_lab.analyze import analyze  # noqa: E402
+from recompute_lab.cli.analyze import analyze  # noqa: E402
 
 # (experiment config, extra overrides): one sweep per figure; figure 5 adds the 20 B/param case as one more run.
 SWEEPS = [
@@ -65,7 +65,7 @@ def sweep_strategies(experiment: str) -> list[str]:
 
 def schema_has(key: str) -> bool:
     """Whether strategy selective has option ``key`` (its `modules` is what figure 4 sweeps)."""
-    from recompute_lab.recompute import STRATEGIES, option_names
+    from recompute_lab.strategies import STRATEGIES, option_names
 
     return "selective" in STRATEGIES and key in option_names("selective")
 

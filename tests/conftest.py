@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import recompute_lab.recompute  # noqa: F401  (registers each strategy's schema, which conf/strategy/*.yaml use)
+import recompute_lab.strategies  # noqa: F401  (registers each strategy's schema, which conf/strategy/*.yaml use)
 from recompute_lab.config import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 # A developer's machine settings (conf/local/default.yaml, git-ignored) must not change what the tests run.
 LOCAL_OFF = ["~local"] if (Path(CONF_DIR) / "local" / "default.yaml").exists() else []
-HYDRA_APPS = ("recompute_lab.train", "recompute_lab.estimate")
+HYDRA_APPS = ("recompute_lab.cli.train", "recompute_lab.cli.estimate")
 
 
 def pytest_configure(config):
@@ -53,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 def machine_cache_in_tmp(tmp_path_factory):
     """Per-machine measurements (the CPU peak FLOP/s) go to a temporary folder, never ~/.cache, in every test and
     every CLI subprocess a test starts."""
-    from recompute_lab.hardware import CACHE_ENV
+    from recompute_lab.measure.hardware import CACHE_ENV
 
     before = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("machine_cache"))
@@ -93,7 +93,7 @@ def cfg_of():
     GlobalHydra.instance().clear()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "recompute_lab.train",
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "recompute_lab.cli.train",
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would, in ``cwd``."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}

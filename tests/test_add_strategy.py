@@ -12,11 +12,11 @@ from hydra.core.config_store import ConfigStore
 
 from recompute_lab.analysis.aggregate import load_rows
 from recompute_lab.config import ConfigError, StrategyConfig
-from recompute_lab.engine import run
-from recompute_lab.model import build_model
-from recompute_lab.recompute import Plan, RunShape, apply_strategy, register
-from recompute_lab.recompute.base import check_range, unregister
-from recompute_lab.recompute.wrap import checkpoint_module
+from recompute_lab.run.engine import run
+from recompute_lab.model.gpt import build_model
+from recompute_lab.strategies import Plan, RunShape, apply_strategy, register
+from recompute_lab.strategies.base import check_range, unregister
+from recompute_lab.strategies.wrap import checkpoint_module
 
 from conftest import FAST, compose_config
 

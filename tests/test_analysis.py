@@ -15,9 +15,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from recompute_lab.analysis import aggregate, derive
-from recompute_lab.analysis.callback import AnalyzeOnMultirunEnd
+from recompute_lab.cli.callbacks import AnalyzeOnMultirunEnd
 from recompute_lab.analysis.figures import FIGURES
-from recompute_lab.analyze import analyze
+from recompute_lab.cli.analyze import analyze
 
 from conftest import ROOT, FAST_TIMED, run_cli
 
@@ -47,7 +47,7 @@ def test_callback_analysed_the_multirun(sweep):
 
 def test_cli_writes_csv_figures_quiz(sweep, tmp_path):
     out = tmp_path / "an"
-    proc = run_cli([str(sweep), "--out", str(out)], cwd=tmp_path, module="recompute_lab.analyze")
+    proc = run_cli([str(sweep), "--out", str(out)], cwd=tmp_path, module="recompute_lab.cli.analyze")
     assert proc.returncode == 0, proc.stderr
     assert "analysed 4 runs (0 not ok)" in proc.stdout
     rows = list(csv.DictReader((out / "summary.csv").open()))
@@ -122,7 +122,7 @@ def test_failed_run_is_still_analysed(sweep, tmp_path):
     victim.write_text(json.dumps(res))
     (copy / "broken").mkdir()
     (copy / "broken" / "results.json").write_text("{not json")
-    proc = run_cli([str(copy), "--out", str(tmp_path / "an")], cwd=tmp_path, module="recompute_lab.analyze")
+    proc = run_cli([str(copy), "--out", str(tmp_path / "an")], cwd=tmp_path, module="recompute_lab.cli.analyze")
     assert proc.returncode == 0, proc.stderr
     assert "(2 not ok)" in proc.stdout and ": oom CUDA out of memory" in proc.stdout
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "an" / "summary.csv").open())}
@@ -157,7 +157,7 @@ def test_callback_switch_and_failure_is_only_a_warning(tmp_path, caplog):
         AnalyzeOnMultirunEnd().on_multirun_end(cfg)  # empty sweep: analysis fails, the sweep does not
     assert "analysis of" in caplog.text and "no results.json" in caplog.text
     conf = OmegaConf.load(ROOT / "conf" / "config.yaml")
-    assert conf.hydra.callbacks.analyze._target_ == "recompute_lab.analysis.callback.AnalyzeOnMultirunEnd"
+    assert conf.hydra.callbacks.analyze._target_ == "recompute_lab.cli.callbacks.AnalyzeOnMultirunEnd"
 
 
 def test_baseline_matching_and_frontier():
@@ -245,11 +245,11 @@ def test_quiz_compares_the_seed_line_at_matched_dtype():
     against a bf16 model's measured saved bytes (not the theory the quiz quotes)."""
     import torch
 
-    from recompute_lab import theory
+    from recompute_lab.predict import theory
     from recompute_lab.analysis.quiz import matched_regime
     from recompute_lab.config import ModelConfig
-    from recompute_lab.measure import saved_tensors
-    from recompute_lab.model import build_model
+    from recompute_lab.measure.memory import saved_tensors
+    from recompute_lab.model.gpt import build_model
 
     s, b = 64, 2
     model_cfg = {"n_layer": 2, "d_model": 64, "n_head": 4, "d_ff": 256, "vocab_size": 256, "max_seq_len": 64,

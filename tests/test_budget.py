@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 
-from recompute_lab.recompute import budget as B
-from recompute_lab.cli import compose_run_config
+from recompute_lab.strategies import budget as B
+from recompute_lab.cli.overrides import compose_run_config
 from recompute_lab.config import ConfigError
-from recompute_lab.engine import run
-from recompute_lab.model import build_model
-from recompute_lab.precision import make_precision
-from recompute_lab.recompute import RunShape, apply_strategy, parse_options
+from recompute_lab.run.engine import run
+from recompute_lab.model.gpt import build_model
+from recompute_lab.model.precision import make_precision
+from recompute_lab.strategies import RunShape, apply_strategy, parse_options
 
 from conftest import cached_compose, one_thread_fixture, FAST, compose_config, load_results, retained_bytes
 
@@ -216,7 +216,7 @@ def test_cli_run_records_the_plan_and_its_counted_flops(tmp_path):
     plan = load_results(tmp_path / "results.json")["strategy"]
     assert plan["name"] == "budget" and len(plan["chosen"]) == N_LAYER
     assert plan["predicted_activation_bytes"] <= plan["budget"]["bytes"]
-    # Eager attention (math path on CPU and on meta): the probe's FLOPs equal recompute_lab.flops' meta count.
+    # Eager attention (math path on CPU and on meta): the probe's FLOPs equal recompute_lab.measure.flops' meta count.
     assert results["flops"]["per_step"]["recompute"] == plan["predicted_recompute_flops"]
 
 

@@ -15,10 +15,12 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from recompute_lab import checkpoint, fileio
+from recompute_lab.run import checkpoint
+
+from recompute_lab.record import fileio
 from recompute_lab.config import ConfigError
-from recompute_lab.model import build_model
-from recompute_lab.precision import make_precision
+from recompute_lab.model.gpt import build_model
+from recompute_lab.model.precision import make_precision
 
 from conftest import FAST, cached_compose, one_thread_fixture
 

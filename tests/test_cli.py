@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from recompute_lab import app
+from recompute_lab.cli import app
 from recompute_lab.config import CONF_DIR
 
 from conftest import ROOT, run_cli
@@ -19,7 +19,7 @@ USER_GROUPS = ["compile", "data", "experiment", "local", "logger", "model", "opt
                "strategy", "trainer"]
 
 
-@pytest.mark.parametrize("module", ["recompute_lab.train", "recompute_lab.estimate"])
+@pytest.mark.parametrize("module", ["recompute_lab.cli.train", "recompute_lab.cli.estimate"])
 def test_hydra_app_help_lists_the_user_groups_only(tmp_path, module):
     proc = run_cli(["--help"], cwd=tmp_path, module=module)
     assert proc.returncode == 0, proc.stderr
@@ -30,7 +30,7 @@ def test_hydra_app_help_lists_the_user_groups_only(tmp_path, module):
     assert listed == USER_GROUPS
     assert "model: gpt2_small, hf, llama3_1b, llama3_405b, llama3_70b, llama3_8b, small, tiny*, toy_mlp" in out
     assert "strategy: budget, full," in out and "+strategy=NAME" in out
-    assert ("estimate:\n  target: cuda" in out) == (module == "recompute_lab.estimate")  # its own options
+    assert ("estimate:\n  target: cuda" in out) == (module == "recompute_lab.cli.estimate")  # its own options
     assert not list(tmp_path.iterdir())  # --help creates no output dir
 
 
@@ -38,8 +38,8 @@ def test_help_imports_neither_torch_nor_the_engine():
     """Help is fast because the heavy imports wait for a run (1.1 s -> 0.2 s here, idle); checked by what is
     imported rather than by a wall time that a shared machine's load would make flaky."""
     code = ("import atexit, sys; atexit.register(lambda: print('heavy:', sorted(m for m in ('torch', "
-            "'recompute_lab.engine', 'recompute_lab.recompute') if m in sys.modules)));"
-            "sys.argv = ['recompute-lab-train', '--help']; from recompute_lab.train import cli; cli()")
+            "'recompute_lab.run.engine', 'recompute_lab.strategies') if m in sys.modules)));"
+            "sys.argv = ['recompute-lab-train', '--help']; from recompute_lab.cli.train import cli; cli()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("heavy: []")
@@ -60,7 +60,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "name: small" in proc.stdout and "name: full" in proc.stdout and "hydra:" not in proc.stdout
 
 
-@pytest.mark.parametrize("module", ["recompute_lab.analyze", "recompute_lab.dashboard", "recompute_lab.wandb_sweep"])
+@pytest.mark.parametrize("module", ["recompute_lab.cli.analyze", "recompute_lab.cli.dashboard", "recompute_lab.cli.wandb_sweep"])
 def test_argparse_entry_points_help(tmp_path, module):
     proc = run_cli(["--help"], cwd=tmp_path, module=module)
     assert proc.returncode == 0, proc.stderr
@@ -75,9 +75,9 @@ def test_console_scripts_point_at_the_entry_points():
     for name, target in scripts.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name
-    # The Hydra apps' scripts go through recompute_lab.app (checks before Hydra, fast help), not bare @hydra.main.
-    assert scripts["recompute-lab-train"] == "recompute_lab.train:cli"
-    assert scripts["recompute-lab-estimate"] == "recompute_lab.estimate:cli"
+    # The Hydra apps' scripts go through recompute_lab.cli.app (checks before Hydra, fast help), not bare @hydra.main.
+    assert scripts["recompute-lab-train"] == "recompute_lab.cli.train:cli"
+    assert scripts["recompute-lab-estimate"] == "recompute_lab.cli.estimate:cli"
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def conf_copy(tmp_path):
 
 
 def _compose(conf, overrides=()):
-    import recompute_lab.recompute  # noqa: F401  (strategy schemas)
+    import recompute_lab.strategies  # noqa: F401  (strategy schemas)
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -126,7 +126,7 @@ def test_warnings_become_one_log_line_without_source(caplog, monkeypatch):
     import logging
     import warnings
 
-    from recompute_lab.logs import route_warnings
+    from recompute_lab.record.logs import route_warnings
 
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
     route_warnings()
@@ -142,10 +142,10 @@ def test_readme_torchtitan_megatron_table_commands_are_valid():
     import re
     import shlex
 
-    from recompute_lab.cli import compose_run_config
+    from recompute_lab.cli.overrides import compose_run_config
     from recompute_lab.config import validate
-    from recompute_lab.model import build_model
-    from recompute_lab.recompute import RunShape, apply_strategy
+    from recompute_lab.model.gpt import build_model
+    from recompute_lab.strategies import RunShape, apply_strategy
 
     text = (ROOT / "README.md").read_text()
     table = text.split("#### Coming from torchtitan or Megatron-LM")[1].split("\n\n")[2]
@@ -165,7 +165,7 @@ def test_readme_torchtitan_megatron_table_commands_are_valid():
     assert applied >= {"none", "full", "selective", "op", "layers", "budget", "regions", "offload", "sqrt"}
 
 
-APPS = {"recompute_lab.train": "config", "recompute-lab-train": "config", "recompute_lab.estimate": "estimate",
+APPS = {"recompute_lab.cli.train": "config", "recompute-lab-train": "config", "recompute_lab.cli.estimate": "estimate",
         "recompute-lab-estimate": "estimate"}  # command -> its primary config
 
 
@@ -205,13 +205,13 @@ def readme_commands():
 def test_readme_example_commands_compose_and_validate():
     """Every job of every train / estimate example in README is a valid run (a sweep over tiny at s=128 was not:
     tiny's position table stops at 64)."""
-    import recompute_lab.recompute  # noqa: F401
-    from recompute_lab.cli import check_overrides
+    import recompute_lab.strategies  # noqa: F401
+    from recompute_lab.cli.overrides import check_overrides
     from recompute_lab.config import validate
-    from recompute_lab.estimate import fit_positions
-    from recompute_lab.hf import resolve_model
-    from recompute_lab.hf.source import shipped
-    from recompute_lab.recompute import parse_options
+    from recompute_lab.cli.estimate import fit_positions
+    from recompute_lab.model.hf import resolve_model
+    from recompute_lab.config.hf import shipped
+    from recompute_lab.strategies import parse_options
 
     jobs = list(readme_commands())
     assert len(jobs) >= 25 and {a for a, _ in jobs} == {"config", "estimate"}

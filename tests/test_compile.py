@@ -1,8 +1,8 @@
-"""torch.compile as an axis (recompute_lab.compiled): compiled runs measure what they save and recompute.
+"""torch.compile as an axis (recompute_lab.measure.compiled): compiled runs measure what they save and recompute.
 
 Shapes are tiny (2 layers, batch 2, seq 32) and compiled results are shared through module-scoped fixtures: one
 compile per budget of the eager-kernel backend (aot_eager_decomp_partition, ~2 s each here). Every compile starts
-from torch._dynamo.reset() (recompute_lab.compiled.Session does it), so no test sees another's graphs.
+from torch._dynamo.reset() (recompute_lab.measure.compiled.Session does it), so no test sees another's graphs.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ BUDGETS = (1.0, 0.5, 0.1)
 def _session(budget, scope="model", strategy="none"):
     from omegaconf import OmegaConf
 
-    from recompute_lab import compiled
-    from recompute_lab.model import build_model
-    from recompute_lab.recompute import RunShape, apply_strategy
+    from recompute_lab.measure import compiled
+    from recompute_lab.model.gpt import build_model
+    from recompute_lab.strategies import RunShape, apply_strategy
 
     cfg = compose_config([*SHAPE, "compile=eager_partition", f"compile.scope={scope}", f"+strategy={strategy}",
                           *([] if budget is None else [f"compile.memory_budget={budget}"])])
@@ -40,8 +40,8 @@ def _batch():
 
 
 def _eager_none():
-    from recompute_lab.measure import saved_tensors
-    from recompute_lab.model import build_model
+    from recompute_lab.measure.memory import saved_tensors
+    from recompute_lab.model.gpt import build_model
 
     cfg = compose_config(SHAPE)
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def eager_none():
 @pytest.fixture(scope="module")
 def compiled_grid():
     """Per partitioner budget (whole model compiled, strategy none): hooked saved bytes, graph counts, gradients."""
-    from recompute_lab import compiled
+    from recompute_lab.measure import compiled
 
     out = {}
     idx, tgt = _batch()
@@ -102,7 +102,7 @@ def test_compiled_gradients_match_eager_none(compiled_grid, eager_none, budget):
 
 
 def test_graph_flops_hold_the_whole_forward_and_recompute_grows_as_the_budget_shrinks(compiled_grid):
-    from recompute_lab import flops
+    from recompute_lab.measure import flops
 
     cfg = compose_config([*SHAPE, "trainer.grad_accum=1"])
     forward = flops.count_step_flops(cfg)["forward"]  # meta replica, eager
@@ -117,7 +117,8 @@ def test_graph_flops_hold_the_whole_forward_and_recompute_grows_as_the_budget_sh
 def test_full_checkpoint_under_compile_reruns_what_eager_full_reruns():
     """Block-scope compile of strategy full: the backward graph's forward nodes are the checkpoint's rerun, with the
     FLOPs the eager meta count gives (non-reentrant early stop: the block minus mlp.proj)."""
-    from recompute_lab import compiled, flops
+    from recompute_lab.measure import compiled
+    from recompute_lab.measure import flops
 
     cfg, _, session, model = _session(None, scope="block", strategy="full")
     idx, tgt = _batch()
@@ -168,7 +169,7 @@ def cli_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["none", "full", "budget"])
 def test_compiled_cli_run_writes_complete_results(cli_runs, strategy):
-    from recompute_lab import flops
+    from recompute_lab.measure import flops
 
     res = cli_runs[strategy]
     assert res["status"] == "ok", res.get("error")
@@ -208,7 +209,7 @@ def test_inductor_run_measures_saved_bytes_and_says_why_no_flops(tmp_path):
 
 def test_estimate_refuses_a_compiled_config_rather_than_predict_eager_bytes():
     from recompute_lab.config import ConfigError, EstimateConfig
-    from recompute_lab.estimate import estimate
+    from recompute_lab.cli.estimate import estimate
 
     with pytest.raises(ConfigError, match="estimate predicts eager runs"):
         estimate(compose_config([*SHAPE, "compile=eager_partition"]), EstimateConfig())
@@ -224,13 +225,13 @@ def test_compiled_blocks_under_ddp_and_fsdp(tmp_path, kind):
 
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "recompute_lab.train", f"parallel={kind}", "compile=eager_partition", "+strategy=full", *CLI,
+           "recompute_lab.cli.train", f"parallel={kind}", "compile=eager_partition", "+strategy=full", *CLI,
            f"hydra.run.dir={tmp_path / 'r'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = load_results(tmp_path / "r" / "results.json")
     assert res["status"] == "ok" and res["compile"]["gradient_check"]["ok"] is True
     cfg = compose_config([*SHAPE, "+strategy=full"])
-    from recompute_lab import flops
+    from recompute_lab.measure import flops
 
     assert res["flops"]["per_step"]["recompute"] == flops.count_step_flops(cfg)["recompute"]

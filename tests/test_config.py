@@ -24,7 +24,7 @@ def test_every_option_composes_and_validates(group, option):
     cfg = compose_config([f"{prefix}{group}={option}"])
     if (group, option) == ("model", "hf"):  # fields filled from the Hugging Face config (the optional extra)
         pytest.importorskip("transformers")
-        from recompute_lab.hf import resolve_model
+        from recompute_lab.model.hf import resolve_model
 
         resolve_model(cfg)
     validate(cfg)

@@ -8,8 +8,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from recompute_lab.config import ConfigError
-from recompute_lab.model import build_model
-from recompute_lab.recompute import STRATEGIES, RunShape, apply_strategy
+from recompute_lab.model.gpt import build_model
+from recompute_lab.strategies import STRATEGIES, RunShape, apply_strategy
 
 from conftest import compose_config
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from recompute_lab import engine, theory
+from recompute_lab.run import engine
+
+from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError, validate
-from recompute_lab.data import Batches
-from recompute_lab.distributed import prepare_argv
+from recompute_lab.model.data import Batches
+from recompute_lab.run.distributed import prepare_argv
 
 from conftest import FAST, compose_config, load_results, run_cli
 
@@ -74,7 +76,7 @@ def test_two_ranks_match_one_process(tmp_path, single, kind, run_dir):
     else:               # DDP replicates the whole state
         assert per_rank == [one, one]
     if kind == "fsdp":  # checkpointed blocks: the recompute phase bounds each rank's peak from above, FSDP's
-        # gathered parameters and unsharded gradients included (recompute_lab.peak)
+        # gathered parameters and unsharded gradients included (recompute_lab.predict.peak)
         assert all(r["peak_bytes"] <= r["peak_bytes_predicted"] <= 1.5 * r["peak_bytes"] for r in par["per_rank"])
         assert res["memory"]["peak_bytes"]["predicted_parts"]["phase"] == "recompute"
     # Predicted per-rank state (theory, no processes) matches what rank 0 measured.
@@ -185,7 +187,7 @@ def test_submitit_local_two_tasks_per_job_is_one_ddp_run(tmp_path, single):
 def test_per_rank_peak_is_measured_on_the_wrapped_model_and_predicted_by_the_estimator(tmp_path, kind):
     """The probe runs its step under the same DDP / FSDP2 wrapping: each rank's peak is its own, and the estimator
     (no processes, parallel.dp_size=2) predicts it to the byte. Tiny at 8 x 64 tokens per rank peaks at backward
-    start (recompute_lab.peak)."""
+    start (recompute_lab.predict.peak)."""
     shape = ["model=tiny", "data.batch_size=8", "trainer.num_threads=1"]
     proc = torchrun([f"parallel={kind}", *shape, "trainer.steps=1", "trainer.progress=false",
                      f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
@@ -194,7 +196,7 @@ def test_per_rank_peak_is_measured_on_the_wrapped_model_and_predicted_by_the_est
     per_rank = res["parallel"]["per_rank"]
     out = tmp_path / "estimate.json"
     est = run_cli([*shape, f"parallel={kind}", "parallel.dp_size=2", "estimate.target=cpu", f"estimate.out={out}"],
-                  cwd=tmp_path, module="recompute_lab.estimate")
+                  cwd=tmp_path, module="recompute_lab.cli.estimate")
     assert est.returncode == 0, est.stderr
     predicted = load_results(out)["memory"]["peak_bytes"]["predicted"]
     assert [r["peak_bytes"] for r in per_rank] == [predicted, predicted]

@@ -93,7 +93,7 @@ def _sample(bundle: dict) -> dict[str, dict]:
 def test_committed_measurements_are_what_the_code_measures_now(tmp_path):
     from omegaconf import OmegaConf
 
-    from recompute_lab import engine
+    from recompute_lab.run import engine
 
     bundle = rf.read_bundle(FIGS / rf.BUNDLE)
     sample = _sample(bundle)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from recompute_lab.analysis import aggregate, figures, style
-from recompute_lab.analyze import analyze
+from recompute_lab.cli.analyze import analyze
 
 STRATS = {"none": (1000_000, 0), "full": (120_000, 30), "selective": (700_000, 3), "sqrt": (200_000, 35),
           "layers": (850_000, 6), "op": (800_000, 0), "regions": (900_000, 0),

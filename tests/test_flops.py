@@ -6,10 +6,10 @@ import torch
 
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-from recompute_lab import flops
-from recompute_lab.model import build_model
-from recompute_lab.recompute import Plan, RunShape, apply_strategy
-from recompute_lab.recompute.wrap import checkpoint_module
+from recompute_lab.measure import flops
+from recompute_lab.model.gpt import build_model
+from recompute_lab.strategies import Plan, RunShape, apply_strategy
+from recompute_lab.strategies.wrap import checkpoint_module
 
 from conftest import compose_config
 

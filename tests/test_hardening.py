@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from recompute_lab import engine
+from recompute_lab.run import engine
 from recompute_lab.analysis.aggregate import load_rows, write_markdown
-from recompute_lab.cli import check_overrides
+from recompute_lab.cli.overrides import check_overrides
 from recompute_lab.config import ConfigError, bounded_name, validate
-from recompute_lab.runrecord import LOCK, RunFolder, is_locked
+from recompute_lab.record.folder import LOCK, RunFolder, is_locked
 
 from conftest import FAST, compose_config, load_results, run_cli
 
@@ -151,7 +151,7 @@ def test_a_loss_far_above_its_start_ends_the_run_as_diverged(tmp_path):
 def test_cpu_out_of_memory_under_a_ulimit_is_recorded_as_oom(tmp_path):
     # 1.5 GB of address space: torch imports and the guard (told the machine has plenty) pass, the step does not.
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000, 1_500_000_000)); "
-            "from recompute_lab.train import cli; sys.argv = ['train'] + sys.argv[1:]; cli()")
+            "from recompute_lab.cli.train import cli; sys.argv = ['train'] + sys.argv[1:]; cli()")
     proc = subprocess.run([sys.executable, "-c", code, "model=small", "data.seq_len=1024", "data.batch_size=16",
                            "trainer.steps=2", "trainer.max_memory_gb=1000", "trainer.num_threads=1", *FAST,
                            f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -257,7 +257,7 @@ def test_analysis_reads_inf_nan_nulls_wrong_types_and_foreign_json(tmp_path):
     assert rows["b"]["final_loss"] == math.inf and rows["b"]["step_s_median"] is None
     assert rows["c"]["status"] == "unreadable"
     write_markdown(list(rows.values()), tmp_path / "summary.md")
-    from recompute_lab.analyze import analyze
+    from recompute_lab.cli.analyze import analyze
 
     analyze(tmp_path, tmp_path / "out")
     assert (tmp_path / "out" / "summary.md").exists()
@@ -274,7 +274,7 @@ def test_results_and_checkpoints_respect_the_umask(tmp_path):
 
 
 def test_signal_flag_stops_setup_at_once_and_a_second_ctrl_c_names_the_last_checkpoint():
-    from recompute_lab.failures import SetupInterrupted, SignalFlag
+    from recompute_lab.run.failures import SetupInterrupted, SignalFlag
 
     flag = SignalFlag()
     with pytest.raises(SetupInterrupted, match="SIGTERM during setup"):

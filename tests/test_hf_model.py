@@ -1,8 +1,8 @@
-"""Hugging Face transformers models as a model source (model=hf, recompute_lab.hf): small shapes, random init.
+"""Hugging Face transformers models as a model source (model=hf, recompute_lab.model.hf): small shapes, random init.
 
 HF GPT-2 (published dropout 0.1: RNG preservation is exercised) and HF Llama (GQA) through every strategy:
-gradients equal `none`; saved bytes measured = an independent count = recompute_lab.hf.theory's terms; FLOPs
-counted on the meta replica = FlopCounterMode on the HF model itself = recompute_lab.flops' formula; the budget
+gradients equal `none`; saved bytes measured = an independent count = recompute_lab.predict.hf_theory's terms; FLOPs
+counted on the meta replica = FlopCounterMode on the HF model itself = recompute_lab.measure.flops' formula; the budget
 planner's prediction = its plan's measured bytes; estimate answers for the shipped Llama-3-70B in seconds; a
 family without a submodule map runs the block-level strategies and refuses selective with a clear message.
 
@@ -21,19 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from recompute_lab import flops, peak, theory
+from recompute_lab.measure import flops
+
+from recompute_lab.predict import peak
+
+from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError, EstimateConfig
-from recompute_lab.measure import saved_tensors
-from recompute_lab.model import build_model
-from recompute_lab.recompute import RunShape, apply_strategy
-from recompute_lab.recompute.budget import CPU_SDPA_FLOPS
+from recompute_lab.measure.memory import saved_tensors
+from recompute_lab.model.gpt import build_model
+from recompute_lab.strategies import RunShape, apply_strategy
+from recompute_lab.strategies.budget import CPU_SDPA_FLOPS
 
 from conftest import FAST, compose_config, load_results, one_thread_fixture, retained_bytes, run_cli
 from test_strategies import VARIANTS as STRATEGY_VARIANTS
 
 transformers = pytest.importorskip("transformers")
 
-from recompute_lab.hf import resolve_model  # noqa: E402  (after the skip: needs nothing, but tests need the extra)
+from recompute_lab.model.hf import resolve_model  # noqa: E402  (after the skip: needs nothing, but tests need the extra)
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
 
@@ -132,7 +136,7 @@ def test_model_fields_and_overrides_change_the_hugging_face_config(tmp_path):
     (["model.hf.family=bert"], "not a known family"),
 ])
 def test_bad_hf_configs_fail_with_a_readable_message(overrides, needle, monkeypatch):
-    monkeypatch.setattr("recompute_lab.hf.source.require_transformers", lambda: _no_hub(transformers))
+    monkeypatch.setattr("recompute_lab.config.hf.require_transformers", lambda: _no_hub(transformers))
     cfg = compose_config(["model=hf", "model.hf.config=llama3_8b", *overrides])
     with pytest.raises(ConfigError, match=needle):
         resolve_model(cfg)
@@ -367,8 +371,8 @@ def test_budget_plans_fit_and_are_exact_on_hugging_face_models(family, attention
 def test_probe_peak_equals_mem_tracker_without_recomputation(family, precision):
     """GPT-2 with gelu_pytorch_tanh (one kernel): gelu_new's Python backward allocates (b, s, d_ff) temporaries
     inside backward, which the phase model does not hold; at this tiny vocabulary they set the peak (below)."""
-    from recompute_lab.precision import make_precision
-    from recompute_lab.probe import memory_probe
+    from recompute_lab.model.precision import make_precision
+    from recompute_lab.measure.probe import memory_probe
 
     extra = ["+model.hf.overrides.activation_function=gelu_pytorch_tanh"] if family == "gpt2" else []
     cfg = hf_cfg(family, "sdpa", f"precision={precision}", "+strategy=none", *extra)
@@ -444,7 +448,7 @@ def test_cli_refuses_an_unreachable_hub_id_offline(tmp_path):
 
 
 def test_estimate_answers_for_the_shipped_llama3_70b_in_seconds():
-    from recompute_lab.estimate import estimate
+    from recompute_lab.cli.estimate import estimate
 
     est = EstimateConfig()
     est.seq_lens = [4096]

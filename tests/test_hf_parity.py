@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from recompute_lab import flops, theory
-from recompute_lab.measure import saved_tensors
-from recompute_lab.model import build_model
-from recompute_lab.recompute import apply_strategy
-from recompute_lab.recompute.budget import CPU_SDPA_FLOPS
+from recompute_lab.measure import flops
+
+from recompute_lab.predict import theory
+from recompute_lab.measure.memory import saved_tensors
+from recompute_lab.model.gpt import build_model
+from recompute_lab.strategies import apply_strategy
+from recompute_lab.strategies.budget import CPU_SDPA_FLOPS
 
 from conftest import compose_config, one_thread_fixture, retained_bytes
 
@@ -124,7 +126,7 @@ def test_saved_bytes_and_flops_equal_hugging_face(kind, attention, strategy):
 
     hf_flops, our_flops = flop_count(hf_loss), flop_count(lambda: ours(idx, targets))
     assert hf_flops == our_flops
-    # recompute_lab's analytic FLOPs (recompute_lab.flops): forward, backward = 2 x forward, + the recompute.
+    # recompute_lab's analytic FLOPs (recompute_lab.measure.flops): forward, backward = 2 x forward, + the recompute.
     # FlopCounterMode's flash-attention backward also counts the QK^T it recomputes: 2 b s^2 h per layer.
     want = flops.predict_step_flops(cfg, plan)
     flash = 2 * B * S * S * cfg.model.d_model * cfg.model.n_layer if attention == "sdpa" else 0

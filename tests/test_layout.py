@@ -1,5 +1,5 @@
 """Per-GPU memory under parallel layouts: PyTorch's tensor-parallel plans measured on the meta device over a fake
-process group equal recompute_lab.tensor_parallel's theory to the byte; Korthikanti's TP/SP formulas differ from
+process group equal recompute_lab.measure.tensor_parallel's theory to the byte; Korthikanti's TP/SP formulas differ from
 them by named terms only; model state per rank under FSDP x TP x PP; pipeline micro-batches in flight counted on
 PyTorch's own schedules against the closed forms; the layout's validation messages."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from recompute_lab import layout as L
-from recompute_lab import tensor_parallel as T
-from recompute_lab import theory
+from recompute_lab.predict import layout as L
+from recompute_lab.measure import tensor_parallel as T
+from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError, LayoutConfig, ModelConfig
 
 TPS = (1, 2, 4, 8)
@@ -99,7 +99,7 @@ def test_model_state_per_rank_fsdp_x_tp_matches_pytorch_sharding(world, tp, ds, 
     layout theory; bytes per kind follow the precision's table (FSDP bf16_master: fp32 shards are the masters)."""
     import torch
 
-    from recompute_lab.model import build_model
+    from recompute_lab.model.gpt import build_model
 
     cfg = cfg_of(LLAMA, n_layer=3, n_kv_head=4, d_ff=96)
     lay = OmegaConf.structured(LayoutConfig(tp=tp, dp_shard=ds, pp=pp))
@@ -175,7 +175,7 @@ def test_estimate_cli_per_gpu_section(tmp_path):
     args = ["model=tiny", "model.positions=rope", "model.n_layer=4", "data.batch_size=2", "data.seq_len=32",
             "precision=bf16_master", "+strategy=full", "estimate.layout.tp=2", "estimate.layout.pp=2",
             "estimate.layout.dp_shard=2", "estimate.layout.device_gb=1", f"estimate.out={out}"]
-    proc = run_cli(args, cwd=tmp_path, module="recompute_lab.estimate")
+    proc = run_cli(args, cwd=tmp_path, module="recompute_lab.cli.estimate")
     assert proc.returncode == 0, proc.stderr
     assert "per GPU under tp=2 (sp=True) pp=2" in proc.stdout
     res = json.loads(out.read_text())["series"][0]["per_gpu"]
@@ -187,7 +187,7 @@ def test_estimate_cli_per_gpu_section(tmp_path):
     assert [r["model_state"] for r in res["stages"]] == \
         [L.model_state_per_rank(cfg, lay, "bf16_master", stage=r)["total"] for r in range(2)]
     assert res["gpus"] == 8 and res["plan"]["fits"] and [r["in_flight"] for r in res["stages"]] == [2, 1]
-    bad = run_cli(args[:-5] + ["estimate.layout.tp=3"], cwd=tmp_path, module="recompute_lab.estimate")
+    bad = run_cli(args[:-5] + ["estimate.layout.tp=3"], cwd=tmp_path, module="recompute_lab.cli.estimate")
     assert bad.returncode == 2 and "valid tp: [1, 2, 4]" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
 
 

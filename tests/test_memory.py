@@ -6,17 +6,17 @@ import sys
 import pytest
 import torch
 
-from recompute_lab import peak as peaks
-from recompute_lab import theory
+from recompute_lab.predict import peak as peaks
+from recompute_lab.predict import theory
 from recompute_lab.config import ModelConfig
-from recompute_lab.data import Batches
-from recompute_lab.engine import run
-from recompute_lab.recompute import Plan
-from recompute_lab.measure import mem_tracker_step, model_state_bytes, remat_saved_bytes, saved_tensors
-from recompute_lab.model import build_model
-from recompute_lab.precision import POLICIES, make_precision
-from recompute_lab.probe import memory_probe
-from recompute_lab.recompute.wrap import checkpoint_module
+from recompute_lab.model.data import Batches
+from recompute_lab.run.engine import run
+from recompute_lab.strategies import Plan
+from recompute_lab.measure.memory import mem_tracker_step, model_state_bytes, remat_saved_bytes, saved_tensors
+from recompute_lab.model.gpt import build_model
+from recompute_lab.model.precision import POLICIES, make_precision
+from recompute_lab.measure.probe import memory_probe
+from recompute_lab.strategies.wrap import checkpoint_module
 
 from conftest import FAST, compose_config, load_results, run_cli
 
@@ -29,7 +29,7 @@ PRECISIONS = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "
 
 def apply(model, strategy: str):
     """Apply a strategy given as "name" or "name:field=value:field=value" (the real strategies package)."""
-    from recompute_lab.recompute import apply_strategy
+    from recompute_lab.strategies import apply_strategy
 
     name, *options = strategy.split(":")
     opts: dict = {"name": name}
@@ -106,7 +106,7 @@ def test_other_region_shapes_block_runs_and_sublayers(kw, precision):
     """Blocks 0-1 checkpointed as ONE region (through GPT.block_runner) and sub-layer regions in block 2."""
     from torch.utils.checkpoint import checkpoint
 
-    from recompute_lab.model import run_sequential
+    from recompute_lab.model.gpt import run_sequential
     cfg, model, forward, _, _, _ = measure_and_predict(kw, "none", precision, 4, 16)
 
     def runner(blocks, x):  # one checkpoint region over blocks 0 and 1, block 2 plain
@@ -230,7 +230,7 @@ def test_probe_peak_prediction_brackets_mem_tracker(overrides):
     peak, act = out["peak_bytes"], out["activation_bytes"]
     assert act["predicted"] == pytest.approx(act["measured"], rel=0.02)
     assert peak["source"] == "mem_tracker" and peak["by_category"]["act"] >= 0
-    # Phases (recompute_lab.peak): exact, but the recompute phase of checkpointed plans, an upper bound.
+    # Phases (recompute_lab.predict.peak): exact, but the recompute phase of checkpointed plans, an upper bound.
     if peak["predicted_parts"]["phase"] == "recompute":
         assert peak["measured"] <= peak["predicted"] <= 1.25 * peak["measured"]
     else:
@@ -254,7 +254,7 @@ def test_probe_does_not_perturb_training(tmp_path):
 
 
 def test_a_failing_probe_is_recorded_and_training_goes_on(tmp_path, monkeypatch):
-    import recompute_lab.probe as probe
+    import recompute_lab.measure.probe as probe
 
     def broken(*args):
         raise RuntimeError("instrumentation broke")

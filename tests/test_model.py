@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recompute_lab.model import build_model
+from recompute_lab.model.gpt import build_model
 
 from conftest import compose_config
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from recompute_lab import hardware, overhead
+from recompute_lab.measure import hardware
+
+from recompute_lab.measure import overhead
 from recompute_lab.config import ConfigError
-from recompute_lab.engine import build, run
-from recompute_lab.distributed import DistContext
+from recompute_lab.run.engine import build, run
+from recompute_lab.run.distributed import DistContext
 
 from conftest import FAST_TIMED, compose_config
 

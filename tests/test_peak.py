@@ -1,4 +1,4 @@
-"""The predicted peak of a training step (recompute_lab.peak) equals MemTracker's measured peak to the byte: every
+"""The predicted peak of a training step (recompute_lab.predict.peak) equals MemTracker's measured peak to the byte: every
 phase (backward start, end of backward, clipping, the optimizer step with each AdamW implementation), every
 precision, the seed's toy_mlp included (whose peak falls in the optimizer step)."""
 from __future__ import annotations
@@ -7,13 +7,15 @@ import pytest
 import torch
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from recompute_lab import peak, theory
+from recompute_lab.predict import peak
+
+from recompute_lab.predict import theory
 from recompute_lab.config import ModelConfig
-from recompute_lab.data import Batches
-from recompute_lab.measure import mem_tracker_step
-from recompute_lab.model import build_model
-from recompute_lab.precision import make_precision, param_groups
-from recompute_lab.probe import memory_probe, setting_for, step_setting
+from recompute_lab.model.data import Batches
+from recompute_lab.measure.memory import mem_tracker_step
+from recompute_lab.model.gpt import build_model
+from recompute_lab.model.precision import make_precision, param_groups
+from recompute_lab.measure.probe import memory_probe, setting_for, step_setting
 
 from conftest import FAST, compose_config, one_thread_fixture
 

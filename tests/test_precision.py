@@ -10,14 +10,14 @@ import io
 import pytest
 import torch
 
-import recompute_lab.recompute
-from recompute_lab import theory
+import recompute_lab.strategies
+from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError
-from recompute_lab.data import Batches
-from recompute_lab.engine import run
-from recompute_lab.measure import model_state_bytes
-from recompute_lab.model import build_model
-from recompute_lab.precision import make_precision
+from recompute_lab.model.data import Batches
+from recompute_lab.run.engine import run
+from recompute_lab.measure.memory import model_state_bytes
+from recompute_lab.model.gpt import build_model
+from recompute_lab.model.precision import make_precision
 
 from conftest import FAST, compose_config, load_results, run_cli
 
@@ -202,7 +202,7 @@ def test_fp32_grad_accum_matches_double_batch_within_bf16_tolerance():
 
 @pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("key", list(PRECISIONS))
-@pytest.mark.parametrize("strategy", sorted(recompute_lab.recompute.STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(recompute_lab.strategies.STRATEGIES))
 def test_every_strategy_runs_under_every_precision(tmp_path, strategy, key):
     overrides, per_param = PRECISIONS[key]
     cfg = compose_config([f"+strategy={strategy}", *overrides, "trainer.steps=2", "trainer.grad_accum=2", *FAST])

@@ -10,11 +10,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recompute_lab import engine
+from recompute_lab.run import engine
 from recompute_lab.config import ConfigError, validate
-from recompute_lab.data import Batches
-from recompute_lab.model import GPT
-from recompute_lab.precision import POLICIES
+from recompute_lab.model.data import Batches
+from recompute_lab.model.gpt import GPT
+from recompute_lab.model.precision import POLICIES
 
 from conftest import FAST, compose_config, load_results, run_cli
 
@@ -95,7 +95,7 @@ def test_resume_refuses_missing_corrupt_and_mismatched_checkpoints(tmp_path, mon
 
 def test_oom_in_one_job_of_a_sweep(tmp_path, monkeypatch):
     """A 3-job multirun (Hydra's basic launcher, in-process) where one job runs out of memory."""
-    from recompute_lab import train
+    from recompute_lab.cli import train
 
     real_forward = GPT.forward
 

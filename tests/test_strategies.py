@@ -27,11 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.checkpoint import CheckpointPolicy
 
 from recompute_lab.config import ConfigError
-from recompute_lab.engine import run
-from recompute_lab.model import build_model
-from recompute_lab.recompute.wrap import draws_random, make_policy
-from recompute_lab.cli import compose_run_config
-from recompute_lab.recompute import STRATEGIES, RunShape, apply_strategy
+from recompute_lab.run.engine import run
+from recompute_lab.model.gpt import build_model
+from recompute_lab.strategies.wrap import draws_random, make_policy
+from recompute_lab.cli.overrides import compose_run_config
+from recompute_lab.strategies import STRATEGIES, RunShape, apply_strategy
 
 from conftest import cached_compose, one_thread_fixture, CONF_DIR, FAST, compose_config, load_results, run_cli
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from recompute_lab.config import CONF_DIR, Config
-from recompute_lab.recompute import STRATEGIES
+from recompute_lab.strategies import STRATEGIES
 
 PKG = Path(__file__).resolve().parent.parent / "recompute_lab"
 

@@ -1,4 +1,4 @@
-"""The paired timing estimator (recompute_lab.timing) on synthetic timing streams with a fake clock: it recovers a
+"""The paired timing estimator (recompute_lab.measure.timing) on synthetic timing streams with a fake clock: it recovers a
 known ratio, its 95% interval covers the truth in ~95% of seeded trials, interleaving cancels a drift that a
 sequential design does not, and the stopping rule and wording behave as documented."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from recompute_lab import timing
+from recompute_lab.measure import timing
 
 
 class FakeMachine:

@@ -1,5 +1,5 @@
 """A real tp=2 run (torchrun, gloo, CPU, two processes) saves, per rank, exactly what the meta estimate of the same
-layout measures with a fake process group, and holds the same parameter shards (recompute_lab.tp_check)."""
+layout measures with a fake process group, and holds the same parameter shards (recompute_lab.cli.tp_check)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recompute_lab.tp_check import meta_estimate
+from recompute_lab.cli.tp_check import meta_estimate
 
 
 def torchrun(out: Path, sp: int, strategy: str) -> list[dict]:

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from recompute_lab.engine import run
-from recompute_lab.tracking import write_json_atomic
+from recompute_lab.run.engine import run
+from recompute_lab.record.results import write_json_atomic
 
 from conftest import FAST, ROOT, compose_config, load_results, run_cli
 
@@ -34,7 +34,7 @@ def test_cli_default_full_run_writes_results(tmp_path):
                   "step time median", "run ok: ", "status ok  model=tiny"):
         assert phase in log, phase
     assert log.index("memory probe") < log.index("FLOP count") < log.index("step 1/12") < log.index("run ok")
-    assert "[recompute_lab.engine][INFO] - memory probe: " in log and " s (activations " in log
+    assert "[recompute_lab.run.engine][INFO] - memory probe: " in log and " s (activations " in log
     # full's predicted peak is the recompute phase's upper bound, and the summary says so
     pk = res["memory"]["peak_bytes"]
     assert pk["predicted_parts"]["phase"] == "recompute" and pk["predicted"] >= pk["measured"]

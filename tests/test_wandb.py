@@ -6,8 +6,10 @@ import subprocess
 
 import pytest
 
-from recompute_lab import dashboard, engine
-from recompute_lab.model import GPT
+from recompute_lab.cli import dashboard
+
+from recompute_lab.run import engine
+from recompute_lab.model.gpt import GPT
 
 from conftest import ROOT, compose_config, load_results, run_cli
 from wandb_records import read_finished as read_records, summarize_records
@@ -194,7 +196,7 @@ def test_axis_keys_of_overrides():
 
 
 def test_dashboard_offline_explains_and_fails(tmp_path):
-    proc = run_cli(["--entity", "me", "--project", "p"], cwd=tmp_path, module="recompute_lab.dashboard",
+    proc = run_cli(["--entity", "me", "--project", "p"], cwd=tmp_path, module="recompute_lab.cli.dashboard",
                    env={"WANDB_API_KEY": "", "NETRC": str(tmp_path / "none"), "HOME": str(tmp_path)})
     assert proc.returncode == 2
     assert "wandb sync" in proc.stderr and "WANDB_API_KEY" in proc.stderr

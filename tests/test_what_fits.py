@@ -15,7 +15,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "experiments"))
 import what_fits as wf  # noqa: E402
 
-from recompute_lab import per_gpu  # noqa: E402
+from recompute_lab.predict import per_gpu  # noqa: E402
 from recompute_lab.config import LayoutConfig  # noqa: E402
 
 FIGS = ROOT / "experiments" / "figures"
@@ -78,7 +78,7 @@ def test_layer_recompute_flops_follow_the_flop_module():
     see s / cp queries against all s keys."""
     from types import SimpleNamespace
 
-    from recompute_lab import flops
+    from recompute_lab.measure import flops
 
     cfg = wf.model_cfg("llama3_70b", 8192)
     parts = flops.module_forward_flops(SimpleNamespace(model=cfg), 1, 8192)
@@ -101,7 +101,7 @@ def test_context_parallel_is_the_sequence_split_and_refuses_eager():
 
 def test_readme_planning_table_is_what_the_code_computes():
     """README's "Planning a large run" table (Llama-3 70B, 8k, tp=8, FSDP over 8) and the selective total beside it
-    are the per-GPU figures of recompute_lab.per_gpu now."""
+    are the per-GPU figures of recompute_lab.predict.per_gpu now."""
     text = (ROOT / "README.md").read_text().split("## Planning a large run")[1].split("\n## ")[0]
     cfg = wf.model_cfg("llama3_70b", 8192)
     gb = wf.GB

@@ -5,13 +5,13 @@ strategy (and settings that do not change a result: logger, progress bar, resume
 overhead measurement's settings). Against it a row gets its activation saving (1 - saved bytes / baseline's
 saved bytes). Its time overhead is NOT taken from two runs' step times (two separate runs of one config differed
 by -92% to +461% on a shared CPU): it is the run's own paired measurement, results.json ``time.overhead``
-(recompute_lab.overhead: ratio of the median of interleaved rounds against the baseline strategy, with a 95%
+(recompute_lab.measure.overhead: ratio of the median of interleaved rounds against the baseline strategy, with a 95%
 interval), read into time_overhead and time_overhead_ci_low/high (ratio - 1). Runs whose times were contended (a
 parallel launcher's jobs side by side) keep their overhead out of these columns and say so in ``note``. Failed
 runs (status oom, diverged, interrupted, error) and unreadable files keep a row with their status; their numbers
 are None, printed as n/a.
 
-Only results.json is read (the contract of recompute_lab.tracking, schema_version 1). Keys written by the memory
+Only results.json is read (the contract of recompute_lab.record.results, schema_version 1). Keys written by the memory
 probe (memory.activation_bytes.*, memory.peak_bytes.*) may be absent in older runs: their columns are then None,
 and :func:`missing_keys` says which runs lack what, so figures and quiz can say so instead of guessing.
 """
@@ -24,10 +24,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from recompute_lab.recompute import label_of
-from recompute_lab.runrecord import is_locked
-from recompute_lab.theory import korthikanti_layer_bytes, naive_layer_bytes
-from recompute_lab.timing import describe
+from recompute_lab.strategies import label_of
+from recompute_lab.record.folder import is_locked
+from recompute_lab.predict.theory import korthikanti_layer_bytes, naive_layer_bytes
+from recompute_lab.measure.timing import describe
 
 
 class AnalysisError(ValueError):
@@ -80,7 +80,7 @@ def find_results(folder: Path) -> list[Path]:
 
 def strategy_label(strategy_cfg: Optional[dict]) -> str:
     """A short readable name: 'none', 'full', 'selective[core_attn]', 'layers(method=block,num_layers=1)'
-    (the strategy's own label rule, recompute_lab.recompute.label_of)."""
+    (the strategy's own label rule, recompute_lab.strategies.label_of)."""
     return label_of(strategy_cfg)
 
 
@@ -231,7 +231,7 @@ def _join(a: Optional[str], b: str) -> str:
 
 
 def fmt_overhead(r: dict) -> str:
-    """A row's paired time overhead in words (recompute_lab.timing.describe): an interval that contains 0 is
+    """A row's paired time overhead in words (recompute_lab.measure.timing.describe): an interval that contains 0 is
     'within noise (+-x%)', never a finding."""
     o = r.get("time_overhead")
     if o is None:

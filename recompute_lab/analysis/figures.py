@@ -262,7 +262,7 @@ PARITY = (("act_bytes", "saved activations", "o"), ("peak_bytes", "peak memory",
 
 
 def fig_parity(rows, out: Path) -> list[Path]:
-    """Predicted (recompute_lab.theory) vs measured bytes for every ok run, log-log, with the y = x line: the
+    """Predicted (recompute_lab.predict.theory) vs measured bytes for every ok run, log-log, with the y = x line: the
     tool's core claim as one picture. Points off the line are named in the note (largest relative error)."""
     fig, ax = style.figure(width=style.ONE_COLUMN * 1.3, height=3.6)
     pts = {}

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from recompute_lab import theory
+from recompute_lab.predict import theory
 from recompute_lab.analysis import derive
 from recompute_lab.analysis.aggregate import fmt_bytes, fmt_overhead, group_key, ok_rows, run_label
 from recompute_lab.analysis.figures import FIGURES
@@ -213,7 +213,7 @@ def seed_errors(rows: list[dict]) -> list[str]:
 
 def matched_regime(key: tuple, point: dict) -> str:
     """What differs between a run and the formulas' regime (16-bit values; Korthikanti: dropout, 1-byte masks), and
-    the same model's ratios there per recompute_lab.theory. Empty when the run's config is not at hand."""
+    the same model's ratios there per recompute_lab.predict.theory. Empty when the run's config is not at hand."""
     try:
         model = json.loads(key[4])["model"]
         cfg = ModelConfig(**{f.name: model[f.name] for f in dataclasses.fields(ModelConfig) if f.name in model})
@@ -233,7 +233,7 @@ def matched_regime(key: tuple, point: dict) -> str:
             f"{cfg.dropout:g}, so part of the gap is the dtype: at matched dtype (bf16, dropout {cfg.dropout:g}) "
             f"the theory puts the same model at **{matched / naive:.1f}x** the line, and in Korthikanti's regime "
             f"(bf16, dropout 0.1, CUDA's 1-byte masks) at {korthikanti / naive:.1f}x, where his formula is within "
-            f"{pct(abs(korthikanti / point['korthikanti'] - 1))} (recompute_lab.theory).")
+            f"{pct(abs(korthikanti / point['korthikanti'] - 1))} (recompute_lab.predict.theory).")
 
 
 def write_quiz(rows: list[dict], path: Path, source: str) -> str:

@@ -1,0 +1,195 @@
+"""The in-run time overhead (results.json ``time.overhead``) and the conditions the run's times were taken under.
+
+``measure`` runs after training (engine.train): a second model with the baseline strategy (``trainer.overhead``:
+default ``none``) is built on the meta device and given the training model's own parameter and buffer tensors
+(shared, not copied: no second model state in memory, and both arms compute with the same weights and the same
+optimizer), so the arms differ only in how they recompute. Both then run the whole training step (forward,
+backward, clip, optimizer and scheduler step) in interleaved ABBA rounds on the same batches, timed like the
+training loop (CUDA events on GPU, perf_counter on CPU), and recompute_lab.measure.timing gives the median ratio with its
+95% interval. The extra optimizer steps come after the run's loss history, model-state measurement and
+checkpoints: nothing else in results.json sees them.
+
+Skipped, with the reason in ``time.overhead.skipped``: switched off; a parallel run (DDP / FSDP wrap the one
+model); a baseline predicted not to fit (the memory guard's prediction against ``trainer.max_memory_gb``, else the
+device's memory); a baseline that runs out of memory or diverges anyway. When the run's
+strategy is the baseline the ratio is 1 by definition (rounds 0), unless the run is compiled: the baseline is
+eager, so compiled `none` is timed against eager `none`.
+
+``contention`` says why a run's times are not to be trusted: several jobs of a parallel launcher (joblib,
+submitit's local executor) or several torchrun ranks sharing one machine's CPU cores.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from typing import Callable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from recompute_lab.config import ConfigError, Device
+from recompute_lab.run.failures import Diverged, is_oom
+from recompute_lab.measure.memory import StepTimer
+from recompute_lab.model.gpt import build_model
+from recompute_lab.measure.probe import PredictedOOM, guard_memory
+from recompute_lab.strategies import RunShape, apply_strategy, parse_options
+from recompute_lab.measure.timing import MIN_ROUNDS_FOR_CI, run_paired
+
+KEYS = ("baseline", "ratio", "ci95_low", "ci95_high", "rounds", "method")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """trainer.overhead's rules, checked before anything runs (a typo'd baseline must not waste a run)."""
+    o = cfg.trainer.get("overhead")
+    if o is None:
+        return
+    parse_options({"name": o.baseline})  # ConfigError naming the valid strategies
+    if o.min_rounds < 1 or o.max_rounds < o.min_rounds:
+        raise ConfigError(f"trainer.overhead: need 1 <= min_rounds ({o.min_rounds}) <= max_rounds ({o.max_rounds})")
+    if o.target_ci_width < 0 or o.max_seconds < 0 or o.warmup_rounds < 0:
+        raise ConfigError("trainer.overhead: target_ci_width, max_seconds and warmup_rounds must be >= 0")
+
+
+def empty(baseline: Optional[str], reason: Optional[str]) -> dict:
+    """time.overhead with every key present and nothing measured (``skipped`` says why)."""
+    return {**dict.fromkeys(KEYS), "baseline": baseline, "rounds": 0, "skipped": reason}
+
+
+def baseline_config(cfg: DictConfig, baseline) -> DictConfig:
+    """``cfg`` with the baseline's strategy options in place of the run's."""
+    bcfg = cfg.copy()
+    OmegaConf.set_struct(bcfg, False)
+    bcfg.strategy = OmegaConf.structured(baseline)
+    return bcfg
+
+
+def fit_reason(cfg: DictConfig, run, baseline) -> Optional[str]:
+    """Why the baseline would not fit, by the memory guard's prediction (recompute_lab.measure.probe.guard_memory: against
+    trainer.max_memory_gb, else the device's memory), or None. The model state is shared, so the baseline needs
+    what a run of its own would."""
+    try:
+        guard_memory(baseline_config(cfg, baseline), run.policy, run.device, {"memory": {}})
+    except PredictedOOM as e:
+        return f"baseline {baseline.name} would not fit: {e}"
+    return None
+
+
+def share_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Make every parameter and buffer of ``dst`` (a meta replica) the very tensor ``src`` holds under that name."""
+    for kind, items in (("_parameters", src.named_parameters(remove_duplicate=False)),
+                        ("_buffers", src.named_buffers(remove_duplicate=False))):
+        for name, tensor in items:
+            owner, _, leaf = name.rpartition(".")
+            getattr(dst.get_submodule(owner), kind)[leaf] = tensor
+    left = [n for n, t in [*dst.named_parameters(), *dst.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"baseline replica has tensors the training model does not: {left[:5]}")
+
+
+def build_baseline(cfg: DictConfig, run, baseline) -> torch.nn.Module:
+    """The baseline model: the training model's tensors, the baseline's recomputation wrappers."""
+    model = build_model(cfg.model, "meta", run.policy.param_dtype)
+    share_tensors(model, run.model)
+    apply_strategy(model, baseline, RunShape.of(cfg))
+    return model.train()
+
+
+def measure(cfg: DictConfig, run, train_step: Callable[[torch.nn.Module, list], object],
+            should_stop: Optional[Callable[[], bool]] = None) -> dict:
+    """time.overhead for this run: its step against the baseline's, paired and interleaved.
+
+    ``train_step(model, micro)`` runs one full training step of ``model`` on the micro-batches ``micro``
+    (engine.train_step with the run's optimizer and scheduler).
+    """
+    o = cfg.trainer.overhead
+    baseline = parse_options({"name": o.baseline})
+    label = str(o.baseline)
+    if not o.enabled:
+        return empty(label, "trainer.overhead.enabled=false")
+    if run.dctx.enabled:
+        return empty(label, f"parallel={run.dctx.kind}: the paired measurement runs in one process only")
+    compiled = getattr(run, "session", None) is not None  # the baseline always runs eagerly
+    if parse_options(cfg.strategy) == baseline and not compiled:
+        return {**empty(label, None), "ratio": 1.0, "ci95_low": 1.0, "ci95_high": 1.0,
+                "method": "the run's strategy is the baseline: ratio 1 by definition"}
+    reason = fit_reason(cfg, run, baseline)
+    if reason:
+        return empty(label, reason)
+    device, t = run.device, cfg.trainer
+    cache: dict[int, list] = {}
+
+    def batch(i: int) -> list:  # the same micro-batches for both arms of a round, fetched outside the timer
+        if i not in cache:
+            cache.clear()
+            step = t.steps + o.warmup_rounds + i  # batches the run did not train on
+            cache[i] = [tuple(x.to(device, non_blocking=True) for x in run.batches.get(step, m))
+                        for m in range(t.grad_accum)]
+        return cache[i]
+
+    def arm(model: torch.nn.Module) -> Callable[[int], float]:
+        def step(i: int) -> float:
+            micro = batch(i)
+            with StepTimer(device) as timer:
+                train_step(model, micro)
+            return timer.seconds
+        return step
+
+    other = None
+    try:
+        other = build_baseline(cfg, run, baseline)
+        paired = run_paired(arm(run.model), arm(other), min_rounds=o.min_rounds, max_rounds=o.max_rounds,
+                            target_rel_width=o.target_ci_width, max_seconds=o.max_seconds or None,
+                            warmup_rounds=o.warmup_rounds, should_stop=should_stop)
+    except Diverged as e:
+        return empty(label, f"a step diverged during the measurement: {e}")
+    except Exception as e:  # running out of memory (on any device) ends the measurement, not the finished run
+        if not is_oom(e):
+            raise
+        return empty(label, f"baseline {label} ran out of memory during the measurement: {str(e).splitlines()[0]}")
+    finally:
+        del other
+        cache.clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out = paired.to_dict()
+    out.update(baseline=label, skipped=None, strategy_step_s=out.pop("a_step_s"),
+               baseline_step_s=out.pop("b_step_s"))
+    if compiled:
+        out["baseline_note"] = (f"this run is compiled (compile.backend={run.session.backend}); the baseline runs "
+                                "eagerly")
+    if paired.rounds < MIN_ROUNDS_FOR_CI:
+        out["note"] = f"{paired.rounds} rounds ({paired.stopped}): an interval needs {MIN_ROUNDS_FOR_CI}"
+    return out
+
+
+def contention(cfg: DictConfig) -> Optional[str]:
+    """Why this run's step times share the machine with other timed work, or None."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    on_cpu = cfg.trainer.device == Device.cpu or (cfg.trainer.device == Device.auto and not torch.cuda.is_available())
+    if local > 1 and on_cpu:
+        return f"{local} torchrun ranks share this machine's CPU cores"
+    launcher = _hydra_launcher()
+    if launcher is None:
+        return None
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target.lower():
+        n = launcher.get("n_jobs", -1)
+        if n != 1:
+            return f"joblib launcher (n_jobs={n}): a sweep's jobs run side by side and time each other's load"
+    if "SubmititLocal" in target or "submitit_local" in target.lower():
+        n = launcher.get("array_parallelism", None)
+        if n != 1:
+            return (f"submitit local launcher (array_parallelism={n}): a sweep's jobs run side by side on this "
+                    "machine")
+    return None
+
+
+def _hydra_launcher() -> Optional[DictConfig]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return None
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().get("launcher")

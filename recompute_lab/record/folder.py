@@ -1,0 +1,116 @@
+"""The run folder's record: one writer at a time, a record from the first second, and no finished record lost.
+
+- An exclusive lock (``fcntl.flock`` on ``.recompute_lab.lock`` in the run folder, released by the kernel when the
+  process dies) refuses a second run on the same folder with a clear message, before it writes anything.
+- A run whose configuration, strategy options or resume checkpoint are refused writes nothing into a folder
+  that already holds a record (the old record stays); into an empty folder it writes an ``error`` record, so a
+  sweep shows the job.
+- A folder whose results.json says ``ok`` holds a finished run: a new run there is refused (pick another
+  ``hydra.run.dir``); its results.json is never replaced.
+- A record of any other status (interrupted, error, a ``running`` record left by a killed job) is kept as
+  ``results.previous-N.json`` before the new run's record replaces it.
+- Once the checks pass, a ``status: running`` record is written at once, so a job that is killed (SIGKILL, node
+  failure) still shows in ``analyze``; the analysis tells a live run from a dead one by the lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from recompute_lab.config import ConfigError
+from recompute_lab.record.fileio import remove_stale_temps
+from recompute_lab.record.results import write_json_atomic
+
+RESULTS = "results.json"
+LOCK = ".recompute_lab.lock"
+
+
+class FolderBusy(ConfigError):
+    """Another process is running in this run folder."""
+
+
+def read_status(path: Path) -> Optional[str]:
+    """The status of the results.json at ``path``: None if there is none, "unreadable" if it is not a record."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "unreadable"
+    return str(data.get("status")) if isinstance(data, dict) else "unreadable"
+
+
+def is_locked(folder: Path) -> bool:
+    """Whether a live process holds the run folder's lock (a ``running`` record with no holder is a dead run)."""
+    path = Path(folder) / LOCK
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+class RunFolder:
+    """The run folder of one process's run (see the module docstring for the rules)."""
+
+    def __init__(self, folder: Path, write: bool = True):
+        self.folder = Path(folder)
+        self.write = write  # False on ranks other than 0 of a parallel run: they own no folder
+        self._lock = None
+        self.prior: Optional[str] = None
+
+    def acquire(self) -> None:
+        """Take the folder's lock and look at what it holds; raise FolderBusy / ConfigError, writing nothing."""
+        if not self.write:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = open(self.folder / LOCK, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise FolderBusy(f"another process is running in {self.folder} (it holds {LOCK}); wait for it or "
+                             "choose another hydra.run.dir") from None
+        self._lock = lock
+        remove_stale_temps(self.folder, RESULTS)  # left by a write that a SIGKILL cut short
+        self.prior = read_status(self.folder / RESULTS)
+        if self.prior == "ok":
+            raise ConfigError(f"{self.folder} holds a finished run (results.json status ok), kept as it is; "
+                              "choose another hydra.run.dir for a new run")
+
+    def refused(self, results: dict) -> None:
+        """Record a run refused before it started: only where no earlier record would be replaced."""
+        if self.write and self.prior is None and self._lock is not None:
+            self._write(results)
+
+    def start(self, results: dict) -> None:
+        """Keep an earlier record of another status beside, then write the ``running`` record."""
+        if not self.write:
+            return
+        if self.prior is not None:
+            n = 1
+            while (self.folder / f"results.previous-{n}.json").exists():
+                n += 1
+            os.replace(self.folder / RESULTS, self.folder / f"results.previous-{n}.json")
+            results["previous_record"] = f"results.previous-{n}.json (status {self.prior})"
+        self._write({**results, "status": "running", "pid": os.getpid()})
+
+    def finish(self, results: dict) -> None:
+        if self.write:
+            self._write(results)
+
+    def _write(self, results: dict) -> None:
+        write_json_atomic(self.folder / RESULTS, results)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
