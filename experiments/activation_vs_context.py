@@ -28,7 +28,8 @@ from recompute_lab.config import CONF_DIR  # noqa: E402
 from recompute_lab.cli.estimate import GB  # noqa: E402
 from recompute_lab.measure.memory import meta_saved_tensors  # noqa: E402
 from recompute_lab.model.gpt import build_model  # noqa: E402
-from recompute_lab.strategies import RunShape, apply_strategy  # noqa: E402
+from recompute_lab.strategies import Shape, apply_strategy  # noqa: E402
+from recompute_lab.config.spec import RunSpec
 
 CONTEXTS = [512, 1024, 2048, 4096, 8192]  # the notebook's context lengths
 
@@ -47,12 +48,12 @@ def measure(target: str, contexts: list[int] = CONTEXTS) -> list[dict]:
                                                                f"+strategy={strategy}"])
             m = cfg.model
             model = build_model(m, "meta", torch.bfloat16)  # 16-bit parameters and activations
-            plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+            plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
             model.train()
             for s in contexts:
                 b = cfg.data.batch_size
                 counted = meta_saved_tensors(model, b, s, target)
-                pred = theory.predict_activations(m, theory.Setting(b, s, 2, None, target), plan)
+                pred = theory.predict_activations(m, Shape(b, s, "bf16_master", device=target), plan)
                 rows.append({"attention": attention, "strategy": strategy, "seq_len": s, "batch_size": b,
                              "layers_measured": layer_bytes(counted["by_module"]),
                              "layers_theory": layer_bytes(pred["by_module"]),

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from recompute_lab.strategies import budget as B
 from recompute_lab.model.gpt import build_model
 from recompute_lab.config import ConfigError
-from recompute_lab.strategies import RunShape, apply_strategy, parse_options
+from recompute_lab.strategies import apply_strategy, parse_options
+from recompute_lab.config.spec import RunSpec
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 FIXED = [
@@ -102,7 +103,7 @@ def bench_attention(attention: str, args) -> list[dict]:
         cfg = compose_cfg([*base, *overrides])
         torch.manual_seed(0)
         model = build_model(cfg.model).train()
-        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+        apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
         fixed[name] = measure(model, args, cfg, fixed.get("none", {}).get("_measured"))
         if name == "none":
             REFERENCE[0], REFERENCE_S[0] = model, fixed[name]["step_s"]
@@ -112,7 +113,7 @@ def bench_attention(attention: str, args) -> list[dict]:
     none = fixed["none"]
     cfg = compose_cfg([*base, "+strategy=budget"])
     t0 = time.perf_counter()
-    probed = B.probe_model(build_model(cfg.model).train(), RunShape.of(cfg))
+    probed = B.probe_model(build_model(cfg.model).train(), RunSpec.of(cfg).shape())
     probe_s = time.perf_counter() - t0
     plans: dict[tuple, dict] = {}
     for k in range(1, 11):
@@ -121,7 +122,7 @@ def bench_attention(attention: str, args) -> list[dict]:
         torch.manual_seed(0)
         model = build_model(cfg.model).train()
         try:
-            plan = B.solve(model, parse_options(cfg.strategy), RunShape.of(cfg), probed).to_dict()
+            plan = B.solve(model, parse_options(cfg.strategy), RunSpec.of(cfg).shape(), probed).to_dict()
         except ConfigError:
             plan = None
         if plan is not None:

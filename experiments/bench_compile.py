@@ -22,7 +22,7 @@ and the fixed strategies the point with the fewest recompute FLOPs among those w
 f x none (the partitioner's knob is a fraction of its own graph's bytes, not of none's, so its best knob for each
 budget is picked after the fact: this favours the partitioner). Figure (frontier.png): saved bytes vs recompute
 FLOPs per family, and time overhead with intervals. raw.json holds every point; manifest.json the sha256 of each
-file; tests/test_compile_figures.py re-derives the table and figure from raw.json and remeasures two points.
+file; tests/unit/test_compile_figures.py re-derives the table and figure from raw.json and remeasures two points.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from recompute_lab.config.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,14 +68,14 @@ def build(overrides: list[str], compile_knob=None, scope: str = "model"):
     from recompute_lab.measure import compiled
     from recompute_lab.cli.overrides import compose_run_config
     from recompute_lab.model.gpt import build_model
-    from recompute_lab.strategies import RunShape, apply_strategy
+    from recompute_lab.strategies import apply_strategy
 
     knob = [] if compile_knob is None else [f"compile.memory_budget={compile_knob}"]
     comp = [] if compile_knob is False else ["compile=eager_partition", f"compile.scope={scope}", *knob]
-    cfg = compose_run_config([*overrides, *comp])
+    cfg = RunSpec.of(compose_run_config([*overrides, *comp]))
     torch.manual_seed(0)
     model = build_model(cfg.model, "cpu", torch.float32).train()
-    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+    plan = apply_strategy(model, cfg.strategy, cfg.shape())
     session = None
     if compile_knob is not False:
         session = compiled.Session(cfg.compile)

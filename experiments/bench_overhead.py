@@ -33,12 +33,13 @@ from hydra.core.global_hydra import GlobalHydra
 
 from recompute_lab.model.data import Batches
 from recompute_lab.run.distributed import DistContext
-from recompute_lab.run.engine import StepSettings, build, lr_lambda, run, train_step
+from recompute_lab.run.engine import build, lr_lambda, run, train_step
 from recompute_lab.measure.memory import StepTimer
 from recompute_lab.model.gpt import build_model
-from recompute_lab.strategies import STRATEGIES, RunShape, apply_strategy
+from recompute_lab.strategies import STRATEGIES, apply_strategy
 from recompute_lab.measure.timing import MIN_ROUNDS_FOR_CI, run_paired
 from recompute_lab.record.results import new_results
+from recompute_lab.config.spec import RunSpec
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -63,7 +64,7 @@ def bare_setup(cfg):
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg.model)
-    apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+    apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
     o = cfg.optimizer
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -96,16 +97,16 @@ def bare_step_s(cfg) -> float:
 
 def paired_steps(cfg, rounds: int):
     """Step-level pairing in one process: engine.train_step on the framework's run vs the bare step."""
+    spec = RunSpec.of(cfg)
     with tempfile.TemporaryDirectory() as d:
-        fw = build(cfg, new_results(cfg), Path(d), DistContext())
+        fw = build(spec, new_results(spec.to_dict()), Path(d), DistContext())
     bare = bare_setup(cfg)
     data = Batches(cfg.data, cfg.model.vocab_size)
-    settings = StepSettings.of(cfg)  # as the training loop does, once
 
     def framework(i: int) -> float:
         micro = [tuple(x.to(fw.device) for x in data.get(1000 + i))]
         with StepTimer(fw.device) as timer:
-            fw.dctx.reduce_step(train_step(cfg, fw, micro, {}, settings=settings), False)  # the loop's loss.item()
+            fw.dctx.reduce_step(train_step(spec, fw, micro, {}), False)  # the loop's loss.item()
         return timer.seconds
 
     def hand_written(i: int) -> float:

@@ -58,11 +58,12 @@ def worker(conn, overrides: list[str], warm_steps: int) -> None:
     from recompute_lab.run.distributed import DistContext
     from recompute_lab.run.engine import build, train_step
     from recompute_lab.measure.memory import StepTimer
+    from recompute_lab.config.spec import RunSpec
     from recompute_lab.record.results import new_results
 
-    cfg = compose_cfg([*overrides, "logger=none", "trainer.progress=false"])
+    cfg = RunSpec.of(compose_cfg([*overrides, "logger=none", "trainer.progress=false"]))
     with tempfile.TemporaryDirectory() as d:
-        run = build(cfg, new_results(cfg), Path(d), DistContext())
+        run = build(cfg, new_results(cfg.to_dict()), Path(d), DistContext())
         progress: dict = {}
 
         def step(i: int) -> float:

@@ -8,7 +8,7 @@ file .reproduce_figures) is emptied first, so nothing stale is mixed in; any oth
 never deleted. Each finished run is printed as it lands.
 --out receives summary.csv, summary.md, the seven figures (PNG + PDF) and quiz.md, plus what keeps them honest:
 results.json.gz (every run's results.json, the analysis input) and manifest.json (sha256 of that input and of
-every artifact, the matplotlib version). tests/test_figures_fresh.py re-analyses results.json.gz with the
+every artifact, the matplotlib version). tests/integration/test_figures_fresh.py re-analyses results.json.gz with the
 current code and compares it with the committed files, and reruns one run per strategy to check the bytes and
 FLOPs in results.json.gz are what the current code measures. Rerunning gives the same summary.csv except the
 timing columns (aggregate.TIMING_COLUMNS).

@@ -9,7 +9,7 @@ Fixed: bf16 with fp32 master weights and AdamW, micro-batch 1, FSDP over dp_shar
 parallelism on whenever tp > 1, 1F1B with m = pp, CUDA kernels (flash SDPA). Computed in seconds on CPU.
 
     python experiments/what_fits.py                       # writes experiments/figures/what_fits.{md,png}
-    python experiments/what_fits.py --out /tmp/fits       # elsewhere (tests/test_what_fits.py compares)
+    python experiments/what_fits.py --out /tmp/fits       # elsewhere (tests/unit/test_what_fits.py compares)
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """``python -m recompute_lab.analyze``: kept for users' scripts; the entry point is recompute_lab/cli/analyze.py."""
-from recompute_lab.cli.analyze import main  # noqa: F401
+import sys
+
+from recompute_lab.cli.analyze import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

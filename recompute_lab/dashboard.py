@@ -1,5 +1,7 @@
 """``python -m recompute_lab.dashboard``: kept for users' scripts; the entry point is recompute_lab/cli/dashboard.py."""
-from recompute_lab.cli.dashboard import main  # noqa: F401
+import sys
+
+from recompute_lab.cli.dashboard import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,7 @@
 """``python -m recompute_lab.wandb_sweep``: kept for users' scripts; the entry point is recompute_lab/cli/wandb_sweep.py."""
-from recompute_lab.cli.wandb_sweep import main  # noqa: F401
+import sys
+
+from recompute_lab.cli.wandb_sweep import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,10 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Every results.json a test writes (in this process or a CLI subprocess) is checked against the JSON Schema.
+os.environ["RECOMPUTE_LAB_VALIDATE_RECORDS"] = "1"
 
 # A developer's machine settings (conf/local/default.yaml, git-ignored) must not change what the tests run.
 LOCAL_OFF = ["~local"] if (Path(CONF_DIR) / "local" / "default.yaml").exists() else []
-HYDRA_APPS = ("recompute_lab.cli.train", "recompute_lab.cli.estimate")
+HYDRA_APPS = ("recompute_lab.train", "recompute_lab.estimate", "recompute_lab.cli.train", "recompute_lab.cli.estimate")
 
 
 def pytest_configure(config):
@@ -93,7 +95,7 @@ def cfg_of():
     GlobalHydra.instance().clear()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "recompute_lab.cli.train",
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "recompute_lab.train",
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would, in ``cwd``."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
@@ -107,7 +109,7 @@ def load_results(path: Path) -> dict:
 
 
 # Tests' runs: no W&B, no progress bar; FAST also skips the paired time overhead (38 extra steps, ~40% of a tiny
-# run), which tests/test_overhead.py and the analysis tests keep with FAST_TIMED.
+# run), which tests/integration/test_overhead.py and the analysis tests keep with FAST_TIMED.
 FAST_TIMED = ["logger=none", "trainer.progress=false"]
 FAST = [*FAST_TIMED, "trainer.overhead.enabled=false"]
 

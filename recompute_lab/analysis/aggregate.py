@@ -24,8 +24,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from recompute_lab.strategies import label_of
+from recompute_lab.config.strategies import label_of
 from recompute_lab.record.folder import is_locked
+from recompute_lab.record.result import RecordError, RunResult
 from recompute_lab.predict.theory import korthikanti_layer_bytes, naive_layer_bytes
 from recompute_lab.measure.timing import describe
 
@@ -80,7 +81,7 @@ def find_results(folder: Path) -> list[Path]:
 
 def strategy_label(strategy_cfg: Optional[dict]) -> str:
     """A short readable name: 'none', 'full', 'selective[core_attn]', 'layers(method=block,num_layers=1)'
-    (the strategy's own label rule, recompute_lab.strategies.label_of)."""
+    (the strategy's own label rule, recompute_lab.config.strategies.label_of)."""
     return label_of(strategy_cfg)
 
 
@@ -247,11 +248,9 @@ def load_rows(folder: Path) -> list[dict]:
     for path in find_results(folder):
         run = str(path.parent.relative_to(folder)) if path.parent != folder else "."
         try:
-            res = json.loads(path.read_text())
-            if not isinstance(res, dict) or res.get("schema_version") != 1:
-                raise ValueError(f"schema_version {res.get('schema_version') if isinstance(res, dict) else None!r}, "
-                                 "expected 1")
-        except (OSError, ValueError) as e:  # keep the run visible rather than silently dropping it
+            # the typed contract (recompute_lab.record.result); a damaged section reads as empty
+            res = RunResult.load(path, lenient=True).to_dict()
+        except RecordError as e:  # keep the run visible rather than silently dropping it
             row = dict.fromkeys(COLUMNS)
             row.update(run=run, status="unreadable", error=f"{type(e).__name__}: {e}"[:200], _key=None,
                        _strategy_name=None, _strategy_cfg=None)

@@ -19,6 +19,7 @@ from recompute_lab.analysis import derive
 from recompute_lab.analysis.aggregate import fmt_bytes, fmt_overhead, group_key, ok_rows, run_label
 from recompute_lab.analysis.figures import FIGURES
 from recompute_lab.config import ModelConfig
+from recompute_lab.config.spec import Shape
 
 
 def pct(x: Optional[float]) -> str:
@@ -222,8 +223,8 @@ def matched_regime(key: tuple, point: dict) -> str:
     s, b, naive = point["seq_len"], point["tokens"] // point["seq_len"], point["naive"]
 
     def blocks(dropout: float, device: str) -> int:  # saved bytes without the fp32 logits, as measured above
-        pred = theory.predict_activations(dataclasses.replace(cfg, dropout=dropout), theory.Setting(b, s, 2, None,
-                                                                                                    device))
+        st = Shape(b, s, "bf16_master", device=device)
+        pred = theory.predict_activations(dataclasses.replace(cfg, dropout=dropout), st)
         return pred["total"] - pred["logits"]
     if key[1] == "bf16_master" and cfg.dropout > 0:
         return " This run is in the formulas' regime already (16-bit values, dropout on)."

@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Optional
 
-from recompute_lab.config import Config
+from recompute_lab.config import GROUPS
 from recompute_lab.record.wandb_run import has_credentials
 
 GROUP_BY = ("strategy.name", "precision.name", "model.name")
@@ -35,7 +35,7 @@ def axis_key(override_key: str) -> Optional[str]:
     root = key.split(".")[0].split("/")[0]
     if root in ("hydra", "experiment", "local", "logger"):
         return None
-    groups = typing.get_type_hints(Config)
+    groups = GROUPS
     if "." not in key and root in groups:  # a group choice: the field naming the chosen option
         fields = typing.get_type_hints(groups[root])
         return f"{root}.name" if "name" in fields else f"{root}.kind"

@@ -27,7 +27,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from recompute_lab.cli import app
-from recompute_lab.config import CONF_DIR, ConfigError, EstimateConfig, to_container, validate
+from recompute_lab.config import CONF_DIR, ConfigError, EstimateConfig
+from recompute_lab.config.hf import resolve_model
+from recompute_lab.config.spec import RunSpec, copy_config
 from recompute_lab.record.logs import Laps, route_warnings
 
 log = logging.getLogger("recompute_lab.cli.estimate")  # not __name__: "__main__" under python -m
@@ -54,7 +56,8 @@ def grouped(by_module: dict) -> dict:
 
 def fit_positions(cfg: DictConfig, est: EstimateConfig | DictConfig, notes: list) -> list[int]:
     """The sequence lengths to estimate; the position table grows to the longest (it lives on meta: growing it
-    costs nothing) with a note, and data.seq_len is the shortest. Called before validate()."""
+    costs nothing) with a note, and data.seq_len is the shortest. Changes ``cfg`` (a composed config, before its
+    RunSpec is made): call it on a copy."""
     seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
     if max(seq_lens) > cfg.model.max_seq_len:
         notes.append(f"model.max_seq_len raised from {cfg.model.max_seq_len} to {max(seq_lens)} for the series")
@@ -64,21 +67,23 @@ def fit_positions(cfg: DictConfig, est: EstimateConfig | DictConfig, notes: list
 
 
 def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
-    """Model state and, per sequence length, activation and peak bytes for ``cfg`` on ``est.target``."""
+    """Model state and, per sequence length, activation and peak bytes for ``cfg`` (a composed config, not
+    changed) on ``est.target``. The config becomes a RunSpec here, once; everything below reads the spec."""
     # torch and the model only now: --help and --cfg job of this module import neither.
     from recompute_lab.predict import layout
     from recompute_lab.predict import per_gpu
-    from recompute_lab.predict import peak as peaks
+    from recompute_lab.predict import prediction
     from recompute_lab.predict import theory
     from recompute_lab.model.hf import notes as hf_notes
-    from recompute_lab.model.hf import resolve_model
     from recompute_lab.measure.memory import meta_saved_tensors
+    from recompute_lab.measure.tensor_parallel import measure_micro_batch
     from recompute_lab.model.gpt import build_model
     from recompute_lab.model.precision import make_precision
-    from recompute_lab.strategies import RunShape, apply_strategy, parse_options
+    from recompute_lab.strategies import apply_strategy
     from recompute_lab.measure.target_kernels import assumptions
 
     laps = Laps(log)
+    cfg = copy_config(cfg)  # fit_positions below and HF resolution write into the copy, never the caller's config
     resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
     backend = str((cfg.get("compile") or {}).get("backend", "off"))
     if backend != "off":  # an eager estimate must not pass for a compiled one
@@ -87,29 +92,28 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
                           "(python -m recompute_lab.train compile=...); use compile=off here")
     notes = hf_notes(cfg.model)
     seq_lens = fit_positions(cfg, est, notes)
-    validate(cfg)
-    opts = parse_options(cfg.strategy)
+    spec = RunSpec.of(cfg)  # validated, typed, frozen: the one config object from here on
+    opts = spec.strategy
     lay = getattr(est, "layout", None)  # a DictConfig or an EstimateConfig (tests call estimate() directly)
     if layout.is_active(lay):
         for s in seq_lens:
-            layout.validate_layout(lay, cfg.model, s, cfg.parallel)
+            layout.validate_layout(lay, spec.model, s, spec.parallel)
         if opts.name not in per_gpu.STRATEGIES or (opts.name == "selective" and list(opts.modules) != ["core_attn"]):
             raise ConfigError(f"estimate.layout plans per GPU for strategies {', '.join(per_gpu.STRATEGIES)} "
                               f"(selective: modules=[core_attn]), not {opts.name}")
     target = str(est.target)
-    policy = make_precision(cfg.precision)
-    model = build_model(cfg.model, "meta", policy.param_dtype)
-    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+    policy = make_precision(spec.precision)
+    model = build_model(spec.model, "meta", policy.param_dtype)
+    plan = apply_strategy(model, spec.strategy, spec.shape())
     model.train()
-    laps(f"meta model {cfg.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params")
+    laps(f"meta model {spec.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params")
     n_params = model.get_num_params()
-    par = cfg.parallel
+    par = spec.parallel
     dp = par.dp_size or 1
     # Per rank: DDP replicates model state, FSDP (ZeRO-3) shards it over parallel.dp_size ranks (padded dim-0
     # shards, as FSDP2 keeps them); the peak adds each layout's buffers (recompute_lab.predict.peak).
-    step = peaks.StepSetting(policy.name, getattr(policy, "fp32_grad_accum", False), cfg.optimizer.grad_clip > 0,
-                             parallel=str(par.kind), world_size=dp)
-    state = peaks.model_state(cfg.model, n_params, step)
+    step = spec.shape(target, str(par.kind), dp)
+    state = prediction.model_state(spec.model, step, n_params)
     if str(par.kind) != "none":
         notes.append(f"model state per rank: parallel={par.kind}, dp_size={dp}")
     autocast = policy.autocast_dtype is not None
@@ -117,41 +121,46 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
         notes.append("autocast has no meta backend: activations below are the theory's only")
     series = []
     for s in seq_lens:
-        b = int(cfg.data.batch_size)
-        st = theory.Setting(b, s, policy.param_dtype.itemsize,
-                            None if not autocast else policy.autocast_dtype.itemsize, target)
-        pred = theory.predict_activations(cfg.model, st, plan)
-        measured, by_module = None, pred.get("by_module") or {}
+        b = int(spec.data.batch_size)
+        st = step.replace(batch=b, seq=s)
+        measured, by_module, hooked = None, None, None
         if not autocast:
             counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
             # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache included)
-            measured, by_module = counted["resident_total"], counted["by_module"]
-        peak = peaks.predict_peak(cfg.model, st, state, pred, step)
+            measured, by_module, hooked = counted["resident_total"], counted["by_module"], counted["total"]
+        # The one prediction (recompute_lab.predict.prediction): a plan without a closed form (op, regions) is
+        # priced from the meta count, as the memory guard prices it.
+        predicted = prediction.predict(spec, plan, st, n_params, counted_activations=hooked)
+        pred = predicted.activations
+        by_module = by_module if by_module is not None else (pred.get("by_module") or {})
+        peak = predicted.peak
+        shown = measured if measured is not None else pred["total"]
         laps(f"s={s} b={b} ({len(series) + 1}/{len(seq_lens)})",
-             f"activations {(measured if measured is not None else pred['total']) / GB:.2f} GB "
-             f"{'meta-measured' if measured is not None else 'theory'}")
-        layers = cfg.model.n_layer
+             "activations " + ("not predicted (" + str(pred.get("reason")) + ")" if shown is None else
+                               f"{shown / GB:.2f} GB {'meta-measured' if measured is not None else 'theory'}"))
+        layers = spec.model.n_layer
         if layout.is_active(lay):  # per GPU: one micro-batch measured with PyTorch's TP plan, every stage's bytes
-            series_layout = per_gpu.layout_estimate(cfg.model, lay, opts.name, b, s, policy.name, target)
+            series_layout = per_gpu.layout_estimate(spec.model, lay, opts.name, b, s, policy.name, target,
+                                                    measure=measure_micro_batch)
             laps(f"s={s} per GPU under the layout", f"{max(r['total'] for r in series_layout['stages']) / GB:.2f} GB")
         series.append({
             "seq_len": s, "batch_size": b,
             "activation_bytes": {"predicted": pred["total"], "measured": measured, "source": "meta",
                                  "by_module": by_module, "by_group": grouped(by_module),
                                  "prediction_note": pred["reason"],
-                                 "korthikanti": layers * theory.korthikanti_layer_bytes(s, b, cfg.model.d_model,
-                                                                                       cfg.model.n_head),
-                                 "naive": layers * theory.naive_layer_bytes(s, b, cfg.model.d_model)},
+                                 "korthikanti": layers * theory.korthikanti_layer_bytes(s, b, spec.model.d_model,
+                                                                                       spec.model.n_head),
+                                 "naive": layers * theory.naive_layer_bytes(s, b, spec.model.d_model)},
             "logits_bytes": pred.get("logits"),
             "peak_bytes": {"predicted": None if peak is None else peak["total"], "measured": None,
                            "source": "theory", "phases": None if peak is None else peak["phases"]},
             **({"per_gpu": series_layout} if layout.is_active(lay) else {}),
         })
     first = series[0]
-    return {"config": to_container(cfg), "target": target, "assumptions": assumptions(target), "notes": notes,
+    return {"config": spec.to_dict(), "target": target, "assumptions": assumptions(target), "notes": notes,
             "strategy": plan.to_dict(),
-            "model": {"name": cfg.model.name, "params": n_params, "n_layer": cfg.model.n_layer},
+            "model": {"name": spec.model.name, "params": n_params, "n_layer": spec.model.n_layer},
             "memory": {"model_state_bytes": {"predicted": state["total"], "measured": None,
                                              "per_param": state["per_param"],
                                              "bytes_per_param": state["bytes_per_param"]},

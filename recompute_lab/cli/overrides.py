@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import typing
 from typing import Iterable
 
 from hydra import compose, initialize_config_dir
@@ -19,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 from omegaconf import DictConfig
 
-from recompute_lab.config import CONF_DIR, Config, ConfigError
+from recompute_lab.config import CONF_DIR, GROUPS, ConfigError
 from recompute_lab.strategies import STRATEGIES, option_names
 
 # Root keys a run config has, besides the schema's groups: Hydra's own and the experiment presets.
@@ -58,7 +57,7 @@ def check_overrides(overrides: Iterable[str], root_keys: Iterable[str] = ()) -> 
         parsed = OverridesParser.create().parse_overrides(items)
     except Exception:  # Hydra reports syntax errors itself, with its own pointer to the character
         return
-    groups = typing.get_type_hints(Config)  # root key -> its schema dataclass
+    groups = GROUPS  # root key -> its schema dataclass
     roots = [*groups, *EXTRA_ROOT_KEYS, *root_keys]
     chosen = _strategies_chosen(parsed)
     for o in parsed:

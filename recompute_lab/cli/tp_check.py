@@ -5,7 +5,7 @@
 Each rank builds the same small Llama-like GPT on the CPU (fp32, random weights), applies
 recompute_lab.measure.tensor_parallel's plan on a 1-D mesh of all ranks, runs one forward under
 recompute_lab.measure.memory.saved_tensors (CPU kernels, real storages) and writes OUT_DIR/rank{R}.json: its saved bytes
-by module and its local parameter elements and bytes. tests/test_tp_check.py compares each rank with the meta
+by module and its local parameter elements and bytes. tests/integration/test_tp_check.py compares each rank with the meta
 estimate of the same layout (:func:`meta_estimate`).
 """
 from __future__ import annotations

@@ -153,10 +153,10 @@ def hf_config(mcfg) -> tuple[Any, Family]:
     config = load_config(mcfg.hf.config)
     overrides = dict(mcfg.hf.overrides or {})
     apply_overrides(config, overrides)
-    family = find_family(config, mcfg.hf.get("family"))
+    family = find_family(config, getattr(mcfg.hf, "family", None))
     resolved = is_resolved(mcfg)
     for fld in SHAPE_FIELDS:
-        value = mcfg.get(fld)
+        value = getattr(mcfg, fld, None)
         if not resolved and value == 0:  # 0: from the config
             continue
         key = family.keys.get(fld)
@@ -169,7 +169,7 @@ def hf_config(mcfg) -> tuple[Any, Family]:
 
 def is_resolved(mcfg) -> bool:
     """Resolution ran: every field holds the model's value (0 layers is then a real count: budget's probe)."""
-    return mcfg.hf.get("model_type") is not None
+    return getattr(mcfg.hf, "model_type", None) is not None
 
 
 DERIVED = ("norm", "mlp", "positions", "bias", "tie_embeddings", "dropout", "norm_eps", "rope_theta")
@@ -206,16 +206,16 @@ def resolve_model(cfg: DictConfig | Any) -> None:
     """Fill a ``model=hf`` config's model fields from its Hugging Face config, in place (a whole run config or
     its ``model`` node). Fields the user set are written into the transformers config first (so they win);
     a derived field set by the user to another value than the config's is refused, naming the key to set."""
-    mcfg = cfg.model if "model" in cfg else cfg
-    if str(mcfg.arch) != Arch.hf:
-        return
+    mcfg = cfg.model if hasattr(cfg, "model") else cfg
+    if str(mcfg.arch) != Arch.hf or getattr(mcfg.hf, "model_type", None) is not None:
+        return  # not a Hugging Face model, or resolved already (a RunSpec's model is)
     config, family = hf_config(mcfg)
     fields = mapped_fields(config, family)
     defaults = ModelConfig()
     for fld in DERIVED:
         if fld not in fields:
             continue
-        now, default = _plain(mcfg.get(fld)), getattr(defaults, fld)
+        now, default = _plain(getattr(mcfg, fld, None)), getattr(defaults, fld)
         now, default = (v.value if hasattr(v, "value") else v for v in (now, default))
         if now != default and now != fields[fld]:
             raise ConfigError(f"model.{fld}={now} does not apply to model=hf ({type(config).__name__} has "

@@ -30,6 +30,17 @@ class ConfigError(ValueError):
     """A configuration that composes but cannot describe a valid run (cross-field rules)."""
 
 
+class Frozen:
+    """Mixin of every schema dataclass: writable while Hydra composes and tests build one, read-only once a
+    RunSpec holds it (recompute_lab.config.spec.freeze sets ``_frozen``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise dataclasses.FrozenInstanceError(f"cannot assign {type(self).__name__}.{name}: a RunSpec is "
+                                                  "read-only (make a new one with RunSpec.replace)")
+        object.__setattr__(self, name, value)
+
+
 class StrEnum(str, Enum):
     """Enum whose members compare equal to their names, so ``cfg.model.norm == "rmsnorm"`` works."""
 
@@ -87,7 +98,7 @@ class WandbMode(StrEnum):
 
 
 @dataclass
-class HFConfig:
+class HFConfig(Frozen):
     """``model=hf``: a Hugging Face transformers causal LM, built with ``from_config`` (random weights, nothing
     downloaded) unless ``weights`` is set. recompute_lab.model.hf.resolve_model fills the model's other fields from it."""
 
@@ -100,7 +111,7 @@ class HFConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Frozen):
     name: str = "tiny"
     arch: Arch = Arch.gpt
     n_layer: int = 2
@@ -123,13 +134,13 @@ class ModelConfig:
 
 
 @dataclass
-class PrecisionConfig:
+class PrecisionConfig(Frozen):
     name: str = "fp32"              # fp32 | bf16_autocast | bf16_master (recompute_lab/model/precision.py)
     fp32_grad_accum: bool = False   # bf16_master only: sum micro-batch grads in fp32 buffers (+4 B/param)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Frozen):
     kind: DataKind = DataKind.synthetic
     seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]  # tokens per sample
     batch_size: int = 8                     # samples per micro-batch
@@ -138,7 +149,7 @@ class DataConfig:
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Frozen):
     name: str = "adamw"
     lr: float = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -150,7 +161,7 @@ class OptimizerConfig:
 
 
 @dataclass
-class OverheadConfig:
+class OverheadConfig(Frozen):
     """trainer.overhead: after training, the run's step timed against a baseline strategy's step, interleaved on
     the same batches in the same process, with a 95% interval (recompute_lab.measure.overhead, recompute_lab.measure.timing).
     Each round runs two steps of each arm; off: trainer.overhead.enabled=false."""
@@ -165,7 +176,7 @@ class OverheadConfig:
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Frozen):
     steps: int = 100
     grad_accum: int = 1          # micro-batches per optimizer step
     seed: int = 0
@@ -189,7 +200,7 @@ class TrainerConfig:
 
 
 @dataclass
-class LoggerConfig:
+class LoggerConfig(Frozen):
     kind: LoggerKind = LoggerKind.wandb
     mode: WandbMode = WandbMode.offline  # online needs WANDB_API_KEY; without it offline is used
     project: str = "recompute_lab"
@@ -212,7 +223,7 @@ class Backend(StrEnum):
 
 
 @dataclass
-class StrategyConfig:
+class StrategyConfig(Frozen):
     """What every strategy's options share; each strategy extends it with its own typed options.
 
     The schema of strategy NAME is the dataclass registered with it (recompute_lab.strategies) and stored as
@@ -239,7 +250,7 @@ class PipeSchedule(StrEnum):
 
 
 @dataclass
-class LayoutConfig:
+class LayoutConfig(Frozen):
     """estimate.layout: a 4D parallel layout whose per-GPU memory estimate predicts (recompute_lab.predict.layout).
 
     Why a node of ``estimate`` and not of ``parallel``: the trainer runs only what ``parallel`` offers (ddp, fsdp
@@ -261,7 +272,7 @@ class LayoutConfig:
 
 
 @dataclass
-class EstimateConfig:
+class EstimateConfig(Frozen):
     """``python -m recompute_lab.estimate``'s own options (estimate.*), outside the training config."""
 
     target: Target = Target.cuda                        # whose kernels decide what is saved
@@ -271,7 +282,7 @@ class EstimateConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Frozen):
     """Data parallelism (recompute_lab/run/distributed.py). Launch with torchrun; data.batch_size is per rank."""
 
     kind: ParallelKind = ParallelKind.none
@@ -292,7 +303,7 @@ class CompileScope(StrEnum):
 
 
 @dataclass
-class CompileConfig:
+class CompileConfig(Frozen):
     """torch.compile as an axis (recompute_lab/measure/compiled.py), applied after the recomputation strategy and before
     DDP / FSDP (torchtitan's order: AC, compile, FSDP)."""
 
@@ -301,17 +312,41 @@ class CompileConfig:
     scope: CompileScope = CompileScope.block
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    compile: CompileConfig = field(default_factory=CompileConfig)
+# The run config's groups and their schemas, in the order of conf/config.yaml (recompute_lab.config.spec.RunSpec
+# holds one typed, frozen instance of each).
+GROUPS: dict[str, type] = {"model": ModelConfig, "precision": PrecisionConfig, "data": DataConfig,
+                           "optimizer": OptimizerConfig, "trainer": TrainerConfig, "logger": LoggerConfig,
+                           "strategy": StrategyConfig, "parallel": ParallelConfig, "compile": CompileConfig}
+
+
+# Each strategy's options dataclass, by strategy name: filled by recompute_lab.strategies.register (the strategy
+# layer registers; the config layer owns the schemas, so a RunSpec's strategy options are typed here).
+STRATEGY_OPTIONS: dict[str, type] = {}
+
+
+def register_strategy_options(name: str, options: type) -> None:
+    """Register ``options`` (a StrategyConfig subclass) as strategy ``name``'s schema, for Hydra too."""
+    STRATEGY_OPTIONS[name] = options
+    ConfigStore.instance().store(group="schema/strategy", name=name, node=options)
+
+
+def unregister_strategy_options(name: str) -> None:
+    STRATEGY_OPTIONS.pop(name, None)
+    ConfigStore.instance().repo.get("schema", {}).get("strategy", {}).pop(f"{name}.yaml", None)
+
+
+def strategy_options(name: str) -> type:
+    """The options dataclass of strategy ``name`` (ConfigError naming the valid strategies)."""
+    if name not in STRATEGY_OPTIONS:
+        raise ConfigError(f"unknown strategy {name!r}; valid strategies: {', '.join(sorted(STRATEGY_OPTIONS))}")
+    return STRATEGY_OPTIONS[name]
+
+
+def strategy_options_names(name: str) -> list[str]:
+    """The options of strategy ``name``: its own first, then those every strategy has (``name`` excluded)."""
+    shared = [f.name for f in dataclasses.fields(StrategyConfig) if f.name != "name"]
+    own = [f.name for f in dataclasses.fields(strategy_options(name)) if f.name not in shared and f.name != "name"]
+    return own + shared
 
 
 def register_configs() -> None:
@@ -320,12 +355,9 @@ def register_configs() -> None:
     # The root holds one typed node per group (not a Config node), so that estimate.yaml can add its `estimate`
     # section on top of config.yaml; Hydra still closes the root after composing, and recompute_lab.cli.overrides checks
     # root keys added with + before Hydra runs.
-    cs.store(name="recompute_lab_schema", node={f.name: f.default_factory() for f in dataclasses.fields(Config)})
+    cs.store(name="recompute_lab_schema", node={name: schema() for name, schema in GROUPS.items()})
     cs.store(name="recompute_lab_estimate_schema", node={"estimate": EstimateConfig})
-    for group, node in [("model", ModelConfig), ("precision", PrecisionConfig), ("data", DataConfig),
-                        ("optimizer", OptimizerConfig), ("trainer", TrainerConfig),
-                        ("logger", LoggerConfig), ("strategy", StrategyConfig),
-                        ("parallel", ParallelConfig), ("compile", CompileConfig)]:
+    for group, node in GROUPS.items():
         cs.store(group=f"schema/{group}", name="base", node=node)
 
 
@@ -359,7 +391,7 @@ def _positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def validate(cfg: DictConfig | Config) -> None:
+def validate(cfg: DictConfig) -> None:
     """Cross-field rules that a schema cannot express; raise ConfigError with a readable message."""
     m, d, t, o = cfg.model, cfg.data, cfg.trainer, cfg.optimizer
     if m.arch == Arch.hf and m.get("hf", {}).get("model_type") is None:

@@ -17,12 +17,15 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from recompute_lab.record.provenance import git_info
 
 # Dense peak rates in FLOP/s from the vendors' datasheets (no sparsity). fp32 is plain FP32 (not TF32).
 #  A100 SXM 80GB: 312 TFLOP/s BF16 tensor core, 19.5 TFLOP/s FP32 (NVIDIA A100 datasheet).
@@ -220,3 +223,18 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def env_info(device: torch.device, dtype: torch.dtype) -> dict:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device.type,
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "dtype": str(dtype).replace("torch.", ""),
+        "num_threads": torch.get_num_threads(),
+        # Recorded in the run's own results (not the repo) so a sweep over machines can be told apart.
+        "hostname": socket.gethostname(),
+        "git": git_info(),  # the code's commit (recompute_lab.record.provenance); W&B's config has it too
+    }

@@ -22,25 +22,25 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from recompute_lab.config import ConfigError, Device
+from recompute_lab.config.spec import RunSpec
 from recompute_lab.run.failures import Diverged, is_oom
 from recompute_lab.measure.memory import StepTimer
 from recompute_lab.model.gpt import build_model
 from recompute_lab.measure.probe import PredictedOOM, guard_memory
-from recompute_lab.strategies import RunShape, apply_strategy, parse_options
+from recompute_lab.strategies import apply_strategy, parse_options
 from recompute_lab.measure.timing import MIN_ROUNDS_FOR_CI, run_paired
 
 KEYS = ("baseline", "ratio", "ci95_low", "ci95_high", "rounds", "method")
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: RunSpec) -> None:
     """trainer.overhead's rules, checked before anything runs (a typo'd baseline must not waste a run)."""
-    o = cfg.trainer.get("overhead")
+    o = cfg.trainer.overhead
     if o is None:
         return
     parse_options({"name": o.baseline})  # ConfigError naming the valid strategies
@@ -55,15 +55,12 @@ def empty(baseline: Optional[str], reason: Optional[str]) -> dict:
     return {**dict.fromkeys(KEYS), "baseline": baseline, "rounds": 0, "skipped": reason}
 
 
-def baseline_config(cfg: DictConfig, baseline) -> DictConfig:
+def baseline_config(cfg: RunSpec, baseline) -> RunSpec:
     """``cfg`` with the baseline's strategy options in place of the run's."""
-    bcfg = cfg.copy()
-    OmegaConf.set_struct(bcfg, False)
-    bcfg.strategy = OmegaConf.structured(baseline)
-    return bcfg
+    return cfg.replace(strategy=baseline)
 
 
-def fit_reason(cfg: DictConfig, run, baseline) -> Optional[str]:
+def fit_reason(cfg: RunSpec, run, baseline) -> Optional[str]:
     """Why the baseline would not fit, by the memory guard's prediction (recompute_lab.measure.probe.guard_memory: against
     trainer.max_memory_gb, else the device's memory), or None. The model state is shared, so the baseline needs
     what a run of its own would."""
@@ -86,15 +83,15 @@ def share_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
         raise RuntimeError(f"baseline replica has tensors the training model does not: {left[:5]}")
 
 
-def build_baseline(cfg: DictConfig, run, baseline) -> torch.nn.Module:
-    """The baseline model: the training model's tensors, the baseline's recomputation wrappers."""
-    model = build_model(cfg.model, "meta", run.policy.param_dtype)
-    share_tensors(model, run.model)
-    apply_strategy(model, baseline, RunShape.of(cfg))
+def build_baseline(cfg: RunSpec, policy, trained: torch.nn.Module, baseline) -> torch.nn.Module:
+    """The baseline model: ``trained``'s tensors (built under ``policy``), the baseline's recomputation wrappers."""
+    model = build_model(cfg.model, "meta", policy.param_dtype)
+    share_tensors(model, trained)
+    apply_strategy(model, baseline, cfg.shape())
     return model.train()
 
 
-def measure(cfg: DictConfig, run, train_step: Callable[[torch.nn.Module, list], object],
+def measure(cfg: RunSpec, run, train_step: Callable[[torch.nn.Module, list], object],
             should_stop: Optional[Callable[[], bool]] = None) -> dict:
     """time.overhead for this run: its step against the baseline's, paired and interleaved.
 
@@ -136,7 +133,7 @@ def measure(cfg: DictConfig, run, train_step: Callable[[torch.nn.Module, list], 
 
     other = None
     try:
-        other = build_baseline(cfg, run, baseline)
+        other = build_baseline(cfg, run.policy, run.model, baseline)
         paired = run_paired(arm(run.model), arm(other), min_rounds=o.min_rounds, max_rounds=o.max_rounds,
                             target_rel_width=o.target_ci_width, max_seconds=o.max_seconds or None,
                             warmup_rounds=o.warmup_rounds, should_stop=should_stop)
@@ -163,7 +160,7 @@ def measure(cfg: DictConfig, run, train_step: Callable[[torch.nn.Module, list], 
     return out
 
 
-def contention(cfg: DictConfig) -> Optional[str]:
+def contention(cfg: RunSpec) -> Optional[str]:
     """Why this run's step times share the machine with other timed work, or None."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     on_cpu = cfg.trainer.device == Device.cpu or (cfg.trainer.device == Device.auto and not torch.cuda.is_available())
@@ -185,7 +182,8 @@ def contention(cfg: DictConfig) -> Optional[str]:
     return None
 
 
-def _hydra_launcher() -> Optional[DictConfig]:
+def _hydra_launcher() -> Optional[Any]:
+    """The Hydra launcher's settings of the job this process runs, if Hydra started it."""
     try:
         from hydra.core.hydra_config import HydraConfig
     except ImportError:  # pragma: no cover - hydra is a dependency

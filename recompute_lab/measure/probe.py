@@ -19,28 +19,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig
 
-from recompute_lab.predict import peak as peaks
+from recompute_lab.predict import prediction
 from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError
+from recompute_lab.config.spec import RunSpec, Shape
 from recompute_lab.run.failures import is_oom
 from recompute_lab.measure.memory import (CudaPeak, mem_tracker_step, meta_saved_tensors, release_parameters,
                                    remat_saved_bytes, saved_tensors)
 from recompute_lab.model.gpt import build_model
 from recompute_lab.measure.hardware import device_memory_bytes
 from recompute_lab.model.precision import make_precision
-from recompute_lab.strategies import Plan, RunShape, apply_strategy, parse_options
+from recompute_lab.strategies import Plan, apply_strategy, parse_options
 from recompute_lab.strategies.base import lookup
-
-
-def setting_for(cfg: DictConfig, policy, device_type: str) -> theory.Setting:
-    """The theory's view of a run: micro-batch shape, parameter / autocast dtypes, whose kernels."""
-    autocast = policy.autocast_dtype
-    return theory.Setting(batch=cfg.data.batch_size, seq=cfg.data.seq_len,
-                          param_bytes=torch.empty((), dtype=policy.param_dtype).element_size(),
-                          autocast_bytes=None if autocast is None else torch.empty((), dtype=autocast).element_size(),
-                          device=device_type)
 
 
 def layout(dctx) -> tuple[str, int, int]:
@@ -50,29 +41,20 @@ def layout(dctx) -> tuple[str, int, int]:
     return str(dctx.kind), int(dctx.world_size), int(dctx.rank)
 
 
-def step_setting(cfg: DictConfig, dctx=None) -> peaks.StepSetting:
-    """What the peak model needs to know about the step: precision, gradient clipping, this rank's layout."""
+def shape_of(spec: RunSpec, device_type: str, dctx=None) -> Shape:
+    """The run's micro-batch on ``device_type``'s kernels, on this rank of its data-parallel layout."""
     kind, world, rank = layout(dctx)
-    return peaks.StepSetting(precision=str(cfg.precision.name),
-                             fp32_grad_accum=bool(cfg.precision.get("fp32_grad_accum", False)),
-                             grad_clip=cfg.optimizer.grad_clip > 0, parallel=kind, world_size=world, rank=rank)
+    return spec.shape(device_type, kind, world, rank)
 
 
-def predicted_memory(cfg: DictConfig, policy, plan: Plan, n_params: int, device_type: str, dctx=None) -> dict:
-    """Theory for one run (one rank of it): activation bytes under ``plan`` and the peak they imply
-    (recompute_lab.predict.peak). Activations follow the dtype the model computes in, which under fsdp with bf16_master is
-    FSDP's bf16 while ``policy`` (adapted by the DistContext) keeps fp32 shards."""
-    compute = make_precision(cfg.precision)
-    st = setting_for(cfg, compute, device_type)
-    act = theory.predict_activations(cfg.model, st, plan)
-    if act.get("total") is None and plan.predicted_activation_bytes is not None:
-        # The budget planner prices its own plan from probed per-block options (recompute_lab.budget).
-        act = {"total": plan.predicted_activation_bytes, "largest_region": 0, "by_module": None,
-               "logits": None, "reason": "predicted by the budget planner's probed cost model"}
-    step = step_setting(cfg, dctx)
-    state = peaks.model_state(cfg.model, n_params, step)
-    return {"setting": st, "activations": act, "model_state": state,
-            "peak": peaks.predict_peak(cfg.model, st, state, act, step)}
+def predicted_memory(cfg: RunSpec, policy, plan: Plan, n_params: int, device_type: str, dctx=None,
+                     counted_activations: Optional[int] = None) -> dict:
+    """The run's prediction (recompute_lab.predict.prediction.predict) for this rank, as the probe reports it.
+    Activations follow the dtype the model computes in, which under fsdp with bf16_master is FSDP's bf16 while
+    ``policy`` (adapted by the DistContext) keeps fp32 shards: the shape carries the precision's name."""
+    pred = prediction.predict(cfg, plan, shape_of(cfg, device_type, dctx), n_params, counted_activations)
+    return {"setting": pred.shape, "activations": pred.activations, "model_state": pred.model_state,
+            "peak": pred.peak, "prediction": pred}
 
 
 @contextlib.contextmanager
@@ -89,7 +71,7 @@ def memory_history(device: torch.device, path: Optional[Path]):
         torch.cuda.memory._record_memory_history(enabled=None)
 
 
-def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path] = None,
+def memory_probe(cfg: RunSpec, device: torch.device, policy, batch: tuple, snapshot: Optional[Path] = None,
                  plan: Optional[Plan] = None, dctx=None, session=None) -> tuple[dict, Optional[Plan]]:
     """Run the probe step on a fresh model: (the ``memory`` section of results.json, the plan it applied).
 
@@ -114,14 +96,14 @@ def memory_probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, sn
         return {"probe_error": f"{type(e).__name__}: {e}"}, plan
 
 
-def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot: Optional[Path],
+def _probe(cfg: RunSpec, device: torch.device, policy, batch: tuple, snapshot: Optional[Path],
            plan: Optional[Plan], dctx=None, session=None) -> tuple[dict, Plan]:
     idx, targets = batch
     devices = [device] if device.type == "cuda" else []
     wrapped = dctx is not None and dctx.enabled
     with torch.random.fork_rng(devices=devices):
         model = build_model(cfg.model, device, policy.param_dtype)
-        plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)
+        plan = apply_strategy(model, cfg.strategy, shape_of(cfg, device.type, dctx), reuse=plan)
         n_params = model.get_num_params()
         if session is not None:
             session.apply(model)  # after the strategy, before DDP / FSDP (torchtitan's order)
@@ -157,7 +139,7 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
             model = optimizer = None
             compute = make_precision(cfg.precision)
             model = build_model(cfg.model, device, compute.param_dtype).train()
-            apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)
+            apply_strategy(model, cfg.strategy, cfg.shape(), reuse=plan)
             if session is not None:
                 session.apply(model)
         if session is not None:
@@ -199,7 +181,7 @@ def _probe(cfg: DictConfig, device: torch.device, policy, batch: tuple, snapshot
     if snapshot is not None and device.type != "cuda":
         peak_bytes["snapshot_note"] = "trainer.memory_snapshot records the CUDA caching allocator: nothing on CPU"
     return {"activation_bytes": activation, "peak_bytes": peak_bytes, "plan": plan.to_dict(),
-            "theory_setting": vars(pred["setting"])}, plan
+            "theory_setting": theory_setting(pred["setting"])}, plan
 
 
 COMPILED_MEMTRACKER = ("MemTracker not run on a compiled model: its TorchDispatchMode and module hooks make dynamo "
@@ -208,7 +190,7 @@ COMPILED_PREDICTION = ("compiled: AOTAutograd's partitioner chooses what is save
                        "recompute_lab.predict.theory predicts the eager strategy only")
 
 
-def _compiled_memory(cfg: DictConfig, device: torch.device, policy, plan: Plan, n_params: int, dctx, session,
+def _compiled_memory(cfg: RunSpec, device: torch.device, policy, plan: Plan, n_params: int, dctx, session,
                      model, forward, cuda: CudaPeak, snapshot: Optional[Path]) -> dict:
     """The probe's memory section for a compiled model: saved bytes by a pack hook dynamo does not trace, the
     same bytes counted on the partitioned backward graphs (eager-kernel backend), CUDA allocator peak on CUDA;
@@ -244,7 +226,13 @@ def _compiled_memory(cfg: DictConfig, device: torch.device, policy, plan: Plan, 
     if measured is None:
         peak_bytes["reason"] = f"on {device.type} only MemTracker measures a peak: {COMPILED_MEMTRACKER}"
     return {"activation_bytes": activation, "peak_bytes": peak_bytes, "plan": plan.to_dict(),
-            "theory_setting": vars(pred["setting"])}
+            "theory_setting": theory_setting(pred["setting"])}
+
+
+def theory_setting(st: Shape) -> dict:
+    """results.json's memory.theory_setting: the shape the theory was given (keys as schema_version 1 has them)."""
+    return {"batch": st.batch, "seq": st.seq, "param_bytes": st.param_bytes, "autocast_bytes": st.autocast_bytes,
+            "device": st.device}
 
 
 def _logits(counted: dict) -> int:
@@ -259,7 +247,7 @@ class PredictedOOM(torch.OutOfMemoryError):
     """trainer.max_memory_gb: the predicted peak does not fit, so nothing is allocated."""
 
 
-def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict, dctx=None) -> Optional[Plan]:
+def guard_memory(cfg: RunSpec, policy, device: torch.device, results: dict, dctx=None) -> Optional[Plan]:
     """Refuse (status oom, nothing allocated) a run whose predicted memory exceeds the guard's limit; under
     ``dctx`` (ddp / fsdp) the prediction is this rank's (recompute_lab.predict.peak).
 
@@ -287,7 +275,7 @@ def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict, d
     if explicit:
         guard["max_memory_gb"] = t.max_memory_gb
     n_params = theory.param_count(m)
-    state = peaks.model_state(m, n_params, step_setting(cfg, dctx))["total"]  # this rank's (fsdp: its shards)
+    state = prediction.model_state(m, shape_of(cfg, device.type, dctx), n_params)["total"]  # this rank's (fsdp: shards)
     guard["predicted_model_state_bytes"] = state
     hint = ("set trainer.max_memory_gb to the memory you mean, or trainer.memory_guard=false" if not explicit
             else "try a recomputation strategy, a smaller batch or seq_len")
@@ -297,14 +285,13 @@ def guard_memory(cfg: DictConfig, policy, device: torch.device, results: dict, d
     if not explicit and lookup(parse_options(cfg.strategy).name).reapply is not None:
         return None
     meta = build_model(m, "meta", make_precision(cfg.precision).param_dtype).train()  # the dtype it computes in
-    plan = apply_strategy(meta, cfg.strategy, RunShape.of(cfg))
-    pred = predicted_memory(cfg, policy, plan, meta.get_num_params(), device.type, dctx)
-    act = pred["activations"]
-    if act.get("total") is None:  # no closed form for this plan: count its saved tensors on the meta replica
+    plan = apply_strategy(meta, cfg.strategy, shape_of(cfg, device.type, dctx))  # this rank's budget
+    shape = shape_of(cfg, device.type, dctx)
+    pred = prediction.predict(cfg, plan, shape, meta.get_num_params())
+    if pred.activation_bytes is None:  # no closed form for this plan: count its saved tensors on the meta replica
         counted = meta_saved_tensors(meta, cfg.data.batch_size, cfg.data.seq_len, device.type)
-        act = {"total": counted["total"], "largest_region": 0}
-    peak = peaks.predict_peak(m, pred["setting"], pred["model_state"], act, step_setting(cfg, dctx))
-    total = peak["total"] if peak else pred["model_state"]["total"] + act["total"]
+        pred = prediction.predict(cfg, plan, shape, meta.get_num_params(), counted_activations=counted["total"])
+    total = pred.peak_bytes
     guard["predicted_peak_bytes"] = total
     if total > limit:
         raise PredictedOOM(f"predicted peak {total / 1e9:.3f} GB exceeds {source} ({limit / 1e9:.3f} GB); "

@@ -7,8 +7,8 @@ process group (torch.testing._internal.distributed.fake_pg: one process, no comm
 sharding) to a model on the meta device, one forward under recompute_lab.measure.memory's saved-tensor hook gives
 rank 0's saved bytes (DTensors count their local shard) without memory or processes: :func:`measure_rank`.
 
-:func:`tp_saved_terms` is the theory beside it: recompute_lab.predict.theory.saved_terms of the whole model with each
-term split by the rule that the plan implies (sharded over heads / d_ff / vocab; residual-stream terms split
+:func:`recompute_lab.predict.tp_theory.predict_rank` is the theory beside it (predict layer, no torch): the
+whole model's saved terms with each term split by the rule that the plan implies (sharded over heads / d_ff / vocab; residual-stream terms split
 along the sequence only with SP; the all-gathered inputs of qkv, fc and head kept whole on every rank, where
 Megatron's SP keeps the 1/t shard and gathers again in backward: that is :data:`GATHERED`).
 
@@ -19,17 +19,18 @@ unsharded weights would need that permutation (torchtitan keeps separate wq/wk/w
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+import dataclasses
 
 import torch
 from torch import nn
 
 from recompute_lab.predict import theory
-from recompute_lab.predict.theory import Saved
+from recompute_lab.predict.tp_theory import GATHERED, gathered_excess, predict_rank
 
-# Terms whose tensor the column-parallel layer all-gathers (with SP) and saves whole: Megatron saves the shard.
-GATHERED = ("attn.qkv", "mlp.fc", "head")
 
+
+# The measurement here, and re-exported beside it: the per-rank theory it is compared with (predict/tp_theory).
+__all__ = ["GATHERED", "build_parallel", "fake_world", "gathered_excess", "local_heads", "local_param_numel", "measure_micro_batch", "measure_rank", "mesh_of", "parallelize", "predict_rank", "shard_stage", "tp_plan"]
 
 def local_heads(model: nn.Module, tp: int) -> None:
     """Attention modules run on their rank's n_head / tp query and n_kv_head / tp key-value heads."""
@@ -144,85 +145,16 @@ def shard_stage(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-# ---- theory: the whole model's saved terms, split per rank by the plan ------------------------------------
-
-def _rule(module: str, storage: str) -> str:
-    """How the plan splits one saved term: tp (heads, d_ff or vocab), seq (residual stream: over tp with SP),
-    gathered (all-gathered Linear input, whole on each rank) or whole (token ids, rope tables, masks, rng)."""
-    if storage.endswith(":w_bf16"):
-        return "tp"  # autocast's bf16 copy of a sharded weight
-    if module == "loss":
-        return "tp" if storage == "loss:logp" else "whole"  # vocab-parallel log-probabilities
-    if module in ("tok_emb", "pos_emb") or module.endswith(".attn.rotary"):
-        return "whole"
-    if module.endswith(GATHERED):
-        return "gathered"
-    if module.endswith(".attn.core"):
-        return "whole" if storage.endswith((":causal", ":rng")) else "tp"
-    if module.endswith((".attn.out", ".mlp.act", ".mlp.proj")):
-        return "tp"
-    return "seq"  # norms and the dropouts on the residual stream (drop, attn.drop, mlp.drop)
-
-
-def _split(nbytes: int, rule: str, tp: int, sp: bool) -> int:
-    if rule == "tp" or (rule == "seq" and sp):
-        return nbytes // tp
-    return nbytes
-
-
-class TPTheory:
-    """theory.predict_activations' architecture interface (saved_terms, region_inputs, reason) for one tp rank."""
-
-    def __init__(self, tp: int, sp: bool):
-        self.tp, self.sp = tp, sp
-
-    def saved_terms(self, cfg, st: theory.Setting) -> list[Saved]:
-        out = []
-        one_head = cfg.n_head // self.tp == 1
-        for t in theory.saved_terms(cfg, st):
-            rule = _rule(t.module, t.storage)
-            stor = t.storage
-            if one_head and stor.endswith(".attn.out:in_copy") and theory.sdpa_backend(cfg, st) != "math" \
-                    and str(cfg.attention) == "sdpa":
-                stor = stor.replace(".attn.out:in_copy", ".attn.core:out")  # (b, 1, s, d) -> (b, s, d): a view
-            nbytes = _split(t.nbytes, rule, self.tp, self.sp)
-            if one_head and str(cfg.attention) == "eager" and stor.endswith(("core:q_copy", "core:k_copy",
-                                                                              "core:v_copy")):
-                # one head per rank: a (b, 1, s, hd) view of the qkv output is already a valid bmm operand, so
-                # the batched matmul saves that view, i.e. the whole local qkv output (b, s, (a + 2kv) hd / t)
-                stor = stor.split(".attn.core:")[0] + ".attn.qkv:out"
-                hd = cfg.d_model // cfg.n_head
-                nbytes = st.batch * st.seq * (cfg.n_head + 2 * (cfg.n_kv_head or cfg.n_head)) * hd \
-                    * st.compute_bytes // self.tp
-            why = t.why + f" [tp rule: {rule}]"
-            out.append(replace(t, storage=stor, nbytes=nbytes, why=why))
-        return out
-
-    def region_inputs(self, cfg, st: theory.Setting, name: str):
-        """A region's inputs: head-sharded inside attention and the MLP, else the residual stream's split (with SP
-        a recomputed attn / mlp sublayer keeps its sharded input and all-gathers it again in backward)."""
-        inputs = theory.region_inputs(cfg, st, name)
-        if inputs is None:
-            return None
-        rule = "tp" if name.endswith((".attn.core", ".mlp.act")) else "seq"
-        return [(stor, _split(nb, rule, self.tp, self.sp)) for stor, nb in inputs]
-
-    def reason(self, cfg, st):
-        return None
-
-
-def predict_rank(cfg, st: theory.Setting, tp: int, sp: bool, plan=None) -> dict:
-    """theory.predict_activations for one tensor-parallel rank."""
-    return theory.predict_activations(cfg, st, plan, source=TPTheory(tp, sp))
-
-
-def gathered_excess(cfg, st: theory.Setting, tp: int, sp: bool, plan=None) -> int:
-    """Bytes per rank that PyTorch's SP keeps above Megatron's: each gathered Linear input saved whole instead of
-    its 1/t shard (0 without SP, where the input is replicated in both)."""
-    if not sp or tp == 1:
-        return 0
-    pred = predict_rank(cfg, st, tp, sp, plan)
-    if pred["total"] is None:
-        return 0
-    whole = sum(t["nbytes"] for t in pred["terms"] if t["op"] != "checkpoint" and t["module"].endswith(GATHERED))
-    return whole - whole // tp
+def measure_micro_batch(cfg, tp: int, sp: bool, strategy: str, b: int, s_local: int, param_bytes: int = 2,
+                        target: str = "cuda") -> dict:
+    """:func:`micro_batch`'s bytes measured: a two-block copy of ``cfg`` on the meta device with PyTorch's tp
+    plan over a fake process group (this module), one forward under the saved-tensor hook."""
+    two = dataclasses.replace(cfg, n_layer=2, max_seq_len=max(int(cfg.max_seq_len), s_local))
+    with fake_world(tp):
+        model, _ = build_parallel(two, tp, sp, {"name": strategy},
+                                    dtype=torch.bfloat16 if param_bytes == 2 else torch.float32)
+        got = measure_rank(model, b, s_local, target)
+    by = got["by_module"]
+    return {"layer": sum(v for k, v in by.items() if theory.covers("blocks.1", k)),
+            "first": sum(v for k, v in by.items() if k in ("tok_emb", "pos_emb", "drop")),
+            "last": sum(v for k, v in by.items() if k in ("norm_f", "head", "loss")), "total": got["total"]}

@@ -10,7 +10,7 @@ that:
   next round B A A B, and so on. The positions of A and B in a round have the same mean, so a drift that is linear
   in time (thermal throttling, a neighbour process ramping up) adds the same amount to both arms' sums and, being
   multiplicative in step time, cancels from their ratio. A sequential design (every A, then every B) puts the
-  whole drift into the ratio (tests/test_timing.py shows both with a fake clock).
+  whole drift into the ratio (tests/unit/test_timing.py shows both with a fake clock).
 - estimate: one ratio per round, (a1 + a2) / (b1 + b2); the reported ratio is the median of the round ratios,
   robust to the bursts other processes cause.
 - interval: the distribution-free confidence interval for a median from order statistics (the sign-test

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
-from recompute_lab.config import ConfigError, DataKind
+from recompute_lab.config import ConfigError, DataConfig, DataKind
 
 SAMPLE_TEXT = Path(__file__).resolve().parents[1] / "assets" / "sample.txt"
 SUCCESSORS = 4  # synthetic stream: each token is followed by one of 4 seeded successors
@@ -59,7 +58,7 @@ class ByteText:
 
 
 class Batches:
-    def __init__(self, cfg: DictConfig, vocab_size: int):
+    def __init__(self, cfg: DataConfig, vocab_size: int):
         self.cfg = cfg
         self.source = SyntheticTokens(vocab_size, cfg.seed) if cfg.kind == DataKind.synthetic else ByteText(cfg.path)
 

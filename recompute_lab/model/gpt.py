@@ -22,6 +22,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from recompute_lab.config import Arch, Attention, Mlp, ModelConfig, Norm, Positions
+from recompute_lab.config.spec import as_model_config
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -218,6 +219,7 @@ class GPT(nn.Module):
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
     """Build the model directly on ``device`` (``meta`` allocates nothing) in parameter dtype ``dtype``.
     ``arch=hf``: a Hugging Face causal LM behind the same interface (recompute_lab.model.hf.adapter)."""
+    cfg = as_model_config(cfg)
     if cfg.arch == Arch.hf:
         from recompute_lab.model.hf.adapter import build
 
@@ -229,3 +231,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: tor
         for p in model.parameters():
             p.data = p.data.to(dtype)
     return model
+
+
+# Hugging Face models live behind the same interface; importing the package registers their meta builder with the
+# theory (recompute_lab.predict.hf_theory). Last: the adapter may import this module's names.
+from recompute_lab.model import hf as _hf  # noqa: E402,F401

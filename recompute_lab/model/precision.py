@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from typing import Any, ContextManager, Optional
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.optim.adam import adam as adam_update
 
-from recompute_lab.config import ConfigError
+from recompute_lab.config import ConfigError, OptimizerConfig, PrecisionConfig
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -159,7 +158,7 @@ class PrecisionPolicy:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device_type, dtype=self.autocast_dtype)
 
-    def build_optimizer(self, model: nn.Module, ocfg: DictConfig) -> torch.optim.Optimizer:
+    def build_optimizer(self, model: nn.Module, ocfg: OptimizerConfig) -> torch.optim.Optimizer:
         groups = param_groups(model, ocfg.weight_decay)
         kwargs = {"lr": ocfg.lr, "betas": tuple(ocfg.betas), "eps": ocfg.eps}
         if self.master_weights:
@@ -184,15 +183,21 @@ POLICIES = {
     "fp32": lambda cfg: PrecisionPolicy("fp32", torch.float32),
     "bf16_autocast": lambda cfg: PrecisionPolicy("bf16_autocast", torch.float32, torch.bfloat16),
     "bf16_master": lambda cfg: PrecisionPolicy("bf16_master", torch.bfloat16, master_weights=True,
-                                               fp32_grad_accum=bool(cfg.get("fp32_grad_accum", False))),
+                                               fp32_grad_accum=bool(cfg.fp32_grad_accum)),
 }
 
 
-def make_precision(cfg: DictConfig) -> PrecisionPolicy:
+def make_precision(cfg: PrecisionConfig) -> PrecisionPolicy:
     factory = POLICIES.get(cfg.name)
     if factory is None:
         raise ConfigError(f"unknown precision {cfg.name!r}; valid precisions: {', '.join(sorted(POLICIES))}")
-    if cfg.get("fp32_grad_accum", False) and cfg.name != "bf16_master":
+    if cfg.fp32_grad_accum and cfg.name != "bf16_master":
         raise ConfigError(f"precision.fp32_grad_accum=true needs precision=bf16_master (precision={cfg.name} "
                           "already accumulates gradients in fp32)")
     return factory(cfg)
+
+
+def shape_dtypes(shape) -> tuple[torch.dtype, Optional[torch.dtype]]:
+    """(parameter dtype, autocast dtype or None) of a recompute_lab.config.spec.Shape's precision."""
+    policy = make_precision(PrecisionConfig(name=shape.precision, fp32_grad_accum=shape.fp32_grad_accum))
+    return policy.param_dtype, policy.autocast_dtype

@@ -5,7 +5,7 @@ Registered with recompute_lab.predict.theory as the ``hf`` architecture (on impo
 recompute_lab's own: one list of saved tensors with their storages, checkpoint regions keeping their inputs.
 
 The terms are recompute_lab.predict.theory's where the code agrees, and HF's own where it does not (the differences
-tests/test_hf_parity.py pins, here as terms):
+tests/unit/test_hf_parity.py pins, here as terms):
 
 gpt2   recompute_lab's gpt with mlp=gelu_tanh (or gelu) and learned positions, module for module (c_attn is the
        fused qkv projection, SDPA gets views of it). ``gelu_new`` is the tanh approximation written in Python: it
@@ -36,8 +36,9 @@ import re
 import sys
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
 
+from recompute_lab.config import ModelConfig
+from recompute_lab.config.spec import Shape, as_model_config, from_plain, to_plain
 from recompute_lab.predict import theory
 from recompute_lab.config.hf_families import FAMILIES, Family, head_dim
 from recompute_lab.config.hf import hf_config
@@ -47,14 +48,12 @@ Saved = theory.Saved
 
 def _key(cfg) -> str:
     """A hashable snapshot of a model config node (for the caches below)."""
-    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(cfg) else (
-        dataclasses.asdict(cfg))
-    return json.dumps(data, sort_keys=True, default=str)
+    return json.dumps(to_plain(as_model_config(cfg)), sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=64)
 def _config(key: str):
-    return hf_config(OmegaConf.create(json.loads(key)))
+    return hf_config(from_plain(ModelConfig, json.loads(key)))
 
 
 def config_of(cfg) -> tuple[Any, Family]:
@@ -62,7 +61,7 @@ def config_of(cfg) -> tuple[Any, Family]:
     return _config(_key(cfg))
 
 
-def reason(cfg, st: theory.Setting) -> Optional[str]:
+def reason(cfg, st: Shape) -> Optional[str]:
     """Why the theory has no closed form for this model and setting (None: it has one)."""
     config, family = config_of(cfg)
     if family.structure is None or family.name not in FAMILIES:
@@ -114,7 +113,7 @@ def _rename(module: str, names: dict[str, str]) -> str:
     return names.get(module, module)
 
 
-def gpt2_terms(cfg, st: theory.Setting, config, family: Family) -> list[Saved]:
+def gpt2_terms(cfg, st: Shape, config, family: Family) -> list[Saved]:
     names = _gpt2_rename(family)
     n, c, f = st.batch * st.seq, st.compute_bytes, cfg.d_ff
     out = []
@@ -132,7 +131,7 @@ def gpt2_terms(cfg, st: theory.Setting, config, family: Family) -> list[Saved]:
 
 # --- llama (llama, mistral, qwen2) ----------------------------------------------------------------------------
 
-def llama_terms(cfg, st: theory.Setting, config, family: Family) -> list[Saved]:
+def llama_terms(cfg, st: Shape, config, family: Family) -> list[Saved]:
     b, s, h, v, f = st.batch, st.seq, cfg.d_model, cfg.vocab_size, cfg.d_ff
     n, r, c = b * s, st.param_bytes, st.compute_bytes
     a, kv, hd = cfg.n_head, cfg.n_kv_head or cfg.n_head, head_dim(config)
@@ -205,7 +204,7 @@ def llama_terms(cfg, st: theory.Setting, config, family: Family) -> list[Saved]:
     return out
 
 
-def saved_terms(cfg, st: theory.Setting) -> list[Saved]:
+def saved_terms(cfg, st: Shape) -> list[Saved]:
     config, family = config_of(cfg)
     return (gpt2_terms if family.structure == "gpt2" else llama_terms)(cfg, st, config, family)
 
@@ -215,7 +214,7 @@ def saved_terms(cfg, st: theory.Setting) -> list[Saved]:
 REGION = re.compile(r"blocks\.(\d+)(?:-(\d+))?(?:\.(.+))?")
 
 
-def region_inputs(cfg, st: theory.Setting, name: str) -> Optional[list[tuple[str, int]]]:
+def region_inputs(cfg, st: Shape, name: str) -> Optional[list[tuple[str, int]]]:
     """(storage, bytes) a checkpoint region over ``name`` keeps (HF module names: blocks.i, blocks.i-j,
     blocks.i.<module>), the arguments HF passes besides the hidden state included; None if unknown."""
     config, family = config_of(cfg)
@@ -261,13 +260,17 @@ def region_inputs(cfg, st: theory.Setting, name: str) -> Optional[list[tuple[str
 
 # --- shapes: parameters and buffers, from the model built on the meta device ----------------------------------
 
+# Builds a Hugging Face model on the meta device from a model config: set by recompute_lab.model.hf on import
+# (this layer imports no torch or transformers; parameter shapes of an HF model come from building it).
+META_BUILDER: Optional[Any] = None
+
+
 @functools.lru_cache(maxsize=32)
 def _meta_layout(key: str, n_layer: int) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
-    from recompute_lab.model.hf.adapter import build
-
-    mcfg = OmegaConf.create(json.loads(key))
-    mcfg.n_layer = n_layer
-    model = build(mcfg, "meta")
+    if META_BUILDER is None:
+        raise RuntimeError("a Hugging Face model's parameter shapes need recompute_lab.model.hf (import it first)")
+    mcfg = dataclasses.replace(from_plain(ModelConfig, json.loads(key)), n_layer=n_layer)
+    model = META_BUILDER(mcfg, "meta")
     params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     return params, sum(t.numel() * t.element_size() for t in model.buffers())
 

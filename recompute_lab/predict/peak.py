@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from recompute_lab.config.spec import Shape
 from recompute_lab.predict import theory
 
 IMPLS = ("for-loop", "foreach", "fused")
@@ -109,22 +110,6 @@ def buffer_bytes(cfg) -> int:
     return cfg.n_layer * (mask + rope)
 
 
-@dataclass(frozen=True)
-class StepSetting:
-    """What the step does besides forward and backward, and how the model state is laid out over ranks."""
-
-    precision: str = "fp32"
-    fp32_grad_accum: bool = False
-    grad_clip: bool = True                 # optimizer.grad_clip > 0: clip_grad_norm_ runs before the step
-    optimizer_impl: Optional[str] = None   # for-loop | foreach | fused; None: what torch picks (adam_impl)
-    parallel: str = "none"                 # none | ddp | fsdp
-    world_size: int = 1
-    rank: int = 0                          # fsdp: the last rank's shards may be shorter (dim 0 not divisible)
-
-    @property
-    def master_weights(self) -> bool:  # MasterWeightAdamW (bf16_master without fsdp)
-        return self.precision == "bf16_master" and self.parallel != "fsdp"
-
 
 def adam_impl(device: str, parallel: str = "none") -> str:
     """The AdamW implementation torch 2.13 picks with foreach/fused left unset (optimizer.py
@@ -168,7 +153,7 @@ def local_rows(shape: tuple[int, ...], world_size: int, rank: int) -> int:
     return max(0, min(per, shape[0] - rank * per)) * math.prod(shape[1:])
 
 
-def model_state(cfg, n_params: int, step: StepSetting) -> dict:
+def model_state(cfg, n_params: int, step: Shape) -> dict:
     """Model-state bytes one rank holds (theory.model_state_bytes' keys). ``fsdp``: FSDP2 keeps each parameter's
     padded dim-0 shard and reduce-scatters gradients into padded shards, while AdamW's moments are made like the
     unpadded local shard; fp32 throughout (bf16_master's fp32 shards are its master weights)."""
@@ -186,7 +171,7 @@ def model_state(cfg, n_params: int, step: StepSetting) -> dict:
     return {"per_param": per, "total": sum(per.values()), "bytes_per_param": sum(per.values()) / n_params}
 
 
-def predict_peak(cfg, st: theory.Setting, state: dict, act: dict, step: Optional[StepSetting] = None) -> Optional[dict]:
+def predict_peak(cfg, st: Shape, state: dict, act: dict) -> Optional[dict]:
     """Peak bytes of one steady-state step on one rank: the largest phase (see the module docstring).
 
     ``state``: theory.model_state_bytes (or its sharded form) of this rank; ``act``: predict_activations.
@@ -194,7 +179,7 @@ def predict_peak(cfg, st: theory.Setting, state: dict, act: dict, step: Optional
     """
     if act.get("total") is None:
         return None
-    step = step or StepSetting()
+    step = st  # the step's precision and layout travel with the micro-batch shape
     params = param_tensors(cfg)
     impl = step.optimizer_impl or adam_impl(st.device, step.parallel)
     per = state["per_param"]

@@ -23,11 +23,13 @@ It is not the single-device budget planner's per-module solve.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-from types import SimpleNamespace
 from typing import Optional
 
 from recompute_lab.predict import layout as L
+from recompute_lab.config.spec import RunSpec, Shape, as_model_config, to_plain
 from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError
 from recompute_lab.predict.peak import param_tensors
@@ -38,7 +40,7 @@ KINDS = ("model_state", "activations", "transient", "buffers")
 
 def plan_of(name: str, n_layer: int):
     """A recompute_lab.strategies.Plan for the three fixed strategies, without building a model."""
-    from recompute_lab.strategies import Plan
+    from recompute_lab.config.plan import Plan
 
     if name == "none":
         return None
@@ -58,13 +60,14 @@ def micro_batch(cfg, tp: int, sp: bool, strategy: str, b: int, s_local: int, par
     """One micro-batch on one rank: bytes per inner block, embeddings, final norm + head + loss, the largest
     checkpoint region, the loss's backward buffers. From a two-block copy of ``cfg`` (block 1 stands for every
     block after the first), cached: the what-fits grid asks for the same shapes many times."""
-    from recompute_lab.measure.tensor_parallel import predict_rank
+    from recompute_lab.predict.tp_theory import predict_rank
 
-    fields = {k: cfg[k] for k in cfg if k != "hf"}
-    key = (tuple(sorted(fields.items())), tp, sp, strategy, b, s_local, param_bytes, target)
+    cfg = as_model_config(cfg)
+    fields = {k: v for k, v in to_plain(cfg).items() if k != "hf"}
+    key = (json.dumps(fields, sort_keys=True), tp, sp, strategy, b, s_local, param_bytes, target)
     if key not in _MICRO:
-        two = SimpleNamespace(**{**fields, "n_layer": 2})
-        st = theory.Setting(b, s_local, param_bytes, None, target)
+        two = dataclasses.replace(cfg, n_layer=2)
+        st = Shape(b, s_local, precision="bf16_master" if param_bytes == 2 else "fp32", device=target)
         pred = predict_rank(two, st, tp, sp, plan_of(strategy, 2))
         if pred["total"] is None:
             raise ConfigError(f"no closed form for {strategy} on this model: {pred['reason']}")
@@ -123,9 +126,9 @@ def layer_recompute_flops(cfg, strategy: str, b: int, seq: int, tp: int, cp: int
     rank's s / cp queries meet all s keys."""
     if strategy == "none":
         return 0
-    from recompute_lab.measure import flops  # torch: only when planning
+    from recompute_lab.predict import flops
 
-    model = SimpleNamespace(model=cfg)
+    model = RunSpec(model=as_model_config(cfg))
     parts = flops.module_forward_flops(model, b, seq // cp)
     extra = parts["attn.core"] * (cp - 1)  # 4 b (s/cp) s d, not 4 b (s/cp)^2 d
     for k in ("attn.core", "attn", "block"):
@@ -174,37 +177,21 @@ def plan_stages(cfg, lay, device_bytes: int, batch: int, seq: int, precision: st
     return {"stages": out, "strategies": chosen, "fits": all(c is not None for c in chosen)}
 
 
-def measure_micro_batch(cfg, tp: int, sp: bool, strategy: str, b: int, s_local: int, param_bytes: int = 2,
-                        target: str = "cuda") -> dict:
-    """:func:`micro_batch`'s bytes measured: a two-block copy of ``cfg`` on the meta device with PyTorch's tp
-    plan over a fake process group (recompute_lab.measure.tensor_parallel), one forward under the saved-tensor hook."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from recompute_lab.measure import tensor_parallel as T
-
-    two = OmegaConf.create(OmegaConf.to_container(cfg))
-    two.n_layer, two.max_seq_len = 2, max(int(cfg.max_seq_len), s_local)
-    with T.fake_world(tp):
-        model, _ = T.build_parallel(two, tp, sp, {"name": strategy},
-                                    dtype=torch.bfloat16 if param_bytes == 2 else torch.float32)
-        got = T.measure_rank(model, b, s_local, target)
-    by = got["by_module"]
-    return {"layer": sum(v for k, v in by.items() if theory.covers("blocks.1", k)),
-            "first": sum(v for k, v in by.items() if k in ("tok_emb", "pos_emb", "drop")),
-            "last": sum(v for k, v in by.items() if k in ("norm_f", "head", "loss")), "total": got["total"]}
-
-
-def layout_estimate(cfg, lay, strategy: str, batch: int, seq: int, precision: str, target: str) -> dict:
-    """estimate's per-GPU section: one micro-batch measured on meta beside the per-rank theory, every pipeline
-    rank's bytes by kind, and (estimate.layout.device_gb set) the per-stage plan."""
+def layout_estimate(cfg, lay, strategy: str, batch: int, seq: int, precision: str, target: str,
+                    measure=None) -> dict:
+    """estimate's per-GPU section: one micro-batch measured on meta (``measure``: the caller's
+    recompute_lab.measure.tensor_parallel.measure_micro_batch, so this layer imports no torch) beside the per-rank
+    theory, every pipeline rank's bytes by kind, and (estimate.layout.device_gb set) the per-stage plan."""
     L.validate_layout(lay, cfg, seq)
     tp, cp = int(lay.tp), int(lay.cp)
     sp = bool(lay.sp) and tp > 1
     pbytes = 2 if precision == "bf16_master" else 4
     if precision == "bf16_autocast":
         raise ConfigError("estimate.layout: bf16_autocast has no meta backend; use precision=bf16_master or fp32")
-    measured = measure_micro_batch(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
+    if measure is None:
+        raise ConfigError("layout_estimate needs the meta measurement (recompute_lab.measure.tensor_parallel."
+                          "measure_micro_batch) beside its theory")
+    measured = measure(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
     predicted = micro_batch(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
     out = {"layout": {k: (str(v) if k == "pp_schedule" else v) for k, v in lay.items()},
            "gpus": L.n_gpus(lay), "micro_batch": {"measured": measured, "predicted": predicted},

@@ -22,6 +22,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from recompute_lab.config.spec import Shape
+
 # Bytes per parameter by kind, for each precision policy name.
 MODEL_STATE_BYTES_PER_PARAM: dict[str, dict[str, int]] = {
     "fp32": {"params": 4, "grads": 4, "master": 0, "optimizer": 8},
@@ -53,8 +55,8 @@ def external(cfg):
     arch = str(cfg.arch)
     if arch in ("gpt", "toy_mlp"):
         return None
-    if arch not in ARCHS:
-        raise ValueError(f"model.arch={arch}: no theory registered (import recompute_lab.model.hf first)")
+    if arch not in ARCHS:  # recompute_lab.predict.hf_theory registers "hf" (recompute_lab.model imports it)
+        raise ValueError(f"model.arch={arch}: no theory registered (import recompute_lab.model first)")
     return ARCHS[arch]
 
 
@@ -103,22 +105,7 @@ class Saved:
     why: str      # the assumption behind the size / dtype
 
 
-@dataclass(frozen=True)
-class Setting:
-    """What the saved set depends on besides the model config: shapes, dtypes and the device's kernels."""
-
-    batch: int
-    seq: int
-    param_bytes: int = 4                 # 4 fp32 / 2 bf16 parameters (the residual stream's dtype)
-    autocast_bytes: Optional[int] = None  # 2 under bf16 autocast, else None
-    device: str = "cpu"                  # whose kernels decide dropout-mask dtype, SDPA backend, fused RMSNorm
-
-    @property
-    def compute_bytes(self) -> int:  # dtype of matmul outputs
-        return self.autocast_bytes or self.param_bytes
-
-
-def sdpa_backend(cfg, st: Setting) -> str:
+def sdpa_backend(cfg, st: Shape) -> str:
     """Which SDPA kernel F.scaled_dot_product_attention picks (torch 2.13): cpu_flash | math | flash | efficient."""
     if st.device == "cuda":
         # Flash needs 16-bit inputs; fp32 goes to the memory-efficient kernel. Both support dropout and GQA.
@@ -127,7 +114,7 @@ def sdpa_backend(cfg, st: Setting) -> str:
     return "cpu_flash" if cfg.dropout == 0 else "math"
 
 
-def saved_terms(cfg, st: Setting) -> list[Saved]:
+def saved_terms(cfg, st: Shape) -> list[Saved]:
     """Every tensor saved for backward by one training forward with nothing recomputed, in forward order."""
     b, s, h, v = st.batch, st.seq, cfg.d_model, cfg.vocab_size
     n = b * s  # tokens
@@ -219,7 +206,7 @@ def saved_terms(cfg, st: Setting) -> list[Saved]:
     return out
 
 
-def _attention_terms(cfg, st: Setting, p: str, x: str, add, linear, norm, dropout) -> str:
+def _attention_terms(cfg, st: Shape, p: str, x: str, add, linear, norm, dropout) -> str:
     """x + drop(out(core(rope(q), rope(k), v))) of block ``p``; returns the storage of its output."""
     b, s, h, a = st.batch, st.seq, cfg.d_model, cfg.n_head
     n, r, c = b * s, st.param_bytes, st.compute_bytes
@@ -287,7 +274,7 @@ def _attention_terms(cfg, st: Setting, p: str, x: str, add, linear, norm, dropou
 REGION = re.compile(r"blocks\.(\d+)(?:-(\d+))?(\.attn\.core|\.attn|\.mlp\.act|\.mlp|\.norm1|\.norm2)?")
 
 
-def region_inputs(cfg, st: Setting, name: str) -> Optional[list[tuple[str, int]]]:
+def region_inputs(cfg, st: Shape, name: str) -> Optional[list[tuple[str, int]]]:
     """(storage, bytes) of what a checkpoint region over ``name`` keeps: its forward inputs; None if unknown.
 
     ``name``: blocks.i, a run of blocks blocks.i-j (one region, keeps block i's input), or blocks.i. + attn,
@@ -338,7 +325,7 @@ def region_names(plan) -> list[str]:
     return recomputed
 
 
-def predict_activations(cfg, st: Setting, plan=None, source=None) -> dict:
+def predict_activations(cfg, st: Shape, plan=None, source=None) -> dict:
     """Saved-for-backward bytes of one forward under ``plan``; ``total`` None with a ``reason`` when not predictable.
 
     ``plan`` is a recompute_lab.strategies.Plan (None: nothing recomputed). A module in ``plan.recomputed`` is one

@@ -22,7 +22,8 @@ from typing import Optional
 
 from recompute_lab.config import ConfigError
 from recompute_lab.record.fileio import remove_stale_temps
-from recompute_lab.record.results import write_json_atomic
+from recompute_lab.record.result import VALIDATE_ENV, RecordError, RunResult, validate
+from recompute_lab.record.results import jsonable, write_json_atomic
 
 RESULTS = "results.json"
 LOCK = ".recompute_lab.lock"
@@ -107,7 +108,18 @@ class RunFolder:
             self._write(results)
 
     def _write(self, results: dict) -> None:
-        write_json_atomic(self.folder / RESULTS, results)
+        """Write the record through its typed contract (recompute_lab.record.result.RunResult). A record that does
+        not fit is still written, never lost, with the reason in ``record_error`` (tests make it an error)."""
+        data = jsonable(results)
+        try:
+            data = RunResult.from_dict(data, str(self.folder / RESULTS)).to_dict()
+            if os.environ.get(VALIDATE_ENV) == "1":
+                validate(data)  # the JSON Schema too (tests/conftest.py sets it for every test and CLI run)
+        except RecordError as e:
+            if os.environ.get(VALIDATE_ENV) == "1":
+                raise
+            data = {**data, "record_error": str(e)}
+        write_json_atomic(self.folder / RESULTS, data)
 
     def release(self) -> None:
         if self._lock is not None:

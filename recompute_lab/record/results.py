@@ -7,28 +7,23 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import socket
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-from omegaconf import DictConfig
 
-from recompute_lab.config import to_container
 from recompute_lab.record.fileio import atomic_write_text
-from recompute_lab.record.provenance import git_info
 from recompute_lab.measure.timing import describe
 
 SCHEMA_VERSION = 1
 
 
-def new_results(cfg: DictConfig) -> dict:
-    """A results record with every contract key present; measurements fill it in as they happen."""
+def new_results(config: dict) -> dict:
+    """A results record with every contract key present; measurements fill it in as they happen. ``config``: the
+    run's resolved config as plain Python (RunSpec.to_dict)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "status": "error",  # pessimistic until the run finishes
-        "config": to_container(cfg),
+        "config": config,
         "env": {},
         "model": {},
         "strategy": {},
@@ -44,31 +39,18 @@ def new_results(cfg: DictConfig) -> dict:
     }
 
 
-def env_info(device: torch.device, dtype: torch.dtype) -> dict:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device.type,
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "dtype": str(dtype).replace("torch.", ""),
-        "num_threads": torch.get_num_threads(),
-        # Recorded in the run's own results (not the repo) so a sweep over machines can be told apart.
-        "hostname": socket.gethostname(),
-        "git": git_info(),  # the code's commit (recompute_lab.record.provenance); W&B's config has it too
-    }
-
-
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as JSON can hold it: non-finite floats as "inf" / "-inf" (NaN as null), tensors as lists."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (torch.dtype, torch.device, Path)):
+        return [jsonable(v) for v in obj]
+    torch_type = type(obj).__module__.split(".")[0] == "torch"  # duck-typed: the record layer imports no torch
+    if torch_type and hasattr(obj, "tolist"):  # a tensor
+        return jsonable(obj.tolist())
+    if torch_type or isinstance(obj, Path):  # torch.dtype, torch.device
         return str(obj)
     return obj
 
@@ -76,7 +58,7 @@ def _jsonable(obj: Any) -> Any:
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so a reader never sees a half-written file (recompute_lab.record.fileio: temp file, fsync, rename)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False))
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False))
 
 
 def _si(x: Optional[float], unit: str = "") -> str:

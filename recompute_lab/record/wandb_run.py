@@ -26,9 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
 
-from recompute_lab.config import LoggerKind, WandbMode, to_container
+from recompute_lab.config import LoggerConfig, LoggerKind, WandbMode
+from recompute_lab.config.spec import RunSpec, plain_config
 from recompute_lab.record.provenance import git_info, hydra_overrides
 
 # Summary aggregation per logged metric (define_metric): the best loss, the worst memory and gradient norm.
@@ -65,7 +65,7 @@ def flatten(obj: Any, prefix: str = "", sep: str = "/") -> dict:
 class RunLogger:
     """The W&B run of one job (a no-op for logger=none or mode=disabled)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, group: Optional[str] = None, job_type: Optional[str] = None,
+    def __init__(self, cfg: RunSpec, run_dir: Path, group: Optional[str] = None, job_type: Optional[str] = None,
                  config: Optional[dict] = None, tags: Optional[list] = None):
         """``cfg``: a run config (its ``logger`` section decides whether and how to log). ``job_type``,
         ``config`` and ``tags`` replace what a training run uses (logger.job_type, the resolved config with its
@@ -87,7 +87,7 @@ class RunLogger:
                                     f"strategy:{cfg.strategy.name}", f"attention:{cfg.model.attention}"]
         if config is None:
             hydra = hydra_overrides()
-            config = {**to_container(cfg), "git": git_info(), "overrides": hydra["task"], "choices": hydra["choices"]}
+            config = {**plain_config(cfg), "git": git_info(), "overrides": hydra["task"], "choices": hydra["choices"]}
         for mode in modes:
             try:
                 self.run = self._init(lc, mode, group, tags, job_type or lc.job_type, config)
@@ -101,7 +101,7 @@ class RunLogger:
         for key, summary in METRIC_SUMMARIES.items():
             self.run.define_metric(key, summary=summary)
 
-    def _init(self, lc: DictConfig, mode: str, group: Optional[str], tags: list[str], job_type: str, config: dict):
+    def _init(self, lc: LoggerConfig, mode: str, group: Optional[str], tags: list[str], job_type: str, config: dict):
         import wandb
 
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
 
 from recompute_lab.record import fileio
-from recompute_lab.config import ConfigError, to_container
+from recompute_lab.config import ConfigError
+from recompute_lab.config.spec import RunSpec
 
 CHECKPOINT_VERSION = 2
 FILENAME = "checkpoint.pt"
@@ -51,8 +51,8 @@ CONTAINER_KEYS = ("version", "sha256", "payload")
 _MAX_LISTED = 8  # names listed per problem in an error message; the rest are counted
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    c = to_container(cfg)
+def fingerprint(cfg: RunSpec) -> dict:
+    c = cfg.to_dict()
     out = {k: c[k] for k in MUST_MATCH}
     out["trainer"] = {k: c["trainer"][k] for k in TRAINER_MUST_MATCH}
     return out
@@ -60,7 +60,7 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 # -- save ---------------------------------------------------------------------------------------------------------
 
-def save(path: Path, *, cfg: DictConfig, step: int, model, optimizer, scheduler, history: list, step_s: list) -> None:
+def save(path: Path, *, cfg: RunSpec, step: int, model, optimizer, scheduler, history: list, step_s: list) -> None:
     """Write the state after ``step`` completed steps, atomically and durably (see the module docstring)."""
     state = {
         "version": CHECKPOINT_VERSION, "fingerprint": fingerprint(cfg), "step": int(step),
@@ -125,7 +125,7 @@ def locate(resume: Any, run_dir: Path) -> Optional[Path]:
     return path
 
 
-def load(path: Path, cfg: DictConfig) -> dict:
+def load(path: Path, cfg: RunSpec) -> dict:
     """Read and check a checkpoint; raise ConfigError for a corrupt, foreign, unsafe or mismatched file.
 
     The returned state has passed every check that needs only ``cfg``; :func:`restore` does the rest.
@@ -178,7 +178,7 @@ def _check_version(path: Path, found: Any) -> None:
                       f"{CHECKPOINT_VERSION}")
 
 
-def _check_state(state: Any, path: Path, cfg: DictConfig) -> None:
+def _check_state(state: Any, path: Path, cfg: RunSpec) -> None:
     """Everything about the unpickled state that can be checked without the model."""
     if not isinstance(state, dict):
         raise ConfigError(f"checkpoint {path} is malformed: its payload is a {type(state).__name__}, not a dict")

@@ -4,30 +4,29 @@ against eager ``none`` on the same weights and batch), and the recompute FLOPs r
 graphs. The compile mechanics themselves (backend, graph recorder, saved-byte counts) are recompute_lab.measure.compiled."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig
 
 from recompute_lab.measure import compiled
 
 from recompute_lab.measure import flops
 from recompute_lab.config import CompileBackend
+from recompute_lab.config.spec import RunSpec
 from recompute_lab.measure.overhead import build_baseline
 from recompute_lab.strategies import parse_options
 
 
-def session_of(cfg: DictConfig) -> Optional[compiled.Session]:
+def session_of(spec: RunSpec) -> Optional[compiled.Session]:
     """The run's compilation (None for compile.backend=off, and for configs saved before the compile group)."""
-    c = cfg.get("compile")
+    c = spec.compile
     return None if c is None or c.backend == CompileBackend.off else compiled.Session(c)
 
 
 GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}  # of max |g_eager| per tensor
 
 
-def first_step(cfg: DictConfig, model: torch.nn.Module, session: compiled.Session, policy, device: torch.device,
+def first_step(spec: RunSpec, model: torch.nn.Module, session: compiled.Session, policy, device: torch.device,
                batch: tuple) -> dict:
     """The compiled model's first forward + backward, outside the timed loop (it compiles unless the probe did),
     with the partitioned graphs measured over it and its gradients checked against eager ``none`` on the same
@@ -45,7 +44,7 @@ def first_step(cfg: DictConfig, model: torch.nn.Module, session: compiled.Sessio
         graphs = _graph_counts(session)
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
-        check = _gradient_check(cfg, model, policy, device, batch, loss, grads)
+        check = _gradient_check(spec, model, policy, device, batch, loss, grads)
     return {**session.describe(), "graphs_per_step": graphs, "gradient_check": check}
 
 
@@ -58,14 +57,14 @@ def _graph_counts(session: compiled.Session) -> dict:
         return {"available": False, "reason": f"{type(e).__name__}: {e}"}
 
 
-def _gradient_check(cfg: DictConfig, model: torch.nn.Module, policy, device: torch.device, batch: tuple,
+def _gradient_check(spec: RunSpec, model: torch.nn.Module, policy, device: torch.device, batch: tuple,
                     loss: torch.Tensor, grads: dict) -> dict:
     """max over parameters of max |g - g_eager| / max |g_eager| against eager ``none`` sharing the weights."""
-    if cfg.model.dropout > 0:
+    if spec.model.dropout > 0:
         return {"ok": None, "reason": "model.dropout > 0: compiled graphs draw their own random masks"}
     rtol = GRAD_RTOL.get(policy.autocast_dtype or policy.param_dtype, 1e-4)
     # eager `none` on the compiled model's very tensors (build_baseline reads only .policy and .model)
-    ref_model = build_baseline(cfg, SimpleNamespace(policy=policy, model=model), parse_options({"name": "none"}))
+    ref_model = build_baseline(spec, policy, model, parse_options({"name": "none"}))
     with policy.autocast(device.type):
         ref_loss = ref_model(*batch)
     ref_loss.backward()
@@ -83,7 +82,7 @@ def _gradient_check(cfg: DictConfig, model: torch.nn.Module, policy, device: tor
                       "max|g - g_eager| / max|g_eager|"}
 
 
-def recompute_flops(cfg: DictConfig, counted: dict, graphs: dict) -> dict:
+def recompute_flops(spec: RunSpec, counted: dict, graphs: dict) -> dict:
     """The meta count with its recompute replaced by the compiled graphs': forward and backward stay the model's
     FLOPs (compiling changes neither); recompute = FLOPs of backward-graph nodes that depend on no gradient, per
     micro-batch, times the micro-batches. The graphs must hold the whole forward of the compiled scope (every
@@ -93,13 +92,13 @@ def recompute_flops(cfg: DictConfig, counted: dict, graphs: dict) -> dict:
                      "FlopCounterMode over the compiled backward graphs, nodes that depend on no tangent"}
     if not graphs.get("available"):
         return {**out, "recompute": None, "recompute_reason": graphs.get("reason")}
-    b, s = cfg.data.batch_size, cfg.data.seq_len
-    parts = flops.module_forward_flops(cfg, b, s)
-    scope = str(cfg.compile.scope)
-    expected = (cfg.model.n_layer * parts["block"] if scope == "block"
-                else flops.predict_step_flops(cfg)["forward"] // cfg.trainer.grad_accum)
+    b, s = spec.data.batch_size, spec.data.seq_len
+    parts = flops.module_forward_flops(spec, b, s)
+    scope = str(spec.compile.scope)
+    expected = (spec.model.n_layer * parts["block"] if scope == "block"
+                else flops.predict_step_flops(spec)["forward"] // spec.trainer.grad_accum)
     if graphs["forward"] != expected:
         return {**out, "recompute": None,
                 "recompute_reason": f"the compiled graphs hold {graphs['forward']} of the {expected} forward FLOPs "
                                     f"of compile.scope={scope} (a graph break?): recompute outside them is not seen"}
-    return {**out, "recompute": graphs["recompute"] * cfg.trainer.grad_accum}
+    return {**out, "recompute": graphs["recompute"] * spec.trainer.grad_accum}

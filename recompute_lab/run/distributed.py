@@ -22,6 +22,7 @@ Conventions:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -30,10 +31,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from recompute_lab.config import ConfigError
+from recompute_lab.config import ConfigError, LoggerKind
+from recompute_lab.config.spec import RunSpec
 from recompute_lab.model.data import Batches
 from recompute_lab.model.precision import PrecisionPolicy
 
@@ -102,15 +103,15 @@ class DistContext:
     notes: list = field(default_factory=list)
 
     @classmethod
-    def from_env(cls, cfg: DictConfig) -> "DistContext":
+    def from_env(cls, cfg: RunSpec) -> "DistContext":
         """Read (not join) the launcher's environment: collectives start in :meth:`setup`."""
-        p = cfg.get("parallel") or {}
-        kind = str(p.get("kind", "none"))
+        p = getattr(cfg, "parallel", None)  # a RunSpec, or the composed config of a run not yet validated
+        kind = str(getattr(p, "kind", None) or "none")
         if kind != "none":
             _submitit_env()
         return cls(kind=kind, rank=env_rank(), world_size=env_world_size(),
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                   reshard_after_forward=bool(p.get("reshard_after_forward", True)))
+                   reshard_after_forward=bool(getattr(p, "reshard_after_forward", True)))
 
     @property
     def is_main(self) -> bool:
@@ -121,7 +122,7 @@ class DistContext:
         return self.kind != "none"
 
     # -- process group -----------------------------------------------------------------------------------------
-    def setup(self, cfg: DictConfig, device: torch.device) -> torch.device:
+    def setup(self, cfg: RunSpec, device: torch.device) -> torch.device:
         """Join the process group; return this rank's device (cuda:LOCAL_RANK on GPUs)."""
         p = cfg.parallel
         if not self.enabled:
@@ -172,10 +173,10 @@ class DistContext:
                           "bf16 copies for compute and reduce-scatters grads in fp32")
         return PrecisionPolicy(policy.name, torch.float32, autocast_dtype=None, master_weights=False)
 
-    def batches(self, data_cfg: DictConfig, vocab_size: int) -> "Batches | RankBatches":
+    def batches(self, data_cfg: RunSpec, vocab_size: int) -> "Batches | RankBatches":
         if self.world_size == 1:
             return Batches(data_cfg, vocab_size)
-        global_cfg = OmegaConf.merge(data_cfg, {"batch_size": data_cfg.batch_size * self.world_size})
+        global_cfg = dataclasses.replace(data_cfg, batch_size=data_cfg.batch_size * self.world_size)
         return RankBatches(Batches(global_cfg, vocab_size), self.rank, data_cfg.batch_size)
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -212,7 +213,7 @@ class DistContext:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def report(self, cfg: DictConfig, results: dict) -> None:
+    def report(self, cfg: RunSpec, results: dict) -> None:
         """Gather per-rank model-state figures into results["parallel"] (all ranks must call it)."""
         mem = results["memory"]
         ms = mem["model_state_bytes"]
@@ -244,6 +245,6 @@ class RankBatches:
         return idx[self.lo:self.hi].clone(), targets[self.lo:self.hi].clone()
 
 
-def logger_cfg(cfg: DictConfig, ctx: DistContext) -> DictConfig:
-    """The config the W&B logger sees: unchanged on rank 0, logging off elsewhere (one W&B run per job)."""
-    return cfg if ctx.is_main else OmegaConf.merge(cfg, {"logger": {"kind": "none"}})
+def logger_cfg(spec: RunSpec, ctx: DistContext) -> RunSpec:
+    """The spec the W&B logger sees: unchanged on rank 0, logging off elsewhere (one W&B run per job)."""
+    return spec if ctx.is_main else spec.replace(logger__kind=LoggerKind.none)

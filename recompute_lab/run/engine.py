@@ -1,6 +1,7 @@
-"""One training run from a composed config: build, count FLOPs, restore, train, summarize, record.
+"""One training run from a RunSpec: build, count FLOPs, restore, train, summarize, record.
 
-``run(cfg, run_dir)`` is everything ``python -m recompute_lab.train`` does after Hydra composes the config. It
+Layer: run. ``run(spec, run_dir)`` is everything ``python -m recompute_lab.train`` does after Hydra composes the
+config (a composed config is turned into its RunSpec first, by recompute_lab.config.spec). It
 always leaves one results.json in ``run_dir`` (status ok | oom | diverged | interrupted | error) and always
 finishes its W&B run. ``train`` reads top to bottom as the steps it takes: ``build`` (device, precision, data,
 memory guard and probe, the model with its recomputation plan), ``count_flops``, ``restore``, ``loop``,
@@ -19,35 +20,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from recompute_lab.run import checkpoint
-
-from recompute_lab.measure import compiled
-
-from recompute_lab.run import compiled_steps as compiled_run
-
-from recompute_lab.run import distributed
-
-from recompute_lab.measure import flops
-
-from recompute_lab.measure import overhead
-
-from recompute_lab.predict import theory
-from recompute_lab.config import ConfigError, Device, to_container, validate
-from recompute_lab.model.hf import resolve_model
-from recompute_lab.run.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
-from recompute_lab.record.logs import Laps, StepLines
+from recompute_lab.config import ConfigError, Device
+from recompute_lab.config.spec import RunSpec, plain_config
+from recompute_lab.measure import compiled, flops, overhead
+from recompute_lab.measure.hardware import env_info
 from recompute_lab.measure.memory import StepTimer, cuda_peak_bytes, model_state_bytes, step_memory
+from recompute_lab.measure.probe import guard_memory, memory_probe, shape_of
+from recompute_lab.measure.timing import describe
 from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision
-from recompute_lab.measure.probe import guard_memory, memory_probe
-from recompute_lab.strategies import RunShape, apply_strategy, parse_options
+from recompute_lab.predict import prediction
+from recompute_lab.predict.prediction import Prediction
 from recompute_lab.record.folder import FolderBusy, RunFolder
-from recompute_lab.measure.timing import describe
-from recompute_lab.record.results import env_info, format_summary, new_results
+from recompute_lab.record.logs import Laps, StepLines
+from recompute_lab.record.results import format_summary, new_results
 from recompute_lab.record.wandb_run import RunLogger
+from recompute_lab.run import checkpoint, distributed
+from recompute_lab.run import compiled_steps
+from recompute_lab.run.failures import Diverged, Interrupted, SignalFlag, install_oom_observer, is_oom, oom_report
+from recompute_lab.strategies import apply_strategy
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(str(name))
 
 
-def lr_lambda(ocfg: DictConfig, total_steps: int):
+def lr_lambda(ocfg, total_steps: int):
     """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
     warm, floor = ocfg.warmup_steps, ocfg.min_lr_ratio
 
@@ -91,67 +84,72 @@ class Run:
     plan: Any  # recompute_lab.strategies.Plan
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    prediction: Optional[Prediction] = None  # model state, activations, peak and FLOPs of this rank (predict/)
     grad_norm: Optional[torch.Tensor] = None  # set by train_step (None when clipping is off)
     session: Optional[compiled.Session] = None  # compile.backend not off: the run's torch.compile backend
 
 
-def build(cfg: DictConfig, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
+def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
     """Validate, pick the device and precision, guard and probe memory, build the model with its plan."""
     laps = Laps(log)
-    t = cfg.trainer
+    t = spec.trainer
     if t.memory_snapshot and not t.probe:
         raise ConfigError("trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true")
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    device = dctx.setup(cfg, resolve_device(t.device))  # joins the process group under torchrun
+    device = dctx.setup(spec, resolve_device(t.device))  # joins the process group under torchrun
     install_oom_observer()
-    policy = dctx.adapt_precision(make_precision(cfg.precision))
+    policy = dctx.adapt_precision(make_precision(spec.precision))
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
-    batches = dctx.batches(cfg.data, cfg.model.vocab_size)  # this rank's rows of the global batch
+    batches = dctx.batches(spec.data, spec.model.vocab_size)  # this rank's rows of the global batch
     laps("setup", f"device {device}, {torch.get_num_threads()} thread(s), parameters {policy.param_dtype}")
-    plan = guard_memory(cfg, policy, device, results, dctx)
-    session = compiled_run.session_of(cfg)
+    plan = guard_memory(spec, policy, device, results, dctx)
+    session = compiled_steps.session_of(spec)
     if t.max_memory_gb is not None:
         laps("memory guard", f"predicted peak within trainer.max_memory_gb={t.max_memory_gb}")
     if t.probe:  # memory probe on a fresh model, before the training model exists (recompute_lab.measure.probe)
         snapshot = Path(run_dir) / "memory_snapshot.pickle" if t.memory_snapshot and run_dir is not None else None
         probe_batch = tuple(x.to(device) for x in batches.get(0, 0))
-        memory, plan = memory_probe(cfg, device, policy, probe_batch, snapshot, plan, dctx, session)  # this rank's
+        memory, plan = memory_probe(spec, device, policy, probe_batch, snapshot, plan, dctx, session)  # this rank's
         results["memory"].update(memory)
         laps("memory probe", probe_note(results["memory"]))
-    model = build_model(cfg.model, device, policy.param_dtype)
-    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg), reuse=plan)  # a solved plan is replayed
+    model = build_model(spec.model, device, policy.param_dtype)
+    # a solved plan is replayed; a budget is solved for this rank (fsdp: its model-state shards)
+    plan = apply_strategy(model, spec.strategy, shape_of(spec, device.type, dctx), reuse=plan)
     results["strategy"] = plan.to_dict()
+    # The one prediction of this rank (recompute_lab.predict.prediction): the FLOP and model-state figures below
+    # and the probe's predicted bytes all come from it.
+    pred = prediction.predict(spec, plan, shape_of(spec, device.type, dctx), model.get_num_params())
     laps(f"model + strategy {plan.name}", f"{model.get_num_params():,} params; {plan.description}")
     results["model"] = {"params": model.get_num_params(),
                         "non_embedding_params": model.get_num_params(non_embedding=True),
-                        "n_layer": cfg.model.n_layer, "d_model": cfg.model.d_model, "n_head": cfg.model.n_head,
-                        "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
-                        "grad_accum": t.grad_accum, "name": cfg.model.name}
+                        "n_layer": spec.model.n_layer, "d_model": spec.model.d_model, "n_head": spec.model.n_head,
+                        "seq_len": spec.data.seq_len, "batch_size": spec.data.batch_size,
+                        "grad_accum": t.grad_accum, "name": spec.model.name}
     if session is not None:  # compiled after the strategy, before DDP / FSDP (torchtitan's order)
-        results["compile"] = compiled_run.first_step(cfg, session.apply(model), session, policy, device,
+        results["compile"] = compiled_steps.first_step(spec, session.apply(model), session, policy, device,
                                           tuple(x.to(device) for x in batches.get(0, 0)))
         laps(f"compile ({session.backend}, scope {session.scope})", f"first compiled step {session.first_step_s:.1f} s "
              f"({session.first_step_where})")
     model = dctx.wrap(model)  # DDP / FSDP2 after the recomputation wrappers (torchtitan's order)
-    optimizer = policy.build_optimizer(model, cfg.optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optimizer, t.steps))
-    return Run(device, policy, dctx, batches, model, plan, optimizer, scheduler, session=session)
+    optimizer = policy.build_optimizer(model, spec.optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.optimizer, t.steps))
+    return Run(device, policy, dctx, batches, model, plan, optimizer, scheduler, session=session, prediction=pred)
 
 
-def count_flops(cfg: DictConfig, run: Run, results: dict) -> dict:
+def count_flops(spec: RunSpec, run: Run, results: dict) -> dict:
     """FLOPs counted on a meta replica (no memory, no effect on the timed steps) beside the analytic prediction;
     a compiled run's recompute FLOPs come from its partitioned graphs (recompute_lab.measure.compiled)."""
-    counted = flops.count_step_flops(cfg, run.policy.param_dtype, run.plan)
+    counted = flops.count_step_flops(spec, run.policy.param_dtype, run.plan)
     if run.session is not None:
-        counted = compiled_run.recompute_flops(cfg, counted, results["compile"]["graphs_per_step"])
+        counted = compiled_steps.recompute_flops(spec, counted, results["compile"]["graphs_per_step"])
     recompute = counted["recompute"]
     results["flops"].update(
         per_step={k: counted[k] for k in ("forward", "backward", "recompute")},
-        predicted_per_step=flops.predict_step_flops(cfg, run.plan),
+        predicted_per_step=run.prediction.flops,
         recompute_overhead=None if recompute is None else recompute / (counted["forward"] + counted["backward"]),
         by_op={"forward": counted["forward_by_op"], "backward": counted["backward_by_op"]},
         method=counted["method"])
@@ -175,39 +173,24 @@ def restore(run: Run, results: dict, resume: Optional[tuple[Path, dict]]) -> int
 def record_model_state(run: Run, results: dict) -> None:
     """Model state right after the first optimizer step: params, grads and every optimizer buffer exist."""
     measured = model_state_bytes(run.model, run.optimizer)
-    predicted = theory.model_state_bytes_sharded(results["model"]["params"], run.policy.name,
-                                                 run.policy.fp32_grad_accum, run.dctx.kind, run.dctx.world_size)
+    predicted = run.prediction.model_state  # this rank's (fsdp: its padded shards)
     results["memory"]["model_state_bytes"].update(
         predicted=predicted["total"], measured=measured["total"], per_param=measured["per_param"],
         predicted_per_param=predicted["per_param"], dtypes=measured["dtypes"],
         bytes_per_param={"predicted": predicted["bytes_per_param"], "measured": measured["bytes_per_param"]})
 
 
-@dataclass(frozen=True)
-class StepSettings:
-    """The config values a training step reads, as plain Python: an OmegaConf attribute access costs ~25 us, which
-    on a 7 ms `tiny` step was most of the framework's 2-3% overhead over a bare loop (experiments/bench_overhead)."""
-
-    grad_accum: int
-    grad_clip: float
-    stop_on_nan: bool
-
-    @classmethod
-    def of(cls, cfg: DictConfig) -> "StepSettings":
-        return cls(int(cfg.trainer.grad_accum), float(cfg.optimizer.grad_clip), bool(cfg.trainer.stop_on_nan))
-
-
-def train_step(cfg: DictConfig, run: Run, micro: list, progress: dict, model: Optional[torch.nn.Module] = None,
-               where: str = "", settings: Optional[StepSettings] = None) -> torch.Tensor:
+def train_step(spec: RunSpec, run: Run, micro: list, progress: dict, model: Optional[torch.nn.Module] = None,
+               where: str = "") -> torch.Tensor:
     """One optimizer step over the micro-batches ``micro``: forward, backward, clip, step; the summed loss.
 
     ``model``: the module to run (default ``run.model``; the overhead measurement passes a baseline that shares
-    its parameters and optimizer). ``settings``: ``StepSettings.of(cfg)``, computed once by callers that step many
-    times. A non-finite gradient norm (with trainer.stop_on_nan) raises Diverged before the optimizer steps; the
+    its parameters and optimizer). The spec's fields are plain Python attributes (no OmegaConf lookup per step:
+    ~25 us each, 2-3% of a 7 ms `tiny` step, experiments/bench_overhead). A non-finite gradient norm (with trainer.stop_on_nan) raises Diverged before the optimizer steps; the
     exception carries the step's summed loss as ``loss``.
     """
     model = run.model if model is None else model
-    st = settings or StepSettings.of(cfg)
+    grad_accum, grad_clip = spec.trainer.grad_accum, spec.optimizer.grad_clip
     optimizer, device = run.optimizer, run.device
     optimizer.zero_grad(set_to_none=True)
     loss_sum = None
@@ -215,16 +198,16 @@ def train_step(cfg: DictConfig, run: Run, micro: list, progress: dict, model: Op
         progress["phase"] = "forward"
         with run.policy.autocast(device.type):
             loss = model(idx, targets)
-            if st.grad_accum > 1:  # no extra ops (and their dispatch cost) for the common single micro-batch
-                loss = loss / st.grad_accum
+            if grad_accum > 1:  # no extra ops (and their dispatch cost) for the common single micro-batch
+                loss = loss / grad_accum
         progress["phase"] = "backward"
         loss.backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     progress["phase"] = "optimizer"
     grad_norm = None
-    if st.grad_clip > 0:
-        grad_norm = run.policy.clip_grad_norm(model, optimizer, st.grad_clip)
-    if st.stop_on_nan and grad_norm is not None and not torch.isfinite(grad_norm):
+    if grad_clip > 0:
+        grad_norm = run.policy.clip_grad_norm(model, optimizer, grad_clip)
+    if spec.trainer.stop_on_nan and grad_norm is not None and not torch.isfinite(grad_norm):
         err = Diverged(f"non-finite gradient norm {grad_norm.item()} {where}".rstrip())
         err.loss = loss_sum.item()
         raise err
@@ -234,27 +217,26 @@ def train_step(cfg: DictConfig, run: Run, micro: list, progress: dict, model: Op
     return loss_sum
 
 
-def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
+def loop(spec: RunSpec, run: Run, start: int, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
          signals: SignalFlag) -> None:
     """The training loop: forward, backward, clip, step; record loss and time; checkpoint when asked or stopped."""
-    t, model, optimizer, scheduler, device = cfg.trainer, run.model, run.optimizer, run.scheduler, run.device
+    t, model, optimizer, scheduler, device = spec.trainer, run.model, run.optimizer, run.scheduler, run.device
     history, step_s = results["loss"]["history"], results["time"]["step_s"]
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
+    tokens_per_step = spec.data.batch_size * spec.data.seq_len * t.grad_accum
 
     def save_checkpoint(done: int) -> None:
         if run.dctx.enabled:
             return  # parallel runs are not checkpointed (validate_parallel rejects checkpoint_every / resume)
         path = Path(run_dir) / checkpoint.FILENAME
-        checkpoint.save(path, cfg=cfg, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
+        checkpoint.save(path, cfg=spec, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
                         history=history, step_s=step_s)
         results["checkpoint"] = {"path": str(path), "step": done}
         signals.checkpointed_step = done
 
-    settings = StepSettings.of(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    bar = tqdm(range(start, t.steps), disable=not t.progress, desc=f"{cfg.model.name}/{cfg.strategy.name}",
+    bar = tqdm(range(start, t.steps), disable=not t.progress, desc=f"{spec.model.name}/{spec.strategy.name}",
                leave=False, initial=start, total=t.steps)
     step_lines = StepLines(log, t.steps, logging.DEBUG if t.progress else logging.INFO)  # train.log gets them
     for step in bar:
@@ -262,7 +244,7 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
         micro = [tuple(x.to(device, non_blocking=True) for x in run.batches.get(step, m)) for m in range(t.grad_accum)]
         try:
             with StepTimer(device) as timer:
-                loss_sum = train_step(cfg, run, micro, progress, where=f"at step {step}", settings=settings)
+                loss_sum = train_step(spec, run, micro, progress, where=f"at step {step}")
         except Diverged as e:
             history.append(e.loss)  # keep the failing step's loss in the record
             raise
@@ -293,13 +275,13 @@ def loop(cfg: DictConfig, run: Run, start: int, results: dict, logger: RunLogger
     bar.close()
 
 
-def summarize(cfg: DictConfig, run: Run, counted: dict, results: dict) -> None:
+def summarize(spec: RunSpec, run: Run, counted: dict, results: dict) -> None:
     """Loss, step-time statistics (warmup steps left out), MFU / HFU and the training run's allocator peak."""
     history, step_s = results["loss"]["history"], results["time"]["step_s"]
-    t = cfg.trainer
+    t = spec.trainer
     results["loss"].update(first=history[0], final=history[-1])
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * t.grad_accum
-    contended = overhead.contention(cfg)  # parallel launcher jobs or CPU ranks timing each other's load
+    tokens_per_step = spec.data.batch_size * spec.data.seq_len * t.grad_accum
+    contended = overhead.contention(spec)  # parallel launcher jobs or CPU ranks timing each other's load
     results["time"].update(contended=contended is not None, contended_reason=contended)
     timed = step_s[t.warmup_steps:]
     model_flops = counted["forward"] + counted["backward"]
@@ -333,83 +315,81 @@ def summarize(cfg: DictConfig, run: Run, counted: dict, results: dict) -> None:
         results["memory"]["peak_bytes"].update(training_allocated=peak["allocated"], training_reserved=peak["reserved"])
 
 
-def measure_overhead(cfg: DictConfig, run: Run, results: dict, progress: dict, signals: SignalFlag) -> None:
+def measure_overhead(spec: RunSpec, run: Run, results: dict, progress: dict, signals: SignalFlag) -> None:
     """time.overhead: this run's training step against the baseline strategy's, paired (recompute_lab.measure.overhead)."""
     progress.update(step=None, phase="overhead")
     scratch: dict = {}  # train_step's phase reports: the failure record keeps phase "overhead"
-    settings = StepSettings.of(cfg)
     results["time"]["overhead"] = overhead.measure(
-        cfg, run, lambda model, micro: train_step(cfg, run, micro, scratch, model, "(overhead)", settings),
+        spec, run, lambda model, micro: train_step(spec, run, micro, scratch, model, "(overhead)"),
         should_stop=lambda: signals.received is not None)
 
 
-def train(cfg: DictConfig, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
+def train(spec: RunSpec, results: dict, logger: RunLogger, run_dir: Path, progress: dict,
           signals: SignalFlag, dctx: Optional[distributed.DistContext] = None,
           resume: Optional[tuple[Path, dict]] = None) -> None:
     """Every step of a run; fills ``results`` in place as it goes (``progress``: step and phase now)."""
     dctx = dctx or distributed.DistContext()
-    run = build(cfg, results, run_dir, dctx)
+    run = build(spec, results, run_dir, dctx)
     laps = Laps(log)
-    counted = count_flops(cfg, run, results)
+    counted = count_flops(spec, run, results)
     laps("FLOP count on meta", flops_note(results["flops"]))
     start = restore(run, results, resume)
     if start:
         laps("resume", f"from step {start}")
     signals.checkpointed_step = start if resume else None
     signals.immediate = False  # from here a signal finishes the step and checkpoints
-    log.info("training: steps %d..%d of %d, %s tokens per step", start + 1, cfg.trainer.steps, cfg.trainer.steps,
-             f"{cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum:,}")
+    log.info("training: steps %d..%d of %d, %s tokens per step", start + 1, spec.trainer.steps, spec.trainer.steps,
+             f"{spec.data.batch_size * spec.data.seq_len * spec.trainer.grad_accum:,}")
     laps.reset()
-    loop(cfg, run, start, results, logger, run_dir, progress, signals)
-    laps("training", f"{cfg.trainer.steps - start} steps")
-    summarize(cfg, run, counted, results)
+    loop(spec, run, start, results, logger, run_dir, progress, signals)
+    laps("training", f"{spec.trainer.steps - start} steps")
+    summarize(spec, run, counted, results)
     tm = results["time"]
     if tm.get("step_s_median") is not None:
         log.info("step time median %.4f s (p90 %.4f s), %s tokens/s", tm["step_s_median"], tm["step_s_p90"],
                  f"{tm['tokens_per_s']:,.0f}")
     else:
         log.info("step time: none (%s)", tm.get("reason") or "no timed step")
-    measure_overhead(cfg, run, results, progress, signals)
+    measure_overhead(spec, run, results, progress, signals)
     laps("paired overhead", overhead_note(results["time"].get("overhead") or {}))
     if dctx.enabled:
-        dctx.report(cfg, results)  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
+        dctx.report(spec, results)  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
 
 
-def preflight(cfg: DictConfig, run_dir: Path) -> Optional[tuple[Path, dict]]:
-    """Everything that can refuse a run, checked before anything is written or started: the config's rules,
-    the strategy's options and the resume checkpoint (located, verified and matched to the config).
+def preflight(spec: RunSpec, run_dir: Path) -> Optional[tuple[Path, dict]]:
+    """What can refuse a valid spec before anything is written or started: the overhead's baseline and the resume
+    checkpoint (located, verified and matched to the spec; the config's rules were checked by RunSpec.of).
     Returns (path, state) of the checkpoint to resume from, or None."""
-    resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
-    validate(cfg)
-    parse_options(cfg.strategy)
-    overhead.check_config(cfg)  # trainer.overhead (its baseline strategy) before the run, not after training
-    path = checkpoint.locate(cfg.trainer.resume, run_dir)
-    return None if path is None else (path, checkpoint.load(path, cfg))
+    overhead.check_config(spec)  # trainer.overhead (its baseline strategy) before the run, not after training
+    path = checkpoint.locate(spec.trainer.resume, run_dir)
+    return None if path is None else (path, checkpoint.load(path, spec))
 
 
-def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
-    """Train per ``cfg``, keep ``run_dir/results.json`` true whatever happens, and return the results.
+def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
+    """Train per ``spec``, keep ``run_dir/results.json`` true whatever happens, and return the results.
 
-    Refused before starting (ConfigError raised; see recompute_lab.record.folder for what is written): an invalid
-    config, strategy option or resume checkpoint, a folder another process runs in, a folder holding a finished
-    run. Once started, a ``running`` record is written at once and replaced by the final one; out of memory,
-    divergence and interruption end the run with their status and return normally, so a sweep goes on.
+    ``spec`` is a RunSpec, or a composed Hydra config that recompute_lab.config.spec turns into one here (so an
+    invalid one is refused with a record, as below). Refused before starting (ConfigError raised; see
+    recompute_lab.record.folder for what is written): an invalid config, strategy option or resume checkpoint, a
+    folder another process runs in, a folder holding a finished run. Once started, a ``running`` record is
+    written at once and replaced by the final one; out of memory, divergence and interruption end the run with
+    their status and return normally, so a sweep goes on.
     """
     run_dir = Path(run_dir)
     release_host_memory()  # what an earlier job of this process freed (Hydra runs a sweep's jobs in one process)
-    results = new_results(cfg)
+    given = spec
+    results = new_results(plain_config(given))
     whole, laps = Laps(log), Laps(log)
-    log.info("run: model %s, precision %s, strategy %s, batch %s x seq %s, %s steps -> %s", cfg.model.name,
-             cfg.precision.name, cfg.strategy.name, cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.steps, run_dir)
-    dctx = distributed.DistContext.from_env(cfg)  # rank 0 of 1 unless started by torchrun / submitit
+    dctx = distributed.DistContext.from_env(given)  # rank 0 of 1 unless started by torchrun / submitit
     folder = RunFolder(run_dir, write=dctx.is_main)  # rank 0 owns the output dir
     progress: dict = {"step": None, "phase": "setup"}
     exit_code = 0
     with SignalFlag() as signals:
         try:
             folder.acquire()
-            resume = preflight(cfg, run_dir)
-            results["config"] = to_container(cfg)  # as resolved (model=hf: the Hugging Face model's fields)
+            spec = RunSpec.of(given)  # model=hf resolved, rules checked, typed and frozen
+            results["config"] = spec.to_dict()  # as resolved (model=hf: the Hugging Face model's fields)
+            resume = preflight(spec, run_dir)
         except ConfigError as e:
             results.update(status="error", error=f"invalid configuration: {e}")
             if not isinstance(e, FolderBusy):
@@ -419,11 +399,14 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
         except BaseException:
             folder.release()
             raise
+        log.info("run: model %s, precision %s, strategy %s, batch %s x seq %s, %s steps -> %s", spec.model.name,
+                 spec.precision.name, spec.strategy.name, spec.data.batch_size, spec.data.seq_len,
+                 spec.trainer.steps, run_dir)
         folder.start(results)
-        logger = RunLogger(distributed.logger_cfg(cfg, dctx), run_dir, group)  # one W&B run: rank 0's
+        logger = RunLogger(distributed.logger_cfg(spec, dctx), run_dir, group)  # one W&B run: rank 0's
         laps(f"W&B run ({logger.mode})")
         try:
-            train(cfg, results, logger, run_dir, progress, signals, dctx, resume)
+            train(spec, results, logger, run_dir, progress, signals, dctx, resume)
             results["status"] = "ok"
         except ConfigError as e:
             results.update(status="error", error=f"invalid configuration: {e}")
@@ -442,7 +425,7 @@ def run(cfg: DictConfig, run_dir: Path, group: Optional[str] = None) -> dict:
                                failure=dict(progress))
                 raise
             results.update(status="oom", error=str(e).splitlines()[0] if str(e) else "out of memory",
-                           failure={**progress, "strategy": cfg.strategy.name, **oom_report()})
+                           failure={**progress, "strategy": spec.strategy.name, **oom_report()})
         finally:
             signals.closing = True  # a signal now must not cut the final record short
             results["logger"] = {"mode": logger.mode, "note": logger.note}

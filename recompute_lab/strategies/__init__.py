@@ -2,7 +2,7 @@
 
 One module per family, each next to its own typed options (registered for Hydra as schema/strategy/NAME):
 
-    base.py     Plan, RunShape, the registry, option checks, apply_strategy
+    base.py     Plan, Shape, the registry, option checks, apply_strategy
     wrap.py     the wrapping helpers (checkpoint a module / block group, torch_remat regions, SAC, offload)
     module.py   none, full, selective, layers, sqrt
     sac.py      op (per-op selective activation checkpointing)
@@ -19,8 +19,8 @@ from recompute_lab.strategies import sac  # noqa: F401  op
 from recompute_lab.strategies import regions  # noqa: F401
 from recompute_lab.strategies import offload  # noqa: F401
 from recompute_lab.strategies import budget  # noqa: F401
-from recompute_lab.strategies.base import (STRATEGIES, Plan, RunShape, apply_strategy, label_of, option_names,
+from recompute_lab.strategies.base import (STRATEGIES, Plan, Shape, apply_strategy, label_of, option_names,
                                           parse_options, register, strategy_names)
 
-__all__ = ["STRATEGIES", "Plan", "RunShape", "apply_strategy", "label_of", "option_names", "parse_options",
+__all__ = ["STRATEGIES", "Plan", "Shape", "apply_strategy", "label_of", "option_names", "parse_options",
            "register", "strategy_names"]

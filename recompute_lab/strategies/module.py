@@ -7,22 +7,23 @@ selective``, ``--recompute-modules``, ``--recompute-method uniform | block``; Ch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
-from recompute_lab.config import ConfigError, StrategyConfig, StrEnum
+from recompute_lab.config import ConfigError, StrategyConfig
+from recompute_lab.config.strategies import (LayerMethod, LayersConfig, SelectiveConfig, layers_label,  # noqa: F401
+                                             selective_label)
 from recompute_lab.model.gpt import GPT
-from recompute_lab.strategies.base import (Plan, RunShape, block_names, check_names, check_range, part_modules,
+from recompute_lab.strategies.base import (Plan, Shape, block_names, check_names, check_range, part_modules,
                                           register)
 from recompute_lab.strategies.wrap import checkpoint_groups, checkpoint_module, chunks
 
 
 @register("none")
-def apply_none(model: GPT, opts: StrategyConfig, shape: RunShape) -> Plan:
+def apply_none(model: GPT, opts: StrategyConfig, shape: Shape) -> Plan:
     return Plan("none", "every activation saved for backward; nothing recomputed", saved=["everything"])
 
 
 @register("full")
-def apply_full(model: GPT, opts: StrategyConfig, shape: RunShape) -> Plan:
+def apply_full(model: GPT, opts: StrategyConfig, shape: Shape) -> Plan:
     for block in model.blocks:
         checkpoint_module(block)
     return Plan("full", "each block keeps only its input; the whole block's forward reruns in backward",
@@ -39,18 +40,8 @@ SELECTIVE_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass
-class SelectiveConfig(StrategyConfig):
-    name: str = "selective"
-    modules: list[str] = field(default_factory=lambda: ["core_attn"])  # any of core_attn | attn | mlp | norm
-
-
-def selective_label(opts: dict) -> str:
-    return f"selective[{'+'.join(map(str, opts.get('modules') or ['core_attn']))}]"
-
-
 @register("selective", SelectiveConfig, needs_attention=True, label=selective_label)
-def apply_selective(model: GPT, opts: SelectiveConfig, shape: RunShape) -> Plan:
+def apply_selective(model: GPT, opts: SelectiveConfig, shape: Shape) -> Plan:
     chosen = check_names("selective module", list(opts.modules), list(SELECTIVE_MODULES))
     if not chosen:
         raise ConfigError(f"strategy.modules is empty; choose from {', '.join(SELECTIVE_MODULES)}")
@@ -76,27 +67,8 @@ def group_plan(name: str, groups: list[list[int]], description: str, **details) 
                 details=details)
 
 
-class LayerMethod(StrEnum):
-    uniform = "uniform"  # Megatron: consecutive chunks of num_layers blocks, each one checkpoint region
-    block = "block"      # Megatron: only the first num_layers blocks, each checkpointed on its own
-    every = "every"      # torchtitan selective_ac_option=N: every N-th block checkpointed
-
-
-@dataclass
-class LayersConfig(StrategyConfig):
-    name: str = "layers"
-    method: LayerMethod = LayerMethod.block
-    num_layers: int = 1  # uniform: chunk size; block: how many of the first blocks
-    every: int = 2       # method=every: checkpoint every N-th block
-
-
-def layers_label(opts: dict) -> str:
-    keys = ("method", "every") if str(opts.get("method")) == "every" else ("method", "num_layers")
-    return f"layers({','.join(f'{k}={opts.get(k)}' for k in keys)})"
-
-
 @register("layers", LayersConfig, label=layers_label)
-def apply_layers(model: GPT, opts: LayersConfig, shape: RunShape) -> Plan:
+def apply_layers(model: GPT, opts: LayersConfig, shape: Shape) -> Plan:
     n = len(model.blocks)
     method = LayerMethod(str(opts.method))
     if method == LayerMethod.every:
@@ -123,7 +95,7 @@ def sqrt_groups(n_layer: int) -> list[list[int]]:
 
 
 @register("sqrt")
-def apply_sqrt(model: GPT, opts: StrategyConfig, shape: RunShape) -> Plan:
+def apply_sqrt(model: GPT, opts: StrategyConfig, shape: Shape) -> Plan:
     groups = sqrt_groups(len(model.blocks))
     checkpoint_groups(model, groups)
     return group_plan("sqrt", groups, f"{len(groups)} segments of ~sqrt({len(model.blocks)}) = {len(groups[0])} "

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from recompute_lab.config import StrategyConfig
 from recompute_lab.model.gpt import GPT
-from recompute_lab.strategies.base import Plan, RunShape, register
+from recompute_lab.strategies.base import Plan, Shape, register
 from recompute_lab.strategies.wrap import OFFLOAD_REASON
 
 
 @register("offload")
-def apply_offload(model: GPT, opts: StrategyConfig, shape: RunShape) -> Plan:
+def apply_offload(model: GPT, opts: StrategyConfig, shape: Shape) -> Plan:
     return Plan("offload", "no recomputation; saved tensors go to host memory in forward and come back for "
                            "backward (DeepSpeed cpu_checkpointing, Megatron cpu_offloading)",
                 saved=["everything, in host memory"], activation_reason=f"strategy 'offload': {OFFLOAD_REASON}")

@@ -14,24 +14,16 @@ recompute_lab.strategies.wrap.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
-from recompute_lab.config import StrategyConfig
+from recompute_lab.config.strategies import RegionsConfig
 from recompute_lab.model.gpt import GPT
-from recompute_lab.strategies.base import Plan, RunShape, check_names, is_hf, part_modules, parts_of, register
+from recompute_lab.strategies.base import Plan, Shape, check_names, is_hf, part_modules, parts_of, register
 from recompute_lab.strategies.wrap import (ALWAYS_RECOMPUTED, SUBREGIONS, RngStateHook, region_name, remat_block,
                                           remat_subregion)
 
 
-@dataclass
-class RegionsConfig(StrategyConfig):
-    name: str = "regions"
-    # Sub-regions that keep their activations; the rest rerun. Default: the op plan (save matmuls and attention).
-    save: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj"])
-
-
 @register("regions", RegionsConfig, needs_attention=True)
-def apply_regions(model: GPT, opts: RegionsConfig, shape: RunShape) -> Plan:
+def apply_regions(model: GPT, opts: RegionsConfig, shape: Shape) -> Plan:
     save = check_names("region in strategy.save", list(opts.save), list(SUBREGIONS))
     for r in save:  # a Hugging Face family names its own modules for each part (one part may be several)
         part_modules(model, r, "regions")

@@ -16,21 +16,14 @@ Pitfalls handled here:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
-from recompute_lab.config import ConfigError, StrategyConfig
+from recompute_lab.config import ConfigError
+from recompute_lab.config.strategies import OpConfig
 from recompute_lab.model.gpt import GPT
-from recompute_lab.strategies.base import Plan, RunShape, block_names, check_names, register
+from recompute_lab.strategies.base import Plan, Shape, block_names, check_names, register
 from recompute_lab.strategies.wrap import (ATTENTION_OPS, PROJECTION_OPS, available_ops, checkpoint_module,
                                           default_save_ops, sac_context_fn)
-
-
-@dataclass
-class OpConfig(StrategyConfig):
-    name: str = "op"
-    save_ops: Optional[list[str]] = None  # aten op names whose outputs are saved; None = matmuls + attention
-    every_other_mm: bool = False          # torchtitan's policy: every second projection matmul recomputed
 
 
 def normalize_op_name(name: str) -> str:
@@ -52,7 +45,7 @@ OP_REASON = "op-level selective checkpointing decides per aten op"
 
 
 @register("op", OpConfig)
-def apply_op(model: GPT, opts: OpConfig, shape: RunShape) -> Plan:
+def apply_op(model: GPT, opts: OpConfig, shape: Shape) -> Plan:
     save_ops = resolve_save_ops(opts.save_ops)
     if not save_ops:
         raise ConfigError("strategy.save_ops is empty (that is strategy=full); choose from "

@@ -7,7 +7,8 @@
 
 transformers is an optional extra (pip install -e '.[hf]'); nothing here imports it until a model is built.
 """
-from recompute_lab.predict import hf_theory as _theory  # noqa: F401  (registers the hf architecture with recompute_lab.predict.theory)
+from recompute_lab.model.hf.adapter import build as _build
+from recompute_lab.predict import hf_theory as _theory  # registers the hf architecture with recompute_lab.predict.theory
 from recompute_lab.config.hf import resolve_model
 
 __all__ = ["resolve_model", "notes"]
@@ -20,3 +21,6 @@ ESTIMATE_NOTE = ("Hugging Face model: its own code runs on meta as on the device
 def notes(mcfg) -> list[str]:
     """What an estimate of ``mcfg`` should say about a Hugging Face model (nothing for recompute_lab's own)."""
     return [ESTIMATE_NOTE] if str(mcfg.arch) == "hf" else []
+
+
+_theory.META_BUILDER = _build  # the theory's parameter shapes come from a meta build (predict imports no torch)

@@ -269,7 +269,7 @@ def build(mcfg: Any, device: torch.device | str = "cpu", dtype: torch.dtype = to
     if routed:
         register_routes()
     device = torch.device(device)
-    weights = mcfg.hf.get("weights")
+    weights = mcfg.hf.weights
     if weights and device.type != "meta":
         hf = _load_weights(transformers, str(weights), config, ROUTED + backend if routed else backend).to(device)
     else:

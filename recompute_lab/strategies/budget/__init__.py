@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from dataclasses import dataclass
-from typing import Optional
 
-from recompute_lab.predict import theory
-from recompute_lab.config import ConfigError, StrategyConfig, StrEnum
+from recompute_lab.predict import prediction
+from recompute_lab.config import ConfigError
+from recompute_lab.config.strategies import DEFAULT_FRACTION, BudgetConfig, Objective  # noqa: F401
 from recompute_lab.measure.hardware import roofline_rates
 from recompute_lab.model.gpt import GPT
-from recompute_lab.strategies.base import Plan, RunShape, register
+from recompute_lab.strategies.base import Plan, Shape, register
 from recompute_lab.strategies.budget.options import Option, apply_option, block_options
 from recompute_lab.strategies.budget.probe import (AUTOCAST_ON_META, CPU_SDPA_FLOPS, TOY_AUTOCAST, Measured, Price,
                                                   Probed, kept_weight_copies, measure_step, probe, probe_model)
@@ -36,46 +34,20 @@ __all__ = ["BudgetConfig", "Objective", "apply_budget", "solve", "resolve_budget
            "block_options", "CPU_SDPA_FLOPS", "Measured", "Price", "Probed", "measure_step", "probe", "probe_model",
            "AUTOCAST_ON_META", "TOY_AUTOCAST", "kept_weight_copies"]
 
-DEFAULT_FRACTION = 0.5
 GB = 10 ** 9
 log = logging.getLogger(__name__)
 
 
-class Objective(StrEnum):
-    flops = "flops"  # minimise recompute FLOPs, then bytes moved by recomputed pointwise ops
-    time = "time"    # minimise roofline recompute time (FLOPs / peak + pointwise bytes / bandwidth)
-
-
-@dataclass
-class BudgetConfig(StrategyConfig):
-    name: str = "budget"
-    budget_fraction: Optional[float] = DEFAULT_FRACTION  # fraction of `none`'s activation bytes
-    budget_bytes: Optional[int] = None        # activation bytes allowed (overrides budget_fraction)
-    device_memory_gb: Optional[float] = None  # whole step (model state + activations) in 1e9 bytes
-    objective: Objective = Objective.flops    # what the plan minimises
-
-    def check(self) -> None:
-        if self.budget_bytes is not None and self.device_memory_gb is not None:
-            raise ConfigError("set one of strategy.budget_bytes and strategy.device_memory_gb, not both")
-        if self.budget_bytes is not None and self.budget_bytes <= 0:
-            raise ConfigError(f"strategy.budget_bytes must be positive, got {self.budget_bytes}")
-        gb = self.device_memory_gb
-        if gb is not None and not (math.isfinite(gb) and gb > 0):
-            raise ConfigError(f"strategy.device_memory_gb must be a finite number > 0, got {gb}")
-        fraction = self.budget_fraction
-        if fraction is not None and not 0 < fraction <= 1:  # NaN fails both comparisons
-            raise ConfigError(f"strategy.budget_fraction must be in (0, 1], got {fraction}")
-
-
-def resolve_budget(opts: BudgetConfig, none_bytes: int, n_params: int, shape: RunShape) -> dict:
-    """The activation budget in bytes and where it comes from (budget_bytes or device_memory_gb beat the fraction)."""
+def resolve_budget(opts: BudgetConfig, none_bytes: int, n_params: int, shape: Shape, model_cfg=None) -> dict:
+    """The activation budget in bytes and where it comes from (budget_bytes or device_memory_gb beat the fraction).
+    device_memory_gb: minus the model state of recompute_lab.predict.prediction (``model_cfg``: the model's)."""
     opts.check()
     given, gb = opts.budget_bytes, opts.device_memory_gb
     fraction = DEFAULT_FRACTION if opts.budget_fraction is None else opts.budget_fraction
     if given is not None:
         return {"bytes": int(given), "source": "budget_bytes"}
     if gb is not None:
-        state = theory.model_state_bytes(n_params, shape.precision, shape.fp32_grad_accum)
+        state = prediction.model_state(model_cfg, shape, n_params)
         left = int(gb * GB) - state["total"]
         if left <= 0:
             raise ConfigError(f"model state alone ({state['total']} B = {n_params} params x {state['bytes_per_param']} "
@@ -101,13 +73,13 @@ def reapply_budget(model: GPT, plan: Plan) -> Plan:
 
 
 @register("budget", BudgetConfig, reapply=reapply_budget)
-def apply_budget(model: GPT, opts: BudgetConfig, shape: RunShape) -> Plan:
+def apply_budget(model: GPT, opts: BudgetConfig, shape: Shape) -> Plan:
     """Probe the options at the run's shape, solve, and apply the plan."""
-    resolve_budget(opts, 1, model.get_num_params(), shape)  # bad budgets fail before the probe
+    resolve_budget(opts, 1, model.get_num_params(), shape, model.cfg)  # bad budgets fail before the probe
     return solve(model, opts, shape, probe_model(model, shape))
 
 
-def solve(model: GPT, opts: BudgetConfig, shape: RunShape, probed: Probed) -> Plan:
+def solve(model: GPT, opts: BudgetConfig, shape: Shape, probed: Probed) -> Plan:
     """Solve for ``probed``'s prices (reusable across budgets) and apply the plan to ``model``."""
     options, outside, prices = probed.options, probed.outside, probed.prices
     objective = Objective(str(opts.objective))
@@ -116,7 +88,7 @@ def solve(model: GPT, opts: BudgetConfig, shape: RunShape, probed: Probed) -> Pl
     costs = [cost_key(p, str(objective), rates) for p in prices]
     n = len(model.blocks)
     none_bytes = outside.bytes + n * prices[0].bytes
-    budget = resolve_budget(opts, none_bytes, model.get_num_params(), shape)
+    budget = resolve_budget(opts, none_bytes, model.get_num_params(), shape, model.cfg)
     sizes = [p.bytes for p in prices]
     # Bytes some options keep once for all their blocks (Hugging Face layers' arguments held by checkpoint
     # regions): solved twice, with every option plus those bytes, and with only the options that keep none.

@@ -18,7 +18,6 @@ cost are the zero-block figure plus a sum over blocks of the probed option figur
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import gc
@@ -27,7 +26,6 @@ import time
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -37,7 +35,9 @@ from tqdm import tqdm
 from recompute_lab.config import Arch, Attention
 from recompute_lab.measure.memory import LiveStorages, storage_key
 from recompute_lab.model.gpt import GPT, build_model
-from recompute_lab.strategies.base import RunShape
+from recompute_lab.config.spec import as_model_config
+from recompute_lab.model.precision import shape_dtypes
+from recompute_lab.strategies.base import Shape
 from recompute_lab.strategies.budget.options import Option, apply_option, block_options, module_names
 
 _aten = torch.ops.aten
@@ -120,12 +120,7 @@ def _flash_core(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def _with_layers(mcfg: Any, n: int) -> Any:
-    if isinstance(mcfg, DictConfig):
-        out = copy.deepcopy(mcfg)
-        OmegaConf.set_struct(out, False)
-        out.n_layer = n
-        return out
-    return dataclasses.replace(mcfg, n_layer=n)
+    return dataclasses.replace(as_model_config(mcfg), n_layer=n)
 
 
 def replica(model: GPT, n_layer: int, device: torch.device, dtype: torch.dtype, opt: Optional[Option],
@@ -241,14 +236,14 @@ TOY_AUTOCAST = ("toy_mlp under autocast: block 0 takes the fp32 embedding output
                 "safety margin and may save less than predicted)")
 
 
-def probe_model(model: GPT, shape: RunShape) -> Probed:
+def probe_model(model: GPT, shape: Shape) -> Probed:
     """Probe every option of ``model``'s blocks at the run's micro-batch in the run's precision: replicas hold
     parameters in the parameter dtype and run their forward under the run's autocast, so an autocast plan counts
     the fp32 norm and residual inputs and the bf16 weight copies autocast saves. The meta device has no autocast:
     there the prices are an upper bound (fp32 replica + weight copies) and the plan says so in its warnings."""
     options = block_options(model)
     device = model.tok_emb.weight.device
-    param, autocast = shape.param_dtype, shape.autocast_dtype
+    param, autocast = shape_dtypes(shape)
     toy = [TOY_AUTOCAST] if autocast is not None and model.cfg.arch == Arch.toy_mlp else []
     if autocast is not None and device.type == "meta":
         outside, prices = probe(model, options, shape.batch, shape.seq, param)
@@ -256,9 +251,9 @@ def probe_model(model: GPT, shape: RunShape) -> Probed:
         outside = dataclasses.replace(outside, bytes=outside.bytes + kept_weight_copies(model, None, size))
         prices = [dataclasses.replace(p, bytes=p.bytes + kept_weight_copies(model, o, size))
                   for p, o in zip(prices, options)]
-        return Probed(options, outside, prices, shape.compute_dtype, shape.batch, shape.seq, param, autocast,
+        return Probed(options, outside, prices, autocast or param, shape.batch, shape.seq, param, autocast,
                       [AUTOCAST_ON_META, *toy])
     outside, prices = probe(model, options, shape.batch, shape.seq, param, autocast)
     # Transformer blocks keep the residual stream in the parameter dtype, so every block is block 0's twin; toy
     # blocks under autocast do not (their output is autocast's dtype).
-    return Probed(options, outside, prices, shape.compute_dtype, shape.batch, shape.seq, param, autocast, toy)
+    return Probed(options, outside, prices, autocast or param, shape.batch, shape.seq, param, autocast, toy)

@@ -4,7 +4,7 @@ Cost per option: ``objective=flops`` -> (recompute FLOPs, pointwise bytes) compa
 ``objective=time`` -> FLOPs / peak FLOP/s + pointwise bytes / memory bandwidth (a roofline, recompute_lab.measure.hardware).
 A dynamic programme over the L blocks keeps, for each number of blocks planned, the Pareto set of
 (activation bytes, cost) over all multisets of options; the answer is the cheapest point within the budget. This
-is exact for the cost model (a brute force over every per-block assignment agrees, tests/test_budget.py).
+is exact for the cost model (a brute force over every per-block assignment agrees, tests/integration/test_budget.py).
 """
 from __future__ import annotations
 

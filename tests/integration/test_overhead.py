@@ -14,6 +14,7 @@ from recompute_lab.measure import overhead
 from recompute_lab.config import ConfigError
 from recompute_lab.run.engine import build, run
 from recompute_lab.run.distributed import DistContext
+from recompute_lab.config.spec import RunSpec
 
 from conftest import FAST_TIMED, compose_config
 
@@ -68,8 +69,8 @@ def test_bad_overhead_settings_fail_before_anything_runs(tmp_path):
 
 def test_arms_share_the_model_state_and_see_the_same_batches(tmp_path):
     cfg = compose_config(["+strategy=full", *TINY])
-    r = build(cfg, {"memory": {}, "strategy": {}, "env": {}}, tmp_path, DistContext())
-    base = overhead.build_baseline(cfg, r, overhead.parse_options({"name": "none"}))
+    r = build(RunSpec.of(cfg), {"memory": {}, "strategy": {}, "env": {}}, tmp_path, DistContext())
+    base = overhead.build_baseline(RunSpec.of(cfg), r.policy, r.model, overhead.parse_options({"name": "none"}))
     pairs = list(zip(r.model.named_parameters(remove_duplicate=False), base.named_parameters(remove_duplicate=False)))
     assert pairs and all(n1 == n2 and p1 is p2 for (n1, p1), (n2, p2) in pairs)
     assert all(b1 is b2 for (_, b1), (_, b2) in zip(r.model.named_buffers(), base.named_buffers()))
@@ -79,7 +80,7 @@ def test_arms_share_the_model_state_and_see_the_same_batches(tmp_path):
         key = tuple(micro[0][0].flatten()[:32].tolist())
         seen[key] = seen.get(key, "") + ("A" if model is r.model else "B")
 
-    o = overhead.measure(cfg, r, fake_step)
+    o = overhead.measure(RunSpec.of(cfg), r, fake_step)
     assert o["rounds"] >= 6 and len(seen) == o["rounds"] + 1  # one batch per round, one for the warmup round
     assert list(seen.values()) == ["AB"] + ["ABBA", "BAAB"] * (o["rounds"] // 2) + ["ABBA"] * (o["rounds"] % 2)
 

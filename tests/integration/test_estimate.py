@@ -14,6 +14,7 @@ from recompute_lab.config import ModelConfig
 from recompute_lab.measure.memory import saved_tensors
 from recompute_lab.model.gpt import build_model
 from recompute_lab.measure.target_kernels import TargetKernels
+from recompute_lab.config.spec import Shape
 
 from conftest import run_cli
 from test_memory import LLAMA_LIKE, TINY, apply
@@ -32,7 +33,7 @@ def test_estimate_cli_is_fast_and_model_state_exact(tmp_path, model):
     out = tmp_path / "estimate.json"
     t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = run_cli([f"model={model}", "data.seq_len=4096", "+strategy=full", "precision=fp32",
-                    f"estimate.out={out}"], cwd=tmp_path, module="recompute_lab.cli.estimate")
+                    f"estimate.out={out}"], cwd=tmp_path, module="recompute_lab.estimate")
     wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     assert proc.returncode == 0, proc.stderr
     # The command is single-threaded: on an idle 2-core machine its wall time is its CPU time (~6 s for 70B
@@ -57,13 +58,13 @@ def test_estimate_cli_is_fast_and_model_state_exact(tmp_path, model):
 def test_estimate_series_and_bad_target(tmp_path):
     proc = run_cli(["model=small", "data.batch_size=1", "estimate.seq_lens=[512,2048]", "estimate.target=cpu",
                     "model.attention=eager", "estimate.out=e.json", f"hydra.run.dir={tmp_path / 'run'}"],
-                   cwd=tmp_path, module="recompute_lab.cli.estimate")
+                   cwd=tmp_path, module="recompute_lab.estimate")
     assert proc.returncode == 0, proc.stderr
     series = json.loads((tmp_path / "run" / "e.json").read_text())["series"]  # a relative out: in the run dir
     assert [x["seq_len"] for x in series] == [512, 2048]
     assert all(x["activation_bytes"]["measured"] == x["activation_bytes"]["predicted"] for x in series)
     assert "raised from 1024 to 2048" in proc.stdout
-    bad = run_cli(["estimate.target=tpu"], cwd=tmp_path, module="recompute_lab.cli.estimate")
+    bad = run_cli(["estimate.target=tpu"], cwd=tmp_path, module="recompute_lab.estimate")
     assert bad.returncode == 1 and "cuda" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -84,7 +85,7 @@ def test_meta_kernels_save_what_the_target_saves(kw, strategy, dtype, target):
         with kernels:
             return model(idx, idx.clone())
     measured = saved_tensors(model, forward)
-    pred = theory.predict_activations(cfg, theory.Setting(4, 64, dtype.itemsize, None, target), plan)
+    pred = theory.predict_activations(cfg, Shape(4, 64, "bf16_master" if dtype.itemsize == 2 else "fp32", device=target), plan)
     assert measured["total"] == pred["total"]
     if target == "cuda" and kw.get("attention") != "eager":
         assert any(u.startswith("sdpa:") for u in kernels.used)
@@ -135,7 +136,7 @@ def test_estimate_shards_model_state_per_rank(tmp_path):
     for kind, dp, per_rank in [("fsdp", 64, 16 * n // 64), ("ddp", 64, 16 * n)]:
         out = tmp_path / f"{kind}.json"
         proc = run_cli(["model=llama3_8b", "data.seq_len=1024", f"parallel={kind}", f"parallel.dp_size={dp}",
-                        f"estimate.out={out}"], cwd=tmp_path, module="recompute_lab.cli.estimate")
+                        f"estimate.out={out}"], cwd=tmp_path, module="recompute_lab.estimate")
         assert proc.returncode == 0, proc.stderr
         state = json.loads(out.read_text())["memory"]["model_state_bytes"]
         assert state["predicted"] == per_rank == theory.model_state_bytes_sharded(n, "fp32", False, kind, dp)["total"]
@@ -145,7 +146,7 @@ def test_estimate_multirun_writes_one_estimate_json_per_job(tmp_path):
     """-m over strategies and sequence lengths: one output dir per job with its estimate.json and estimate.log."""
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "+strategy=none,full", "data.seq_len=32,64", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
-                   module="recompute_lab.cli.estimate")
+                   module="recompute_lab.estimate")
     assert proc.returncode == 0, proc.stderr
     files = sorted(sweep.glob("*/estimate.json"))
     assert len(files) == 4 and not (tmp_path / "estimate.json").exists()

@@ -29,7 +29,7 @@ from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError, EstimateConfig
 from recompute_lab.measure.memory import saved_tensors
 from recompute_lab.model.gpt import build_model
-from recompute_lab.strategies import RunShape, apply_strategy
+from recompute_lab.strategies import Shape, apply_strategy
 from recompute_lab.strategies.budget import CPU_SDPA_FLOPS
 
 from conftest import FAST, compose_config, load_results, one_thread_fixture, retained_bytes, run_cli
@@ -38,6 +38,7 @@ from test_strategies import VARIANTS as STRATEGY_VARIANTS
 transformers = pytest.importorskip("transformers")
 
 from recompute_lab.model.hf import resolve_model  # noqa: E402  (after the skip: needs nothing, but tests need the extra)
+from recompute_lab.config.spec import RunSpec
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
 
@@ -76,7 +77,7 @@ def built(cfg, dtype=torch.float32):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # offload on CPU says it moves nothing
         model = build_model(cfg.model, dtype=dtype)
-        plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+        plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
     return model, plan
 
 
@@ -282,7 +283,7 @@ def test_saved_bytes_equal_the_independent_count_and_the_theory(vid, overrides, 
     model, plan = built(cfg, dtype)
     measured, independent = counts(model, plan.offload)
     assert measured["resident_total"] == independent
-    st = theory.Setting(B, S, dtype.itemsize)
+    st = Shape(B, S, "bf16_master" if dtype.itemsize == 2 else "fp32")
     pred = theory.predict_activations(cfg.model, st, plan)
     if vid == "none" or vid in MODULE_LEVEL:
         assert measured["resident_total"] == pred["total"], pred.get("by_module")
@@ -301,10 +302,10 @@ def test_autocast_and_sliding_windows_have_no_closed_form_but_are_measured(case)
         cfg = compose_config([*TINY, "model.hf.config=mistral_7b", "model.n_kv_head=2", "model.n_layer=2",
                               "+model.hf.overrides.sliding_window=8"])
         resolve_model(cfg)
-        st, needle, cast = theory.Setting(B, S), "sliding window 8 <= seq 16", torch.autocast("cpu", enabled=False)
+        st, needle, cast = Shape(B, S), "sliding window 8 <= seq 16", torch.autocast("cpu", enabled=False)
     else:
         cfg = hf_cfg(case.split("-")[0], "sdpa", "precision=bf16_autocast")
-        st, needle, cast = theory.Setting(B, S, 4, 2), "autocast", torch.autocast("cpu", dtype=torch.bfloat16)
+        st, needle, cast = Shape(B, S, "bf16_autocast"), "autocast", torch.autocast("cpu", dtype=torch.bfloat16)
     pred = theory.predict_activations(cfg.model, st, None)
     assert pred["total"] is None and needle in pred["reason"]
     model, _ = built(cfg)
@@ -337,8 +338,8 @@ def flash_terms(cfg, plan) -> int:
 def test_flops_counted_on_meta_equal_the_model_and_the_formula(vid, overrides, family, attention):
     cfg = hf_cfg(family, attention, *overrides, n_layer=4)
     model, plan = built(cfg)
-    counted = flops.count_step_flops(cfg, plan=plan)
-    want = flops.predict_step_flops(cfg, plan)
+    counted = flops.count_step_flops(RunSpec.of(cfg), plan=plan)
+    want = flops.predict_step_flops(RunSpec.of(cfg), plan)
     assert (counted["forward"], counted["backward"], counted["recompute"]) == (
         want["forward"], want["backward"], want["recompute"])
     idx, tgt = batch()
@@ -377,13 +378,13 @@ def test_probe_peak_equals_mem_tracker_without_recomputation(family, precision):
     extra = ["+model.hf.overrides.activation_function=gelu_pytorch_tanh"] if family == "gpt2" else []
     cfg = hf_cfg(family, "sdpa", f"precision={precision}", "+strategy=none", *extra)
     policy = make_precision(cfg.precision)
-    memory, _ = memory_probe(cfg, torch.device("cpu"), policy, batch())
+    memory, _ = memory_probe(RunSpec.of(cfg), torch.device("cpu"), policy, batch())
     act, pk = memory["activation_bytes"], memory["peak_bytes"]
     assert act["predicted"] == act["measured"]
     assert pk["predicted"] == pk["measured"], (pk["predicted_parts"]["phases"], pk["by_category"])
     if family == "gpt2" and precision == "fp32":  # the known gap, at the published gelu_new
         cfg = hf_cfg(family, "sdpa", "+strategy=none")
-        memory, _ = memory_probe(cfg, torch.device("cpu"), policy, batch())
+        memory, _ = memory_probe(RunSpec.of(cfg), torch.device("cpu"), policy, batch())
         pk = memory["peak_bytes"]
         assert pk["predicted_parts"]["phase"] == "backward_start" and pk["measured"] > pk["predicted"]
     assert [(p.name, p.shape) for p in peak.param_tensors(cfg.model)] == [
@@ -418,8 +419,8 @@ def test_a_family_without_a_map_runs_block_strategies_and_refuses_selective(neox
         assert counts(model)[0]["resident_total"] == counts(model)[1]
     cfg = cfg_of("+strategy=full")
     assert cfg.model.hf.family is None and cfg.model.hf.model_type == "gpt_neox"
-    assert "no structure" in theory.predict_activations(cfg.model, theory.Setting(B, S), None)["reason"]
-    assert flops.predict_step_flops(cfg)["forward"] is None
+    assert "no structure" in theory.predict_activations(cfg.model, Shape(B, S), None)["reason"]
+    assert flops.predict_step_flops(RunSpec.of(cfg))["forward"] is None
     for strategy in (["+strategy=selective"], ["+strategy=regions"]):
         with pytest.raises(ConfigError, match="'gpt_neox' has no submodule map.*regions at block level"):
             built(cfg_of(*strategy))

@@ -17,6 +17,7 @@ import what_fits as wf  # noqa: E402
 
 from recompute_lab.predict import per_gpu  # noqa: E402
 from recompute_lab.config import LayoutConfig  # noqa: E402
+from recompute_lab.config.spec import RunSpec
 
 FIGS = ROOT / "experiments" / "figures"
 
@@ -76,12 +77,11 @@ def test_planner_recomputes_fewest_layers_that_fit_per_stage():
 def test_layer_recompute_flops_follow_the_flop_module():
     """Full reruns a block but its last linear, selective the attention core's QK^T; both split over tp; cp ranks
     see s / cp queries against all s keys."""
-    from types import SimpleNamespace
 
     from recompute_lab.measure import flops
 
     cfg = wf.model_cfg("llama3_70b", 8192)
-    parts = flops.module_forward_flops(SimpleNamespace(model=cfg), 1, 8192)
+    parts = flops.module_forward_flops(RunSpec(model=cfg), 1, 8192)
     assert per_gpu.layer_recompute_flops(cfg, "full", 1, 8192, 8, 1) == (parts["block"] - parts["mlp.proj"]) // 8
     assert per_gpu.layer_recompute_flops(cfg, "selective", 1, 8192, 8, 1) == parts["attn.core"] // 2 // 8
     assert per_gpu.layer_recompute_flops(cfg, "selective", 1, 8192, 8, 4) == parts["attn.core"] // 4 // 2 // 8

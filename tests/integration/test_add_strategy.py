@@ -14,9 +14,10 @@ from recompute_lab.analysis.aggregate import load_rows
 from recompute_lab.config import ConfigError, StrategyConfig
 from recompute_lab.run.engine import run
 from recompute_lab.model.gpt import build_model
-from recompute_lab.strategies import Plan, RunShape, apply_strategy, register
+from recompute_lab.strategies import Plan, Shape, apply_strategy, register
 from recompute_lab.strategies.base import check_range, unregister
 from recompute_lab.strategies.wrap import checkpoint_module
+from recompute_lab.config.spec import RunSpec
 
 from conftest import FAST, compose_config
 
@@ -29,7 +30,7 @@ class MlpStrideConfig(StrategyConfig):
     stride: int = 2  # checkpoint the MLP of every stride-th block, counting from block 0
 
 
-def apply_mlp_stride(model, opts: MlpStrideConfig, shape: RunShape) -> Plan:
+def apply_mlp_stride(model, opts: MlpStrideConfig, shape: Shape) -> Plan:
     check_range("stride", opts.stride, len(model.blocks))
     recomputed = []
     for i in range(0, len(model.blocks), opts.stride):
@@ -70,7 +71,7 @@ def test_a_new_strategy_keeps_the_gradients_and_its_options_are_checked(toy_stra
     torch.manual_seed(0)
     base = build_model(cfg.model).train()
     model = copy.deepcopy(base)
-    apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+    apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
     grads = []
     for m in (base, model):
         torch.manual_seed(1)

@@ -100,12 +100,12 @@ def test_an_agent_run_trains_and_joins_the_sweep_offline(tmp_path, monkeypatch):
 
 def test_cli_writes_the_yaml_and_refuses_bad_values(tmp_path):
     proc = run_cli(["model=tiny,small", "+strategy=none,full", "--out", "s.yaml"], cwd=tmp_path,
-                   module="recompute_lab.cli.wandb_sweep")
+                   module="recompute_lab.wandb_sweep")
     assert proc.returncode == 0, proc.stderr
     assert "4 runs" in proc.stdout and "wandb sweep s.yaml" in proc.stdout and "wandb agent" in proc.stdout
     assert yaml.safe_load((tmp_path / "s.yaml").read_text())["parameters"]["sweep.model"] == {"values": ["tiny",
                                                                                                        "small"]}
-    bad = run_cli(["model=tiny,smal", "--out", "b.yaml"], cwd=tmp_path, module="recompute_lab.cli.wandb_sweep")
+    bad = run_cli(["model=tiny,smal", "--out", "b.yaml"], cwd=tmp_path, module="recompute_lab.wandb_sweep")
     assert bad.returncode == 2 and "model/smal" in bad.stderr and not (tmp_path / "b.yaml").exists()
-    typo = run_cli(["model.n_layr=1,2", "--out", "b.yaml"], cwd=tmp_path, module="recompute_lab.cli.wandb_sweep")
+    typo = run_cli(["model.n_layr=1,2", "--out", "b.yaml"], cwd=tmp_path, module="recompute_lab.wandb_sweep")
     assert typo.returncode == 2 and "did you mean 'n_layer'" in typo.stderr

@@ -196,7 +196,7 @@ def test_axis_keys_of_overrides():
 
 
 def test_dashboard_offline_explains_and_fails(tmp_path):
-    proc = run_cli(["--entity", "me", "--project", "p"], cwd=tmp_path, module="recompute_lab.cli.dashboard",
+    proc = run_cli(["--entity", "me", "--project", "p"], cwd=tmp_path, module="recompute_lab.dashboard",
                    env={"WANDB_API_KEY": "", "NETRC": str(tmp_path / "none"), "HOME": str(tmp_path)})
     assert proc.returncode == 2
     assert "wandb sync" in proc.stderr and "WANDB_API_KEY" in proc.stderr

@@ -15,7 +15,8 @@ from recompute_lab.model.data import Batches
 from recompute_lab.measure.memory import mem_tracker_step
 from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision, param_groups
-from recompute_lab.measure.probe import memory_probe, setting_for, step_setting
+from recompute_lab.measure.probe import memory_probe, shape_of
+from recompute_lab.config.spec import RunSpec, Shape
 
 from conftest import FAST, compose_config, one_thread_fixture
 
@@ -30,7 +31,7 @@ SMALL = ["model=small", "data.seq_len=64", "data.batch_size=2"]
 
 def probe(overrides: list[str]) -> dict:
     cfg = compose_config([*overrides, *FAST])
-    out, _ = memory_probe(cfg, torch.device("cpu"), make_precision(cfg.precision),
+    out, _ = memory_probe(RunSpec.of(cfg), torch.device("cpu"), make_precision(cfg.precision),
                           Batches(cfg.data, cfg.model.vocab_size).get(0, 0))
     return out["peak_bytes"]
 
@@ -91,12 +92,10 @@ def test_each_adamw_implementation_is_predicted(impl, model):
 
     step(forward())  # warm: the optimizer state exists
     tracked = mem_tracker_step(net, optimizer, forward, step, inputs=(idx, targets))
-    policy = make_precision(cfg.precision)
-    st = setting_for(cfg, policy, "cpu")
+    st = shape_of(RunSpec.of(cfg), "cpu").replace(optimizer_impl=impl)
     act = theory.predict_activations(cfg.model, st)
     state = theory.model_state_bytes(net.get_num_params(), "fp32")
-    settings = peak.StepSetting(optimizer_impl=impl)
-    predicted = peak.predict_peak(cfg.model, st, state, act, settings)
+    predicted = peak.predict_peak(cfg.model, st, state, act)
     assert predicted["total"] == tracked["peak"], predicted["phases"]
     if impl != "fused":
         assert predicted["phase"] == "optimizer_step"
@@ -122,6 +121,5 @@ def test_adam_impl_is_torchs_default_choice():
 
 def test_step_setting_reads_the_config():
     cfg = compose_config(["precision=bf16_master", "precision.fp32_grad_accum=true", "optimizer.grad_clip=0"])
-    assert step_setting(cfg) == peak.StepSetting("bf16_master", True, False)
-    assert peak.StepSetting("bf16_master").master_weights and not peak.StepSetting("bf16_master",
-                                                                                    parallel="fsdp").master_weights
+    assert shape_of(RunSpec.of(cfg), "cpu") == Shape(8, 64, "bf16_master", True, grad_clip=False)
+    assert Shape(1, 1, "bf16_master").master_weights and not Shape(1, 1, "bf16_master", parallel="fsdp").master_weights

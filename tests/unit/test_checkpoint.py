@@ -21,6 +21,7 @@ from recompute_lab.record import fileio
 from recompute_lab.config import ConfigError
 from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision
+from recompute_lab.config.spec import RunSpec
 
 from conftest import FAST, cached_compose, one_thread_fixture
 
@@ -31,7 +32,7 @@ OVERRIDES = (*FAST, f"trainer.steps={STEPS}", "model.dropout=0.1")  # dropout: t
 
 
 def _cfg(*extra: str):
-    return cached_compose(*OVERRIDES, *extra)
+    return RunSpec.of(cached_compose(*OVERRIDES, *extra))
 
 
 def _schedule(step: int) -> float:

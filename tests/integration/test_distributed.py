@@ -196,7 +196,7 @@ def test_per_rank_peak_is_measured_on_the_wrapped_model_and_predicted_by_the_est
     per_rank = res["parallel"]["per_rank"]
     out = tmp_path / "estimate.json"
     est = run_cli([*shape, f"parallel={kind}", "parallel.dp_size=2", "estimate.target=cpu", f"estimate.out={out}"],
-                  cwd=tmp_path, module="recompute_lab.cli.estimate")
+                  cwd=tmp_path, module="recompute_lab.estimate")
     assert est.returncode == 0, est.stderr
     predicted = load_results(out)["memory"]["peak_bytes"]["predicted"]
     assert [r["peak_bytes"] for r in per_rank] == [predicted, predicted]

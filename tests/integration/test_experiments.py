@@ -111,3 +111,19 @@ def test_framework_target_is_judged_on_the_interval():
     assert bench_overhead.verdict(1.03, 1.2).startswith("missed")
     assert bench_overhead.verdict(0.95, 1.05).startswith("undecided (interval")  # a median of 1.00 is not enough
     assert bench_overhead.verdict(None, None).startswith("undecided (no interval")
+
+
+def test_readme_gpu_table_is_the_committed_gpu_check_output():
+    """README's H200 table quotes experiments/figures/gpu/gpu_check_h200.csv (what gpu_check.py wrote on the GPU)
+    digit for digit: a GPU figure cannot be regenerated here, so it must at least be the one measured."""
+    rows = list(csv.DictReader((ROOT / "experiments/figures/gpu/gpu_check_h200.csv").open()))
+    readme = (ROOT / "README.md").read_text()
+    for r in rows:
+        def num(key: str, fmt: str, r: dict = r) -> str:
+            return "n/a" if r[key] == "" else format(float(r[key]), fmt)
+        line = (f"| {r['strategy']} | {num('tokens_per_s', ',.0f')} | {num('mfu', '.3f')} | {num('hfu', '.3f')} | "
+                f"{num('recompute_overhead', '.3f')} | {num('peak_measured', ',.0f')} | "
+                f"{num('peak_predicted', ',.0f')} | {num('act_measured', ',.0f')} | {num('act_predicted', ',.0f')} |")
+        assert line in readme, line
+        if r["strategy"] != "none":
+            assert r["time_words"].split(" (95% CI")[0] in readme and r["time_rounds"] + " rounds" in readme

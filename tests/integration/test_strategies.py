@@ -31,7 +31,8 @@ from recompute_lab.run.engine import run
 from recompute_lab.model.gpt import build_model
 from recompute_lab.strategies.wrap import draws_random, make_policy
 from recompute_lab.cli.overrides import compose_run_config
-from recompute_lab.strategies import STRATEGIES, RunShape, apply_strategy
+from recompute_lab.strategies import STRATEGIES, apply_strategy
+from recompute_lab.config.spec import RunSpec
 
 from conftest import cached_compose, one_thread_fixture, CONF_DIR, FAST, compose_config, load_results, run_cli
 
@@ -59,7 +60,7 @@ VARIANTS = [
     ("full-offload", ["+strategy=full", "strategy.offload=true"]),
 ]
 ATTENTION = ["eager", "sdpa"]
-GRADIENTS_TESTED_ELSEWHERE = {"budget": "tests/test_budget.py"}
+GRADIENTS_TESTED_ELSEWHERE = {"budget": "tests/integration/test_budget.py"}
 
 
 def test_every_registered_strategy_has_a_gradient_variant():
@@ -84,7 +85,7 @@ def strategic(attention: str, overrides: list[str]):
     model = copy.deepcopy(base_model(attention))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
+        plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     return model, plan
 
 
@@ -128,7 +129,7 @@ def test_llama_style_blocks_gradients_equal_none(vid, overrides):
     base = build_model(compose(*MODEL, *LLAMA_STYLE).model).train()
     model = copy.deepcopy(base)
     cfg = compose(*MODEL, *LLAMA_STYLE, *overrides)
-    apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+    apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
     g_none, g = grads(base), grads(model)
     assert all((g_none[n] - g[n]).abs().max().item() <= 1e-6 for n in g_none)
 
@@ -313,7 +314,7 @@ def test_offload_on_cpu_says_it_moves_nothing():
     cfg = compose_config(["+strategy=offload"])
     model = build_model(cfg.model)
     with pytest.warns(UserWarning, match="moves nothing"):
-        plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
+        plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     assert plan["offload"] is True and plan["offload_effective"] is False
     assert any("moves nothing" in w for w in plan["warnings"]) and plan["recomputed"] == []
 
@@ -341,7 +342,7 @@ def test_strategies_run_on_the_meta_device(name):
     """The estimate path builds models on meta (no memory): every strategy must apply and run there too."""
     cfg = compose(*MODEL, f"+strategy={name}")
     model = build_model(cfg.model, "meta").train()
-    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
+    plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     idx = torch.zeros(2, 16, dtype=torch.long, device="meta")
     model(idx, idx).backward()
     assert plan["offload_effective"] is False
@@ -360,7 +361,7 @@ def test_strategies_run_on_the_meta_device(name):
 def test_bad_strategy_options_raise_config_error_listing_valid(overrides, needle):
     cfg = compose_config([*MODEL, *overrides])
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
-        apply_strategy(build_model(cfg.model), cfg.strategy, RunShape.of(cfg))
+        apply_strategy(build_model(cfg.model), cfg.strategy, RunSpec.of(cfg).shape())
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -374,13 +375,13 @@ def test_options_of_another_strategy_are_rejected(overrides, needle):
     # Forced in with a `+`, the same option composes; the strategy refuses it before anything is built.
     cfg = compose(*MODEL, *[("+" + o if o.startswith("strategy.") else o) for o in overrides])
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-        apply_strategy(build_model(cfg.model), cfg.strategy, RunShape.of(cfg))
+        apply_strategy(build_model(cfg.model), cfg.strategy, RunSpec.of(cfg).shape())
 
 
 def test_transformer_only_strategies_reject_toy_mlp():
     cfg = compose_config(["model=toy_mlp", "+strategy=selective"])
     with pytest.raises(ConfigError, match="Valid strategies for it: none, full"):
-        apply_strategy(build_model(cfg.model), cfg.strategy, RunShape.of(cfg))
+        apply_strategy(build_model(cfg.model), cfg.strategy, RunSpec.of(cfg).shape())
 
 
 def test_unknown_layer_method_fails_at_compose_time():

@@ -9,7 +9,8 @@ from torch.utils.checkpoint import checkpoint
 
 from recompute_lab.config import ConfigError
 from recompute_lab.model.gpt import build_model
-from recompute_lab.strategies import STRATEGIES, RunShape, apply_strategy
+from recompute_lab.strategies import STRATEGIES, apply_strategy
+from recompute_lab.config.spec import RunSpec
 
 from conftest import compose_config
 
@@ -27,7 +28,7 @@ def test_full_gradients_equal_none_with_dropout(attention):
     torch.manual_seed(0)
     base = build_model(cfg.model).train()
     ckpt = copy.deepcopy(base)
-    plan = apply_strategy(ckpt, cfg.strategy, RunShape.of(cfg)).to_dict()
+    plan = apply_strategy(ckpt, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     assert plan["recomputed"] == ["blocks.0", "blocks.1"]
     assert [n for n, _ in base.named_parameters()] == [n for n, _ in ckpt.named_parameters()]
     idx, tgt = torch.randint(0, 256, (4, 64)), torch.randint(0, 256, (4, 64))
@@ -45,7 +46,7 @@ def test_unknown_strategy_lists_valid():
     cfg = compose_config([])
     cfg.strategy.name = "fulll"
     with pytest.raises(ConfigError, match="valid strategies: .*full.*none"):
-        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+        apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
     assert {"none", "full"} <= set(STRATEGIES)
 
 
@@ -67,7 +68,7 @@ def test_toy_mlp_reproduces_notebook_demo():
         torch.testing.assert_close(p.grad, g_regular[n], rtol=0, atol=0)
     # Through the full pipeline: our `full` strategy on the whole toy model gives the same grads as `none`.
     ckpt = copy.deepcopy(model)
-    apply_strategy(ckpt, cfg.strategy, RunShape.of(cfg))
+    apply_strategy(ckpt, cfg.strategy, RunSpec.of(cfg).shape())
     idx, tgt = torch.randint(0, 256, (8, 1)), torch.randint(0, 256, (8, 1))
     g_none, g_full = grads_after_step(model, idx, tgt), grads_after_step(ckpt, idx, tgt)
     for n in g_none:

@@ -47,7 +47,7 @@ def test_callback_analysed_the_multirun(sweep):
 
 def test_cli_writes_csv_figures_quiz(sweep, tmp_path):
     out = tmp_path / "an"
-    proc = run_cli([str(sweep), "--out", str(out)], cwd=tmp_path, module="recompute_lab.cli.analyze")
+    proc = run_cli([str(sweep), "--out", str(out)], cwd=tmp_path, module="recompute_lab.analyze")
     assert proc.returncode == 0, proc.stderr
     assert "analysed 4 runs (0 not ok)" in proc.stdout
     rows = list(csv.DictReader((out / "summary.csv").open()))
@@ -122,7 +122,7 @@ def test_failed_run_is_still_analysed(sweep, tmp_path):
     victim.write_text(json.dumps(res))
     (copy / "broken").mkdir()
     (copy / "broken" / "results.json").write_text("{not json")
-    proc = run_cli([str(copy), "--out", str(tmp_path / "an")], cwd=tmp_path, module="recompute_lab.cli.analyze")
+    proc = run_cli([str(copy), "--out", str(tmp_path / "an")], cwd=tmp_path, module="recompute_lab.analyze")
     assert proc.returncode == 0, proc.stderr
     assert "(2 not ok)" in proc.stdout and ": oom CUDA out of memory" in proc.stdout
     rows = {r["run"]: r for r in csv.DictReader((tmp_path / "an" / "summary.csv").open())}

@@ -22,6 +22,8 @@ from recompute_lab.measure.memory import saved_tensors
 from recompute_lab.model.gpt import build_model
 from recompute_lab.strategies import apply_strategy
 from recompute_lab.strategies.budget import CPU_SDPA_FLOPS
+from recompute_lab.config.spec import Shape
+from recompute_lab.config.spec import RunSpec
 
 from conftest import compose_config, one_thread_fixture, retained_bytes
 
@@ -119,7 +121,7 @@ def test_saved_bytes_and_flops_equal_hugging_face(kind, attention, strategy):
     ours = build_model(cfg.model).train()
     plan = apply_strategy(ours, cfg.strategy)
     measured = saved_tensors(ours, lambda: ours(idx, targets))
-    predicted = theory.predict_activations(cfg.model, theory.Setting(B, S), plan)["total"]
+    predicted = theory.predict_activations(cfg.model, Shape(B, S), plan)["total"]
     assert predicted == measured["total"] == measured["resident_total"]
     named = named_differences(kind, attention, strategy, cfg.model)
     assert hf_bytes == measured["total"] + sum(named.values()), named
@@ -128,11 +130,11 @@ def test_saved_bytes_and_flops_equal_hugging_face(kind, attention, strategy):
     assert hf_flops == our_flops
     # recompute_lab's analytic FLOPs (recompute_lab.measure.flops): forward, backward = 2 x forward, + the recompute.
     # FlopCounterMode's flash-attention backward also counts the QK^T it recomputes: 2 b s^2 h per layer.
-    want = flops.predict_step_flops(cfg, plan)
+    want = flops.predict_step_flops(RunSpec.of(cfg), plan)
     flash = 2 * B * S * S * cfg.model.d_model * cfg.model.n_layer if attention == "sdpa" else 0
     assert hf_flops == (want["forward"], want["backward"] + want["recompute"] + flash)
     # ... and the meta-device count every run records (SDPA on meta takes the math path: no flash term).
-    counted = flops.count_step_flops(cfg, plan=plan)
+    counted = flops.count_step_flops(RunSpec.of(cfg), plan=plan)
     assert (counted["forward"], counted["backward"] + counted["recompute"]) == (want["forward"],
                                                                                 want["backward"] + want["recompute"])
 

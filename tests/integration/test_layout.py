@@ -11,6 +11,7 @@ from recompute_lab.predict import layout as L
 from recompute_lab.measure import tensor_parallel as T
 from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError, LayoutConfig, ModelConfig
+from recompute_lab.config.spec import Shape
 
 TPS = (1, 2, 4, 8)
 STRATEGIES = ("none", "selective", "full")
@@ -35,7 +36,7 @@ def world():
 def measure(cfg, tp, sp, strategy):
     model, plan = T.build_parallel(cfg, tp, sp, {"name": strategy})
     measured = T.measure_rank(model, B, S, "cuda")
-    pred = T.predict_rank(cfg, theory.Setting(B, S, 2, None, "cuda"), tp, sp, plan)
+    pred = T.predict_rank(cfg, Shape(B, S, "bf16_master", device="cuda"), tp, sp, plan)
     return measured, pred
 
 
@@ -86,7 +87,7 @@ def test_tp_per_layer_is_korthikanti_plus_named_terms(world, strategy):
 
 
 def test_gathered_excess_names_the_sp_difference():
-    cfg, st = cfg_of(LLAMA), theory.Setting(B, S, 2, None, "cuda")
+    cfg, st = cfg_of(LLAMA), Shape(B, S, "bf16_master", device="cuda")
     n, h = B * S, 64
     # per layer qkv + fc inputs (bf16) and the head's input: 3 + 2 (n_layer=2 -> 2 x 2 + 1 gathered inputs)
     assert T.gathered_excess(cfg, st, 4, True) == 5 * (2 * n * h - 2 * n * h // 4)
@@ -175,7 +176,7 @@ def test_estimate_cli_per_gpu_section(tmp_path):
     args = ["model=tiny", "model.positions=rope", "model.n_layer=4", "data.batch_size=2", "data.seq_len=32",
             "precision=bf16_master", "+strategy=full", "estimate.layout.tp=2", "estimate.layout.pp=2",
             "estimate.layout.dp_shard=2", "estimate.layout.device_gb=1", f"estimate.out={out}"]
-    proc = run_cli(args, cwd=tmp_path, module="recompute_lab.cli.estimate")
+    proc = run_cli(args, cwd=tmp_path, module="recompute_lab.estimate")
     assert proc.returncode == 0, proc.stderr
     assert "per GPU under tp=2 (sp=True) pp=2" in proc.stdout
     res = json.loads(out.read_text())["series"][0]["per_gpu"]
@@ -187,7 +188,7 @@ def test_estimate_cli_per_gpu_section(tmp_path):
     assert [r["model_state"] for r in res["stages"]] == \
         [L.model_state_per_rank(cfg, lay, "bf16_master", stage=r)["total"] for r in range(2)]
     assert res["gpus"] == 8 and res["plan"]["fits"] and [r["in_flight"] for r in res["stages"]] == [2, 1]
-    bad = run_cli(args[:-5] + ["estimate.layout.tp=3"], cwd=tmp_path, module="recompute_lab.cli.estimate")
+    bad = run_cli(args[:-5] + ["estimate.layout.tp=3"], cwd=tmp_path, module="recompute_lab.estimate")
     assert bad.returncode == 2 and "valid tp: [1, 2, 4]" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
 
 

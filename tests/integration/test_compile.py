@@ -10,6 +10,7 @@ import torch
 import pytest
 
 from conftest import FAST, compose_config, load_results, run_cli, one_thread_fixture
+from recompute_lab.config.spec import RunSpec
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
 
@@ -22,13 +23,13 @@ def _session(budget, scope="model", strategy="none"):
 
     from recompute_lab.measure import compiled
     from recompute_lab.model.gpt import build_model
-    from recompute_lab.strategies import RunShape, apply_strategy
+    from recompute_lab.strategies import apply_strategy
 
     cfg = compose_config([*SHAPE, "compile=eager_partition", f"compile.scope={scope}", f"+strategy={strategy}",
                           *([] if budget is None else [f"compile.memory_budget={budget}"])])
     torch.manual_seed(0)
     model = build_model(cfg.model, "cpu", torch.float32).train()
-    apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+    apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
     session = compiled.Session(cfg.compile)
     session.apply(model)
     return cfg, OmegaConf.to_container(cfg.compile), session, model
@@ -105,7 +106,7 @@ def test_graph_flops_hold_the_whole_forward_and_recompute_grows_as_the_budget_sh
     from recompute_lab.measure import flops
 
     cfg = compose_config([*SHAPE, "trainer.grad_accum=1"])
-    forward = flops.count_step_flops(cfg)["forward"]  # meta replica, eager
+    forward = flops.count_step_flops(RunSpec.of(cfg))["forward"]  # meta replica, eager
     rec = [compiled_grid[b]["graphs"]["recompute"] for b in BUDGETS]
     assert all(compiled_grid[b]["graphs"]["forward"] == forward for b in BUDGETS)
     assert rec[0] <= rec[1] <= rec[2] and rec[2] > rec[0]
@@ -126,7 +127,7 @@ def test_full_checkpoint_under_compile_reruns_what_eager_full_reruns():
     graphs = compiled.graph_measurements(session.recorder)
     torch._dynamo.reset()
     assert graphs["calls"] == 2  # one graph, run by both blocks
-    assert graphs["recompute"] == flops.count_step_flops(cfg)["recompute"] > 0
+    assert graphs["recompute"] == flops.count_step_flops(RunSpec.of(cfg))["recompute"] > 0
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -188,7 +189,7 @@ def test_compiled_cli_run_writes_complete_results(cli_runs, strategy):
     assert ov["rounds"] >= 6 and ov["ci95_low"] <= ov["ratio"] <= ov["ci95_high"] and "eagerly" in ov["baseline_note"]
     if strategy == "full":  # the checkpoint's rerun is what the graphs recompute
         cfg = compose_config([*SHAPE, "+strategy=full"])
-        assert ps["recompute"] == flops.count_step_flops(cfg)["recompute"]
+        assert ps["recompute"] == flops.count_step_flops(RunSpec.of(cfg))["recompute"]
 
 
 def test_compiled_full_saves_less_than_compiled_none(cli_runs):
@@ -234,4 +235,4 @@ def test_compiled_blocks_under_ddp_and_fsdp(tmp_path, kind):
     cfg = compose_config([*SHAPE, "+strategy=full"])
     from recompute_lab.measure import flops
 
-    assert res["flops"]["per_step"]["recompute"] == flops.count_step_flops(cfg)["recompute"]
+    assert res["flops"]["per_step"]["recompute"] == flops.count_step_flops(RunSpec.of(cfg))["recompute"]

@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from recompute_lab.cli import app
 from recompute_lab.config import CONF_DIR
+from recompute_lab.config.spec import RunSpec
 
 from conftest import ROOT, run_cli
 
@@ -71,7 +72,7 @@ def test_console_scripts_point_at_the_entry_points():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"recompute-lab-train", "recompute-lab-estimate", "recompute-lab-analyze",
-                            "recompute-lab-dashboard", "recompute-lab-wandb-sweep"}
+                            "recompute-lab-dashboard", "recompute-lab-wandb-sweep", "recompute-lab-tp-check"}
     for name, target in scripts.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name
@@ -145,7 +146,7 @@ def test_readme_torchtitan_megatron_table_commands_are_valid():
     from recompute_lab.cli.overrides import compose_run_config
     from recompute_lab.config import validate
     from recompute_lab.model.gpt import build_model
-    from recompute_lab.strategies import RunShape, apply_strategy
+    from recompute_lab.strategies import apply_strategy
 
     text = (ROOT / "README.md").read_text()
     table = text.split("#### Coming from torchtitan or Megatron-LM")[1].split("\n\n")[2]
@@ -160,7 +161,7 @@ def test_readme_torchtitan_megatron_table_commands_are_valid():
             cfg = compose_run_config(overrides)
             validate(cfg)
             if cfg.strategy.name != "budget":  # the planner prices 23 options: composing is the check here
-                apply_strategy(build_model(cfg.model, "cpu"), cfg.strategy, RunShape.of(cfg))
+                apply_strategy(build_model(cfg.model, "cpu"), cfg.strategy, RunSpec.of(cfg).shape())
             applied.add(cfg.strategy.name)
     assert applied >= {"none", "full", "selective", "op", "layers", "budget", "regions", "offload", "sqrt"}
 

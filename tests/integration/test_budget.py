@@ -17,7 +17,8 @@ from recompute_lab.config import ConfigError
 from recompute_lab.run.engine import run
 from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision
-from recompute_lab.strategies import RunShape, apply_strategy, parse_options
+from recompute_lab.strategies import Shape, apply_strategy, parse_options
+from recompute_lab.config.spec import RunSpec
 
 from conftest import cached_compose, one_thread_fixture, FAST, compose_config, load_results, retained_bytes
 
@@ -55,12 +56,12 @@ def fresh(attention: str, overrides=("+strategy=none",)):
 @functools.lru_cache(maxsize=None)
 def probed(attention: str) -> B.Probed:
     model, cfg = fresh(attention, ["+strategy=budget"])
-    return B.probe_model(model, RunShape.of(cfg))
+    return B.probe_model(model, RunSpec.of(cfg).shape())
 
 
 def planned(attention: str, extra: tuple[str, ...]):
     model, cfg = fresh(attention, ["+strategy=budget", *extra])
-    return model, B.solve(model, parse_options(cfg.strategy), RunShape.of(cfg), probed(attention)).to_dict()
+    return model, B.solve(model, parse_options(cfg.strategy), RunSpec.of(cfg).shape(), probed(attention)).to_dict()
 
 
 # --- an independent byte count on the whole model ----------------------------------------------------------
@@ -90,7 +91,7 @@ def fixed_prices(attention: str) -> dict:
     out = {}
     for vid, overrides in FIXED:
         model, cfg = fresh(attention, overrides)
-        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+        apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
         out[vid] = priced(model, none)
     return out
 
@@ -191,7 +192,7 @@ def test_infeasible_or_bad_budgets_raise_config_error(extra, needle):
     needle = needle.replace("{full}", str(fixed_prices("eager")["full"][0]))
     model, cfg = fresh("eager", ["+strategy=budget", *extra])
     with pytest.raises(ConfigError, match=needle):
-        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+        apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
 
 
 def test_budget_options_belong_to_budget_only():
@@ -199,7 +200,7 @@ def test_budget_options_belong_to_budget_only():
         compose_run_config([*MODEL, "+strategy=full", "strategy.budget_fraction=0.3"])
     model, cfg = fresh("eager", ["+strategy=full", "+strategy.budget_fraction=0.3"])  # forced in with a `+`
     with pytest.raises(ConfigError, match="budget_fraction is not an option of strategy 'full'"):
-        apply_strategy(model, cfg.strategy, RunShape.of(cfg))
+        apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
 
 
 def test_objective_time_plan_fits():
@@ -223,7 +224,7 @@ def test_cli_run_records_the_plan_and_its_counted_flops(tmp_path):
 def test_meta_device_plan_matches_the_cpu_plan_for_eager_attention():
     cfg = compose(*MODEL, "model.attention=eager", "+strategy=budget")
     meta = build_model(cfg.model, "meta").train()
-    plan = apply_strategy(meta, cfg.strategy, RunShape.of(cfg)).to_dict()
+    plan = apply_strategy(meta, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     _, cpu = planned("eager", ())
     assert plan["chosen"] == cpu["chosen"] and plan["cost"] == cpu["cost"]
     assert plan["predicted_activation_bytes"] == cpu["predicted_activation_bytes"]
@@ -233,8 +234,8 @@ def test_meta_sdpa_probe_uses_a_fused_kernel_like_the_cpu():
     # Without dropout the CPU runs its fused SDPA kernel (no s^2 scores kept); on meta the probe calls aten's
     # flash kernel rather than SDPA's math path. Bytes agree but for the flash kernel's RNG state (24 B/block).
     cfg = compose("model=tiny", f"model.n_layer={N_LAYER}", "model.attention=sdpa", "+strategy=budget")
-    on_meta = B.probe_model(build_model(cfg.model, "meta").train(), RunShape(BATCH, SEQ))
-    on_cpu = B.probe_model(build_model(cfg.model).train(), RunShape(BATCH, SEQ))
+    on_meta = B.probe_model(build_model(cfg.model, "meta").train(), Shape(BATCH, SEQ))
+    on_cpu = B.probe_model(build_model(cfg.model).train(), Shape(BATCH, SEQ))
     assert on_meta.outside == on_cpu.outside
     for m, c in zip(on_meta.prices, on_cpu.prices):
         assert m.flops == c.flops and 0 <= m.bytes - c.bytes <= 24
@@ -246,13 +247,13 @@ def test_llama3_8b_on_meta_at_seq_8192_plans_in_seconds():
                           "+strategy=budget", "strategy.device_memory_gb=141"])
     model = build_model(cfg.model, "meta", torch.bfloat16).train()
     t0 = time.perf_counter()
-    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
+    plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     assert time.perf_counter() - t0 < 60  # ~15 s on 2 shared CPU cores
     assert plan["predicted_activation_bytes"] <= plan["budget"]["bytes"] and len(plan["chosen"]) == 32
     with pytest.raises(ConfigError, match="model state alone"):  # 8B x 16 B = 128 GB > 80 GB
         small = compose_config(["model=llama3_8b", "data.seq_len=8192", "precision=bf16_master",
                                 "+strategy=budget", "strategy.device_memory_gb=80"])
-        apply_strategy(build_model(cfg.model, "meta", torch.bfloat16), small.strategy, RunShape.of(small))
+        apply_strategy(build_model(cfg.model, "meta", torch.bfloat16), small.strategy, RunSpec.of(small).shape())
 
 
 # --- every precision: the plan's bytes are priced in the run's own dtypes (autocast included) ---------------
@@ -273,7 +274,7 @@ def test_plans_fit_their_budget_in_every_precision(variant, attention, precision
     cfg = compose(*MODEL, f"data.seq_len={seq}", *VARIANTS[variant], f"model.attention={attention}",
                   f"precision={precision}", "+strategy=budget")
     policy = make_precision(cfg.precision)
-    shape = RunShape.of(cfg)
+    shape = RunSpec.of(cfg).shape()
 
     def fresh_model():
         torch.manual_seed(0)
@@ -302,8 +303,8 @@ def test_autocast_prices_count_the_weight_copies_and_fp32_inputs():
     bf16 replica (what the planner used to price) misses both."""
     cfg = compose(*MODEL, "model.attention=sdpa", "precision=bf16_autocast", "+strategy=budget")
     model = build_model(cfg.model).train()
-    auto = B.probe_model(model, RunShape.of(cfg))
-    bf16 = B.probe_model(model, RunShape(BATCH, SEQ, "bf16_master"))
+    auto = B.probe_model(model, RunSpec.of(cfg).shape())
+    bf16 = B.probe_model(model, Shape(BATCH, SEQ, "bf16_master"))
     weights = sum(m.weight.numel() for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
     none, full = auto.prices[0].bytes, min(x.bytes for x in auto.prices)
     assert none - bf16.prices[0].bytes >= 2 * weights
@@ -315,7 +316,7 @@ def test_autocast_on_meta_is_an_upper_bound_with_a_warning():
     # dropout 0: the CPU runs its fused SDPA kernel, as the meta probe's flash kernel does
     cfg = compose(*MODEL, "model.dropout=0", "model.attention=sdpa", "precision=bf16_autocast", "+strategy=budget",
                   "strategy.budget_fraction=0.5")
-    shape = RunShape.of(cfg)
+    shape = RunSpec.of(cfg).shape()
     on_cpu = B.probe_model(build_model(cfg.model).train(), shape)
     meta = build_model(cfg.model, "meta").train()
     on_meta = B.probe_model(meta, shape)
@@ -336,7 +337,7 @@ def test_small_autocast_plan_keeps_its_budget():
     cfg = compose("model=small", "data.seq_len=128", "data.batch_size=2", "precision=bf16_autocast",
                   "+strategy=budget", "strategy.budget_bytes=14973954")
     model = build_model(cfg.model, "meta").to_empty(device="cpu").train()
-    plan = apply_strategy(model, cfg.strategy, RunShape.of(cfg)).to_dict()
+    plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     assert plan["none_activation_bytes"] == 75_312_132
     measured = saved_bytes(model, torch.bfloat16, batch=2, seq=128)
     assert measured == plan["predicted_activation_bytes"] <= 14_973_954

@@ -17,6 +17,8 @@ from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import POLICIES, make_precision
 from recompute_lab.measure.probe import memory_probe
 from recompute_lab.strategies.wrap import checkpoint_module
+from recompute_lab.config.spec import Shape
+from recompute_lab.config.spec import RunSpec
 
 from conftest import FAST, compose_config, load_results, run_cli
 
@@ -56,7 +58,7 @@ def measure_and_predict(model_kw: dict, strategy: str, precision: str, b: int, s
 
     forward.batch = (idx, targets)
     measured = saved_tensors(model, forward)
-    st = theory.Setting(b, s, 2 if dtype == torch.bfloat16 else 4, 2 if autocast else None, "cpu")
+    st = Shape(b, s, "bf16_master" if dtype == torch.bfloat16 else ("bf16_autocast" if autocast else "fp32"), device="cpu")
     return cfg, model, forward, plan, measured, theory.predict_activations(cfg, st, plan)
 
 
@@ -117,7 +119,7 @@ def test_other_region_shapes_block_runs_and_sublayers(kw, precision):
     checkpoint_module(model.blocks[2].mlp.act)
     plan = Plan("mixed", "", recomputed=["blocks.0-1", "blocks.2.norm2", "blocks.2.mlp.act"])
     measured = saved_tensors(model, forward)
-    st = theory.Setting(4, 16, 4, 2 if PRECISIONS[precision][1] else None, "cpu")
+    st = Shape(4, 16, "bf16_autocast" if PRECISIONS[precision][1] else "fp32", device="cpu")
     assert theory.predict_activations(cfg, st, plan)["total"] == measured["total"]
 
 
@@ -189,7 +191,7 @@ def test_korthikanti_setting_per_layer_bytes_with_each_difference_named():
     assert layer == korthikanti + sum(named.values())
     assert theory.per_layer(pred, 1) == layer
     # On CUDA the masks are bool, so only the fp32 layernorm statistics and the causal mask remain.
-    cuda = theory.predict_activations(ModelConfig(**kw), theory.Setting(b, s, 2, None, "cuda"))
+    cuda = theory.predict_activations(ModelConfig(**kw), Shape(b, s, "bf16_master", device="cuda"))
     assert theory.per_layer(cuda, 1) == korthikanti + 2 * 2 * 4 * s * b + s * s
 
 
@@ -210,7 +212,7 @@ def test_model_state_bytes_per_param_equal_theory(name, cfg_of):
 
 
 def test_unpredictable_plans_return_none_with_a_reason():
-    cfg, st = ModelConfig(**TINY), theory.Setting(2, 16)
+    cfg, st = ModelConfig(**TINY), Shape(2, 16)
     for name in ("op", "regions", "offload"):
         plan = apply(build_model(cfg, "meta").train(), name)
         out = theory.predict_activations(cfg, st, plan)
@@ -226,7 +228,7 @@ def test_unpredictable_plans_return_none_with_a_reason():
 def test_probe_peak_prediction_brackets_mem_tracker(overrides):
     cfg = compose_config([*overrides, *FAST])
     policy = make_precision(cfg.precision)
-    out, _ = memory_probe(cfg, torch.device("cpu"), policy, Batches(cfg.data, cfg.model.vocab_size).get(0, 0))
+    out, _ = memory_probe(RunSpec.of(cfg), torch.device("cpu"), policy, Batches(cfg.data, cfg.model.vocab_size).get(0, 0))
     peak, act = out["peak_bytes"], out["activation_bytes"]
     assert act["predicted"] == pytest.approx(act["measured"], rel=0.02)
     assert peak["source"] == "mem_tracker" and peak["by_category"]["act"] >= 0
