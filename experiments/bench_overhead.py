@@ -1,22 +1,35 @@
-"""Benchmark: recompute_lab's training step vs a bare hand-written PyTorch loop (target ratio <= 1.02).
+"""Benchmark: recompute_lab's training step vs a bare hand-written PyTorch loop (target ratio <=
+1.02).
 
-To run:  python experiments/bench_overhead.py [--model tiny] [--strategies none,full] [--pairing steps]
+To run:  python experiments/bench_overhead.py [--model tiny] [--strategies none,full] [--pairing
+         steps]
                                               [--rounds 30] [--steps 30]
 
-Both arms train the same model (recompute_lab.model.gpt, the same strategy applied), on the same batches, with the
-same threads, AdamW settings, LR schedule and gradient clipping; arm B is a plain loop written here. The arms
-alternate in ABBA / BAAB rounds (recompute_lab.measure.timing.run_paired), so drift of a noisy machine hits both; the
-table gives the median of the per-round ratios with its 95% interval. The target is met when the interval's
-upper bound is <= 1.02, missed when its lower bound is above, and otherwise not decided by this many rounds.
+Both arms train the same model (recompute_lab.model.gpt, the same strategy applied), on the same
+batches, with the
+same threads, AdamW settings, LR schedule and gradient clipping; arm B is a plain loop written here.
+The arms
+alternate in ABBA / BAAB rounds (recompute_lab.measure.timing.run_paired), so drift of a noisy
+machine hits both; the
+table gives the median of the per-round ratios with its 95% interval. The target is met when the
+interval's
+upper bound is <= 1.02, missed when its lower bound is above, and otherwise not decided by this many
+rounds.
 
---pairing steps (default): one process holds both: the framework's run as engine.build sets it up (precision
-policy, strategy, optimizer, scheduler; the memory probe as configured) stepped by engine.train_step, and the bare
-model stepped by the hand-written step. Paired steps are milliseconds apart, so the interval is narrow; what the
+--pairing steps (default): one process holds both: the framework's run as engine.build sets it up
+(precision
+policy, strategy, optimizer, scheduler; the memory probe as configured) stepped by
+engine.train_step, and the bare
+model stepped by the hand-written step. Paired steps are milliseconds apart, so the interval is
+narrow; what the
 training loop adds around each step (timer, W&B / progress-bar logging, history) is outside it.
---pairing runs: arm A is a whole engine.run() (everything, its in-run overhead measurement off), arm B a whole
-bare loop; each valued by its median step time after warmup. Pairs are seconds apart: on a loaded machine the
+--pairing runs: arm A is a whole engine.run() (everything, its in-run overhead measurement off), arm
+B a whole
+bare loop; each valued by its median step time after warmup. Pairs are seconds apart: on a loaded
+machine the
 interval is wide. Writes a CSV with --csv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +71,8 @@ def framework_step_s(cfg) -> float:
 
 
 def bare_setup(cfg):
-    """The hand-written training step, what a researcher would write without the framework: step(idx, targets)
+    """The hand-written training step, what a researcher would write without the framework:
+    step(idx, targets)
     returns its wall time."""
     if cfg.trainer.num_threads:  # the framework's fixed thread count, whichever arm runs first
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -68,8 +82,15 @@ def bare_setup(cfg):
     o = cfg.optimizer
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, cfg.trainer.steps))
     model.train()
 
@@ -83,6 +104,7 @@ def bare_setup(cfg):
         sched.step()
         loss.item()
         return time.perf_counter() - t0
+
     return step
 
 
@@ -92,11 +114,12 @@ def bare_step_s(cfg) -> float:
     data = Batches(cfg.data, cfg.model.vocab_size)
     batches = [data.get(i) for i in range(cfg.trainer.steps)]
     times = [step(idx, targets) for idx, targets in batches]
-    return statistics.median(times[cfg.trainer.warmup_steps:])
+    return statistics.median(times[cfg.trainer.warmup_steps :])
 
 
 def paired_steps(cfg, rounds: int):
-    """Step-level pairing in one process: engine.train_step on the framework's run vs the bare step."""
+    """Step-level pairing in one process: engine.train_step on the framework's run vs the bare
+    step."""
     spec = RunSpec.of(cfg)
     with tempfile.TemporaryDirectory() as d:
         fw = build(spec, new_results(spec.to_dict()), Path(d), DistContext())
@@ -112,8 +135,14 @@ def paired_steps(cfg, rounds: int):
     def hand_written(i: int) -> float:
         return bare(*data.get(1000 + i))
 
-    return run_paired(framework, hand_written, min_rounds=rounds, max_rounds=rounds, target_rel_width=0.0,
-                      warmup_rounds=2)
+    return run_paired(
+        framework,
+        hand_written,
+        min_rounds=rounds,
+        max_rounds=rounds,
+        target_rel_width=0.0,
+        warmup_rounds=2,
+    )
 
 
 TARGET = 1.02
@@ -137,7 +166,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--pairing", choices=("steps", "runs"), default="steps")
     ap.add_argument("--rounds", type=int, default=30, help="ABBA rounds (>= 6 for a 95%% interval)")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides, e.g. data.seq_len=128")
+    ap.add_argument(
+        "--extra", nargs="*", default=[], help="more Hydra overrides, e.g. data.seq_len=128"
+    )
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
     names = args.strategies.split(",")
@@ -145,26 +176,62 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         sys.exit(f"unknown strategies {unknown}; valid: {', '.join(sorted(STRATEGIES))}")
     rows = []
-    print(f"torch {torch.__version__}, model={args.model}, {args.rounds} ABBA rounds of "
-          + ("paired steps in one process" if args.pairing == "steps" else f"whole runs ({args.steps} steps each)")
-          + " per strategy")
-    print(f"{'strategy':<12}{'framework ms':>14}{'bare ms':>10}{'ratio':>8}  95% CI         target <= {TARGET}")
+    print(
+        f"torch {torch.__version__}, model={args.model}, {args.rounds} ABBA rounds of "
+        + (
+            "paired steps in one process"
+            if args.pairing == "steps"
+            else f"whole runs ({args.steps} steps each)"
+        )
+        + " per strategy"
+    )
+    print(
+        f"{'strategy':<12}{'framework ms':>14}{'bare ms':>10}{'ratio':>8}  95% CI         target "
+        f"<= {TARGET}"
+    )
     for name in names:
-        cfg = compose_cfg([f"model={args.model}", f"+strategy={name}", f"trainer.steps={args.steps}",
-                           "logger=none", "trainer.progress=false", "trainer.overhead.enabled=false", *args.extra])
+        cfg = compose_cfg(
+            [
+                f"model={args.model}",
+                f"+strategy={name}",
+                f"trainer.steps={args.steps}",
+                "logger=none",
+                "trainer.progress=false",
+                "trainer.overhead.enabled=false",
+                *args.extra,
+            ]
+        )
         if args.pairing == "steps":
             res = paired_steps(cfg, args.rounds)
         else:
-            res = run_paired(lambda i, c=cfg: framework_step_s(c), lambda i, c=cfg: bare_step_s(c),
-                             min_rounds=args.rounds, max_rounds=args.rounds, target_rel_width=0.0, warmup_rounds=0)
-        row = {"strategy": name, "model": args.model, "pairing": args.pairing, "framework_step_ms": res.a_step_s * 1e3,
-               "bare_step_ms": res.b_step_s * 1e3, "ratio": res.ratio, "ci95_low": res.ci95_low,
-               "ci95_high": res.ci95_high, "rounds": res.rounds, "threads": torch.get_num_threads(),
-               "target": verdict(res.ci95_low, res.ci95_high)}
+            res = run_paired(
+                lambda i, c=cfg: framework_step_s(c),
+                lambda i, c=cfg: bare_step_s(c),
+                min_rounds=args.rounds,
+                max_rounds=args.rounds,
+                target_rel_width=0.0,
+                warmup_rounds=0,
+            )
+        row = {
+            "strategy": name,
+            "model": args.model,
+            "pairing": args.pairing,
+            "framework_step_ms": res.a_step_s * 1e3,
+            "bare_step_ms": res.b_step_s * 1e3,
+            "ratio": res.ratio,
+            "ci95_low": res.ci95_low,
+            "ci95_high": res.ci95_high,
+            "rounds": res.rounds,
+            "threads": torch.get_num_threads(),
+            "target": verdict(res.ci95_low, res.ci95_high),
+        }
         rows.append(row)
         ci = "n/a" if res.ci95_low is None else f"{res.ci95_low:.3f}-{res.ci95_high:.3f}"
-        print(f"{name:<12}{row['framework_step_ms']:>14.2f}{row['bare_step_ms']:>10.2f}{row['ratio']:>8.3f}  "
-              f"{ci:<13}  {row['target']}")
+        print(
+            f"{name:<12}{row['framework_step_ms']:>14.2f}{row['bare_step_ms']:>10.2f}"
+            f"{row['ratio']:>8.3f}  "
+            f"{ci:<13}  {row['target']}"
+        )
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -1,4 +1,6 @@
-"""Shared helpers for the experiment scripts: compose a run config, run it in-process, print/write tables."""
+"""Shared helpers for the experiment scripts: compose a run config, run it in-process, print/write
+tables."""
+
 from __future__ import annotations
 
 import csv
@@ -21,7 +23,8 @@ def compose_cfg(overrides: list[str]):
 
 
 def run_overrides(overrides: list[str], run_dir: Optional[Path] = None) -> dict:
-    """One training run (logger off, no progress bar) in ``run_dir`` or a temporary folder; its results."""
+    """One training run (logger off, no progress bar) in ``run_dir`` or a temporary folder; its
+    results."""
     cfg = compose_cfg([*overrides, "logger=none", "trainer.progress=false"])
     if run_dir is not None:
         return run(cfg, run_dir)
@@ -60,7 +63,13 @@ def write_csv(rows: list[dict], path: Optional[str]) -> None:
 
 
 def time_columns(o: dict) -> dict:
-    """A run's paired time overhead (results.json time.overhead) as table columns: ratio, interval, rounds, words."""
-    return {"time_overhead": o.get("ratio"), "time_ci95_low": o.get("ci95_low"), "time_ci95_high": o.get("ci95_high"),
-            "time_rounds": o.get("rounds"),
-            "time_words": o.get("skipped") or describe(o.get("ratio"), o.get("ci95_low"), o.get("ci95_high"))}
+    """A run's paired time overhead (results.json time.overhead) as table columns: ratio, interval,
+    rounds, words."""
+    return {
+        "time_overhead": o.get("ratio"),
+        "time_ci95_low": o.get("ci95_low"),
+        "time_ci95_high": o.get("ci95_high"),
+        "time_rounds": o.get("rounds"),
+        "time_words": o.get("skipped")
+        or describe(o.get("ratio"), o.get("ci95_low"), o.get("ci95_high")),
+    }

@@ -1,13 +1,17 @@
-"""Compare every byte, FLOP and loss figure of two sweep folders run by the same commands (e.g. before and after
+"""Compare every byte, FLOP and loss figure of two sweep folders run by the same commands (e.g.
+before and after
 a refactor): prints one line per difference and exits 1 if there is any.
 
     python experiments/compare_sweeps.py multirun/BEFORE multirun/AFTER
 
 Runs are paired by their folder path relative to the sweep folder (Hydra names job folders by their
-overrides). Compared: status; memory activation / peak / model-state figures (predicted and measured, by
-module); FLOPs per step (counted and predicted); the plan's recomputed modules and chosen options; the loss
+overrides). Compared: status; memory activation / peak / model-state figures (predicted and
+measured, by
+module); FLOPs per step (counted and predicted); the plan's recomputed modules and chosen options;
+the loss
 history. Times are not compared (they are noise between runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +19,31 @@ import json
 import sys
 from pathlib import Path
 
-KEYS = ("status", "memory.activation_bytes.predicted", "memory.activation_bytes.measured",
-        "memory.activation_bytes.hooked", "memory.activation_bytes.by_module", "memory.activation_bytes.by_op",
-        "memory.activation_bytes.logits", "memory.activation_bytes.checkpoint_inputs",
-        "memory.peak_bytes.predicted", "memory.peak_bytes.measured", "memory.peak_bytes.by_category",
-        "memory.model_state_bytes.predicted", "memory.model_state_bytes.measured",
-        "memory.model_state_bytes.per_param", "flops.per_step", "flops.predicted_per_step",
-        "flops.recompute_overhead", "strategy.recomputed", "strategy.regions", "strategy.chosen",
-        "strategy.predicted_activation_bytes", "model.params", "loss.history")
+KEYS = (
+    "status",
+    "memory.activation_bytes.predicted",
+    "memory.activation_bytes.measured",
+    "memory.activation_bytes.hooked",
+    "memory.activation_bytes.by_module",
+    "memory.activation_bytes.by_op",
+    "memory.activation_bytes.logits",
+    "memory.activation_bytes.checkpoint_inputs",
+    "memory.peak_bytes.predicted",
+    "memory.peak_bytes.measured",
+    "memory.peak_bytes.by_category",
+    "memory.model_state_bytes.predicted",
+    "memory.model_state_bytes.measured",
+    "memory.model_state_bytes.per_param",
+    "flops.per_step",
+    "flops.predicted_per_step",
+    "flops.recompute_overhead",
+    "strategy.recomputed",
+    "strategy.regions",
+    "strategy.chosen",
+    "strategy.predicted_activation_bytes",
+    "model.params",
+    "loss.history",
+)
 
 
 def get(d, path: str):
@@ -34,11 +55,17 @@ def get(d, path: str):
 
 
 def load(folder: Path) -> dict[str, dict]:
-    return {str(p.parent.relative_to(folder)): json.loads(p.read_text()) for p in sorted(folder.rglob("results.json"))}
+    return {
+        str(p.parent.relative_to(folder)): json.loads(p.read_text())
+        for p in sorted(folder.rglob("results.json"))
+    }
 
 
 def compare(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
-    diffs = [f"{run}: only in {'before' if run in before else 'after'}" for run in sorted(set(before) ^ set(after))]
+    diffs = [
+        f"{run}: only in {'before' if run in before else 'after'}"
+        for run in sorted(set(before) ^ set(after))
+    ]
     for run in sorted(set(before) & set(after)):
         for key in KEYS:
             a, b = get(before[run], key), get(after[run], key)
@@ -57,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no results.json under one of the folders", file=sys.stderr)
         return 2
     diffs = compare(before, after)
-    print("\n".join(diffs) if diffs else f"{len(before)} runs: every compared figure identical ({len(KEYS)} keys each)")
+    print(
+        "\n".join(diffs)
+        if diffs
+        else f"{len(before)} runs: every compared figure identical ({len(KEYS)} keys each)"
+    )
     return 1 if diffs else 0
 
 

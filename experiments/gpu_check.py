@@ -1,16 +1,24 @@
-"""GPU check: gpt2_small in bf16_master under none, full, selective and op — the figures that need a real GPU,
+"""GPU check: gpt2_small in bf16_master under none, full, selective and op — the figures that need a
+real GPU,
 paired time overheads included.
 
 To run (one GPU, a few minutes):  python experiments/gpu_check.py [--steps 20] [--out gpu_check.csv]
-Reduced CPU mode (what the test suite runs so the script cannot rot):  python experiments/gpu_check.py --reduced
+Reduced CPU mode (what the test suite runs so the script cannot rot):  python
+experiments/gpu_check.py --reduced
 
-Prints per strategy: tokens/s, MFU / HFU (datasheet peak of the GPU), peak allocated bytes from the CUDA
-allocator, the predicted peak next to it, and activation bytes measured vs predicted; then the paired time
-overheads of full / selective / op against none (each run's results.json time.overhead: after training its step
-and none's alternate in ABBA rounds on the same batches, timed with CUDA events; median ratio with a 95%
-interval) beside their counted FLOP overheads. The tables are what the README's GPU section records, with the
+Prints per strategy: tokens/s, MFU / HFU (datasheet peak of the GPU), peak allocated bytes from the
+CUDA
+allocator, the predicted peak next to it, and activation bytes measured vs predicted; then the
+paired time
+overheads of full / selective / op against none (each run's results.json time.overhead: after
+training its step
+and none's alternate in ABBA rounds on the same batches, timed with CUDA events; median ratio with a
+95%
+interval) beside their counted FLOP overheads. The tables are what the README's GPU section records,
+with the
 GPU's name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,44 +39,91 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--max-rounds", type=int, default=20, help="cap on each run's paired overhead rounds")
-    ap.add_argument("--reduced", action="store_true", help="tiny model on CPU, 3 steps: a smoke test of this script")
+    ap.add_argument(
+        "--max-rounds", type=int, default=20, help="cap on each run's paired overhead rounds"
+    )
+    ap.add_argument(
+        "--reduced",
+        action="store_true",
+        help="tiny model on CPU, 3 steps: a smoke test of this script",
+    )
     ap.add_argument("--out", default=None, help="CSV path")
     args = ap.parse_args(argv)
     if args.reduced:
-        base = ["model=tiny", "trainer.steps=3", "trainer.warmup_steps=1", "trainer.device=cpu",
-                "trainer.overhead.max_rounds=6"]
+        base = [
+            "model=tiny",
+            "trainer.steps=3",
+            "trainer.warmup_steps=1",
+            "trainer.device=cpu",
+            "trainer.overhead.max_rounds=6",
+        ]
     else:
         if not torch.cuda.is_available():
             sys.exit("gpu_check needs CUDA (use --reduced for the CPU smoke test)")
-        base = ["model=gpt2_small", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
-                f"trainer.steps={args.steps}", "trainer.warmup_steps=5", "trainer.device=cuda",
-                f"trainer.overhead.max_rounds={args.max_rounds}"]
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.reduced else "cpu (reduced)"
+        base = [
+            "model=gpt2_small",
+            f"data.seq_len={args.seq_len}",
+            f"data.batch_size={args.batch_size}",
+            f"trainer.steps={args.steps}",
+            "trainer.warmup_steps=5",
+            "trainer.device=cuda",
+            f"trainer.overhead.max_rounds={args.max_rounds}",
+        ]
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available() and not args.reduced
+        else "cpu (reduced)"
+    )
     rows = []
     t0 = time.time()
     for name in STRATEGIES:
         res = run_overrides([*base, "precision=bf16_master", f"+strategy={name}"])
-        rows.append({"device": device, "strategy": name, "status": res["status"],
-                     "tokens_per_s": get(res, "time.tokens_per_s"), "mfu": get(res, "flops.mfu"),
-                     "hfu": get(res, "flops.hfu"), "recompute_overhead": get(res, "flops.recompute_overhead"),
-                     "peak_measured": get(res, "memory.peak_bytes.measured"),
-                     "peak_predicted": get(res, "memory.peak_bytes.predicted"),
-                     "peak_source": get(res, "memory.peak_bytes.source"),
-                     "act_measured": get(res, "memory.activation_bytes.measured"),
-                     "act_predicted": get(res, "memory.activation_bytes.predicted"),
-                     **time_columns(get(res, "time.overhead", {}))})
+        rows.append(
+            {
+                "device": device,
+                "strategy": name,
+                "status": res["status"],
+                "tokens_per_s": get(res, "time.tokens_per_s"),
+                "mfu": get(res, "flops.mfu"),
+                "hfu": get(res, "flops.hfu"),
+                "recompute_overhead": get(res, "flops.recompute_overhead"),
+                "peak_measured": get(res, "memory.peak_bytes.measured"),
+                "peak_predicted": get(res, "memory.peak_bytes.predicted"),
+                "peak_source": get(res, "memory.peak_bytes.source"),
+                "act_measured": get(res, "memory.activation_bytes.measured"),
+                "act_predicted": get(res, "memory.activation_bytes.predicted"),
+                **time_columns(get(res, "time.overhead", {})),
+            }
+        )
     print(f"gpu_check on {device}, torch {torch.__version__}, {time.time() - t0:.0f} s")
-    print_table(rows, [("strategy", "strategy", "s"), ("status", "status", "s"), ("tokens_per_s", "tok/s", ",.0f"),
-                       ("mfu", "MFU", ".3f"), ("hfu", "HFU", ".3f"), ("recompute_overhead", "FLOP ovh", ".3f"),
-                       ("peak_measured", "peak meas B", ",.0f"), ("peak_predicted", "peak pred B", ",.0f"),
-                       ("act_measured", "act meas B", ",.0f"), ("act_predicted", "act pred B", ",.0f")])
+    print_table(
+        rows,
+        [
+            ("strategy", "strategy", "s"),
+            ("status", "status", "s"),
+            ("tokens_per_s", "tok/s", ",.0f"),
+            ("mfu", "MFU", ".3f"),
+            ("hfu", "HFU", ".3f"),
+            ("recompute_overhead", "FLOP ovh", ".3f"),
+            ("peak_measured", "peak meas B", ",.0f"),
+            ("peak_predicted", "peak pred B", ",.0f"),
+            ("act_measured", "act meas B", ",.0f"),
+            ("act_predicted", "act pred B", ",.0f"),
+        ],
+    )
     print(f"paired time overhead vs none (in-run, ABBA rounds, 95% CI), {device}:")
-    print_table([r for r in rows if r["strategy"] != "none"],
-                [("strategy", "strategy", "s"), ("recompute_overhead", "FLOP ovh", ".3f"),
-                 ("time_overhead", "time/none", ".3f"), ("time_ci95_low", "ci low", ".3f"),
-                 ("time_ci95_high", "ci high", ".3f"), ("time_rounds", "rounds", "d"),
-                 ("time_words", "time overhead", "s")])
+    print_table(
+        [r for r in rows if r["strategy"] != "none"],
+        [
+            ("strategy", "strategy", "s"),
+            ("recompute_overhead", "FLOP ovh", ".3f"),
+            ("time_overhead", "time/none", ".3f"),
+            ("time_ci95_low", "ci low", ".3f"),
+            ("time_ci95_high", "ci high", ".3f"),
+            ("time_rounds", "rounds", "d"),
+            ("time_words", "time overhead", "s"),
+        ],
+    )
     write_csv(rows, args.out)
     return rows
 

@@ -1,25 +1,37 @@
-"""Regenerate every figure from scratch: run each figure's sweep (conf/experiment/fig*.yaml), then analyse them.
+"""Regenerate every figure from scratch: run each figure's sweep (conf/experiment/fig*.yaml), then
+analyse them.
 
     python experiments/reproduce_figures.py --out experiments/figures
 
-Runs on CPU in a few minutes (tiny models, fixed seeds: trainer.seed=0, data.seed=1234); the run folders go
-to --runs (default outputs/reproduce_runs, git-ignored). A --runs folder this script made (it holds the marker
-file .reproduce_figures) is emptied first, so nothing stale is mixed in; any other non-empty folder is refused,
+Runs on CPU in a few minutes (tiny models, fixed seeds: trainer.seed=0, data.seed=1234); the run
+folders go
+to --runs (default outputs/reproduce_runs, git-ignored). A --runs folder this script made (it holds
+the marker
+file .reproduce_figures) is emptied first, so nothing stale is mixed in; any other non-empty folder
+is refused,
 never deleted. Each finished run is printed as it lands.
---out receives summary.csv, summary.md, the seven figures (PNG + PDF) and quiz.md, plus what keeps them honest:
-results.json.gz (every run's results.json, the analysis input) and manifest.json (sha256 of that input and of
-every artifact, the matplotlib version). tests/integration/test_figures_fresh.py re-analyses results.json.gz with the
-current code and compares it with the committed files, and reruns one run per strategy to check the bytes and
-FLOPs in results.json.gz are what the current code measures. Rerunning gives the same summary.csv except the
+--out receives summary.csv, summary.md, the seven figures (PNG + PDF) and quiz.md, plus what keeps
+them honest:
+results.json.gz (every run's results.json, the analysis input) and manifest.json (sha256 of that
+input and of
+every artifact, the matplotlib version). tests/integration/test_figures_fresh.py re-analyses
+results.json.gz with the
+current code and compares it with the committed files, and reruns one run per strategy to check the
+bytes and
+FLOPs in results.json.gz are what the current code measures. Rerunning gives the same summary.csv
+except the
 timing columns (aggregate.TIMING_COLUMNS).
 
     python experiments/reproduce_figures.py --from-bundle experiments/figures/results.json.gz
 
-re-analyses the committed results without running anything (after a change to the analysis code only).
+re-analyses the committed results without running anything (after a change to the analysis code
+only).
 
-A sweep asks only for strategies this checkout has (conf/strategy/NAME.yaml); a figure whose runs cannot be
+A sweep asks only for strategies this checkout has (conf/strategy/NAME.yaml); a figure whose runs
+cannot be
 made yet is skipped with a note, and the figure and quiz.md then say which runs are missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 from recompute_lab.cli.analyze import analyze  # noqa: E402
 
-# (experiment config, extra overrides): one sweep per figure; figure 5 adds the 20 B/param case as one more run.
+# (experiment config, extra overrides): one sweep per figure; figure 5 adds the 20 B/param case as
+# one more run.
 SWEEPS = [
     ("fig1_activation_vs_context", []),
     ("fig2_memory_breakdown", []),
@@ -55,7 +68,8 @@ def available_strategies() -> set[str]:
 
 
 def sweep_strategies(experiment: str) -> list[str]:
-    """The `+strategy` list of an experiment's hydra.sweeper.params (read from its YAML, no Hydra needed)."""
+    """The `+strategy` list of an experiment's hydra.sweeper.params (read from its YAML, no Hydra
+    needed)."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text())
@@ -87,7 +101,11 @@ def plan() -> list[tuple[str, str, list[str], str]]:
         over = list(extra)
         if present != wanted:
             over.append("+strategy=" + ",".join(present))
-            note = "without " + ",".join(s for s in wanted if s not in have) + " (not in conf/strategy)"
+            note = (
+                "without "
+                + ",".join(s for s in wanted if s not in have)
+                + " (not in conf/strategy)"
+            )
         if extra:
             over = [o for o in over if not o.startswith("+strategy=")] + ["+strategy=none"]
         out.append((exp, f"{i}_{exp}", over, note))
@@ -97,31 +115,56 @@ def plan() -> list[tuple[str, str, list[str], str]]:
 MARKER = ".reproduce_figures"
 BUNDLE = "results.json.gz"
 MANIFEST = "manifest.json"
-# What the freshness test compares byte for byte with a re-analysis (the PNGs only with the same matplotlib).
+# What the freshness test compares byte for byte with a re-analysis (the PNGs only with the same
+# matplotlib).
 TEXT_ARTIFACTS = ("summary.csv", "summary.md", "quiz.md")
-COMMITTED_FIGURES = ("fig1_activation_vs_context.png", "fig3_pareto.png", "fig6_parity.png",
-                     "fig7_memory_vs_seq.png")
+COMMITTED_FIGURES = (
+    "fig1_activation_vs_context.png",
+    "fig3_pareto.png",
+    "fig6_parity.png",
+    "fig7_memory_vs_seq.png",
+)
 
 
 def prepare_runs(runs: Path) -> None:
     """Empty ``runs`` if this script made it (marker file); refuse any other non-empty folder."""
     if runs.exists() and any(runs.iterdir()):
         if not (runs / MARKER).is_file():
-            raise SystemExit(f"{runs} is not empty and was not made by this script (no {MARKER}): not deleting "
-                             "it; pass an empty or new --runs folder")
+            raise SystemExit(
+                f"{runs} is not empty and was not made by this script (no {MARKER}): not deleting "
+                "it; pass an empty or new --runs folder"
+            )
         shutil.rmtree(runs)
     runs.mkdir(parents=True, exist_ok=True)
-    (runs / MARKER).write_text("made by experiments/reproduce_figures.py; emptied on its next run\n")
+    (runs / MARKER).write_text(
+        "made by experiments/reproduce_figures.py; emptied on its next run\n"
+    )
 
 
 def run_sweep(exp: str, folder: Path, overrides: list[str]) -> None:
-    """Run one sweep, printing each run as its results.json appears (a sweep is otherwise silent)."""
-    cmd = [sys.executable, "-m", "recompute_lab.train", "-m", f"+experiment={exp}", f"hydra.sweep.dir={folder}",
-           "hydra.callbacks.analyze.enabled=false", *overrides]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    """Run one sweep, printing each run as its results.json appears (a sweep is otherwise
+    silent)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "recompute_lab.train",
+        "-m",
+        f"+experiment={exp}",
+        f"hydra.sweep.dir={folder}",
+        "hydra.callbacks.analyze.enabled=false",
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True
+        )
         seen: set[Path] = set()
         while True:
             done = proc.poll() is not None
@@ -134,7 +177,10 @@ def run_sweep(exp: str, folder: Path, overrides: list[str]) -> None:
             time.sleep(1.0)
         if proc.returncode != 0:
             err.seek(0)
-            raise SystemExit(f"sweep {exp} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{err.read()[-3000:]}")
+            raise SystemExit(
+                f"sweep {exp} failed (exit "
+                f"{proc.returncode}):\n{' '.join(cmd)}\n{err.read()[-3000:]}"
+            )
 
 
 def _status(path: Path):
@@ -150,7 +196,10 @@ def _sha(path: Path) -> str:
 
 def write_bundle(runs: Path, path: Path) -> None:
     """Every run's results.json in one small deterministic file: {relative run folder: results}."""
-    data = {str(p.parent.relative_to(runs)): json.loads(p.read_text()) for p in sorted(runs.rglob("results.json"))}
+    data = {
+        str(p.parent.relative_to(runs)): json.loads(p.read_text())
+        for p in sorted(runs.rglob("results.json"))
+    }
     raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     with open(path, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as gz:
         gz.write(raw)
@@ -173,9 +222,13 @@ def write_manifest(out: Path, source: str) -> None:
     import torch
 
     names = [BUNDLE, *TEXT_ARTIFACTS, *COMMITTED_FIGURES]
-    man = {"generated_by": "python experiments/reproduce_figures.py", "source": source,
-           "matplotlib": matplotlib.__version__, "torch": torch.__version__,
-           "sha256": {n: _sha(out / n) for n in names if (out / n).is_file()}}
+    man = {
+        "generated_by": "python experiments/reproduce_figures.py",
+        "source": source,
+        "matplotlib": matplotlib.__version__,
+        "torch": torch.__version__,
+        "sha256": {n: _sha(out / n) for n in names if (out / n).is_file()},
+    }
     (out / MANIFEST).write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
 
 
@@ -189,22 +242,41 @@ def analyse_into(runs: Path, out: Path, source: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "figures", help="figures, tables, quiz.md")
-    p.add_argument("--runs", type=Path, default=ROOT / "outputs" / "reproduce_runs",
-                   help="run folders (emptied only if this script made it)")
-    p.add_argument("--from-bundle", type=Path, default=None,
-                   help="re-analyse this results.json.gz (e.g. the committed one) instead of running the sweeps")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "experiments" / "figures",
+        help="figures, tables, quiz.md",
+    )
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=ROOT / "outputs" / "reproduce_runs",
+        help="run folders (emptied only if this script made it)",
+    )
+    p.add_argument(
+        "--from-bundle",
+        type=Path,
+        default=None,
+        help="re-analyse this results.json.gz (e.g. the committed one) instead of running the "
+        "sweeps",
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     if args.from_bundle is not None:
         bundle = read_bundle(args.from_bundle)
-        source = json.loads((args.from_bundle.parent / MANIFEST).read_text())["source"] \
-            if (args.from_bundle.parent / MANIFEST).is_file() else str(args.from_bundle)
+        source = (
+            json.loads((args.from_bundle.parent / MANIFEST).read_text())["source"]
+            if (args.from_bundle.parent / MANIFEST).is_file()
+            else str(args.from_bundle)
+        )
         with tempfile.TemporaryDirectory() as tmp:
             unpack_bundle(args.from_bundle, Path(tmp))
             res = analyse_into(Path(tmp), args.out, source)
-        print(f"re-analysed {len(bundle)} runs from {args.from_bundle} -> {args.out} "
-              f"({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"re-analysed {len(bundle)} runs from {args.from_bundle} -> {args.out} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
         return 0
     runs = args.runs.resolve()
     prepare_runs(runs)
@@ -215,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         print(f"{exp} {' '.join(overrides)}: running".rstrip(), flush=True)
         run_sweep(exp, runs / name, overrides)
-        print(f"{exp} {' '.join(overrides)}: {time.perf_counter() - t:.0f} s {note}".rstrip(), flush=True)
+        print(
+            f"{exp} {' '.join(overrides)}: {time.perf_counter() - t:.0f} s {note}".rstrip(),
+            flush=True,
+        )
     source = os.path.relpath(runs, ROOT) if runs.is_relative_to(ROOT) else str(runs)
     res = analyse_into(runs, args.out, source)
     bad = [r for r in res["rows"] if r["status"] != "ok"]

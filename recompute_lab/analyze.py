@@ -1,4 +1,8 @@
-"""``python -m recompute_lab.analyze``: kept for users' scripts; the entry point is recompute_lab/cli/analyze.py."""
+"""``python -m recompute_lab.analyze``: kept for users' scripts; the entry point is
+recompute_lab/cli/analyze.py.
+
+Layer: cli (a `python -m recompute_lab.<command>` shim)."""
+
 import sys
 
 from recompute_lab.cli.analyze import main

@@ -1,4 +1,8 @@
-"""``python -m recompute_lab.estimate``: kept for users' scripts; the entry point is recompute_lab/cli/estimate.py."""
+"""``python -m recompute_lab.estimate``: kept for users' scripts; the entry point is
+recompute_lab/cli/estimate.py.
+
+Layer: cli (a `python -m recompute_lab.<command>` shim)."""
+
 from recompute_lab.cli.estimate import cli, main  # noqa: F401
 
 if __name__ == "__main__":

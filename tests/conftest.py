@@ -1,4 +1,5 @@
 """Shared fixtures: compose configs with Hydra's compose API, run the real CLI in a subprocess."""
+
 from __future__ import annotations
 
 import functools
@@ -13,30 +14,43 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import recompute_lab.strategies  # noqa: F401  (registers each strategy's schema, which conf/strategy/*.yaml use)
+# (registers each strategy's schema, which conf/strategy/*.yaml use)
+import recompute_lab.strategies  # noqa: F401
 from recompute_lab.config import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# Every results.json a test writes (in this process or a CLI subprocess) is checked against the JSON Schema.
+# Every results.json a test writes (in this process or a CLI subprocess) is checked against the JSON
+# Schema.
 os.environ["RECOMPUTE_LAB_VALIDATE_RECORDS"] = "1"
 
-# A developer's machine settings (conf/local/default.yaml, git-ignored) must not change what the tests run.
+# A developer's machine settings (conf/local/default.yaml, git-ignored) must not change what the
+# tests run.
 LOCAL_OFF = ["~local"] if (Path(CONF_DIR) / "local" / "default.yaml").exists() else []
-HYDRA_APPS = ("recompute_lab.train", "recompute_lab.estimate", "recompute_lab.cli.train", "recompute_lab.cli.estimate")
+HYDRA_APPS = (
+    "recompute_lab.train",
+    "recompute_lab.estimate",
+    "recompute_lab.cli.train",
+    "recompute_lab.cli.estimate",
+)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cover(*argnames): a parametrized product whose fast run keeps only the cases "
-                            "needed for every value of each named argument to appear once; the rest run with -m slow")
+    config.addinivalue_line(
+        "markers",
+        "cover(*argnames): a parametrized product whose fast run keeps only the cases "
+        "needed for every value of each named argument to appear once; the rest run with -m slow",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m 'not slow' deselects
 def pytest_collection_modifyitems(config, items):
-    """Thin the products marked ``cover``: each value of each named argument appears in one fast case (cases taken
-    greedily in a fixed pseudo-random order, so values pair differently across axes); the full product is
+    """Thin the products marked ``cover``: each value of each named argument appears in one fast
+    case (cases taken
+    greedily in a fixed pseudo-random order, so values pair differently across axes); the full
+    product is
     ``-m slow``. E.g. 9 strategies x 4 precisions -> 9 fast cases, each precision among them."""
     seen: dict[str, set] = {}
     for item in sorted(items, key=lambda it: hashlib.md5(it.nodeid.encode()).hexdigest()):
@@ -44,7 +58,9 @@ def pytest_collection_modifyitems(config, items):
         if marker is None or not hasattr(item, "callspec"):
             continue
         names = marker.args or tuple(item.callspec.params)
-        pairs = {(n, repr(item.callspec.params[n])) for n in names}  # repr: values may be lists of overrides
+        pairs = {
+            (n, repr(item.callspec.params[n])) for n in names
+        }  # repr: values may be lists of overrides
         covered = seen.setdefault(item.nodeid.split("[")[0], set())
         if pairs <= covered:
             item.add_marker(pytest.mark.slow)
@@ -53,7 +69,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def machine_cache_in_tmp(tmp_path_factory):
-    """Per-machine measurements (the CPU peak FLOP/s) go to a temporary folder, never ~/.cache, in every test and
+    """Per-machine measurements (the CPU peak FLOP/s) go to a temporary folder, never ~/.cache, in
+    every test and
     every CLI subprocess a test starts."""
     from recompute_lab.measure.hardware import CACHE_ENV
 
@@ -67,7 +84,8 @@ def machine_cache_in_tmp(tmp_path_factory):
 
 
 def one_thread_fixture():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting other processes."""
+    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting other
+    processes."""
     import torch
 
     before = torch.get_num_threads()
@@ -95,29 +113,44 @@ def cfg_of():
     GlobalHydra.instance().clear()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "recompute_lab.train",
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    module: str = "recompute_lab.train",
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would, in ``cwd``."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
     args = [*args, *LOCAL_OFF] if module in HYDRA_APPS else list(args)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
 
 
 def load_results(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-# Tests' runs: no W&B, no progress bar; FAST also skips the paired time overhead (38 extra steps, ~40% of a tiny
+# Tests' runs: no W&B, no progress bar; FAST also skips the paired time overhead (38 extra steps,
+# ~40% of a tiny
 # run), which tests/integration/test_overhead.py and the analysis tests keep with FAST_TIMED.
 FAST_TIMED = ["logger=none", "trainer.progress=false"]
 FAST = [*FAST_TIMED, "trainer.overhead.enabled=false"]
 
 
 def retained_bytes(forward, exclude=()) -> tuple[int, object]:
-    """An independent count of what backward keeps: bytes of the storages ``forward()`` made that are still alive
-    once it returns (weak references only; storages of the ``exclude`` tensors, e.g. parameters, buffers, inputs
-    and the output, left out; a reused address counts once among live storages). Returns (bytes, output)."""
+    """An independent count of what backward keeps: bytes of the storages ``forward()`` made that
+    are still alive
+    once it returns (weak references only; storages of the ``exclude`` tensors, e.g. parameters,
+    buffers, inputs
+    and the output, left out; a reused address counts once among live storages). Returns (bytes,
+    output)."""
     import gc
 
     import torch
@@ -132,8 +165,15 @@ def retained_bytes(forward, exclude=()) -> tuple[int, object]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            self.seen += [(StorageWeakRef(t.untyped_storage()), t.untyped_storage().data_ptr(),
-                           t.untyped_storage().nbytes()) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.seen += [
+                (
+                    StorageWeakRef(t.untyped_storage()),
+                    t.untyped_storage().data_ptr(),
+                    t.untyped_storage().nbytes(),
+                )
+                for t in tree_leaves(out)
+                if isinstance(t, torch.Tensor)
+            ]
             return out
 
     gc.freeze()  # only this forward's objects are collected below (fast)
@@ -143,5 +183,11 @@ def retained_bytes(forward, exclude=()) -> tuple[int, object]:
         gc.collect()
     finally:
         gc.unfreeze()
-    skip = {t.untyped_storage().data_ptr() for t in (*exclude, *tree_leaves(out)) if isinstance(t, torch.Tensor)}
-    return sum({p: n for ref, p, n in mode.seen if not ref.expired() and p not in skip}.values()), out
+    skip = {
+        t.untyped_storage().data_ptr()
+        for t in (*exclude, *tree_leaves(out))
+        if isinstance(t, torch.Tensor)
+    }
+    return sum(
+        {p: n for ref, p, n in mode.seen if not ref.expired() and p not in skip}.values()
+    ), out

@@ -1,10 +1,15 @@
-"""A small reader for W&B's offline run files (run-*.wandb), to check what an offline run really recorded.
+"""A small reader for W&B's offline run files (run-*.wandb), to check what an offline run really
+recorded.
 
-Format (W&B's LevelDB-style log): a 7-byte file header (b":W&B", 2-byte magic, 1-byte version), then 32 KiB
-blocks of chunks; each chunk has a 7-byte header (CRC-32 of type byte + payload, 4 bytes, little-endian length
-2 bytes, type 1 byte: FULL=1, FIRST=2, MIDDLE=3, LAST=4) and its payload; a block tail shorter than 7 bytes is
+Format (W&B's LevelDB-style log): a 7-byte file header (b":W&B", 2-byte magic, 1-byte version), then
+32 KiB
+blocks of chunks; each chunk has a 7-byte header (CRC-32 of type byte + payload, 4 bytes,
+little-endian length
+2 bytes, type 1 byte: FULL=1, FIRST=2, MIDDLE=3, LAST=4) and its payload; a block tail shorter than
+7 bytes is
 zero padding. Joined payloads are serialized wandb.proto.wandb_internal_pb2.Record messages.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +33,17 @@ def read_records(path: Path) -> list:
         if left_in_block < HEADER:  # padding at the block's end
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         if kind == 0 and length == 0:  # zeroed tail (preallocated or padding)
             pos += left_in_block
             continue
-        payload = data[pos + HEADER:pos + HEADER + length]
-        if zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF != _crc:  # CRC-32 over type byte + payload
-            raise ValueError(f"{path}: chunk at byte {pos} fails its checksum (torn or foreign file)")
+        payload = data[pos + HEADER : pos + HEADER + length]
+        if (
+            zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF != _crc
+        ):  # CRC-32 over type byte + payload
+            raise ValueError(
+                f"{path}: chunk at byte {pos} fails its checksum (torn or foreign file)"
+            )
         pos += HEADER + length
         if kind == FULL:
             parts = [payload]
@@ -53,7 +62,8 @@ def read_records(path: Path) -> list:
 
 
 def read_finished(path: Path, timeout: float = 30.0) -> list:
-    """Records of a finished run. wandb-core may still be flushing the file for a moment after finish()
+    """Records of a finished run. wandb-core may still be flushing the file for a moment after
+    finish()
     returns (seen here: an all-zero file right after finish), so wait for the exit record."""
     import time
 
@@ -81,7 +91,12 @@ def summarize_records(records: list) -> dict:
             for item in rec.config.update:
                 config[item.key] = json.loads(item.value_json)
         elif kind == "history":
-            history.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+            history.append(
+                {
+                    (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                    for i in rec.history.item
+                }
+            )
         elif kind == "summary":
             for item in rec.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)

@@ -1,20 +1,36 @@
-"""Load every results.json under a sweep folder into one flat row per run, and pair runs with their baseline.
+"""Load every results.json under a sweep folder into one flat row per run, and pair runs with their
+baseline.
 
-A run's *baseline* is the `none` run (nothing recomputed) whose resolved config is identical except for the
-strategy (and settings that do not change a result: logger, progress bar, resume/checkpoint options, the
-overhead measurement's settings). Against it a row gets its activation saving (1 - saved bytes / baseline's
-saved bytes). Its time overhead is NOT taken from two runs' step times (two separate runs of one config differed
-by -92% to +461% on a shared CPU): it is the run's own paired measurement, results.json ``time.overhead``
-(recompute_lab.measure.overhead: ratio of the median of interleaved rounds against the baseline strategy, with a 95%
-interval), read into time_overhead and time_overhead_ci_low/high (ratio - 1). Runs whose times were contended (a
-parallel launcher's jobs side by side) keep their overhead out of these columns and say so in ``note``. Failed
-runs (status oom, diverged, interrupted, error) and unreadable files keep a row with their status; their numbers
+A run's *baseline* is the `none` run (nothing recomputed) whose resolved config is identical except
+for the
+strategy (and settings that do not change a result: logger, progress bar, resume/checkpoint options,
+the
+overhead measurement's settings). Against it a row gets its activation saving (1 - saved bytes /
+baseline's
+saved bytes). Its time overhead is NOT taken from two runs' step times (two separate runs of one
+config differed
+by -92% to +461% on a shared CPU): it is the run's own paired measurement, results.json
+``time.overhead``
+(recompute_lab.measure.overhead: ratio of the median of interleaved rounds against the baseline
+strategy, with a 95%
+interval), read into time_overhead and time_overhead_ci_low/high (ratio - 1). Runs whose times were
+contended (a
+parallel launcher's jobs side by side) keep their overhead out of these columns and say so in
+``note``. Failed
+runs (status oom, diverged, interrupted, error) and unreadable files keep a row with their status;
+their numbers
 are None, printed as n/a.
 
-Only results.json is read (the contract of recompute_lab.record.results, schema_version 1). Keys written by the memory
-probe (memory.activation_bytes.*, memory.peak_bytes.*) may be absent in older runs: their columns are then None,
-and :func:`missing_keys` says which runs lack what, so figures and quiz can say so instead of guessing.
+Only results.json is read (the contract of recompute_lab.record.results, schema_version 1). Keys
+written by the memory
+probe (memory.activation_bytes.*, memory.peak_bytes.*) may be absent in older runs: their columns
+are then None,
+and :func:`missing_keys` says which runs lack what, so figures and quiz can say so instead of
+guessing.
+
+Layer: analysis (no torch).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,21 +52,79 @@ class AnalysisError(ValueError):
 
 
 # Config keys that do not change what a run measures: ignored when matching a run to its baseline.
-IGNORED_FOR_MATCH = ("strategy", "logger", "trainer.progress", "trainer.resume", "trainer.checkpoint_every",
-                     "trainer.memory_snapshot", "trainer.overhead")
+IGNORED_FOR_MATCH = (
+    "strategy",
+    "logger",
+    "trainer.progress",
+    "trainer.resume",
+    "trainer.checkpoint_every",
+    "trainer.memory_snapshot",
+    "trainer.overhead",
+)
 # Columns that depend on wall-clock time: they differ between reruns of the same sweep.
-TIMING_COLUMNS = ("step_s_median", "step_s_p90", "step_s_min", "tokens_per_s", "time_overhead",
-                  "time_overhead_ci_low", "time_overhead_ci_high", "time_rounds", "time_baseline_step_s", "mfu", "hfu")
+TIMING_COLUMNS = (
+    "step_s_median",
+    "step_s_p90",
+    "step_s_min",
+    "tokens_per_s",
+    "time_overhead",
+    "time_overhead_ci_low",
+    "time_overhead_ci_high",
+    "time_rounds",
+    "time_baseline_step_s",
+    "mfu",
+    "hfu",
+)
 COLUMNS = (
-    "run", "status", "model", "precision", "strategy", "attention", "seq_len", "batch_size", "n_layer",
-    "d_model", "n_head", "vocab_size", "params",
-    "act_bytes_predicted", "act_bytes_measured", "logits_bytes", "peak_bytes_predicted", "peak_bytes_measured",
-    "peak_source", "model_state_bytes", "bytes_per_param_measured", "bytes_per_param_predicted",
-    "ms_params", "ms_grads", "ms_master", "ms_optimizer",
-    "flops_forward", "flops_backward", "flops_recompute", "flop_overhead",
-    "step_s_median", "step_s_p90", "step_s_min", "tokens_per_s", "mfu", "hfu", "final_loss",
-    "baseline", "act_saved_bytes", "act_saved_frac", "time_baseline", "time_overhead", "time_overhead_ci_low",
-    "time_overhead_ci_high", "time_rounds", "time_baseline_step_s", "time_contended", "note", "error",
+    "run",
+    "status",
+    "model",
+    "precision",
+    "strategy",
+    "attention",
+    "seq_len",
+    "batch_size",
+    "n_layer",
+    "d_model",
+    "n_head",
+    "vocab_size",
+    "params",
+    "act_bytes_predicted",
+    "act_bytes_measured",
+    "logits_bytes",
+    "peak_bytes_predicted",
+    "peak_bytes_measured",
+    "peak_source",
+    "model_state_bytes",
+    "bytes_per_param_measured",
+    "bytes_per_param_predicted",
+    "ms_params",
+    "ms_grads",
+    "ms_master",
+    "ms_optimizer",
+    "flops_forward",
+    "flops_backward",
+    "flops_recompute",
+    "flop_overhead",
+    "step_s_median",
+    "step_s_p90",
+    "step_s_min",
+    "tokens_per_s",
+    "mfu",
+    "hfu",
+    "final_loss",
+    "baseline",
+    "act_saved_bytes",
+    "act_saved_frac",
+    "time_baseline",
+    "time_overhead",
+    "time_overhead_ci_low",
+    "time_overhead_ci_high",
+    "time_rounds",
+    "time_baseline_step_s",
+    "time_contended",
+    "note",
+    "error",
 )
 OK = "ok"
 
@@ -65,22 +139,30 @@ def _get(d: Any, path: str) -> Any:
 
 
 def find_results(folder: Path) -> list[Path]:
-    """Every results.json under ``folder`` (itself included), sorted; a clear error when there is none."""
+    """Every results.json under ``folder`` (itself included), sorted; a clear error when there is
+    none."""
     folder = Path(folder)
     if not folder.exists():
-        raise AnalysisError(f"{folder}: no such folder; pass a sweep folder such as multirun/DATE/TIME "
-                            "(or a single run's output folder)")
+        raise AnalysisError(
+            f"{folder}: no such folder; pass a sweep folder such as multirun/DATE/TIME "
+            "(or a single run's output folder)"
+        )
     if not folder.is_dir():
-        raise AnalysisError(f"{folder}: not a folder; pass the folder that holds the runs' results.json files")
+        raise AnalysisError(
+            f"{folder}: not a folder; pass the folder that holds the runs' results.json files"
+        )
     paths = sorted(p for p in folder.rglob("results.json") if p.is_file())
     if not paths:
-        raise AnalysisError(f"{folder}: no results.json found under it; a sweep folder holds one run folder per "
-                            "job, each with a results.json (python -m recompute_lab.train -m ...)")
+        raise AnalysisError(
+            f"{folder}: no results.json found under it; a sweep folder holds one run folder per "
+            "job, each with a results.json (python -m recompute_lab.train -m ...)"
+        )
     return paths
 
 
 def strategy_label(strategy_cfg: Optional[dict]) -> str:
-    """A short readable name: 'none', 'full', 'selective[core_attn]', 'layers(method=block,num_layers=1)'
+    """A short readable name: 'none', 'full', 'selective[core_attn]',
+    'layers(method=block,num_layers=1)'
     (the strategy's own label rule, recompute_lab.config.strategies.label_of)."""
     return label_of(strategy_cfg)
 
@@ -93,7 +175,8 @@ def precision_label(precision_cfg: Optional[dict]) -> Optional[str]:
 
 
 def match_key(config: Optional[dict], also_ignore: tuple[str, ...] = ()) -> str:
-    """The resolved config minus the strategy, result-neutral settings and ``also_ignore``, as canonical JSON."""
+    """The resolved config minus the strategy, result-neutral settings and ``also_ignore``, as
+    canonical JSON."""
     c = copy.deepcopy(config) if isinstance(config, dict) else {}
     for path in IGNORED_FOR_MATCH + also_ignore:
         *parents, leaf = path.split(".")
@@ -106,8 +189,18 @@ def match_key(config: Optional[dict], also_ignore: tuple[str, ...] = ()) -> str:
 
 
 # Columns that hold text; every other column is a number (or None).
-TEXT_COLUMNS = ("run", "status", "model", "precision", "strategy", "attention", "peak_source", "baseline", "note",
-                "error")
+TEXT_COLUMNS = (
+    "run",
+    "status",
+    "model",
+    "precision",
+    "strategy",
+    "attention",
+    "peak_source",
+    "baseline",
+    "note",
+    "error",
+)
 
 
 def _dict(v: Any) -> dict:
@@ -115,7 +208,8 @@ def _dict(v: Any) -> dict:
 
 
 def _clean(obj: Any) -> Any:
-    """JSON as the writer (or another tool) left it, made safe to compute with: the writer's "inf" / "-inf"
+    """JSON as the writer (or another tool) left it, made safe to compute with: the writer's "inf" /
+    "-inf"
     strings become floats, NaN becomes None, containers are walked."""
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
@@ -129,21 +223,29 @@ def _clean(obj: Any) -> Any:
 
 
 def _coerce(row: dict) -> dict:
-    """Numbers where numbers belong, text where text belongs; anything else (a list, a dict, a bool) is None."""
+    """Numbers where numbers belong, text where text belongs; anything else (a list, a dict, a bool)
+    is None."""
     for col in COLUMNS:
         v = row.get(col)
         if col in TEXT_COLUMNS:
-            row[col] = v if v is None or isinstance(v, str) else (str(v) if isinstance(v, (int, float)) else None)
+            row[col] = (
+                v
+                if v is None or isinstance(v, str)
+                else (str(v) if isinstance(v, (int, float)) else None)
+            )
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
             row[col] = None
     return row
 
 
 def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
-    """One flat row from one results.json (every column present, None where the run did not measure it).
+    """One flat row from one results.json (every column present, None where the run did not measure
+    it).
 
-    Tolerant of every value the writer can produce and of foreign JSON: wrong types read as missing. A
-    ``running`` record whose run folder (``folder``) no live process holds is reported as ``killed``.
+    Tolerant of every value the writer can produce and of foreign JSON: wrong types read as missing.
+    A
+    ``running`` record whose run folder (``folder``) no live process holds is reported as
+    ``killed``.
     """
     res = _clean(res)
     cfg = _dict(res.get("config"))
@@ -155,42 +257,64 @@ def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
     status = res.get("status") if isinstance(res.get("status"), str) else "unknown"
     error = res.get("error") or None
     if status == "running" and folder is not None and not is_locked(folder):
-        status, error = "killed", "no process holds the run folder: the job died without its final record"
+        status, error = (
+            "killed",
+            "no process holds the run folder: the job died without its final record",
+        )
     row = dict.fromkeys(COLUMNS)
     row.update(
-        run=run, status=status, error=error,
-        model=_get(cfg, "model.name"), precision=precision_label(cfg.get("precision")),
-        strategy=strategy_label(cfg.get("strategy")), attention=_get(cfg, "model.attention"),
+        run=run,
+        status=status,
+        error=error,
+        model=_get(cfg, "model.name"),
+        precision=precision_label(cfg.get("precision")),
+        strategy=strategy_label(cfg.get("strategy")),
+        attention=_get(cfg, "model.attention"),
         seq_len=model.get("seq_len", _get(cfg, "data.seq_len")),
         batch_size=model.get("batch_size", _get(cfg, "data.batch_size")),
-        n_layer=_get(cfg, "model.n_layer"), d_model=_get(cfg, "model.d_model"), n_head=_get(cfg, "model.n_head"),
-        vocab_size=_get(cfg, "model.vocab_size"), params=model.get("params"),
+        n_layer=_get(cfg, "model.n_layer"),
+        d_model=_get(cfg, "model.d_model"),
+        n_head=_get(cfg, "model.n_head"),
+        vocab_size=_get(cfg, "model.vocab_size"),
+        params=model.get("params"),
         act_bytes_predicted=_get(mem, "activation_bytes.predicted"),
         act_bytes_measured=_get(mem, "activation_bytes.measured"),
         logits_bytes=_get(mem, "activation_bytes.logits.measured"),
-        peak_bytes_predicted=_get(mem, "peak_bytes.predicted"), peak_bytes_measured=_get(mem, "peak_bytes.measured"),
+        peak_bytes_predicted=_get(mem, "peak_bytes.predicted"),
+        peak_bytes_measured=_get(mem, "peak_bytes.measured"),
         peak_source=_get(mem, "peak_bytes.source"),
         model_state_bytes=ms.get("measured"),
         bytes_per_param_measured=_get(ms, "bytes_per_param.measured"),
         bytes_per_param_predicted=_get(ms, "bytes_per_param.predicted"),
-        ms_params=per_kind.get("params"), ms_grads=per_kind.get("grads"), ms_master=per_kind.get("master"),
+        ms_params=per_kind.get("params"),
+        ms_grads=per_kind.get("grads"),
+        ms_master=per_kind.get("master"),
         ms_optimizer=per_kind.get("optimizer"),
-        flops_forward=ps.get("forward"), flops_backward=ps.get("backward"), flops_recompute=ps.get("recompute"),
-        flop_overhead=fl.get("recompute_overhead"), mfu=fl.get("mfu"), hfu=fl.get("hfu"),
-        step_s_median=t.get("step_s_median"), step_s_p90=t.get("step_s_p90"), tokens_per_s=t.get("tokens_per_s"),
-        final_loss=_get(res, "loss.final"), step_s_min=_fastest_step(t),
+        flops_forward=ps.get("forward"),
+        flops_backward=ps.get("backward"),
+        flops_recompute=ps.get("recompute"),
+        flop_overhead=fl.get("recompute_overhead"),
+        mfu=fl.get("mfu"),
+        hfu=fl.get("hfu"),
+        step_s_median=t.get("step_s_median"),
+        step_s_p90=t.get("step_s_p90"),
+        tokens_per_s=t.get("tokens_per_s"),
+        final_loss=_get(res, "loss.final"),
+        step_s_min=_fastest_step(t),
     )
     _coerce(row)
     if row["error"]:
         row["error"] = str(row["error"]).splitlines()[0][:200]
     plan = _dict(res.get("strategy"))
-    # offload on a device whose "host" is itself (CPU) moves nothing; the saved-tensor count may read 0 there.
+    # offload on a device whose "host" is itself (CPU) moves nothing; the saved-tensor count may
+    # read 0 there.
     row["_offload_noop"] = bool(plan.get("offload")) and plan.get("offload_effective") is False
     if row["_offload_noop"]:
         row["note"] = "offload moves nothing on this device: activation saving not counted"
     paired_overhead(row, t)
     row["_key"] = match_key(cfg)
-    # Runs that differ only in sequence length (figure 1's series) / only in precision (figure 2's bars).
+    # Runs that differ only in sequence length (figure 1's series) / only in precision (figure 2's
+    # bars).
     row["_series_key"] = match_key(cfg, ("data.seq_len", "model.max_seq_len"))
     row["_precision_key"] = match_key(cfg, ("precision",))
     row["_strategy_name"] = _dict(cfg.get("strategy")).get("name", "none")
@@ -199,17 +323,23 @@ def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
 
 
 def _fastest_step(t: dict) -> Optional[float]:
-    """The fastest timed step (warmup steps left out). On a machine shared with other processes the median
-    absorbs their bursts; the fastest step is the least disturbed estimate of the step's own cost (timeit's rule)."""
-    steps = [x for x in (t.get("step_s") if isinstance(t.get("step_s"), list) else [])
-             if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    """The fastest timed step (warmup steps left out). On a machine shared with other processes the
+    median
+    absorbs their bursts; the fastest step is the least disturbed estimate of the step's own cost
+    (timeit's rule)."""
+    steps = [
+        x
+        for x in (t.get("step_s") if isinstance(t.get("step_s"), list) else [])
+        if isinstance(x, (int, float)) and not isinstance(x, bool)
+    ]
     warm = t.get("warmup_steps") if isinstance(t.get("warmup_steps"), int) else 0
     timed = steps[warm:] or steps
     return min(timed) if timed else None
 
 
 def paired_overhead(row: dict, t: dict) -> None:
-    """The run's own paired time overhead (results.json time.overhead) as ratio - 1 with its interval; kept out
+    """The run's own paired time overhead (results.json time.overhead) as ratio - 1 with its
+    interval; kept out
     (None, with a note) when the run's times were contended or the measurement was skipped."""
     o = t.get("overhead") or {}
     row["time_baseline"] = o.get("baseline")
@@ -221,10 +351,13 @@ def paired_overhead(row: dict, t: dict) -> None:
         row["note"] = _join(row.get("note"), f"no paired time overhead: {o['skipped']}")
     if o.get("ratio") is None:
         return
-    row.update(time_overhead=o["ratio"] - 1.0, time_rounds=o.get("rounds"),
-               time_baseline_step_s=o.get("baseline_step_s"),
-               time_overhead_ci_low=None if o.get("ci95_low") is None else o["ci95_low"] - 1.0,
-               time_overhead_ci_high=None if o.get("ci95_high") is None else o["ci95_high"] - 1.0)
+    row.update(
+        time_overhead=o["ratio"] - 1.0,
+        time_rounds=o.get("rounds"),
+        time_baseline_step_s=o.get("baseline_step_s"),
+        time_overhead_ci_low=None if o.get("ci95_low") is None else o["ci95_low"] - 1.0,
+        time_overhead_ci_high=None if o.get("ci95_high") is None else o["ci95_high"] - 1.0,
+    )
 
 
 def _join(a: Optional[str], b: str) -> str:
@@ -232,7 +365,8 @@ def _join(a: Optional[str], b: str) -> str:
 
 
 def fmt_overhead(r: dict) -> str:
-    """A row's paired time overhead in words (recompute_lab.measure.timing.describe): an interval that contains 0 is
+    """A row's paired time overhead in words (recompute_lab.measure.timing.describe): an interval
+    that contains 0 is
     'within noise (+-x%)', never a finding."""
     o = r.get("time_overhead")
     if o is None:
@@ -242,7 +376,8 @@ def fmt_overhead(r: dict) -> str:
 
 
 def load_rows(folder: Path) -> list[dict]:
-    """Rows for every results.json under ``folder``, sorted, each paired with its baseline where one exists."""
+    """Rows for every results.json under ``folder``, sorted, each paired with its baseline where one
+    exists."""
     folder = Path(folder)
     rows = []
     for path in find_results(folder):
@@ -252,8 +387,14 @@ def load_rows(folder: Path) -> list[dict]:
             res = RunResult.load(path, lenient=True).to_dict()
         except RecordError as e:  # keep the run visible rather than silently dropping it
             row = dict.fromkeys(COLUMNS)
-            row.update(run=run, status="unreadable", error=f"{type(e).__name__}: {e}"[:200], _key=None,
-                       _strategy_name=None, _strategy_cfg=None)
+            row.update(
+                run=run,
+                status="unreadable",
+                error=f"{type(e).__name__}: {e}"[:200],
+                _key=None,
+                _strategy_name=None,
+                _strategy_cfg=None,
+            )
             rows.append(row)
             continue
         rows.append(row_of(res, run, path.parent))
@@ -263,12 +404,20 @@ def load_rows(folder: Path) -> list[dict]:
 
 
 def _sort_key(r: dict) -> tuple:
-    return tuple("" if r.get(k) is None else str(r.get(k)) for k in ("model", "precision", "attention")) + (
-        r.get("seq_len") or 0, r.get("batch_size") or 0, r.get("strategy") != "none", str(r.get("strategy")), r["run"])
+    return tuple(
+        "" if r.get(k) is None else str(r.get(k)) for k in ("model", "precision", "attention")
+    ) + (
+        r.get("seq_len") or 0,
+        r.get("batch_size") or 0,
+        r.get("strategy") != "none",
+        str(r.get("strategy")),
+        r["run"],
+    )
 
 
 def pair_with_baselines(rows: list[dict]) -> None:
-    """Fill baseline and act_saved_bytes/frac from the matching successful `none` run (time overheads are the runs'
+    """Fill baseline and act_saved_bytes/frac from the matching successful `none` run (time
+    overheads are the runs'
     own paired measurements, read by row_of)."""
     baselines: dict[str, dict] = {}
     for r in rows:  # rows are sorted: the first matching `none` run wins
@@ -296,9 +445,17 @@ def ok_rows(rows: list[dict]) -> list[dict]:
 
 
 def group_key(r: dict) -> tuple:
-    """Runs that differ only in strategy: (model, precision, attention, seq_len, batch) to show, then the exact
+    """Runs that differ only in strategy: (model, precision, attention, seq_len, batch) to show,
+    then the exact
     config key (other settings, e.g. n_layer or steps, may differ between sweeps of one folder)."""
-    return (r["model"], r["precision"], r["attention"], r["seq_len"], r["batch_size"], r.get("_key"))
+    return (
+        r["model"],
+        r["precision"],
+        r["attention"],
+        r["seq_len"],
+        r["batch_size"],
+        r.get("_key"),
+    )
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -319,7 +476,7 @@ def fmt_bytes(n: Optional[float]) -> str:
     if n is None:
         return "n/a"
     sign, n = ("-" if n < 0 else ""), abs(n)
-    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= div:
             return f"{sign}{n / div:.2f} {unit}"
     return f"{sign}{n:.0f} B"
@@ -330,8 +487,10 @@ def fmt_pct(x: Optional[float]) -> str:
 
 
 def run_label(run: str) -> str:
-    """A short name for a run folder: its Hydra job number, after its sweep folder's name without the number
-    ("2_fig3_pareto/1_+strategy=full" -> "fig3_pareto/1"); names are cut to 28 characters. summary.csv's `run`
+    """A short name for a run folder: its Hydra job number, after its sweep folder's name without
+    the number
+    ("2_fig3_pareto/1_+strategy=full" -> "fig3_pareto/1"); names are cut to 28 characters.
+    summary.csv's `run`
     keeps the full folder name."""
     parts = str(run).replace("\\", "/").split("/")
     out = []
@@ -345,39 +504,86 @@ def run_label(run: str) -> str:
 
 def write_markdown(rows: list[dict], path: Path) -> None:
     """summary.md: the table a person reads (bytes in binary units, ratios in %)."""
-    head = ["job", "status", "model", "precision", "strategy", "attn", "seq", "act saved (meas.)",
-            "act (pred.)", "peak (meas.)", "B/param", "FLOP overhead", "act saving",
-            "time overhead (paired, 95% CI)", "tokens/s", "final loss"]
-    lines = ["# Sweep summary", "", f"{len(rows)} runs, {len(ok_rows(rows))} ok. Bytes in binary units; savings "
-             "and FLOP overheads relative to the `none` run with the same config (column `baseline` in summary.csv). "
-             "Time overhead: each run's own paired, interleaved measurement against its baseline strategy "
-             "(column `time_baseline`; results.json time.overhead), with its 95% interval; an interval that "
-             "contains 0 reads \"within noise\". Tokens/s are single-run figures, not comparisons. Column job: the "
-             "run folder's Hydra job number(s) (summary.csv column `run` has the full folder name).",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "job",
+        "status",
+        "model",
+        "precision",
+        "strategy",
+        "attn",
+        "seq",
+        "act saved (meas.)",
+        "act (pred.)",
+        "peak (meas.)",
+        "B/param",
+        "FLOP overhead",
+        "act saving",
+        "time overhead (paired, 95% CI)",
+        "tokens/s",
+        "final loss",
+    ]
+    lines = [
+        "# Sweep summary",
+        "",
+        f"{len(rows)} runs, {len(ok_rows(rows))} ok. Bytes in binary units; savings "
+        "and FLOP overheads relative to the `none` run with the same config (column `baseline` in "
+        "summary.csv). "
+        "Time overhead: each run's own paired, interleaved measurement against its baseline "
+        "strategy "
+        "(column `time_baseline`; results.json time.overhead), with its 95% interval; an interval "
+        "that "
+        'contains 0 reads "within noise". Tokens/s are single-run figures, not comparisons. Column '
+        "job: the "
+        "run folder's Hydra job number(s) (summary.csv column `run` has the full folder name).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        cells = [run_label(r["run"]), r["status"], r["model"], r["precision"], r["strategy"], r["attention"],
-                 r["seq_len"],
-                 fmt_bytes(r["act_bytes_measured"]), fmt_bytes(r["act_bytes_predicted"]),
-                 fmt_bytes(r["peak_bytes_measured"]),
-                 "n/a" if r["bytes_per_param_measured"] is None else f"{r['bytes_per_param_measured']:.1f}",
-                 fmt_pct(r["flop_overhead"]), fmt_pct(r["act_saved_frac"]),
-                 fmt_overhead(r) + ("" if not r.get("time_baseline") or r["time_baseline"] == "none"
-                                    else f" vs {r['time_baseline']}") + (" (contended)" if r.get("time_contended")
-                                                                          else ""),
-                 "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
-                 "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}"]
-        lines.append("| " + " | ".join("n/a" if c is None else str(c).replace("|", "/") for c in cells) + " |")
+        cells = [
+            run_label(r["run"]),
+            r["status"],
+            r["model"],
+            r["precision"],
+            r["strategy"],
+            r["attention"],
+            r["seq_len"],
+            fmt_bytes(r["act_bytes_measured"]),
+            fmt_bytes(r["act_bytes_predicted"]),
+            fmt_bytes(r["peak_bytes_measured"]),
+            "n/a"
+            if r["bytes_per_param_measured"] is None
+            else f"{r['bytes_per_param_measured']:.1f}",
+            fmt_pct(r["flop_overhead"]),
+            fmt_pct(r["act_saved_frac"]),
+            fmt_overhead(r)
+            + (
+                ""
+                if not r.get("time_baseline") or r["time_baseline"] == "none"
+                else f" vs {r['time_baseline']}"
+            )
+            + (" (contended)" if r.get("time_contended") else ""),
+            "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
+            "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
+        ]
+        lines.append(
+            "| "
+            + " | ".join("n/a" if c is None else str(c).replace("|", "/") for c in cells)
+            + " |"
+        )
     failed = [r for r in rows if r["status"] != OK]
     if failed:
         lines += ["", "## Runs that did not finish", ""]
-        lines += [f"- `{r['run']}`: **{r['status']}** — {r['error'] or 'no message'}" for r in failed]
+        lines += [
+            f"- `{r['run']}`: **{r['status']}** — {r['error'] or 'no message'}" for r in failed
+        ]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
 # Reference lines for figure 1 and quiz question 1 (bytes for the whole model's n_layer layers).
 def korthikanti_bytes(s: int, b: int, h: int, a: int, n_layer: int) -> int:
-    """Korthikanti et al. 2022, eq. 1: sbh(34 + 5as/h) bytes per layer (16-bit values, dropout on) x L."""
+    """Korthikanti et al. 2022, eq. 1: sbh(34 + 5as/h) bytes per layer (16-bit values, dropout on) x
+    L."""
     return n_layer * korthikanti_layer_bytes(s, b, h, a)
 
 

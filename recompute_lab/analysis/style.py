@@ -1,9 +1,15 @@
-"""One figure style for every analysis figure: paper sizes, >= 9 pt text, greyscale-safe marks, byte units.
+"""One figure style for every analysis figure: paper sizes, >= 9 pt text, greyscale-safe marks, byte
+units.
 
-Sizes are for a two-column paper: ``ONE_COLUMN`` (3.5 in) and ``TWO_COLUMN`` (7.2 in) wide; figures are drawn at
-print size so the font sizes below are what the reader sees. Every distinction is carried by a marker, line style
+Sizes are for a two-column paper: ``ONE_COLUMN`` (3.5 in) and ``TWO_COLUMN`` (7.2 in) wide; figures
+are drawn at
+print size so the font sizes below are what the reader sees. Every distinction is carried by a
+marker, line style
 or hatch; colour (Okabe-Ito, colour-blind safe) only repeats it.
+
+Layer: analysis (no torch).
 """
+
 from __future__ import annotations
 
 import matplotlib
@@ -17,15 +23,31 @@ TWO_COLUMN = 7.2
 MIN_FONT = 9
 MARKERS = "osD^vP*Xh<>"
 HATCHES = ("", "//", "xx", "..", "\\\\", "oo", "++")
-# Okabe & Ito (2008) colour-blind-safe palette; fills that stay distinct in greyscale come from the hatches.
+# Okabe & Ito (2008) colour-blind-safe palette; fills that stay distinct in greyscale come from the
+# hatches.
 COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 LINESTYLES = ("-", "--", ":", "-.")
-BYTE_UNITS = (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10), ("B", 1))
+BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 
-RC = {"font.size": MIN_FONT, "axes.titlesize": 10, "axes.labelsize": MIN_FONT, "xtick.labelsize": MIN_FONT,
-      "ytick.labelsize": MIN_FONT, "legend.fontsize": MIN_FONT, "figure.titlesize": 10, "axes.grid": True,
-      "grid.alpha": 0.3, "savefig.dpi": 150, "pdf.fonttype": 42, "ps.fonttype": 42, "text.color": "black",
-      "axes.labelcolor": "black", "xtick.color": "black", "ytick.color": "black", "legend.framealpha": 0.9}
+RC = {
+    "font.size": MIN_FONT,
+    "axes.titlesize": 10,
+    "axes.labelsize": MIN_FONT,
+    "xtick.labelsize": MIN_FONT,
+    "ytick.labelsize": MIN_FONT,
+    "legend.fontsize": MIN_FONT,
+    "figure.titlesize": 10,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "savefig.dpi": 150,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "text.color": "black",
+    "axes.labelcolor": "black",
+    "xtick.color": "black",
+    "ytick.color": "black",
+    "legend.framealpha": 0.9,
+}
 
 
 def apply() -> None:
@@ -33,7 +55,8 @@ def apply() -> None:
 
 
 def figure(ncols: int = 1, width: float = TWO_COLUMN, height: float = 3.0, **kw):
-    """A figure at print size (``width`` inches; ONE_COLUMN or TWO_COLUMN) with constrained layout."""
+    """A figure at print size (``width`` inches; ONE_COLUMN or TWO_COLUMN) with constrained
+    layout."""
     apply()
     return plt.subplots(1, ncols, figsize=(width, height), layout="constrained", **kw)
 

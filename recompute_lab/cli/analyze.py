@@ -1,11 +1,17 @@
-"""``recompute-lab-analyze SWEEP_DIR [--out DIR]`` (or ``python -m recompute_lab.analyze``): tables, figures and
+"""``recompute-lab-analyze SWEEP_DIR [--out DIR]`` (or ``python -m recompute_lab.analyze``): tables,
+figures and
 quiz for a finished sweep.
 
-Reads every results.json under SWEEP_DIR (a multirun folder, or any folder of run folders) and writes into DIR
+Reads every results.json under SWEEP_DIR (a multirun folder, or any folder of run folders) and
+writes into DIR
 (default SWEEP_DIR/analysis): summary.csv (one row per run, failed runs included with their status),
-summary.md, the seven figures as PNG + PDF, and quiz.md. A folder without results.json is an error (exit 2)
+summary.md, the seven figures as PNG + PDF, and quiz.md. A folder without results.json is an error
+(exit 2)
 and nothing is written.
+
+Layer: cli.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,19 +20,25 @@ from pathlib import Path
 from typing import Optional
 
 
-
 def analyze(sweep_dir: Path, out: Optional[Path] = None, label: Optional[str] = None) -> dict:
     """Analyse ``sweep_dir`` into ``out``; returns {"rows", "files", "out"}. Raises AnalysisError.
 
     ``label`` names the sweep in quiz.md (default: the path as given).
     """
-    from recompute_lab.analysis.aggregate import load_rows, write_csv, write_markdown  # torch: not for --help
+    from recompute_lab.analysis.aggregate import (
+        load_rows,
+        write_csv,
+        write_markdown,
+    )  # torch: not for --help
 
     sweep_dir = Path(sweep_dir)
     rows = load_rows(sweep_dir)  # raises before anything is written
     out = Path(out) if out is not None else sweep_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    from recompute_lab.analysis import figures, quiz  # matplotlib only when there is something to plot
+    from recompute_lab.analysis import (
+        figures,
+        quiz,
+    )  # matplotlib only when there is something to plot
 
     files = [out / "summary.csv", out / "summary.md"]
     write_csv(rows, files[0])
@@ -38,9 +50,17 @@ def analyze(sweep_dir: Path, out: Optional[Path] = None, label: Optional[str] = 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="recompute-lab-analyze", description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("sweep_dir", type=Path, help="folder holding the runs' results.json (e.g. multirun/DATE/TIME)")
-    p.add_argument("--out", type=Path, default=None, help="where to write (default: SWEEP_DIR/analysis)")
+    p = argparse.ArgumentParser(
+        prog="recompute-lab-analyze", description=__doc__.split("\n\n")[0].replace("``", "")
+    )
+    p.add_argument(
+        "sweep_dir",
+        type=Path,
+        help="folder holding the runs' results.json (e.g. multirun/DATE/TIME)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: SWEEP_DIR/analysis)"
+    )
     args = p.parse_args(argv)
     from recompute_lab.analysis.aggregate import AnalysisError
 

@@ -1,11 +1,20 @@
-"""What the Hydra entry points (train, estimate) share: the help text, the fast path to it, the checks before Hydra.
+"""What the Hydra entry points (train, estimate) share: the help text, the fast path to it, the
+checks before Hydra.
 
-Help is fast because nothing heavy is imported before Hydra has parsed the command line: this module, the entry
-modules and recompute_lab.config import only Hydra and OmegaConf (~0.15 s); torch, the strategies and the engine
-are imported by the task function, or before it when the command line names a strategy (its schema must be in
-Hydra's ConfigStore before composing). The help lists the groups of conf/ with their options, not the internal
-schema/* groups the structured configs live in (conf/hydra/help/recompute_lab.yaml uses the resolvers below).
+Help is fast because nothing heavy is imported before Hydra has parsed the command line: this
+module, the entry
+modules and recompute_lab.config import only Hydra and OmegaConf (~0.15 s); torch, the strategies
+and the engine
+are imported by the task function, or before it when the command line names a strategy (its schema
+must be in
+Hydra's ConfigStore before composing). The help lists the groups of conf/ with their options, not
+the internal
+schema/* groups the structured configs live in (conf/hydra/help/recompute_lab.yaml uses the
+resolvers below).
+
+Layer: cli.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,19 +31,35 @@ from recompute_lab.config import CONF_DIR, ConfigError
 
 PKG = Path(__file__).resolve().parent
 # Flags after which Hydra prints something and exits without running the task.
-INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
-# Groups not in conf/config.yaml's defaults list: a command appends them (+strategy=full, +experiment=fig1...).
+INFO_FLAGS = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--shell-completion",
+    "-sc",
+)
+# Groups not in conf/config.yaml's defaults list: a command appends them (+strategy=full,
+# +experiment=fig1...).
 APPENDED = ("strategy", "experiment")
 
 
 def user_groups(conf_dir: str | Path = CONF_DIR) -> dict[str, list[str]]:
-    """The config groups a user chooses from: conf/<group>/<option>.yaml, Hydra's own folder left out."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
-            for d in sorted(Path(conf_dir).iterdir()) if d.is_dir() and d.name != "hydra"}
+    """The config groups a user chooses from: conf/<group>/<option>.yaml, Hydra's own folder left
+    out."""
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(Path(conf_dir).iterdir())
+        if d.is_dir() and d.name != "hydra"
+    }
 
 
 def default_choices(conf_dir: str | Path = CONF_DIR) -> dict[str, str]:
-    """group -> the option conf/config.yaml's defaults list picks (``optional local: default`` included)."""
+    """group -> the option conf/config.yaml's defaults list picks (``optional local: default``
+    included)."""
     defaults = yaml.safe_load((Path(conf_dir) / "config.yaml").read_text()).get("defaults", [])
     out = {}
     for item in defaults:
@@ -56,8 +81,10 @@ def groups_text(conf_dir: str | Path = CONF_DIR) -> str:
             note = f"  (+{group}=NAME; none by default)"
         elif group == "local":
             present = chosen.get("local") in options
-            note = (f"  (machine settings: conf/local/{chosen.get('local')}.yaml, git-ignored, "
-                    f"{'loaded' if present else 'absent'}; see example.yaml)")
+            note = (
+                f"  (machine settings: conf/local/{chosen.get('local')}.yaml, git-ignored, "
+                f"{'loaded' if present else 'absent'}; see example.yaml)"
+            )
         else:
             note = ""
         lines.append(f"{group}: {shown or '-'}{note}")
@@ -65,7 +92,8 @@ def groups_text(conf_dir: str | Path = CONF_DIR) -> str:
 
 
 def app_doc(name: str) -> str:
-    """The first paragraph of recompute_lab/<name>.py's docstring (read, not imported: no torch for --help)."""
+    """The first paragraph of recompute_lab/<name>.py's docstring (read, not imported: no torch for
+    --help)."""
     path = PKG / f"{name}.py"
     doc = ast.get_docstring(ast.parse(path.read_text())) if path.is_file() else None
     return (doc or f"recompute_lab {name}").split("\n\n")[0].replace("``", "")
@@ -86,13 +114,17 @@ def names_strategy(argv: Iterable[str]) -> bool:
 
 
 def prepare(argv: list[str], root_keys: tuple[str, ...] = (), check: bool = False) -> list[str]:
-    """Before Hydra parses ``argv`` (sys.argv): launcher fixes and override checks, unless the command only asks
-    for help or the config without naming a strategy (then nothing heavy is imported; ``check`` forces them).
+    """Before Hydra parses ``argv`` (sys.argv): launcher fixes and override checks, unless the
+    command only asks
+    for help or the config without naming a strategy (then nothing heavy is imported; ``check``
+    forces them).
     Exits 2 with a one-line message for overrides that Hydra would accept or explain misleadingly
     (recompute_lab.cli.overrides.check_overrides)."""
     if info_only(argv[1:]) and not names_strategy(argv[1:]) and not check:
         return argv
-    from recompute_lab.cli.overrides import check_overrides  # registers every strategy's schema (imports torch)
+    from recompute_lab.cli.overrides import (
+        check_overrides,
+    )  # registers every strategy's schema (imports torch)
     from recompute_lab.run.distributed import prepare_argv
 
     argv = prepare_argv(argv)  # --local_rank, non-zero ranks' output dirs (torchrun)
@@ -105,8 +137,10 @@ def prepare(argv: list[str], root_keys: tuple[str, ...] = (), check: bool = Fals
 
 
 def help_text(config_name: str, job_name: str, overrides: list[str]) -> str:
-    """``--help`` as Hydra prints it with conf/hydra/help/recompute_lab.yaml, from the compose API: Hydra's own
-    --help also lists every config group (hydra/* and schema/* included) for a template that does not show them,
+    """``--help`` as Hydra prints it with conf/hydra/help/recompute_lab.yaml, from the compose API:
+    Hydra's own
+    --help also lists every config group (hydra/* and schema/* included) for a template that does
+    not show them,
     which took ~0.8 s of the 1.1 s it needed here (2 idle cores)."""
     from hydra import compose, initialize_config_dir
 
@@ -115,19 +149,25 @@ def help_text(config_name: str, job_name: str, overrides: list[str]) -> str:
     template = cfg.hydra.help.template  # resolves the header, the group list and the footer
     with open_dict(cfg):
         del cfg["hydra"]
-    return string.Template(template).safe_substitute(CONFIG=OmegaConf.to_yaml(cfg), APP_CONFIG_GROUPS="",
-                                                     HYDRA_CONFIG_GROUPS="", FLAGS_HELP="")
+    return string.Template(template).safe_substitute(
+        CONFIG=OmegaConf.to_yaml(cfg), APP_CONFIG_GROUPS="", HYDRA_CONFIG_GROUPS="", FLAGS_HELP=""
+    )
 
 
-def launch(main: Callable[[], object], config_name: str = "config", root_keys: tuple[str, ...] = ()) -> None:
-    """Run a @hydra.main function (of ``config_name``) as a console script / ``python -m`` entry point."""
+def launch(
+    main: Callable[[], object], config_name: str = "config", root_keys: tuple[str, ...] = ()
+) -> None:
+    """Run a @hydra.main function (of ``config_name``) as a console script / ``python -m`` entry
+    point."""
     argv = sys.argv
     if any(a in ("--help", "-h") for a in argv[1:]) and "--hydra-help" not in argv:
         overrides = [a for a in argv[1:] if not a.startswith("-")]
         if names_strategy(overrides):
             import recompute_lab.strategies  # noqa: F401  (registers the strategies' schemas)
         try:
-            text = help_text(config_name, Path(inspect.getfile(inspect.unwrap(main))).stem, overrides)
+            text = help_text(
+                config_name, Path(inspect.getfile(inspect.unwrap(main))).stem, overrides
+            )
         except Exception as e:  # a bad override: the checks' message if they have one, else Hydra's
             prepare(argv, root_keys, check=True)
             cause = f" ({e.__cause__})" if e.__cause__ else ""

@@ -1,9 +1,15 @@
-"""Hydra callback: analyse a sweep as soon as its last job ends (``hydra.callbacks.analyze`` in conf/config.yaml).
+"""Hydra callback: analyse a sweep as soon as its last job ends (``hydra.callbacks.analyze`` in
+conf/config.yaml).
 
-Switch it off per command with ``hydra.callbacks.analyze.enabled=false`` (or drop it: ``~hydra.callbacks.analyze``).
-The sweep's jobs have already written their results.json when this runs, so an analysis failure is logged as a
+Switch it off per command with ``hydra.callbacks.analyze.enabled=false`` (or drop it:
+``~hydra.callbacks.analyze``).
+The sweep's jobs have already written their results.json when this runs, so an analysis failure is
+logged as a
 warning and never turns a finished sweep into a failed command.
+
+Layer: cli.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,34 +37,58 @@ class AnalyzeOnMultirunEnd(Callback):
             from recompute_lab.cli.analyze import analyze
 
             res = analyze(sweep_dir, Path(self.out) if self.out else None)
-            log.info("recompute_lab: sweep analysed -> %s (quiz.md, summary.csv, figures)", res["out"])
-        except Exception as e:  # the runs are done and recorded; analysis is a bonus, never a failure
-            log.warning("recompute_lab: analysis of %s failed (%s: %s); rerun with "
-                        "python -m recompute_lab.analyze %s", sweep_dir, type(e).__name__, e, sweep_dir)
+            log.info(
+                "recompute_lab: sweep analysed -> %s (quiz.md, summary.csv, figures)", res["out"]
+            )
+        except (
+            Exception
+        ) as e:  # the runs are done and recorded; analysis is a bonus, never a failure
+            log.warning(
+                "recompute_lab: analysis of %s failed (%s: %s); rerun with "
+                "python -m recompute_lab.analyze %s",
+                sweep_dir,
+                type(e).__name__,
+                e,
+                sweep_dir,
+            )
             return
         log_to_wandb(config, sweep_dir, res)
 
 
 def log_to_wandb(config: DictConfig, sweep_dir: Path, res: dict) -> None:
-    """The analysis as one W&B run of the sweep's group (job_type analysis), per the sweep's logger settings
-    (none with logger=none or logger.mode=disabled). W&B never fails the sweep (RunLogger warns instead)."""
+    """The analysis as one W&B run of the sweep's group (job_type analysis), per the sweep's logger
+    settings
+    (none with logger=none or logger.mode=disabled). W&B never fails the sweep (RunLogger warns
+    instead)."""
     from recompute_lab.record.provenance import git_info
     from recompute_lab.record.wandb_run import RunLogger, sweep_group
 
-    logger = RunLogger(config, res["out"], sweep_group(sweep_dir), job_type="analysis", tags=["analysis"],
-                       config={"sweep_dir": str(sweep_dir), "runs": len(res["rows"]), "git": git_info()})
+    logger = RunLogger(
+        config,
+        res["out"],
+        sweep_group(sweep_dir),
+        job_type="analysis",
+        tags=["analysis"],
+        config={"sweep_dir": str(sweep_dir), "runs": len(res["rows"]), "git": git_info()},
+    )
     if logger.run is not None:
         logger.analysis(res["rows"], res["files"])
-        log.info("recompute_lab: sweep analysis logged to W&B (%s, group %s)", logger.mode, sweep_group(sweep_dir))
+        log.info(
+            "recompute_lab: sweep analysis logged to W&B (%s, group %s)",
+            logger.mode,
+            sweep_group(sweep_dir),
+        )
     logger.finish()
 
 
-# Set by SweepTally at the end of a multirun: the command's exit status (recompute_lab.cli.train.cli reads it).
+# Set by SweepTally at the end of a multirun: the command's exit status (recompute_lab.cli.train.cli
+# reads it).
 SWEEP_EXIT: dict = {}
 
 
 def tally(sweep_dir: Path) -> tuple[str, int]:
-    """("9 jobs: 7 ok, 1 oom, 1 error", exit status) for the results.json files under ``sweep_dir``."""
+    """("9 jobs: 7 ok, 1 oom, 1 error", exit status) for the results.json files under
+    ``sweep_dir``."""
     counts: dict[str, int] = {}
     for path in sorted(Path(sweep_dir).glob("*/results.json")):
         status = read_status(path) or "missing"
@@ -70,7 +100,8 @@ def tally(sweep_dir: Path) -> tuple[str, int]:
 
 
 class SweepTally(Callback):
-    """At the end of a multirun (after the analysis callback, which is listed first), print one line counting
+    """At the end of a multirun (after the analysis callback, which is listed first), print one line
+    counting
     the jobs by status and make the command exit 1 unless every job ended ok."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

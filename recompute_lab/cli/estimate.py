@@ -1,19 +1,33 @@
-"""Predict training memory for models too large for this machine, on the meta device (nothing is allocated):
+"""Predict training memory for models too large for this machine, on the meta device (nothing is
+allocated):
 ``recompute-lab-estimate model=llama3_8b data.seq_len=4096 +strategy=full`` or ``python -m
-recompute_lab.estimate ...``; -m sweeps (models, strategies, data.seq_len) write one estimate.json per job.
+recompute_lab.estimate ...``; -m sweeps (models, strategies, data.seq_len) write one estimate.json
+per job.
 
     python -m recompute_lab.estimate model=llama3_8b data.seq_len=4096 +strategy=full precision=fp32
-    python -m recompute_lab.estimate model=llama3_70b data.batch_size=1 'estimate.seq_lens=[1024,4096,16384]'
-    python -m recompute_lab.estimate -m model=llama3_8b,llama3_70b '+strategy=none,full' data.seq_len=4096,8192
+    python -m recompute_lab.estimate model=llama3_70b data.batch_size=1
+    'estimate.seq_lens=[1024,4096,16384]'
+    python -m recompute_lab.estimate -m model=llama3_8b,llama3_70b '+strategy=none,full'
+    data.seq_len=4096,8192
 
-A Hydra app over the training config tree (conf/estimate.yaml = conf/config.yaml + the ``estimate.*`` keys of
-recompute_lab.config.EstimateConfig: target cuda | cpu, seq_lens, out), with --help, --cfg job and an output dir
-per run (outputs/estimate/DATE/TIME, multirun/estimate/DATE/TIME/N_OVERRIDES) holding estimate.json and
-estimate.log. The model is built on the meta device with the strategy applied, one forward runs under the
-saved-tensor accounting of recompute_lab.measure.memory, and recompute_lab.measure.target_kernels makes the meta ops save what
-the target device's kernels save. The table sets the meta measurement beside recompute_lab.predict.theory, Korthikanti's
-formula and the seed notebook's guess; estimate.json holds the same memory keys as results.json, per seq_len.
+A Hydra app over the training config tree (conf/estimate.yaml = conf/config.yaml + the
+``estimate.*`` keys of
+recompute_lab.config.EstimateConfig: target cuda | cpu, seq_lens, out), with --help, --cfg job and
+an output dir
+per run (outputs/estimate/DATE/TIME, multirun/estimate/DATE/TIME/N_OVERRIDES) holding estimate.json
+and
+estimate.log. The model is built on the meta device with the strategy applied, one forward runs
+under the
+saved-tensor accounting of recompute_lab.measure.memory, and recompute_lab.measure.target_kernels
+makes the meta ops save what
+the target device's kernels save. The table sets the meta measurement beside
+recompute_lab.predict.theory, Korthikanti's
+formula and the seed notebook's guess; estimate.json holds the same memory keys as results.json, per
+seq_len.
+
+Layer: cli.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,10 +55,22 @@ def group_of(module: str) -> str:
     """Table rows: embeddings, blocks, final norm + head, loss (the fp32 logits' log-softmax)."""
     if module.startswith("blocks."):
         return "blocks"
-    if module.startswith("hf."):  # a Hugging Face model's own names (embed_tokens / wte / wpe, norm / ln_f, lm_head)
-        return "embeddings" if "emb" in module or module.endswith((".wte", ".wpe", ".drop")) else "norm_f + head"
-    return {"tok_emb": "embeddings", "pos_emb": "embeddings", "drop": "embeddings", "norm_f": "norm_f + head",
-            "head": "norm_f + head", "loss": "loss (fp32 logits)"}.get(module, module)
+    if module.startswith(
+        "hf."
+    ):  # a Hugging Face model's own names (embed_tokens / wte / wpe, norm / ln_f, lm_head)
+        return (
+            "embeddings"
+            if "emb" in module or module.endswith((".wte", ".wpe", ".drop"))
+            else "norm_f + head"
+        )
+    return {
+        "tok_emb": "embeddings",
+        "pos_emb": "embeddings",
+        "drop": "embeddings",
+        "norm_f": "norm_f + head",
+        "head": "norm_f + head",
+        "loss": "loss (fp32 logits)",
+    }.get(module, module)
 
 
 def grouped(by_module: dict) -> dict:
@@ -55,20 +81,27 @@ def grouped(by_module: dict) -> dict:
 
 
 def fit_positions(cfg: DictConfig, est: EstimateConfig | DictConfig, notes: list) -> list[int]:
-    """The sequence lengths to estimate; the position table grows to the longest (it lives on meta: growing it
-    costs nothing) with a note, and data.seq_len is the shortest. Changes ``cfg`` (a composed config, before its
+    """The sequence lengths to estimate; the position table grows to the longest (it lives on meta:
+    growing it
+    costs nothing) with a note, and data.seq_len is the shortest. Changes ``cfg`` (a composed
+    config, before its
     RunSpec is made): call it on a copy."""
     seq_lens = [int(s) for s in est.seq_lens] or [int(cfg.data.seq_len)]
     if max(seq_lens) > cfg.model.max_seq_len:
-        notes.append(f"model.max_seq_len raised from {cfg.model.max_seq_len} to {max(seq_lens)} for the series")
+        notes.append(
+            f"model.max_seq_len raised from {cfg.model.max_seq_len} to {max(seq_lens)} for the "
+            f"series"
+        )
         cfg.model.max_seq_len = max(seq_lens)
     cfg.data.seq_len = min(seq_lens)
     return seq_lens
 
 
 def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
-    """Model state and, per sequence length, activation and peak bytes for ``cfg`` (a composed config, not
-    changed) on ``est.target``. The config becomes a RunSpec here, once; everything below reads the spec."""
+    """Model state and, per sequence length, activation and peak bytes for ``cfg`` (a composed
+    config, not
+    changed) on ``est.target``. The config becomes a RunSpec here, once; everything below reads the
+    spec."""
     # torch and the model only now: --help and --cfg job of this module import neither.
     from recompute_lab.predict import layout
     from recompute_lab.predict import per_gpu
@@ -83,35 +116,51 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     from recompute_lab.measure.target_kernels import assumptions
 
     laps = Laps(log)
-    cfg = copy_config(cfg)  # fit_positions below and HF resolution write into the copy, never the caller's config
-    resolve_model(cfg)  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
+    cfg = copy_config(
+        cfg
+    )  # fit_positions below and HF resolution write into the copy, never the caller's config
+    resolve_model(
+        cfg
+    )  # model=hf: the model fields from the Hugging Face config (a no-op otherwise)
     backend = str((cfg.get("compile") or {}).get("backend", "off"))
     if backend != "off":  # an eager estimate must not pass for a compiled one
-        raise ConfigError(f"compile.backend={backend}: estimate predicts eager runs on the meta device; what a "
-                          "compiled step saves is the partitioner's choice, measured by a run "
-                          "(python -m recompute_lab.train compile=...); use compile=off here")
+        raise ConfigError(
+            f"compile.backend={backend}: estimate predicts eager runs on the meta device; what a "
+            "compiled step saves is the partitioner's choice, measured by a run "
+            "(python -m recompute_lab.train compile=...); use compile=off here"
+        )
     notes = hf_notes(cfg.model)
     seq_lens = fit_positions(cfg, est, notes)
     spec = RunSpec.of(cfg)  # validated, typed, frozen: the one config object from here on
     opts = spec.strategy
-    lay = getattr(est, "layout", None)  # a DictConfig or an EstimateConfig (tests call estimate() directly)
+    lay = getattr(
+        est, "layout", None
+    )  # a DictConfig or an EstimateConfig (tests call estimate() directly)
     if layout.is_active(lay):
         for s in seq_lens:
             layout.validate_layout(lay, spec.model, s, spec.parallel)
-        if opts.name not in per_gpu.STRATEGIES or (opts.name == "selective" and list(opts.modules) != ["core_attn"]):
-            raise ConfigError(f"estimate.layout plans per GPU for strategies {', '.join(per_gpu.STRATEGIES)} "
-                              f"(selective: modules=[core_attn]), not {opts.name}")
+        if opts.name not in per_gpu.STRATEGIES or (
+            opts.name == "selective" and list(opts.modules) != ["core_attn"]
+        ):
+            raise ConfigError(
+                f"estimate.layout plans per GPU for strategies {', '.join(per_gpu.STRATEGIES)} "
+                f"(selective: modules=[core_attn]), not {opts.name}"
+            )
     target = str(est.target)
     policy = make_precision(spec.precision)
     model = build_model(spec.model, "meta", policy.param_dtype)
     plan = apply_strategy(model, spec.strategy, spec.shape())
     model.train()
-    laps(f"meta model {spec.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params")
+    laps(
+        f"meta model {spec.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params"
+    )
     n_params = model.get_num_params()
     par = spec.parallel
     dp = par.dp_size or 1
-    # Per rank: DDP replicates model state, FSDP (ZeRO-3) shards it over parallel.dp_size ranks (padded dim-0
-    # shards, as FSDP2 keeps them); the peak adds each layout's buffers (recompute_lab.predict.peak).
+    # Per rank: DDP replicates model state, FSDP (ZeRO-3) shards it over parallel.dp_size ranks
+    # (padded dim-0
+    # shards, as FSDP2 keeps them); the peak adds each layout's buffers
+    # (recompute_lab.predict.peak).
     step = spec.shape(target, str(par.kind), dp)
     state = prediction.model_state(spec.model, step, n_params)
     if str(par.kind) != "none":
@@ -127,75 +176,136 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
         if not autocast:
             counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
-            # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache included)
-            measured, by_module, hooked = counted["resident_total"], counted["by_module"], counted["total"]
-        # The one prediction (recompute_lab.predict.prediction): a plan without a closed form (op, regions) is
+            # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache
+            # included)
+            measured, by_module, hooked = (
+                counted["resident_total"],
+                counted["by_module"],
+                counted["total"],
+            )
+        # The one prediction (recompute_lab.predict.prediction): a plan without a closed form (op,
+        # regions) is
         # priced from the meta count, as the memory guard prices it.
         predicted = prediction.predict(spec, plan, st, n_params, counted_activations=hooked)
         pred = predicted.activations
         by_module = by_module if by_module is not None else (pred.get("by_module") or {})
         peak = predicted.peak
         shown = measured if measured is not None else pred["total"]
-        laps(f"s={s} b={b} ({len(series) + 1}/{len(seq_lens)})",
-             "activations " + ("not predicted (" + str(pred.get("reason")) + ")" if shown is None else
-                               f"{shown / GB:.2f} GB {'meta-measured' if measured is not None else 'theory'}"))
+        laps(
+            f"s={s} b={b} ({len(series) + 1}/{len(seq_lens)})",
+            "activations "
+            + (
+                "not predicted (" + str(pred.get("reason")) + ")"
+                if shown is None
+                else f"{shown / GB:.2f} GB {'meta-measured' if measured is not None else 'theory'}"
+            ),
+        )
         layers = spec.model.n_layer
-        if layout.is_active(lay):  # per GPU: one micro-batch measured with PyTorch's TP plan, every stage's bytes
-            series_layout = per_gpu.layout_estimate(spec.model, lay, opts.name, b, s, policy.name, target,
-                                                    measure=measure_micro_batch)
-            laps(f"s={s} per GPU under the layout", f"{max(r['total'] for r in series_layout['stages']) / GB:.2f} GB")
-        series.append({
-            "seq_len": s, "batch_size": b,
-            "activation_bytes": {"predicted": pred["total"], "measured": measured, "source": "meta",
-                                 "by_module": by_module, "by_group": grouped(by_module),
-                                 "prediction_note": pred["reason"],
-                                 "korthikanti": layers * theory.korthikanti_layer_bytes(s, b, spec.model.d_model,
-                                                                                       spec.model.n_head),
-                                 "naive": layers * theory.naive_layer_bytes(s, b, spec.model.d_model)},
-            "logits_bytes": pred.get("logits"),
-            "peak_bytes": {"predicted": None if peak is None else peak["total"], "measured": None,
-                           "source": "theory", "phases": None if peak is None else peak["phases"]},
-            **({"per_gpu": series_layout} if layout.is_active(lay) else {}),
-        })
+        if layout.is_active(
+            lay
+        ):  # per GPU: one micro-batch measured with PyTorch's TP plan, every stage's bytes
+            series_layout = per_gpu.layout_estimate(
+                spec.model, lay, opts.name, b, s, policy.name, target, measure=measure_micro_batch
+            )
+            laps(
+                f"s={s} per GPU under the layout",
+                f"{max(r['total'] for r in series_layout['stages']) / GB:.2f} GB",
+            )
+        series.append(
+            {
+                "seq_len": s,
+                "batch_size": b,
+                "activation_bytes": {
+                    "predicted": pred["total"],
+                    "measured": measured,
+                    "source": "meta",
+                    "by_module": by_module,
+                    "by_group": grouped(by_module),
+                    "prediction_note": pred["reason"],
+                    "korthikanti": layers
+                    * theory.korthikanti_layer_bytes(s, b, spec.model.d_model, spec.model.n_head),
+                    "naive": layers * theory.naive_layer_bytes(s, b, spec.model.d_model),
+                },
+                "logits_bytes": pred.get("logits"),
+                "peak_bytes": {
+                    "predicted": None if peak is None else peak["total"],
+                    "measured": None,
+                    "source": "theory",
+                    "phases": None if peak is None else peak["phases"],
+                },
+                **({"per_gpu": series_layout} if layout.is_active(lay) else {}),
+            }
+        )
     first = series[0]
-    return {"config": spec.to_dict(), "target": target, "assumptions": assumptions(target), "notes": notes,
-            "strategy": plan.to_dict(),
-            "model": {"name": spec.model.name, "params": n_params, "n_layer": spec.model.n_layer},
-            "memory": {"model_state_bytes": {"predicted": state["total"], "measured": None,
-                                             "per_param": state["per_param"],
-                                             "bytes_per_param": state["bytes_per_param"]},
-                       "activation_bytes": first["activation_bytes"], "peak_bytes": first["peak_bytes"]},
-            "series": series}
+    return {
+        "config": spec.to_dict(),
+        "target": target,
+        "assumptions": assumptions(target),
+        "notes": notes,
+        "strategy": plan.to_dict(),
+        "model": {"name": spec.model.name, "params": n_params, "n_layer": spec.model.n_layer},
+        "memory": {
+            "model_state_bytes": {
+                "predicted": state["total"],
+                "measured": None,
+                "per_param": state["per_param"],
+                "bytes_per_param": state["bytes_per_param"],
+            },
+            "activation_bytes": first["activation_bytes"],
+            "peak_bytes": first["peak_bytes"],
+        },
+        "series": series,
+    }
 
 
 def format_table(res: dict) -> str:
-    """Model state by kind, activations by group, logits and totals, in GB; one column per seq_len."""
+    """Model state by kind, activations by group, logits and totals, in GB; one column per
+    seq_len."""
     series, ms = res["series"], res["memory"]["model_state_bytes"]
     n_layer = res["model"]["n_layer"]
     w = 14
 
     def row(label, values):
-        return f"{label:<34}" + "".join(f"{'-' if v is None else f'{v / GB:.2f}':>{w}}" for v in values)
+        return f"{label:<34}" + "".join(
+            f"{'-' if v is None else f'{v / GB:.2f}':>{w}}" for v in values
+        )
 
-    lines = [f"{res['model']['name']}: {res['model']['params']:,} params, strategy {res['strategy']['name']}, "
-             f"target {res['target']}, GB = 1e9 bytes",
-             f"{'':<34}" + "".join(f"{'s=' + str(x['seq_len']) + ' b=' + str(x['batch_size']):>{w}}"
-                                   for x in series)]
+    lines = [
+        f"{res['model']['name']}: {res['model']['params']:,} params, strategy "
+        f"{res['strategy']['name']}, "
+        f"target {res['target']}, GB = 1e9 bytes",
+        f"{'':<34}"
+        + "".join(
+            f"{'s=' + str(x['seq_len']) + ' b=' + str(x['batch_size']):>{w}}" for x in series
+        ),
+    ]
     lines.append(f"model state ({ms['bytes_per_param']} B/param)")
     for kind, v in ms["per_param"].items():
         lines.append(row(f"  {kind}", [v] * len(series)))
     lines.append(row("  total", [ms["predicted"]] * len(series)))
     meta = series[0]["activation_bytes"]["measured"] is not None
-    lines.append(f"activations (saved for backward, {'meta-measured' if meta else 'theory: no meta autocast'})")
+    lines.append(
+        f"activations (saved for backward, "
+        f"{'meta-measured' if meta else 'theory: no meta autocast'})"
+    )
     groups = sorted({g for x in series for g in x["activation_bytes"]["by_group"]})
     for g in groups:
         label = f"  {g} (x{n_layer})" if g == "blocks" else f"  {g}"
         lines.append(row(label, [x["activation_bytes"]["by_group"].get(g, 0) for x in series]))
-    lines.append(row("  total (meta-measured)", [x["activation_bytes"]["measured"] for x in series]))
+    lines.append(
+        row("  total (meta-measured)", [x["activation_bytes"]["measured"] for x in series])
+    )
     lines.append(row("  total (theory)", [x["activation_bytes"]["predicted"] for x in series]))
     lines.append(row("  of which logits (fp32, 4sbv)", [x["logits_bytes"] for x in series]))
-    lines.append(row("  Korthikanti sbh(34+5as/h) x L", [x["activation_bytes"]["korthikanti"] for x in series]))
-    lines.append(row("  naive 2*2*h per token x L", [x["activation_bytes"]["naive"] for x in series]))
+    lines.append(
+        row(
+            "  Korthikanti sbh(34+5as/h) x L",
+            [x["activation_bytes"]["korthikanti"] for x in series],
+        )
+    )
+    lines.append(
+        row("  naive 2*2*h per token x L", [x["activation_bytes"]["naive"] for x in series])
+    )
     lines.append(row("peak (theory)", [x["peak_bytes"]["predicted"] for x in series]))
     for x in series:
         if "per_gpu" in x:
@@ -208,7 +318,8 @@ def format_table(res: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="estimate")
 def main(cfg: DictConfig) -> float | None:
-    """One estimate per job: the table on stdout, estimate.json (estimate.out) in the job's output dir."""
+    """One estimate per job: the table on stdout, estimate.json (estimate.out) in the job's output
+    dir."""
     route_warnings()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN

@@ -1,11 +1,17 @@
-"""What the command-line entry points share: checks of the overrides before Hydra composes them, and the
+"""What the command-line entry points share: checks of the overrides before Hydra composes them, and
+the
 compose API with the same checks (for scripts and tests).
 
 Hydra's own messages for two common mistakes mislead: an option of another strategy
-(``+strategy=full strategy.num_layers=2``) gets "To append to your config use +strategy.num_layers=2", and a
-misspelt key added with ``+`` (``+stratgy=full``, ``+model.n_layr=8``) composes silently into a run of something
+(``+strategy=full strategy.num_layers=2``) gets "To append to your config use
++strategy.num_layers=2", and a
+misspelt key added with ``+`` (``+stratgy=full``, ``+model.n_layr=8``) composes silently into a run
+of something
 else. ``check_overrides`` refuses both first, naming the valid choices (and the closest one).
+
+Layer: cli.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +37,8 @@ def _closest(word: str, choices: Iterable[str]) -> str:
 
 
 def _strategies_chosen(parsed: list) -> list[str]:
-    """The strategy names a command line selects (sweeps and glob() included); none when +strategy is absent."""
+    """The strategy names a command line selects (sweeps and glob() included); none when +strategy
+    is absent."""
     for o in parsed:
         if o.key_or_group == "strategy" and not o.is_delete():
             value = o.value()
@@ -44,7 +51,8 @@ def _strategies_chosen(parsed: list) -> list[str]:
 
 
 def check_overrides(overrides: Iterable[str], root_keys: Iterable[str] = ()) -> None:
-    """Raise ConfigError for overrides that name a key the run config does not have (with the closest valid
+    """Raise ConfigError for overrides that name a key the run config does not have (with the
+    closest valid
     key) or an option of a strategy other than the one chosen (listing that strategy's options).
 
     ``overrides``: command-line arguments; flags (``-m``, ``--cfg``...) and bare words are skipped.
@@ -62,26 +70,40 @@ def check_overrides(overrides: Iterable[str], root_keys: Iterable[str] = ()) -> 
     chosen = _strategies_chosen(parsed)
     for o in parsed:
         key = o.key_or_group
-        root, _, rest = key.replace("/", ".", 1).partition(".")  # hydra/launcher=... names a group of hydra
+        root, _, rest = key.replace("/", ".", 1).partition(
+            "."
+        )  # hydra/launcher=... names a group of hydra
         if root not in roots:
-            raise ConfigError(f"unknown config key {key!r}{_closest(root, roots)}; valid root keys: "
-                              f"{', '.join(roots)}")
+            raise ConfigError(
+                f"unknown config key {key!r}{_closest(root, roots)}; valid root keys: "
+                f"{', '.join(roots)}"
+            )
         if root == "strategy" and rest:
             option = rest.split(".")[0]
             for name in chosen:
                 if name in STRATEGIES and option not in option_names(name):
-                    raise ConfigError(f"strategy.{option} is not an option of strategy {name!r}; its options: "
-                                      f"{', '.join(option_names(name))}{_closest(option, option_names(name))}")
-        elif rest and root in groups and dataclasses.is_dataclass(groups[root]) and root != "strategy":
+                    raise ConfigError(
+                        f"strategy.{option} is not an option of strategy {name!r}; its options: "
+                        f"{', '.join(option_names(name))}{_closest(option, option_names(name))}"
+                    )
+        elif (
+            rest
+            and root in groups
+            and dataclasses.is_dataclass(groups[root])
+            and root != "strategy"
+        ):
             fields = [f.name for f in dataclasses.fields(groups[root])]
             name = rest.split(".")[0]
             if name not in fields:
-                raise ConfigError(f"{root}.{name} is not a {root} option{_closest(name, fields)}; valid: "
-                                  f"{', '.join(fields)}")
+                raise ConfigError(
+                    f"{root}.{name} is not a {root} option{_closest(name, fields)}; valid: "
+                    f"{', '.join(fields)}"
+                )
 
 
 def compose_run_config(overrides: Iterable[str] = ()) -> DictConfig:
-    """The config ``python -m recompute_lab.train OVERRIDES`` would run (checked, composed, not yet validated)."""
+    """The config ``python -m recompute_lab.train OVERRIDES`` would run (checked, composed, not yet
+    validated)."""
     overrides = list(overrides)
     check_overrides(overrides)
     GlobalHydra.instance().clear()

@@ -1,13 +1,20 @@
-"""A real tensor-parallel run (processes, gloo, CPU) of the plan that estimate measures on the meta device.
+"""A real tensor-parallel run (processes, gloo, CPU) of the plan that estimate measures on the meta
+device.
 
-    torchrun --standalone --nproc_per_node=2 -m recompute_lab.tp_check OUT_DIR [--sp 0|1] [--strategy NAME]
+    torchrun --standalone --nproc_per_node=2 -m recompute_lab.tp_check OUT_DIR [--sp 0|1]
+    [--strategy NAME]
 
 Each rank builds the same small Llama-like GPT on the CPU (fp32, random weights), applies
 recompute_lab.measure.tensor_parallel's plan on a 1-D mesh of all ranks, runs one forward under
-recompute_lab.measure.memory.saved_tensors (CPU kernels, real storages) and writes OUT_DIR/rank{R}.json: its saved bytes
-by module and its local parameter elements and bytes. tests/integration/test_tp_check.py compares each rank with the meta
+recompute_lab.measure.memory.saved_tensors (CPU kernels, real storages) and writes
+OUT_DIR/rank{R}.json: its saved bytes
+by module and its local parameter elements and bytes. tests/integration/test_tp_check.py compares
+each rank with the meta
 estimate of the same layout (:func:`meta_estimate`).
+
+Layer: cli.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +27,22 @@ from omegaconf import OmegaConf
 
 from recompute_lab.config import ModelConfig
 
-# Llama-like and tiny: rmsnorm, swiglu, rope, GQA 4/2 heads; fp32 so that CPU kernels need no bf16 paths.
-MODEL = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128, vocab_size=128, max_seq_len=32,
-             norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=False)
+# Llama-like and tiny: rmsnorm, swiglu, rope, GQA 4/2 heads; fp32 so that CPU kernels need no bf16
+# paths.
+MODEL = dict(
+    n_layer=2,
+    d_model=64,
+    n_head=4,
+    n_kv_head=2,
+    d_ff=128,
+    vocab_size=128,
+    max_seq_len=32,
+    norm="rmsnorm",
+    mlp="swiglu",
+    positions="rope",
+    bias=False,
+    tie_embeddings=False,
+)
 BATCH, SEQ = 2, 32
 
 
@@ -33,11 +53,16 @@ def model_cfg():
 def _record(model, saved: dict) -> dict:
     from recompute_lab.measure.tensor_parallel import local_param_numel
 
-    return {"saved_total": saved["total"], "by_module": saved["by_module"], **local_param_numel(model)}
+    return {
+        "saved_total": saved["total"],
+        "by_module": saved["by_module"],
+        **local_param_numel(model),
+    }
 
 
 def meta_estimate(tp: int, sp: bool, strategy: str) -> dict:
-    """Rank 0 of the same layout on the meta device (fake process group), with CPU kernels' saves."""
+    """Rank 0 of the same layout on the meta device (fake process group), with CPU kernels'
+    saves."""
     from recompute_lab.measure import tensor_parallel as T
 
     with T.fake_world(tp):
@@ -65,7 +90,9 @@ def run_rank(out: Path, sp: bool, strategy: str) -> None:
         idx = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ))
         with loss_parallel():
             saved = saved_tensors(model, lambda: model(idx, idx.clone()))
-            saved["output"].backward()  # the plan trains: a backward through the sharded graph must run
+            saved[
+                "output"
+            ].backward()  # the plan trains: a backward through the sharded graph must run
         del saved["output"]
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{rank}.json").write_text(json.dumps(_record(model, saved)))
@@ -80,7 +107,10 @@ def main() -> None:
     ap.add_argument("--strategy", default="none")
     args = ap.parse_args()
     if "RANK" not in os.environ:
-        raise SystemExit("run under torchrun: torchrun --standalone --nproc_per_node=2 -m recompute_lab.tp_check OUT")
+        raise SystemExit(
+            "run under torchrun: torchrun --standalone --nproc_per_node=2 -m "
+            "recompute_lab.tp_check OUT"
+        )
     torch.set_num_threads(1)
     run_rank(args.out, bool(args.sp), args.strategy)
 

@@ -1,16 +1,26 @@
 """Train a model with one recomputation strategy and measure what it costs (memory, FLOPs, time):
-``recompute-lab-train +strategy=full`` or ``python -m recompute_lab.train +strategy=full``; results.json,
-train.log and the W&B run go to the run's output dir (outputs/DATE/TIME; multirun/DATE/TIME/N_OVERRIDES with -m).
+``recompute-lab-train +strategy=full`` or ``python -m recompute_lab.train +strategy=full``;
+results.json,
+train.log and the W&B run go to the run's output dir (outputs/DATE/TIME;
+multirun/DATE/TIME/N_OVERRIDES with -m).
 
-Thin on purpose: Hydra composes conf/ against the schemas in recompute_lab.config, and recompute_lab.run.engine
-does the work. A configuration that composes but breaks a cross-field rule ends with a one-line message and
-exit status 2 in a single run; a run that ends oom / diverged / interrupted exits 1 after writing its
+Thin on purpose: Hydra composes conf/ against the schemas in recompute_lab.config, and
+recompute_lab.run.engine
+does the work. A configuration that composes but breaks a cross-field rule ends with a one-line
+message and
+exit status 2 in a single run; a run that ends oom / diverged / interrupted exits 1 after writing
+its
 results.json. Inside a multirun both are recorded in that job's results.json and the sweep goes on.
 
-Under torchrun (``torchrun --nproc_per_node=2 -m recompute_lab.train parallel=fsdp``) every rank runs this
+Under torchrun (``torchrun --nproc_per_node=2 -m recompute_lab.train parallel=fsdp``) every rank
+runs this
 file; only rank 0 creates the Hydra output dir, prints the summary and writes results.json
-(recompute_lab.run.distributed.prepare_argv sends the other ranks' Hydra dirs to a temporary folder).
+(recompute_lab.run.distributed.prepare_argv sends the other ranks' Hydra dirs to a temporary
+folder).
+
+Layer: cli.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +40,8 @@ log = logging.getLogger("recompute_lab.cli.train")  # not __name__: "__main__" u
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    # Imported here, after Hydra parsed the command line: --help and --cfg job need neither torch nor the engine.
+    # Imported here, after Hydra parsed the command line: --help and --cfg job need neither torch
+    # nor the engine.
     from recompute_lab.run.distributed import env_rank
     from recompute_lab.run.engine import run
     from recompute_lab.record.logs import route_warnings
@@ -48,13 +59,19 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         log.error("recompute_lab: invalid configuration: %s", e)
         if multirun:
-            return None  # recorded in results.json; the rest of the sweep continues (the tally counts it)
+            # recorded in results.json; the rest of the sweep continues (the tally counts it)
+            return None
         sys.exit(2)
     except Exception as e:
         if not multirun:
             raise
-        log.error("recompute_lab: job %s failed: %s: %s (recorded in its results.json; the sweep goes on)",
-                  run_dir.name, type(e).__name__, e)
+        log.error(
+            "recompute_lab: job %s failed: %s: %s (recorded in its results.json; the sweep goes "
+            "on)",
+            run_dir.name,
+            type(e).__name__,
+            e,
+        )
         return None
     ok = results["status"] == "ok"
     if env_rank() == 0:
@@ -62,16 +79,24 @@ def main(cfg: DictConfig) -> float | None:
         print(summary, file=sys.stdout if ok else sys.stderr)
         log.debug("summary:\n%s", summary)  # into train.log (the console has it from print)
     if not ok and not multirun:
-        sys.exit(1)  # a single run that failed fails the command; in a sweep the next job still runs
+        sys.exit(
+            1
+        )  # a single run that failed fails the command; in a sweep the next job still runs
     return results["loss"]["final"]
 
 
 def cli() -> None:
     """``python -m recompute_lab.train`` (and the ``recompute-lab-train`` console script)."""
-    app.launch(main)  # launcher fixes and override checks before Hydra parses the command line (recompute_lab.cli.app)
+    app.launch(
+        main
+        # launcher fixes and override checks before Hydra parses the command line
+        # (recompute_lab.cli.app)
+    )
     from recompute_lab.cli.callbacks import SWEEP_EXIT
 
-    sys.exit(SWEEP_EXIT.pop("code", 0))  # a multirun: 1 unless every job ended ok (analysis.callback.SweepTally)
+    sys.exit(
+        SWEEP_EXIT.pop("code", 0)
+    )  # a multirun: 1 unless every job ended ok (analysis.callback.SweepTally)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""The Plan: what a recomputation strategy did to a model, as every other layer reads it (by field, never by
-strategy name). Layer: config (typed objects passed between layers; no torch). recompute_lab.strategies makes
+"""The Plan: what a recomputation strategy did to a model, as every other layer reads it (by field,
+never by
+strategy name). Layer: config (typed objects passed between layers; no torch).
+recompute_lab.strategies makes
 Plans; recompute_lab.predict, measure, run and the record read them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,14 +15,19 @@ from typing import Any, Optional
 class Plan:
     """What a strategy did to a model, as every other component reads it.
 
-    recomputed        qualified names of modules whose forward reruns in backward (block groups: every block)
+    recomputed        qualified names of modules whose forward reruns in backward (block groups:
+                      every block)
     saved             what stays saved for backward, in words or module names
-    block_groups      whole-block checkpoint regions as lists of block indices (layers, sqrt, regions, ...)
-    activation_reason why recompute_lab.predict.theory has no closed form for this plan (None: the module
+    block_groups      whole-block checkpoint regions as lists of block indices (layers, sqrt,
+                      regions, ...)
+    activation_reason why recompute_lab.predict.theory has no closed form for this plan (None: the
+    module
                       formula applies)
     flops_reason      why the module FLOP formula cannot predict the recompute FLOPs (None: it can)
-    predicted_activation_bytes  the strategy's own prediction where theory has none (budget's probed cost model)
-    details           strategy-specific figures (save_ops, chosen options, ...), merged into results.json
+    predicted_activation_bytes  the strategy's own prediction where theory has none (budget's probed
+                                cost model)
+    details           strategy-specific figures (save_ops, chosen options, ...), merged into
+                      results.json
     """
 
     name: str
@@ -38,13 +46,21 @@ class Plan:
 
     def to_dict(self) -> dict:
         """The ``strategy`` section of results.json."""
-        out: dict[str, Any] = {"name": self.name, "recomputed": list(self.recomputed), "saved": list(self.saved),
-                               "description": self.description}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "recomputed": list(self.recomputed),
+            "saved": list(self.saved),
+            "description": self.description,
+        }
         if self.block_groups is not None:
             out["regions"] = [list(g) for g in self.block_groups]
         out.update(self.details)
         if self.predicted_activation_bytes is not None:
             out["predicted_activation_bytes"] = self.predicted_activation_bytes
-        out.update(notes=list(self.notes), offload=self.offload, offload_effective=self.offload_effective,
-                   warnings=list(self.warnings))
+        out.update(
+            notes=list(self.notes),
+            offload=self.offload,
+            offload_effective=self.offload_effective,
+            warnings=list(self.warnings),
+        )
         return out

@@ -1,25 +1,40 @@
-"""FLOPs per training step — counted, predicted and turned into MFU/HFU — and the peak rates they divide by.
+"""FLOPs per training step — counted, predicted and turned into MFU/HFU — and the peak rates they
+divide by.
 
-Counting (``count_step_flops``): torch.utils.flop_counter.FlopCounterMode over one forward and, separately, one
-backward of a *meta-device replica* of the run (same config, same strategy, same micro-batch shape). Meta tensors
-cost no memory or time and make the count independent of the kernel a device picks: on CPU the fused SDPA kernel
-(aten._scaled_dot_product_flash_attention_for_cpu) has no FLOP formula and would count 0, while on meta SDPA
-decomposes into the math path (bmm), whose FLOPs the fused kernels also perform. Recompute FLOPs are the
-backward of the strategy's replica minus the backward of a replica with no recomputation: everything a
+Counting (``count_step_flops``): torch.utils.flop_counter.FlopCounterMode over one forward and,
+separately, one
+backward of a *meta-device replica* of the run (same config, same strategy, same micro-batch shape).
+Meta tensors
+cost no memory or time and make the count independent of the kernel a device picks: on CPU the fused
+SDPA kernel
+(aten._scaled_dot_product_flash_attention_for_cpu) has no FLOP formula and would count 0, while on
+meta SDPA
+decomposes into the math path (bmm), whose FLOPs the fused kernels also perform. Recompute FLOPs are
+the
+backward of the strategy's replica minus the backward of a replica with no recomputation: everything
+a
 checkpoint reruns happens inside backward, so the difference is exactly the rerun forward work.
 
-Non-reentrant torch.utils.checkpoint stops a recomputation early, as soon as every tensor that backward needs
-has been rebuilt ("early stop", PyTorch's default). A region's trailing matmul whose output nobody saves is
+Non-reentrant torch.utils.checkpoint stops a recomputation early, as soon as every tensor that
+backward needs
+has been rebuilt ("early stop", PyTorch's default). A region's trailing matmul whose output nobody
+saves is
 therefore not rerun: with dropout 0 a block's last op with saved inputs is mlp.proj's input, so full
-recomputation reruns the block *minus mlp.proj*; a checkpoint of the attention core alone (math path) never
-reruns xV, whose inputs (scores, v) are what backward needs. ``recompute_flops`` predicts exactly this; with
+recomputation reruns the block *minus mlp.proj*; a checkpoint of the attention core alone (math
+path) never
+reruns xV, whose inputs (scores, v) are what backward needs. ``recompute_flops`` predicts exactly
+this; with
 dropout > 0 the dropout after mlp.proj needs its input, and the whole block reruns.
 
-FlopCounterMode counts matmuls and attention only: recomputed pointwise ops (norms, activations, dropout) cost
+FlopCounterMode counts matmuls and attention only: recomputed pointwise ops (norms, activations,
+dropout) cost
 time but no counted FLOPs; the time overhead measured by the benchmarks shows them.
 
 Prediction: recompute_lab.predict.flops (closed forms, no torch), re-exported here.
+
+Layer: measure.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,17 +43,30 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from recompute_lab.config.spec import RunSpec
-from recompute_lab.predict.flops import (module_forward_flops, predict_step_flops, recompute_flops,
-                                         utilization)
+from recompute_lab.predict.flops import (
+    module_forward_flops,
+    predict_step_flops,
+    recompute_flops,
+    utilization,
+)
 from recompute_lab.measure.hardware import peak_flops
 from recompute_lab.model.gpt import build_model
 from recompute_lab.strategies import Plan, apply_strategy
 
 
-# The counting here, and re-exported beside it: the closed forms (recompute_lab.predict.flops) and MFU's
+# The counting here, and re-exported beside it: the closed forms (recompute_lab.predict.flops) and
+# MFU's
 # denominator (recompute_lab.measure.hardware.peak_flops).
-__all__ = ["count_model_flops", "count_step_flops", "module_forward_flops", "peak_flops", "predict_step_flops",
-           "recompute_flops", "utilization"]
+__all__ = [
+    "count_model_flops",
+    "count_step_flops",
+    "module_forward_flops",
+    "peak_flops",
+    "predict_step_flops",
+    "recompute_flops",
+    "utilization",
+]
+
 
 def _count(fn) -> tuple[int, dict[str, int]]:
     counter = FlopCounterMode(display=False)
@@ -49,7 +77,8 @@ def _count(fn) -> tuple[int, dict[str, int]]:
 
 
 def count_model_flops(model: torch.nn.Module, batch: int, seq: int) -> tuple[int, int, dict, dict]:
-    """(forward, backward, forward by op, backward by op) FLOPs of one loss step of ``model`` (any device)."""
+    """(forward, backward, forward by op, backward by op) FLOPs of one loss step of ``model`` (any
+    device)."""
     device = next(model.parameters()).device
     idx = torch.zeros(batch, seq, dtype=torch.long, device=device)
     fwd, fwd_ops, loss = _count(lambda: model(idx, idx))
@@ -57,28 +86,43 @@ def count_model_flops(model: torch.nn.Module, batch: int, seq: int) -> tuple[int
     return fwd, bwd, fwd_ops, bwd_ops
 
 
-def _replica(cfg: RunSpec, dtype: torch.dtype, with_strategy: bool, plan: Optional[Plan] = None) -> torch.nn.Module:
-    """A meta-device copy of the run's model, with its strategy applied (``plan`` given: replayed, not re-solved)."""
+def _replica(
+    cfg: RunSpec, dtype: torch.dtype, with_strategy: bool, plan: Optional[Plan] = None
+) -> torch.nn.Module:
+    """A meta-device copy of the run's model, with its strategy applied (``plan`` given: replayed,
+    not re-solved)."""
     model = build_model(cfg.model, device="meta", dtype=dtype).train()
     if with_strategy:
         apply_strategy(model, cfg.strategy, cfg.shape(), reuse=plan)
     return model
 
 
-def count_step_flops(cfg: RunSpec, param_dtype: torch.dtype = torch.float32, plan: Optional[Plan] = None) -> dict:
-    """Counted FLOPs of one optimizer step (all micro-batches): forward, backward (model), recompute.
+def count_step_flops(
+    cfg: RunSpec, param_dtype: torch.dtype = torch.float32, plan: Optional[Plan] = None
+) -> dict:
+    """Counted FLOPs of one optimizer step (all micro-batches): forward, backward (model),
+    recompute.
 
-    ``plan``: the plan applied to the run's model (budget plans are replayed, not re-solved on meta); None applies
-    the configured strategy afresh. Counted in the parameter dtype: autocast changes a matmul's dtype, not its FLOPs.
+    ``plan``: the plan applied to the run's model (budget plans are replayed, not re-solved on
+    meta); None applies
+    the configured strategy afresh. Counted in the parameter dtype: autocast changes a matmul's
+    dtype, not its FLOPs.
     """
     b, s, accum = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.grad_accum
     f0, b0, _, _ = count_model_flops(_replica(cfg, param_dtype, with_strategy=False), b, s)
-    f1, b1, f_ops, b_ops = count_model_flops(_replica(cfg, param_dtype, with_strategy=True, plan=plan), b, s)
+    f1, b1, f_ops, b_ops = count_model_flops(
+        _replica(cfg, param_dtype, with_strategy=True, plan=plan), b, s
+    )
     recompute = b1 - b0
     # f0 == f1 always (recomputation changes backward only); kept as a self-check in results.
-    return {"forward": f1 * accum, "forward_without_strategy": f0 * accum, "backward": b0 * accum,
-            "recompute": recompute * accum,
-            "total": (f1 + b1) * accum, "forward_by_op": f_ops, "backward_by_op": b_ops,
-            "method": "FlopCounterMode on a meta-device replica; recompute = backward(strategy) - backward(none)"}
-
-
+    return {
+        "forward": f1 * accum,
+        "forward_without_strategy": f0 * accum,
+        "backward": b0 * accum,
+        "recompute": recompute * accum,
+        "total": (f1 + b1) * accum,
+        "forward_by_op": f_ops,
+        "backward_by_op": b_ops,
+        "method": "FlopCounterMode on a meta-device replica; recompute = backward(strategy) - "
+        "backward(none)",
+    }

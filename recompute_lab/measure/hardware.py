@@ -1,14 +1,23 @@
-"""Peak rates of the hardware a run divides by: datasheet FLOP/s for known GPUs, measured GEMM rate and copy
+"""Peak rates of the hardware a run divides by: datasheet FLOP/s for known GPUs, measured GEMM rate
+and copy
 bandwidth elsewhere. A leaf module (imports no other project module).
 
-MFU / HFU (recompute_lab.measure.flops) divide achieved FLOP/s by ``peak_flops``; the budget planner's ``objective=time``
+MFU / HFU (recompute_lab.measure.flops) divide achieved FLOP/s by ``peak_flops``; the budget
+planner's ``objective=time``
 roofline (recompute_lab.strategies.budget) uses ``roofline_rates``.
 
-The CPU's GEMM rate is measured once per machine and cached on disk, keyed by CPU model, torch version, thread
-count and dtype (``cpu_peak``): re-measuring it in every run gave 43 and 89 GFLOP/s within one sweep, so MFU was
-not comparable between runs. The cache lives in ``$RECOMPUTE_LAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/recompute_lab``,
-else ``~/.cache/recompute_lab``; ``python -m recompute_lab.measure.hardware [--refresh]`` shows (re-measures) it.
+The CPU's GEMM rate is measured once per machine and cached on disk, keyed by CPU model, torch
+version, thread
+count and dtype (``cpu_peak``): re-measuring it in every run gave 43 and 89 GFLOP/s within one
+sweep, so MFU was
+not comparable between runs. The cache lives in ``$RECOMPUTE_LAB_CACHE_DIR``, else
+``$XDG_CACHE_HOME/recompute_lab``,
+else ``~/.cache/recompute_lab``; ``python -m recompute_lab.measure.hardware [--refresh]`` shows
+(re-measures) it.
+
+Layer: measure, primitives (importable from every layer above config, predict and model).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +36,8 @@ import torch
 
 from recompute_lab.record.provenance import git_info
 
-# Dense peak rates in FLOP/s from the vendors' datasheets (no sparsity). fp32 is plain FP32 (not TF32).
+# Dense peak rates in FLOP/s from the vendors' datasheets (no sparsity). fp32 is plain FP32 (not
+# TF32).
 #  A100 SXM 80GB: 312 TFLOP/s BF16 tensor core, 19.5 TFLOP/s FP32 (NVIDIA A100 datasheet).
 #  H100 SXM: 989 TFLOP/s BF16 dense (1979 with sparsity), 67 TFLOP/s FP32 (NVIDIA H100 datasheet).
 #  H200 SXM: same compute as H100 SXM, 989 / 67 (NVIDIA H200 datasheet).
@@ -36,12 +46,17 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H100": {"bfloat16": 989e12, "float32": 67e12},
     "H200": {"bfloat16": 989e12, "float32": 67e12},
 }
-# Roofline rates on the meta device (no hardware to measure): H100 SXM datasheet (dense) and HBM3 bandwidth.
-META_RATES = {"flops": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}, "bytes_per_s": 3.35e12}
+# Roofline rates on the meta device (no hardware to measure): H100 SXM datasheet (dense) and HBM3
+# bandwidth.
+META_RATES = {
+    "flops": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12},
+    "bytes_per_s": 3.35e12,
+}
 
 
 def best_time(fn: Callable[[], object], device_type: str, reps: int) -> float:
-    """The fastest of ``reps`` calls of ``fn`` in seconds (synchronised on CUDA): the least disturbed one."""
+    """The fastest of ``reps`` calls of ``fn`` in seconds (synchronised on CUDA): the least
+    disturbed one."""
     best = float("inf")
     for _ in range(reps):
         if device_type == "cuda":
@@ -54,13 +69,15 @@ def best_time(fn: Callable[[], object], device_type: str, reps: int) -> float:
     return best
 
 
-def gemm_rate(device_type: str = "cpu", dtype_name: str = "float32", n: int = 1024, reps: int = 5) -> float:
+def gemm_rate(
+    device_type: str = "cpu", dtype_name: str = "float32", n: int = 1024, reps: int = 5
+) -> float:
     """FLOP/s of the fastest of ``reps`` n x n GEMMs (after one warm-up), measured now."""
     dtype = getattr(torch, dtype_name)
     a = torch.randn(n, n, dtype=dtype, device=device_type)
     bm = torch.randn(n, n, dtype=dtype, device=device_type)
     a @ bm  # warm up (thread pool, caches)
-    return 2 * n ** 3 / best_time(lambda: a @ bm, device_type, reps)
+    return 2 * n**3 / best_time(lambda: a @ bm, device_type, reps)
 
 
 CACHE_ENV = "RECOMPUTE_LAB_CACHE_DIR"
@@ -71,7 +88,10 @@ def cache_dir() -> Path:
     """Where per-machine measurements are kept (never inside the repository)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "recompute_lab"
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+        / "recompute_lab"
+    )
 
 
 def cpu_model() -> str:
@@ -88,8 +108,13 @@ def cpu_model() -> str:
 
 def cpu_peak_key(dtype_name: str) -> dict:
     """What a cached CPU peak is valid for."""
-    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": dtype_name,
-            "gemm": CPU_PEAK_GEMM}
+    return {
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": dtype_name,
+        "gemm": CPU_PEAK_GEMM,
+    }
 
 
 def cpu_peak_path(key: dict) -> Path:
@@ -101,8 +126,10 @@ _CPU_PEAKS: dict[str, dict] = {}  # path -> record, so a process reads the file 
 
 
 def cpu_peak(dtype_name: str = "float32", refresh: bool = False) -> dict:
-    """This CPU's GEMM rate for ``dtype_name`` at the current thread count: {flops, key, path, measured_at,
-    cached}. Read from the cache when present; otherwise measured (best of 10 1024^3 GEMMs) and cached."""
+    """This CPU's GEMM rate for ``dtype_name`` at the current thread count: {flops, key, path,
+    measured_at,
+    cached}. Read from the cache when present; otherwise measured (best of 10 1024^3 GEMMs) and
+    cached."""
     key = cpu_peak_key(dtype_name)
     path = cpu_peak_path(key)
     if not refresh and str(path) in _CPU_PEAKS:
@@ -118,8 +145,12 @@ def cpu_peak(dtype_name: str = "float32", refresh: bool = False) -> dict:
         except (OSError, ValueError):
             record = None  # unreadable: measure again and overwrite
     if record is None:
-        record = {"flops": gemm_rate("cpu", dtype_name, CPU_PEAK_GEMM, CPU_PEAK_REPS), "key": key,
-                  "measured_at": datetime.datetime.now().isoformat(timespec="seconds"), "cached": False}
+        record = {
+            "flops": gemm_rate("cpu", dtype_name, CPU_PEAK_GEMM, CPU_PEAK_REPS),
+            "key": key,
+            "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
+            "cached": False,
+        }
         record["write_error"] = _write_atomic(path, record)
     record["path"] = str(path)
     _CPU_PEAKS[str(path)] = record
@@ -127,19 +158,24 @@ def cpu_peak(dtype_name: str = "float32", refresh: bool = False) -> dict:
 
 
 def _write_atomic(path: Path, record: dict) -> Optional[str]:
-    """Write ``record`` as JSON (temp file + rename: concurrent runs never read half a file); the error, if any."""
+    """Write ``record`` as JSON (temp file + rename: concurrent runs never read half a file); the
+    error, if any."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump({k: v for k, v in record.items() if k not in ("cached", "path", "write_error")}, f, indent=1)
+            json.dump(
+                {k: v for k, v in record.items() if k not in ("cached", "path", "write_error")},
+                f,
+                indent=1,
+            )
         os.replace(tmp, path)
         return None
     except OSError as e:
         return f"{type(e).__name__}: {e}"
 
 
-def measured_copy_bandwidth(device: torch.device, nbytes: int = 64 * 2 ** 20, reps: int = 5) -> float:
+def measured_copy_bandwidth(device: torch.device, nbytes: int = 64 * 2**20, reps: int = 5) -> float:
     """Bytes read + written per second by one large tensor copy on ``device``."""
     src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
@@ -147,7 +183,8 @@ def measured_copy_bandwidth(device: torch.device, nbytes: int = 64 * 2 ** 20, re
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[Optional[float], str]:
-    """(peak FLOP/s, where it comes from) for MFU: the datasheet for known GPUs, a GEMM microbenchmark on CPU."""
+    """(peak FLOP/s, where it comes from) for MFU: the datasheet for known GPUs, a GEMM
+    microbenchmark on CPU."""
     dname = str(dtype).replace("torch.", "")
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)
@@ -156,30 +193,47 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[Optional[float
                 return rates[dname], f"datasheet {key} {dname}"
         return None, f"no datasheet peak for {gpu} {dname}"
     rec = cpu_peak(dname)
-    how = (f"cached {rec['path']}" if rec["cached"] else
-           f"not cached: {rec['write_error']}" if rec.get("write_error") else f"now, cached in {rec['path']}")
-    return rec["flops"], (f"measured {dname} {CPU_PEAK_GEMM}^3 GEMM on this CPU ({rec['key']['cpu']}, "
-                          f"{rec['key']['threads']} threads) at {rec['measured_at']}; {how}")
+    how = (
+        f"cached {rec['path']}"
+        if rec["cached"]
+        else f"not cached: {rec['write_error']}"
+        if rec.get("write_error")
+        else f"now, cached in {rec['path']}"
+    )
+    return rec["flops"], (
+        f"measured {dname} {CPU_PEAK_GEMM}^3 GEMM on this CPU ({rec['key']['cpu']}, "
+        f"{rec['key']['threads']} threads) at {rec['measured_at']}; {how}"
+    )
 
 
 def roofline_rates(device: torch.device, dtype: torch.dtype) -> dict:
-    """Peak FLOP/s and memory bandwidth: measured here (GEMM, copy); the H100 datasheet on the meta device."""
+    """Peak FLOP/s and memory bandwidth: measured here (GEMM, copy); the H100 datasheet on the meta
+    device."""
     if device.type == "meta":
-        return {"flops": META_RATES["flops"].get(dtype, 67e12), "bytes_per_s": META_RATES["bytes_per_s"],
-                "source": "H100 SXM datasheet (meta device)"}
+        return {
+            "flops": META_RATES["flops"].get(dtype, 67e12),
+            "bytes_per_s": META_RATES["bytes_per_s"],
+            "source": "H100 SXM datasheet (meta device)",
+        }
     peak, source = peak_flops(device, dtype)
-    return {"flops": peak or 67e12, "bytes_per_s": measured_copy_bandwidth(device),
-            "source": f"{source}; measured copy"}
+    return {
+        "flops": peak or 67e12,
+        "bytes_per_s": measured_copy_bandwidth(device),
+        "source": f"{source}; measured copy",
+    }
 
 
 def device_memory_bytes(device: torch.device) -> tuple[Optional[int], str]:
     """(bytes this process may use on ``device``, where the figure comes from); None when unknown.
 
-    CUDA: the device's total memory. CPU: physical RAM, lowered by a cgroup memory limit (containers, SLURM)
+    CUDA: the device's total memory. CPU: physical RAM, lowered by a cgroup memory limit
+    (containers, SLURM)
     and by the address-space limit (``ulimit -v``) when either is smaller.
     """
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, f"{torch.cuda.get_device_name(device)} total"
+        return torch.cuda.get_device_properties(
+            device
+        ).total_memory, f"{torch.cuda.get_device_name(device)} total"
     if device.type != "cpu":
         return None, f"no capacity known for {device.type}"
     found: list[tuple[int, str]] = []
@@ -192,7 +246,7 @@ def device_memory_bytes(device: torch.device) -> tuple[Optional[int], str]:
             text = open(path).read().strip()
         except OSError:
             continue
-        if text.isdigit() and int(text) < 2 ** 60:  # "max" or a huge sentinel: no limit
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge sentinel: no limit
             found.append((int(text), f"cgroup limit ({path})"))
     try:
         import resource
@@ -206,18 +260,29 @@ def device_memory_bytes(device: torch.device) -> tuple[Optional[int], str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Show the cached CPU peak for this machine, torch and thread count; --refresh measures it again."""
+    """Show the cached CPU peak for this machine, torch and thread count; --refresh measures it
+    again."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--refresh", action="store_true", help="measure again and overwrite the cache")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (runs default to trainer.num_threads=1)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (runs default to trainer.num_threads=1)",
+    )
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rec = cpu_peak(args.dtype, refresh=args.refresh)
-    print(f"{rec['flops'] / 1e9:.1f} GFLOP/s {args.dtype}, {rec['key']['threads']} threads, {rec['key']['cpu']}, "
-          f"torch {rec['key']['torch']}, measured {rec['measured_at']} ({'cached' if rec['cached'] else 'now'}): "
-          f"{rec['path']}" + (f" (not written: {rec['write_error']})" if rec.get("write_error") else ""))
+    print(
+        f"{rec['flops'] / 1e9:.1f} GFLOP/s {args.dtype}, {rec['key']['threads']} threads, "
+        f"{rec['key']['cpu']}, "
+        f"torch {rec['key']['torch']}, measured {rec['measured_at']} "
+        f"({'cached' if rec['cached'] else 'now'}): "
+        f"{rec['path']}"
+        + (f" (not written: {rec['write_error']})" if rec.get("write_error") else "")
+    )
     return 0
 
 
@@ -230,11 +295,16 @@ def env_info(device: torch.device, dtype: torch.dtype) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device.type,
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
         "dtype": str(dtype).replace("torch.", ""),
         "num_threads": torch.get_num_threads(),
-        # Recorded in the run's own results (not the repo) so a sweep over machines can be told apart.
+        # Recorded in the run's own results (not the repo) so a sweep over machines can be told
+        # apart.
         "hostname": socket.gethostname(),
-        "git": git_info(),  # the code's commit (recompute_lab.record.provenance); W&B's config has it too
+        # the code's commit (recompute_lab.record.provenance); W&B's config has it too
+        "git": git_info(),
     }

@@ -1,23 +1,38 @@
-"""The in-run time overhead (results.json ``time.overhead``) and the conditions the run's times were taken under.
+"""The in-run time overhead (results.json ``time.overhead``) and the conditions the run's times were
+taken under.
 
-``measure`` runs after training (engine.train): a second model with the baseline strategy (``trainer.overhead``:
-default ``none``) is built on the meta device and given the training model's own parameter and buffer tensors
-(shared, not copied: no second model state in memory, and both arms compute with the same weights and the same
-optimizer), so the arms differ only in how they recompute. Both then run the whole training step (forward,
-backward, clip, optimizer and scheduler step) in interleaved ABBA rounds on the same batches, timed like the
-training loop (CUDA events on GPU, perf_counter on CPU), and recompute_lab.measure.timing gives the median ratio with its
-95% interval. The extra optimizer steps come after the run's loss history, model-state measurement and
+``measure`` runs after training (engine.train): a second model with the baseline strategy
+(``trainer.overhead``:
+default ``none``) is built on the meta device and given the training model's own parameter and
+buffer tensors
+(shared, not copied: no second model state in memory, and both arms compute with the same weights
+and the same
+optimizer), so the arms differ only in how they recompute. Both then run the whole training step
+(forward,
+backward, clip, optimizer and scheduler step) in interleaved ABBA rounds on the same batches, timed
+like the
+training loop (CUDA events on GPU, perf_counter on CPU), and recompute_lab.measure.timing gives the
+median ratio with its
+95% interval. The extra optimizer steps come after the run's loss history, model-state measurement
+and
 checkpoints: nothing else in results.json sees them.
 
-Skipped, with the reason in ``time.overhead.skipped``: switched off; a parallel run (DDP / FSDP wrap the one
-model); a baseline predicted not to fit (the memory guard's prediction against ``trainer.max_memory_gb``, else the
+Skipped, with the reason in ``time.overhead.skipped``: switched off; a parallel run (DDP / FSDP wrap
+the one
+model); a baseline predicted not to fit (the memory guard's prediction against
+``trainer.max_memory_gb``, else the
 device's memory); a baseline that runs out of memory or diverges anyway. When the run's
-strategy is the baseline the ratio is 1 by definition (rounds 0), unless the run is compiled: the baseline is
+strategy is the baseline the ratio is 1 by definition (rounds 0), unless the run is compiled: the
+baseline is
 eager, so compiled `none` is timed against eager `none`.
 
-``contention`` says why a run's times are not to be trusted: several jobs of a parallel launcher (joblib,
+``contention`` says why a run's times are not to be trusted: several jobs of a parallel launcher
+(joblib,
 submitit's local executor) or several torchrun ranks sharing one machine's CPU cores.
+
+Layer: measure.
 """
+
 from __future__ import annotations
 
 import gc
@@ -39,15 +54,21 @@ KEYS = ("baseline", "ratio", "ci95_low", "ci95_high", "rounds", "method")
 
 
 def check_config(cfg: RunSpec) -> None:
-    """trainer.overhead's rules, checked before anything runs (a typo'd baseline must not waste a run)."""
+    """trainer.overhead's rules, checked before anything runs (a typo'd baseline must not waste a
+    run)."""
     o = cfg.trainer.overhead
     if o is None:
         return
     parse_options({"name": o.baseline})  # ConfigError naming the valid strategies
     if o.min_rounds < 1 or o.max_rounds < o.min_rounds:
-        raise ConfigError(f"trainer.overhead: need 1 <= min_rounds ({o.min_rounds}) <= max_rounds ({o.max_rounds})")
+        raise ConfigError(
+            f"trainer.overhead: need 1 <= min_rounds ({o.min_rounds}) <= max_rounds "
+            f"({o.max_rounds})"
+        )
     if o.target_ci_width < 0 or o.max_seconds < 0 or o.warmup_rounds < 0:
-        raise ConfigError("trainer.overhead: target_ci_width, max_seconds and warmup_rounds must be >= 0")
+        raise ConfigError(
+            "trainer.overhead: target_ci_width, max_seconds and warmup_rounds must be >= 0"
+        )
 
 
 def empty(baseline: Optional[str], reason: Optional[str]) -> dict:
@@ -61,8 +82,10 @@ def baseline_config(cfg: RunSpec, baseline) -> RunSpec:
 
 
 def fit_reason(cfg: RunSpec, run, baseline) -> Optional[str]:
-    """Why the baseline would not fit, by the memory guard's prediction (recompute_lab.measure.probe.guard_memory: against
-    trainer.max_memory_gb, else the device's memory), or None. The model state is shared, so the baseline needs
+    """Why the baseline would not fit, by the memory guard's prediction
+    (recompute_lab.measure.probe.guard_memory: against
+    trainer.max_memory_gb, else the device's memory), or None. The model state is shared, so the
+    baseline needs
     what a run of its own would."""
     try:
         guard_memory(baseline_config(cfg, baseline), run.policy, run.device, {"memory": {}})
@@ -72,9 +95,12 @@ def fit_reason(cfg: RunSpec, run, baseline) -> Optional[str]:
 
 
 def share_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """Make every parameter and buffer of ``dst`` (a meta replica) the very tensor ``src`` holds under that name."""
-    for kind, items in (("_parameters", src.named_parameters(remove_duplicate=False)),
-                        ("_buffers", src.named_buffers(remove_duplicate=False))):
+    """Make every parameter and buffer of ``dst`` (a meta replica) the very tensor ``src`` holds
+    under that name."""
+    for kind, items in (
+        ("_parameters", src.named_parameters(remove_duplicate=False)),
+        ("_buffers", src.named_buffers(remove_duplicate=False)),
+    ):
         for name, tensor in items:
             owner, _, leaf = name.rpartition(".")
             getattr(dst.get_submodule(owner), kind)[leaf] = tensor
@@ -84,18 +110,24 @@ def share_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
 
 
 def build_baseline(cfg: RunSpec, policy, trained: torch.nn.Module, baseline) -> torch.nn.Module:
-    """The baseline model: ``trained``'s tensors (built under ``policy``), the baseline's recomputation wrappers."""
+    """The baseline model: ``trained``'s tensors (built under ``policy``), the baseline's
+    recomputation wrappers."""
     model = build_model(cfg.model, "meta", policy.param_dtype)
     share_tensors(model, trained)
     apply_strategy(model, baseline, cfg.shape())
     return model.train()
 
 
-def measure(cfg: RunSpec, run, train_step: Callable[[torch.nn.Module, list], object],
-            should_stop: Optional[Callable[[], bool]] = None) -> dict:
+def measure(
+    cfg: RunSpec,
+    run,
+    train_step: Callable[[torch.nn.Module, list], object],
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> dict:
     """time.overhead for this run: its step against the baseline's, paired and interleaved.
 
-    ``train_step(model, micro)`` runs one full training step of ``model`` on the micro-batches ``micro``
+    ``train_step(model, micro)`` runs one full training step of ``model`` on the micro-batches
+    ``micro``
     (engine.train_step with the run's optimizer and scheduler).
     """
     o = cfg.trainer.overhead
@@ -104,23 +136,34 @@ def measure(cfg: RunSpec, run, train_step: Callable[[torch.nn.Module, list], obj
     if not o.enabled:
         return empty(label, "trainer.overhead.enabled=false")
     if run.dctx.enabled:
-        return empty(label, f"parallel={run.dctx.kind}: the paired measurement runs in one process only")
+        return empty(
+            label, f"parallel={run.dctx.kind}: the paired measurement runs in one process only"
+        )
     compiled = getattr(run, "session", None) is not None  # the baseline always runs eagerly
     if parse_options(cfg.strategy) == baseline and not compiled:
-        return {**empty(label, None), "ratio": 1.0, "ci95_low": 1.0, "ci95_high": 1.0,
-                "method": "the run's strategy is the baseline: ratio 1 by definition"}
+        return {
+            **empty(label, None),
+            "ratio": 1.0,
+            "ci95_low": 1.0,
+            "ci95_high": 1.0,
+            "method": "the run's strategy is the baseline: ratio 1 by definition",
+        }
     reason = fit_reason(cfg, run, baseline)
     if reason:
         return empty(label, reason)
     device, t = run.device, cfg.trainer
     cache: dict[int, list] = {}
 
-    def batch(i: int) -> list:  # the same micro-batches for both arms of a round, fetched outside the timer
+    def batch(
+        i: int,
+    ) -> list:  # the same micro-batches for both arms of a round, fetched outside the timer
         if i not in cache:
             cache.clear()
             step = t.steps + o.warmup_rounds + i  # batches the run did not train on
-            cache[i] = [tuple(x.to(device, non_blocking=True) for x in run.batches.get(step, m))
-                        for m in range(t.grad_accum)]
+            cache[i] = [
+                tuple(x.to(device, non_blocking=True) for x in run.batches.get(step, m))
+                for m in range(t.grad_accum)
+            ]
         return cache[i]
 
     def arm(model: torch.nn.Module) -> Callable[[int], float]:
@@ -129,20 +172,33 @@ def measure(cfg: RunSpec, run, train_step: Callable[[torch.nn.Module, list], obj
             with StepTimer(device) as timer:
                 train_step(model, micro)
             return timer.seconds
+
         return step
 
     other = None
     try:
         other = build_baseline(cfg, run.policy, run.model, baseline)
-        paired = run_paired(arm(run.model), arm(other), min_rounds=o.min_rounds, max_rounds=o.max_rounds,
-                            target_rel_width=o.target_ci_width, max_seconds=o.max_seconds or None,
-                            warmup_rounds=o.warmup_rounds, should_stop=should_stop)
+        paired = run_paired(
+            arm(run.model),
+            arm(other),
+            min_rounds=o.min_rounds,
+            max_rounds=o.max_rounds,
+            target_rel_width=o.target_ci_width,
+            max_seconds=o.max_seconds or None,
+            warmup_rounds=o.warmup_rounds,
+            should_stop=should_stop,
+        )
     except Diverged as e:
         return empty(label, f"a step diverged during the measurement: {e}")
-    except Exception as e:  # running out of memory (on any device) ends the measurement, not the finished run
+    except (
+        Exception
+    ) as e:  # running out of memory (on any device) ends the measurement, not the finished run
         if not is_oom(e):
             raise
-        return empty(label, f"baseline {label} ran out of memory during the measurement: {str(e).splitlines()[0]}")
+        return empty(
+            label,
+            f"baseline {label} ran out of memory during the measurement: {str(e).splitlines()[0]}",
+        )
     finally:
         del other
         cache.clear()
@@ -150,20 +206,30 @@ def measure(cfg: RunSpec, run, train_step: Callable[[torch.nn.Module, list], obj
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out = paired.to_dict()
-    out.update(baseline=label, skipped=None, strategy_step_s=out.pop("a_step_s"),
-               baseline_step_s=out.pop("b_step_s"))
+    out.update(
+        baseline=label,
+        skipped=None,
+        strategy_step_s=out.pop("a_step_s"),
+        baseline_step_s=out.pop("b_step_s"),
+    )
     if compiled:
-        out["baseline_note"] = (f"this run is compiled (compile.backend={run.session.backend}); the baseline runs "
-                                "eagerly")
+        out["baseline_note"] = (
+            f"this run is compiled (compile.backend={run.session.backend}); the baseline runs "
+            "eagerly"
+        )
     if paired.rounds < MIN_ROUNDS_FOR_CI:
-        out["note"] = f"{paired.rounds} rounds ({paired.stopped}): an interval needs {MIN_ROUNDS_FOR_CI}"
+        out["note"] = (
+            f"{paired.rounds} rounds ({paired.stopped}): an interval needs {MIN_ROUNDS_FOR_CI}"
+        )
     return out
 
 
 def contention(cfg: RunSpec) -> Optional[str]:
     """Why this run's step times share the machine with other timed work, or None."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    on_cpu = cfg.trainer.device == Device.cpu or (cfg.trainer.device == Device.auto and not torch.cuda.is_available())
+    on_cpu = cfg.trainer.device == Device.cpu or (
+        cfg.trainer.device == Device.auto and not torch.cuda.is_available()
+    )
     if local > 1 and on_cpu:
         return f"{local} torchrun ranks share this machine's CPU cores"
     launcher = _hydra_launcher()
@@ -173,12 +239,18 @@ def contention(cfg: RunSpec) -> Optional[str]:
     if "joblib" in target.lower():
         n = launcher.get("n_jobs", -1)
         if n != 1:
-            return f"joblib launcher (n_jobs={n}): a sweep's jobs run side by side and time each other's load"
+            return (
+                f"joblib launcher (n_jobs={n}): a sweep's jobs run side by side and time each "
+                "other's load"
+            )
     if "SubmititLocal" in target or "submitit_local" in target.lower():
         n = launcher.get("array_parallelism", None)
         if n != 1:
-            return (f"submitit local launcher (array_parallelism={n}): a sweep's jobs run side by side on this "
-                    "machine")
+            return (
+                f"submitit local launcher (array_parallelism={n}): a sweep's jobs run side by side "
+                f"on this "
+                "machine"
+            )
     return None
 
 

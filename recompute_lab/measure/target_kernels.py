@@ -1,19 +1,32 @@
-"""Make a meta-device forward save what a target device's kernels save, for estimates without memory.
+"""Make a meta-device forward save what a target device's kernels save, for estimates without
+memory.
 
-On the meta device PyTorch runs the composite (decomposed) version of several ops, and those save different
-tensors than the kernels a real device picks. :class:`TargetKernels` is a TorchFunctionMode that reroutes the
-four ops where that matters to small autograd Functions whose forward allocates meta outputs and saves exactly
-the target kernel's set (from PyTorch's derivatives.yaml and kernel sources; recompute_lab.predict.theory states the
+On the meta device PyTorch runs the composite (decomposed) version of several ops, and those save
+different
+tensors than the kernels a real device picks. :class:`TargetKernels` is a TorchFunctionMode that
+reroutes the
+four ops where that matters to small autograd Functions whose forward allocates meta outputs and
+saves exactly
+the target kernel's set (from PyTorch's derivatives.yaml and kernel sources;
+recompute_lab.predict.theory states the
 same facts as terms). Their backward is never run: estimates do no backward.
 
   op                      target cuda                                     target cpu
-  scaled_dot_product_attn flash (16-bit) / efficient (fp32): q, k, v,      flash (no dropout): q, k, v, output,
-                          output, fp32 logsumexp (efficient: s padded     fp32 logsumexp; with dropout the
-                          to 32), philox seed + offset with dropout       composite math path (left as is)
-  dropout (p > 0)         bool mask                                       mask in the input dtype (left as is)
+  scaled_dot_product_attn flash (16-bit) / efficient (fp32): q, k, v,      flash (no dropout): q, k,
+  v, output,
+                          output, fp32 logsumexp (efficient: s padded     fp32 logsumexp; with
+                          dropout the
+                          to 32), philox seed + offset with dropout       composite math path (left
+                          as is)
+  dropout (p > 0)         bool mask                                       mask in the input dtype
+                          (left as is)
   rms_norm                fused kernel: input + fp32 rstd                 composite (left as is)
-  layer_norm (16-bit)     fp32 mean / rstd (left as is: meta does that)   mean / rstd in the input dtype
+  layer_norm (16-bit)     fp32 mean / rstd (left as is: meta does that)   mean / rstd in the input
+                          dtype
+
+Layer: measure, primitives (importable from every layer above config, predict and model).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +37,8 @@ from torch.overrides import TorchFunctionMode
 
 
 def _empty_bshd(q: torch.Tensor) -> torch.Tensor:
-    """An attention output (b, h, s, d) laid out (b, s, h, d), as flash/efficient kernels write it."""
+    """An attention output (b, h, s, d) laid out (b, s, h, d), as flash/efficient kernels write
+    it."""
     b, h, s, d = q.shape
     return torch.empty(b, s, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
 
@@ -37,13 +51,17 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, backend: str, dropout: float):
         b, h, s, _ = q.shape
-        # flash (CPU and CUDA) allocates the output like q when q is dense, else (b, s, h, d); efficient always
+        # flash (CPU and CUDA) allocates the output like q when q is dense, else (b, s, h, d);
+        # efficient always
         # writes (b, s, h, d).
         out = torch.empty_like(q) if backend != "efficient" and _is_dense(q) else _empty_bshd(q)
         lse_s = math.ceil(s / 32) * 32 if backend == "efficient" else s
         lse = torch.empty(b, h, lse_s, dtype=torch.float32, device=q.device)
         saved = [q, k, v, out, lse]
-        if dropout > 0 and backend in ("flash", "efficient"):  # philox RNG state for the backward's mask
+        if dropout > 0 and backend in (
+            "flash",
+            "efficient",
+        ):  # philox RNG state for the backward's mask
             seed = torch.empty(2 if backend == "flash" else (), dtype=torch.int64, device=q.device)
             saved += [seed, torch.empty((), dtype=torch.int64, device=q.device)]
         ctx.save_for_backward(*saved)
@@ -70,7 +88,8 @@ class _Norm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, n_stats: int, stat_dtype):
-        # empty_like of a (..., 1) slice: a sequence-parallel DTensor input gives statistics sharded like it
+        # empty_like of a (..., 1) slice: a sequence-parallel DTensor input gives statistics sharded
+        # like it
         stats = [torch.empty_like(x[..., :1], dtype=stat_dtype) for _ in range(n_stats)]
         ctx.save_for_backward(x, *stats)
         return torch.empty_like(x)
@@ -111,21 +130,37 @@ class TargetKernels(TorchFunctionMode):
                 return _CudaDropout.apply(x, p)
         if func is F.rms_norm and self.target == "cuda":
             self.used.add("rms_norm:fused")
-            return _Norm.apply(args[0], kwargs.get("weight", args[2] if len(args) > 2 else None), 1, torch.float32)
-        if func is F.layer_norm and self.target == "cpu" and args[0].dtype in (torch.float16, torch.bfloat16):
+            return _Norm.apply(
+                args[0], kwargs.get("weight", args[2] if len(args) > 2 else None), 1, torch.float32
+            )
+        if (
+            func is F.layer_norm
+            and self.target == "cpu"
+            and args[0].dtype in (torch.float16, torch.bfloat16)
+        ):
             self.used.add("layer_norm:16bit_stats")
-            return _Norm.apply(args[0], kwargs.get("weight", args[2] if len(args) > 2 else None), 2, args[0].dtype)
+            return _Norm.apply(
+                args[0], kwargs.get("weight", args[2] if len(args) > 2 else None), 2, args[0].dtype
+            )
         return func(*args, **kwargs)
 
 
 def assumptions(target: str) -> list[str]:
     """What the estimate assumes about the target's kernels, printed with every estimate."""
     if target == "cuda":
-        return ["SDPA: flash for 16-bit, memory-efficient for fp32; saves q, k, v, output, fp32 logsumexp "
-                "(+ philox seed/offset with dropout), no s^2 scores (cuDNN attention, preferred on some Hopper "
-                "builds, keeps the same set)",
-                "dropout masks are bool (1 B); nn.RMSNorm runs the fused kernel (input + fp32 rstd); "
-                "layernorm statistics fp32"]
-    return ["SDPA: the CPU flash kernel without dropout (q, k, v, output, fp32 logsumexp); with dropout the "
-            "decomposed math path (fp32 s^2 probabilities, mask and dropped probabilities)",
-            "dropout masks in the input dtype; rms_norm decomposed in fp32; 16-bit layernorm statistics 16-bit"]
+        return [
+            "SDPA: flash for 16-bit, memory-efficient for fp32; saves q, k, v, output, fp32 "
+            "logsumexp "
+            "(+ philox seed/offset with dropout), no s^2 scores (cuDNN attention, preferred on "
+            "some Hopper "
+            "builds, keeps the same set)",
+            "dropout masks are bool (1 B); nn.RMSNorm runs the fused kernel (input + fp32 rstd); "
+            "layernorm statistics fp32",
+        ]
+    return [
+        "SDPA: the CPU flash kernel without dropout (q, k, v, output, fp32 logsumexp); with "
+        "dropout the "
+        "decomposed math path (fp32 s^2 probabilities, mask and dropped probabilities)",
+        "dropout masks in the input dtype; rms_norm decomposed in fp32; 16-bit layernorm "
+        "statistics 16-bit",
+    ]

@@ -1,21 +1,35 @@
-"""Tensor (+ sequence) parallelism for recompute_lab.model.gpt's GPT with PyTorch's own plans, measured per rank.
+"""Tensor (+ sequence) parallelism for recompute_lab.model.gpt's GPT with PyTorch's own plans,
+measured per rank.
 
 :func:`tp_plan` is torchtitan's Llama plan (torch.distributed.tensor.parallel) for our module names:
-vocab-parallel embedding, column-parallel qkv / fc / head, row-parallel attn.out / mlp.proj, and with sequence
-parallelism SequenceParallel norms whose outputs the column-parallel layers all-gather. Applied over a FAKE
-process group (torch.testing._internal.distributed.fake_pg: one process, no communication, real DTensor
-sharding) to a model on the meta device, one forward under recompute_lab.measure.memory's saved-tensor hook gives
-rank 0's saved bytes (DTensors count their local shard) without memory or processes: :func:`measure_rank`.
+vocab-parallel embedding, column-parallel qkv / fc / head, row-parallel attn.out / mlp.proj, and
+with sequence
+parallelism SequenceParallel norms whose outputs the column-parallel layers all-gather. Applied over
+a FAKE
+process group (torch.testing._internal.distributed.fake_pg: one process, no communication, real
+DTensor
+sharding) to a model on the meta device, one forward under recompute_lab.measure.memory's
+saved-tensor hook gives
+rank 0's saved bytes (DTensors count their local shard) without memory or processes:
+:func:`measure_rank`.
 
-:func:`recompute_lab.predict.tp_theory.predict_rank` is the theory beside it (predict layer, no torch): the
-whole model's saved terms with each term split by the rule that the plan implies (sharded over heads / d_ff / vocab; residual-stream terms split
-along the sequence only with SP; the all-gathered inputs of qkv, fc and head kept whole on every rank, where
+:func:`recompute_lab.predict.tp_theory.predict_rank` is the theory beside it (predict layer, no
+torch): the
+whole model's saved terms with each term split by the rule that the plan implies (sharded over heads
+/ d_ff / vocab; residual-stream terms split
+along the sequence only with SP; the all-gathered inputs of qkv, fc and head kept whole on every
+rank, where
 Megatron's SP keeps the 1/t shard and gathers again in backward: that is :data:`GATHERED`).
 
-Our fused qkv and SwiGLU fc weights are split in contiguous row blocks, so rank r holds a row-permuted
-[q_r k_r v_r] / [gate_r up_r] layout of the unsharded matrix: the shapes (hence the memory) are exact; loading
+Our fused qkv and SwiGLU fc weights are split in contiguous row blocks, so rank r holds a
+row-permuted
+[q_r k_r v_r] / [gate_r up_r] layout of the unsharded matrix: the shapes (hence the memory) are
+exact; loading
 unsharded weights would need that permutation (torchtitan keeps separate wq/wk/wv, w1/w3 instead).
+
+Layer: measure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,12 +42,28 @@ from recompute_lab.predict import theory
 from recompute_lab.predict.tp_theory import GATHERED, gathered_excess, predict_rank
 
 
+# The measurement here, and re-exported beside it: the per-rank theory it is compared with
+# (predict/tp_theory).
+__all__ = [
+    "GATHERED",
+    "build_parallel",
+    "fake_world",
+    "gathered_excess",
+    "local_heads",
+    "local_param_numel",
+    "measure_micro_batch",
+    "measure_rank",
+    "mesh_of",
+    "parallelize",
+    "predict_rank",
+    "shard_stage",
+    "tp_plan",
+]
 
-# The measurement here, and re-exported beside it: the per-rank theory it is compared with (predict/tp_theory).
-__all__ = ["GATHERED", "build_parallel", "fake_world", "gathered_excess", "local_heads", "local_param_numel", "measure_micro_batch", "measure_rank", "mesh_of", "parallelize", "predict_rank", "shard_stage", "tp_plan"]
 
 def local_heads(model: nn.Module, tp: int) -> None:
-    """Attention modules run on their rank's n_head / tp query and n_kv_head / tp key-value heads."""
+    """Attention modules run on their rank's n_head / tp query and n_kv_head / tp key-value
+    heads."""
     for blk in model.blocks:
         blk.attn.n_head //= tp
         blk.attn.n_kv_head //= tp
@@ -45,17 +75,32 @@ def tp_plan(model: nn.Module, sp: bool) -> dict:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
     seq = Shard(1)  # the residual stream (b, s, h) split along s (sequence parallelism)
-    plan: dict = {"tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq if sp else Replicate())}
-    if isinstance(getattr(model, "head", None), nn.Linear):  # a pipeline stage before the last has no head
+    plan: dict = {
+        "tok_emb": RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=seq if sp else Replicate()
+        )
+    }
+    if isinstance(
+        getattr(model, "head", None), nn.Linear
+    ):  # a pipeline stage before the last has no head
         # logits stay vocab-sharded (b, s, v/t) DTensors for loss_parallel's cross-entropy
-        plan["head"] = ColwiseParallel(input_layouts=seq if sp else Replicate(), output_layouts=Shard(-1),
-                                       use_local_output=False)
+        plan["head"] = ColwiseParallel(
+            input_layouts=seq if sp else Replicate(),
+            output_layouts=Shard(-1),
+            use_local_output=False,
+        )
     for i in range(len(model.blocks)):
         p = f"blocks.{i}"
         col = {"input_layouts": seq} if sp else {}
         row = {"output_layouts": seq} if sp else {}
-        plan.update({f"{p}.attn.qkv": ColwiseParallel(**col), f"{p}.attn.out": RowwiseParallel(**row),
-                     f"{p}.mlp.fc": ColwiseParallel(**col), f"{p}.mlp.proj": RowwiseParallel(**row)})
+        plan.update(
+            {
+                f"{p}.attn.qkv": ColwiseParallel(**col),
+                f"{p}.attn.out": RowwiseParallel(**row),
+                f"{p}.mlp.fc": ColwiseParallel(**col),
+                f"{p}.mlp.proj": RowwiseParallel(**row),
+            }
+        )
         if sp:
             plan.update({f"{p}.norm1": SequenceParallel(), f"{p}.norm2": SequenceParallel()})
     if sp and not isinstance(model.norm_f, nn.Identity):
@@ -64,7 +109,8 @@ def tp_plan(model: nn.Module, sp: bool) -> dict:
 
 
 def parallelize(model: nn.Module, mesh, sp: bool) -> nn.Module:
-    """Apply the plan on ``mesh`` (1-D, the tp ranks) in place; before any recomputation wrapper, as torchtitan
+    """Apply the plan on ``mesh`` (1-D, the tp ranks) in place; before any recomputation wrapper, as
+    torchtitan
     orders it (TP, then activation checkpointing, then FSDP)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -77,12 +123,15 @@ def parallelize(model: nn.Module, mesh, sp: bool) -> nn.Module:
 
 @contextlib.contextmanager
 def fake_world(world_size: int):
-    """A fake default process group of ``world_size`` ranks (this process is rank 0), removed on exit."""
+    """A fake default process group of ``world_size`` ranks (this process is rank 0), removed on
+    exit."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        raise RuntimeError("a process group already exists in this process: the fake one needs its own")
+        raise RuntimeError(
+            "a process group already exists in this process: the fake one needs its own"
+        )
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield
@@ -91,7 +140,8 @@ def fake_world(world_size: int):
 
 
 def mesh_of(shape: dict):
-    """A device mesh over the fake world, dims named as in ``shape`` (e.g. {"dp_shard": 2, "tp": 4})."""
+    """A device mesh over the fake world, dims named as in ``shape`` (e.g. {"dp_shard": 2, "tp":
+    4})."""
     from torch.distributed.device_mesh import DeviceMesh
 
     n = 1
@@ -101,7 +151,8 @@ def mesh_of(shape: dict):
 
 
 def build_parallel(cfg, tp: int, sp: bool, strategy=None, dtype=torch.bfloat16, shape=None):
-    """A meta GPT of ``cfg`` with the tp plan applied (inside :func:`fake_world`), then ``strategy`` (a
+    """A meta GPT of ``cfg`` with the tp plan applied (inside :func:`fake_world`), then ``strategy``
+    (a
     StrategyConfig-like node; None: nothing recomputed). Returns (model, plan)."""
     from recompute_lab.model.gpt import build_model
     from recompute_lab.strategies import apply_strategy
@@ -114,7 +165,8 @@ def build_parallel(cfg, tp: int, sp: bool, strategy=None, dtype=torch.bfloat16, 
 
 
 def measure_rank(model: nn.Module, batch: int, seq: int, target: str = "cuda") -> dict:
-    """Rank 0's saved-for-backward bytes of one forward (recompute_lab.measure.memory.saved_tensors' dict): the
+    """Rank 0's saved-for-backward bytes of one forward (recompute_lab.measure.memory.saved_tensors'
+    dict): the
     vocab-parallel cross-entropy runs under loss_parallel, as torchtitan trains."""
     from torch.distributed.tensor.parallel import loss_parallel
 
@@ -127,7 +179,8 @@ def measure_rank(model: nn.Module, batch: int, seq: int, target: str = "cuda") -
 
 
 def local_param_numel(model: nn.Module) -> dict:
-    """Rank 0's parameter elements (a DTensor's local shard) and the bytes of the storages behind them (FSDP2
+    """Rank 0's parameter elements (a DTensor's local shard) and the bytes of the storages behind
+    them (FSDP2
     keeps dim-0 shards in storage padded to a multiple of its ranks)."""
     from recompute_lab.measure.memory import _local, unique_bytes
 
@@ -136,7 +189,8 @@ def local_param_numel(model: nn.Module) -> dict:
 
 
 def shard_stage(model: nn.Module, mesh) -> nn.Module:
-    """FSDP2 fully_shard over ``mesh`` (1-D): each block one unit, then the root (recompute_lab.run.distributed)."""
+    """FSDP2 fully_shard over ``mesh`` (1-D): each block one unit, then the root
+    (recompute_lab.run.distributed)."""
     from torch.distributed.fsdp import fully_shard
 
     for blk in model.blocks:
@@ -145,16 +199,33 @@ def shard_stage(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-def measure_micro_batch(cfg, tp: int, sp: bool, strategy: str, b: int, s_local: int, param_bytes: int = 2,
-                        target: str = "cuda") -> dict:
-    """:func:`micro_batch`'s bytes measured: a two-block copy of ``cfg`` on the meta device with PyTorch's tp
+def measure_micro_batch(
+    cfg,
+    tp: int,
+    sp: bool,
+    strategy: str,
+    b: int,
+    s_local: int,
+    param_bytes: int = 2,
+    target: str = "cuda",
+) -> dict:
+    """:func:`micro_batch`'s bytes measured: a two-block copy of ``cfg`` on the meta device with
+    PyTorch's tp
     plan over a fake process group (this module), one forward under the saved-tensor hook."""
     two = dataclasses.replace(cfg, n_layer=2, max_seq_len=max(int(cfg.max_seq_len), s_local))
     with fake_world(tp):
-        model, _ = build_parallel(two, tp, sp, {"name": strategy},
-                                    dtype=torch.bfloat16 if param_bytes == 2 else torch.float32)
+        model, _ = build_parallel(
+            two,
+            tp,
+            sp,
+            {"name": strategy},
+            dtype=torch.bfloat16 if param_bytes == 2 else torch.float32,
+        )
         got = measure_rank(model, b, s_local, target)
     by = got["by_module"]
-    return {"layer": sum(v for k, v in by.items() if theory.covers("blocks.1", k)),
-            "first": sum(v for k, v in by.items() if k in ("tok_emb", "pos_emb", "drop")),
-            "last": sum(v for k, v in by.items() if k in ("norm_f", "head", "loss")), "total": got["total"]}
+    return {
+        "layer": sum(v for k, v in by.items() if theory.covers("blocks.1", k)),
+        "first": sum(v for k, v in by.items() if k in ("tok_emb", "pos_emb", "drop")),
+        "last": sum(v for k, v in by.items() if k in ("norm_f", "head", "loss")),
+        "total": got["total"],
+    }

@@ -1,16 +1,24 @@
-"""A decoder-only transformer (and the seed notebook's toy MLP) whose parts have stable, addressable names.
+"""A decoder-only transformer (and the seed notebook's toy MLP) whose parts have stable, addressable
+names.
 
 Module tree of the ``gpt`` architecture (names that strategies and measurements rely on):
 
     tok_emb, pos_emb (learned positions only), drop
-    blocks.{i}.norm1, blocks.{i}.attn.{qkv, core, out, drop}, blocks.{i}.norm2, blocks.{i}.mlp.{fc, act, proj, drop}
+    blocks.{i}.norm1, blocks.{i}.attn.{qkv, core, out, drop}, blocks.{i}.norm2, blocks.{i}.mlp.{fc,
+    act, proj, drop}
     norm_f, head (weight tied to tok_emb unless tie_embeddings=false)
 
-``attn.core`` is the attention core (QK^T -> mask -> softmax -> dropout -> xV): with ``attention=eager`` it
-stores the (b, h, s, s) scores for backward, with ``sdpa`` the fused kernel decides what it keeps. The ``toy_mlp``
-architecture replaces every block by the notebook's Linear(d)-ReLU-Linear(d) (``linear1``, ``relu``, ``linear2``).
+``attn.core`` is the attention core (QK^T -> mask -> softmax -> dropout -> xV): with
+``attention=eager`` it
+stores the (b, h, s, s) scores for backward, with ``sdpa`` the fused kernel decides what it keeps.
+The ``toy_mlp``
+architecture replaces every block by the notebook's Linear(d)-ReLU-Linear(d) (``linear1``, ``relu``,
+``linear2``).
 Strategies change how blocks run without renaming parameters: see recompute_lab.strategies.
+
+Layer: model.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +59,8 @@ class Rotary(nn.Module):
 
 
 class AttentionCore(nn.Module):
-    """softmax(QK^T / sqrt(hs) + causal mask) V, the part Megatron's selective recomputation recomputes."""
+    """softmax(QK^T / sqrt(hs) + causal mask) V, the part Megatron's selective recomputation
+    recomputes."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,19 +68,25 @@ class AttentionCore(nn.Module):
         self.dropout = cfg.dropout
         self.n_rep = cfg.n_head // (cfg.n_kv_head or cfg.n_head)
         eager = cfg.attention == Attention.eager
-        mask = torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril() if eager else None
+        mask = (
+            torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril() if eager else None
+        )
         self.register_buffer("causal", mask, persistent=False)  # (S, S) lower triangle, eager only
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q: (B, nh, T, hs); k, v: (B, n_kv, T, hs)
         p = self.dropout if self.training else 0.0
         if self.backend == Attention.sdpa:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=self.n_rep > 1)
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=p, is_causal=True, enable_gqa=self.n_rep > 1
+            )
         if self.n_rep > 1:  # grouped-query attention: share each k/v head among n_rep query heads
             k = repeat(k, "b g t d -> b (g r) t d", r=self.n_rep)
             v = repeat(v, "b g t d -> b (g r) t d", r=self.n_rep)
         t = q.shape[-2]
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T): the s^2 scores
+        att = (q @ k.transpose(-2, -1)) * (
+            1.0 / math.sqrt(q.shape[-1])
+        )  # (B, nh, T, T): the s^2 scores
         att = att.masked_fill(~self.causal[:t, :t], float("-inf"))
         att = F.softmax(att, dim=-1)
         att = F.dropout(att, p=p, training=self.training)
@@ -83,7 +98,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
         self.head_dim = cfg.d_model // cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(
+            cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias
+        )
         rope = cfg.positions == Positions.rope
         self.rotary = Rotary(self.head_dim, cfg.max_seq_len, cfg.rope_theta) if rope else None
         self.core = AttentionCore(cfg)
@@ -115,9 +132,16 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         gated = cfg.mlp == Mlp.swiglu
-        self.fc = nn.Linear(cfg.d_model, (2 if gated else 1) * cfg.d_ff, bias=cfg.bias)  # swiglu: gate and up fused
-        # gelu_tanh: aten's fused tanh-approximation kernel, which saves only its input (as exact GELU does).
-        self.act = SwiGLU() if gated else nn.GELU(approximate="tanh" if cfg.mlp == Mlp.gelu_tanh else "none")
+        self.fc = nn.Linear(
+            cfg.d_model, (2 if gated else 1) * cfg.d_ff, bias=cfg.bias
+        )  # swiglu: gate and up fused
+        # gelu_tanh: aten's fused tanh-approximation kernel, which saves only its input (as exact
+        # GELU does).
+        self.act = (
+            SwiGLU()
+            if gated
+            else nn.GELU(approximate="tanh" if cfg.mlp == Mlp.gelu_tanh else "none")
+        )
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -139,7 +163,8 @@ class Block(nn.Module):
 
 
 class ToyBlock(nn.Module):
-    """The seed notebook's checkpointing demo block: linear2(relu(linear1(x))), no residual, no norm."""
+    """The seed notebook's checkpointing demo block: linear2(relu(linear1(x))), no residual, no
+    norm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -174,7 +199,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
-        # How the block stack runs; strategies that checkpoint groups of blocks replace it (plain attribute,
+        # How the block stack runs; strategies that checkpoint groups of blocks replace it (plain
+        # attribute,
         # so parameter names never change).
         self.block_runner: BlockRunner = run_sequential
         if self.tok_emb.weight.device.type != "meta":
@@ -194,7 +220,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (shared tied weights once); non_embedding drops token and position tables."""
+        """Parameter count (shared tied weights once); non_embedding drops token and position
+        tables."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
@@ -203,7 +230,8 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tensor:
-        """idx: (B, T) token ids. Returns the mean cross-entropy loss if targets are given, else (B, T, V) logits."""
+        """idx: (B, T) token ids. Returns the mean cross-entropy loss if targets are given, else (B,
+        T, V) logits."""
         t = idx.shape[1]
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
@@ -212,13 +240,18 @@ class GPT(nn.Module):
         logits = self.head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             return logits
-        # fp32 cross-entropy input: under bf16 this is the 4*s*b*v logits buffer the theory counts separately.
+        # fp32 cross-entropy input: under bf16 this is the 4*s*b*v logits buffer the theory counts
+        # separately.
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """Build the model directly on ``device`` (``meta`` allocates nothing) in parameter dtype ``dtype``.
-    ``arch=hf``: a Hugging Face causal LM behind the same interface (recompute_lab.model.hf.adapter)."""
+def build_model(
+    cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> GPT:
+    """Build the model directly on ``device`` (``meta`` allocates nothing) in parameter dtype
+    ``dtype``.
+    ``arch=hf``: a Hugging Face causal LM behind the same interface
+    (recompute_lab.model.hf.adapter)."""
     cfg = as_model_config(cfg)
     if cfg.arch == Arch.hf:
         from recompute_lab.model.hf.adapter import build
@@ -233,6 +266,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: tor
     return model
 
 
-# Hugging Face models live behind the same interface; importing the package registers their meta builder with the
+# Hugging Face models live behind the same interface; importing the package registers their meta
+# builder with the
 # theory (recompute_lab.predict.hf_theory). Last: the adapter may import this module's names.
 from recompute_lab.model import hf as _hf  # noqa: E402,F401

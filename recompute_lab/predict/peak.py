@@ -1,34 +1,53 @@
-"""Peak memory of one training step (forward, backward, gradient clipping, optimizer step), phase by phase.
+"""Peak memory of one training step (forward, backward, gradient clipping, optimizer step), phase by
+phase.
 
-Derived from the model config alone (no tensors), for one rank; recompute_lab.measure.probe sets it beside MemTracker's
+Derived from the model config alone (no tensors), for one rank; recompute_lab.measure.probe sets it
+beside MemTracker's
 (CPU) or the CUDA allocator's peak of the same step. The step holds, besides the activations
-(recompute_lab.predict.theory.predict_activations), model state (theory.model_state_bytes), the model's buffers, AdamW's
-0-d ``step`` counters, the batch (int64 token ids and targets, 16 B per token) and the loss. The phases:
+(recompute_lab.predict.theory.predict_activations), model state (theory.model_state_bytes), the
+model's buffers, AdamW's
+0-d ``step`` counters, the batch (int64 token ids and targets, 16 B per token) and the loss. The
+phases:
 
-backward start   state + persistent gradient buffers + activations + loss + the head's backward transient
+backward start   state + persistent gradient buffers + activations + loss + the head's backward
+                 transient
                  (the fp32 gradients of the log-probabilities and of the logits: 2 x 4sbv)
-end of backward  state + every gradient + the embedding's dense gradient (with tied embeddings the head's
+end of backward  state + every gradient + the embedding's dense gradient (with tied embeddings the
+                 head's
                  gradient and the embedding's are summed into a third buffer: 2 extra, else 1)
-clip             state + gradients + what clip_grad_norm_ allocates (one fp32 norm per tensor and their stack;
+clip             state + gradients + what clip_grad_norm_ allocates (one fp32 norm per tensor and
+                 their stack;
                  MasterWeightAdamW first upcasts every bf16 gradient: 4 B/param)
-optimizer step   state + gradients + AdamW's temporaries, which depend on the implementation torch picks
+optimizer step   state + gradients + AdamW's temporaries, which depend on the implementation torch
+                 picks
                  (torch/optim/adam.py, torch 2.13):
-                   for-loop (CPU default)  per parameter ``denom = (exp_avg_sq.sqrt() / bc2).add_(eps)``: two
-                                           tensors of its size, while the previous parameter's denom is alive
+                   for-loop (CPU default)  per parameter ``denom = (exp_avg_sq.sqrt() /
+                                           bc2).add_(eps)``: two
+                                           tensors of its size, while the previous parameter's denom
+                                           is alive
                    foreach (CUDA default)  ``_foreach_sqrt`` of the whole group's exp_avg_sq
                    fused (when asked)      none (one in-place kernel)
                  MasterWeightAdamW adds the fp32 copy of each bf16 gradient of the group it steps
                  (none with fp32_grad_accum: the fp32 buffer is stepped in place).
-recompute        (checkpointed plans) state + activations + the largest region's re-saved tensors: an upper
-                 bound, as every gradient is counted although most do not exist yet (fsdp: plus the root's
-                 unsharded parameters and gradients, two blocks' gathered parameters and two blocks' unsharded
+recompute        (checkpointed plans) state + activations + the largest region's re-saved tensors:
+                 an upper
+                 bound, as every gradient is counted although most do not exist yet (fsdp: plus the
+                 root's
+                 unsharded parameters and gradients, two blocks' gathered parameters and two blocks'
+                 unsharded
                  gradients).
 
-Parallel layouts (per rank): ``ddp`` keeps the gradients in DDP's buckets for the whole step; ``fsdp`` holds the
-padded dim-0 shards of parameters, gradients and optimizer state, the root unit's parameters unsharded from
-forward to the end of backward (FSDP2 does not reshard the root after forward) and, at backward start, the
+Parallel layouts (per rank): ``ddp`` keeps the gradients in DDP's buckets for the whole step;
+``fsdp`` holds the
+padded dim-0 shards of parameters, gradients and optimizer state, the root unit's parameters
+unsharded from
+forward to the end of backward (FSDP2 does not reshard the root after forward) and, at backward
+start, the
 all-gather buffer of the last block (prefetched by the root's pre-backward).
+
+Layer: predict (no torch).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,11 +76,16 @@ class ParamTensor:
 
 
 def param_tensors(cfg, n_layer: Optional[int] = None) -> list[ParamTensor]:
-    """Every parameter of recompute_lab.model.gpt.GPT built from ``cfg``, in ``model.parameters()`` order (a tied head
-    weight once); ``n_layer`` overrides the config's block count (blocks are identical). Hugging Face models
+    """Every parameter of recompute_lab.model.gpt.GPT built from ``cfg``, in ``model.parameters()``
+    order (a tied head
+    weight once); ``n_layer`` overrides the config's block count (blocks are identical). Hugging
+    Face models
     (recompute_lab.model.hf): their own parameters, from a one-layer build on the meta device."""
     if theory.external(cfg) is not None:
-        return [ParamTensor(name, shape) for name, shape in theory.external(cfg).param_tensors(cfg, n_layer)]
+        return [
+            ParamTensor(name, shape)
+            for name, shape in theory.external(cfg).param_tensors(cfg, n_layer)
+        ]
     h, v, toy = cfg.d_model, cfg.vocab_size, cfg.arch == "toy_mlp"
     out = [ParamTensor("tok_emb.weight", (v, h))]
     if cfg.positions == "learned" and not toy:
@@ -98,8 +122,10 @@ def param_tensors(cfg, n_layer: Optional[int] = None) -> list[ParamTensor]:
 
 
 def buffer_bytes(cfg) -> int:
-    """The model's buffers (never sharded): each eager AttentionCore's bool (S, S) causal mask, each Rotary's fp32
-    cos and sin tables (S, head_dim / 2), S = max_seq_len. Hugging Face models: their own buffers."""
+    """The model's buffers (never sharded): each eager AttentionCore's bool (S, S) causal mask, each
+    Rotary's fp32
+    cos and sin tables (S, head_dim / 2), S = max_seq_len. Hugging Face models: their own
+    buffers."""
     if theory.external(cfg) is not None:
         return theory.external(cfg).buffer_bytes(cfg)
     if cfg.arch == "toy_mlp":
@@ -110,71 +136,100 @@ def buffer_bytes(cfg) -> int:
     return cfg.n_layer * (mask + rope)
 
 
-
 def adam_impl(device: str, parallel: str = "none") -> str:
     """The AdamW implementation torch 2.13 picks with foreach/fused left unset (optimizer.py
-    _default_to_fused_or_foreach): foreach when every parameter is a plain tensor on a foreach device (CUDA), else
+    _default_to_fused_or_foreach): foreach when every parameter is a plain tensor on a foreach
+    device (CUDA), else
     the for-loop. FSDP2's parameters are DTensors, not plain tensors: for-loop there too."""
     return "foreach" if device == "cuda" and parallel != "fsdp" else "for-loop"
 
 
 def _loop_transient(sizes: list[int], elem: int) -> int:
-    """Largest moment of the for-loop: parameter i's sqrt and quotient while i-1's denom is still referenced."""
-    return max((2 * s + (sizes[i - 1] if i else 0)) * elem for i, s in enumerate(sizes)) if sizes else 0
+    """Largest moment of the for-loop: parameter i's sqrt and quotient while i-1's denom is still
+    referenced."""
+    return (
+        max((2 * s + (sizes[i - 1] if i else 0)) * elem for i, s in enumerate(sizes))
+        if sizes
+        else 0
+    )
 
 
-def optimizer_transient(groups: list[list[int]], impl: str, master_weights: bool, fp32_grad_accum: bool) -> int:
-    """Bytes AdamW allocates while stepping its largest group (groups: numel per parameter, in step order)."""
+def optimizer_transient(
+    groups: list[list[int]], impl: str, master_weights: bool, fp32_grad_accum: bool
+) -> int:
+    """Bytes AdamW allocates while stepping its largest group (groups: numel per parameter, in step
+    order)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown AdamW implementation {impl!r}; valid: {', '.join(IMPLS)}")
     worst = 0
     for sizes in groups:
         adam = {"for-loop": _loop_transient(sizes, 4), "foreach": 4 * sum(sizes), "fused": 0}[impl]
-        upcast = 4 * sum(sizes) if master_weights and not fp32_grad_accum else 0  # fp32 copies of bf16 grads
+        upcast = (
+            4 * sum(sizes) if master_weights and not fp32_grad_accum else 0
+        )  # fp32 copies of bf16 grads
         worst = max(worst, upcast + adam)
     return worst
 
 
-def clip_transient(n_tensors: int, n_params: int, master_weights: bool, fp32_grad_accum: bool) -> int:
-    """clip_grad_norm_'s largest moment: one fp32 norm per gradient, their stack and the total (MasterWeightAdamW:
-    after upcasting every bf16 gradient to fp32, unless they are the fp32 accumulation buffers already)."""
+def clip_transient(
+    n_tensors: int, n_params: int, master_weights: bool, fp32_grad_accum: bool
+) -> int:
+    """clip_grad_norm_'s largest moment: one fp32 norm per gradient, their stack and the total
+    (MasterWeightAdamW:
+    after upcasting every bf16 gradient to fp32, unless they are the fp32 accumulation buffers
+    already)."""
     upcast = 4 * n_params if master_weights and not fp32_grad_accum else 0
     return upcast + 8 * n_tensors + 4
 
 
 def shard_rows(shape: tuple[int, ...], world_size: int) -> int:
-    """Elements of one rank's padded dim-0 shard of a parameter (FSDP2 pads dim 0 to a multiple of the ranks)."""
+    """Elements of one rank's padded dim-0 shard of a parameter (FSDP2 pads dim 0 to a multiple of
+    the ranks)."""
     return -(-shape[0] // world_size) * math.prod(shape[1:])
 
 
 def local_rows(shape: tuple[int, ...], world_size: int, rank: int) -> int:
-    """Elements of rank ``rank``'s unpadded dim-0 chunk (torch.chunk's split: the last ranks may get fewer rows)."""
+    """Elements of rank ``rank``'s unpadded dim-0 chunk (torch.chunk's split: the last ranks may get
+    fewer rows)."""
     per = -(-shape[0] // world_size)
     return max(0, min(per, shape[0] - rank * per)) * math.prod(shape[1:])
 
 
 def model_state(cfg, n_params: int, step: Shape) -> dict:
-    """Model-state bytes one rank holds (theory.model_state_bytes' keys). ``fsdp``: FSDP2 keeps each parameter's
-    padded dim-0 shard and reduce-scatters gradients into padded shards, while AdamW's moments are made like the
+    """Model-state bytes one rank holds (theory.model_state_bytes' keys). ``fsdp``: FSDP2 keeps each
+    parameter's
+    padded dim-0 shard and reduce-scatters gradients into padded shards, while AdamW's moments are
+    made like the
     unpadded local shard; fp32 throughout (bf16_master's fp32 shards are its master weights)."""
     if step.parallel != "fsdp":
         return theory.model_state_bytes(n_params, step.precision, step.fp32_grad_accum)
     ws, rank = step.world_size, step.rank
 
-    def total(rows) -> int:  # one block's tensors times n_layer, plus the rest: no loop over the layers
+    def total(
+        rows,
+    ) -> int:  # one block's tensors times n_layer, plus the rest: no loop over the layers
         params = param_tensors(cfg, n_layer=1)
         block = sum(rows(p.shape) for p in params if p.name.startswith("blocks."))
-        return cfg.n_layer * block + sum(rows(p.shape) for p in params if not p.name.startswith("blocks."))
+        return cfg.n_layer * block + sum(
+            rows(p.shape) for p in params if not p.name.startswith("blocks.")
+        )
+
     padded = total(lambda shape: shard_rows(shape, ws))
     local = total(lambda shape: local_rows(shape, ws, rank))
     per = {"params": 4 * padded, "grads": 4 * padded, "master": 0, "optimizer": 8 * local}
-    return {"per_param": per, "total": sum(per.values()), "bytes_per_param": sum(per.values()) / n_params}
+    return {
+        "per_param": per,
+        "total": sum(per.values()),
+        "bytes_per_param": sum(per.values()) / n_params,
+    }
 
 
 def predict_peak(cfg, st: Shape, state: dict, act: dict) -> Optional[dict]:
-    """Peak bytes of one steady-state step on one rank: the largest phase (see the module docstring).
+    """Peak bytes of one steady-state step on one rank: the largest phase (see the module
+    docstring).
 
-    ``state``: theory.model_state_bytes (or its sharded form) of this rank; ``act``: predict_activations.
+    ``state``: theory.model_state_bytes (or its sharded form) of this rank; ``act``:
+    predict_activations.
     Returns None when the activations have no closed form.
     """
     if act.get("total") is None:
@@ -185,9 +240,12 @@ def predict_peak(cfg, st: Shape, state: dict, act: dict) -> Optional[dict]:
     per = state["per_param"]
     n_tok, v, h = st.batch * st.seq, cfg.vocab_size, cfg.d_model
     n_params, n_tensors = sum(p.numel for p in params), len(params)
-    # 0-d fp32 step counters: on CPU unless fused (then on the parameters' device); the CUDA allocator never
+    # 0-d fp32 step counters: on CPU unless fused (then on the parameters' device); the CUDA
+    # allocator never
     # sees CPU tensors.
-    counters = 4 * n_tensors if st.device == "cpu" or (impl == "fused" and st.device != "meta") else 0
+    counters = (
+        4 * n_tensors if st.device == "cpu" or (impl == "fused" and st.device != "meta") else 0
+    )
     loss, inputs = 4, 16 * n_tok
     fixed = per["params"] + per["master"] + per["optimizer"] + counters + buffer_bytes(cfg)
     grads = per["grads"]
@@ -198,48 +256,104 @@ def predict_peak(cfg, st: Shape, state: dict, act: dict) -> Optional[dict]:
     extra: dict[str, int] = {}
     if step.parallel == "fsdp":
         ws = step.world_size
-        groups = [[local_rows(p.shape, ws, step.rank) for p in params if p.decay],
-                  [local_rows(p.shape, ws, step.rank) for p in params if not p.decay]]
-        gather = 2 if step.precision == "bf16_master" else st.param_bytes  # FSDP mixed precision gathers bf16
+        groups = [
+            [local_rows(p.shape, ws, step.rank) for p in params if p.decay],
+            [local_rows(p.shape, ws, step.rank) for p in params if not p.decay],
+        ]
+        gather = (
+            2 if step.precision == "bf16_master" else st.param_bytes
+        )  # FSDP mixed precision gathers bf16
         root = [p for p in params if not p.name.startswith("blocks.")]
         block0 = [p for p in params if p.name.startswith("blocks.0.")]
         # Unsharded parameters are views of the padded all-gather output (ws x padded shard).
-        extra = {"root_unsharded_params": sum(ws * shard_rows(p.shape, ws) for p in root) * gather,
-                 "last_block_all_gather": sum(ws * shard_rows(p.shape, ws) for p in block0) * gather}
+        extra = {
+            "root_unsharded_params": sum(ws * shard_rows(p.shape, ws) for p in root) * gather,
+            "last_block_all_gather": sum(ws * shard_rows(p.shape, ws) for p in block0) * gather,
+        }
         persistent_grads = 0
     elif step.parallel == "ddp":
         persistent_grads = grads  # gradient_as_bucket_view: the buckets live for the whole run
-    phases = {"backward_start": fixed + persistent_grads + act["total"] + loss + head + sum(extra.values()),
-              "end_of_backward": fixed + grads + inputs + 2 * loss + emb * (2 if cfg.tie_embeddings else 1)}
+    phases = {
+        "backward_start": fixed
+        + persistent_grads
+        + act["total"]
+        + loss
+        + head
+        + sum(extra.values()),
+        "end_of_backward": fixed
+        + grads
+        + inputs
+        + 2 * loss
+        + emb * (2 if cfg.tie_embeddings else 1),
+    }
     kept = 0
     if step.grad_clip:
-        phases["clip"] = fixed + grads + inputs + loss + clip_transient(n_tensors, n_params, step.master_weights,
-                                                                         step.fp32_grad_accum)
-        kept = 8 if step.master_weights else 4  # the total norm the loop keeps (+ MasterWeightAdamW's clip_coef)
-    phases["optimizer_step"] = fixed + grads + inputs + loss + kept + optimizer_transient(
-        groups, impl, step.master_weights, step.fp32_grad_accum)
+        phases["clip"] = (
+            fixed
+            + grads
+            + inputs
+            + loss
+            + clip_transient(n_tensors, n_params, step.master_weights, step.fp32_grad_accum)
+        )
+        kept = (
+            8 if step.master_weights else 4
+        )  # the total norm the loop keeps (+ MasterWeightAdamW's clip_coef)
+    phases["optimizer_step"] = (
+        fixed
+        + grads
+        + inputs
+        + loss
+        + kept
+        + optimizer_transient(groups, impl, step.master_weights, step.fp32_grad_accum)
+    )
     if act.get("largest_region"):
-        phases["recompute"] = (state["total"] + counters + buffer_bytes(cfg) + act["total"] + loss
-                               + act["largest_region"])
-        if step.parallel == "fsdp":  # what sharded state does not hold while a block recomputes: the root's
-            # unsharded params and fp32 grads (the tied head's is held to the end), this block's and the next
-            # block's gathered params, this block's unsharded grads and the previous one's reduce-scatter input
+        phases["recompute"] = (
+            state["total"]
+            + counters
+            + buffer_bytes(cfg)
+            + act["total"]
+            + loss
+            + act["largest_region"]
+        )
+        if (
+            step.parallel == "fsdp"
+        ):  # what sharded state does not hold while a block recomputes: the root's
+            # unsharded params and fp32 grads (the tied head's is held to the end), this block's and
+            # the next
+            # block's gathered params, this block's unsharded grads and the previous one's
+            # reduce-scatter input
             full_block = extra["last_block_all_gather"] // gather * 4
-            phases["recompute"] += (extra["root_unsharded_params"] + extra["root_unsharded_params"] // gather * 4
-                                    + 2 * extra["last_block_all_gather"] + 2 * full_block)
+            phases["recompute"] += (
+                extra["root_unsharded_params"]
+                + extra["root_unsharded_params"] // gather * 4
+                + 2 * extra["last_block_all_gather"]
+                + 2 * full_block
+            )
     kind = max(phases, key=phases.get)
-    out = {"total": phases[kind], "phase": kind, "phases": phases, "model_state": state["total"],
-           "activations": act["total"], "optimizer_impl": impl, "step_counters": counters, **extra}
+    out = {
+        "total": phases[kind],
+        "phase": kind,
+        "phases": phases,
+        "model_state": state["total"],
+        "activations": act["total"],
+        "optimizer_impl": impl,
+        "step_counters": counters,
+        **extra,
+    }
     if step.parallel != "none":
         out["unmodelled"] = UNMODELLED[step.parallel]
     return out
 
 
-# What the phases leave out under data parallelism: moments inside backward, between its start and its end.
+# What the phases leave out under data parallelism: moments inside backward, between its start and
+# its end.
 UNMODELLED = {
-    "ddp": "inside backward: each parameter's fresh gradient before DDP copies it into its bucket, and the tied "
-           "head gradient buffered until the embedding's arrives; a peak there is above this prediction",
-    "fsdp": "inside backward: a block's unsharded gradients, reduce-scatter buffers and the next block's "
-            "prefetched all-gather, and the tied head gradient buffered until the embedding's arrives; a peak "
-            "there is above this prediction",
+    "ddp": "inside backward: each parameter's fresh gradient before DDP copies it into its bucket, "
+    "and the tied "
+    "head gradient buffered until the embedding's arrives; a peak there is above this prediction",
+    "fsdp": "inside backward: a block's unsharded gradients, reduce-scatter buffers and the next "
+    "block's "
+    "prefetched all-gather, and the tied head gradient buffered until the embedding's arrives; a "
+    "peak "
+    "there is above this prediction",
 }

@@ -1,16 +1,24 @@
-"""The one prediction of a run: model state, saved activations by module, the step's peak by phase and FLOPs, for
+"""The one prediction of a run: model state, saved activations by module, the step's peak by phase
+and FLOPs, for
 one rank, from the spec, the strategy's plan and the micro-batch shape.
 
-Layer: predict (no torch). Every consumer that reports one of these quantities calls :func:`predict` (or its
-model-state part, :func:`model_state`, where nothing else is known yet): the memory guard and the probe's
+Layer: predict (no torch). Every consumer that reports one of these quantities calls :func:`predict`
+(or its
+model-state part, :func:`model_state`, where nothing else is known yet): the memory guard and the
+probe's
 "predicted" figures (recompute_lab.measure.probe), the run's model-state and FLOP predictions
-(recompute_lab.run.engine), ``estimate`` (recompute_lab.cli.estimate) and the budget planner's device-memory
-budget (recompute_lab.strategies.budget). tests/integration/test_prediction.py holds them to it: the same bytes for the same
+(recompute_lab.run.engine), ``estimate`` (recompute_lab.cli.estimate) and the budget planner's
+device-memory
+budget (recompute_lab.strategies.budget). tests/integration/test_prediction.py holds them to it: the
+same bytes for the same
 quantity in every command, and a consumer with a formula of its own fails there.
 
-The parts are recompute_lab.predict.theory (saved terms), recompute_lab.predict.peak (model state and the step's
-phases) and recompute_lab.predict.flops; they stay importable for their own tests, but a consumer calls this.
+The parts are recompute_lab.predict.theory (saved terms), recompute_lab.predict.peak (model state
+and the step's
+phases) and recompute_lab.predict.flops; they stay importable for their own tests, but a consumer
+calls this.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,11 +34,15 @@ from recompute_lab.predict import theory
 class Prediction:
     """What one rank of a run is predicted to hold and compute in one optimizer step.
 
-    model_state   bytes by kind (params, grads, master, optimizer) and their total (recompute_lab.predict.peak)
-    activations   saved-for-backward bytes of one micro-batch: total, by_module, logits, largest_region, reason
+    model_state   bytes by kind (params, grads, master, optimizer) and their total
+                  (recompute_lab.predict.peak)
+    activations   saved-for-backward bytes of one micro-batch: total, by_module, logits,
+                  largest_region, reason
                   (total None: no closed form; ``source`` says where a total came from otherwise)
-    peak          the step's peak: total, the binding phase and every phase (None without activations)
-    flops         forward / backward / recompute FLOPs per optimizer step (recompute None: not predictable)
+    peak          the step's peak: total, the binding phase and every phase (None without
+                  activations)
+    flops         forward / backward / recompute FLOPs per optimizer step (recompute None: not
+                  predictable)
     """
 
     shape: Shape
@@ -50,19 +62,29 @@ class Prediction:
 
 
 def model_state(model_cfg: Any, shape: Shape, n_params: Optional[int] = None) -> dict:
-    """Model-state bytes one rank holds (the part of :func:`predict` that needs neither plan nor activations: the
-    memory guard prices it before anything is built). ``n_params``: the whole model's count (default: from the
+    """Model-state bytes one rank holds (the part of :func:`predict` that needs neither plan nor
+    activations: the
+    memory guard prices it before anything is built). ``n_params``: the whole model's count
+    (default: from the
     shapes, recompute_lab.predict.theory.param_count)."""
     n = theory.param_count(model_cfg) if n_params is None else n_params
     return P.model_state(model_cfg, n, shape)
 
 
-def predict(spec: Any, plan: Any, shape: Shape, n_params: Optional[int] = None,
-            counted_activations: Optional[int] = None) -> Prediction:
-    """The prediction for ``spec`` (a RunSpec) under ``plan`` (a Plan; None: nothing recomputed) at ``shape``.
+def predict(
+    spec: Any,
+    plan: Any,
+    shape: Shape,
+    n_params: Optional[int] = None,
+    counted_activations: Optional[int] = None,
+) -> Prediction:
+    """The prediction for ``spec`` (a RunSpec) under ``plan`` (a Plan; None: nothing recomputed) at
+    ``shape``.
 
-    Activations come from the theory's closed form; where it has none, from the plan's own prediction (the budget
-    planner's probed cost model) or, last, ``counted_activations``: saved bytes counted on a meta replica by the
+    Activations come from the theory's closed form; where it has none, from the plan's own
+    prediction (the budget
+    planner's probed cost model) or, last, ``counted_activations``: saved bytes counted on a meta
+    replica by the
     caller (this layer runs no model). ``n_params`` defaults to the count from the shapes.
     """
     m = spec.model
@@ -72,12 +94,30 @@ def predict(spec: Any, plan: Any, shape: Shape, n_params: Optional[int] = None,
     if act.get("total") is not None:
         act["source"] = "theory"
     elif plan is not None and plan.predicted_activation_bytes is not None:
-        act = {"total": plan.predicted_activation_bytes, "largest_region": 0, "by_module": None, "logits": None,
-               "reason": "predicted by the budget planner's probed cost model", "source": "plan"}
+        act = {
+            "total": plan.predicted_activation_bytes,
+            "largest_region": 0,
+            "by_module": None,
+            "logits": None,
+            "reason": "predicted by the budget planner's probed cost model",
+            "source": "plan",
+        }
     elif counted_activations is not None:
-        act = {"total": int(counted_activations), "largest_region": 0, "by_module": None, "logits": None,
-               "reason": f"no closed form ({act.get('reason')}): saved bytes counted on a meta replica",
-               "source": "meta count"}
+        act = {
+            "total": int(counted_activations),
+            "largest_region": 0,
+            "by_module": None,
+            "logits": None,
+            "reason": f"no closed form ({act.get('reason')}): saved bytes counted on a meta "
+            f"replica",
+            "source": "meta count",
+        }
     peak = P.predict_peak(m, shape, state, act)
-    return Prediction(shape=shape, n_params=n, model_state=state, activations=act, peak=peak,
-                      flops=F.predict_step_flops(spec, plan))
+    return Prediction(
+        shape=shape,
+        n_params=n,
+        model_state=state,
+        activations=act,
+        peak=peak,
+        flops=F.predict_step_flops(spec, plan),
+    )

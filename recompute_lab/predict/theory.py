@@ -7,14 +7,23 @@ Model state per parameter (Ultra-Scale Playbook, "Memory usage in Transformers")
 The seed notebook's 12 B for fp32 forgets the gradients.
 
 Activations (bytes saved for backward by one forward) are derived op by op for the model as built in
-recompute_lab.model.gpt: :func:`saved_terms` lists every tensor autograd keeps, named after the module that saves it
-and the aten op whose backward needs it, with the storage it lives in (views share one) and the assumption it
-carries. :func:`predict_activations` applies a strategy plan (a checkpointed module keeps only its inputs) and
-de-duplicates by storage, exactly as the measurement in recompute_lab.measure.memory counts. For comparison:
-Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1) give
-sbh(34 + 5as/h) bytes per layer for 16-bit training with dropout, and the seed notebook guessed 2 B x 2 x h per
+recompute_lab.model.gpt: :func:`saved_terms` lists every tensor autograd keeps, named after the
+module that saves it
+and the aten op whose backward needs it, with the storage it lives in (views share one) and the
+assumption it
+carries. :func:`predict_activations` applies a strategy plan (a checkpointed module keeps only its
+inputs) and
+de-duplicates by storage, exactly as the measurement in recompute_lab.measure.memory counts. For
+comparison:
+Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", eq. 1)
+give
+sbh(34 + 5as/h) bytes per layer for 16-bit training with dropout, and the seed notebook guessed 2 B
+x 2 x h per
 token per layer. The fp32 cross-entropy input (4sbv) is reported apart as ``logits``.
+
+Layer: predict (no torch).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,34 +43,50 @@ MODEL_STATE_BYTES_PER_PARAM: dict[str, dict[str, int]] = {
 
 
 def model_state_key(precision: str, fp32_grad_accum: bool = False) -> str:
-    return f"{precision}+fp32_grad_accum" if fp32_grad_accum and precision == "bf16_master" else precision
+    return (
+        f"{precision}+fp32_grad_accum"
+        if fp32_grad_accum and precision == "bf16_master"
+        else precision
+    )
 
 
 def model_state_bytes(n_params: int, precision: str, fp32_grad_accum: bool = False) -> dict:
-    """Predicted model-state bytes for ``n_params`` parameters: per kind, total and bytes per parameter."""
+    """Predicted model-state bytes for ``n_params`` parameters: per kind, total and bytes per
+    parameter."""
     per = MODEL_STATE_BYTES_PER_PARAM[model_state_key(precision, fp32_grad_accum)]
     by_kind = {k: v * n_params for k, v in per.items()}
-    return {"per_param": by_kind, "total": sum(by_kind.values()), "bytes_per_param": sum(per.values())}
+    return {
+        "per_param": by_kind,
+        "total": sum(by_kind.values()),
+        "bytes_per_param": sum(per.values()),
+    }
 
 
 # Architectures described outside this module: arch name -> a module with saved_terms(cfg, st),
-# region_inputs(cfg, st, name), reason(cfg, st) (why no closed form, or None), param_tensors(cfg, n_layer),
+# region_inputs(cfg, st, name), reason(cfg, st) (why no closed form, or None), param_tensors(cfg,
+# n_layer),
 # param_count(cfg) and buffer_bytes(cfg). recompute_lab.model.hf registers "hf" when imported.
 ARCHS: dict = {}
 
 
 def external(cfg):
-    """The module describing ``cfg``'s architecture when it is not recompute_lab.model.gpt's own (else None)."""
+    """The module describing ``cfg``'s architecture when it is not recompute_lab.model.gpt's own
+    (else None)."""
     arch = str(cfg.arch)
     if arch in ("gpt", "toy_mlp"):
         return None
-    if arch not in ARCHS:  # recompute_lab.predict.hf_theory registers "hf" (recompute_lab.model imports it)
-        raise ValueError(f"model.arch={arch}: no theory registered (import recompute_lab.model first)")
+    if (
+        arch not in ARCHS
+    ):  # recompute_lab.predict.hf_theory registers "hf" (recompute_lab.model imports it)
+        raise ValueError(
+            f"model.arch={arch}: no theory registered (import recompute_lab.model first)"
+        )
     return ARCHS[arch]
 
 
 def param_count(cfg) -> int:
-    """Parameters of recompute_lab.model.gpt's GPT (or toy MLP) for model config ``cfg``, counted from the shapes
+    """Parameters of recompute_lab.model.gpt's GPT (or toy MLP) for model config ``cfg``, counted
+    from the shapes
     alone (tied weights once), so that absurd sizes are refused before anything is built."""
     if external(cfg) is not None:  # a Hugging Face model: from a one-layer build on the meta device
         return external(cfg).param_count(cfg)
@@ -71,7 +96,9 @@ def param_count(cfg) -> int:
     def linear(fan_in: int, fan_out: int) -> int:
         return fan_in * fan_out + bias * fan_out
 
-    norm = h * (1 + (bias if cfg.norm == "layernorm" else 0))  # LayerNorm: weight (+ bias); RMSNorm: weight
+    norm = h * (
+        1 + (bias if cfg.norm == "layernorm" else 0)
+    )  # LayerNorm: weight (+ bias); RMSNorm: weight
     if cfg.arch == "toy_mlp":
         block, final_norm = 2 * linear(h, h), 0
     else:
@@ -85,7 +112,8 @@ def param_count(cfg) -> int:
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int) -> int:
-    """Korthikanti et al. 2022: one transformer layer, 16-bit, dropout on, no recomputation: sbh(34 + 5as/h)."""
+    """Korthikanti et al. 2022: one transformer layer, 16-bit, dropout on, no recomputation: sbh(34
+    + 5as/h)."""
     return s * b * h * 34 + 5 * a * s * s * b
 
 
@@ -98,32 +126,38 @@ def naive_layer_bytes(s: int, b: int, h: int) -> int:
 class Saved:
     """One tensor autograd keeps for backward."""
 
-    module: str   # qualified name of the module whose forward saves it ("loss": GPT.forward's cross-entropy)
-    op: str       # the aten op whose backward needs it
+    # qualified name of the module whose forward saves it ("loss": GPT.forward's cross-entropy)
+    module: str
+    op: str  # the aten op whose backward needs it
     storage: str  # storage identity: terms with one storage count once
     nbytes: int
-    why: str      # the assumption behind the size / dtype
+    why: str  # the assumption behind the size / dtype
 
 
 def sdpa_backend(cfg, st: Shape) -> str:
-    """Which SDPA kernel F.scaled_dot_product_attention picks (torch 2.13): cpu_flash | math | flash | efficient."""
+    """Which SDPA kernel F.scaled_dot_product_attention picks (torch 2.13): cpu_flash | math | flash
+    | efficient."""
     if st.device == "cuda":
-        # Flash needs 16-bit inputs; fp32 goes to the memory-efficient kernel. Both support dropout and GQA.
+        # Flash needs 16-bit inputs; fp32 goes to the memory-efficient kernel. Both support dropout
+        # and GQA.
         return "flash" if st.compute_bytes == 2 else "efficient"
     # CPU: the flash kernel has no dropout, so dropout > 0 falls back to the decomposed math path.
     return "cpu_flash" if cfg.dropout == 0 else "math"
 
 
 def saved_terms(cfg, st: Shape) -> list[Saved]:
-    """Every tensor saved for backward by one training forward with nothing recomputed, in forward order."""
+    """Every tensor saved for backward by one training forward with nothing recomputed, in forward
+    order."""
     b, s, h, v = st.batch, st.seq, cfg.d_model, cfg.vocab_size
     n = b * s  # tokens
     r, c, auto = st.param_bytes, st.compute_bytes, st.autocast_bytes is not None
     cuda = st.device == "cuda"
-    # native_dropout's mask: bool on CUDA, the input's dtype on CPU (CPU draws it with bernoulli_ into empty_like).
+    # native_dropout's mask: bool on CUDA, the input's dtype on CPU (CPU draws it with bernoulli_
+    # into empty_like).
 
     def mask_b(dt: int) -> int:
         return 1 if cuda else dt
+
     drop = cfg.dropout > 0
     out: list[Saved] = []
 
@@ -132,37 +166,76 @@ def saved_terms(cfg, st: Shape) -> list[Saved]:
 
     def dropout(module, width, dt):
         if drop:
-            add(module, "native_dropout", f"{module}:mask", n * width * mask_b(dt),
-                f"dropout mask, {'bool' if cuda else 'input dtype'} on {st.device}")
+            add(
+                module,
+                "native_dropout",
+                f"{module}:mask",
+                n * width * mask_b(dt),
+                f"dropout mask, {'bool' if cuda else 'input dtype'} on {st.device}",
+            )
 
     def linear(module, in_storage, in_dt, fan_in, fan_out):
-        """nn.Linear saves its input (and its weight, a parameter: not counted); returns the output storage."""
+        """nn.Linear saves its input (and its weight, a parameter: not counted); returns the output
+        storage."""
         op = "addmm" if cfg.bias and module != "head" else "mm"  # a biased Linear dispatches addmm
         if auto and in_dt == 4:  # autocast casts an fp32 input to bf16 and saves the cast copy
-            add(module, op, f"{module}:in_bf16", n * fan_in * 2, "autocast bf16 copy of the fp32 input")
+            add(
+                module,
+                op,
+                f"{module}:in_bf16",
+                n * fan_in * 2,
+                "autocast bf16 copy of the fp32 input",
+            )
         else:
             add(module, op, in_storage, n * fan_in * in_dt, "input, for the weight gradient")
         if auto:  # the cached bf16 copy of the weight is saved for the input gradient
-            add(module, op, f"{module}:w_bf16", fan_in * fan_out * 2, "autocast bf16 copy of the weight")
+            add(
+                module,
+                op,
+                f"{module}:w_bf16",
+                fan_in * fan_out * 2,
+                "autocast bf16 copy of the weight",
+            )
         return f"{module}:out"
 
     def norm(module, in_storage):
         """LayerNorm / RMSNorm on the residual stream (dtype r). Returns the output storage."""
         if cfg.norm == "layernorm":
             add(module, "native_layer_norm", in_storage, n * h * r, "input x")
-            stat = 4 if cuda or r == 4 else r  # CPU keeps mean/rstd in the input dtype, CUDA in fp32
+            stat = (
+                4 if cuda or r == 4 else r
+            )  # CPU keeps mean/rstd in the input dtype, CUDA in fp32
             add(module, "native_layer_norm", f"{module}:mean", n * stat, "per-token mean")
             add(module, "native_layer_norm", f"{module}:rstd", n * stat, "per-token 1/std")
         elif cuda:
-            add(module, "_fused_rms_norm", in_storage, n * h * r, "input x (fused CUDA kernel, PyTorch source)")
+            add(
+                module,
+                "_fused_rms_norm",
+                in_storage,
+                n * h * r,
+                "input x (fused CUDA kernel, PyTorch source)",
+            )
             add(module, "_fused_rms_norm", f"{module}:rstd", n * 4, "fp32 per-token 1/rms")
-        else:  # CPU decomposes rms_norm in fp32: x32 = x.float(); x32 * rsqrt(mean(x32^2) + eps) * weight
+        # CPU decomposes rms_norm in fp32: x32 = x.float(); x32 * rsqrt(mean(x32^2) + eps) * weight
+        else:
             if r == 4:
                 add(module, "pow/mul", in_storage, n * h * 4, "input x (decomposed rms_norm)")
             else:
-                add(module, "pow/mul", f"{module}:x_fp32", n * h * 4, "fp32 upcast of the 16-bit input")
+                add(
+                    module,
+                    "pow/mul",
+                    f"{module}:x_fp32",
+                    n * h * 4,
+                    "fp32 upcast of the 16-bit input",
+                )
             add(module, "mul", f"{module}:rstd", n * 4, "fp32 per-token rsqrt(mean(x^2) + eps)")
-            add(module, "mul", f"{module}:normed", n * h * 4, "fp32 x * rstd, for the weight gradient")
+            add(
+                module,
+                "mul",
+                f"{module}:normed",
+                n * h * 4,
+                "fp32 x * rstd, for the weight gradient",
+            )
         return f"{module}:out"
 
     # Embeddings: the lookup keeps its integer indices.
@@ -176,7 +249,9 @@ def saved_terms(cfg, st: Shape) -> list[Saved]:
     for i in range(cfg.n_layer):
         p = f"blocks.{i}"
         if toy:  # linear2(relu(linear1(x))): relu keeps its output, linear2 saves the same tensor
-            linear(f"{p}.linear1", x, r if i == 0 else c, h, h)  # later blocks take linear2's output
+            linear(
+                f"{p}.linear1", x, r if i == 0 else c, h, h
+            )  # later blocks take linear2's output
             add(f"{p}.relu", "relu", f"{p}.relu:out", n * h * c, "relu output (threshold_backward)")
             linear(f"{p}.linear2", f"{p}.relu:out", c, h, h)
             x = f"{p}:out"
@@ -187,9 +262,23 @@ def saved_terms(cfg, st: Shape) -> list[Saved]:
         fc = linear(f"{p}.mlp.fc", n2, r, h, (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff)
         f = cfg.d_ff
         if cfg.mlp == "swiglu":  # silu(a) * g on the two halves (views) of the fc output
-            add(f"{p}.mlp.act", "silu", fc, n * 2 * f * c, "fc output (silu's input a and the gate g are views)")
-            add(f"{p}.mlp.act", "mul", f"{p}.mlp.act:silu", n * f * c, "silu(a), for the gate's gradient")
-        else:  # exact or tanh-approximated (gelu_tanh): one aten.gelu kernel either way, keeping its input only
+            add(
+                f"{p}.mlp.act",
+                "silu",
+                fc,
+                n * 2 * f * c,
+                "fc output (silu's input a and the gate g are views)",
+            )
+            add(
+                f"{p}.mlp.act",
+                "mul",
+                f"{p}.mlp.act:silu",
+                n * f * c,
+                "silu(a), for the gate's gradient",
+            )
+        # exact or tanh-approximated (gelu_tanh): one aten.gelu kernel either way, keeping its input
+        # only
+        else:
             tanh = ", tanh approximation" if cfg.mlp == "gelu_tanh" else ""
             add(f"{p}.mlp.act", "gelu", fc, n * f * c, f"gelu input (fc output){tanh}")
         linear(f"{p}.mlp.proj", f"{p}.mlp.act:out", c, f, h)
@@ -199,15 +288,23 @@ def saved_terms(cfg, st: Shape) -> list[Saved]:
     if not toy:
         x = norm("norm_f", x)
     linear("head", x, r, h, v)
-    # Cross-entropy on fp32 logits: log_softmax keeps its fp32 output (4sbv); nll_loss keeps targets + weight sum.
-    add("loss", "_log_softmax", "loss:logp", n * v * 4, "fp32 log-probabilities, the cross-entropy input (4sbv)")
+    # Cross-entropy on fp32 logits: log_softmax keeps its fp32 output (4sbv); nll_loss keeps targets
+    # + weight sum.
+    add(
+        "loss",
+        "_log_softmax",
+        "loss:logp",
+        n * v * 4,
+        "fp32 log-probabilities, the cross-entropy input (4sbv)",
+    )
     add("loss", "nll_loss", "input:targets", n * 8, "int64 targets")
     add("loss", "nll_loss", "loss:total_weight", 4, "fp32 scalar")
     return out
 
 
 def _attention_terms(cfg, st: Shape, p: str, x: str, add, linear, norm, dropout) -> str:
-    """x + drop(out(core(rope(q), rope(k), v))) of block ``p``; returns the storage of its output."""
+    """x + drop(out(core(rope(q), rope(k), v))) of block ``p``; returns the storage of its
+    output."""
     b, s, h, a = st.batch, st.seq, cfg.d_model, cfg.n_head
     n, r, c = b * s, st.param_bytes, st.compute_bytes
     kv = cfg.n_kv_head or a
@@ -216,68 +313,118 @@ def _attention_terms(cfg, st: Shape, p: str, x: str, add, linear, norm, dropout)
     q, k, vv = qkv, qkv, qkv  # q, k, v are strided views of the fused qkv output
     if cfg.positions == "rope":
         for name in ("q", "k"):
-            if c != 4:  # the fp32 cos/sin tables are cast to the activation dtype per call and saved by mul
+            if (
+                c != 4
+            ):  # the fp32 cos/sin tables are cast to the activation dtype per call and saved by mul
                 for tab in ("cos", "sin"):
-                    add(f"{p}.attn.rotary", "mul", f"{p}.attn.rotary:{name}_{tab}", s * hd // 2 * c,
-                        f"{tab} table cast to the activation dtype")
-        q, k = f"{p}.attn.rotary:q", f"{p}.attn.rotary:k"  # stack() outputs, contiguous (b, h, s, hd)
+                    add(
+                        f"{p}.attn.rotary",
+                        "mul",
+                        f"{p}.attn.rotary:{name}_{tab}",
+                        s * hd // 2 * c,
+                        f"{tab} table cast to the activation dtype",
+                    )
+        q, k = (
+            f"{p}.attn.rotary:q",
+            f"{p}.attn.rotary:k",
+        )  # stack() outputs, contiguous (b, h, s, hd)
     core, sq = f"{p}.attn.core", b * a * s * s
     backend = "eager" if cfg.attention == "eager" else sdpa_backend(cfg, st)
     y_copy = True  # is the out-projection's input a contiguous copy of the core output?
     if backend in ("cpu_flash", "flash", "efficient"):
-        # The fused kernel keeps q, k, v as passed (k, v with n_kv heads: GQA is native), its output and the
-        # fp32 log-sum-exp (efficient pads s to a multiple of 32); with dropout on CUDA, the philox seed/offset.
+        # The fused kernel keeps q, k, v as passed (k, v with n_kv heads: GQA is native), its output
+        # and the
+        # fp32 log-sum-exp (efficient pads s to a multiple of 32); with dropout on CUDA, the philox
+        # seed/offset.
         for name, stor, heads in (("q", q, a), ("k", k, kv), ("v", vv, kv)):
-            add(core, f"sdpa_{backend}", stor, (n * (a + 2 * kv) * hd if stor == qkv else n * heads * hd) * c,
-                f"{name} (input)" + (", a view of the fused qkv output" if stor == qkv else ""))
+            add(
+                core,
+                f"sdpa_{backend}",
+                stor,
+                (n * (a + 2 * kv) * hd if stor == qkv else n * heads * hd) * c,
+                f"{name} (input)" + (", a view of the fused qkv output" if stor == qkv else ""),
+            )
         add(core, f"sdpa_{backend}", f"{core}:out", n * h * c, "attention output")
         lse_s = math.ceil(s / 32) * 32 if backend == "efficient" else s
         add(core, f"sdpa_{backend}", f"{core}:lse", b * a * lse_s * 4, "fp32 log-sum-exp per row")
         if backend != "cpu_flash" and cfg.dropout > 0:
-            add(core, f"sdpa_{backend}", f"{core}:rng", 24 if backend == "flash" else 16, "philox seed + offset")
-        # Output layout: (b, s, h, d) when q is a strided view (flash follows q's layout) or always (efficient):
+            add(
+                core,
+                f"sdpa_{backend}",
+                f"{core}:rng",
+                24 if backend == "flash" else 16,
+                "philox seed + offset",
+            )
+        # Output layout: (b, s, h, d) when q is a strided view (flash follows q's layout) or always
+        # (efficient):
         # then the rearrange before the out-projection is a view and nothing new is saved.
         y_copy = backend != "efficient" and q != qkv
     elif backend == "math":
-        # Decomposed SDPA (CPU with dropout): 16-bit inputs upcast to fp32; scaled q, k and v kept as
-        # contiguous (b*a, s, hd) copies (k, v repeated to a heads under GQA), the s^2 probabilities, the
+        # Decomposed SDPA (CPU with dropout): 16-bit inputs upcast to fp32; scaled q, k and v kept
+        # as
+        # contiguous (b*a, s, hd) copies (k, v repeated to a heads under GQA), the s^2
+        # probabilities, the
         # dropout mask (fp32 on CPU) and the dropped probabilities.
         for name in ("q", "k", "v"):
-            add(core, "bmm", f"{core}:{name}_fp32", n * h * 4, f"contiguous fp32 {name} for the batched matmul")
+            add(
+                core,
+                "bmm",
+                f"{core}:{name}_fp32",
+                n * h * 4,
+                f"contiguous fp32 {name} for the batched matmul",
+            )
         add(core, "_safe_softmax", f"{core}:probs", sq * 4, "fp32 softmax probabilities (s^2)")
         if cfg.dropout > 0:
             add(core, "native_dropout", f"{core}:mask", sq * 4, "fp32 dropout mask (s^2, CPU)")
             add(core, "bmm", f"{core}:dropped", sq * 4, "fp32 dropped probabilities (s^2)")
     else:
-        # Eager: q @ k^T saves q and k as (b*a, s, hd) operands: a contiguous copy of a strided qkv view, the
+        # Eager: q @ k^T saves q and k as (b*a, s, hd) operands: a contiguous copy of a strided qkv
+        # view, the
         # rope output itself, or the GQA-repeated copy; att @ v likewise saves v.
         for name, stor in (("q", q), ("k", k), ("v", vv)):
             repeated = name != "q" and kv != a
             kept = f"{core}:{name}_copy" if stor == qkv or repeated else stor
-            add(core, "bmm", kept, n * h * c, f"{name} as a contiguous bmm operand"
-                + (" (repeated to all heads)" if repeated else ""))
+            add(
+                core,
+                "bmm",
+                kept,
+                n * h * c,
+                f"{name} as a contiguous bmm operand"
+                + (" (repeated to all heads)" if repeated else ""),
+            )
         add(core, "masked_fill", f"{core}:causal", s * s, "bool (s, s) mask ~causal, made per call")
         cuda_auto = st.device == "cuda" and st.autocast_bytes is not None
         pb = 4 if cuda_auto else c  # CUDA autocast runs softmax in fp32
         add(core, "_softmax", f"{core}:probs", sq * pb, "softmax probabilities (s^2)")
         if cfg.dropout > 0:
-            add(core, "native_dropout", f"{core}:mask", sq * (1 if st.device == "cuda" else pb),
-                "attention dropout mask (s^2)")
+            add(
+                core,
+                "native_dropout",
+                f"{core}:mask",
+                sq * (1 if st.device == "cuda" else pb),
+                "attention dropout mask (s^2)",
+            )
         if cfg.dropout > 0 or cuda_auto:
-            add(core, "bmm", f"{core}:dropped", sq * c, "probabilities as the att @ v operand (s^2)")
+            add(
+                core, "bmm", f"{core}:dropped", sq * c, "probabilities as the att @ v operand (s^2)"
+            )
     y = f"{p}.attn.out:in_copy" if y_copy else f"{core}:out"
     linear(f"{p}.attn.out", y, c, h, h)
     dropout(f"{p}.attn.drop", h, c)
     return f"{p}:mid"
 
 
-REGION = re.compile(r"blocks\.(\d+)(?:-(\d+))?(\.attn\.core|\.attn|\.mlp\.act|\.mlp|\.norm1|\.norm2)?")
+REGION = re.compile(
+    r"blocks\.(\d+)(?:-(\d+))?(\.attn\.core|\.attn|\.mlp\.act|\.mlp|\.norm1|\.norm2)?"
+)
 
 
 def region_inputs(cfg, st: Shape, name: str) -> Optional[list[tuple[str, int]]]:
-    """(storage, bytes) of what a checkpoint region over ``name`` keeps: its forward inputs; None if unknown.
+    """(storage, bytes) of what a checkpoint region over ``name`` keeps: its forward inputs; None if
+    unknown.
 
-    ``name``: blocks.i, a run of blocks blocks.i-j (one region, keeps block i's input), or blocks.i. + attn,
+    ``name``: blocks.i, a run of blocks blocks.i-j (one region, keeps block i's input), or blocks.i.
+    + attn,
     attn.core, mlp, mlp.act, norm1, norm2.
     """
     b, s, h = st.batch, st.seq, cfg.d_model
@@ -289,9 +436,17 @@ def region_inputs(cfg, st: Shape, name: str) -> Optional[list[tuple[str, int]]]:
     if (m.group(2) and part) or (cfg.arch == "toy_mlp" and part):
         return None
     p = f"blocks.{i}"
-    if part in (None, ".norm1"):  # the block input: previous block's output (toy: linear2's, dtype c)
+    if part in (
+        None,
+        ".norm1",
+    ):  # the block input: previous block's output (toy: linear2's, dtype c)
         width = c if cfg.arch == "toy_mlp" and i else r
-        return [(f"blocks.{i - 1}:out" if i else ("drop:out" if cfg.dropout > 0 else "emb:out"), n * h * width)]
+        return [
+            (
+                f"blocks.{i - 1}:out" if i else ("drop:out" if cfg.dropout > 0 else "emb:out"),
+                n * h * width,
+            )
+        ]
     if part == ".norm2":
         return [(f"{p}:mid", n * h * r)]
     if part in (".attn", ".mlp"):
@@ -302,7 +457,11 @@ def region_inputs(cfg, st: Shape, name: str) -> Optional[list[tuple[str, int]]]:
     hd = h // a
     qkv = (f"{p}.attn.qkv:out", n * (a + 2 * kv) * hd * c)
     if cfg.positions == "rope":
-        return [(f"{p}.attn.rotary:q", n * a * hd * c), (f"{p}.attn.rotary:k", n * kv * hd * c), qkv]
+        return [
+            (f"{p}.attn.rotary:q", n * a * hd * c),
+            (f"{p}.attn.rotary:k", n * kv * hd * c),
+            qkv,
+        ]
     return [qkv]
 
 
@@ -316,8 +475,10 @@ def covers(region: str, module: str) -> bool:
 
 
 def region_names(plan) -> list[str]:
-    """Checkpoint regions of a plan (recompute_lab.strategies.Plan): whole-block groups (``block_groups``, e.g.
-    layers uniform, sqrt) become ``blocks.i-j`` runs, one region each; otherwise the recomputed module names."""
+    """Checkpoint regions of a plan (recompute_lab.strategies.Plan): whole-block groups
+    (``block_groups``, e.g.
+    layers uniform, sqrt) become ``blocks.i-j`` runs, one region each; otherwise the recomputed
+    module names."""
     recomputed = list(plan.recomputed)
     groups = plan.block_groups
     if groups and recomputed and all(re.fullmatch(r"blocks\.\d+", n) for n in recomputed):
@@ -326,16 +487,22 @@ def region_names(plan) -> list[str]:
 
 
 def predict_activations(cfg, st: Shape, plan=None, source=None) -> dict:
-    """Saved-for-backward bytes of one forward under ``plan``; ``total`` None with a ``reason`` when not predictable.
+    """Saved-for-backward bytes of one forward under ``plan``; ``total`` None with a ``reason`` when
+    not predictable.
 
-    ``plan`` is a recompute_lab.strategies.Plan (None: nothing recomputed). A module in ``plan.recomputed`` is one
-    checkpoint region: its own saves disappear and its inputs are kept instead (counted once if something
-    outside saves them anyway). A plan whose saves are decided per op, per region or elsewhere carries its
+    ``plan`` is a recompute_lab.strategies.Plan (None: nothing recomputed). A module in
+    ``plan.recomputed`` is one
+    checkpoint region: its own saves disappear and its inputs are kept instead (counted once if
+    something
+    outside saves them anyway). A plan whose saves are decided per op, per region or elsewhere
+    carries its
     ``activation_reason``: then there is no closed form.
     """
     if plan is not None and plan.activation_reason:
         return {"total": None, "reason": plan.activation_reason}
-    ext = source or external(cfg)  # source: another saved-term description (a tensor-parallel rank's)
+    ext = source or external(
+        cfg
+    )  # source: another saved-term description (a tensor-parallel rank's)
     why = ext.reason(cfg, st) if ext is not None else None
     if why:
         return {"total": None, "reason": why}
@@ -346,13 +513,19 @@ def predict_activations(cfg, st: Shape, plan=None, source=None) -> dict:
     for name in regions:
         inputs = inputs_of(cfg, st, name)
         if inputs is None:
-            return {"total": None, "reason": f"no analytic model for a checkpoint region over {name!r}"}
-        region_of[name] = [Saved(name, "checkpoint", stor, nb, "checkpoint region input") for stor, nb in inputs]
+            return {
+                "total": None,
+                "reason": f"no analytic model for a checkpoint region over {name!r}",
+            }
+        region_of[name] = [
+            Saved(name, "checkpoint", stor, nb, "checkpoint region input") for stor, nb in inputs
+        ]
 
     def region(t: Saved) -> Optional[str]:
         return next((m for m in regions if covers(m, t.module)), None)
 
-    # Walk in forward order; a region's inputs are saved where the region starts (before its body), and a
+    # Walk in forward order; a region's inputs are saved where the region starts (before its body),
+    # and a
     # storage is billed to its first saver, as the measurement does.
     seen: dict[str, Saved] = {}
     for t in terms:
@@ -368,12 +541,19 @@ def predict_activations(cfg, st: Shape, plan=None, source=None) -> dict:
     total = sum(by_module.values())
     logits = sum(t.nbytes for t in seen.values() if t.storage == "loss:logp")
     transient = max([_region_transient(terms, m) for m in regions] + [0])
-    return {"total": total, "logits": logits, "by_module": by_module, "largest_region": transient,
-            "terms": [asdict(t) for t in seen.values()], "reason": None}
+    return {
+        "total": total,
+        "logits": logits,
+        "by_module": by_module,
+        "largest_region": transient,
+        "terms": [asdict(t) for t in seen.values()],
+        "reason": None,
+    }
 
 
 def _region_transient(terms: list[Saved], region: str) -> int:
-    """Bytes one region re-saves while its recompute runs in backward (its own unrecomputed saves)."""
+    """Bytes one region re-saves while its recompute runs in backward (its own unrecomputed
+    saves)."""
     stor = {t.storage: t.nbytes for t in terms if covers(region, t.module)}
     return sum(stor.values())
 
@@ -383,24 +563,40 @@ def per_layer(pred: dict, i: int) -> int:
     return sum(v for k, v in pred["by_module"].items() if covers(f"blocks.{i}", k))
 
 
-# FSDP with bf16_master: the sharded fp32 parameters ARE the master weights; FSDP's MixedPrecisionPolicy gathers
-# bf16 copies for forward/backward (transient, freed after each block) and reduce-scatters gradients into fp32
-# shards. Persistent state: fp32 params 4 + fp32 grads 4 + fp32 Adam 8 = 16 B, then divided over the ranks.
+# FSDP with bf16_master: the sharded fp32 parameters ARE the master weights; FSDP's
+# MixedPrecisionPolicy gathers
+# bf16 copies for forward/backward (transient, freed after each block) and reduce-scatters gradients
+# into fp32
+# shards. Persistent state: fp32 params 4 + fp32 grads 4 + fp32 Adam 8 = 16 B, then divided over the
+# ranks.
 FSDP_BF16_MASTER_BYTES_PER_PARAM = {"params": 4, "grads": 4, "master": 0, "optimizer": 8}
 
 
-def model_state_bytes_sharded(n_params: int, precision: str, fp32_grad_accum: bool = False,
-                              parallel: str = "none", dp_size: int = 1) -> dict:
+def model_state_bytes_sharded(
+    n_params: int,
+    precision: str,
+    fp32_grad_accum: bool = False,
+    parallel: str = "none",
+    dp_size: int = 1,
+) -> dict:
     """Predicted model-state bytes held by ONE rank of a ``dp_size``-way data-parallel run.
 
     none / ddp: every rank holds the whole state (DDP replicates it): 16N with Adam (ZeRO stage 0).
-    fsdp:       ZeRO-3 shards params, grads and optimizer state: 16N / dp_size per rank (each tensor is split
+    fsdp:       ZeRO-3 shards params, grads and optimizer state: 16N / dp_size per rank (each tensor
+                is split
                 along dim 0; uneven splits pad, which this formula ignores).
     ``n_params`` is the whole model's count; ``per_param`` is bytes per rank by kind.
     """
     if parallel != "fsdp":
         return model_state_bytes(n_params, precision, fp32_grad_accum)
-    per = (FSDP_BF16_MASTER_BYTES_PER_PARAM if precision == "bf16_master"
-           else MODEL_STATE_BYTES_PER_PARAM[model_state_key(precision, fp32_grad_accum)])
+    per = (
+        FSDP_BF16_MASTER_BYTES_PER_PARAM
+        if precision == "bf16_master"
+        else MODEL_STATE_BYTES_PER_PARAM[model_state_key(precision, fp32_grad_accum)]
+    )
     by_kind = {k: v * n_params // dp_size for k, v in per.items()}
-    return {"per_param": by_kind, "total": sum(by_kind.values()), "bytes_per_param": sum(per.values()) / dp_size}
+    return {
+        "per_param": by_kind,
+        "total": sum(by_kind.values()),
+        "bytes_per_param": sum(per.values()) / dp_size,
+    }

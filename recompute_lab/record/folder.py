@@ -1,17 +1,28 @@
-"""The run folder's record: one writer at a time, a record from the first second, and no finished record lost.
+"""The run folder's record: one writer at a time, a record from the first second, and no finished
+record lost.
 
-- An exclusive lock (``fcntl.flock`` on ``.recompute_lab.lock`` in the run folder, released by the kernel when the
-  process dies) refuses a second run on the same folder with a clear message, before it writes anything.
-- A run whose configuration, strategy options or resume checkpoint are refused writes nothing into a folder
-  that already holds a record (the old record stays); into an empty folder it writes an ``error`` record, so a
+- An exclusive lock (``fcntl.flock`` on ``.recompute_lab.lock`` in the run folder, released by the
+kernel when the
+  process dies) refuses a second run on the same folder with a clear message, before it writes
+  anything.
+- A run whose configuration, strategy options or resume checkpoint are refused writes nothing into a
+folder
+  that already holds a record (the old record stays); into an empty folder it writes an ``error``
+  record, so a
   sweep shows the job.
-- A folder whose results.json says ``ok`` holds a finished run: a new run there is refused (pick another
+- A folder whose results.json says ``ok`` holds a finished run: a new run there is refused (pick
+another
   ``hydra.run.dir``); its results.json is never replaced.
-- A record of any other status (interrupted, error, a ``running`` record left by a killed job) is kept as
+- A record of any other status (interrupted, error, a ``running`` record left by a killed job) is
+kept as
   ``results.previous-N.json`` before the new run's record replaces it.
-- Once the checks pass, a ``status: running`` record is written at once, so a job that is killed (SIGKILL, node
+- Once the checks pass, a ``status: running`` record is written at once, so a job that is killed
+(SIGKILL, node
   failure) still shows in ``analyze``; the analysis tells a live run from a dead one by the lock.
+
+Layer: record.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -34,7 +45,8 @@ class FolderBusy(ConfigError):
 
 
 def read_status(path: Path) -> Optional[str]:
-    """The status of the results.json at ``path``: None if there is none, "unreadable" if it is not a record."""
+    """The status of the results.json at ``path``: None if there is none, "unreadable" if it is not
+    a record."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -45,7 +57,8 @@ def read_status(path: Path) -> Optional[str]:
 
 
 def is_locked(folder: Path) -> bool:
-    """Whether a live process holds the run folder's lock (a ``running`` record with no holder is a dead run)."""
+    """Whether a live process holds the run folder's lock (a ``running`` record with no holder is a
+    dead run)."""
     path = Path(folder) / LOCK
     if not path.exists():
         return False
@@ -68,7 +81,8 @@ class RunFolder:
         self.prior: Optional[str] = None
 
     def acquire(self) -> None:
-        """Take the folder's lock and look at what it holds; raise FolderBusy / ConfigError, writing nothing."""
+        """Take the folder's lock and look at what it holds; raise FolderBusy / ConfigError, writing
+        nothing."""
         if not self.write:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -77,17 +91,22 @@ class RunFolder:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise FolderBusy(f"another process is running in {self.folder} (it holds {LOCK}); wait for it or "
-                             "choose another hydra.run.dir") from None
+            raise FolderBusy(
+                f"another process is running in {self.folder} (it holds {LOCK}); wait for it or "
+                "choose another hydra.run.dir"
+            ) from None
         self._lock = lock
         remove_stale_temps(self.folder, RESULTS)  # left by a write that a SIGKILL cut short
         self.prior = read_status(self.folder / RESULTS)
         if self.prior == "ok":
-            raise ConfigError(f"{self.folder} holds a finished run (results.json status ok), kept as it is; "
-                              "choose another hydra.run.dir for a new run")
+            raise ConfigError(
+                f"{self.folder} holds a finished run (results.json status ok), kept as it is; "
+                "choose another hydra.run.dir for a new run"
+            )
 
     def refused(self, results: dict) -> None:
-        """Record a run refused before it started: only where no earlier record would be replaced."""
+        """Record a run refused before it started: only where no earlier record would be
+        replaced."""
         if self.write and self.prior is None and self._lock is not None:
             self._write(results)
 
@@ -108,13 +127,17 @@ class RunFolder:
             self._write(results)
 
     def _write(self, results: dict) -> None:
-        """Write the record through its typed contract (recompute_lab.record.result.RunResult). A record that does
-        not fit is still written, never lost, with the reason in ``record_error`` (tests make it an error)."""
+        """Write the record through its typed contract (recompute_lab.record.result.RunResult). A
+        record that does
+        not fit is still written, never lost, with the reason in ``record_error`` (tests make it an
+        error)."""
         data = jsonable(results)
         try:
             data = RunResult.from_dict(data, str(self.folder / RESULTS)).to_dict()
             if os.environ.get(VALIDATE_ENV) == "1":
-                validate(data)  # the JSON Schema too (tests/conftest.py sets it for every test and CLI run)
+                validate(
+                    data
+                )  # the JSON Schema too (tests/conftest.py sets it for every test and CLI run)
         except RecordError as e:
             if os.environ.get(VALIDATE_ENV) == "1":
                 raise

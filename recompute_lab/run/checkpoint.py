@@ -1,8 +1,12 @@
-"""Training-state checkpoints for interruption and resume: atomic, versioned, hashed, refused when they do not match.
+"""Training-state checkpoints for interruption and resume: atomic, versioned, hashed, refused when
+they do not match.
 
-A checkpoint holds everything the next step depends on: model and optimizer state (master weights included,
-through the optimizer's own state_dict), the LR schedule, the RNG states (dropout masks), the step, and the
-loss/time history so far. Data needs no state: batch ``(step, micro)`` is a pure function of the seed. Resuming
+A checkpoint holds everything the next step depends on: model and optimizer state (master weights
+included,
+through the optimizer's own state_dict), the LR schedule, the RNG states (dropout masks), the step,
+and the
+loss/time history so far. Data needs no state: batch ``(step, micro)`` is a pure function of the
+seed. Resuming
 an interrupted run therefore continues with bit-identical losses.
 
 File format (version 2). ``checkpoint.pt`` is one torch.save file holding a small container::
@@ -10,20 +14,30 @@ File format (version 2). ``checkpoint.pt`` is one torch.save file holding a smal
     {"format": FORMAT, "version": 2, "sha256": <hex digest of payload>, "payload": <uint8 tensor>}
 
 where ``payload`` is the bytes of ``torch.save(state)``. Loading reads the container with
-``torch.load(weights_only=True)``, checks the version, checks the sha256 of the payload bytes, and only then
+``torch.load(weights_only=True)``, checks the version, checks the sha256 of the payload bytes, and
+only then
 unpickles the payload, again with ``weights_only=True``. So:
 
-* nothing in a checkpoint can run code: both unpicklings accept only tensors and plain containers / numbers /
-  strings (a crafted pickle is refused, never executed), which is why the state is kept to those types;
-* a flipped bit in a tensor payload is refused before anything is restored (torch's zip reader does not check
-  its CRCs, so without the digest a corrupted weight would load silently). The digest detects damage, not
+* nothing in a checkpoint can run code: both unpicklings accept only tensors and plain containers /
+numbers /
+  strings (a crafted pickle is refused, never executed), which is why the state is kept to those
+  types;
+* a flipped bit in a tensor payload is refused before anything is restored (torch's zip reader does
+not check
+  its CRCs, so without the digest a corrupted weight would load silently). The digest detects
+  damage, not
   tampering: whoever can write the file can recompute it. ``weights_only`` is the safety boundary;
 * the container is itself a torch file, so ``torch.load`` still opens a checkpoint for inspection.
 
-Every malformed checkpoint is refused with a ConfigError that says what is wrong; :func:`restore` checks the
-whole state against the model, optimizer and scheduler before it changes any of them, so it never half-applies.
+Every malformed checkpoint is refused with a ConfigError that says what is wrong; :func:`restore`
+checks the
+whole state against the model, optimizer and scheduler before it changes any of them, so it never
+half-applies.
 Writes go through recompute_lab.record.fileio (temp file, fsync, rename, fsync of the folder).
+
+Layer: run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +60,17 @@ FORMAT = "recompute_lab checkpoint"
 # Config sections that must match for a resumed run to continue the same training trajectory.
 MUST_MATCH = ("model", "precision", "strategy", "data", "optimizer")
 TRAINER_MUST_MATCH = ("steps", "grad_accum", "seed")
-STATE_KEYS = ("version", "fingerprint", "step", "model", "optimizer", "scheduler", "rng", "history", "step_s")
+STATE_KEYS = (
+    "version",
+    "fingerprint",
+    "step",
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "history",
+    "step_s",
+)
 CONTAINER_KEYS = ("version", "sha256", "payload")
 _MAX_LISTED = 8  # names listed per problem in an error message; the rest are counted
 
@@ -58,28 +82,45 @@ def fingerprint(cfg: RunSpec) -> dict:
     return out
 
 
-# -- save ---------------------------------------------------------------------------------------------------------
+# -- save ------------------------------------------------------------------------------------------
 
-def save(path: Path, *, cfg: RunSpec, step: int, model, optimizer, scheduler, history: list, step_s: list) -> None:
-    """Write the state after ``step`` completed steps, atomically and durably (see the module docstring)."""
+
+def save(
+    path: Path, *, cfg: RunSpec, step: int, model, optimizer, scheduler, history: list, step_s: list
+) -> None:
+    """Write the state after ``step`` completed steps, atomically and durably (see the module
+    docstring)."""
     state = {
-        "version": CHECKPOINT_VERSION, "fingerprint": fingerprint(cfg), "step": int(step),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "version": CHECKPOINT_VERSION,
+        "fingerprint": fingerprint(cfg),
+        "step": int(step),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
         # Plain floats: load() accepts numbers only, and a 0-d tensor slipping in would be one.
-        "history": [float(v) for v in history], "step_s": [float(v) for v in step_s],
+        "history": [float(v) for v in history],
+        "step_s": [float(v) for v in step_s],
     }
-    # Fail here, loudly, rather than write a file that weights_only loading would refuse at resume time.
+    # Fail here, loudly, rather than write a file that weights_only loading would refuse at resume
+    # time.
     _require_plain(state, "state")
     buf = io.BytesIO()
     torch.save(state, buf)
     view = buf.getbuffer()
-    container = {"format": FORMAT, "version": CHECKPOINT_VERSION, "sha256": hashlib.sha256(view).hexdigest(),
-                 "payload": torch.frombuffer(view, dtype=torch.uint8)}  # a view of buf: no second copy
+    container = {
+        "format": FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "sha256": hashlib.sha256(view).hexdigest(),
+        "payload": torch.frombuffer(view, dtype=torch.uint8),
+    }  # a view of buf: no second copy
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A save killed mid-write (SIGKILL, OOM killer) leaves its temp file; the run folder belongs to this run.
+    # A save killed mid-write (SIGKILL, OOM killer) leaves its temp file; the run folder belongs to
+    # this run.
     fileio.remove_stale_temps(path.parent, path.name)
     with fileio.atomic_path(path) as tmp:
         torch.save(container, tmp)
@@ -89,7 +130,8 @@ _PLAIN_LEAVES = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.d
 
 
 def _require_plain(obj: Any, where: str) -> None:
-    """Raise TypeError unless ``obj`` is made of tensors and plain containers / numbers / strings only."""
+    """Raise TypeError unless ``obj`` is made of tensors and plain containers / numbers / strings
+    only."""
     if isinstance(obj, _PLAIN_LEAVES):
         return
     if isinstance(obj, dict):  # OrderedDict included (model.state_dict())
@@ -102,20 +144,28 @@ def _require_plain(obj: Any, where: str) -> None:
         for i, v in enumerate(obj):
             _require_plain(v, f"{where}[{i}]")
         return
-    raise TypeError(f"checkpoint {where} is a {type(obj).__module__}.{type(obj).__qualname__}; only tensors and "
-                    "plain containers/numbers/strings can be loaded with weights_only=True")
+    raise TypeError(
+        f"checkpoint {where} is a {type(obj).__module__}.{type(obj).__qualname__}; only tensors "
+        f"and "
+        "plain containers/numbers/strings can be loaded with weights_only=True"
+    )
 
 
-# -- locate / load ------------------------------------------------------------------------------------------------
+# -- locate / load ---------------------------------------------------------------------------------
+
 
 def locate(resume: Any, run_dir: Path) -> Optional[Path]:
-    """Map trainer.resume (null | true | a checkpoint file or run folder) to a checkpoint path, or None."""
+    """Map trainer.resume (null | true | a checkpoint file or run folder) to a checkpoint path, or
+    None."""
     if resume in (None, False, "", "false", "False"):
         return None
     if resume in (True, "true", "True"):
         path = Path(run_dir) / FILENAME
-        hint = (f"trainer.resume=true looks for {path}; rerun with hydra.run.dir=<the interrupted run's folder> "
-                f"or give trainer.resume=<path to {FILENAME}>")
+        hint = (
+            f"trainer.resume=true looks for {path}; rerun with hydra.run.dir=<the interrupted "
+            f"run's folder> "
+            f"or give trainer.resume=<path to {FILENAME}>"
+        )
     else:
         path = Path(str(resume)).expanduser()
         path = path / FILENAME if path.is_dir() else path
@@ -126,14 +176,18 @@ def locate(resume: Any, run_dir: Path) -> Optional[Path]:
 
 
 def load(path: Path, cfg: RunSpec) -> dict:
-    """Read and check a checkpoint; raise ConfigError for a corrupt, foreign, unsafe or mismatched file.
+    """Read and check a checkpoint; raise ConfigError for a corrupt, foreign, unsafe or mismatched
+    file.
 
-    The returned state has passed every check that needs only ``cfg``; :func:`restore` does the rest.
+    The returned state has passed every check that needs only ``cfg``; :func:`restore` does the
+    rest.
     """
     container = _torch_load(path, path, "file")
     if not isinstance(container, dict):
-        raise ConfigError(f"checkpoint {path} is not a recompute_lab checkpoint (it holds a "
-                          f"{type(container).__name__}, not a dict)")
+        raise ConfigError(
+            f"checkpoint {path} is not a recompute_lab checkpoint (it holds a "
+            f"{type(container).__name__}, not a dict)"
+        )
     _check_version(path, container.get("version"))
     missing = [k for k in CONTAINER_KEYS if k not in container]
     if missing:
@@ -141,13 +195,20 @@ def load(path: Path, cfg: RunSpec) -> dict:
     digest, payload = container["sha256"], container["payload"]
     if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
         raise ConfigError(f"checkpoint {path} has a malformed sha256 entry ({_short(digest)})")
-    if not (isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8 and payload.dim() == 1):
-        raise ConfigError(f"checkpoint {path} has a malformed payload (expected a 1-d uint8 tensor)")
+    if not (
+        isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8 and payload.dim() == 1
+    ):
+        raise ConfigError(
+            f"checkpoint {path} has a malformed payload (expected a 1-d uint8 tensor)"
+        )
     data = payload.contiguous().numpy()
     actual = hashlib.sha256(data).hexdigest()
     if not hmac.compare_digest(actual, digest):
-        raise ConfigError(f"checkpoint {path} is corrupt: the sha256 of its payload is {actual}, the file records "
-                          f"{digest} (bytes changed after it was written)")
+        raise ConfigError(
+            f"checkpoint {path} is corrupt: the sha256 of its payload is {actual}, the file "
+            f"records "
+            f"{digest} (bytes changed after it was written)"
+        )
     state = _torch_load(io.BytesIO(data.tobytes()), path, "payload")
     _check_state(state, path, cfg)
     return state
@@ -158,30 +219,45 @@ def _torch_load(src, path: Path, what: str) -> Any:
         # weights_only=True, always: unpickling anything else can run code that the file chooses.
         return torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message suggests retrying with weights_only=False; this tool never does. Keep the reason only.
+        # torch's message suggests retrying with weights_only=False; this tool never does. Keep the
+        # reason only.
         found = re.search(r"(Unsupported [^\n]*?)(?: Please use|\n|$)", str(e))
-        reason = found.group(1).strip() if found else _short(str(e).splitlines()[0] if str(e) else e)
-        raise ConfigError(f"checkpoint {path} is unreadable or corrupt: its {what} holds something other than "
-                          f"tensors and plain data, refused without loading it ({reason})") from None
+        reason = (
+            found.group(1).strip() if found else _short(str(e).splitlines()[0] if str(e) else e)
+        )
+        raise ConfigError(
+            f"checkpoint {path} is unreadable or corrupt: its {what} holds something other than "
+            f"tensors and plain data, refused without loading it ({reason})"
+        ) from None
     except Exception as e:
-        raise ConfigError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: "
-                          f"{_short(str(e).splitlines()[0] if str(e) else '')})") from None
+        raise ConfigError(
+            f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: "
+            f"{_short(str(e).splitlines()[0] if str(e) else '')})"
+        ) from None
 
 
 def _check_version(path: Path, found: Any) -> None:
     if type(found) is int and found == CHECKPOINT_VERSION:
         return
     if type(found) is int and found == 1:
-        raise ConfigError(f"checkpoint {path} has version 1 (written by an older recompute_lab, without a content "
-                          f"hash); this recompute_lab reads version {CHECKPOINT_VERSION} only: start the run again")
-    raise ConfigError(f"checkpoint {path} has version {_short(repr(found))}; this recompute_lab reads version "
-                      f"{CHECKPOINT_VERSION}")
+        raise ConfigError(
+            f"checkpoint {path} has version 1 (written by an older recompute_lab, without a "
+            f"content "
+            f"hash); this recompute_lab reads version {CHECKPOINT_VERSION} only: start the run "
+            f"again"
+        )
+    raise ConfigError(
+        f"checkpoint {path} has version {_short(repr(found))}; this recompute_lab reads version "
+        f"{CHECKPOINT_VERSION}"
+    )
 
 
 def _check_state(state: Any, path: Path, cfg: RunSpec) -> None:
     """Everything about the unpickled state that can be checked without the model."""
     if not isinstance(state, dict):
-        raise ConfigError(f"checkpoint {path} is malformed: its payload is a {type(state).__name__}, not a dict")
+        raise ConfigError(
+            f"checkpoint {path} is malformed: its payload is a {type(state).__name__}, not a dict"
+        )
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise ConfigError(f"checkpoint {path} is incomplete: missing keys {_names(missing)}")
@@ -191,59 +267,98 @@ def _check_state(state: Any, path: Path, cfg: RunSpec) -> None:
     theirs, ours = state["fingerprint"], fingerprint(cfg)
     diffs = sorted(_diff("", theirs, ours))
     if diffs:
-        raise ConfigError(f"checkpoint {path} was written by a different configuration; differing keys: "
-                          + ", ".join(diffs))
+        raise ConfigError(
+            f"checkpoint {path} was written by a different configuration; differing keys: "
+            + ", ".join(diffs)
+        )
     steps, step = cfg.trainer.steps, state["step"]
     if type(step) is not int or not 0 <= step <= steps:
-        raise ConfigError(f"checkpoint {path} is malformed: 'step' is {_short(step)}, expected an int in "
-                          f"0..{steps} (trainer.steps)")
+        raise ConfigError(
+            f"checkpoint {path} is malformed: 'step' is {_short(step)}, expected an int in "
+            f"0..{steps} (trainer.steps)"
+        )
     for key in ("history", "step_s"):
         values = state[key]
         if not isinstance(values, list):
-            raise ConfigError(f"checkpoint {path} is malformed: {key!r} is a {type(values).__name__}, not a list")
-        bad = [i for i, v in enumerate(values) if type(v) not in (int, float)]  # bool excluded on purpose
+            raise ConfigError(
+                f"checkpoint {path} is malformed: {key!r} is a {type(values).__name__}, not a list"
+            )
+        bad = [
+            i for i, v in enumerate(values) if type(v) not in (int, float)
+        ]  # bool excluded on purpose
         if bad:
-            raise ConfigError(f"checkpoint {path} is malformed: {key!r} holds non-numbers at positions "
-                              f"{_names(bad)}")
+            raise ConfigError(
+                f"checkpoint {path} is malformed: {key!r} holds non-numbers at positions "
+                f"{_names(bad)}"
+            )
         if len(values) != step:
-            raise ConfigError(f"checkpoint {path} is malformed: {key!r} has {len(values)} entries, expected one "
-                              f"per completed step ({step})")
+            raise ConfigError(
+                f"checkpoint {path} is malformed: {key!r} has {len(values)} entries, expected one "
+                f"per completed step ({step})"
+            )
     model_sd = state["model"]
-    if not isinstance(model_sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                 for k, v in model_sd.items()):
-        raise ConfigError(f"checkpoint {path} is malformed: 'model' is not a dict of names to tensors")
+    if not isinstance(model_sd, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model_sd.items()
+    ):
+        raise ConfigError(
+            f"checkpoint {path} is malformed: 'model' is not a dict of names to tensors"
+        )
     opt = state["optimizer"]
-    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
-            and isinstance(opt.get("param_groups"), list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])
-            and all(isinstance(s, dict) for s in opt["state"].values())):
-        raise ConfigError(f"checkpoint {path} is malformed: 'optimizer' is not an optimizer state_dict "
-                          "(a dict with 'state' and 'param_groups')")
+    if not (
+        isinstance(opt, dict)
+        and isinstance(opt.get("state"), dict)
+        and isinstance(opt.get("param_groups"), list)
+        and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]
+        )
+        and all(isinstance(s, dict) for s in opt["state"].values())
+    ):
+        raise ConfigError(
+            f"checkpoint {path} is malformed: 'optimizer' is not an optimizer state_dict "
+            "(a dict with 'state' and 'param_groups')"
+        )
     if not isinstance(state["scheduler"], dict):
         raise ConfigError(f"checkpoint {path} is malformed: 'scheduler' is not a dict")
     rng = state["rng"]
-    if not (isinstance(rng, dict) and _is_byte_tensor(rng.get("cpu"))
-            and (rng.get("cuda") is None
-                 or (isinstance(rng["cuda"], (list, tuple)) and all(_is_byte_tensor(t) for t in rng["cuda"])))):
-        raise ConfigError(f"checkpoint {path} is malformed: 'rng' is not {{'cpu': uint8 tensor, "
-                          "'cuda': None or a list of uint8 tensors}")
+    if not (
+        isinstance(rng, dict)
+        and _is_byte_tensor(rng.get("cpu"))
+        and (
+            rng.get("cuda") is None
+            or (
+                isinstance(rng["cuda"], (list, tuple))
+                and all(_is_byte_tensor(t) for t in rng["cuda"])
+            )
+        )
+    ):
+        raise ConfigError(
+            f"checkpoint {path} is malformed: 'rng' is not {{'cpu': uint8 tensor, "
+            "'cuda': None or a list of uint8 tensors}"
+        )
 
 
 def _is_byte_tensor(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
 
 
-# -- restore ------------------------------------------------------------------------------------------------------
+# -- restore ---------------------------------------------------------------------------------------
+
 
 def check_against(state: dict, model, optimizer, scheduler=None) -> None:
-    """Raise ConfigError unless ``state`` (from :func:`load`) fits this model / optimizer / scheduler exactly.
+    """Raise ConfigError unless ``state`` (from :func:`load`) fits this model / optimizer /
+    scheduler exactly.
 
-    Checked: the model's parameter and buffer names, shapes and dtypes; the optimizer's parameter groups and
-    the shape of every per-parameter state tensor (Adam-style moments and master weights have the parameter's
-    shape; the ``step`` counter is exempt); the scheduler's state keys and its per-group lists; the RNG state
+    Checked: the model's parameter and buffer names, shapes and dtypes; the optimizer's parameter
+    groups and
+    the shape of every per-parameter state tensor (Adam-style moments and master weights have the
+    parameter's
+    shape; the ``step`` counter is exempt); the scheduler's state keys and its per-group lists; the
+    RNG state
     sizes. Changes nothing.
     """
-    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    missing = (
+        [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    )
     if missing:
         raise ConfigError(f"checkpoint state is incomplete: missing keys {_names(missing)}")
     problems = []
@@ -256,13 +371,21 @@ def check_against(state: dict, model, optimizer, scheduler=None) -> None:
         problems.append(f"missing model keys {_names(gone)}")
     if extra:
         problems.append(f"unexpected model keys {_names(extra)}")
-    shapes = [f"{k} {tuple(theirs[k].shape)} vs the model's {tuple(v.shape)}" for k, v in ours.items()
-              if k in theirs and isinstance(theirs[k], torch.Tensor) and theirs[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(theirs[k].shape)} vs the model's {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k in theirs and isinstance(theirs[k], torch.Tensor) and theirs[k].shape != v.shape
+    ]
     if shapes:
         problems.append(f"model shape mismatches: {_names(shapes, quote=False)}")
-    dtypes = [f"{k} {theirs[k].dtype} vs the model's {v.dtype}" for k, v in ours.items()
-              if k in theirs and isinstance(theirs[k], torch.Tensor) and theirs[k].shape == v.shape
-              and theirs[k].dtype != v.dtype]
+    dtypes = [
+        f"{k} {theirs[k].dtype} vs the model's {v.dtype}"
+        for k, v in ours.items()
+        if k in theirs
+        and isinstance(theirs[k], torch.Tensor)
+        and theirs[k].shape == v.shape
+        and theirs[k].dtype != v.dtype
+    ]
     if dtypes:
         problems.append(f"model dtype mismatches: {_names(dtypes, quote=False)}")
     if any(not isinstance(v, torch.Tensor) for v in theirs.values()):
@@ -276,12 +399,18 @@ def check_against(state: dict, model, optimizer, scheduler=None) -> None:
 
 
 def _optimizer_problems(saved: Any, optimizer) -> list[str]:
-    if not (isinstance(saved, dict) and isinstance(saved.get("param_groups"), list)
-            and isinstance(saved.get("state"), dict)):
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("param_groups"), list)
+        and isinstance(saved.get("state"), dict)
+    ):
         return ["'optimizer' is not an optimizer state_dict"]
     groups = saved["param_groups"]
     if len(groups) != len(optimizer.param_groups):
-        return [f"optimizer has {len(groups)} parameter groups, this run's has {len(optimizer.param_groups)}"]
+        return [
+            f"optimizer has {len(groups)} parameter groups, this run's has "
+            f"{len(optimizer.param_groups)}"
+        ]
     problems, by_id = [], {}
     for gi, (g, ours) in enumerate(zip(groups, optimizer.param_groups)):
         ids = g.get("params") if isinstance(g, dict) else None
@@ -289,9 +418,13 @@ def _optimizer_problems(saved: Any, optimizer) -> list[str]:
             problems.append(f"optimizer group {gi} has no list of integer parameter ids")
             continue
         if len(ids) != len(ours["params"]):
-            problems.append(f"optimizer group {gi} has {len(ids)} parameters, this run's has {len(ours['params'])}")
+            problems.append(
+                f"optimizer group {gi} has {len(ids)} parameters, this run's has "
+                f"{len(ours['params'])}"
+            )
             continue
-        # Optimizer.load_state_dict takes the saved group dict as the new group: a missing hyperparameter
+        # Optimizer.load_state_dict takes the saved group dict as the new group: a missing
+        # hyperparameter
         # would only surface as a KeyError at the next step.
         gone = [k for k in ours if k not in g]
         if gone:
@@ -310,8 +443,11 @@ def _optimizer_problems(saved: Any, optimizer) -> list[str]:
             bad.append(f"param {i}: state is a {type(s).__name__}")
             continue
         p = by_id[i]
-        bad += [f"param {i} {k} {tuple(v.shape)} vs {tuple(p.shape)}" for k, v in s.items()
-                if k != "step" and isinstance(v, torch.Tensor) and v.shape != p.shape]
+        bad += [
+            f"param {i} {k} {tuple(v.shape)} vs {tuple(p.shape)}"
+            for k, v in s.items()
+            if k != "step" and isinstance(v, torch.Tensor) and v.shape != p.shape
+        ]
     if bad:
         problems.append(f"optimizer state shape mismatches: {_names(bad, quote=False)}")
     return problems
@@ -334,14 +470,20 @@ def _scheduler_problems(saved: Any, scheduler, n_groups: int) -> list[str]:
             problems.append(f"scheduler {k} is {_short(saved[k])}, not an int")
     for k in ("base_lrs", "_last_lr"):
         v = saved.get(k)
-        if k in saved and not (isinstance(v, list) and len(v) == n_groups
-                               and all(type(x) in (int, float) for x in v)):
+        if k in saved and not (
+            isinstance(v, list) and len(v) == n_groups and all(type(x) in (int, float) for x in v)
+        ):
             problems.append(f"scheduler {k} is not a list of {n_groups} numbers")
     if "lr_lambdas" in ours:
         v = saved.get("lr_lambdas")
-        if not (isinstance(v, list) and len(v) == len(ours["lr_lambdas"])
-                and all(a is None and b is None or isinstance(a, dict) and isinstance(b, dict)
-                        for a, b in zip(v, ours["lr_lambdas"]))):
+        if not (
+            isinstance(v, list)
+            and len(v) == len(ours["lr_lambdas"])
+            and all(
+                a is None and b is None or isinstance(a, dict) and isinstance(b, dict)
+                for a, b in zip(v, ours["lr_lambdas"])
+            )
+        ):
             problems.append("scheduler lr_lambdas do not match this run's schedule functions")
     return problems
 
@@ -358,28 +500,38 @@ def _rng_problems(rng: Any) -> list[str]:
         if not (isinstance(cuda, (list, tuple)) and all(_is_byte_tensor(t) for t in cuda)):
             problems.append("CUDA RNG states are not a list of uint8 tensors")
         elif torch.cuda.is_available() and len(cuda) != torch.cuda.device_count():
-            problems.append(f"CUDA RNG states for {len(cuda)} devices, this machine has "
-                            f"{torch.cuda.device_count()}")
+            problems.append(
+                f"CUDA RNG states for {len(cuda)} devices, this machine has "
+                f"{torch.cuda.device_count()}"
+            )
     return problems
 
 
 def restore(state: dict, model, optimizer, scheduler) -> None:
-    """Load ``state`` into the model, optimizer, scheduler and RNGs, or refuse before changing any of them."""
+    """Load ``state`` into the model, optimizer, scheduler and RNGs, or refuse before changing any
+    of them."""
     check_against(state, model, optimizer, scheduler)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(dict(state["scheduler"]))  # a copy: LambdaLR pops from and re-adds to it
+        scheduler.load_state_dict(
+            dict(state["scheduler"])
+        )  # a copy: LambdaLR pops from and re-adds to it
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    except Exception as e:  # check_against should make this unreachable; if not, still no raw traceback
-        raise ConfigError(f"checkpoint could not be restored although it passed the checks; the model/optimizer "
-                          f"may be partly restored, do not continue this run ({type(e).__name__}: "
-                          f"{_short(str(e))})") from None
+    except (
+        Exception
+    ) as e:  # check_against should make this unreachable; if not, still no raw traceback
+        raise ConfigError(
+            f"checkpoint could not be restored although it passed the checks; the model/optimizer "
+            f"may be partly restored, do not continue this run ({type(e).__name__}: "
+            f"{_short(str(e))})"
+        ) from None
 
 
-# -- helpers ------------------------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
+
 
 def _names(items: list, quote: bool = True) -> str:
     shown = [repr(x) if quote else str(x) for x in items[:_MAX_LISTED]]
@@ -400,6 +552,8 @@ def _diff(prefix: str, a: Any, b: Any) -> list[str]:
         return out
     try:
         same = bool(a == b)
-    except Exception:  # a crafted fingerprint may hold tensors (ambiguous truth value): such an entry differs
+    except (
+        Exception
+    ):  # a crafted fingerprint may hold tensors (ambiguous truth value): such an entry differs
         same = False
     return [] if same else [f"{prefix} ({_short(a)} -> {_short(b)})"]

@@ -1,6 +1,10 @@
-"""README's "How to add a strategy", done from this file: one module's worth of code (an options dataclass and an
-@register apply function) and one config (here stored in Hydra's ConfigStore, as conf/strategy/NAME.yaml would
-be). The new strategy then runs through train, theory, the FLOP count and the analysis with no other edit."""
+"""README's "How to add a strategy", done from this file: one module's worth of code (an options
+dataclass and an
+@register apply function) and one config (here stored in Hydra's ConfigStore, as
+conf/strategy/NAME.yaml would
+be). The new strategy then runs through train, theory, the FLOP count and the analysis with no other
+edit."""
+
 from __future__ import annotations
 
 import copy
@@ -36,21 +40,34 @@ def apply_mlp_stride(model, opts: MlpStrideConfig, shape: Shape) -> Plan:
     for i in range(0, len(model.blocks), opts.stride):
         checkpoint_module(model.blocks[i].mlp)
         recomputed.append(f"blocks.{i}.mlp")
-    return Plan(NAME, f"the MLP of every {opts.stride}-th block reruns in backward", recomputed=recomputed,
-                saved=["everything but the recomputed MLPs' insides"])
+    return Plan(
+        NAME,
+        f"the MLP of every {opts.stride}-th block reruns in backward",
+        recomputed=recomputed,
+        saved=["everything but the recomputed MLPs' insides"],
+    )
 
 
 @pytest.fixture
 def toy_strategy():
     register(NAME, MlpStrideConfig)(apply_mlp_stride)  # the module's @register line
-    ConfigStore.instance().store(group="strategy", name=NAME, node=MlpStrideConfig)  # conf/strategy/NAME.yaml
+    ConfigStore.instance().store(
+        group="strategy", name=NAME, node=MlpStrideConfig
+    )  # conf/strategy/NAME.yaml
     yield
     unregister(NAME)
     ConfigStore.instance().repo["strategy"].pop(f"{NAME}.yaml", None)
 
 
-RUN = ["model.n_layer=3", "model.dropout=0.1", "data.seq_len=16", "data.batch_size=2", "trainer.steps=2",
-       "trainer.num_threads=1", *FAST]
+RUN = [
+    "model.n_layer=3",
+    "model.dropout=0.1",
+    "data.seq_len=16",
+    "data.batch_size=2",
+    "trainer.steps=2",
+    "trainer.num_threads=1",
+    *FAST,
+]
 
 
 def test_a_new_strategy_runs_through_train_theory_flops_and_analysis(toy_strategy, tmp_path):
@@ -59,11 +76,21 @@ def test_a_new_strategy_runs_through_train_theory_flops_and_analysis(toy_strateg
     assert base["status"] == res["status"] == "ok", res.get("error")
     assert res["strategy"]["recomputed"] == ["blocks.0.mlp"]
     act, fl = res["memory"]["activation_bytes"], res["flops"]
-    assert act["predicted"] == act["measured"] < base["memory"]["activation_bytes"]["measured"]  # theory: exact
-    assert fl["predicted_per_step"]["recompute"] == fl["per_step"]["recompute"] > 0  # FLOP formula: exact
+    assert (
+        act["predicted"] == act["measured"] < base["memory"]["activation_bytes"]["measured"]
+    )  # theory: exact
+    assert (
+        fl["predicted_per_step"]["recompute"] == fl["per_step"]["recompute"] > 0
+    )  # FLOP formula: exact
     rows = {r["strategy"]: r for r in load_rows(tmp_path)}
-    assert set(rows) == {"none", f"{NAME}(stride=3)"}  # its label comes from its own schema's defaults
-    assert rows[f"{NAME}(stride=3)"]["act_saved_frac"] > 0 and rows[f"{NAME}(stride=3)"]["baseline"] == "none"
+    assert set(rows) == {
+        "none",
+        f"{NAME}(stride=3)",
+    }  # its label comes from its own schema's defaults
+    assert (
+        rows[f"{NAME}(stride=3)"]["act_saved_frac"] > 0
+        and rows[f"{NAME}(stride=3)"]["baseline"] == "none"
+    )
 
 
 def test_a_new_strategy_keeps_the_gradients_and_its_options_are_checked(toy_strategy):
@@ -81,6 +108,9 @@ def test_a_new_strategy_keeps_the_gradients_and_its_options_are_checked(toy_stra
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) == 0.0
     with pytest.raises(ConfigError, match="valid values: 1..3"):
         apply_strategy(build_model(cfg.model), {"name": NAME, "stride": 9})
-    with pytest.raises(ConfigError, match=f"strategy.num_layers is not an option of strategy '{NAME}'; its "
-                                          "options: stride, offload"):
+    with pytest.raises(
+        ConfigError,
+        match=f"strategy.num_layers is not an option of strategy '{NAME}'; its "
+        "options: stride, offload",
+    ):
         apply_strategy(build_model(cfg.model), {"name": NAME, "num_layers": 2})

@@ -1,6 +1,9 @@
-"""The budget strategy: plans fit their budget (measured by an independent counter on the whole model), are
-optimal for their cost model (brute force over every per-block assignment, and every fixed strategy priced by
+"""The budget strategy: plans fit their budget (measured by an independent counter on the whole
+model), are
+optimal for their cost model (brute force over every per-block assignment, and every fixed strategy
+priced by
 the same cost model), keep the gradients of `none`, and refuse infeasible budgets clearly."""
+
 from __future__ import annotations
 
 import functools
@@ -20,27 +23,48 @@ from recompute_lab.model.precision import make_precision
 from recompute_lab.strategies import Shape, apply_strategy, parse_options
 from recompute_lab.config.spec import RunSpec
 
-from conftest import cached_compose, one_thread_fixture, FAST, compose_config, load_results, retained_bytes
+from conftest import (
+    cached_compose,
+    one_thread_fixture,
+    FAST,
+    compose_config,
+    load_results,
+    retained_bytes,
+)
 
 N_LAYER = 3
 BATCH, SEQ = 2, 16
-MODEL = ["model=tiny", f"model.n_layer={N_LAYER}", "model.dropout=0.1", f"data.batch_size={BATCH}",
-         f"data.seq_len={SEQ}"]
+MODEL = [
+    "model=tiny",
+    f"model.n_layer={N_LAYER}",
+    "model.dropout=0.1",
+    f"data.batch_size={BATCH}",
+    f"data.seq_len={SEQ}",
+]
 # Fixed strategies the plan must beat wherever they fit (test id, overrides).
 FIXED = [
-    ("none", ["+strategy=none"]), ("full", ["+strategy=full"]), ("selective", ["+strategy=selective"]),
+    ("none", ["+strategy=none"]),
+    ("full", ["+strategy=full"]),
+    ("selective", ["+strategy=selective"]),
     ("selective-mlp", ["+strategy=selective", "strategy.modules=[mlp]"]),
     ("selective-attn-mlp-norm", ["+strategy=selective", "strategy.modules=[attn,mlp,norm]"]),
     ("layers-block1", ["+strategy=layers", "strategy.method=block", "strategy.num_layers=1"]),
     ("layers-block2", ["+strategy=layers", "strategy.method=block", "strategy.num_layers=2"]),
     ("layers-every2", ["+strategy=layers", "strategy.method=every", "strategy.every=2"]),
     ("layers-uniform2", ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=2"]),
-    ("sqrt", ["+strategy=sqrt"]), ("op", ["+strategy=op"]),
+    ("sqrt", ["+strategy=sqrt"]),
+    ("op", ["+strategy=op"]),
     ("op-every-other-mm", ["+strategy=op", "strategy.every_other_mm=true"]),
     ("regions", ["+strategy=regions"]),
     ("regions-core-act", ["+strategy=regions", "strategy.save=[attn.core,mlp.act]"]),
 ]
-FLOP_BOUND = ("none", "full", "selective", "layers", "sqrt")  # the plan's recompute FLOPs are <= theirs
+FLOP_BOUND = (
+    "none",
+    "full",
+    "selective",
+    "layers",
+    "sqrt",
+)  # the plan's recompute FLOPs are <= theirs
 
 
 one_thread = pytest.fixture(autouse=True, scope="module")(one_thread_fixture)
@@ -61,13 +85,17 @@ def probed(attention: str) -> B.Probed:
 
 def planned(attention: str, extra: tuple[str, ...]):
     model, cfg = fresh(attention, ["+strategy=budget", *extra])
-    return model, B.solve(model, parse_options(cfg.strategy), RunSpec.of(cfg).shape(), probed(attention)).to_dict()
+    return model, B.solve(
+        model, parse_options(cfg.strategy), RunSpec.of(cfg).shape(), probed(attention)
+    ).to_dict()
 
 
-# --- an independent byte count on the whole model ----------------------------------------------------------
+# --- an independent byte count on the whole model -------------------------------------------------
+
 
 def saved_bytes(model, autocast=None, batch=BATCH, seq=SEQ) -> int:
-    """Bytes of the storages the forward made that are still alive once it returns (what backward keeps); the
+    """Bytes of the storages the forward made that are still alive once it returns (what backward
+    keeps); the
     forward under CPU autocast to ``autocast`` when given, as the training loop runs it."""
     idx = torch.arange(batch * seq).reshape(batch, seq) % 256
     torch.manual_seed(5)
@@ -75,14 +103,18 @@ def saved_bytes(model, autocast=None, batch=BATCH, seq=SEQ) -> int:
     def forward():
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             return model(idx, idx)
+
     return retained_bytes(forward, (*model.parameters(), *model.buffers(), idx))[0]
 
 
 def priced(model, none_measured: B.Measured) -> tuple[int, tuple[int, int]]:
-    """(activation bytes, (recompute FLOPs, pointwise bytes)) of a whole model, by the planner's cost model."""
+    """(activation bytes, (recompute FLOPs, pointwise bytes)) of a whole model, by the planner's
+    cost model."""
     m = B.measure_step(model, BATCH, SEQ)
-    return m.activation_bytes, (m.backward_flops - none_measured.backward_flops,
-                                m.pointwise_bytes - none_measured.pointwise_bytes)
+    return m.activation_bytes, (
+        m.backward_flops - none_measured.backward_flops,
+        m.pointwise_bytes - none_measured.pointwise_bytes,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,19 +136,27 @@ def budget_grid(attention: str, n: int = 7) -> list[int]:
     return [low + (high - low) * k // (n - 1) for k in range(n)]
 
 
-# --- tests -------------------------------------------------------------------------------------------------
+# --- tests ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_plans_fit_and_beat_every_fitting_fixed_strategy(attention):
     fixed = fixed_prices(attention)
     none = B.measure_step(fresh(attention)[0], BATCH, SEQ)
-    assert fixed["none"][0] == budget_grid(attention)[-1]  # whole-model none = outside + L x one-block none
+    assert (
+        fixed["none"][0] == budget_grid(attention)[-1]
+    )  # whole-model none = outside + L x one-block none
     for budget in budget_grid(attention, n=6):
         model, plan = planned(attention, (f"strategy.budget_bytes={budget}",))
         measured = saved_bytes(model)
-        assert measured <= budget and measured == plan["predicted_activation_bytes"], (budget, plan["chosen"])
+        assert measured <= budget and measured == plan["predicted_activation_bytes"], (
+            budget,
+            plan["chosen"],
+        )
         nbytes, cost = priced(model, none)
-        assert nbytes == measured and list(cost) == plan["cost"]  # per-block prices add up to the whole model
+        assert (
+            nbytes == measured and list(cost) == plan["cost"]
+        )  # per-block prices add up to the whole model
         assert cost[0] == plan["predicted_recompute_flops"]
         for vid, (sbytes, scost) in fixed.items():
             if sbytes <= budget:
@@ -129,7 +169,8 @@ def test_plans_fit_and_beat_every_fitting_fixed_strategy(attention):
 def test_brute_force_over_every_per_block_assignment(attention):
     p = probed(attention)
     k = len(p.options)
-    # Premise of the brute force: a mixed assignment's whole-model figures are the sum of its blocks' prices.
+    # Premise of the brute force: a mixed assignment's whole-model figures are the sum of its
+    # blocks' prices.
     none = B.measure_step(fresh(attention)[0], BATCH, SEQ)
     for combo in [(k - 1, 0, k // 2), (1, k - 3, 7)]:
         model, _ = fresh(attention)
@@ -137,10 +178,16 @@ def test_brute_force_over_every_per_block_assignment(attention):
             B.apply_option(model, i, p.options[o])
         nbytes, cost = priced(model, none)
         assert nbytes == p.outside.bytes + sum(p.prices[o].bytes for o in combo)
-        assert cost == tuple(map(sum, zip(*[(p.prices[o].flops, p.prices[o].pointwise_bytes) for o in combo])))
-    combos = [(p.outside.bytes + sum(p.prices[o].bytes for o in c),
-               tuple(map(sum, zip(*[(p.prices[o].flops, p.prices[o].pointwise_bytes) for o in c]))))
-              for c in itertools.product(range(k), repeat=N_LAYER)]
+        assert cost == tuple(
+            map(sum, zip(*[(p.prices[o].flops, p.prices[o].pointwise_bytes) for o in combo]))
+        )
+    combos = [
+        (
+            p.outside.bytes + sum(p.prices[o].bytes for o in c),
+            tuple(map(sum, zip(*[(p.prices[o].flops, p.prices[o].pointwise_bytes) for o in c]))),
+        )
+        for c in itertools.product(range(k), repeat=N_LAYER)
+    ]
     for budget in budget_grid(attention, n=11):
         best = min(cost for nbytes, cost in combos if nbytes <= budget)
         _, plan = planned(attention, (f"strategy.budget_bytes={budget}",))
@@ -172,7 +219,10 @@ def test_budget_sources_and_fraction_default():
     p = probed("eager")
     none_bytes = p.outside.bytes + N_LAYER * p.prices[0].bytes
     _, plan = planned("eager", ())
-    assert plan["budget"] == {"bytes": int(0.5 * none_bytes), "source": f"budget_fraction=0.5 of none's {none_bytes} B"}
+    assert plan["budget"] == {
+        "bytes": int(0.5 * none_bytes),
+        "source": f"budget_fraction=0.5 of none's {none_bytes} B",
+    }
     _, plan = planned("eager", ("strategy.budget_fraction=1.0",))
     assert plan["chosen"] == ["none"] * N_LAYER and plan["predicted_recompute_flops"] == 0
     state = 16 * fresh("eager")[0].get_num_params()  # fp32 + AdamW: 16 B per parameter
@@ -181,13 +231,16 @@ def test_budget_sources_and_fraction_default():
     json.dumps(plan)
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (("strategy.budget_bytes=1",), r"smallest reachable is {full} B \(full recomputation"),
-    (("strategy.device_memory_gb=0.0001",), "model state alone"),
-    (("strategy.budget_fraction=0",), r"budget_fraction must be in \(0, 1\]"),
-    (("strategy.budget_fraction=1.5",), r"budget_fraction must be in \(0, 1\]"),
-    (("strategy.budget_bytes=100000", "strategy.device_memory_gb=80"), "not both"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (("strategy.budget_bytes=1",), r"smallest reachable is {full} B \(full recomputation"),
+        (("strategy.device_memory_gb=0.0001",), "model state alone"),
+        (("strategy.budget_fraction=0",), r"budget_fraction must be in \(0, 1\]"),
+        (("strategy.budget_fraction=1.5",), r"budget_fraction must be in \(0, 1\]"),
+        (("strategy.budget_bytes=100000", "strategy.device_memory_gb=80"), "not both"),
+    ],
+)
 def test_infeasible_or_bad_budgets_raise_config_error(extra, needle):
     needle = needle.replace("{full}", str(fixed_prices("eager")["full"][0]))
     model, cfg = fresh("eager", ["+strategy=budget", *extra])
@@ -198,26 +251,42 @@ def test_infeasible_or_bad_budgets_raise_config_error(extra, needle):
 def test_budget_options_belong_to_budget_only():
     with pytest.raises(ConfigError, match="budget_fraction is not an option of strategy 'full'"):
         compose_run_config([*MODEL, "+strategy=full", "strategy.budget_fraction=0.3"])
-    model, cfg = fresh("eager", ["+strategy=full", "+strategy.budget_fraction=0.3"])  # forced in with a `+`
+    model, cfg = fresh(
+        "eager", ["+strategy=full", "+strategy.budget_fraction=0.3"]
+    )  # forced in with a `+`
     with pytest.raises(ConfigError, match="budget_fraction is not an option of strategy 'full'"):
         apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape())
 
 
 def test_objective_time_plan_fits():
     model, plan = planned("eager", ("strategy.objective=time", "strategy.budget_fraction=0.4"))
-    assert plan["objective"] == "time" and plan["roofline"]["bytes_per_s"] > 0 and plan["roofline"]["flops"] > 0
+    assert (
+        plan["objective"] == "time"
+        and plan["roofline"]["bytes_per_s"] > 0
+        and plan["roofline"]["flops"] > 0
+    )
     assert saved_bytes(model) <= plan["budget"]["bytes"]
 
 
 def test_cli_run_records_the_plan_and_its_counted_flops(tmp_path):
-    cfg = compose_config([*MODEL, "model.attention=eager", "+strategy=budget", "strategy.budget_fraction=0.3",
-                          "trainer.steps=2", "trainer.num_threads=1", *FAST])
+    cfg = compose_config(
+        [
+            *MODEL,
+            "model.attention=eager",
+            "+strategy=budget",
+            "strategy.budget_fraction=0.3",
+            "trainer.steps=2",
+            "trainer.num_threads=1",
+            *FAST,
+        ]
+    )
     results = run(cfg, tmp_path)
     assert results["status"] == "ok", results.get("error")
     plan = load_results(tmp_path / "results.json")["strategy"]
     assert plan["name"] == "budget" and len(plan["chosen"]) == N_LAYER
     assert plan["predicted_activation_bytes"] <= plan["budget"]["bytes"]
-    # Eager attention (math path on CPU and on meta): the probe's FLOPs equal recompute_lab.measure.flops' meta count.
+    # Eager attention (math path on CPU and on meta): the probe's FLOPs equal
+    # recompute_lab.measure.flops' meta count.
     assert results["flops"]["per_step"]["recompute"] == plan["predicted_recompute_flops"]
 
 
@@ -231,9 +300,13 @@ def test_meta_device_plan_matches_the_cpu_plan_for_eager_attention():
 
 
 def test_meta_sdpa_probe_uses_a_fused_kernel_like_the_cpu():
-    # Without dropout the CPU runs its fused SDPA kernel (no s^2 scores kept); on meta the probe calls aten's
-    # flash kernel rather than SDPA's math path. Bytes agree but for the flash kernel's RNG state (24 B/block).
-    cfg = compose("model=tiny", f"model.n_layer={N_LAYER}", "model.attention=sdpa", "+strategy=budget")
+    # Without dropout the CPU runs its fused SDPA kernel (no s^2 scores kept); on meta the probe
+    # calls aten's
+    # flash kernel rather than SDPA's math path. Bytes agree but for the flash kernel's RNG state
+    # (24 B/block).
+    cfg = compose(
+        "model=tiny", f"model.n_layer={N_LAYER}", "model.attention=sdpa", "+strategy=budget"
+    )
     on_meta = B.probe_model(build_model(cfg.model, "meta").train(), Shape(BATCH, SEQ))
     on_cpu = B.probe_model(build_model(cfg.model).train(), Shape(BATCH, SEQ))
     assert on_meta.outside == on_cpu.outside
@@ -243,23 +316,51 @@ def test_meta_sdpa_probe_uses_a_fused_kernel_like_the_cpu():
 
 @pytest.mark.slow
 def test_llama3_8b_on_meta_at_seq_8192_plans_in_seconds():
-    cfg = compose_config(["model=llama3_8b", "data.seq_len=8192", "data.batch_size=1", "precision=bf16_master",
-                          "+strategy=budget", "strategy.device_memory_gb=141"])
+    cfg = compose_config(
+        [
+            "model=llama3_8b",
+            "data.seq_len=8192",
+            "data.batch_size=1",
+            "precision=bf16_master",
+            "+strategy=budget",
+            "strategy.device_memory_gb=141",
+        ]
+    )
     model = build_model(cfg.model, "meta", torch.bfloat16).train()
     t0 = time.perf_counter()
     plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     assert time.perf_counter() - t0 < 60  # ~15 s on 2 shared CPU cores
-    assert plan["predicted_activation_bytes"] <= plan["budget"]["bytes"] and len(plan["chosen"]) == 32
+    assert (
+        plan["predicted_activation_bytes"] <= plan["budget"]["bytes"] and len(plan["chosen"]) == 32
+    )
     with pytest.raises(ConfigError, match="model state alone"):  # 8B x 16 B = 128 GB > 80 GB
-        small = compose_config(["model=llama3_8b", "data.seq_len=8192", "precision=bf16_master",
-                                "+strategy=budget", "strategy.device_memory_gb=80"])
-        apply_strategy(build_model(cfg.model, "meta", torch.bfloat16), small.strategy, RunSpec.of(small).shape())
+        small = compose_config(
+            [
+                "model=llama3_8b",
+                "data.seq_len=8192",
+                "precision=bf16_master",
+                "+strategy=budget",
+                "strategy.device_memory_gb=80",
+            ]
+        )
+        apply_strategy(
+            build_model(cfg.model, "meta", torch.bfloat16),
+            small.strategy,
+            RunSpec.of(small).shape(),
+        )
 
 
-# --- every precision: the plan's bytes are priced in the run's own dtypes (autocast included) ---------------
+# --- every precision: the plan's bytes are priced in the run's own dtypes (autocast included)
+# ---------------
 
-LLAMA = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.positions=rope", "model.n_kv_head=2", "model.bias=false",
-         "model.tie_embeddings=false"]
+LLAMA = [
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.positions=rope",
+    "model.n_kv_head=2",
+    "model.bias=false",
+    "model.tie_embeddings=false",
+]
 VARIANTS = {"tiny": [], "llama": LLAMA, "toy_mlp": ["model.arch=toy_mlp", "model.max_seq_len=1"]}
 
 
@@ -271,26 +372,39 @@ def test_plans_fit_their_budget_in_every_precision(variant, attention, precision
     if variant == "toy_mlp" and attention == "eager":
         pytest.skip("toy blocks have no attention")
     seq = 1 if variant == "toy_mlp" else SEQ
-    cfg = compose(*MODEL, f"data.seq_len={seq}", *VARIANTS[variant], f"model.attention={attention}",
-                  f"precision={precision}", "+strategy=budget")
+    cfg = compose(
+        *MODEL,
+        f"data.seq_len={seq}",
+        *VARIANTS[variant],
+        f"model.attention={attention}",
+        f"precision={precision}",
+        "+strategy=budget",
+    )
     policy = make_precision(cfg.precision)
     shape = RunSpec.of(cfg).shape()
 
     def fresh_model():
         torch.manual_seed(0)
         return build_model(cfg.model, "cpu", policy.param_dtype).train()
+
     p = B.probe_model(fresh_model(), shape)
-    # Exact but for toy blocks under autocast (block 0 reads the fp32 embedding, later blocks bf16): a bound.
+    # Exact but for toy blocks under autocast (block 0 reads the fp32 embedding, later blocks bf16):
+    # a bound.
     bound = variant == "toy_mlp" and precision == "bf16_autocast"
     assert p.param_dtype == policy.param_dtype and p.autocast == policy.autocast_dtype
     assert p.warnings == ([B.TOY_AUTOCAST] if bound else [])
     none = fresh_model()
-    assert saved_bytes(none, policy.autocast_dtype, seq=seq) <= p.outside.bytes + N_LAYER * p.prices[0].bytes
+    assert (
+        saved_bytes(none, policy.autocast_dtype, seq=seq)
+        <= p.outside.bytes + N_LAYER * p.prices[0].bytes
+    )
     low = p.outside.bytes + N_LAYER * min(x.bytes for x in p.prices)
     high = p.outside.bytes + N_LAYER * p.prices[0].bytes
     for budget in [low + (high - low) * k // 4 for k in range(5)]:
         model = fresh_model()
-        opts = parse_options(compose(*MODEL, "+strategy=budget", f"strategy.budget_bytes={budget}").strategy)
+        opts = parse_options(
+            compose(*MODEL, "+strategy=budget", f"strategy.budget_bytes={budget}").strategy
+        )
         plan = B.solve(model, opts, shape, p).to_dict()
         measured = saved_bytes(model, policy.autocast_dtype, seq=seq)
         assert measured <= plan["predicted_activation_bytes"] <= budget, (budget, plan["chosen"])
@@ -299,43 +413,69 @@ def test_plans_fit_their_budget_in_every_precision(variant, attention, precision
 
 
 def test_autocast_prices_count_the_weight_copies_and_fp32_inputs():
-    """Under bf16 autocast a block saves bf16 copies of its Linear weights and keeps its norms' fp32 inputs: a pure
+    """Under bf16 autocast a block saves bf16 copies of its Linear weights and keeps its norms' fp32
+    inputs: a pure
     bf16 replica (what the planner used to price) misses both."""
     cfg = compose(*MODEL, "model.attention=sdpa", "precision=bf16_autocast", "+strategy=budget")
     model = build_model(cfg.model).train()
     auto = B.probe_model(model, RunSpec.of(cfg).shape())
     bf16 = B.probe_model(model, Shape(BATCH, SEQ, "bf16_master"))
-    weights = sum(m.weight.numel() for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    weights = sum(
+        m.weight.numel() for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear)
+    )
     none, full = auto.prices[0].bytes, min(x.bytes for x in auto.prices)
     assert none - bf16.prices[0].bytes >= 2 * weights
     assert B.kept_weight_copies(model, auto.options[0], 2) == 2 * weights
-    assert full == bf16.prices[auto.options.index(next(o for o in auto.options if o.kind == "block"))].bytes * 2
+    assert (
+        full
+        == bf16.prices[auto.options.index(next(o for o in auto.options if o.kind == "block"))].bytes
+        * 2
+    )
 
 
 def test_autocast_on_meta_is_an_upper_bound_with_a_warning():
     # dropout 0: the CPU runs its fused SDPA kernel, as the meta probe's flash kernel does
-    cfg = compose(*MODEL, "model.dropout=0", "model.attention=sdpa", "precision=bf16_autocast", "+strategy=budget",
-                  "strategy.budget_fraction=0.5")
+    cfg = compose(
+        *MODEL,
+        "model.dropout=0",
+        "model.attention=sdpa",
+        "precision=bf16_autocast",
+        "+strategy=budget",
+        "strategy.budget_fraction=0.5",
+    )
     shape = RunSpec.of(cfg).shape()
     on_cpu = B.probe_model(build_model(cfg.model).train(), shape)
     meta = build_model(cfg.model, "meta").train()
     on_meta = B.probe_model(meta, shape)
-    assert on_meta.warnings == [B.AUTOCAST_ON_META] and on_meta.outside.bytes >= on_cpu.outside.bytes
-    assert all(m.bytes >= c.bytes and m.flops == c.flops for m, c in zip(on_meta.prices, on_cpu.prices))
+    assert (
+        on_meta.warnings == [B.AUTOCAST_ON_META] and on_meta.outside.bytes >= on_cpu.outside.bytes
+    )
+    assert all(
+        m.bytes >= c.bytes and m.flops == c.flops for m, c in zip(on_meta.prices, on_cpu.prices)
+    )
     plan = B.solve(meta, parse_options(cfg.strategy), shape, on_meta)
     assert plan.warnings == [B.AUTOCAST_ON_META]
     model = build_model(cfg.model).train()
-    apply_strategy(model, cfg.strategy, shape, reuse=plan)  # the meta plan replayed on the CPU model
+    apply_strategy(
+        model, cfg.strategy, shape, reuse=plan
+    )  # the meta plan replayed on the CPU model
     measured = saved_bytes(model, torch.bfloat16)
     assert measured <= plan.predicted_activation_bytes <= plan.details["budget"]["bytes"]
 
 
 @pytest.mark.slow
 def test_small_autocast_plan_keeps_its_budget():
-    """The audit's case: small, s=128, b=2, bf16 autocast. The planner priced `none` at 29.9 MB (a bf16 replica)
+    """The audit's case: small, s=128, b=2, bf16 autocast. The planner priced `none` at 29.9 MB (a
+    bf16 replica)
     where it saves 75.3 MB, and its 50% plan measured 1.86x its budget."""
-    cfg = compose("model=small", "data.seq_len=128", "data.batch_size=2", "precision=bf16_autocast",
-                  "+strategy=budget", "strategy.budget_bytes=14973954")
+    cfg = compose(
+        "model=small",
+        "data.seq_len=128",
+        "data.batch_size=2",
+        "precision=bf16_autocast",
+        "+strategy=budget",
+        "strategy.budget_bytes=14973954",
+    )
     model = build_model(cfg.model, "meta").to_empty(device="cpu").train()
     plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
     assert plan["none_activation_bytes"] == 75_312_132

@@ -1,7 +1,9 @@
-"""The benchmark and check scripts in experiments/ run (reduced) so they cannot rot; their tables are sane.
+"""The benchmark and check scripts in experiments/ run (reduced) so they cannot rot; their tables
+are sane.
 
 gpu_check's reduced mode runs by default; the two benchmark smoke tests are slow (-m slow).
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +16,13 @@ from conftest import ROOT
 
 
 def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_gpu_check_reduced(tmp_path):
@@ -29,26 +36,51 @@ def test_gpu_check_reduced(tmp_path):
     assert overhead["none"] == 0 < overhead["selective"] < overhead["full"]
     # the paired time overheads of full / selective / op against none, each with its interval
     time = {r["strategy"]: r for r in rows}
-    assert time["none"]["time_overhead"] == "1.0" and time["none"]["time_words"] == "+0.0% (by definition)"
+    assert (
+        time["none"]["time_overhead"] == "1.0"
+        and time["none"]["time_words"] == "+0.0% (by definition)"
+    )
     for name in ("full", "selective", "op"):
         r = time[name]
-        assert int(r["time_rounds"]) == 6 and float(r["time_ci95_low"]) <= float(r["time_overhead"]) \
-            <= float(r["time_ci95_high"])
+        assert int(r["time_rounds"]) == 6 and float(r["time_ci95_low"]) <= float(
+            r["time_overhead"]
+        ) <= float(r["time_ci95_high"])
     assert "paired time overhead vs none" in proc.stdout
 
 
 @pytest.mark.slow
 def test_bench_strategies_tiny(tmp_path):
     out = tmp_path / "b.csv"
-    proc = run_script("bench_strategies.py", "--model", "tiny", "--seq-lens", "32", "--attention", "eager",
-                      "--strategies", "none,full,selective", "--steps", "2", "--csv", str(out))
+    proc = run_script(
+        "bench_strategies.py",
+        "--model",
+        "tiny",
+        "--seq-lens",
+        "32",
+        "--attention",
+        "eager",
+        "--strategies",
+        "none,full,selective",
+        "--steps",
+        "2",
+        "--csv",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     rows = {r["strategy"]: r for r in csv.DictReader(out.open())}
-    assert set(rows) == {"none", "full", "selective"} and float(rows["none"]["time_overhead"]) == 1.0
+    assert (
+        set(rows) == {"none", "full", "selective"} and float(rows["none"]["time_overhead"]) == 1.0
+    )
     assert rows["none"]["time_words"] == "+0.0% (by definition)"
-    assert all(float(r["time_ci95_low"]) <= float(r["time_overhead"]) <= float(r["time_ci95_high"])
-               for r in rows.values())
-    assert float(rows["full"]["recompute_flop_overhead"]) > float(rows["selective"]["recompute_flop_overhead"]) > 0
+    assert all(
+        float(r["time_ci95_low"]) <= float(r["time_overhead"]) <= float(r["time_ci95_high"])
+        for r in rows.values()
+    )
+    assert (
+        float(rows["full"]["recompute_flop_overhead"])
+        > float(rows["selective"]["recompute_flop_overhead"])
+        > 0
+    )
     bad = run_script("bench_strategies.py", "--strategies", "nope")
     assert bad.returncode != 0 and "valid" in bad.stderr
 
@@ -56,30 +88,53 @@ def test_bench_strategies_tiny(tmp_path):
 @pytest.mark.slow
 def test_bench_overhead_tiny(tmp_path):
     out = tmp_path / "o.csv"
-    proc = run_script("bench_overhead.py", "--pairing", "runs", "--rounds", "1", "--steps", "5", "--csv", str(out))
+    proc = run_script(
+        "bench_overhead.py", "--pairing", "runs", "--rounds", "1", "--steps", "5", "--csv", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(out.open()))
-    assert [r["strategy"] for r in rows] == ["none", "full"] and all(float(r["ratio"]) > 0 for r in rows)
-    assert all(r["ci95_low"] == "" and r["target"].startswith("undecided (no interval") for r in rows)
-    proc = run_script("bench_overhead.py", "--rounds", "6", "--strategies", "full", "--csv", str(out))
+    assert [r["strategy"] for r in rows] == ["none", "full"] and all(
+        float(r["ratio"]) > 0 for r in rows
+    )
+    assert all(
+        r["ci95_low"] == "" and r["target"].startswith("undecided (no interval") for r in rows
+    )
+    proc = run_script(
+        "bench_overhead.py", "--rounds", "6", "--strategies", "full", "--csv", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     (row,) = list(csv.DictReader(out.open()))
-    assert row["pairing"] == "steps" and float(row["ci95_low"]) <= float(row["ratio"]) <= float(row["ci95_high"])
+    assert row["pairing"] == "steps" and float(row["ci95_low"]) <= float(row["ratio"]) <= float(
+        row["ci95_high"]
+    )
     assert row["target"].split()[0] in ("met", "missed", "undecided")
 
 
 @pytest.mark.slow
 def test_bench_time_vs_flops_tiny(tmp_path):
     out = tmp_path / "t.csv"
-    proc = run_script("bench_time_vs_flops.py", "--model", "tiny", "--seq-len", "32", "--max-rounds", "6",
-                      "--csv", str(out))
+    proc = run_script(
+        "bench_time_vs_flops.py",
+        "--model",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--max-rounds",
+        "6",
+        "--csv",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     rows = {r["strategy"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"full", "selective", "layers"}
     for r in rows.values():
         flop, ratio = float(r["flop_overhead"]), float(r["time_overhead"])
         assert flop > 0 and float(r["time_per_flop"]) == pytest.approx((ratio - 1) / flop)
-        assert float(r["time_per_flop_low"]) <= float(r["time_per_flop"]) <= float(r["time_per_flop_high"])
+        assert (
+            float(r["time_per_flop_low"])
+            <= float(r["time_per_flop"])
+            <= float(r["time_per_flop_high"])
+        )
     bad = run_script("bench_time_vs_flops.py", "--strategies", "none")
     assert bad.returncode != 0 and "cannot be compared" in bad.stderr
 
@@ -87,14 +142,38 @@ def test_bench_time_vs_flops_tiny(tmp_path):
 @pytest.mark.slow
 def test_bench_probe_tiny(tmp_path):
     out = tmp_path / "p.csv"
-    proc = run_script("bench_probe.py", "--model", "tiny", "--rounds", "1", "--steps", "5", "--isolation",
-                      "inprocess", "--extra", "data.seq_len=32", "--csv", str(out))
+    proc = run_script(
+        "bench_probe.py",
+        "--model",
+        "tiny",
+        "--rounds",
+        "1",
+        "--steps",
+        "5",
+        "--isolation",
+        "inprocess",
+        "--extra",
+        "data.seq_len=32",
+        "--csv",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     (row,) = list(csv.DictReader(out.open()))
     assert int(row["rounds"]) == 1 and float(row["ratio"]) > 0 and "no interval" in row["verdict"]
     assert proc.stdout.count("probe=on ") == 2 and proc.stdout.count("probe=off") == 2
-    proc = run_script("bench_probe.py", "--model", "tiny", "--rounds", "6", "--steps", "2", "--extra",
-                      "data.seq_len=32", "--csv", str(out))  # step-level pairing between two worker processes
+    proc = run_script(
+        "bench_probe.py",
+        "--model",
+        "tiny",
+        "--rounds",
+        "6",
+        "--steps",
+        "2",
+        "--extra",
+        "data.seq_len=32",
+        "--csv",
+        str(out),
+    )  # step-level pairing between two worker processes
     assert proc.returncode == 0, proc.stderr
     (row,) = list(csv.DictReader(out.open()))
     assert row["isolation"] == "workers" and int(row["rounds"]) == 6
@@ -109,21 +188,34 @@ def test_framework_target_is_judged_on_the_interval():
         sys.path.remove(str(ROOT / "experiments"))
     assert bench_overhead.verdict(0.98, 1.015).startswith("met")
     assert bench_overhead.verdict(1.03, 1.2).startswith("missed")
-    assert bench_overhead.verdict(0.95, 1.05).startswith("undecided (interval")  # a median of 1.00 is not enough
+    assert bench_overhead.verdict(0.95, 1.05).startswith(
+        "undecided (interval"
+    )  # a median of 1.00 is not enough
     assert bench_overhead.verdict(None, None).startswith("undecided (no interval")
 
 
 def test_readme_gpu_table_is_the_committed_gpu_check_output():
-    """README's H200 table quotes experiments/figures/gpu/gpu_check_h200.csv (what gpu_check.py wrote on the GPU)
-    digit for digit: a GPU figure cannot be regenerated here, so it must at least be the one measured."""
+    """README's H200 table quotes experiments/figures/gpu/gpu_check_h200.csv (what gpu_check.py
+    wrote on the GPU)
+    digit for digit: a GPU figure cannot be regenerated here, so it must at least be the one
+    measured."""
     rows = list(csv.DictReader((ROOT / "experiments/figures/gpu/gpu_check_h200.csv").open()))
     readme = (ROOT / "README.md").read_text()
     for r in rows:
+
         def num(key: str, fmt: str, r: dict = r) -> str:
             return "n/a" if r[key] == "" else format(float(r[key]), fmt)
-        line = (f"| {r['strategy']} | {num('tokens_per_s', ',.0f')} | {num('mfu', '.3f')} | {num('hfu', '.3f')} | "
-                f"{num('recompute_overhead', '.3f')} | {num('peak_measured', ',.0f')} | "
-                f"{num('peak_predicted', ',.0f')} | {num('act_measured', ',.0f')} | {num('act_predicted', ',.0f')} |")
+
+        line = (
+            f"| {r['strategy']} | {num('tokens_per_s', ',.0f')} | {num('mfu', '.3f')} | "
+            f"{num('hfu', '.3f')} | "
+            f"{num('recompute_overhead', '.3f')} | {num('peak_measured', ',.0f')} | "
+            f"{num('peak_predicted', ',.0f')} | {num('act_measured', ',.0f')} | "
+            f"{num('act_predicted', ',.0f')} |"
+        )
         assert line in readme, line
         if r["strategy"] != "none":
-            assert r["time_words"].split(" (95% CI")[0] in readme and r["time_rounds"] + " rounds" in readme
+            assert (
+                r["time_words"].split(" (95% CI")[0] in readme
+                and r["time_rounds"] + " rounds" in readme
+            )

@@ -1,15 +1,22 @@
 """The committed figures, tables and quiz (experiments/figures/) are what the current code makes.
 
-experiments/reproduce_figures.py commits, beside its artifacts, the analysis input (results.json.gz: every run's
-results.json) and manifest.json (sha256 of that input and of each artifact). Two checks, either one failing
-means: rerun `python experiments/reproduce_figures.py --out experiments/figures` and commit what it writes.
+experiments/reproduce_figures.py commits, beside its artifacts, the analysis input (results.json.gz:
+every run's
+results.json) and manifest.json (sha256 of that input and of each artifact). Two checks, either one
+failing
+means: rerun `python experiments/reproduce_figures.py --out experiments/figures` and commit what it
+writes.
 
-- analysis: the committed results, analysed by the current analysis code, give the committed summary.csv,
-  summary.md and quiz.md byte for byte (and the committed PNGs, under the manifest's matplotlib version).
-- measurement: one committed run per strategy and per precision, rerun now (one step, no timing), gives the same
+- analysis: the committed results, analysed by the current analysis code, give the committed
+summary.csv,
+  summary.md and quiz.md byte for byte (and the committed PNGs, under the manifest's matplotlib
+  version).
+- measurement: one committed run per strategy and per precision, rerun now (one step, no timing),
+gives the same
   statuses, bytes and FLOPs (measured and predicted) as its committed results.json.
 README quotes numbers from quiz.md; those quotes are checked against it too.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,11 +32,21 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import reproduce_figures as rf  # noqa: E402
 
 FIGS = ROOT / "experiments" / "figures"
-# Deterministic fields of results.json: a change here means the code measures or predicts differently.
-DETERMINISTIC = ("status", "memory.activation_bytes.measured", "memory.activation_bytes.predicted",
-                 "memory.peak_bytes.measured", "memory.peak_bytes.predicted", "memory.model_state_bytes.measured",
-                 "memory.model_state_bytes.predicted", "flops.per_step", "flops.predicted_per_step",
-                 "flops.recompute_overhead", "model.params")
+# Deterministic fields of results.json: a change here means the code measures or predicts
+# differently.
+DETERMINISTIC = (
+    "status",
+    "memory.activation_bytes.measured",
+    "memory.activation_bytes.predicted",
+    "memory.peak_bytes.measured",
+    "memory.peak_bytes.predicted",
+    "memory.model_state_bytes.measured",
+    "memory.model_state_bytes.predicted",
+    "flops.per_step",
+    "flops.predicted_per_step",
+    "flops.recompute_overhead",
+    "model.params",
+)
 
 
 def _sha(p: Path) -> str:
@@ -58,15 +75,19 @@ def regenerated(tmp_path_factory, manifest) -> Path:
 def test_manifest_hashes_the_committed_files(manifest):
     """The committed artifacts come from one reproduction: the one that wrote this manifest."""
     for name in (rf.BUNDLE, *rf.TEXT_ARTIFACTS, *rf.COMMITTED_FIGURES):
-        assert manifest["sha256"].get(name) == _sha(FIGS / name), \
-            f"experiments/figures/{name} is not the file the last reproduction wrote: rerun reproduce_figures.py"
+        assert manifest["sha256"].get(name) == _sha(FIGS / name), (
+            f"experiments/figures/{name} is not the file the last reproduction wrote: rerun "
+            f"reproduce_figures.py"
+        )
 
 
 @pytest.mark.parametrize("name", rf.TEXT_ARTIFACTS)
 def test_committed_tables_and_quiz_are_what_the_analysis_gives_now(regenerated, name):
     assert (regenerated / name).read_text() == (FIGS / name).read_text(), (
-        f"experiments/figures/{name} is stale: the current analysis of results.json.gz differs; rerun "
-        "python experiments/reproduce_figures.py --from-bundle experiments/figures/results.json.gz")
+        f"experiments/figures/{name} is stale: the current analysis of results.json.gz differs; "
+        f"rerun "
+        "python experiments/reproduce_figures.py --from-bundle experiments/figures/results.json.gz"
+    )
 
 
 @pytest.mark.parametrize("name", rf.COMMITTED_FIGURES)
@@ -79,11 +100,15 @@ def test_committed_figures_are_what_the_analysis_draws_now(regenerated, manifest
 
 
 def _sample(bundle: dict) -> dict[str, dict]:
-    """The first ok run of each strategy name and each precision: every code path the figures measure."""
+    """The first ok run of each strategy name and each precision: every code path the figures
+    measure."""
     seen, out = set(), {}
     for run, res in sorted(bundle.items()):
         cfg = res["config"]
-        keys = {("strategy", cfg["strategy"]["name"]), ("precision", json.dumps(cfg["precision"], sort_keys=True))}
+        keys = {
+            ("strategy", cfg["strategy"]["name"]),
+            ("precision", json.dumps(cfg["precision"], sort_keys=True)),
+        }
         if res.get("status") == "ok" and not keys <= seen:
             seen |= keys
             out[run] = res
@@ -101,26 +126,45 @@ def test_committed_measurements_are_what_the_code_measures_now(tmp_path):
     stale = []
     for i, (run, old) in enumerate(sample.items()):
         cfg = OmegaConf.create(old["config"])
-        cfg.trainer.steps, cfg.trainer.overhead.enabled = 1, False  # bytes and FLOPs do not depend on either
+        cfg.trainer.steps, cfg.trainer.overhead.enabled = (
+            1,
+            False,
+        )  # bytes and FLOPs do not depend on either
         new = engine.run(cfg, tmp_path / str(i))
-        stale += [f"{run}: {k} committed {_get(old, k)} now {_get(new, k)}" for k in DETERMINISTIC
-                  if _get(old, k) != _get(new, k)]
-    assert not stale, "committed results.json.gz is stale (rerun experiments/reproduce_figures.py):\n" + \
-        "\n".join(stale)
+        stale += [
+            f"{run}: {k} committed {_get(old, k)} now {_get(new, k)}"
+            for k in DETERMINISTIC
+            if _get(old, k) != _get(new, k)
+        ]
+    assert not stale, (
+        "committed results.json.gz is stale (rerun experiments/reproduce_figures.py):\n"
+        + "\n".join(stale)
+    )
 
 
 def test_readme_quotes_the_committed_quiz():
-    """Every phrase README's analysis section takes from quiz.md (listed in its `<!-- from quiz.md: a | b -->`
+    """Every phrase README's analysis section takes from quiz.md (listed in its `<!-- from quiz.md:
+    a | b -->`
     comments, shown in its text) is still in quiz.md."""
     readme = (ROOT / "README.md").read_text()
     quiz = (FIGS / "quiz.md").read_text()
     section = readme.split("## Analysis and figures", 1)[1].split("\n## ", 1)[0]
-    quotes = [q.strip() for c in section.split("<!-- from quiz.md:")[1:] for q in c.split("-->")[0].split("|")]
+    quotes = [
+        q.strip()
+        for c in section.split("<!-- from quiz.md:")[1:]
+        for q in c.split("-->")[0].split("|")
+    ]
     assert quotes, "README's analysis section quotes no quiz.md number"
-    visible = section.split("<!--")[0] + "".join(c.split("-->", 1)[-1] for c in section.split("<!--")[1:])
+    visible = section.split("<!--")[0] + "".join(
+        c.split("-->", 1)[-1] for c in section.split("<!--")[1:]
+    )
     for q in quotes:
-        assert q in quiz, f"README quotes {q!r}, which quiz.md no longer says: copy the new number from quiz.md"
-        assert q.replace("**", "") in visible.replace("**", ""), f"README lists {q!r} but does not show it"
+        assert q in quiz, (
+            f"README quotes {q!r}, which quiz.md no longer says: copy the new number from quiz.md"
+        )
+        assert q.replace("**", "") in visible.replace("**", ""), (
+            f"README lists {q!r} but does not show it"
+        )
 
 
 def test_reproduce_never_deletes_a_folder_it_did_not_make(tmp_path):

@@ -1,5 +1,7 @@
-"""The in-run paired overhead (results.json time.overhead), timing hygiene (no timed step, contention, the fixed
+"""The in-run paired overhead (results.json time.overhead), timing hygiene (no timed step,
+contention, the fixed
 thread count) and the per-machine CPU peak cache."""
+
 from __future__ import annotations
 
 import json
@@ -38,25 +40,46 @@ def test_full_vs_none_is_measured_paired_with_an_interval(tmp_path):
 def test_the_baseline_run_itself_is_one_by_definition_and_the_switch_costs_nothing(tmp_path):
     o = run(compose_config(["+strategy=none", *TINY]), tmp_path / "a")["time"]["overhead"]
     assert (o["ratio"], o["ci95_low"], o["ci95_high"], o["rounds"]) == (1.0, 1.0, 1.0, 0)
-    o = run(compose_config(["+strategy=full", "trainer.overhead.enabled=false", *TINY]), tmp_path / "b")
+    o = run(
+        compose_config(["+strategy=full", "trainer.overhead.enabled=false", *TINY]), tmp_path / "b"
+    )
     assert o["time"]["overhead"]["skipped"] == "trainer.overhead.enabled=false"
     assert o["time"]["overhead"]["ratio"] is None and KEYS <= set(o["time"]["overhead"])
 
 
 def test_any_strategy_can_be_the_baseline(tmp_path):
-    res = run(compose_config(["+strategy=full", "trainer.overhead.baseline=selective", "trainer.overhead.max_rounds=6",
-                              *TINY]), tmp_path)
+    res = run(
+        compose_config(
+            [
+                "+strategy=full",
+                "trainer.overhead.baseline=selective",
+                "trainer.overhead.max_rounds=6",
+                *TINY,
+            ]
+        ),
+        tmp_path,
+    )
     o = res["time"]["overhead"]
     assert o["baseline"] == "selective" and o["rounds"] == 6 and o["ci95_low"] is not None
 
 
 def test_a_baseline_that_would_not_fit_is_skipped_with_the_reason(tmp_path):
     # eager attention at s=128: predicted peak none 31.7 MB, full 12.6 MB; the guard allows 20 MB.
-    shape = ["model.attention=eager", "model.n_layer=4", "model.max_seq_len=128", "data.seq_len=128"]
-    res = run(compose_config(["+strategy=full", "trainer.max_memory_gb=0.02", *shape, *TINY]), tmp_path)
+    shape = [
+        "model.attention=eager",
+        "model.n_layer=4",
+        "model.max_seq_len=128",
+        "data.seq_len=128",
+    ]
+    res = run(
+        compose_config(["+strategy=full", "trainer.max_memory_gb=0.02", *shape, *TINY]), tmp_path
+    )
     o = res["time"]["overhead"]
     assert res["status"] == "ok" and o["ratio"] is None and o["rounds"] == 0
-    assert o["skipped"].startswith("baseline none would not fit") and "trainer.max_memory_gb=0.02" in o["skipped"]
+    assert (
+        o["skipped"].startswith("baseline none would not fit")
+        and "trainer.max_memory_gb=0.02" in o["skipped"]
+    )
 
 
 def test_bad_overhead_settings_fail_before_anything_runs(tmp_path):
@@ -64,14 +87,26 @@ def test_bad_overhead_settings_fail_before_anything_runs(tmp_path):
         run(compose_config(["+strategy=full", "trainer.overhead.baseline=nonee", *TINY]), tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["loss"]["history"] == []
     with pytest.raises(ConfigError, match="min_rounds"):
-        run(compose_config(["trainer.overhead.min_rounds=8", "trainer.overhead.max_rounds=4", *TINY]), tmp_path)
+        run(
+            compose_config(
+                ["trainer.overhead.min_rounds=8", "trainer.overhead.max_rounds=4", *TINY]
+            ),
+            tmp_path,
+        )
 
 
 def test_arms_share_the_model_state_and_see_the_same_batches(tmp_path):
     cfg = compose_config(["+strategy=full", *TINY])
     r = build(RunSpec.of(cfg), {"memory": {}, "strategy": {}, "env": {}}, tmp_path, DistContext())
-    base = overhead.build_baseline(RunSpec.of(cfg), r.policy, r.model, overhead.parse_options({"name": "none"}))
-    pairs = list(zip(r.model.named_parameters(remove_duplicate=False), base.named_parameters(remove_duplicate=False)))
+    base = overhead.build_baseline(
+        RunSpec.of(cfg), r.policy, r.model, overhead.parse_options({"name": "none"})
+    )
+    pairs = list(
+        zip(
+            r.model.named_parameters(remove_duplicate=False),
+            base.named_parameters(remove_duplicate=False),
+        )
+    )
     assert pairs and all(n1 == n2 and p1 is p2 for (n1, p1), (n2, p2) in pairs)
     assert all(b1 is b2 for (_, b1), (_, b2) in zip(r.model.named_buffers(), base.named_buffers()))
     seen: dict[tuple, str] = {}
@@ -81,8 +116,12 @@ def test_arms_share_the_model_state_and_see_the_same_batches(tmp_path):
         seen[key] = seen.get(key, "") + ("A" if model is r.model else "B")
 
     o = overhead.measure(RunSpec.of(cfg), r, fake_step)
-    assert o["rounds"] >= 6 and len(seen) == o["rounds"] + 1  # one batch per round, one for the warmup round
-    assert list(seen.values()) == ["AB"] + ["ABBA", "BAAB"] * (o["rounds"] // 2) + ["ABBA"] * (o["rounds"] % 2)
+    assert (
+        o["rounds"] >= 6 and len(seen) == o["rounds"] + 1
+    )  # one batch per round, one for the warmup round
+    assert list(seen.values()) == ["AB"] + ["ABBA", "BAAB"] * (o["rounds"] // 2) + ["ABBA"] * (
+        o["rounds"] % 2
+    )
 
 
 def test_no_timed_step_gives_null_time_with_a_reason(tmp_path):
@@ -97,7 +136,10 @@ def test_thread_count_is_a_fixed_recorded_default(tmp_path):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        res = run(compose_config(["trainer.steps=2", "trainer.overhead.enabled=false", *FAST_TIMED]), tmp_path)
+        res = run(
+            compose_config(["trainer.steps=2", "trainer.overhead.enabled=false", *FAST_TIMED]),
+            tmp_path,
+        )
         assert res["config"]["trainer"]["num_threads"] == 1 and res["env"]["num_threads"] == 1
     finally:
         torch.set_num_threads(before)
@@ -106,18 +148,37 @@ def test_thread_count_is_a_fixed_recorded_default(tmp_path):
 def test_parallel_launchers_and_cpu_ranks_mark_time_contended(monkeypatch):
     cfg = compose_config(["trainer.device=cpu"])
     assert overhead.contention(cfg) is None
-    joblib = OmegaConf.create({"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
-                               "n_jobs": 2})
+    joblib = OmegaConf.create(
+        {
+            "_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+            "n_jobs": 2,
+        }
+    )
     monkeypatch.setattr(overhead, "_hydra_launcher", lambda: joblib)
     assert "joblib launcher (n_jobs=2)" in overhead.contention(cfg)
     joblib.n_jobs = 1
     assert overhead.contention(cfg) is None
-    monkeypatch.setattr(overhead, "_hydra_launcher", lambda: OmegaConf.create(
-        {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
-         "array_parallelism": 4}))
+    monkeypatch.setattr(
+        overhead,
+        "_hydra_launcher",
+        lambda: OmegaConf.create(
+            {
+                "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+                "array_parallelism": 4,
+            }
+        ),
+    )
     assert overhead.contention(cfg) is None  # only SubmititLocal / submitit_local targets are local
-    monkeypatch.setattr(overhead, "_hydra_launcher", lambda: OmegaConf.create(
-        {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SubmititLocalLauncher"}))
+    monkeypatch.setattr(
+        overhead,
+        "_hydra_launcher",
+        lambda: OmegaConf.create(
+            {
+                "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+                "SubmititLocalLauncher"
+            }
+        ),
+    )
     assert "submitit local launcher" in overhead.contention(cfg)
     monkeypatch.setattr(overhead, "_hydra_launcher", lambda: None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -136,8 +197,13 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached_on_disk(tmp_path, monk
         assert rate == 5e10 and len(calls) == 1 and "now, cached in" in source
         (path,) = tmp_path.glob("cpu_peak_float32_1t_*.json")
         record = json.loads(path.read_text())
-        assert record["key"] == hardware.cpu_peak_key("float32") and record["key"]["torch"] == torch.__version__
-        monkeypatch.setattr(hardware, "_CPU_PEAKS", {})  # a new process: reads the file, measures nothing
+        assert (
+            record["key"] == hardware.cpu_peak_key("float32")
+            and record["key"]["torch"] == torch.__version__
+        )
+        monkeypatch.setattr(
+            hardware, "_CPU_PEAKS", {}
+        )  # a new process: reads the file, measures nothing
         rate2, source2 = hardware.peak_flops(torch.device("cpu"), torch.float32)
         assert rate2 == 5e10 and len(calls) == 1 and f"cached {path}" in source2
         torch.set_num_threads(2)  # another thread count is another key
@@ -156,14 +222,28 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached_on_disk(tmp_path, monk
 
 @pytest.mark.slow
 def test_full_vs_none_on_small_is_above_one_and_reruns_agree(tmp_path):
-    """The real thing: `full` recomputes ~21% more FLOPs on `small` at s=256; its paired interval must lie
+    """The real thing: `full` recomputes ~21% more FLOPs on `small` at s=256; its paired interval
+    must lie
     strictly above 1, and two reruns must give overlapping intervals."""
-    cfg = compose_config(["model=small", "data.seq_len=256", "data.batch_size=2", "+strategy=full", "trainer.steps=2",
-                          "trainer.warmup_steps=1", "trainer.probe=false", *FAST_TIMED])
+    cfg = compose_config(
+        [
+            "model=small",
+            "data.seq_len=256",
+            "data.batch_size=2",
+            "+strategy=full",
+            "trainer.steps=2",
+            "trainer.warmup_steps=1",
+            "trainer.probe=false",
+            *FAST_TIMED,
+        ]
+    )
     runs = [run(cfg, tmp_path / name)["time"]["overhead"] for name in ("a", "b")]
     for o in runs:
-        print(f"full vs none, small s=256 b=2: ratio {o['ratio']} [{o['ci95_low']}, {o['ci95_high']}], "
-              f"{o['rounds']} rounds ({o['stopped']})")
+        print(
+            f"full vs none, small s=256 b=2: ratio {o['ratio']} [{o['ci95_low']}, "
+            f"{o['ci95_high']}], "
+            f"{o['rounds']} rounds ({o['stopped']})"
+        )
         assert o["skipped"] is None and o["rounds"] >= 6, o
         assert o["ci95_low"] > 1.0, o
     a, b = runs

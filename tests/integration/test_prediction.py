@@ -1,12 +1,19 @@
-"""One prediction path: every command that reports a predicted quantity (model state, saved activations, the
+"""One prediction path: every command that reports a predicted quantity (model state, saved
+activations, the
 step's peak, FLOPs) reports recompute_lab.predict.prediction.predict's figure for it.
 
-The consumers: the memory guard (memory.guard), the probe's predicted figures and the run's model-state and FLOP
-predictions (results.json), ``estimate`` (estimate.json), the budget planner's device-memory budget. A grid of
-configs (our GPT and a Hugging Face Llama, three precisions, none / selective / full / budget, one process and
-an FSDP rank's shape) must agree to the byte; and a consumer that computed a figure its own way would not follow
-a change of ``predict``: the second test shifts predict's figures and requires every consumer to move with them.
+The consumers: the memory guard (memory.guard), the probe's predicted figures and the run's
+model-state and FLOP
+predictions (results.json), ``estimate`` (estimate.json), the budget planner's device-memory budget.
+A grid of
+configs (our GPT and a Hugging Face Llama, three precisions, none / selective / full / budget, one
+process and
+an FSDP rank's shape) must agree to the byte; and a consumer that computed a figure its own way
+would not follow
+a change of ``predict``: the second test shifts predict's figures and requires every consumer to
+move with them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,12 +35,26 @@ from recompute_lab.run.engine import run
 from recompute_lab.strategies import apply_strategy
 
 GPT = ["model=tiny", "model.n_layer=2", "data.batch_size=2", "data.seq_len=32"]
-HF = ["model=hf", "model.hf.config=llama3_8b", "model.n_kv_head=2", "model.n_layer=2", "model.d_model=64",
-      "model.n_head=4", "model.d_ff=128", "model.vocab_size=256", "model.max_seq_len=64", "data.batch_size=2",
-      "data.seq_len=16"]
+HF = [
+    "model=hf",
+    "model.hf.config=llama3_8b",
+    "model.n_kv_head=2",
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.d_ff=128",
+    "model.vocab_size=256",
+    "model.max_seq_len=64",
+    "data.batch_size=2",
+    "data.seq_len=16",
+]
 MODELS = {"gpt": GPT, "hf_llama": HF}
-STRATEGIES = {"none": ["+strategy=none"], "selective": ["+strategy=selective"], "full": ["+strategy=full"],
-              "budget": ["+strategy=budget"]}
+STRATEGIES = {
+    "none": ["+strategy=none"],
+    "selective": ["+strategy=selective"],
+    "full": ["+strategy=full"],
+    "budget": ["+strategy=budget"],
+}
 PRECISIONS = ("fp32", "bf16_autocast", "bf16_master")
 # An explicit guard limit: the guard then prices every strategy (budget included) on a meta replica.
 GUARD = ["trainer.max_memory_gb=20"]
@@ -42,24 +63,38 @@ GUARD = ["trainer.max_memory_gb=20"]
 def overrides(model: str, precision: str, strategy: str) -> list[str]:
     if model == "hf_llama":
         pytest.importorskip("transformers")
-    return [*MODELS[model], f"precision={precision}", *STRATEGIES[strategy], *FAST, *GUARD, "trainer.steps=2",
-            "trainer.warmup_steps=0"]
+    return [
+        *MODELS[model],
+        f"precision={precision}",
+        *STRATEGIES[strategy],
+        *FAST,
+        *GUARD,
+        "trainer.steps=2",
+        "trainer.warmup_steps=0",
+    ]
 
 
-def reference(spec: RunSpec, device: str = "cpu") -> tuple[prediction.Prediction, prediction.Prediction]:
-    """predict() for the plan the strategy makes on a meta replica (what the guard and estimate build); and the
-    guard's, which where the theory has no closed form prices activations counted on that replica."""
+def reference(
+    spec: RunSpec, device: str = "cpu"
+) -> tuple[prediction.Prediction, prediction.Prediction]:
+    """predict() for the plan the strategy makes on a meta replica (what the guard and estimate
+    build); and the
+    guard's, which where the theory has no closed form prices activations counted on that
+    replica."""
     meta = build_model(spec.model, "meta", make_precision(spec.precision).param_dtype).train()
     plan = apply_strategy(meta, spec.strategy, spec.shape())
     pred = prediction.predict(spec, plan, shape_of(spec, device), meta.get_num_params())
     if pred.activation_bytes is not None:
         return pred, pred
     counted = meta_saved_tensors(meta, spec.data.batch_size, spec.data.seq_len, device)["total"]
-    return pred, prediction.predict(spec, plan, shape_of(spec, device), meta.get_num_params(), counted)
+    return pred, prediction.predict(
+        spec, plan, shape_of(spec, device), meta.get_num_params(), counted
+    )
 
 
 def consumers(ov: list[str], tmp_path: Path) -> dict:
-    """Every command's figure for each predicted quantity of the config ``ov`` composes (command.quantity)."""
+    """Every command's figure for each predicted quantity of the config ``ov`` composes
+    (command.quantity)."""
     cfg = compose_config(ov)
     spec = RunSpec.of(cfg)
     results: dict = {"memory": {}}
@@ -70,9 +105,11 @@ def consumers(ov: list[str], tmp_path: Path) -> dict:
     mem = rec["memory"]
     est = estimate(compose_config(ov), EstimateConfig(target="cpu"))
     return {
-        "guard.model_state": guard["predicted_model_state_bytes"], "guard.peak": guard["predicted_peak_bytes"],
+        "guard.model_state": guard["predicted_model_state_bytes"],
+        "guard.peak": guard["predicted_peak_bytes"],
         "run.model_state": mem["model_state_bytes"]["predicted"],
-        "run.activations": mem["activation_bytes"]["predicted"], "run.peak": mem["peak_bytes"]["predicted"],
+        "run.activations": mem["activation_bytes"]["predicted"],
+        "run.peak": mem["peak_bytes"]["predicted"],
         "run.flops": rec["flops"]["predicted_per_step"],
         "estimate.model_state": est["memory"]["model_state_bytes"]["predicted"],
         "estimate.activations": est["memory"]["activation_bytes"]["predicted"],
@@ -81,11 +118,17 @@ def consumers(ov: list[str], tmp_path: Path) -> dict:
 
 
 def expected(pred: prediction.Prediction, guarded: prediction.Prediction) -> dict:
-    return {"guard.model_state": guarded.model_state["total"], "guard.peak": guarded.peak_bytes,
-            "run.model_state": pred.model_state["total"], "run.activations": pred.activation_bytes,
-            "run.peak": pred.peak_bytes, "run.flops": pred.flops,
-            "estimate.model_state": pred.model_state["total"], "estimate.activations": pred.activation_bytes,
-            "estimate.peak": pred.peak_bytes}
+    return {
+        "guard.model_state": guarded.model_state["total"],
+        "guard.peak": guarded.peak_bytes,
+        "run.model_state": pred.model_state["total"],
+        "run.activations": pred.activation_bytes,
+        "run.peak": pred.peak_bytes,
+        "run.flops": pred.flops,
+        "estimate.model_state": pred.model_state["total"],
+        "estimate.activations": pred.activation_bytes,
+        "estimate.peak": pred.peak_bytes,
+    }
 
 
 @pytest.mark.cover("model", "precision", "strategy")
@@ -99,7 +142,8 @@ def test_every_command_reports_the_one_prediction(tmp_path, model, precision, st
 
 
 def test_fsdp_rank_shape_is_one_prediction_too():
-    """Under fsdp the guard and the run price one rank (padded dim-0 shards): both through predict()."""
+    """Under fsdp the guard and the run price one rank (padded dim-0 shards): both through
+    predict()."""
     spec = RunSpec.of(compose_config(overrides("gpt", "bf16_master", "full")))
     shape = spec.shape("cpu", "fsdp", 2, 1)
     pred = prediction.predict(spec, None, shape)
@@ -109,8 +153,10 @@ def test_fsdp_rank_shape_is_one_prediction_too():
 
 
 def test_a_consumer_with_its_own_formula_fails(tmp_path, monkeypatch):
-    """Shift predict()'s figures by a known amount: every consumer must report the shifted figure. One that kept
-    a formula of its own (e.g. the probe computing activations with theory directly) would not move."""
+    """Shift predict()'s figures by a known amount: every consumer must report the shifted figure.
+    One that kept
+    a formula of its own (e.g. the probe computing activations with theory directly) would not
+    move."""
     ov = overrides("gpt", "fp32", "full")
     before = consumers(ov, tmp_path / "a")
     real_predict, real_state = prediction.predict, prediction.model_state
@@ -122,14 +168,21 @@ def test_a_consumer_with_its_own_formula_fails(tmp_path, monkeypatch):
 
     def shifted(*args, **kwargs):
         p = real_predict(*args, **kwargs)
-        return dataclasses.replace(p, model_state={**p.model_state, "total": p.model_state["total"] + delta},
-                                   activations={**p.activations, "total": p.activations["total"] + delta},
-                                   peak={**p.peak, "total": p.peak["total"] + delta},
-                                   flops={**p.flops, "forward": p.flops["forward"] + delta})
+        return dataclasses.replace(
+            p,
+            model_state={**p.model_state, "total": p.model_state["total"] + delta},
+            activations={**p.activations, "total": p.activations["total"] + delta},
+            peak={**p.peak, "total": p.peak["total"] + delta},
+            flops={**p.flops, "forward": p.flops["forward"] + delta},
+        )
 
     monkeypatch.setattr(prediction, "predict", shifted)
     monkeypatch.setattr(prediction, "model_state", shifted_state)
     after = consumers(ov, tmp_path / "b")
     for key, value in before.items():
-        moved = after[key]["forward"] - value["forward"] if key.endswith("flops") else after[key] - value
+        moved = (
+            after[key]["forward"] - value["forward"]
+            if key.endswith("flops")
+            else after[key] - value
+        )
         assert moved == delta, f"{key} did not follow predict(): it has a formula of its own"

@@ -1,4 +1,6 @@
-"""Failure paths: divergence, out of memory inside a sweep, interruption + exact resume, bad checkpoints, fuzzing."""
+"""Failure paths: divergence, out of memory inside a sweep, interruption + exact resume, bad
+checkpoints, fuzzing."""
+
 from __future__ import annotations
 
 import signal
@@ -38,9 +40,16 @@ def test_nan_loss_ends_run_as_diverged(tmp_path, monkeypatch):
 
 def test_stop_on_nan_false_keeps_going(tmp_path, monkeypatch):
     real_forward = GPT.forward
-    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None: real_forward(self, idx, targets) * (
-        float("nan") if idx.device.type != "meta" else 1.0))
-    res = engine.run(compose_config(["trainer.steps=3", "trainer.stop_on_nan=false", *FAST]), tmp_path)
+    monkeypatch.setattr(
+        GPT,
+        "forward",
+        lambda self, idx, targets=None: (
+            real_forward(self, idx, targets) * (float("nan") if idx.device.type != "meta" else 1.0)
+        ),
+    )
+    res = engine.run(
+        compose_config(["trainer.steps=3", "trainer.stop_on_nan=false", *FAST]), tmp_path
+    )
     assert res["status"] == "ok" and len(res["loss"]["history"]) == 3
 
 
@@ -49,7 +58,9 @@ def _interrupt_at(monkeypatch, at_step: int) -> None:
 
     def get(self, step, micro=0):
         if step == at_step and micro == 0:
-            signal.raise_signal(signal.SIGTERM)  # as SLURM preemption would; the handler only sets a flag
+            signal.raise_signal(
+                signal.SIGTERM
+            )  # as SLURM preemption would; the handler only sets a flag
         return real_get(self, step, micro)
 
     monkeypatch.setattr(Batches, "get", get)
@@ -84,13 +95,20 @@ def test_resume_refuses_missing_corrupt_and_mismatched_checkpoints(tmp_path, mon
         _interrupt_at(m, 1)
         engine.run(compose_config(["trainer.steps=4", *FAST]), tmp_path / "a")
     with pytest.raises(ConfigError, match=r"model.d_model \(64 -> 32\)"):
-        engine.run(compose_config(["trainer.steps=4", "model.d_model=32", f"trainer.resume={tmp_path / 'a'}",
-                                   *FAST]), tmp_path / "b")
+        engine.run(
+            compose_config(
+                ["trainer.steps=4", "model.d_model=32", f"trainer.resume={tmp_path / 'a'}", *FAST]
+            ),
+            tmp_path / "b",
+        )
     state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     state["version"] = 99
     torch.save(state, tmp_path / "a" / "checkpoint.pt")
     with pytest.raises(ConfigError, match="version 99"):
-        engine.run(compose_config(["trainer.steps=4", f"trainer.resume={tmp_path / 'a'}", *FAST]), tmp_path / "c")
+        engine.run(
+            compose_config(["trainer.steps=4", f"trainer.resume={tmp_path / 'a'}", *FAST]),
+            tmp_path / "c",
+        )
 
 
 def test_oom_in_one_job_of_a_sweep(tmp_path, monkeypatch):
@@ -101,16 +119,31 @@ def test_oom_in_one_job_of_a_sweep(tmp_path, monkeypatch):
 
     def forward(self, idx, targets=None):
         if self.cfg.n_layer == 2 and idx.device.type != "meta":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected)"
+            )
         return real_forward(self, idx, targets)
 
     monkeypatch.setattr(GPT, "forward", forward)
     sweep = tmp_path / "sweep"
-    monkeypatch.setattr(sys, "argv", ["train", "-m", "model.n_layer=1,2,3", "trainer.steps=2", "trainer.probe=false",
-                                      *FAST,
-                                      f"hydra.sweep.dir={sweep}", "hydra/job_logging=disabled"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train",
+            "-m",
+            "model.n_layer=1,2,3",
+            "trainer.steps=2",
+            "trainer.probe=false",
+            *FAST,
+            f"hydra.sweep.dir={sweep}",
+            "hydra/job_logging=disabled",
+        ],
+    )
     train.main()
-    statuses = {load_results(f)["model"]["n_layer"]: load_results(f) for f in sweep.glob("*/results.json")}
+    statuses = {
+        load_results(f)["model"]["n_layer"]: load_results(f) for f in sweep.glob("*/results.json")
+    }
     assert sorted(statuses) == [1, 2, 3]
     assert [statuses[n]["status"] for n in (1, 2, 3)] == ["ok", "oom", "ok"]
     failure = statuses[2]["failure"]
@@ -122,13 +155,25 @@ def test_sigterm_to_cli_checkpoints_and_resume_finishes(tmp_path):
     import os
 
     run_dir = tmp_path / "run"
-    args = ["trainer.steps=100000", "trainer.checkpoint_every=20", *FAST, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "recompute_lab.train", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_MODE": "disabled"})
+    args = [
+        "trainer.steps=100000",
+        "trainer.checkpoint_every=20",
+        *FAST,
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recompute_lab.train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
     deadline = time.time() + 180
     while not (run_dir / "checkpoint.pt").is_file() and time.time() < deadline:
-        time.sleep(0.2)  # the first periodic checkpoint: the training loop runs (earlier, setup would just stop)
+        time.sleep(
+            0.2
+        )  # the first periodic checkpoint: the training loop runs (earlier, setup would just stop)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
@@ -136,28 +181,72 @@ def test_sigterm_to_cli_checkpoints_and_resume_finishes(tmp_path):
     assert res["status"] == "interrupted" and "SIGTERM" in res["error"], err
     done = res["checkpoint"]["step"]
     assert done == len(res["loss"]["history"]) and (run_dir / "checkpoint.pt").is_file()
-    again = run_cli([*args[:-1], f"trainer.steps={done + 2}", "trainer.resume=true", f"hydra.run.dir={run_dir}"],
-                    cwd=tmp_path)
-    # trainer.steps differs: the checkpoint belongs to another schedule, so resume must refuse, clearly.
+    again = run_cli(
+        [
+            *args[:-1],
+            f"trainer.steps={done + 2}",
+            "trainer.resume=true",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    # trainer.steps differs: the checkpoint belongs to another schedule, so resume must refuse,
+    # clearly.
     assert again.returncode == 2 and "trainer.steps" in again.stderr
 
 
 sizes = st.integers(min_value=-2, max_value=96)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n_layer=st.integers(-1, 3), d_model=sizes, n_head=st.integers(-1, 9), d_ff=sizes,
-       seq_len=st.integers(-1, 80), batch=st.integers(-1, 3), kv=st.sampled_from(["null", "1", "2", "3"]),
-       attention=st.sampled_from(["sdpa", "eager"]), mlp=st.sampled_from(["gelu", "swiglu"]),
-       positions=st.sampled_from(["learned", "rope"]), dropout=st.sampled_from([0.0, 0.2, 1.0]),
-       strategy=st.sampled_from(["none", "full"]))
-def test_fuzz_every_case_runs_or_explains(tmp_path_factory, n_layer, d_model, n_head, d_ff, seq_len, batch, kv,
-                                          attention, mlp, positions, dropout, strategy):
-    overrides = [f"model.n_layer={n_layer}", f"model.d_model={d_model}", f"model.n_head={n_head}",
-                 f"model.d_ff={d_ff}", f"data.seq_len={seq_len}", f"data.batch_size={batch}",
-                 f"model.n_kv_head={kv}", f"model.attention={attention}", f"model.mlp={mlp}",
-                 f"model.positions={positions}", f"model.dropout={dropout}", f"+strategy={strategy}",
-                 "trainer.steps=1", "trainer.warmup_steps=0", *FAST]
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n_layer=st.integers(-1, 3),
+    d_model=sizes,
+    n_head=st.integers(-1, 9),
+    d_ff=sizes,
+    seq_len=st.integers(-1, 80),
+    batch=st.integers(-1, 3),
+    kv=st.sampled_from(["null", "1", "2", "3"]),
+    attention=st.sampled_from(["sdpa", "eager"]),
+    mlp=st.sampled_from(["gelu", "swiglu"]),
+    positions=st.sampled_from(["learned", "rope"]),
+    dropout=st.sampled_from([0.0, 0.2, 1.0]),
+    strategy=st.sampled_from(["none", "full"]),
+)
+def test_fuzz_every_case_runs_or_explains(
+    tmp_path_factory,
+    n_layer,
+    d_model,
+    n_head,
+    d_ff,
+    seq_len,
+    batch,
+    kv,
+    attention,
+    mlp,
+    positions,
+    dropout,
+    strategy,
+):
+    overrides = [
+        f"model.n_layer={n_layer}",
+        f"model.d_model={d_model}",
+        f"model.n_head={n_head}",
+        f"model.d_ff={d_ff}",
+        f"data.seq_len={seq_len}",
+        f"data.batch_size={batch}",
+        f"model.n_kv_head={kv}",
+        f"model.attention={attention}",
+        f"model.mlp={mlp}",
+        f"model.positions={positions}",
+        f"model.dropout={dropout}",
+        f"+strategy={strategy}",
+        "trainer.steps=1",
+        "trainer.warmup_steps=0",
+        *FAST,
+    ]
     cfg = compose_config(overrides)
     try:
         validate(cfg)
@@ -177,21 +266,39 @@ def test_memory_guard_refuses_before_allocating(tmp_path, monkeypatch):
         built.append(self.tok_emb.weight.device.type)
 
     monkeypatch.setattr(GPT, "__init__", spy)
-    res = engine.run(compose_config(["trainer.steps=2", "trainer.max_memory_gb=0.001", *FAST]), tmp_path / "a")
+    res = engine.run(
+        compose_config(["trainer.steps=2", "trainer.max_memory_gb=0.001", *FAST]), tmp_path / "a"
+    )
     assert res["status"] == "oom" and "exceeds trainer.max_memory_gb=0.001" in res["error"]
-    assert built == []  # refused on the analytic model state (1.9 MB > 1 MB) before anything was built
+    assert (
+        built == []
+    )  # refused on the analytic model state (1.9 MB > 1 MB) before anything was built
     guard = res["memory"]["guard"]
     assert guard["predicted_model_state_bytes"] > 0.001e9 and "predicted_peak_bytes" not in guard
-    # A cap above the model state but below the step's peak: refused on the meta replica's predicted peak.
+    # A cap above the model state but below the step's peak: refused on the meta replica's predicted
+    # peak.
     cap = (guard["predicted_model_state_bytes"] + 1000) / 1e9
-    res = engine.run(compose_config(["trainer.steps=2", f"trainer.max_memory_gb={cap}", *FAST]), tmp_path / "p")
+    res = engine.run(
+        compose_config(["trainer.steps=2", f"trainer.max_memory_gb={cap}", *FAST]), tmp_path / "p"
+    )
     assert res["status"] == "oom" and "predicted peak" in res["error"] and set(built) == {"meta"}
     guard = res["memory"]["guard"]
     assert guard["predicted_peak_bytes"] > cap * 1e9
-    # A cap above the prediction lets the run go on; op has no closed form, so its meta count is used.
-    ok = engine.run(compose_config(["trainer.steps=1", "+strategy=op",
-                                    f"trainer.max_memory_gb={2 * guard['predicted_peak_bytes'] / 1e9}", *FAST]),
-                    tmp_path / "b")
+    # A cap above the prediction lets the run go on; op has no closed form, so its meta count is
+    # used.
+    ok = engine.run(
+        compose_config(
+            [
+                "trainer.steps=1",
+                "+strategy=op",
+                f"trainer.max_memory_gb={2 * guard['predicted_peak_bytes'] / 1e9}",
+                *FAST,
+            ]
+        ),
+        tmp_path / "b",
+    )
     assert ok["status"] == "ok" and 0 < ok["memory"]["guard"]["predicted_peak_bytes"]
-    proc = run_cli(["trainer.max_memory_gb=-1", *FAST, f"hydra.run.dir={tmp_path / 'c'}"], cwd=tmp_path)
+    proc = run_cli(
+        ["trainer.max_memory_gb=-1", *FAST, f"hydra.run.dir={tmp_path / 'c'}"], cwd=tmp_path
+    )
     assert proc.returncode == 2 and "max_memory_gb" in proc.stderr

@@ -1,14 +1,18 @@
-"""The strategy catalogue: every strategy gives the gradients and loss history of `none`, and its memory and
+"""The strategy catalogue: every strategy gives the gradients and loss history of `none`, and its
+memory and
 FLOP effects are measured, not assumed.
 
-Two independent byte counts of what a forward leaves for backward (parameters, buffers and inputs excluded,
+Two independent byte counts of what a forward leaves for backward (parameters, buffers and inputs
+excluded,
 deduplicated by storage):
 - `hooked_bytes`: a saved_tensors_hooks counter, i.e. what autograd packs;
-- `retained_bytes`: every storage created during the forward that is still alive once it returns (found with a
+- `retained_bytes`: every storage created during the forward that is still alive once it returns
+(found with a
   TorchDispatchMode holding only weak references), i.e. what the graph keeps, whatever keeps it.
 They agree to the byte except where tensors bypass saved_tensors_hooks (the SAC cache of `op`, the
 save_on_cpu copies of `offload`), which is why orderings are asserted on `retained_bytes`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,12 +38,26 @@ from recompute_lab.cli.overrides import compose_run_config
 from recompute_lab.strategies import STRATEGIES, apply_strategy
 from recompute_lab.config.spec import RunSpec
 
-from conftest import cached_compose, one_thread_fixture, CONF_DIR, FAST, compose_config, load_results, run_cli
+from conftest import (
+    cached_compose,
+    one_thread_fixture,
+    CONF_DIR,
+    FAST,
+    compose_config,
+    load_results,
+    run_cli,
+)
 
 N_LAYER = 4  # layers(block, n_layer/2), uniform chunks and every-N need more than tiny's 2 blocks
 MODEL = ["model=tiny", f"model.n_layer={N_LAYER}", "model.dropout=0.1"]
 # Loss histories: tiny at its own 2 blocks, short sequences (20 steps x 16 runs must stay quick).
-HISTORY = ["model.n_layer=2", "data.batch_size=2", "data.seq_len=16", "trainer.num_threads=1", "trainer.steps=20"]
+HISTORY = [
+    "model.n_layer=2",
+    "data.batch_size=2",
+    "data.seq_len=16",
+    "trainer.num_threads=1",
+    "trainer.steps=20",
+]
 
 # One or more configurations of every strategy: (test id, overrides).
 VARIANTS = [
@@ -48,7 +66,10 @@ VARIANTS = [
     ("selective", ["+strategy=selective"]),
     ("selective-attn-mlp-norm", ["+strategy=selective", "strategy.modules=[attn,mlp,norm]"]),
     ("layers-uniform2", ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=2"]),
-    ("layers-block2", ["+strategy=layers", "strategy.method=block", f"strategy.num_layers={N_LAYER // 2}"]),
+    (
+        "layers-block2",
+        ["+strategy=layers", "strategy.method=block", f"strategy.num_layers={N_LAYER // 2}"],
+    ),
     ("layers-every2", ["+strategy=layers", "strategy.method=every", "strategy.every=2"]),
     ("sqrt", ["+strategy=sqrt"]),
     ("op", ["+strategy=op"]),
@@ -64,8 +85,14 @@ GRADIENTS_TESTED_ELSEWHERE = {"budget": "tests/integration/test_budget.py"}
 
 
 def test_every_registered_strategy_has_a_gradient_variant():
-    """A new strategy is not done until its gradients are compared with `none` here (or where it says)."""
-    covered = {o.split("=", 1)[1] for _, overrides in VARIANTS for o in overrides if o.startswith("+strategy=")}
+    """A new strategy is not done until its gradients are compared with `none` here (or where it
+    says)."""
+    covered = {
+        o.split("=", 1)[1]
+        for _, overrides in VARIANTS
+        for o in overrides
+        if o.startswith("+strategy=")
+    }
     assert set(STRATEGIES) - set(GRADIENTS_TESTED_ELSEWHERE) <= covered
 
 
@@ -80,7 +107,8 @@ def base_model(attention: str):
 
 
 def strategic(attention: str, overrides: list[str]):
-    """A copy of the shared base model with the strategy applied (offload's CPU warning silenced)."""
+    """A copy of the shared base model with the strategy applied (offload's CPU warning
+    silenced)."""
     cfg = compose(*MODEL, f"model.attention={attention}", *overrides)
     model = copy.deepcopy(base_model(attention))
     with warnings.catch_warnings():
@@ -112,19 +140,37 @@ def test_gradients_equal_none(vid, overrides, attention):
         assert (g_none[name] - g[name]).abs().max().item() <= 1e-6, name
     # The plan contract: JSON-able, and every recomputed name is a real module.
     json.dumps(plan)
-    assert {"name", "recomputed", "saved", "description", "offload", "offload_effective", "warnings"} <= set(plan)
+    assert {
+        "name",
+        "recomputed",
+        "saved",
+        "description",
+        "offload",
+        "offload_effective",
+        "warnings",
+    } <= set(plan)
     modules = dict(model.named_modules())
     assert all(name in modules for name in plan["recomputed"])
 
 
-LLAMA_STYLE = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.positions=rope", "model.n_kv_head=2",
-               "model.bias=false", "model.attention=sdpa"]
+LLAMA_STYLE = [
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.positions=rope",
+    "model.n_kv_head=2",
+    "model.bias=false",
+    "model.attention=sdpa",
+]
 
 
-@pytest.mark.parametrize("vid,overrides", [v for v in VARIANTS if v[0] in ("selective", "op", "regions")],
-                         ids=["selective", "op", "regions"])
+@pytest.mark.parametrize(
+    "vid,overrides",
+    [v for v in VARIANTS if v[0] in ("selective", "op", "regions")],
+    ids=["selective", "op", "regions"],
+)
 def test_llama_style_blocks_gradients_equal_none(vid, overrides):
-    """RMSNorm, SwiGLU, RoPE (a bare op on the qkv output inside a remat region), GQA, bias-free Linear (mm)."""
+    """RMSNorm, SwiGLU, RoPE (a bare op on the qkv output inside a remat region), GQA, bias-free
+    Linear (mm)."""
     torch.manual_seed(0)
     base = build_model(compose(*MODEL, *LLAMA_STYLE).model).train()
     model = copy.deepcopy(base)
@@ -152,8 +198,11 @@ def loss_history(attention: str, overrides: tuple[str, ...], tmp: str) -> list[f
 
 
 # One configuration per strategy is enough here: the gradient test covers the variants.
-HISTORY_VARIANTS = [v for v in VARIANTS if v[0] in
-                    ("full", "selective", "layers-uniform2", "sqrt", "op", "regions", "full-offload")]
+HISTORY_VARIANTS = [
+    v
+    for v in VARIANTS
+    if v[0] in ("full", "selective", "layers-uniform2", "sqrt", "op", "regions", "full-offload")
+]
 
 
 @pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
@@ -167,7 +216,8 @@ def test_20_step_loss_history_matches_none(vid, overrides, attention, tmp_path_f
     assert max(abs(a - b) for a, b in zip(hist, ref)) <= 1e-6
 
 
-# --- saved activation bytes ------------------------------------------------------------------------------
+# --- saved activation bytes -----------------------------------------------------------------------
+
 
 def _key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
@@ -211,7 +261,8 @@ class _NewStorages(TorchDispatchMode):
 
 
 def retained_bytes(model) -> int:
-    """Bytes of storages made in the forward that the autograd graph still keeps alive when it returns."""
+    """Bytes of storages made in the forward that the autograd graph still keeps alive when it
+    returns."""
     idx, tgt = batch()
     torch.manual_seed(123)
     with _NewStorages() as mode:
@@ -224,9 +275,25 @@ def retained_bytes(model) -> int:
     return sum(live.values())
 
 
-ORDERED = {"none", "full", "selective", "layers-block2", "layers-uniform2", "sqrt", "op", "op-every-other-mm",
-           "regions", "regions-save-none", "offload"}
-HOOK_BLIND = {"op", "op-every-other-mm", "offload", "full-offload"}  # SAC cache / save_on_cpu copies
+ORDERED = {
+    "none",
+    "full",
+    "selective",
+    "layers-block2",
+    "layers-uniform2",
+    "sqrt",
+    "op",
+    "op-every-other-mm",
+    "regions",
+    "regions-save-none",
+    "offload",
+}
+HOOK_BLIND = {
+    "op",
+    "op-every-other-mm",
+    "offload",
+    "full-offload",
+}  # SAC cache / save_on_cpu copies
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
@@ -244,8 +311,12 @@ def test_saved_bytes_orderings(attention):
     assert hooked["op"] == hooked["full"]  # ...in a cache saved_tensors_hooks never sees
     assert r["regions-save-none"] == r["full"]  # a remat region saving nothing = full recomputation
     assert r["full"] < r["regions"] < r["none"]
-    assert r["sqrt"] <= r["full"] and r["layers-uniform2"] < r["full"]  # fewer checkpoint inputs kept
-    assert r["offload"] == r["none"]  # on CPU the save_on_cpu copies replace the originals: nothing freed
+    assert (
+        r["sqrt"] <= r["full"] and r["layers-uniform2"] < r["full"]
+    )  # fewer checkpoint inputs kept
+    assert (
+        r["offload"] == r["none"]
+    )  # on CPU the save_on_cpu copies replace the originals: nothing freed
 
 
 def test_selective_saves_the_scores_with_eager_attention():
@@ -253,10 +324,13 @@ def test_selective_saves_the_scores_with_eager_attention():
     none, _ = strategic("eager", ["+strategy=none"])
     sel, _ = strategic("eager", ["+strategy=selective"])
     b, h, s = 2, 4, 32
-    assert retained_bytes(none) - retained_bytes(sel) >= N_LAYER * b * h * s * s * 4  # fp32 scores, per block
+    assert (
+        retained_bytes(none) - retained_bytes(sel) >= N_LAYER * b * h * s * s * 4
+    )  # fp32 scores, per block
 
 
-# --- FLOPs -------------------------------------------------------------------------------------------------
+# --- FLOPs ----------------------------------------------------------------------------------------
+
 
 def backward_flops(model) -> int:
     idx, tgt = batch()
@@ -279,28 +353,45 @@ def block_forward_flops(model) -> int:
 def test_recompute_flops(attention):
     extra = {}
     none_bwd = backward_flops(base_model(attention))
-    for vid, overrides in [*VARIANTS, ("op-mm-only", ["+strategy=op", "strategy.save_ops=[aten.mm]"])]:
+    for vid, overrides in [
+        *VARIANTS,
+        ("op-mm-only", ["+strategy=op", "strategy.save_ops=[aten.mm]"]),
+    ]:
         model, _ = strategic(attention, overrides)
         extra[vid] = backward_flops(model) - none_bwd
     assert extra["none"] == 0 and extra["offload"] == 0
     assert extra["selective"] > 0
-    assert extra["full"] == block_forward_flops(base_model(attention))  # exactly one forward of every block
+    assert extra["full"] == block_forward_flops(
+        base_model(attention)
+    )  # exactly one forward of every block
     assert all(v <= extra["full"] for v in extra.values()), extra
-    assert extra["sqrt"] == extra["layers-uniform2"] == extra["full"]  # groups still rerun every block once
+    assert (
+        extra["sqrt"] == extra["layers-uniform2"] == extra["full"]
+    )  # groups still rerun every block once
     assert 0 < extra["layers-block2"] < extra["full"]
-    assert extra["op"] == 0 < extra["op-every-other-mm"]  # counted FLOPs: only recomputed matmuls count
+    assert (
+        extra["op"] == 0 < extra["op-every-other-mm"]
+    )  # counted FLOPs: only recomputed matmuls count
     assert extra["regions-save-none"] == extra["full"]
-    # DESIGN pitfall: Linear with bias is addmm, so saving only aten.mm recomputes every matmul = full.
+    # DESIGN pitfall: Linear with bias is addmm, so saving only aten.mm recomputes every matmul =
+    # full.
     assert extra["op-mm-only"] == extra["full"]
 
 
-# --- op policy, offload, plans -----------------------------------------------------------------------------
+# --- op policy, offload, plans --------------------------------------------------------------------
+
 
 def test_sac_policy_every_other_mm_and_random_attention():
     aten = torch.ops.aten
-    policy = make_policy(["mm", "addmm", "_scaled_dot_product_flash_attention_for_cpu"], every_other_mm=True)
-    got = [policy(None, aten.addmm.default), policy(None, aten.mm.default), policy(None, aten.addmm.default),
-           policy(None, aten.gelu.default)]
+    policy = make_policy(
+        ["mm", "addmm", "_scaled_dot_product_flash_attention_for_cpu"], every_other_mm=True
+    )
+    got = [
+        policy(None, aten.addmm.default),
+        policy(None, aten.mm.default),
+        policy(None, aten.addmm.default),
+        policy(None, aten.gelu.default),
+    ]
     S, R = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
     assert got == [S, R, S, R]  # torchtitan: the 2nd, 4th... projection matmul recomputed
     sdpa = aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -322,8 +413,12 @@ def test_offload_on_cpu_says_it_moves_nothing():
 def test_plans_name_what_they_do():
     _, sel = strategic("eager", ["+strategy=selective"])
     assert sel["recomputed"] == [f"blocks.{i}.attn.core" for i in range(N_LAYER)]
-    _, uni = strategic("eager", ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=3"])
-    assert uni["regions"] == [[0, 1, 2], [3]] and uni["recomputed"] == [f"blocks.{i}" for i in range(4)]
+    _, uni = strategic(
+        "eager", ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=3"]
+    )
+    assert uni["regions"] == [[0, 1, 2], [3]] and uni["recomputed"] == [
+        f"blocks.{i}" for i in range(4)
+    ]
     _, blk = strategic("eager", ["+strategy=layers", "strategy.num_layers=2"])
     assert blk["regions"] == [[0], [1]]
     _, every = strategic("eager", ["+strategy=layers", "strategy.method=every", "strategy.every=2"])
@@ -334,12 +429,19 @@ def test_plans_name_what_they_do():
     assert {"aten.mm", "aten.addmm", "aten.bmm"} <= set(op["save_ops"])
     assert any("scaled_dot_product" in o for o in op["save_ops"])
     _, reg = strategic("eager", ["+strategy=regions", "strategy.save=[mlp.fc]"])
-    assert reg["save"] == ["mlp.fc"] and "mlp.proj" in reg["recompute"] and "blocks.0.mlp.proj" in reg["recomputed"]
+    assert (
+        reg["save"] == ["mlp.fc"]
+        and "mlp.proj" in reg["recompute"]
+        and "blocks.0.mlp.proj" in reg["recomputed"]
+    )
 
 
-@pytest.mark.parametrize("name", ["full", "selective", "layers", "sqrt", "op", "regions", "offload"])
+@pytest.mark.parametrize(
+    "name", ["full", "selective", "layers", "sqrt", "op", "regions", "offload"]
+)
 def test_strategies_run_on_the_meta_device(name):
-    """The estimate path builds models on meta (no memory): every strategy must apply and run there too."""
+    """The estimate path builds models on meta (no memory): every strategy must apply and run there
+    too."""
     cfg = compose(*MODEL, f"+strategy={name}")
     model = build_model(cfg.model, "meta").train()
     plan = apply_strategy(model, cfg.strategy, RunSpec.of(cfg).shape()).to_dict()
@@ -348,31 +450,53 @@ def test_strategies_run_on_the_meta_device(name):
     assert plan["offload_effective"] is False
 
 
-# --- bad input ---------------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["+strategy=layers", "strategy.num_layers=5"], "valid values: 1..4"),
-    (["+strategy=layers", "strategy.num_layers=0"], "valid values: 1..4"),
-    (["+strategy=layers", "strategy.method=every", "strategy.every=0"], "valid values: 1..4"),
-    (["+strategy=selective", "strategy.modules=[core_attn,mlpp]"], "'mlpp'; valid: core_attn, attn, mlp, norm"),
-    (["+strategy=op", "strategy.save_ops=[aten.mm,aten.matmul]"], "'matmul'; valid: mm, addmm, bmm"),
-    (["+strategy=regions", "strategy.save=[attn.score]"], "'attn.score'; valid: norm1, attn.qkv, attn.core"),
-])
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["+strategy=layers", "strategy.num_layers=5"], "valid values: 1..4"),
+        (["+strategy=layers", "strategy.num_layers=0"], "valid values: 1..4"),
+        (["+strategy=layers", "strategy.method=every", "strategy.every=0"], "valid values: 1..4"),
+        (
+            ["+strategy=selective", "strategy.modules=[core_attn,mlpp]"],
+            "'mlpp'; valid: core_attn, attn, mlp, norm",
+        ),
+        (
+            ["+strategy=op", "strategy.save_ops=[aten.mm,aten.matmul]"],
+            "'matmul'; valid: mm, addmm, bmm",
+        ),
+        (
+            ["+strategy=regions", "strategy.save=[attn.score]"],
+            "'attn.score'; valid: norm1, attn.qkv, attn.core",
+        ),
+    ],
+)
 def test_bad_strategy_options_raise_config_error_listing_valid(overrides, needle):
     cfg = compose_config([*MODEL, *overrides])
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
         apply_strategy(build_model(cfg.model), cfg.strategy, RunSpec.of(cfg).shape())
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["+strategy=full", "strategy.num_layers=2"],
-     "strategy.num_layers is not an option of strategy 'full'; its options: offload"),
-    (["+strategy=op", "strategy.save=[mlp.fc]"], "its options: save_ops, every_other_mm, offload"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (
+            ["+strategy=full", "strategy.num_layers=2"],
+            "strategy.num_layers is not an option of strategy 'full'; its options: offload",
+        ),
+        (
+            ["+strategy=op", "strategy.save=[mlp.fc]"],
+            "its options: save_ops, every_other_mm, offload",
+        ),
+    ],
+)
 def test_options_of_another_strategy_are_rejected(overrides, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):  # before Hydra composes
         compose_run_config([*MODEL, *overrides])
-    # Forced in with a `+`, the same option composes; the strategy refuses it before anything is built.
+    # Forced in with a `+`, the same option composes; the strategy refuses it before anything is
+    # built.
     cfg = compose(*MODEL, *[("+" + o if o.startswith("strategy.") else o) for o in overrides])
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         apply_strategy(build_model(cfg.model), cfg.strategy, RunSpec.of(cfg).shape())
@@ -390,7 +514,8 @@ def test_unknown_layer_method_fails_at_compose_time():
     assert "uniform, block, every" in str(err.value.__cause__)
 
 
-# --- registry and CLI sweep --------------------------------------------------------------------------------
+# --- registry and CLI sweep -----------------------------------------------------------------------
+
 
 def strategy_files() -> dict[str, str]:
     return {p.stem: p.read_text() for p in sorted((Path(CONF_DIR) / "strategy").glob("*.yaml"))}
@@ -400,12 +525,24 @@ def test_every_config_is_a_registered_strategy_and_back():
     files = strategy_files()
     assert set(files) == set(STRATEGIES)
     for stem, text in files.items():
-        assert text.startswith("# ") and f"/schema/strategy/{stem}@_here_\n" in text  # says what it does; its schema
+        assert (
+            text.startswith("# ") and f"/schema/strategy/{stem}@_here_\n" in text
+        )  # says what it does; its schema
 
 
 def test_glob_sweep_runs_every_strategy_and_nothing_else(tmp_path):
-    proc = run_cli(["-m", "+strategy=glob(*)", "model=tiny", "trainer.steps=2", *FAST, "trainer.num_threads=1",
-                    f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "-m",
+            "+strategy=glob(*)",
+            "model=tiny",
+            "trainer.steps=2",
+            *FAST,
+            "trainer.num_threads=1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [load_results(p) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
     assert sorted(r["strategy"]["name"] for r in results) == sorted(strategy_files())

@@ -1,4 +1,6 @@
-"""End to end: the real CLI in a subprocess, the engine in-process, results.json per the contract."""
+"""End to end: the real CLI in a subprocess, the engine in-process, results.json per the
+contract."""
+
 from __future__ import annotations
 
 import json
@@ -16,37 +18,82 @@ CONTRACT = {"schema_version", "status", "config", "env", "model", "loss", "memor
 
 def test_cli_default_full_run_writes_results(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(["+strategy=full", "trainer.steps=12", *FAST, f"hydra.run.dir={out}"], cwd=tmp_path)
+    proc = run_cli(
+        ["+strategy=full", "trainer.steps=12", *FAST, f"hydra.run.dir={out}"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     res = load_results(out / "results.json")
     assert CONTRACT <= set(res) and res["status"] == "ok" and res["schema_version"] == 1
     assert res["config"]["strategy"]["name"] == "full"
     assert len(res["loss"]["history"]) == 12 and res["loss"]["final"] < res["loss"]["first"]
-    assert set(res["env"]) >= {"torch", "python", "device", "device_name", "dtype", "num_threads", "hostname"}
+    assert set(res["env"]) >= {
+        "torch",
+        "python",
+        "device",
+        "device_name",
+        "dtype",
+        "num_threads",
+        "hostname",
+    }
     assert res["model"]["params"] > 0 and res["model"]["seq_len"] == 64
     assert res["time"]["tokens_per_s"] > 0 and res["time"]["warmup_steps"] == 3
     ms = res["memory"]["model_state_bytes"]
     assert ms["measured"] == ms["predicted"] == 16 * res["model"]["params"]
-    # train.log tells the story: every phase with its time, step lines, the end; the summary is in it too.
+    # train.log tells the story: every phase with its time, step lines, the end; the summary is in
+    # it too.
     log = (out / "train.log").read_text()
-    for phase in ("run: model tiny", "W&B run (disabled): ", "setup: ", "memory probe: ", "model + strategy full: ",
-                  "FLOP count on meta: ", "training: steps 1..12 of 12", "step 12/12: loss", "training: ",
-                  "step time median", "run ok: ", "status ok  model=tiny"):
+    for phase in (
+        "run: model tiny",
+        "W&B run (disabled): ",
+        "setup: ",
+        "memory probe: ",
+        "model + strategy full: ",
+        "FLOP count on meta: ",
+        "training: steps 1..12 of 12",
+        "step 12/12: loss",
+        "training: ",
+        "step time median",
+        "run ok: ",
+        "status ok  model=tiny",
+    ):
         assert phase in log, phase
-    assert log.index("memory probe") < log.index("FLOP count") < log.index("step 1/12") < log.index("run ok")
+    assert (
+        log.index("memory probe")
+        < log.index("FLOP count")
+        < log.index("step 1/12")
+        < log.index("run ok")
+    )
     assert "[recompute_lab.run.engine][INFO] - memory probe: " in log and " s (activations " in log
     # full's predicted peak is the recompute phase's upper bound, and the summary says so
     pk = res["memory"]["peak_bytes"]
     assert pk["predicted_parts"]["phase"] == "recompute" and pk["predicted"] >= pk["measured"]
     assert f"(predicted <= {pk['predicted'] / 1e6:.2f} MB, mem_tracker)" in log
-    # README's example train.log has the phases and summary lines of this run (the same format, nothing renamed)
-    example = (ROOT / "README.md").read_text().split("### What a run tells you while it runs")[1].split("```")[1]
-    phases = {re.sub(r"\d+", "N", ln.split(" - ", 1)[1].split(":")[0]) for ln in example.splitlines() if " - " in ln}
-    ours = {re.sub(r"\d+", "N", ln.split(" - ", 1)[1].split(":")[0]) for ln in log.splitlines() if " - " in ln}
+    # README's example train.log has the phases and summary lines of this run (the same format,
+    # nothing renamed)
+    example = (
+        (ROOT / "README.md")
+        .read_text()
+        .split("### What a run tells you while it runs")[1]
+        .split("```")[1]
+    )
+    phases = {
+        re.sub(r"\d+", "N", ln.split(" - ", 1)[1].split(":")[0])
+        for ln in example.splitlines()
+        if " - " in ln
+    }
+    ours = {
+        re.sub(r"\d+", "N", ln.split(" - ", 1)[1].split(":")[0])
+        for ln in log.splitlines()
+        if " - " in ln
+    }
     # FAST skips the paired overhead and W&B (the example logged offline)
     assert phases <= ours | {"paired overhead", "W&B run (offline)"}, phases - ours
-    summary = [ln.strip().split(" ")[0] for ln in example.split("summary:")[1].splitlines() if ln.strip()]
-    assert all(any(ln.strip().startswith(w) for ln in log.splitlines()) for w in summary if w != "step"), summary
+    summary = [
+        ln.strip().split(" ")[0] for ln in example.split("summary:")[1].splitlines() if ln.strip()
+    ]
+    assert all(
+        any(ln.strip().startswith(w) for ln in log.splitlines()) for w in summary if w != "step"
+    ), summary
 
 
 def test_same_seed_same_loss_history(tmp_path):
@@ -65,21 +112,32 @@ def test_text_data_and_grad_accum(tmp_path):
 
 
 def test_missing_text_file_is_a_clear_error(tmp_path):
-    proc = run_cli(["data=text", "data.path=/no/such/file.txt", *FAST, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    proc = run_cli(
+        ["data=text", "data.path=/no/such/file.txt", *FAST, f"hydra.run.dir={tmp_path / 'r'}"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "no such file" in proc.stderr and "Traceback" not in proc.stderr
     assert load_results(tmp_path / "r" / "results.json")["status"] == "error"
 
 
-@pytest.mark.parametrize("args,needle,code", [
-    (["+strategy=fulll"], "Could not find 'strategy/fulll'", 1),
-    (["model.n_head=7"], "does not divide", 2),
-    (["model.n_layr=3"], "model.n_layr is not a model option (did you mean 'n_layer'?)", 2),  # before Hydra
-    (["strategy=full"], "+strategy=full", 1),
-    (["trainer.device=cuda"], "CUDA is not available", 2),
-])
+@pytest.mark.parametrize(
+    "args,needle,code",
+    [
+        (["+strategy=fulll"], "Could not find 'strategy/fulll'", 1),
+        (["model.n_head=7"], "does not divide", 2),
+        (
+            ["model.n_layr=3"],
+            "model.n_layr is not a model option (did you mean 'n_layer'?)",
+            2,
+        ),  # before Hydra
+        (["strategy=full"], "+strategy=full", 1),
+        (["trainer.device=cuda"], "CUDA is not available", 2),
+    ],
+)
 def test_bad_input_exits_nonzero_with_message(tmp_path, args, needle, code):
     import torch
+
     if "trainer.device=cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA present")
     proc = run_cli([*args, *FAST, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
@@ -90,14 +148,27 @@ def test_bad_input_exits_nonzero_with_message(tmp_path, args, needle, code):
 
 def test_multirun_2x2_writes_four_results(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "+strategy=none,full", "model.n_layer=1,2", "trainer.steps=3", *FAST,
-                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "-m",
+            "+strategy=none,full",
+            "model.n_layer=1,2",
+            "trainer.steps=3",
+            *FAST,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     files = sorted(sweep.glob("*/results.json"))
     assert len(files) == 4
     names = sorted(f.parent.name for f in files)
-    assert "0_+strategy=none,model.n_layer=1,trainer.overhead.enabled=False,trainer.steps=3" in names  # readable
-    combos = {(load_results(f)["strategy"]["name"], load_results(f)["model"]["n_layer"]) for f in files}
+    assert (
+        "0_+strategy=none,model.n_layer=1,trainer.overhead.enabled=False,trainer.steps=3" in names
+    )  # readable
+    combos = {
+        (load_results(f)["strategy"]["name"], load_results(f)["model"]["n_layer"]) for f in files
+    }
     assert combos == {("none", 1), ("none", 2), ("full", 1), ("full", 2)}
     assert all(load_results(f)["status"] == "ok" for f in files)
 
@@ -106,15 +177,20 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     path = tmp_path / "results.json"
     write_json_atomic(path, {"a": 1})
     with pytest.raises(TypeError):
-        write_json_atomic(path, {"a": object()})  # not serialisable: the old file must survive intact
+        write_json_atomic(
+            path, {"a": object()}
+        )  # not serialisable: the old file must survive intact
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_wandb_offline_run_lands_in_run_dir(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(["trainer.steps=3", "trainer.progress=false", f"hydra.run.dir={out}"], cwd=tmp_path,
-                   env={"WANDB_API_KEY": ""})
+    proc = run_cli(
+        ["trainer.steps=3", "trainer.progress=false", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env={"WANDB_API_KEY": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     res = load_results(out / "results.json")
     assert res["logger"]["mode"] == "offline"

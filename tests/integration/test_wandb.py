@@ -1,4 +1,6 @@
-"""W&B mirror, read back from real offline run files; failure handling; the dashboard spec with the API mocked."""
+"""W&B mirror, read back from real offline run files; failure handling; the dashboard spec with the
+API mocked."""
+
 from __future__ import annotations
 
 import json
@@ -28,41 +30,64 @@ def test_offline_run_records_config_history_and_summaries(tmp_path, monkeypatch)
     res = engine.run(compose_config(["trainer.steps=4", "+strategy=full", *OFFLINE]), tmp_path)
     assert res["status"] == "ok" and res["logger"]["mode"] == "offline"
     rec = summarize_records(read_records(run_file(tmp_path)))
-    assert rec["config"]["strategy"]["name"] == "full" and rec["config"]["model"]["name"] == "tiny", rec["config"]
+    assert (
+        rec["config"]["strategy"]["name"] == "full" and rec["config"]["model"]["name"] == "tiny"
+    ), rec["config"]
     assert set(rec["run"].tags) >= {"model:tiny", "strategy:full", "precision:fp32"}
     steps = [h for h in rec["history"] if "loss" in h]
     assert len(steps) == 4
-    assert {"loss", "lr", "step_s", "tokens_per_s", "grad_norm", "memory/rss_bytes"} <= set(steps[0])
+    assert {"loss", "lr", "step_s", "tokens_per_s", "grad_norm", "memory/rss_bytes"} <= set(
+        steps[0]
+    )
     assert [h["loss"] for h in steps] == pytest.approx(res["loss"]["history"])
-    # History is the per-step series only: no one-point charts (the probe's figures are summary values).
+    # History is the per-step series only: no one-point charts (the probe's figures are summary
+    # values).
     assert len(rec["history"]) == 4 and all(set(h) == set(steps[0]) for h in rec["history"])
-    assert all(h["grad_norm"] > 0 and h["memory/rss_bytes"] > 10 ** 7 for h in steps)
+    assert all(h["grad_norm"] > 0 and h["memory/rss_bytes"] > 10**7 for h in steps)
     s = rec["summary"]
-    assert s["loss"] == {"min": pytest.approx(min(res["loss"]["history"]))}  # define_metric summary=min
+    assert s["loss"] == {
+        "min": pytest.approx(min(res["loss"]["history"]))
+    }  # define_metric summary=min
     assert s["flops/per_step/recompute"] == res["flops"]["per_step"]["recompute"] > 0
     assert s["memory/model_state_bytes/measured"] == res["memory"]["model_state_bytes"]["measured"]
     assert s["status"] == "ok" and "strategy=full" in s["summary_text"]
     assert s["grad_norm"] == {"max": pytest.approx(max(h["grad_norm"] for h in steps))}
-    assert s["activation_bytes_by_module"]["_type"] == "table-file" and s["run_summary"]["_type"] == "html-file"
+    assert (
+        s["activation_bytes_by_module"]["_type"] == "table-file"
+        and s["run_summary"]["_type"] == "html-file"
+    )
     assert any(r.WhichOneof("record_type") == "artifact" for r in read_records(run_file(tmp_path)))
 
 
 def test_multirun_jobs_share_one_group_with_git_overrides_and_an_analysis_run(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "+strategy=none,full", "trainer.steps=2", *OFFLINE, f"hydra.sweep.dir={sweep}"],
-                   cwd=tmp_path, env={"WANDB_API_KEY": ""})
+    proc = run_cli(
+        ["-m", "+strategy=none,full", "trainer.steps=2", *OFFLINE, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        env={"WANDB_API_KEY": ""},
+    )
     assert proc.returncode == 0, proc.stderr
     recs = [summarize_records(read_records(run_file(d))) for d in sorted(sweep.glob("*_*"))]
     runs = [r["run"] for r in recs]
     assert len(runs) == 2 and runs[0].run_id != runs[1].run_id
     assert runs[0].run_group == runs[1].run_group == "_".join(sweep.parts[-2:])
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     for rec, strategy in zip(recs, ("none", "full")):
-        assert rec["config"]["git"]["commit"] == head and isinstance(rec["config"]["git"]["dirty"], bool)
-        assert {f"+strategy={strategy}", "trainer.steps=2", "logger.mode=offline"} <= set(rec["config"]["overrides"])
-        assert rec["config"]["choices"]["strategy"] == strategy and rec["config"]["choices"]["model"] == "tiny"
+        assert rec["config"]["git"]["commit"] == head and isinstance(
+            rec["config"]["git"]["dirty"], bool
+        )
+        assert {f"+strategy={strategy}", "trainer.steps=2", "logger.mode=offline"} <= set(
+            rec["config"]["overrides"]
+        )
+        assert (
+            rec["config"]["choices"]["strategy"] == strategy
+            and rec["config"]["choices"]["model"] == "tiny"
+        )
         assert rec["run"].job_type == "train"
-    # The sweep's analysis is one more run of the group: summary.csv as a table, figures, quiz, an artifact.
+    # The sweep's analysis is one more run of the group: summary.csv as a table, figures, quiz, an
+    # artifact.
     analysis = read_records(run_file(sweep / "analysis"))
     rec = summarize_records(analysis)
     assert rec["run"].job_type == "analysis" and rec["run"].run_group == runs[0].run_group
@@ -70,7 +95,10 @@ def test_multirun_jobs_share_one_group_with_git_overrides_and_an_analysis_run(tm
     assert s["runs"] == 2 and s["runs_not_ok"] == 0 and s["summary_table"]["_type"] == "table-file"
     assert s["summary_table"]["nrows"] == 2 and s["quiz"]["_type"] == "html-file"
     assert s["figures/fig3_pareto"]["_type"] == "image-file" and not rec["history"]
-    assert any(r.WhichOneof("record_type") == "artifact" and r.artifact.type == "sweep-analysis" for r in analysis)
+    assert any(
+        r.WhichOneof("record_type") == "artifact" and r.artifact.type == "sweep-analysis"
+        for r in analysis
+    )
 
 
 def test_failing_job_finishes_its_run_and_the_next_job_starts_fresh(tmp_path, monkeypatch):
@@ -105,15 +133,20 @@ def test_wandb_init_failure_never_stops_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", broken)
     with pytest.warns(UserWarning, match="W&B is down"):
-        res = engine.run(compose_config(["trainer.steps=2", "logger.mode=online", *OFFLINE[:1],
-                                         "trainer.progress=false"]), tmp_path)
+        res = engine.run(
+            compose_config(
+                ["trainer.steps=2", "logger.mode=online", *OFFLINE[:1], "trainer.progress=false"]
+            ),
+            tmp_path,
+        )
     assert res["status"] == "ok" and res["logger"]["mode"] == "disabled"
     assert "without W&B" in load_results(tmp_path / "results.json")["logger"]["note"]
 
 
 @pytest.fixture
 def mocked_workspace_api(monkeypatch):
-    """wandb-workspaces with its online API replaced: views saved (upsert) and looked up (get_view_dict)."""
+    """wandb-workspaces with its online API replaced: views saved (upsert) and looked up
+    (get_view_dict)."""
     import wandb
     import wandb_workspaces.workspaces.interface as iface
     import wandb_workspaces.workspaces.internal as internal
@@ -136,7 +169,11 @@ def mocked_workspace_api(monkeypatch):
     fake_api = type("Api", (), {"settings": {"base_url": "https://api.wandb.ai"}, "client": None})
     monkeypatch.setattr(wandb, "Api", lambda *a, **k: fake_api())
     monkeypatch.setattr(dashboard, "has_credentials", lambda: True)
-    monkeypatch.setattr(iface.Workspace, "url", property(lambda self: f"https://wandb.ai/{self.entity}/{self.project}"))
+    monkeypatch.setattr(
+        iface.Workspace,
+        "url",
+        property(lambda self: f"https://wandb.ai/{self.entity}/{self.project}"),
+    )
     return api
 
 
@@ -145,58 +182,131 @@ def runset_of(view) -> dict:
 
 
 def test_dashboard_spec_with_api_mocked(mocked_workspace_api, capsys):
-    assert dashboard.main(["--entity", "me", "--project", "p", "--group", "2026-11-29_01-02-03"]) == 0
+    assert (
+        dashboard.main(["--entity", "me", "--project", "p", "--group", "2026-11-29_01-02-03"]) == 0
+    )
     view = mocked_workspace_api["sent"][0]
     spec = view.model_dump(by_alias=True)
     assert spec["entity"] == "me" and spec["project"] == "p"
     sections = spec["spec"]["section"]["panelBankConfig"]["sections"]
     titles = [p["config"].get("chartTitle") for s in sections for p in s["panels"]]
-    assert "Peak memory (measured)" in titles and "Activation bytes vs recompute FLOP overhead" in titles
+    assert (
+        "Peak memory (measured)" in titles
+        and "Activation bytes vs recompute FLOP overhead" in titles
+    )
     metrics = json.dumps(sections)
-    for key in ("memory/activation_bytes/measured", "flops/recompute_overhead", "time/tokens_per_s", "loss",
-                "grad_norm", "memory/rss_bytes"):
+    for key in (
+        "memory/activation_bytes/measured",
+        "flops/recompute_overhead",
+        "time/tokens_per_s",
+        "loss",
+        "grad_norm",
+        "memory/rss_bytes",
+    ):
         assert key in metrics
     runset = runset_of(view)
-    # Grouped by strategy x precision x model (not averaged over models and precisions under one strategy).
-    assert [g["name"] for g in runset["grouping"]] == ["strategy.value.name", "precision.value.name",
-                                                       "model.value.name"]
+    # Grouped by strategy x precision x model (not averaged over models and precisions under one
+    # strategy).
+    assert [g["name"] for g in runset["grouping"]] == [
+        "strategy.value.name",
+        "precision.value.name",
+        "model.value.name",
+    ]
     filters = json.dumps(runset["filters"])
     assert "2026-11-29_01-02-03" in filters and '"jobType"' in filters and '"train"' in filters
-    assert "state" not in filters.lower() and "finished" not in filters  # failed (oom, diverged) runs stay in
+    assert (
+        "state" not in filters.lower() and "finished" not in filters
+    )  # failed (oom, diverged) runs stay in
     assert "summary:status" in runset["runFeed"]["columnPinned"]
     assert "workspace saved" in capsys.readouterr().out
 
 
-def test_dashboard_groups_by_the_swept_axes_and_updates_its_view_in_place(mocked_workspace_api, tmp_path, capsys):
+def test_dashboard_groups_by_the_swept_axes_and_updates_its_view_in_place(
+    mocked_workspace_api, tmp_path, capsys
+):
     sweep = tmp_path / "multirun" / "2026-11-29" / "01-02-03"
     for i, (strategy, seq) in enumerate([("none", 64), ("none", 128), ("full", 64), ("full", 128)]):
         job = sweep / f"{i}_job" / ".hydra"
         job.mkdir(parents=True)
-        job.joinpath("overrides.yaml").write_text(f"- +strategy={strategy}\n- data.seq_len={seq}\n- model=small\n"
-                                                  "- logger.mode=offline\n")
-    assert dashboard.swept_axes(sweep) == ["strategy.name", "data.seq_len"]  # model=small is not an axis
-    args = ["--entity", "me", "--project", "p", "--group", "2026-11-29_01-02-03", "--sweep-dir", str(sweep)]
+        job.joinpath("overrides.yaml").write_text(
+            f"- +strategy={strategy}\n- data.seq_len={seq}\n- model=small\n- logger.mode=offline\n"
+        )
+    assert dashboard.swept_axes(sweep) == [
+        "strategy.name",
+        "data.seq_len",
+    ]  # model=small is not an axis
+    args = [
+        "--entity",
+        "me",
+        "--project",
+        "p",
+        "--group",
+        "2026-11-29_01-02-03",
+        "--sweep-dir",
+        str(sweep),
+    ]
     assert dashboard.main(args) == 0 and dashboard.main(args) == 0
     first, second = mocked_workspace_api["sent"]
-    assert [g["name"] for g in runset_of(first)["grouping"]] == ["strategy.value.name", "data.value.seq_len"]
-    assert first.name == second.name and not first.id and second.id == "id-1"  # the second save updates the first
+    assert [g["name"] for g in runset_of(first)["grouping"]] == [
+        "strategy.value.name",
+        "data.value.seq_len",
+    ]
+    assert (
+        first.name == second.name and not first.id and second.id == "id-1"
+    )  # the second save updates the first
     out = capsys.readouterr().out
-    assert "workspace saved" in out and "workspace updated" in out and "grouped by strategy.name, data.seq_len" in out
-    assert dashboard.main(["--entity", "me", "--project", "p", "--groupby", "model.name,parallel.kind"]) == 0
+    assert (
+        "workspace saved" in out
+        and "workspace updated" in out
+        and "grouped by strategy.name, data.seq_len" in out
+    )
+    assert (
+        dashboard.main(
+            ["--entity", "me", "--project", "p", "--groupby", "model.name,parallel.kind"]
+        )
+        == 0
+    )
     assert [g["name"] for g in runset_of(mocked_workspace_api["sent"][2])["grouping"]] == [
-        "model.value.name", "parallel.value.kind"]
+        "model.value.name",
+        "parallel.value.kind",
+    ]
 
 
 def test_axis_keys_of_overrides():
-    assert [dashboard.axis_key(k) for k in ("+strategy", "model", "data", "parallel", "data.seq_len",
-                                            "strategy.num_layers", "experiment", "hydra.launcher.partition",
-                                            "logger.mode", "local")] == [
-        "strategy.name", "model.name", "data.kind", "parallel.kind", "data.seq_len", "strategy.num_layers",
-        None, None, None, None]
+    assert [
+        dashboard.axis_key(k)
+        for k in (
+            "+strategy",
+            "model",
+            "data",
+            "parallel",
+            "data.seq_len",
+            "strategy.num_layers",
+            "experiment",
+            "hydra.launcher.partition",
+            "logger.mode",
+            "local",
+        )
+    ] == [
+        "strategy.name",
+        "model.name",
+        "data.kind",
+        "parallel.kind",
+        "data.seq_len",
+        "strategy.num_layers",
+        None,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_dashboard_offline_explains_and_fails(tmp_path):
-    proc = run_cli(["--entity", "me", "--project", "p"], cwd=tmp_path, module="recompute_lab.dashboard",
-                   env={"WANDB_API_KEY": "", "NETRC": str(tmp_path / "none"), "HOME": str(tmp_path)})
+    proc = run_cli(
+        ["--entity", "me", "--project", "p"],
+        cwd=tmp_path,
+        module="recompute_lab.dashboard",
+        env={"WANDB_API_KEY": "", "NETRC": str(tmp_path / "none"), "HOME": str(tmp_path)},
+    )
     assert proc.returncode == 2
     assert "wandb sync" in proc.stderr and "WANDB_API_KEY" in proc.stderr

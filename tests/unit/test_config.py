@@ -1,4 +1,6 @@
-"""Config tree: every option of every group composes and validates; bad input fails with a readable message."""
+"""Config tree: every option of every group composes and validates; bad input fails with a readable
+message."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +24,10 @@ def options(group: str) -> list[str]:
 def test_every_option_composes_and_validates(group, option):
     prefix = "+" if group == "strategy" else ""
     cfg = compose_config([f"{prefix}{group}={option}"])
-    if (group, option) == ("model", "hf"):  # fields filled from the Hugging Face config (the optional extra)
+    if (group, option) == (
+        "model",
+        "hf",
+    ):  # fields filled from the Hugging Face config (the optional extra)
         pytest.importorskip("transformers")
         from recompute_lab.model.hf import resolve_model
 
@@ -32,7 +37,9 @@ def test_every_option_composes_and_validates(group, option):
         assert cfg.strategy.name == option
     if group == "model":
         assert cfg.model.name == option or cfg.model.name.startswith(f"{option}:")
-        assert cfg.data.seq_len == cfg.model.max_seq_len  # default context = the model's position table
+        assert (
+            cfg.data.seq_len == cfg.model.max_seq_len
+        )  # default context = the model's position table
 
 
 def test_strategy_defaults_to_none_and_is_not_in_defaults():
@@ -54,8 +61,14 @@ def test_misspelt_key_fails_at_compose_time():
     assert "n_layr" in str(e.value.__cause__ or e.value)
 
 
-@pytest.mark.parametrize("override,valid", [("model.attention=flash", "sdpa"), ("model.norm=batchnorm", "rmsnorm"),
-                                            ("trainer.device=tpu", "cuda")])
+@pytest.mark.parametrize(
+    "override,valid",
+    [
+        ("model.attention=flash", "sdpa"),
+        ("model.norm=batchnorm", "rmsnorm"),
+        ("trainer.device=tpu", "cuda"),
+    ],
+)
 def test_wrong_enum_value_names_valid_values(override, valid):
     with pytest.raises(ConfigCompositionException) as e:
         compose_config([override])
@@ -69,15 +82,18 @@ def test_wrong_type_fails():
     assert isinstance(e.value.__cause__, ValidationError)
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["model.n_head=7"], "does not divide"),
-    (["data.seq_len=65"], "max_seq_len"),
-    (["model.n_layer=0"], "positive"),
-    (["data.batch_size=-1"], "positive"),
-    (["model.dropout=1.5"], "dropout"),
-    (["model=tiny", "model.n_kv_head=3"], "n_kv_head"),
-    (["data=text", "model.vocab_size=100"], "vocab"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["model.n_head=7"], "does not divide"),
+        (["data.seq_len=65"], "max_seq_len"),
+        (["model.n_layer=0"], "positive"),
+        (["data.batch_size=-1"], "positive"),
+        (["model.dropout=1.5"], "dropout"),
+        (["model=tiny", "model.n_kv_head=3"], "n_kv_head"),
+        (["data=text", "model.vocab_size=100"], "vocab"),
+    ],
+)
 def test_cross_field_rules(overrides, needle):
     cfg = compose_config(overrides)
     with pytest.raises(ConfigError, match=needle):

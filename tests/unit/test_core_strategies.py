@@ -1,4 +1,6 @@
-"""none vs full: identical gradients (dropout on, RNG preserved) and the seed notebook's toy demo."""
+"""none vs full: identical gradients (dropout on, RNG preserved) and the seed notebook's toy
+demo."""
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +37,10 @@ def test_full_gradients_equal_none_with_dropout(attention):
     g_none, g_full = grads_after_step(base, idx, tgt), grads_after_step(ckpt, idx, tgt)
     # Dropout must actually act, or RNG preservation would be untested.
     torch.manual_seed(999)
-    assert not torch.equal(grads_after_step(base, idx, tgt, seed=999)["blocks.0.mlp.fc.weight"],
-                           g_none["blocks.0.mlp.fc.weight"])
+    assert not torch.equal(
+        grads_after_step(base, idx, tgt, seed=999)["blocks.0.mlp.fc.weight"],
+        g_none["blocks.0.mlp.fc.weight"],
+    )
     for name in g_none:
         assert (g_none[name] - g_full[name]).abs().max().item() <= 1e-6, name
 
@@ -51,7 +55,8 @@ def test_unknown_strategy_lists_valid():
 
 
 def test_toy_mlp_reproduces_notebook_demo():
-    """The notebook's ToyBlock, regular vs checkpoint(block, x), through our toy_mlp model and strategies."""
+    """The notebook's ToyBlock, regular vs checkpoint(block, x), through our toy_mlp model and
+    strategies."""
     cfg = compose_config(["model=toy_mlp", "+strategy=full"])
     assert (cfg.model.d_model, cfg.data.batch_size, cfg.data.seq_len) == (4096, 8, 1)
     torch.manual_seed(0)
@@ -63,10 +68,13 @@ def test_toy_mlp_reproduces_notebook_demo():
     g_regular = {n: p.grad.clone() for n, p in block.named_parameters()}
     block.zero_grad()
     x_cp = x.detach().requires_grad_()
-    checkpoint(block, x_cp, use_reentrant=False).mean().backward()  # the notebook's checkpointed run
+    checkpoint(
+        block, x_cp, use_reentrant=False
+    ).mean().backward()  # the notebook's checkpointed run
     for n, p in block.named_parameters():
         torch.testing.assert_close(p.grad, g_regular[n], rtol=0, atol=0)
-    # Through the full pipeline: our `full` strategy on the whole toy model gives the same grads as `none`.
+    # Through the full pipeline: our `full` strategy on the whole toy model gives the same grads as
+    # `none`.
     ckpt = copy.deepcopy(model)
     apply_strategy(ckpt, cfg.strategy, RunSpec.of(cfg).shape())
     idx, tgt = torch.randint(0, 256, (8, 1)), torch.randint(0, 256, (8, 1))

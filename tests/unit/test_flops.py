@@ -1,4 +1,6 @@
-"""FLOPs: FlopCounterMode counts on meta replicas vs the analytic formulas, recompute accounting, MFU/HFU."""
+"""FLOPs: FlopCounterMode counts on meta replicas vs the analytic formulas, recompute accounting,
+MFU/HFU."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,9 +19,21 @@ from conftest import compose_config
 SHAPES = [
     ["model=tiny"],
     ["model=tiny", "model.attention=eager", "model.dropout=0.1"],
-    ["model=tiny", "model.mlp=swiglu", "model.norm=rmsnorm", "model.positions=rope", "model.n_kv_head=2"],
+    [
+        "model=tiny",
+        "model.mlp=swiglu",
+        "model.norm=rmsnorm",
+        "model.positions=rope",
+        "model.n_kv_head=2",
+    ],
     ["model=small", "data.seq_len=128", "data.batch_size=2"],
-    ["model=small", "data.seq_len=128", "data.batch_size=2", "model.attention=eager", "model.tie_embeddings=false"],
+    [
+        "model=small",
+        "data.seq_len=128",
+        "data.batch_size=2",
+        "model.attention=eager",
+        "model.tie_embeddings=false",
+    ],
     ["model=toy_mlp"],
 ]
 
@@ -37,19 +51,26 @@ def test_counted_forward_and_backward_match_prediction(overrides):
 
 @pytest.mark.parametrize("overrides", SHAPES)
 def test_full_recompute_is_one_forward_of_every_block(overrides):
-    """Full reruns each block's forward; with early stop (PyTorch's default) minus a trailing unneeded matmul."""
+    """Full reruns each block's forward; with early stop (PyTorch's default) minus a trailing
+    unneeded matmul."""
     cfg = compose_config([*overrides, "+strategy=full"])
     b, s = cfg.data.batch_size, cfg.data.seq_len
     model = build_model(cfg.model, device="meta")
     head = 2 * b * s * cfg.model.d_model * cfg.model.vocab_size
     fwd_none, _, _, _ = flops.count_model_flops(model, b, s)
-    blocks_forward = fwd_none - head  # independent of the per-module formulas: counted forward minus the head
+    blocks_forward = (
+        fwd_none - head
+    )  # independent of the per-module formulas: counted forward minus the head
     with set_checkpoint_early_stop(False):  # recompute the whole block, no early stop
         counted = flops.count_step_flops(RunSpec.of(cfg))
     assert counted["recompute"] == blocks_forward
     counted_default = flops.count_step_flops(RunSpec.of(cfg))
-    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy, RunSpec.of(cfg).shape())
-    assert counted_default["recompute"] == flops.predict_step_flops(RunSpec.of(cfg), plan)["recompute"]
+    plan = apply_strategy(
+        build_model(cfg.model, device="meta"), cfg.strategy, RunSpec.of(cfg).shape()
+    )
+    assert (
+        counted_default["recompute"] == flops.predict_step_flops(RunSpec.of(cfg), plan)["recompute"]
+    )
     if cfg.model.dropout > 0:  # dropout after mlp.proj needs proj's output: nothing is skipped
         assert counted_default["recompute"] == blocks_forward
     else:
@@ -57,8 +78,17 @@ def test_full_recompute_is_one_forward_of_every_block(overrides):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("parts", [["attn.core"], ["attn"], ["mlp"], ["attn", "mlp"], ["norm1", "attn.core"],
-                                   ["attn.qkv", "mlp.fc"]])
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ["attn.core"],
+        ["attn"],
+        ["mlp"],
+        ["attn", "mlp"],
+        ["norm1", "attn.core"],
+        ["attn.qkv", "mlp.fc"],
+    ],
+)
 def test_sub_module_recompute_prediction(parts, dropout):
     cfg = compose_config(["model=tiny", "model.attention=eager", f"model.dropout={dropout}"])
     b, s = cfg.data.batch_size, cfg.data.seq_len
@@ -76,15 +106,20 @@ def test_sub_module_recompute_prediction(parts, dropout):
 
 def test_grad_accum_scales_per_step_flops():
     one = flops.count_step_flops(RunSpec.of(compose_config(["+strategy=full"])))
-    two = flops.count_step_flops(RunSpec.of(compose_config(["+strategy=full", "trainer.grad_accum=2"])))
-    assert {k: two[k] for k in ("forward", "backward", "recompute")} == \
-        {k: 2 * one[k] for k in ("forward", "backward", "recompute")}
+    two = flops.count_step_flops(
+        RunSpec.of(compose_config(["+strategy=full", "trainer.grad_accum=2"]))
+    )
+    assert {k: two[k] for k in ("forward", "backward", "recompute")} == {
+        k: 2 * one[k] for k in ("forward", "backward", "recompute")
+    }
 
 
 def test_unpredictable_plans_say_why():
     cfg = compose_config([])
     op = compose_config(["+strategy=op"])
-    out = flops.predict_step_flops(RunSpec.of(cfg), apply_strategy(build_model(op.model, device="meta"), op.strategy))
+    out = flops.predict_step_flops(
+        RunSpec.of(cfg), apply_strategy(build_model(op.model, device="meta"), op.strategy)
+    )
     assert out["recompute"] is None and "recompute_unpredicted_reason" in out
     out = flops.predict_step_flops(RunSpec.of(cfg), Plan("x", "", recomputed=["head"]))
     assert out["recompute"] is None and "head" in out["recompute_unpredicted_reason"]
@@ -113,29 +148,51 @@ def test_cpu_gemm_peak_is_measured_and_cached():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("overrides", [
-    ["+strategy=selective"], ["+strategy=selective", "strategy.modules=[attn,mlp]"],
-    ["+strategy=selective", "strategy.modules=[core_attn,norm]"],
-    ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=2"],
-    ["+strategy=layers", "strategy.method=block", "strategy.num_layers=3"],
-    ["+strategy=layers", "strategy.method=every", "strategy.every=2"], ["+strategy=sqrt"],
-    ["+strategy=full", "strategy.offload=true"], ["+strategy=offload"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+strategy=selective"],
+        ["+strategy=selective", "strategy.modules=[attn,mlp]"],
+        ["+strategy=selective", "strategy.modules=[core_attn,norm]"],
+        ["+strategy=layers", "strategy.method=uniform", "strategy.num_layers=2"],
+        ["+strategy=layers", "strategy.method=block", "strategy.num_layers=3"],
+        ["+strategy=layers", "strategy.method=every", "strategy.every=2"],
+        ["+strategy=sqrt"],
+        ["+strategy=full", "strategy.offload=true"],
+        ["+strategy=offload"],
+    ],
+)
 def test_every_module_level_strategy_recompute_is_predicted_exactly(overrides, dropout):
-    cfg = compose_config([*overrides, "model.n_layer=4", "model.attention=eager", f"model.dropout={dropout}"])
-    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy, RunSpec.of(cfg).shape())
-    assert flops.count_step_flops(RunSpec.of(cfg))["recompute"] == flops.predict_step_flops(RunSpec.of(cfg), plan)["recompute"]
+    cfg = compose_config(
+        [*overrides, "model.n_layer=4", "model.attention=eager", f"model.dropout={dropout}"]
+    )
+    plan = apply_strategy(
+        build_model(cfg.model, device="meta"), cfg.strategy, RunSpec.of(cfg).shape()
+    )
+    assert (
+        flops.count_step_flops(RunSpec.of(cfg))["recompute"]
+        == flops.predict_step_flops(RunSpec.of(cfg), plan)["recompute"]
+    )
 
 
 @pytest.mark.parametrize("name", ["op", "regions"])
 def test_op_and_region_plans_are_counted_not_guessed(name):
-    cfg = compose_config([f"+strategy={name}", "strategy.every_other_mm=true"] if name == "op" else
-                         [f"+strategy={name}", "strategy.save=[attn.core]"])
-    plan = apply_strategy(build_model(cfg.model, device="meta"), cfg.strategy, RunSpec.of(cfg).shape())
+    cfg = compose_config(
+        [f"+strategy={name}", "strategy.every_other_mm=true"]
+        if name == "op"
+        else [f"+strategy={name}", "strategy.save=[attn.core]"]
+    )
+    plan = apply_strategy(
+        build_model(cfg.model, device="meta"), cfg.strategy, RunSpec.of(cfg).shape()
+    )
     counted = flops.count_step_flops(RunSpec.of(cfg))["recompute"]
     with set_checkpoint_early_stop(False):
-        blocks_forward = flops.count_step_flops(RunSpec.of(compose_config(["+strategy=full"])))["recompute"]
-    # Some matmuls rerun, never more than one forward of every block. (torch_remat has no early stop: with
-    # save=[attn.core] it reruns mlp.proj too, which torch.utils.checkpoint's `full` skips when dropout is 0.)
+        blocks_forward = flops.count_step_flops(RunSpec.of(compose_config(["+strategy=full"])))[
+            "recompute"
+        ]
+    # Some matmuls rerun, never more than one forward of every block. (torch_remat has no early
+    # stop: with
+    # save=[attn.core] it reruns mlp.proj too, which torch.utils.checkpoint's `full` skips when
+    # dropout is 0.)
     assert 0 < counted <= blocks_forward
     assert flops.predict_step_flops(RunSpec.of(cfg), plan)["recompute"] is None

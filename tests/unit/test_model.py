@@ -1,4 +1,5 @@
 """Model shapes and parameter counts against the published sizes."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,12 +10,15 @@ from recompute_lab.model.gpt import build_model
 from conftest import compose_config
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("gpt2_small", 124_439_808),   # GPT-2 124M (tied head, 1024 learned positions)
-    ("llama3_1b", 1_235_814_400),  # Llama 3.2 1B (tied)
-    ("llama3_8b", 8_030_261_248),  # Llama 3 8B
-    ("llama3_70b", 70_553_706_496),  # Llama 3 70B
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("gpt2_small", 124_439_808),  # GPT-2 124M (tied head, 1024 learned positions)
+        ("llama3_1b", 1_235_814_400),  # Llama 3.2 1B (tied)
+        ("llama3_8b", 8_030_261_248),  # Llama 3 8B
+        ("llama3_70b", 70_553_706_496),  # Llama 3 70B
+    ],
+)
 def test_published_parameter_counts_on_meta(name, expected):
     cfg = compose_config([f"model={name}"])
     model = build_model(cfg.model, device="meta")
@@ -26,11 +30,17 @@ def test_small_is_about_20m():
     assert 18e6 < model.get_num_params() < 25e6
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.attention=eager"], ["model.attention=sdpa"],
-    ["model.norm=rmsnorm", "model.mlp=swiglu", "model.positions=rope", "model.bias=false"],
-    ["model.n_kv_head=2", "model.attention=eager"], ["model.n_kv_head=2"], ["model.tie_embeddings=false"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.attention=eager"],
+        ["model.attention=sdpa"],
+        ["model.norm=rmsnorm", "model.mlp=swiglu", "model.positions=rope", "model.bias=false"],
+        ["model.n_kv_head=2", "model.attention=eager"],
+        ["model.n_kv_head=2"],
+        ["model.tie_embeddings=false"],
+    ],
+)
 def test_forward_shapes_and_loss(overrides):
     cfg = compose_config(["model=tiny", *overrides])
     model = build_model(cfg.model)
@@ -52,6 +62,16 @@ def test_eager_and_sdpa_agree():
 def test_stable_module_names():
     model = build_model(compose_config([]).model)
     names = dict(model.named_modules())
-    for n in ["blocks.0.norm1", "blocks.0.attn.qkv", "blocks.0.attn.core", "blocks.0.attn.out",
-              "blocks.0.norm2", "blocks.0.mlp.fc", "blocks.0.mlp.act", "blocks.0.mlp.proj", "norm_f", "head"]:
+    for n in [
+        "blocks.0.norm1",
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.core",
+        "blocks.0.attn.out",
+        "blocks.0.norm2",
+        "blocks.0.mlp.fc",
+        "blocks.0.mlp.act",
+        "blocks.0.mlp.proj",
+        "norm_f",
+        "head",
+    ]:
         assert n in names

@@ -1,5 +1,8 @@
-"""The package's shape: no import cycles (static graph, lazy imports included, and every module importable on its
-own in a fresh interpreter), and one source for every default (a YAML value never repeats its schema's)."""
+"""The package's shape: no import cycles (static graph, lazy imports included, and every module
+importable on its
+own in a fresh interpreter), and one source for every default (a YAML value never repeats its
+schema's)."""
+
 from __future__ import annotations
 
 import ast
@@ -49,7 +52,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 def test_no_import_cycles_in_the_package_graph():
     mods = modules()
     graph = {n: imports_of(n, p, set(mods)) for n, p in mods.items()}
-    # A package's __init__ importing its own submodules is how a package is assembled, not a cycle, as long as
+    # A package's __init__ importing its own submodules is how a package is assembled, not a cycle,
+    # as long as
     # no submodule imports the package __init__ back (checked: edges to a parent package count).
     for name in graph:
         graph[name] = {m for m in graph[name] if not (m.startswith(name + "."))}
@@ -60,7 +64,7 @@ def test_no_import_cycles_in_the_package_graph():
         state[n] = 1
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                cycle.extend(stack[stack.index(m):] + [n, m] if m in stack else [n, m])
+                cycle.extend(stack[stack.index(m) :] + [n, m] if m in stack else [n, m])
                 return True
             if state.get(m) is None and visit(m, stack + [n]):
                 return True
@@ -73,12 +77,15 @@ def test_no_import_cycles_in_the_package_graph():
     assert not cycle, " -> ".join(cycle)
 
 
-# Each project module imported first in a child forked from one interpreter that holds the third-party libraries
-# but no recompute_lab module: an order-dependent cycle among our modules fails as in a fresh interpreter, at ~0.1 s
+# Each project module imported first in a child forked from one interpreter that holds the
+# third-party libraries
+# but no recompute_lab module: an order-dependent cycle among our modules fails as in a fresh
+# interpreter, at ~0.1 s
 # per module instead of torch's ~1 s import in each of ~60 fresh interpreters.
 FORK_IMPORTS = r"""
 import os, sys, traceback
-import einops, hydra, numpy, omegaconf, torch, yaml  # third-party only: no project module is loaded here
+# third-party only: no project module is loaded here
+import einops, hydra, numpy, omegaconf, torch, yaml
 assert not [m for m in sys.modules if m.split(".")[0] == "recompute_lab"]
 failed = []
 for name in sys.argv[1:]:
@@ -104,7 +111,9 @@ sys.exit(1 if failed else 0)
 
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     names = list(modules())
-    proc = subprocess.run([sys.executable, "-c", FORK_IMPORTS, *names], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_IMPORTS, *names], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
@@ -114,25 +123,44 @@ def test_the_import_check_fails_on_a_module_that_cannot_import_first(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from cyc import b\nX = 1\n")
-    (pkg / "b.py").write_text("from cyc.a import X\n")  # importing a first: b finds a half-initialised, X missing
-    proc = subprocess.run([sys.executable, "-c", FORK_IMPORTS, "cyc.a", "cyc.b"], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
-    assert proc.returncode == 1 and "cyc.a: " in proc.stdout and "cyc.b: " not in proc.stdout, proc.stdout
+    (pkg / "b.py").write_text(
+        "from cyc.a import X\n"
+    )  # importing a first: b finds a half-initialised, X missing
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_IMPORTS, "cyc.a", "cyc.b"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert proc.returncode == 1 and "cyc.a: " in proc.stdout and "cyc.b: " not in proc.stdout, (
+        proc.stdout
+    )
 
 
 def schema_defaults(group: str) -> dict:
     node = typing.get_type_hints(RunSpec)[group]
-    return {f.name: f.default for f in dataclasses.fields(node) if f.default is not dataclasses.MISSING}
+    return {
+        f.name: f.default for f in dataclasses.fields(node) if f.default is not dataclasses.MISSING
+    }
 
 
-@pytest.mark.parametrize("group", ["precision", "data", "optimizer", "trainer", "logger", "parallel", "compile"])
+@pytest.mark.parametrize(
+    "group", ["precision", "data", "optimizer", "trainer", "logger", "parallel", "compile"]
+)
 def test_group_yamls_hold_no_value_their_schema_already_sets(group):
     defaults = schema_defaults(group)
     for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
         values = yaml.safe_load(path.read_text()) or {}
-        repeated = {k: v for k, v in values.items()
-                    if k in defaults and k not in ("name", "kind", "backend") and _plain(defaults[k]) == v}
-        assert not repeated, f"{path.name} repeats its schema's defaults {repeated}: set them in one place"
+        repeated = {
+            k: v
+            for k, v in values.items()
+            if k in defaults and k not in ("name", "kind", "backend") and _plain(defaults[k]) == v
+        }
+        assert not repeated, (
+            f"{path.name} repeats its schema's defaults {repeated}: set them in one place"
+        )
 
 
 def test_strategy_yamls_take_every_option_from_their_schema():

@@ -1,5 +1,8 @@
-"""experiments/figures/what_fits.{md,png} are what experiments/what_fits.py computes now (rerun it and commit
-what it writes when this fails), the planner's choices are consistent, and the grid runs in well under a minute."""
+"""experiments/figures/what_fits.{md,png} are what experiments/what_fits.py computes now (rerun it
+and commit
+what it writes when this fails), the planner's choices are consistent, and the grid runs in well
+under a minute."""
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +35,9 @@ def regenerated(tmp_path_factory):
 
 def test_committed_table_is_what_the_code_computes(regenerated):
     out, seconds = regenerated
-    assert (out / "what_fits.md").read_text() == (FIGS / "what_fits.md").read_text(), \
+    assert (out / "what_fits.md").read_text() == (FIGS / "what_fits.md").read_text(), (
         "experiments/figures/what_fits.md is stale: rerun python experiments/what_fits.py"
+    )
     assert seconds < 60
 
 
@@ -45,12 +49,16 @@ def test_committed_figure_is_what_the_code_draws(regenerated):
         pytest.skip(f"PNG bytes compared only under matplotlib {made_with}")
     pngs = (regenerated[0] / "what_fits.png", FIGS / "what_fits.png")
     sha = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pngs]
-    assert sha[0] == sha[1], "experiments/figures/what_fits.png is stale: rerun python experiments/what_fits.py"
+    assert sha[0] == sha[1], (
+        "experiments/figures/what_fits.png is stale: rerun python experiments/what_fits.py"
+    )
 
 
 def test_planner_recomputes_fewest_layers_that_fit_per_stage():
-    """70B, tp8 pp4, 32k: the first stage keeps 4 micro-batches in flight, the last one. With a device exactly the
-    last stage's need without recomputation, the last stage recomputes nothing and earlier stages recompute some
+    """70B, tp8 pp4, 32k: the first stage keeps 4 micro-batches in flight, the last one. With a
+    device exactly the
+    last stage's need without recomputation, the last stage recomputes nothing and earlier stages
+    recompute some
     layers fully, each the fewest that fit (one fewer does not), each plan within the device."""
     cfg = wf.model_cfg("llama3_70b", 32768)
     lay = OmegaConf.structured(LayoutConfig(tp=8, pp=4, dp_shard=8))
@@ -59,15 +67,26 @@ def test_planner_recomputes_fewest_layers_that_fit_per_stage():
     assert [r["in_flight"] for r in none] == [4, 3, 2, 1]
     budget = none[-1]["total"]  # exactly what the last stage needs without recomputation
     plan = per_gpu.plan_stages(cfg, lay, budget, 1, 32768)
-    assert plan["fits"] and plan["strategies"][-1] == "none" and all(r["total"] <= budget for r in plan["stages"])
-    layer = {st: per_gpu.micro_batch(cfg, 8, True, st, 1, 32768)["layer"] for st in ("none", "full")}
+    assert (
+        plan["fits"]
+        and plan["strategies"][-1] == "none"
+        and all(r["total"] <= budget for r in plan["stages"])
+    )
+    layer = {
+        st: per_gpu.micro_batch(cfg, 8, True, st, 1, 32768)["layer"] for st in ("none", "full")
+    }
     for rank, row in enumerate(plan["stages"][:-1]):
         n = row["full_layers"]
         assert 0 < n < row["layers"] and row["strategy"] == f"none + {n}/{row['layers']} full"
-        # the same bytes counted from the whole-strategy rows: none's, with n layers' activations swapped for full's
-        act = none[rank]["activations"] + none[rank]["in_flight"] * n * (layer["full"] - layer["none"])
+        # the same bytes counted from the whole-strategy rows: none's, with n layers' activations
+        # swapped for full's
+        act = none[rank]["activations"] + none[rank]["in_flight"] * n * (
+            layer["full"] - layer["none"]
+        )
         assert row["activations"] == act and row["transient"] == full[rank]["transient"]
-        assert row["total"] - row["in_flight"] * (layer["full"] - layer["none"]) > budget  # n - 1 layers: too big
+        assert (
+            row["total"] - row["in_flight"] * (layer["full"] - layer["none"]) > budget
+        )  # n - 1 layers: too big
     # recompute FLOPs grow with the layers recomputed; whole-stage full costs the most
     f = [r["recompute_flops"] for r in plan["stages"]]
     assert f == sorted(f, reverse=True) and f[-1] == 0
@@ -75,23 +94,36 @@ def test_planner_recomputes_fewest_layers_that_fit_per_stage():
 
 
 def test_layer_recompute_flops_follow_the_flop_module():
-    """Full reruns a block but its last linear, selective the attention core's QK^T; both split over tp; cp ranks
+    """Full reruns a block but its last linear, selective the attention core's QK^T; both split over
+    tp; cp ranks
     see s / cp queries against all s keys."""
 
     from recompute_lab.measure import flops
 
     cfg = wf.model_cfg("llama3_70b", 8192)
     parts = flops.module_forward_flops(RunSpec(model=cfg), 1, 8192)
-    assert per_gpu.layer_recompute_flops(cfg, "full", 1, 8192, 8, 1) == (parts["block"] - parts["mlp.proj"]) // 8
-    assert per_gpu.layer_recompute_flops(cfg, "selective", 1, 8192, 8, 1) == parts["attn.core"] // 2 // 8
-    assert per_gpu.layer_recompute_flops(cfg, "selective", 1, 8192, 8, 4) == parts["attn.core"] // 4 // 2 // 8
+    assert (
+        per_gpu.layer_recompute_flops(cfg, "full", 1, 8192, 8, 1)
+        == (parts["block"] - parts["mlp.proj"]) // 8
+    )
+    assert (
+        per_gpu.layer_recompute_flops(cfg, "selective", 1, 8192, 8, 1)
+        == parts["attn.core"] // 2 // 8
+    )
+    assert (
+        per_gpu.layer_recompute_flops(cfg, "selective", 1, 8192, 8, 4)
+        == parts["attn.core"] // 4 // 2 // 8
+    )
     assert per_gpu.layer_recompute_flops(cfg, "none", 1, 8192, 8, 4) == 0
 
 
 def test_context_parallel_is_the_sequence_split_and_refuses_eager():
-    """cp ranks hold s / cp tokens of each per-token tensor (flash kernels: no s^2 term), model state unchanged."""
+    """cp ranks hold s / cp tokens of each per-token tensor (flash kernels: no s^2 term), model
+    state unchanged."""
     cfg = wf.model_cfg("llama3_70b", 8192)
-    cp4 = per_gpu.stage_bytes(cfg, OmegaConf.structured(LayoutConfig(tp=8, cp=4)), "none", 1, 8192)[0]
+    cp4 = per_gpu.stage_bytes(cfg, OmegaConf.structured(LayoutConfig(tp=8, cp=4)), "none", 1, 8192)[
+        0
+    ]
     one = per_gpu.stage_bytes(cfg, OmegaConf.structured(LayoutConfig(tp=8)), "none", 1, 2048)[0]
     assert cp4["activations"] == one["activations"] and cp4["model_state"] == one["model_state"]
     cfg.attention = "eager"
@@ -100,7 +132,8 @@ def test_context_parallel_is_the_sequence_split_and_refuses_eager():
 
 
 def test_readme_planning_table_is_what_the_code_computes():
-    """README's "Planning a large run" table (Llama-3 70B, 8k, tp=8, FSDP over 8) and the selective total beside it
+    """README's "Planning a large run" table (Llama-3 70B, 8k, tp=8, FSDP over 8) and the selective
+    total beside it
     are the per-GPU figures of recompute_lab.predict.per_gpu now."""
     text = (ROOT / "README.md").read_text().split("## Planning a large run")[1].split("\n## ")[0]
     cfg = wf.model_cfg("llama3_70b", 8192)
@@ -109,13 +142,19 @@ def test_readme_planning_table_is_what_the_code_computes():
         lay = OmegaConf.structured(LayoutConfig(tp=8, sp=sp, dp_shard=8))
         rank0 = per_gpu.stage_bytes(cfg, lay, "none", 1, 8192)[0]
         layer = per_gpu.micro_batch(cfg, 8, sp, "none", 1, 8192)["layer"]
-        row = (f"| {label} | {layer / gb:.3f} GB | {rank0['activations'] / gb:.1f} GB | "
-               f"{rank0['model_state'] / gb:.1f} GB | {rank0['total'] / gb:.1f} GB |")
+        row = (
+            f"| {label} | {layer / gb:.3f} GB | {rank0['activations'] / gb:.1f} GB | "
+            f"{rank0['model_state'] / gb:.1f} GB | {rank0['total'] / gb:.1f} GB |"
+        )
         assert row in text, f"README's row should read: {row}"
     on = OmegaConf.structured(LayoutConfig(tp=8, sp=True, dp_shard=8))
-    sel, none = (per_gpu.stage_bytes(cfg, on, s, 1, 8192)[0]["total"] / gb for s in ("selective", "none"))
+    sel, none = (
+        per_gpu.stage_bytes(cfg, on, s, 1, 8192)[0]["total"] / gb for s in ("selective", "none")
+    )
     assert f"({sel:.1f} vs {none:.1f} GB)" in text
     table = (FIGS / "what_fits.md").read_text()  # itself held to the code by the tests above
     for plan in re.findall(r"`((?:full|none)[^`]* full)`", text):
-        assert f"| {plan} |" in table, f"README quotes a per-stage plan what_fits.md does not have: {plan}"
+        assert f"| {plan} |" in table, (
+            f"README quotes a per-stage plan what_fits.md does not have: {plan}"
+        )
     assert len(re.findall(r"`((?:full|none)[^`]* full)`", text)) >= 2

@@ -1,20 +1,32 @@
 """The budget planner's cost model, measured (not assumed) on one-block replicas of the model.
 
-Each option is applied to a one-block replica, on the model's own device (meta for estimates), and one forward +
+Each option is applied to a one-block replica, on the model's own device (meta for estimates), and
+one forward +
 backward is run:
-- activation bytes: storages made in the forward that are still alive when it returns (recompute_lab.measure.memory's
-  LiveStorages; parameters, buffers, token ids and the loss excluded), so the SAC cache that saved_tensors_hooks
-  cannot see counts too. On meta, sdpa replicas call aten's flash-attention kernel (SDPA's math path would keep
+- activation bytes: storages made in the forward that are still alive when it returns
+(recompute_lab.measure.memory's
+  LiveStorages; parameters, buffers, token ids and the loss excluded), so the SAC cache that
+  saved_tensors_hooks
+  cannot see counts too. On meta, sdpa replicas call aten's flash-attention kernel (SDPA's math path
+  would keep
   s^2 scores that a GPU's fused kernel does not).
-- recompute FLOPs: FlopCounterMode, backward(option) - backward(none), early stop of non-reentrant checkpoint
+- recompute FLOPs: FlopCounterMode, backward(option) - backward(none), early stop of non-reentrant
+checkpoint
   included; the CPU's fused SDPA kernel gets flash attention's formula (FlopCounterMode has none).
-- pointwise bytes: bytes read + written in that backward by ops with no FLOP formula (norms, activations,
+- pointwise bytes: bytes read + written in that backward by ops with no FLOP formula (norms,
+activations,
   softmax, dropout, adds; views excluded), option minus none. Pointwise recomputation is never free.
-A zero-block replica gives what lies outside the blocks (embeddings, dropout mask, final norm, logits): always
-saved, inside the budget (Hugging Face models: a 1-block replica minus one block's increment, so tensors their
-forward makes once for all layers, RoPE's cos and sin, count once). Blocks are identical, so a plan's bytes and
+A zero-block replica gives what lies outside the blocks (embeddings, dropout mask, final norm,
+logits): always
+saved, inside the budget (Hugging Face models: a 1-block replica minus one block's increment, so
+tensors their
+forward makes once for all layers, RoPE's cos and sin, count once). Blocks are identical, so a
+plan's bytes and
 cost are the zero-block figure plus a sum over blocks of the probed option figures.
+
+Layer: strategies.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,32 +50,47 @@ from recompute_lab.model.gpt import GPT, build_model
 from recompute_lab.config.spec import as_model_config
 from recompute_lab.model.precision import shape_dtypes
 from recompute_lab.strategies.base import Shape
-from recompute_lab.strategies.budget.options import Option, apply_option, block_options, module_names
+from recompute_lab.strategies.budget.options import (
+    Option,
+    apply_option,
+    block_options,
+    module_names,
+)
 
 _aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
 
 def _already_shape_wrapped(f):
-    """flop_registry's entries take tensors already; FlopCounterMode must not wrap them a second time."""
+    """flop_registry's entries take tensors already; FlopCounterMode must not wrap them a second
+    time."""
+
     def g(*args, **kwargs):
         return f(*args, **kwargs)
+
     g._get_raw = True
     return g
 
 
-# FlopCounterMode has no formula for the CPU's fused SDPA kernel (it would count 0): give it the flash-attention
+# FlopCounterMode has no formula for the CPU's fused SDPA kernel (it would count 0): give it the
+# flash-attention
 # ones, which read only the q, k, v (and grad_out) shapes that both kernels take first.
 CPU_SDPA_FLOPS = {
     getattr(_aten, cpu): _already_shape_wrapped(flop_registry[cuda])
-    for cpu, cuda in (("_scaled_dot_product_flash_attention_for_cpu", _aten._scaled_dot_product_flash_attention),
-                      ("_scaled_dot_product_flash_attention_for_cpu_backward",
-                       _aten._scaled_dot_product_flash_attention_backward))
-    if hasattr(_aten, cpu) and cuda in flop_registry}
+    for cpu, cuda in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _aten._scaled_dot_product_flash_attention),
+        (
+            "_scaled_dot_product_flash_attention_for_cpu_backward",
+            _aten._scaled_dot_product_flash_attention_backward,
+        ),
+    )
+    if hasattr(_aten, cpu) and cuda in flop_registry
+}
 
 
 class PointwiseBytes(TorchDispatchMode):
-    """Bytes read + written by ops without a FLOP formula (views excluded): the pointwise work of a backward."""
+    """Bytes read + written by ops without a FLOP formula (views excluded): the pointwise work of a
+    backward."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,38 +98,67 @@ class PointwiseBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view and func.overloadpacket not in flop_registry and func not in CPU_SDPA_FLOPS:
-            self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
-                              if isinstance(t, torch.Tensor))
+        if (
+            not func.is_view
+            and func.overloadpacket not in flop_registry
+            and func not in CPU_SDPA_FLOPS
+        ):
+            self.bytes += sum(
+                t.numel() * t.element_size()
+                for t in tree_leaves((args, kwargs, out))
+                if isinstance(t, torch.Tensor)
+            )
         return out
 
 
 @dataclasses.dataclass
 class Measured:
-    activation_bytes: int   # saved for backward when the forward returns
+    activation_bytes: int  # saved for backward when the forward returns
     backward_flops: int
-    pointwise_bytes: int    # bytes moved in backward by ops without a FLOP formula
+    pointwise_bytes: int  # bytes moved in backward by ops without a FLOP formula
 
 
-def measure_step(model: GPT, batch: int, seq: int, count_backward: bool = True,
-                 autocast: Optional[torch.dtype] = None) -> Measured:
-    """One forward (+ backward) of ``model`` on token ids (batch, seq), the forward inside ``torch.autocast`` to
-    ``autocast`` when given (as the training loop runs it); see the module docstring for each figure."""
+def measure_step(
+    model: GPT,
+    batch: int,
+    seq: int,
+    count_backward: bool = True,
+    autocast: Optional[torch.dtype] = None,
+) -> Measured:
+    """One forward (+ backward) of ``model`` on token ids (batch, seq), the forward inside
+    ``torch.autocast`` to
+    ``autocast`` when given (as the training loop runs it); see the module docstring for each
+    figure."""
     device = model.tok_emb.weight.device
     idx = torch.zeros(batch, seq, dtype=torch.long, device=device)
     live = LiveStorages()
-    cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    gc.freeze()  # older objects out of the collector's sight: the collection below scans only this forward's
+    cast = (
+        torch.autocast(device.type, dtype=autocast)
+        if autocast is not None
+        else contextlib.nullcontext()
+    )
+    # older objects out of the collector's sight: the collection below scans only this forward's
+    gc.freeze()
     try:
-        with live, cast:  # autocast's cache of weight copies is dropped on exit: what stays is what autograd saved
+        with (
+            live,
+            cast,
+            # autocast's cache of weight copies is dropped on exit: what stays is what autograd
+            # saved
+        ):
             loss = model(idx, idx)
         gc.collect()  # reference cycles may still hold storages that nothing uses
     finally:
         gc.unfreeze()
-    activation = live.resident({storage_key(t) for t in (*model.parameters(), *model.buffers(), idx, loss)})
+    activation = live.resident(
+        {storage_key(t) for t in (*model.parameters(), *model.buffers(), idx, loss)}
+    )
     flops, pointwise = 0, 0
     if count_backward:
-        counter, moved = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS), PointwiseBytes()
+        counter, moved = (
+            FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS),
+            PointwiseBytes(),
+        )
         with counter, moved:
             loss.backward()
         flops, pointwise = counter.get_total_flops(), moved.bytes
@@ -110,8 +166,10 @@ def measure_step(model: GPT, batch: int, seq: int, count_backward: bool = True,
 
 
 def _flash_core(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """AttentionCore forward for sdpa replicas on meta: aten's flash-attention kernel (it has meta kernels and
-    autograd). SDPA itself would take its math path there and keep (b, h, s, s) scores that a GPU's fused kernel
+    """AttentionCore forward for sdpa replicas on meta: aten's flash-attention kernel (it has meta
+    kernels and
+    autograd). SDPA itself would take its math path there and keep (b, h, s, s) scores that a GPU's
+    fused kernel
     does not. Grouped k/v heads are repeated first (the copies are kept: a small over-estimate)."""
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
@@ -123,16 +181,25 @@ def _with_layers(mcfg: Any, n: int) -> Any:
     return dataclasses.replace(as_model_config(mcfg), n_layer=n)
 
 
-def replica(model: GPT, n_layer: int, device: torch.device, dtype: torch.dtype, opt: Optional[Option],
-            every: bool = False) -> GPT:
-    """A fresh ``n_layer``-block copy of ``model``'s architecture with ``opt`` applied to its first block (every
+def replica(
+    model: GPT,
+    n_layer: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    opt: Optional[Option],
+    every: bool = False,
+) -> GPT:
+    """A fresh ``n_layer``-block copy of ``model``'s architecture with ``opt`` applied to its first
+    block (every
     block with ``every``)."""
     rep = build_model(_with_layers(model.cfg, n_layer), device, dtype).train()
     if torch.device(device).type == "meta" and model.cfg.attention == Attention.sdpa:
         if model.cfg.arch == Arch.gpt:
             for block in rep.blocks:  # before any checkpoint wraps it
                 block.attn.core.forward = functools.partial(_flash_core, block.attn.core)
-        elif hasattr(rep, "use_flash_cores"):  # Hugging Face models (recompute_lab.model.hf.adapter)
+        elif hasattr(
+            rep, "use_flash_cores"
+        ):  # Hugging Face models (recompute_lab.model.hf.adapter)
             rep.use_flash_cores()
     if opt is not None:
         for i in range(n_layer if every else min(n_layer, 1)):
@@ -142,9 +209,12 @@ def replica(model: GPT, n_layer: int, device: torch.device, dtype: torch.dtype, 
 
 @dataclasses.dataclass
 class Price:
-    """An option's figures for one block (outside: the zero-block model's), as the solver sees them. ``shared``:
-    bytes that blocks run this way keep once for all of them (a Hugging Face layer's arguments, e.g. the int64
+    """An option's figures for one block (outside: the zero-block model's), as the solver sees them.
+    ``shared``:
+    bytes that blocks run this way keep once for all of them (a Hugging Face layer's arguments, e.g.
+    the int64
     position ids or eager's float mask, held by every checkpoint region but stored once)."""
+
     bytes: int
     flops: int
     pointwise_bytes: int
@@ -154,6 +224,7 @@ class Price:
 @dataclasses.dataclass
 class Probed:
     """Everything the solver needs about one model shape (reusable across budgets)."""
+
     options: list[Option]
     outside: Price
     prices: list[Price]
@@ -162,39 +233,85 @@ class Probed:
     seq: int
     param_dtype: Optional[torch.dtype] = None
     autocast: Optional[torch.dtype] = None
-    warnings: list[str] = dataclasses.field(default_factory=list)  # where the prices are bounds, not exact
+    warnings: list[str] = dataclasses.field(
+        default_factory=list
+    )  # where the prices are bounds, not exact
 
 
-def probe(model: GPT, options: list[Option], batch: int, seq: int, dtype: torch.dtype,
-          autocast: Optional[torch.dtype] = None) -> tuple[Price, list[Price]]:
-    """(outside the blocks, one Price per option), all measured on the model's own device with parameters in
+def probe(
+    model: GPT,
+    options: list[Option],
+    batch: int,
+    seq: int,
+    dtype: torch.dtype,
+    autocast: Optional[torch.dtype] = None,
+) -> tuple[Price, list[Price]]:
+    """(outside the blocks, one Price per option), all measured on the model's own device with
+    parameters in
     ``dtype``, forwards under ``autocast`` when given."""
     device = model.tok_emb.weight.device
     threads = torch.get_num_threads()
-    if device.type == "cpu":  # one block's small ops: dispatch overhead dominates, and extra threads contend
+    if (
+        device.type == "cpu"
+    ):  # one block's small ops: dispatch overhead dominates, and extra threads contend
         torch.set_num_threads(1)
     t0 = time.perf_counter()
-    log.info("budget: pricing %d options on one-block replicas (batch %d x seq %d, %s, %s)", len(options), batch, seq,
-             str(dtype).replace("torch.", ""), device.type)
+    log.info(
+        "budget: pricing %d options on one-block replicas (batch %d x seq %d, %s, %s)",
+        len(options),
+        batch,
+        seq,
+        str(dtype).replace("torch.", ""),
+        device.type,
+    )
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's RNG stays put
-            # Hugging Face models make some tensors once per forward and share them among layers (RoPE's cos and
-            # sin, masks, position ids): a block's own bytes are what a second block run the same way adds; the
-            # rest of the 1-layer replica lies outside the blocks (none) or is kept once by any number of blocks
+        with torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []
+        ):  # the run's RNG stays put
+            # Hugging Face models make some tensors once per forward and share them among layers
+            # (RoPE's cos and
+            # sin, masks, position ids): a block's own bytes are what a second block run the same
+            # way adds; the
+            # rest of the 1-layer replica lies outside the blocks (none) or is kept once by any
+            # number of blocks
             # run this way (Price.shared).
             hf = hasattr(model, "hf")
-            outside = None if hf else measure_step(replica(model, 0, device, dtype, None), batch, seq, False,
-                                                   autocast)
+            outside = (
+                None
+                if hf
+                else measure_step(
+                    replica(model, 0, device, dtype, None), batch, seq, False, autocast
+                )
+            )
             measured, twos = [], []
-            bar = tqdm(options, desc="budget: pricing options", leave=False, disable=None)  # a bar on terminals
-            for o in bar:  # one line per option, on the console too when there is no bar (logs, SLURM)
+            bar = tqdm(
+                options, desc="budget: pricing options", leave=False, disable=None
+            )  # a bar on terminals
+            for (
+                o
+            ) in bar:  # one line per option, on the console too when there is no bar (logs, SLURM)
                 t = time.perf_counter()
-                measured.append(measure_step(replica(model, 1, device, dtype, o), batch, seq, True, autocast))
+                measured.append(
+                    measure_step(replica(model, 1, device, dtype, o), batch, seq, True, autocast)
+                )
                 if hf:
-                    twos.append(measure_step(replica(model, 2, device, dtype, o, every=True), batch, seq, False,
-                                             autocast))
-                log.log(logging.DEBUG if not bar.disable else logging.INFO, "budget: option %d/%d %s priced in %.2f s",
-                        len(measured), len(options), o.name, time.perf_counter() - t)
+                    twos.append(
+                        measure_step(
+                            replica(model, 2, device, dtype, o, every=True),
+                            batch,
+                            seq,
+                            False,
+                            autocast,
+                        )
+                    )
+                log.log(
+                    logging.DEBUG if not bar.disable else logging.INFO,
+                    "budget: option %d/%d %s priced in %.2f s",
+                    len(measured),
+                    len(options),
+                    o.name,
+                    time.perf_counter() - t,
+                )
     finally:
         torch.set_num_threads(threads)
     log.info("budget: %d options priced in %.1f s", len(options), time.perf_counter() - t0)
@@ -204,43 +321,73 @@ def probe(model: GPT, options: list[Option], batch: int, seq: int, dtype: torch.
         own = [t.activation_bytes - m.activation_bytes for t, m in zip(twos, measured)]
     else:
         own = [m.activation_bytes - outside.activation_bytes for m in measured]
-    prices = [Price(b, m.backward_flops - none.backward_flops, max(m.pointwise_bytes - none.pointwise_bytes, 0),
-                    max(m.activation_bytes - outside.activation_bytes - b, 0)) for b, m in zip(own, measured)]
+    prices = [
+        Price(
+            b,
+            m.backward_flops - none.backward_flops,
+            max(m.pointwise_bytes - none.pointwise_bytes, 0),
+            max(m.activation_bytes - outside.activation_bytes - b, 0),
+        )
+        for b, m in zip(own, measured)
+    ]
     return Price(outside.activation_bytes, 0, 0), prices
 
 
 def kept_weight_copies(model: GPT, opt: Optional[Option], itemsize: int) -> int:
-    """Bytes of the low-precision weight copies autocast keeps for backward in one block run as ``opt`` (outside
-    the blocks, ``opt`` None: the head's): one per Linear that is not inside a recomputed region. Op-level and
+    """Bytes of the low-precision weight copies autocast keeps for backward in one block run as
+    ``opt`` (outside
+    the blocks, ``opt`` None: the head's): one per Linear that is not inside a recomputed region.
+    Op-level and
     region options are counted in full (an upper bound)."""
     if opt is None:
         return model.head.weight.numel() * itemsize
     if opt.kind == "block":
         return 0
-    # Linear layers, and any module with a 2-D weight that is not an embedding (Hugging Face's Conv1D: addmm).
-    linears = [(n, m) for n, m in model.blocks[0].named_modules() if isinstance(m, nn.Linear) or (
-        isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2
-        and not isinstance(m, nn.Embedding))]
+    # Linear layers, and any module with a 2-D weight that is not an embedding (Hugging Face's
+    # Conv1D: addmm).
+    linears = [
+        (n, m)
+        for n, m in model.blocks[0].named_modules()
+        if isinstance(m, nn.Linear)
+        or (
+            isinstance(getattr(m, "weight", None), nn.Parameter)
+            and m.weight.dim() == 2
+            and not isinstance(m, nn.Embedding)
+        )
+    ]
     recomputed = module_names(model, opt.modules) if opt.kind == "modules" else ()
-    return sum(m.weight.numel() * itemsize for n, m in linears
-               if not any(n == r or n.startswith(r + ".") for r in recomputed))
+    return sum(
+        m.weight.numel() * itemsize
+        for n, m in linears
+        if not any(n == r or n.startswith(r + ".") for r in recomputed)
+    )
 
 
-AUTOCAST_ON_META = ("precision=bf16_autocast on the meta device: autocast has no meta kernels, so each option is "
-                    "priced on an fp32 replica plus the bf16 weight copies autocast keeps for backward, an upper "
-                    "bound (the plan keeps a safety margin and saves less than predicted)")
+AUTOCAST_ON_META = (
+    "precision=bf16_autocast on the meta device: autocast has no meta kernels, so each option is "
+    "priced on an fp32 replica plus the bf16 weight copies autocast keeps for backward, an upper "
+    "bound (the plan keeps a safety margin and saves less than predicted)"
+)
 
 
-TOY_AUTOCAST = ("toy_mlp under autocast: block 0 takes the fp32 embedding output, later blocks the bf16 output of "
-                "the block before; every block is priced as block 0, an upper bound for the others (the plan keeps a "
-                "safety margin and may save less than predicted)")
+TOY_AUTOCAST = (
+    "toy_mlp under autocast: block 0 takes the fp32 embedding output, later blocks the bf16 output "
+    "of "
+    "the block before; every block is priced as block 0, an upper bound for the others (the plan "
+    "keeps a "
+    "safety margin and may save less than predicted)"
+)
 
 
 def probe_model(model: GPT, shape: Shape) -> Probed:
-    """Probe every option of ``model``'s blocks at the run's micro-batch in the run's precision: replicas hold
-    parameters in the parameter dtype and run their forward under the run's autocast, so an autocast plan counts
-    the fp32 norm and residual inputs and the bf16 weight copies autocast saves. The meta device has no autocast:
-    there the prices are an upper bound (fp32 replica + weight copies) and the plan says so in its warnings."""
+    """Probe every option of ``model``'s blocks at the run's micro-batch in the run's precision:
+    replicas hold
+    parameters in the parameter dtype and run their forward under the run's autocast, so an autocast
+    plan counts
+    the fp32 norm and residual inputs and the bf16 weight copies autocast saves. The meta device has
+    no autocast:
+    there the prices are an upper bound (fp32 replica + weight copies) and the plan says so in its
+    warnings."""
     options = block_options(model)
     device = model.tok_emb.weight.device
     param, autocast = shape_dtypes(shape)
@@ -248,12 +395,28 @@ def probe_model(model: GPT, shape: Shape) -> Probed:
     if autocast is not None and device.type == "meta":
         outside, prices = probe(model, options, shape.batch, shape.seq, param)
         size = torch.empty((), dtype=autocast).element_size()
-        outside = dataclasses.replace(outside, bytes=outside.bytes + kept_weight_copies(model, None, size))
-        prices = [dataclasses.replace(p, bytes=p.bytes + kept_weight_copies(model, o, size))
-                  for p, o in zip(prices, options)]
-        return Probed(options, outside, prices, autocast or param, shape.batch, shape.seq, param, autocast,
-                      [AUTOCAST_ON_META, *toy])
+        outside = dataclasses.replace(
+            outside, bytes=outside.bytes + kept_weight_copies(model, None, size)
+        )
+        prices = [
+            dataclasses.replace(p, bytes=p.bytes + kept_weight_copies(model, o, size))
+            for p, o in zip(prices, options)
+        ]
+        return Probed(
+            options,
+            outside,
+            prices,
+            autocast or param,
+            shape.batch,
+            shape.seq,
+            param,
+            autocast,
+            [AUTOCAST_ON_META, *toy],
+        )
     outside, prices = probe(model, options, shape.batch, shape.seq, param, autocast)
-    # Transformer blocks keep the residual stream in the parameter dtype, so every block is block 0's twin; toy
+    # Transformer blocks keep the residual stream in the parameter dtype, so every block is block
+    # 0's twin; toy
     # blocks under autocast do not (their output is autocast's dtype).
-    return Probed(options, outside, prices, autocast or param, shape.batch, shape.seq, param, autocast, toy)
+    return Probed(
+        options, outside, prices, autocast or param, shape.batch, shape.seq, param, autocast, toy
+    )

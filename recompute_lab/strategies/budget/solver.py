@@ -1,11 +1,19 @@
-"""The budget planner's solver: the cheapest multiset of per-block options whose saved bytes fit a budget.
+"""The budget planner's solver: the cheapest multiset of per-block options whose saved bytes fit a
+budget.
 
-Cost per option: ``objective=flops`` -> (recompute FLOPs, pointwise bytes) compared lexicographically;
-``objective=time`` -> FLOPs / peak FLOP/s + pointwise bytes / memory bandwidth (a roofline, recompute_lab.measure.hardware).
+Cost per option: ``objective=flops`` -> (recompute FLOPs, pointwise bytes) compared
+lexicographically;
+``objective=time`` -> FLOPs / peak FLOP/s + pointwise bytes / memory bandwidth (a roofline,
+recompute_lab.measure.hardware).
 A dynamic programme over the L blocks keeps, for each number of blocks planned, the Pareto set of
-(activation bytes, cost) over all multisets of options; the answer is the cheapest point within the budget. This
-is exact for the cost model (a brute force over every per-block assignment agrees, tests/integration/test_budget.py).
+(activation bytes, cost) over all multisets of options; the answer is the cheapest point within the
+budget. This
+is exact for the cost model (a brute force over every per-block assignment agrees,
+tests/integration/test_budget.py).
+
+Layer: strategies.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,7 +22,8 @@ from recompute_lab.strategies.budget.probe import Price
 
 
 def cost_key(price: Price, objective: str, rates: Optional[dict]) -> tuple:
-    """What the solver minimises for one option (tuples add elementwise and compare lexicographically)."""
+    """What the solver minimises for one option (tuples add elementwise and compare
+    lexicographically)."""
     if objective == "time":
         return (price.flops / rates["flops"] + price.pointwise_bytes / rates["bytes_per_s"],)
     return (price.flops, price.pointwise_bytes)
@@ -25,8 +34,10 @@ def _add(a: tuple, b: tuple) -> tuple:
 
 
 def undominated(sizes: list[int], costs: list[tuple]) -> list[int]:
-    """Indices of the options no other option beats on bytes and cost (ties: the first listed). A dominated
-    option is never needed: swapping it for its dominator keeps a plan within budget at no higher cost."""
+    """Indices of the options no other option beats on bytes and cost (ties: the first listed). A
+    dominated
+    option is never needed: swapping it for its dominator keeps a plan within budget at no higher
+    cost."""
     keep = []
     for o in sorted(range(len(sizes)), key=lambda o: (sizes[o], costs[o], o)):
         if not keep or costs[o] < costs[keep[-1]]:
@@ -34,15 +45,24 @@ def undominated(sizes: list[int], costs: list[tuple]) -> list[int]:
     return keep
 
 
-def pareto_plans(n_layer: int, sizes: list[int], costs: list[tuple]) -> list[tuple[int, tuple, tuple[int, ...]]]:
-    """Exact DP over blocks: [(block bytes, cost, option counts)] for every Pareto-optimal multiset of n_layer
-    options, by bytes ascending and cost strictly descending. Dominated partial plans can always be swapped for
-    their dominator (bytes and cost are both additive), so pruning them after each block loses nothing."""
-    # Each layer's frontier point: (bytes, cost, index of its parent in the previous frontier, option added).
+def pareto_plans(
+    n_layer: int, sizes: list[int], costs: list[tuple]
+) -> list[tuple[int, tuple, tuple[int, ...]]]:
+    """Exact DP over blocks: [(block bytes, cost, option counts)] for every Pareto-optimal multiset
+    of n_layer
+    options, by bytes ascending and cost strictly descending. Dominated partial plans can always be
+    swapped for
+    their dominator (bytes and cost are both additive), so pruning them after each block loses
+    nothing."""
+    # Each layer's frontier point: (bytes, cost, index of its parent in the previous frontier,
+    # option added).
     layers = [[(0, tuple(0 for _ in costs[0]), -1, -1)]]
     for _ in range(n_layer):
-        cand = [(b + sizes[o], _add(c, costs[o]), i, o) for i, (b, c, _, _) in enumerate(layers[-1])
-                for o in range(len(sizes))]
+        cand = [
+            (b + sizes[o], _add(c, costs[o]), i, o)
+            for i, (b, c, _, _) in enumerate(layers[-1])
+            for o in range(len(sizes))
+        ]
         cand.sort(key=lambda x: (x[0], x[1]))
         frontier = []
         for point in cand:
