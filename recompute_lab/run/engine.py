@@ -303,18 +303,28 @@ def train_step(
     return loss_sum
 
 
-def loop(
-    spec: RunSpec,
-    run: Run,
-    start: int,
-    results: dict,
-    logger: RunLogger,
-    run_dir: Path,
-    progress: dict,
-    signals: SignalFlag,
-) -> None:
+@dataclass
+class Job:
+    """What a run reports into while it trains: its record (filled in place), the W&B run, its
+    folder, the step and phase now (for a failure record) and the signal flag."""
+
+    results: dict
+    logger: RunLogger
+    run_dir: Path
+    progress: dict
+    signals: SignalFlag
+
+
+def loop(spec: RunSpec, run: Run, start: int, job: Job) -> None:
     """The training loop: forward, backward, clip, step; record loss and time; checkpoint when asked
     or stopped."""
+    results, logger, run_dir, progress, signals = (
+        job.results,
+        job.logger,
+        job.run_dir,
+        job.progress,
+        job.signals,
+    )
     t, model, optimizer, scheduler, device = (
         spec.trainer,
         run.model,
@@ -479,12 +489,11 @@ def summarize(spec: RunSpec, run: Run, counted: dict, results: dict) -> None:
         )
 
 
-def measure_overhead(
-    spec: RunSpec, run: Run, results: dict, progress: dict, signals: SignalFlag
-) -> None:
+def measure_overhead(spec: RunSpec, run: Run, job: Job) -> None:
     """time.overhead: this run's training step against the baseline strategy's, paired
     (recompute_lab.measure.overhead)."""
-    progress.update(step=None, phase="overhead")
+    results, signals = job.results, job.signals
+    job.progress.update(step=None, phase="overhead")
     scratch: dict = {}  # train_step's phase reports: the failure record keeps phase "overhead"
     results["time"]["overhead"] = overhead.measure(
         spec,
@@ -496,16 +505,13 @@ def measure_overhead(
 
 def train(
     spec: RunSpec,
-    results: dict,
-    logger: RunLogger,
-    run_dir: Path,
-    progress: dict,
-    signals: SignalFlag,
+    job: Job,
     dctx: Optional[distributed.DistContext] = None,
     resume: Optional[tuple[Path, dict]] = None,
 ) -> None:
-    """Every step of a run; fills ``results`` in place as it goes (``progress``: step and phase
-    now)."""
+    """Every step of a run; fills ``job.results`` in place as it goes (``job.progress``: step and
+    phase now)."""
+    results, run_dir, signals = job.results, job.run_dir, job.signals
     dctx = dctx or distributed.DistContext()
     run = build(spec, results, run_dir, dctx)
     laps = Laps(log)
@@ -524,7 +530,7 @@ def train(
         f"{spec.data.batch_size * spec.data.seq_len * spec.trainer.grad_accum:,}",
     )
     laps.reset()
-    loop(spec, run, start, results, logger, run_dir, progress, signals)
+    loop(spec, run, start, job)
     laps("training", f"{spec.trainer.steps - start} steps")
     summarize(spec, run, counted, results)
     tm = results["time"]
@@ -537,7 +543,7 @@ def train(
         )
     else:
         log.info("step time: none (%s)", tm.get("reason") or "no timed step")
-    measure_overhead(spec, run, results, progress, signals)
+    measure_overhead(spec, run, job)
     laps("paired overhead", overhead_note(results["time"].get("overhead") or {}))
     if dctx.enabled:
         dctx.report(
@@ -619,7 +625,7 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
         )  # one W&B run: rank 0's
         laps(f"W&B run ({logger.mode})")
         try:
-            train(spec, results, logger, run_dir, progress, signals, dctx, resume)
+            train(spec, Job(results, logger, run_dir, progress, signals), dctx, resume)
             results["status"] = "ok"
         except ConfigError as e:
             results.update(status="error", error=f"invalid configuration: {e}")
