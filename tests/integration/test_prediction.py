@@ -186,3 +186,33 @@ def test_a_consumer_with_its_own_formula_fails(tmp_path, monkeypatch):
             else after[key] - value
         )
         assert moved == delta, f"{key} did not follow predict(): it has a formula of its own"
+
+
+def test_the_budget_planners_device_memory_budget_is_the_predicted_model_state(monkeypatch):
+    """strategy.device_memory_gb: the activation budget is the device minus predict()'s model state
+    for this rank, the bytes the guard and the run report (not a formula of the planner's own)."""
+    spec = RunSpec.of(
+        compose_config(
+            [
+                *GPT,
+                "+strategy=budget",
+                "strategy.device_memory_gb=0.01",
+                "strategy.budget_fraction=null",
+            ]
+        )
+    )
+    meta = build_model(spec.model, "meta").train()
+    plan = apply_strategy(meta, spec.strategy, shape_of(spec, "cpu"))
+    budget = plan.details["budget"]
+    shape = shape_of(spec, "cpu")
+    state = prediction.model_state(spec.model, shape, meta.get_num_params())["total"]
+    assert budget["model_state_bytes"] == state and budget["bytes"] == int(0.01e9) - state
+    # and it follows predict()'s model state when that changes (a formula of its own would not)
+    real = prediction.model_state
+    monkeypatch.setattr(
+        prediction,
+        "model_state",
+        lambda *a, **k: {**real(*a, **k), "total": real(*a, **k)["total"] + 1000},
+    )
+    moved = apply_strategy(build_model(spec.model, "meta").train(), spec.strategy, shape)
+    assert moved.details["budget"]["bytes"] == budget["bytes"] - 1000
