@@ -88,7 +88,6 @@ def predicted_memory(
         "activations": pred.activations,
         "model_state": pred.model_state,
         "peak": pred.peak,
-        "prediction": pred,
     }
 
 

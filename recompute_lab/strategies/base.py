@@ -114,13 +114,8 @@ def option_names(name: str) -> list[str]:
 
 def parse_options(cfg: Any) -> Any:
     """The strategy node of a config (dict, dataclass or None) as its strategy's typed options
-    instance
-    (recompute_lab.config.spec.parse_strategy: unknown keys, wrong types and the options' rules are
-    ConfigErrors)."""
-    if cfg is not None and not isinstance(cfg, StrategyConfig):
-        lookup(
-            str((cfg.get("name") if hasattr(cfg, "get") else getattr(cfg, "name", None)) or "none")
-        )
+    (recompute_lab.config.spec.parse_strategy: an unknown strategy or key, a wrong type and the
+    options' own rules are ConfigErrors naming the valid choices)."""
     return parse_strategy(cfg)
 
 
