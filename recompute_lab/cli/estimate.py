@@ -53,24 +53,12 @@ GB = 1e9  # decimal gigabytes, as in the Ultra-Scale Playbook's tables
 
 def group_of(module: str) -> str:
     """Table rows: embeddings, blocks, final norm + head, loss (the fp32 logits' log-softmax)."""
-    if module.startswith("blocks."):
-        return "blocks"
-    if module.startswith(
-        "hf."
-    ):  # a Hugging Face model's own names (embed_tokens / wte / wpe, norm / ln_f, lm_head)
-        return (
-            "embeddings"
-            if "emb" in module or module.endswith((".wte", ".wpe", ".drop"))
-            else "norm_f + head"
-        )
-    return {
-        "tok_emb": "embeddings",
-        "pos_emb": "embeddings",
-        "drop": "embeddings",
-        "norm_f": "norm_f + head",
-        "head": "norm_f + head",
-        "loss": "loss (fp32 logits)",
-    }.get(module, module)
+    # the per-GPU stages split modules the same way
+    from recompute_lab.predict.layout import role_of
+
+    if module == "loss":
+        return "loss (fp32 logits)"
+    return {"block": "blocks", "first": "embeddings", "last": "norm_f + head"}[role_of(module)]
 
 
 def grouped(by_module: dict) -> dict:
@@ -205,11 +193,19 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
             lay
         ):  # per GPU: one micro-batch measured with PyTorch's TP plan, every stage's bytes
             series_layout = per_gpu.layout_estimate(
-                spec.model, lay, opts.name, b, s, policy.name, target, measure=measure_micro_batch
+                spec.model,
+                lay,
+                opts.name,
+                b,
+                s,
+                policy.name,
+                target,
+                measure=measure_micro_batch,
+                fp32_grad_accum=st.fp32_grad_accum,
             )
             laps(
                 f"s={s} per GPU under the layout",
-                f"{max(r['total'] for r in series_layout['stages']) / GB:.2f} GB",
+                f"{max(r['total'] for r in series_layout['stages']) / 2**30:.2f} GiB",
             )
         series.append(
             {
@@ -306,7 +302,8 @@ def format_table(res: dict) -> str:
     lines.append(
         row("  naive 2*2*h per token x L", [x["activation_bytes"]["naive"] for x in series])
     )
-    lines.append(row("peak (theory)", [x["peak_bytes"]["predicted"] for x in series]))
+    one = " (one device, no layout)" if any("per_gpu" in x for x in series) else ""
+    lines.append(row(f"peak (theory){one}", [x["peak_bytes"]["predicted"] for x in series]))
     for x in series:
         if "per_gpu" in x:
             from recompute_lab.predict.per_gpu import format_layout

@@ -333,9 +333,15 @@ class LayoutConfig(Frozen):
     cp: int = 1  # context parallelism: the sequence split over cp ranks (divides seq_len)
     dp_shard: int = 1  # FSDP (ZeRO-3) shard degree of the model state
     dp_replicate: int = 1  # replicas of the sharded state (HSDP): more GPUs, same bytes per GPU
-    device_gb: Optional[float] = (
-        None  # device memory (GB = 1e9 B) for the per-stage plan; None: no plan
-    )
+    # The card (recompute_lab.predict.devices): a preset (a100_40gb, h100_80gb, h200, ...: the total
+    # torch reports), or its memory in GiB (2^30 B) or GB (1e9 B); at most one. None: no fit check.
+    gpu: Optional[str] = None
+    device_gib: Optional[float] = None
+    device_gb: Optional[float] = None
+    # The reserve a step may not use (None: devices.CONTEXT_GIB, COMM_GIB_PER_GROUP, FRAGMENTATION)
+    reserve_context_gib: Optional[float] = None  # CUDA context, kernels, cuBLAS workspaces
+    reserve_comm_gib: Optional[float] = None  # NCCL buffers per communicator (dimension > 1)
+    reserve_fragmentation: Optional[float] = None  # allocator fragmentation, fraction of the peak
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from recompute_lab.predict import theory
+from recompute_lab.predict.layout import role_of
 from recompute_lab.predict.tp_theory import GATHERED, gathered_excess, predict_rank
 
 
@@ -225,7 +226,9 @@ def measure_micro_batch(
     by = got["by_module"]
     return {
         "layer": sum(v for k, v in by.items() if theory.covers("blocks.1", k)),
-        "first": sum(v for k, v in by.items() if k in ("tok_emb", "pos_emb", "drop")),
-        "last": sum(v for k, v in by.items() if k in ("norm_f", "head", "loss")),
+        "first": sum(v for k, v in by.items() if theory.covers("blocks.0", k))
+        - sum(v for k, v in by.items() if theory.covers("blocks.1", k))
+        + sum(v for k, v in by.items() if role_of(k) == "first"),
+        "last": sum(v for k, v in by.items() if role_of(k) == "last"),
         "total": got["total"],
     }

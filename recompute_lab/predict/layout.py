@@ -28,8 +28,8 @@ import math
 from types import SimpleNamespace
 from typing import Optional
 
-from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError
+from recompute_lab.predict import devices, theory
 from recompute_lab.predict.peak import ParamTensor, local_rows, param_tensors, shard_rows
 
 
@@ -111,10 +111,7 @@ def validate_layout(lay, model, seq_len: int, parallel=None) -> None:
         raise ConfigError(
             f"estimate.layout.pp_virtual={v} needs pp_schedule=interleaved (one_f_one_b: 1)"
         )
-    if lay.device_gb is not None and not lay.device_gb > 0:
-        raise ConfigError(
-            f"estimate.layout.device_gb must be positive or null, got {lay.device_gb}"
-        )
+    devices.device_of(lay)  # one of gpu / device_gib / device_gb, a known preset, a sane reserve
 
 
 def microbatches(lay) -> int:
@@ -229,6 +226,21 @@ def tp_local_shape(p: ParamTensor, tp: int) -> tuple:
     return tuple(n // tp if i == dim else n for i, n in enumerate(p.shape))
 
 
+def role_of(name: str) -> str:
+    """Where a module or parameter sits in the pipeline: ``first`` (embeddings: on the first stage),
+    ``last`` (final norm, output head, loss: on the last stage) or ``block``. Our GPT's names and a
+    Hugging Face model's (recompute_lab.model.hf: ``hf.model.embed_tokens``,
+    ``hf.transformer.wte`` /
+    ``wpe`` / ``drop``, ``hf.model.norm``, ``hf.transformer.ln_f``, ``hf.lm_head``) alike."""
+    if name.startswith("blocks."):
+        return "block"
+    module = name.removesuffix(".weight").removesuffix(".bias")
+    if module.startswith("hf."):
+        first = "emb" in module or module.endswith((".wte", ".wpe", ".drop"))
+        return "first" if first else "last"
+    return "first" if module in ("tok_emb", "pos_emb", "drop") else "last"
+
+
 def stage_params(cfg, lay, stage: int) -> list[ParamTensor]:
     """Parameters pipeline stage ``stage`` holds: its blocks, plus the embeddings (first stage) and
     the final
@@ -238,13 +250,13 @@ def stage_params(cfg, lay, stage: int) -> list[ParamTensor]:
     counts = stage_layers(cfg.n_layer, int(lay.pp), int(lay.pp_virtual))
     chunks = [k for k in range(len(counts)) if k % int(lay.pp) == stage]
     full = param_tensors(cfg, n_layer=1)
-    block = [p for p in full if p.name.startswith("blocks.")]
+    block = [p for p in full if role_of(p.name) == "block"]
     out = [p for k in chunks for _ in range(counts[k]) for p in block]
     last = len(counts) - 1
     if 0 in chunks:
-        out += [p for p in full if p.name in ("tok_emb.weight", "pos_emb.weight")]
+        out += [p for p in full if role_of(p.name) == "first"]
     if last in chunks:
-        out += [p for p in full if p.name.startswith("norm_f.") or p.name == "head.weight"]
+        out += [p for p in full if role_of(p.name) == "last"]
         if cfg.tie_embeddings and (0 not in chunks):
             out.append(ParamTensor("head.weight", (cfg.vocab_size, cfg.d_model)))
     return out

@@ -224,18 +224,38 @@ def model_state(cfg, n_params: int, step: Shape) -> dict:
     }
 
 
-def predict_peak(cfg, st: Shape, state: dict, act: dict) -> Optional[dict]:
+@dataclass(frozen=True)
+class RankView:
+    """What one GPU of a parallel layout holds of the model (recompute_lab.predict.per_gpu): its
+    parameters (tensor-parallel local shapes, its pipeline stage's blocks numbered from 0),
+    ``layers`` blocks, the tensor-parallel degree (the vocab-parallel head and
+    embedding hold 1/tp of the vocabulary) and whether it holds the embeddings (first stage) and
+    the head and loss (last stage)."""
+
+    params: tuple
+    layers: int
+    tp: int = 1
+    first: bool = True
+    last: bool = True
+
+
+def predict_peak(
+    cfg, st: Shape, state: dict, act: dict, view: Optional[RankView] = None
+) -> Optional[dict]:
     """Peak bytes of one steady-state step on one rank: the largest phase (see the module
     docstring).
 
     ``state``: theory.model_state_bytes (or its sharded form) of this rank; ``act``:
-    predict_activations.
-    Returns None when the activations have no closed form.
+    predict_activations (under a pipeline: what the schedule keeps in flight). ``view``: the
+    rank's part of the model under a parallel layout (None: the whole model). Returns None when
+    the activations have no closed form.
     """
     if act.get("total") is None:
         return None
     step = st  # the step's precision and layout travel with the micro-batch shape
-    params = param_tensors(cfg)
+    params = param_tensors(cfg) if view is None else list(view.params)
+    tp = 1 if view is None else view.tp
+    first, last = (True, True) if view is None else (view.first, view.last)
     impl = step.optimizer_impl or adam_impl(st.device, step.parallel)
     per = state["per_param"]
     n_tok, v, h = st.batch * st.seq, cfg.vocab_size, cfg.d_model
@@ -247,11 +267,15 @@ def predict_peak(cfg, st: Shape, state: dict, act: dict) -> Optional[dict]:
         4 * n_tensors if st.device == "cpu" or (impl == "fused" and st.device != "meta") else 0
     )
     loss, inputs = 4, 16 * n_tok
-    fixed = per["params"] + per["master"] + per["optimizer"] + counters + buffer_bytes(cfg)
+    buffers = buffer_bytes(cfg)
+    if view is not None and theory.external(cfg) is None:  # our GPT's buffers are per block
+        buffers = buffers * view.layers // cfg.n_layer
+    fixed = per["params"] + per["master"] + per["optimizer"] + counters + buffers
     grads = per["grads"]
     persistent_grads = 4 * n_params if step.fp32_grad_accum and step.master_weights else 0
-    head = 2 * n_tok * v * 4
-    emb = v * h * st.param_bytes
+    # the fp32 gradients of the log-probabilities and logits (vocab-parallel: 1/tp of each)
+    head = 2 * n_tok * v * 4 // tp if last else 0
+    emb = v * h * st.param_bytes // tp if first else 0  # the embedding's dense gradient
     groups = [[p.numel for p in params if p.decay], [p.numel for p in params if not p.decay]]
     extra: dict[str, int] = {}
     if step.parallel == "fsdp":
@@ -310,7 +334,7 @@ def predict_peak(cfg, st: Shape, state: dict, act: dict) -> Optional[dict]:
         phases["recompute"] = (
             state["total"]
             + counters
-            + buffer_bytes(cfg)
+            + buffers
             + act["total"]
             + loss
             + act["largest_region"]

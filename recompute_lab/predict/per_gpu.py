@@ -45,27 +45,51 @@ import json
 import math
 from typing import Optional
 
+from recompute_lab.predict import devices
 from recompute_lab.predict import layout as L
 from recompute_lab.config.spec import RunSpec, Shape, as_model_config, to_plain
 from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError
-from recompute_lab.predict.peak import param_tensors
+from recompute_lab.predict.peak import ParamTensor, RankView, predict_peak
 
 STRATEGIES = ("none", "selective", "full")  # ascending recompute cost
-KINDS = ("model_state", "activations", "transient", "buffers")
+# What a rank holds between steps (model state) and at the end of forward (activations in
+# flight); its peak is the binding phase of recompute_lab.predict.peak (gradients, the loss's
+# backward buffers, a recomputing region, FSDP's gathered parameters, optimizer temporaries).
+KINDS = ("model_state", "activations")
 
 
-def plan_of(name: str, n_layer: int):
-    """A recompute_lab.strategies.Plan for the three fixed strategies, without building a model."""
+def core_name(cfg) -> str:
+    """The attention core's module name relative to a block: ``attn.core`` in our GPT, the family's
+    own in a Hugging Face model (recompute_lab.config.hf_families: Llama's ``self_attn.core``)."""
+    hf = getattr(cfg, "hf", None)
+    if str(cfg.arch) != "hf" or hf is None or getattr(hf, "model_type", None) is None:
+        return "attn.core"
+    from recompute_lab.config.hf_families import family_for
+
+    fam = family_for(str(hf.model_type), getattr(hf, "family", None))
+    mods = fam.parts.get("attn.core")
+    if not mods or len(mods) != 1:
+        raise ConfigError(
+            f"per-GPU selective recomputation needs the attention core of {fam.name} models; "
+            "this family names none (use none or full)"
+        )
+    return mods[0]
+
+
+def plan_of(name: str, n_layer: int, cfg=None):
+    """A recompute_lab.strategies.Plan for the three fixed strategies, without building a model
+    (``cfg``: whose module names; default our GPT's)."""
     from recompute_lab.config.plan import Plan
 
     if name == "none":
         return None
     if name == "selective":
+        core = "attn.core" if cfg is None else core_name(cfg)
         return Plan(
             "selective",
             "attention core recomputed",
-            recomputed=[f"blocks.{i}.attn.core" for i in range(n_layer)],
+            recomputed=[f"blocks.{i}.{core}" for i in range(n_layer)],
         )
     if name == "full":
         return Plan(
@@ -87,34 +111,87 @@ def micro_batch(
     param_bytes: int = 2,
     target: str = "cuda",
 ) -> dict:
-    """One micro-batch on one rank: bytes per inner block, embeddings, final norm + head + loss, the
-    largest
+    """One micro-batch on one rank: bytes per inner block, embeddings (and what the first block
+    saves for all of them), final norm + head + loss, the largest
     checkpoint region, the loss's backward buffers. From a two-block copy of ``cfg`` (block 1 stands
     for every
     block after the first), cached: the what-fits grid asks for the same shapes many times."""
     from recompute_lab.predict.tp_theory import predict_rank
 
     cfg = as_model_config(cfg)
-    fields = {k: v for k, v in to_plain(cfg).items() if k != "hf"}
-    key = (json.dumps(fields, sort_keys=True), tp, sp, strategy, b, s_local, param_bytes, target)
+    fields = json.dumps(to_plain(cfg), sort_keys=True, default=str)
+    key = (fields, tp, sp, strategy, b, s_local, param_bytes, target)
     if key not in _MICRO:
         two = dataclasses.replace(cfg, n_layer=2)
         st = Shape(
             b, s_local, precision="bf16_master" if param_bytes == 2 else "fp32", device=target
         )
-        pred = predict_rank(two, st, tp, sp, plan_of(strategy, 2))
+        pred = predict_rank(two, st, tp, sp, plan_of(strategy, 2, two))
         if pred["total"] is None:
             raise ConfigError(f"no closed form for {strategy} on this model: {pred['reason']}")
         by = pred["by_module"]
         logits = s_local * b * cfg.vocab_size * 4 // tp  # fp32, vocab-parallel
+        # what block 0 saves beyond block 1 (a Hugging Face model's rotary cos / sin and position
+        # ids, saved once and shared by every layer) goes with the embeddings on the first stage
+        shared = theory.per_layer(pred, 0) - theory.per_layer(pred, 1)
         _MICRO[key] = {
             "layer": theory.per_layer(pred, 1),
-            "first": sum(v for k, v in by.items() if k in ("tok_emb", "pos_emb", "drop")),
-            "last": sum(v for k, v in by.items() if k in ("norm_f", "head", "loss")),
+            "first": shared + sum(v for k, v in by.items() if L.role_of(k) == "first"),
+            "last": sum(v for k, v in by.items() if L.role_of(k) == "last"),
             "region": pred["largest_region"],
             "loss_backward": 2 * logits,
         }
     return _MICRO[key]
+
+
+def rank_shape(lay, batch: int, seq: int, precision: str, target: str, fp32_grad_accum=False):
+    """The micro-batch one GPU of ``lay`` sees (s / cp tokens) and how its model state is kept:
+    FSDP2 shards over dp_shard, replicas alone (dp_replicate) keep DDP's gradient buckets."""
+    ds, dr = int(lay.dp_shard), int(lay.dp_replicate)
+    parallel = "fsdp" if ds > 1 else ("ddp" if dr > 1 else "none")
+    return Shape(
+        batch,
+        seq // int(lay.cp),
+        precision=precision,
+        fp32_grad_accum=fp32_grad_accum,
+        device=target,
+        parallel=parallel,
+        world_size=ds if ds > 1 else dr,
+    )
+
+
+def view_of(cfg, lay, rank: int) -> RankView:
+    """Pipeline rank ``rank``'s parameters at their tensor-parallel local shapes, and its layers."""
+    counts = L.stage_layers(cfg.n_layer, int(lay.pp), int(lay.pp_virtual))
+    chunks = range(rank, len(counts), int(lay.pp))
+    tp = int(lay.tp)
+    params, seen = [], {}
+    for p in L.stage_params(cfg, lay, rank):  # the stage's blocks renumbered 0, 1, ...
+        name = p.name
+        if name.startswith("blocks."):
+            i = seen[name] = seen.get(name, -1) + 1
+            name = f"blocks.{i}." + name.split(".", 2)[2]
+        params.append(ParamTensor(name, L.tp_local_shape(p, tp)))
+    return RankView(
+        params=tuple(params),
+        layers=sum(counts[k] for k in chunks),
+        tp=tp,
+        first=0 in chunks,
+        last=len(counts) - 1 in chunks,
+    )
+
+
+def rank_peak(cfg, lay, st: Shape, rank: int, state: dict, act: int, region: int) -> dict:
+    """The step's peak on pipeline rank ``rank`` (recompute_lab.predict.peak.predict_peak, the
+    one-device phases on this rank's share of the model): ``act`` saved bytes in flight, ``region``
+    the largest checkpoint region's re-saved bytes."""
+    return predict_peak(
+        cfg,
+        st,
+        state,
+        {"total": act, "largest_region": region},
+        view_of(cfg, lay, rank),
+    )
 
 
 def stage_bytes(
@@ -126,9 +203,10 @@ def stage_bytes(
     precision: str = "bf16_master",
     target: str = "cuda",
     stages: Optional[list] = None,
+    fp32_grad_accum: bool = False,
 ) -> list[dict]:
-    """Per pipeline rank: bytes by kind (:data:`KINDS`) and their total, for ``strategy`` on every
-    stage (or
+    """Per pipeline rank: model state, activations in flight (:data:`KINDS`) and the step's peak
+    (``total``, its binding ``phase`` and every phase), for ``strategy`` on every stage (or
     ``stages[r]`` on rank r)."""
     tp, pp, cp, v = int(lay.tp), int(lay.pp), int(lay.cp), int(lay.pp_virtual)
     if cp > 1 and str(cfg.attention) == "eager":
@@ -141,14 +219,7 @@ def stage_bytes(
     counts = L.stage_layers(cfg.n_layer, pp, v)
     n_chunks = len(counts)
     pbytes = 2 if precision == "bf16_master" else 4
-    hd = cfg.d_model // cfg.n_head
-    rope = 2 * seq * hd // 2 * 4 if str(cfg.positions) == "rope" else 0
-    block = [p for p in param_tensors(cfg, n_layer=1) if p.name.startswith("blocks.")]
-    gathered = (
-        2 * sum(math.prod(L.tp_local_shape(p, tp)) for p in block) * 2
-        if int(lay.dp_shard) > 1
-        else 0
-    )
+    st = rank_shape(lay, batch, seq, precision, target, fp32_grad_accum)
     out = []
     for rank in range(pp):
         strat = stages[rank] if stages else strategy
@@ -166,22 +237,20 @@ def stage_bytes(
             act = L.in_flight_chunks("1f1b", pp, m, rank) * chunk[rank]
         else:
             act = L.schedule_in_flight("interleaved", pp, m, v, chunk)[rank]
-        holds_last = (n_chunks - 1) % pp == rank
-        state = L.model_state_per_rank(cfg, lay, precision, stage=rank)
-        kinds = {
-            "model_state": state["total"],
-            "activations": act,
-            "transient": max(mb["region"], mb["loss_backward"] if holds_last else 0),
-            "buffers": rope + gathered,
-        }
+        state = L.model_state_per_rank(cfg, lay, precision, fp32_grad_accum, stage=rank)
+        peak = rank_peak(cfg, lay, st, rank, state, act, mb["region"])
         out.append(
             {
                 "rank": rank,
                 "strategy": strat,
                 "layers": sum(counts[k] for k in range(rank, n_chunks, pp)),
                 "in_flight": (L.in_flight_chunks(sched, pp, m, rank, v)),
-                **kinds,
-                "total": sum(kinds.values()),
+                "model_state": state["total"],
+                "activations": act,
+                "phase": peak["phase"],
+                "phases": peak["phases"],
+                "region": mb["region"],
+                "total": peak["total"],
             }
         )
     return out
@@ -208,32 +277,36 @@ def layer_recompute_flops(cfg, strategy: str, b: int, seq: int, tp: int, cp: int
 def plan_stages(
     cfg,
     lay,
-    device_bytes: int,
+    budget: int,
     batch: int,
     seq: int,
     precision: str = "bf16_master",
     target: str = "cuda",
+    fp32_grad_accum: bool = False,
 ) -> dict:
-    """Per stage, the plan with the fewest recompute FLOPs whose per-GPU total fits ``device_bytes``
-    (ties: fewer
-    bytes): a base strategy (none or selective) on the stage's layers but n, full recomputation on n
-    of them
-    (Megatron's --recompute-num-layers, chosen per stage: early 1F1B stages keep more micro-batches
-    in flight).
-    Interleaved schedules (a rank holds several chunks) choose per stage among the three whole
-    strategies only.
-    A stage where nothing fits gets None. Returns {"stages": [...], "strategies": [labels], "fits":
-    bool}."""
+    """Per stage, the plan with the fewest recompute FLOPs whose step peak fits ``budget`` (the
+    bytes a card leaves a step after its reserve: recompute_lab.predict.devices.Device.budget; ties:
+    fewer bytes): a base strategy (none or selective) on the stage's layers but n, full
+    recomputation on n of them (Megatron's --recompute-num-layers, chosen per stage: early 1F1B
+    stages keep more micro-batches in flight). Interleaved schedules (a rank holds several chunks)
+    choose per stage among the three whole strategies only. A stage where nothing fits gets None.
+    Returns {"stages": [...], "strategies": [labels], "fits": bool}."""
     tp, cp, v, pp = int(lay.tp), int(lay.cp), int(lay.pp_virtual), int(lay.pp)
     sp = bool(lay.sp) and tp > 1
     pbytes = 2 if precision == "bf16_master" else 4
     m = L.microbatches(lay)
-    rows = {st: stage_bytes(cfg, lay, st, batch, seq, precision, target) for st in STRATEGIES}
-    layer = {
-        st: micro_batch(cfg, tp, sp, st, batch, seq // cp, pbytes, target)["layer"]
-        for st in STRATEGIES
+    st = rank_shape(lay, batch, seq, precision, target, fp32_grad_accum)
+    rows = {
+        name: stage_bytes(
+            cfg, lay, name, batch, seq, precision, target, fp32_grad_accum=fp32_grad_accum
+        )
+        for name in STRATEGIES
     }
-    cost = {st: layer_recompute_flops(cfg, st, batch, seq, tp, cp) for st in STRATEGIES}
+    layer = {
+        name: micro_batch(cfg, tp, sp, name, batch, seq // cp, pbytes, target)["layer"]
+        for name in STRATEGIES
+    }
+    cost = {name: layer_recompute_flops(cfg, name, batch, seq, tp, cp) for name in STRATEGIES}
     chosen: list = []
     out: list = []
     for rank in range(pp):
@@ -242,30 +315,29 @@ def plan_stages(
             row = rows[base][rank]
             n_layers = row["layers"]
             for n in range(n_layers + 1) if v == 1 else (0, n_layers):
-                if (
-                    n == n_layers
-                ):  # every layer recomputed: the full row itself (base does not matter)
+                if n == n_layers:  # every layer recomputed: the full row itself
                     cand = dict(rows["full"][rank], strategy="full")
+                elif n == 0:
+                    cand = dict(row, strategy=base)
                 else:
                     act = row["activations"] + row["in_flight"] * n * (layer["full"] - layer[base])
-                    transient = max(row["transient"], rows["full"][rank]["transient"] if n else 0)
-                    kinds = {
-                        "model_state": row["model_state"],
-                        "activations": act,
-                        "transient": transient,
-                        "buffers": row["buffers"],
-                    }
+                    region = max(row["region"], rows["full"][rank]["region"])
+                    state = L.model_state_per_rank(cfg, lay, precision, fp32_grad_accum, stage=rank)
+                    peak = rank_peak(cfg, lay, st, rank, state, act, region)
                     cand = {
                         **row,
-                        **kinds,
-                        "total": sum(kinds.values()),
-                        "strategy": base if n == 0 else f"{base} + {n}/{n_layers} full",
+                        "activations": act,
+                        "phase": peak["phase"],
+                        "phases": peak["phases"],
+                        "region": region,
+                        "total": peak["total"],
+                        "strategy": f"{base} + {n}/{n_layers} full",
                     }
                 cand.update(
                     full_layers=n,
                     recompute_flops=m * (n * cost["full"] + (n_layers - n) * cost[base]),
                 )
-                key = (cand["total"] > device_bytes, cand["recompute_flops"], cand["total"])
+                key = (cand["total"] > budget, cand["recompute_flops"], cand["total"])
                 if best is None or key < best[0]:
                     best = (key, cand)
         fits = not best[0][0]
@@ -274,14 +346,114 @@ def plan_stages(
     return {"stages": out, "strategies": chosen, "fits": all(c is not None for c in chosen)}
 
 
+def compare(
+    cfg,
+    lay,
+    batch: int,
+    seq: int,
+    precision: str,
+    target: str,
+    device=None,
+    fp32_grad_accum: bool = False,
+) -> list[dict]:
+    """Every whole strategy under ``lay``: the busiest rank's peak, its binding phase, recompute
+    FLOPs per step on that rank and (``device``: a recompute_lab.predict.devices.Device) the
+    reserve, the margin left and whether it fits."""
+    tp, cp = int(lay.tp), int(lay.cp)
+    m = L.microbatches(lay)
+    out = []
+    for name in STRATEGIES:
+        rows = stage_bytes(
+            cfg, lay, name, batch, seq, precision, target, fp32_grad_accum=fp32_grad_accum
+        )
+        busiest = max(rows, key=lambda r: r["total"])
+        per_layer = layer_recompute_flops(cfg, name, batch, seq, tp, cp)
+        row = {
+            "strategy": name,
+            "rank": busiest["rank"],
+            "peak": busiest["total"],
+            "phase": busiest["phase"],
+            "recompute_flops": m * busiest["layers"] * per_layer,
+        }
+        if device is not None:
+            row["fit"] = device.fit(busiest["total"], devices.communicators(lay))
+        out.append(row)
+    return out
+
+
+def largest_fitting(peak_of, lo: int, hi: int, step: int = 1) -> Optional[int]:
+    """The largest multiple of ``step`` in [lo, hi] whose ``peak_of(x)`` (monotone in x) fits (a
+    bool); None when even ``lo`` does not. Bisection: O(log((hi - lo) / step)) evaluations."""
+    lo, hi = -(-lo // step), hi // step  # in units of step
+    if lo > hi or not peak_of(lo * step):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if peak_of(mid * step):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * step
+
+
+MAX_MICRO_BATCH = 1024
+MAX_SEQ = 2**21  # 2M tokens: beyond any context a single sample is trained on today
+
+
+def largest(
+    cfg,
+    lay,
+    strategy: str,
+    batch: int,
+    seq: int,
+    precision: str,
+    target: str,
+    device,
+    fp32_grad_accum: bool = False,
+) -> dict:
+    """The inverse questions for ``strategy`` under ``lay`` on ``device``: the largest micro-batch
+    at ``seq`` tokens and the largest sequence length at micro-batch ``batch`` whose busiest rank
+    fits after the reserve. Sequence lengths are multiples of 256 and of what the layout splits
+    them by (cp, and tp under sequence parallelism); learned positions cap them at the table's
+    length."""
+    groups = devices.communicators(lay)
+    tp, cp = int(lay.tp), int(lay.cp)
+    unit = math.lcm(256, cp * (tp if bool(lay.sp) and tp > 1 else 1))
+    top = MAX_SEQ if str(cfg.positions) != "learned" else int(cfg.max_seq_len)
+
+    def fits(b: int, s: int) -> bool:
+        model = cfg
+        if s > int(cfg.max_seq_len) and str(cfg.positions) != "learned":
+            model = dataclasses.replace(as_model_config(cfg), max_seq_len=s)  # rope tables grow
+        rows = stage_bytes(
+            model, lay, strategy, b, s, precision, target, fp32_grad_accum=fp32_grad_accum
+        )
+        return device.fit(max(r["total"] for r in rows), groups)["fits"]
+
+    return {
+        "strategy": strategy,
+        "micro_batch": largest_fitting(lambda b: fits(b, seq), 1, MAX_MICRO_BATCH),
+        "seq": largest_fitting(lambda s: fits(batch, s), unit, top, unit),
+        "seq_unit": unit,
+    }
+
+
 def layout_estimate(
-    cfg, lay, strategy: str, batch: int, seq: int, precision: str, target: str, measure=None
+    cfg,
+    lay,
+    strategy: str,
+    batch: int,
+    seq: int,
+    precision: str,
+    target: str,
+    measure=None,
+    fp32_grad_accum: bool = False,
 ) -> dict:
     """estimate's per-GPU section: one micro-batch measured on meta (``measure``: the caller's
     recompute_lab.measure.tensor_parallel.measure_micro_batch, so this layer imports no torch)
-    beside the per-rank
-    theory, every pipeline rank's bytes by kind, and (estimate.layout.device_gb set) the per-stage
-    plan."""
+    beside the per-rank theory, every pipeline rank's peak by phase, and (a card given:
+    estimate.layout.gpu / device_gib / device_gb) the fit after the reserve, every strategy side by
+    side, the per-stage plan and the largest micro-batch and sequence that fit."""
     L.validate_layout(lay, cfg, seq)
     tp, cp = int(lay.tp), int(lay.cp)
     sp = bool(lay.sp) and tp > 1
@@ -297,45 +469,106 @@ def layout_estimate(
         )
     measured = measure(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
     predicted = micro_batch(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
+    common = dict(precision=precision, target=target, fp32_grad_accum=fp32_grad_accum)
+    stages = stage_bytes(cfg, lay, strategy, batch, seq, **common)
+    device = devices.device_of(lay)
+    groups = devices.communicators(lay)
     out = {
         "layout": {k: (str(v) if k == "pp_schedule" else v) for k, v in lay.items()},
         "gpus": L.n_gpus(lay),
+        "communicators": groups,
         "micro_batch": {"measured": measured, "predicted": predicted},
-        "stages": stage_bytes(cfg, lay, strategy, batch, seq, precision, target),
+        "stages": stages,
         "korthikanti_layer": L.korthikanti_tp_layer_bytes(
             seq // cp, batch, cfg.d_model, cfg.n_head, tp, sp, strategy
         ),
+        "strategies": compare(cfg, lay, batch, seq, device=device, **common),
     }
-    if lay.device_gb is not None:
-        out["plan"] = plan_stages(cfg, lay, int(lay.device_gb * 1e9), batch, seq, precision, target)
+    if device is not None:
+        busiest = max(stages, key=lambda r: r["total"])
+        out["device"] = {
+            "name": device.name,
+            "total_bytes": device.total_bytes,
+            "source": device.source,
+            "budget_bytes": device.budget(groups),
+        }
+        out["fit"] = device.fit(busiest["total"], groups)
+        out["plan"] = plan_stages(cfg, lay, device.budget(groups), batch, seq, **common)
+        out["largest"] = [
+            largest(cfg, lay, name, batch, seq, device=device, **common) for name in STRATEGIES
+        ]
     return out
 
 
+def _gib(x) -> str:
+    return "-" if x is None else f"{x / devices.GiB:.2f}"
+
+
 def format_layout(rep: dict) -> list[str]:
-    """estimate's table lines for the layout section (GB = 1e9 B)."""
+    """estimate's table lines for the layout section (GiB = 2^30 B, as cards are sold and
+    reported)."""
     lay, mb = rep["layout"], rep["micro_batch"]
     lines = [
         f"per GPU under tp={lay['tp']} (sp={lay['sp']}) pp={lay['pp']} ({lay['pp_schedule']}, "
         f"v={lay['pp_virtual']}, m={lay['microbatches'] or lay['pp']}) cp={lay['cp']} "
         f"dp_shard={lay['dp_shard']} "
-        f"dp_replicate={lay['dp_replicate']}: {rep['gpus']} GPUs",
-        "  one micro-batch per rank, GB   measured (meta, PyTorch TP)   theory   Korthikanti/layer "
+        f"dp_replicate={lay['dp_replicate']}: {rep['gpus']} GPUs, GiB = 2^30 B",
+        "  one micro-batch per rank, GiB  measured (meta, PyTorch TP)   theory   Korthikanti/layer "
         "(eager s^2)",
     ]
     for k in ("layer", "first", "last"):
-        kor = f"{rep['korthikanti_layer'] / 1e9:>12.3f}" if k == "layer" else ""
-        lines.append(
-            f"    {k:<26}{mb['measured'][k] / 1e9:>14.3f}{mb['predicted'][k] / 1e9:>12.3f}{kor}"
-        )
-    lines.append("  rank  layers in-flight " + "".join(f"{k:>13}" for k in (*KINDS, "total")))
+        kor = f"{_gib(rep['korthikanti_layer']):>12}" if k == "layer" else ""
+        lines.append(f"    {k:<26}{_gib(mb['measured'][k]):>14}{_gib(mb['predicted'][k]):>12}{kor}")
+    lines.append(
+        "  rank  layers in-flight" + "".join(f"{k:>13}" for k in (*KINDS, "peak")) + "  phase"
+    )
     for r in rep["stages"]:
         lines.append(
-            f"  {r['rank']:>4}  {r['layers']:>6} {r['in_flight']:>9} "
-            + "".join(f"{r[k] / 1e9:>13.2f}" for k in (*KINDS, "total"))
+            f"  {r['rank']:>4}  {r['layers']:>6} {r['in_flight']:>9}"
+            + "".join(f"{_gib(r[k]):>13}" for k in (*KINDS, "total"))
+            + f"  {r['phase']}"
         )
+    dev = rep.get("device")
+    if dev is not None:
+        fit = rep["fit"]
+        res = fit["reserve"]
+        lines.append(
+            f"  card {dev['name']}: {_gib(dev['total_bytes'])} GiB ({dev['source']}); reserve "
+            f"{_gib(res['total'])} GiB = CUDA context {_gib(res['cuda_context'])} + NCCL "
+            f"{_gib(res['communication'])} ({rep['communicators']} communicators) + fragmentation "
+            f"{_gib(res['fragmentation'])}"
+        )
+        verdict = "fits" if fit["fits"] else "does NOT fit"
+        lines.append(
+            f"  busiest rank peak {_gib(fit['peak_bytes'])} + reserve {_gib(res['total'])} = "
+            f"{fit['used_fraction']:.1%} of the card: {verdict}, margin "
+            f"{_gib(fit['margin_bytes'])} GiB"
+        )
+    lines.append(
+        "  every strategy, busiest rank    peak GiB  phase              recompute TFLOP/step"
+        + ("   margin GiB  verdict" if dev is not None else "")
+    )
+    for r in rep["strategies"]:
+        line = (
+            f"    {r['strategy']:<28}{_gib(r['peak']):>9}  {r['phase']:<19}"
+            f"{r['recompute_flops'] / 1e12:>20.1f}"
+        )
+        if "fit" in r:
+            verdict = "fits" if r["fit"]["fits"] else "does not fit"
+            line += f"{_gib(r['fit']['margin_bytes']):>13}  {verdict}"
+        lines.append(line)
     if "plan" in rep:
         lines.append(
-            f"  per-stage plan for {rep['layout']['device_gb']} GB: {rep['plan']['strategies']} "
+            f"  per-stage plan for {dev['name']} after the reserve "
+            f"(peak <= {_gib(dev['budget_bytes'])} GiB): {rep['plan']['strategies']} "
             f"({'fits' if rep['plan']['fits'] else 'does not fit'})"
+        )
+    for r in rep.get("largest", []):
+        mb_, seq = r["micro_batch"], r["seq"]
+        lines.append(
+            f"  largest that fits under {r['strategy']}: micro-batch "
+            f"{'none' if mb_ is None else mb_} at this seq_len; seq_len "
+            f"{'none' if seq is None else f'{seq:,}'} at this micro-batch "
+            f"(multiples of {r['seq_unit']})"
         )
     return lines

@@ -62,10 +62,17 @@ class TPTheory:
     def __init__(self, tp: int, sp: bool):
         self.tp, self.sp = tp, sp
 
+    @staticmethod
+    def base(cfg):
+        """The whole model's theory: ours, or a Hugging Face model's
+        (recompute_lab.predict.hf_theory,
+        which tp=1 passes through unsplit: tensor-parallel plans exist for our GPT only)."""
+        return theory.external(cfg) or theory
+
     def saved_terms(self, cfg, st: Shape) -> list[Saved]:
         out = []
         one_head = cfg.n_head // self.tp == 1
-        for t in theory.saved_terms(cfg, st):
+        for t in self.base(cfg).saved_terms(cfg, st):
             rule = _rule(t.module, t.storage)
             stor = t.storage
             if (
@@ -106,14 +113,15 @@ class TPTheory:
         split (with SP
         a recomputed attn / mlp sublayer keeps its sharded input and all-gathers it again in
         backward)."""
-        inputs = theory.region_inputs(cfg, st, name)
+        inputs = self.base(cfg).region_inputs(cfg, st, name)
         if inputs is None:
             return None
         rule = "tp" if name.endswith((".attn.core", ".mlp.act")) else "seq"
         return [(stor, _split(nb, rule, self.tp, self.sp)) for stor, nb in inputs]
 
     def reason(self, cfg, st):
-        return None
+        base = self.base(cfg)
+        return base.reason(cfg, st) if base is not theory else None
 
 
 def predict_rank(cfg, st: Shape, tp: int, sp: bool, plan=None) -> dict:

@@ -252,12 +252,13 @@ def test_estimate_cli_per_gpu_section(tmp_path):
         "estimate.layout.tp=2",
         "estimate.layout.pp=2",
         "estimate.layout.dp_shard=2",
-        "estimate.layout.device_gb=1",
+        "estimate.layout.gpu=a100_40gb",
         f"estimate.out={out}",
     ]
     proc = run_cli(args, cwd=tmp_path, module="recompute_lab.estimate")
     assert proc.returncode == 0, proc.stderr
     assert "per GPU under tp=2 (sp=True) pp=2" in proc.stdout
+    assert "card a100_40gb: 39.38 GiB" in proc.stdout and "fits, margin" in proc.stdout
     res = json.loads(out.read_text())["series"][0]["per_gpu"]
     mb = res["micro_batch"]
     assert {k: mb["measured"][k] for k in ("layer", "first", "last")} == {

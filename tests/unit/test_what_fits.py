@@ -18,6 +18,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "experiments"))
 import what_fits as wf  # noqa: E402
 
+from recompute_lab.predict import layout as L  # noqa: E402
 from recompute_lab.predict import per_gpu  # noqa: E402
 from recompute_lab.config import LayoutConfig  # noqa: E402
 from recompute_lab.config.spec import RunSpec
@@ -83,7 +84,13 @@ def test_planner_recomputes_fewest_layers_that_fit_per_stage():
         act = none[rank]["activations"] + none[rank]["in_flight"] * n * (
             layer["full"] - layer["none"]
         )
-        assert row["activations"] == act and row["transient"] == full[rank]["transient"]
+        assert row["activations"] == act and row["region"] == full[rank]["region"]
+        # its peak is the one-path peak of those activations on this rank
+        state = L.model_state_per_rank(cfg, lay, "bf16_master", stage=rank)
+        st = per_gpu.rank_shape(lay, 1, 32768, "bf16_master", "cuda")
+        assert row["total"] == per_gpu.rank_peak(cfg, lay, st, rank, state, act, row["region"])[
+            "total"
+        ]
         assert (
             row["total"] - row["in_flight"] * (layer["full"] - layer["none"]) > budget
         )  # n - 1 layers: too big

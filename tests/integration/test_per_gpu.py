@@ -1,0 +1,128 @@
+"""Per-GPU planning from the one prediction path (recompute_lab.predict.per_gpu).
+
+A layout that only shards the model state (FSDP over dp_shard) must give every rank exactly the
+one-device prediction (recompute_lab.predict.prediction.predict) for an FSDP rank's Shape: same
+model state, same activations, same peak and phase. That holds for our GPT and for a Hugging Face
+model (whose embedding, final norm and head the per-GPU state used to drop, and whose activations
+come from the HF theory). The inverse questions (largest micro-batch and sequence that fit) are
+checked one unit past their answer, and the 8B question is asked once through the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose_config, run_cli
+from recompute_lab.config import LayoutConfig
+from recompute_lab.config.spec import RunSpec, Shape
+from recompute_lab.model.gpt import build_model
+from recompute_lab.model.precision import make_precision
+from recompute_lab.predict import devices, per_gpu, prediction
+from recompute_lab.strategies import apply_strategy
+
+MODELS = {
+    "llama3_8b": ["model=llama3_8b"],
+    "hf_llama3_8b": ["model=hf", "model.hf.config=llama3_8b"],
+    "tiny": ["model=tiny"],
+}
+
+
+def one_device(ov: list[str], strategy: str, b: int, s: int, world: int):
+    """predict() for an FSDP rank of ``world`` at (b, s) on the CUDA target, with the plan the
+    strategy makes on a meta replica (what estimate builds)."""
+    if "model=hf" in ov:
+        pytest.importorskip("transformers")
+    cfg = compose_config(
+        [*ov, "precision=bf16_master", f"+strategy={strategy}", f"data.batch_size={b}",
+         f"data.seq_len={s}"]
+    )
+    spec = RunSpec.of(cfg)
+    meta = build_model(spec.model, "meta", make_precision(spec.precision).param_dtype).train()
+    plan = apply_strategy(meta, spec.strategy, spec.shape())
+    shape = Shape(b, s, precision="bf16_master", device="cuda", parallel="fsdp", world_size=world)
+    return spec, prediction.predict(spec, plan, shape, meta.get_num_params())
+
+
+@pytest.mark.parametrize("strategy", per_gpu.STRATEGIES)
+@pytest.mark.parametrize("model,b,s", [("llama3_8b", 1, 8192), ("hf_llama3_8b", 1, 8192),
+                                       ("tiny", 2, 64)])
+def test_fsdp_rank_is_the_one_device_prediction(model, b, s, strategy):
+    spec, pred = one_device(MODELS[model], strategy, b, s, world=8)
+    lay = OmegaConf.structured(LayoutConfig(dp_shard=8))
+    (row,) = per_gpu.stage_bytes(spec.model, lay, strategy, b, s, "bf16_master", "cuda")
+    assert row["model_state"] == pred.model_state["total"]
+    assert row["activations"] == pred.activation_bytes
+    assert row["total"] == pred.peak_bytes
+    assert row["phase"] == pred.peak["phase"]
+
+
+def test_hf_and_our_llama_differ_only_by_the_activation_theory():
+    """Same shapes, same state per GPU (the HF head, embedding and norm are counted); the peaks
+    differ by what the two activation theories say (HF's eager-free SDPA core, its RoPE and
+    SiLU saved tensors), and the HF model does not fit an H100 80GB without recomputation."""
+    lay = OmegaConf.structured(LayoutConfig(dp_shard=8, gpu="h100_80gb"))
+    ours_spec, ours = one_device(MODELS["llama3_8b"], "none", 1, 8192, 8)
+    hf_spec, hf = one_device(MODELS["hf_llama3_8b"], "none", 1, 8192, 8)
+    (a,) = per_gpu.stage_bytes(ours_spec.model, lay, "none", 1, 8192)
+    (h,) = per_gpu.stage_bytes(hf_spec.model, lay, "none", 1, 8192)
+    assert a["model_state"] == h["model_state"] == ours.model_state["total"]
+    assert h["activations"] - a["activations"] == hf.activation_bytes - ours.activation_bytes != 0
+    device = devices.device_of(lay)
+    assert not device.fit(h["total"], devices.communicators(lay))["fits"]
+
+
+@pytest.mark.parametrize("strategy", per_gpu.STRATEGIES)
+def test_largest_answers_fit_and_one_more_unit_does_not(strategy):
+    cfg = RunSpec.of(compose_config(["model=llama3_8b", "precision=bf16_master"])).model
+    lay = OmegaConf.structured(LayoutConfig(dp_shard=8, gpu="h100_80gb"))
+    device, groups = devices.device_of(lay), devices.communicators(lay)
+    got = per_gpu.largest(cfg, lay, strategy, 1, 8192, "bf16_master", "cuda", device)
+
+    def peak(b, s):
+        import dataclasses
+
+        model = dataclasses.replace(cfg, max_seq_len=max(s, cfg.max_seq_len))
+        return max(r["total"] for r in per_gpu.stage_bytes(model, lay, strategy, b, s))
+
+    s, unit = got["seq"], got["seq_unit"]
+    assert s is not None and s % unit == 0
+    assert device.fit(peak(1, s), groups)["fits"]
+    assert not device.fit(peak(1, s + unit), groups)["fits"]
+    mb = got["micro_batch"]
+    if mb is None:
+        assert not device.fit(peak(1, 8192), groups)["fits"]
+    else:
+        assert device.fit(peak(mb, 8192), groups)["fits"]
+        assert not device.fit(peak(mb + 1, 8192), groups)["fits"]
+
+
+def test_the_8b_question_in_one_command(tmp_path):
+    """Llama-3 8B, s=8192, 8 x H100 80GB: every strategy's peak per GPU, the reserve, the margin,
+    and the plan, from one estimate call."""
+    out = tmp_path / "est.json"
+    proc = run_cli(
+        [
+            "model=llama3_8b",
+            "precision=bf16_master",
+            "data.batch_size=1",
+            "data.seq_len=8192",
+            "estimate.layout.dp_shard=8",
+            "estimate.layout.gpu=h100_80gb",
+            f"estimate.out={out}",
+        ],
+        tmp_path,
+        module="recompute_lab.estimate",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "card h100_80gb: 79.18 GiB" in proc.stdout
+    assert "margin" in proc.stdout
+    rep = json.loads(out.read_text())
+    lay = rep["series"][0]["per_gpu"]
+    strategies = {r["strategy"]: r for r in lay["strategies"]}
+    assert set(strategies) == set(per_gpu.STRATEGIES)
+    assert strategies["full"]["fit"]["fits"]
+    assert strategies["full"]["fit"]["margin_bytes"] > 0
+    assert strategies["full"]["peak"] < strategies["none"]["peak"]
