@@ -81,6 +81,14 @@ def tp_plan(model: nn.Module, sp: bool) -> dict:
             input_layouts=Replicate(), output_layouts=seq if sp else Replicate()
         )
     }
+    if getattr(model, "pos_emb", None) is not None:
+        # A learned position table (GPT-2 / GPT-3) is split by rows like the token table: each rank
+        # looks up arange(s) in its max_seq_len / t rows and the partial (s, h) outputs are
+        # reduced. With SP the reduction is a reduce-scatter along s (dim 0 of the (s, h) output),
+        # so each rank adds its own s / t positions to its (b, s / t, h) slice of tok_emb's output.
+        plan["pos_emb"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(0) if sp else Replicate()
+        )
     if isinstance(
         getattr(model, "head", None), nn.Linear
     ):  # a pipeline stage before the last has no head

@@ -75,10 +75,13 @@ def validate_layout(lay, model, seq_len: int, parallel=None) -> None:
                 f"estimate.layout.tp={tp} must divide n_head={model.n_head}, n_kv_head={kv}, "
                 f"d_ff={model.d_ff} and vocab_size={model.vocab_size}; valid tp: {valid}"
             )
-        if lay.sp and str(model.positions) == "learned":
+        if str(model.positions) == "learned" and model.max_seq_len % tp:
+            valid = _divisors_of_all(model.n_head, kv, model.d_ff, model.vocab_size,
+                                     model.max_seq_len)
             raise ConfigError(
-                "estimate.layout.sp=true needs model.positions=rope: a learned position table's "
-                "output is not split along the sequence (set estimate.layout.sp=false)"
+                f"estimate.layout.tp={tp} must divide the learned position table's "
+                f"max_seq_len={model.max_seq_len} (its rows are split like the token table's); "
+                f"valid tp: {valid}"
             )
     if seq_len % cp:
         raise ConfigError(
@@ -214,8 +217,8 @@ def tp_shard_dim(name: str) -> Optional[int]:
         return 0
     if name.endswith(("attn.out.weight", "mlp.proj.weight")):
         return 1
-    if name in ("tok_emb.weight", "head.weight"):
-        return 0
+    if name in ("tok_emb.weight", "pos_emb.weight", "head.weight"):
+        return 0  # vocab-parallel tables (the position table's rows likewise) and the head
     return None
 
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from recompute_lab.predict import layout as L
 from recompute_lab.measure import tensor_parallel as T
 from recompute_lab.predict import theory
+from recompute_lab.predict.peak import ParamTensor
 from recompute_lab.config import ConfigError, LayoutConfig, ModelConfig
 from recompute_lab.config.spec import Shape
 
@@ -225,10 +226,32 @@ def test_layout_errors_name_valid_choices(over, match):
         L.validate_layout(lay, cfg_of(LLAMA, n_layer=8), 32)
 
 
-def test_learned_positions_with_sp_refused():
-    lay = OmegaConf.structured(LayoutConfig(tp=2, sp=True))
-    with pytest.raises(ConfigError, match="positions=rope"):
-        L.validate_layout(lay, cfg_of(KORTHIKANTI, positions="learned"), 32)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_learned_positions_under_tp_and_sp(world, strategy):
+    """Korthikanti's own setting (GPT-3: learned positions) with SP: the position table is split
+    by rows like the token table, and each rank adds its s / t positions to its sequence slice.
+    The meta count of rank 0 equals the per-rank theory module by module, SP saves less than tp
+    alone, and the table's rows shard."""
+    cfg = cfg_of(KORTHIKANTI, positions="learned")
+    totals = {}
+    for tp in TPS:
+        for sp in (False, True):
+            L.validate_layout(OmegaConf.structured(LayoutConfig(tp=tp, sp=sp)), cfg, S)
+            measured, pred = measure(cfg, tp, sp, strategy)
+            assert measured["total"] == pred["total"], (tp, sp)
+            assert measured["by_module"] == {k: v for k, v in pred["by_module"].items() if v}
+            totals[tp, sp] = measured["total"]
+    # sequence parallelism splits the residual stream's saved tensors (norms, dropouts): less per
+    # rank than tp alone
+    assert all(totals[tp, True] < totals[tp, False] for tp in TPS if tp > 1)
+    model, _ = T.build_parallel(cfg, 4, True, {"name": "none"})
+    assert model.pos_emb.weight.to_local().shape == (32 // 4, 64)
+    assert L.tp_local_shape(ParamTensor("pos_emb.weight", (32, 64)), 4) == (8, 64)
+    with pytest.raises(ConfigError, match="max_seq_len=30"):
+        L.validate_layout(
+            OmegaConf.structured(LayoutConfig(tp=4, sp=True)), cfg_of(KORTHIKANTI,
+            positions="learned", max_seq_len=30), 28
+        )
 
 
 def test_estimate_cli_per_gpu_section(tmp_path):
