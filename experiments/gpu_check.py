@@ -17,6 +17,13 @@ and none's alternate in ABBA rounds on the same batches, timed with CUDA events;
 interval) beside their counted FLOP overheads. The tables are what the README's GPU section records,
 with the
 GPU's name.
+
+Last, the card's own figures that recompute_lab.predict.devices uses for headroom: the total torch
+reports (``get_device_properties(0).total_memory``, beside the preset of that card, if any), the
+memory the process holds outside the caching allocator after the runs (``mem_get_info``'s total
+minus free, minus ``memory_reserved``: the CUDA context, kernel images, library workspaces), and per
+strategy the allocator's overhead at the peak (``max_memory_reserved / max_memory_allocated - 1``,
+the fragmentation reserve's fraction).
 """
 
 from __future__ import annotations
@@ -76,8 +83,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     rows = []
     t0 = time.time()
+    cuda = torch.cuda.is_available() and not args.reduced
     for name in STRATEGIES:
+        if cuda:
+            torch.cuda.empty_cache()  # each run's reserved-over-allocated starts from an empty pool
+            torch.cuda.reset_peak_memory_stats()
         res = run_overrides([*base, "precision=bf16_master", f"+strategy={name}"])
+        frag = None
+        if cuda and torch.cuda.max_memory_allocated() > 0:
+            frag = torch.cuda.max_memory_reserved() / torch.cuda.max_memory_allocated() - 1
         rows.append(
             {
                 "device": device,
@@ -92,6 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "peak_source": get(res, "memory.peak_bytes.source"),
                 "act_measured": get(res, "memory.activation_bytes.measured"),
                 "act_predicted": get(res, "memory.activation_bytes.predicted"),
+                "fragmentation": frag,
                 **time_columns(get(res, "time.overhead", {})),
             }
         )
@@ -124,8 +139,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ("time_words", "time overhead", "s"),
         ],
     )
+    if cuda:
+        card_table(rows)
     write_csv(rows, args.out)
     return rows
+
+
+def card_table(rows: list[dict]) -> None:
+    """The card's total, the memory held outside the allocator, and the allocator's overhead at each
+    run's peak: the figures behind recompute_lab.predict.devices' presets and reserve."""
+    from recompute_lab.predict import devices
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    free, whole = torch.cuda.mem_get_info()
+    outside = whole - free - torch.cuda.memory_reserved()
+    name = torch.cuda.get_device_name(0)
+    preset = next(
+        (c for c in devices.CARDS.values() if c.name.split("_")[0] in name.lower()), None
+    )
+    print(f"card: {name}: total_memory {total:,} B ({total / devices.GiB:.2f} GiB)")
+    if preset is not None:
+        print(f"  preset {preset.name}: {preset.total_bytes:,} B ({preset.total_gib:.2f} GiB)")
+    print(
+        f"  held outside the caching allocator (CUDA context, kernels, workspaces): {outside:,} B "
+        f"({outside / devices.GiB:.2f} GiB; reserve default {devices.CONTEXT_GIB} GiB)"
+    )
+    for r in rows:
+        if r.get("fragmentation") is not None:
+            print(
+                f"  {r['strategy']}: max reserved / max allocated - 1 = {r['fragmentation']:.3f} "
+                f"(reserve default {devices.FRAGMENTATION})"
+            )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 
 from recompute_lab.predict import devices, per_gpu
 from recompute_lab.config import CONF_DIR, LayoutConfig, ModelConfig
+from recompute_lab.config.spec import as_model_config
 
 MODELS = ("llama3_70b", "llama3_405b")
 SEQS = (8192, 32768, 131072)
@@ -44,19 +45,20 @@ GiB = devices.GiB
 OUT = Path(__file__).resolve().parent / "figures"
 
 
-def model_cfg(name: str, seq: int):
+def model_cfg(name: str, seq: int) -> ModelConfig:
+    """conf/model/NAME.yaml as a typed ModelConfig (the predict layer's input) at ``seq`` tokens."""
     cfg = OmegaConf.merge(
         OmegaConf.structured(ModelConfig), OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
     )
     cfg.max_seq_len = seq
-    return cfg
+    return as_model_config(cfg)
 
 
 def layouts(cfg):
     for tp, pp, cp in itertools.product(TPS, PPS, CPS):
         if cfg.n_head % tp or cfg.n_kv_head % tp:
             continue
-        yield OmegaConf.structured(LayoutConfig(tp=tp, sp=tp > 1, pp=pp, cp=cp, dp_shard=DP_SHARD))
+        yield LayoutConfig(tp=tp, sp=tp > 1, pp=pp, cp=cp, dp_shard=DP_SHARD)
 
 
 def smallest(cfg, seq: int, strategy: str, card: str):
@@ -191,6 +193,85 @@ def figure(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+
+
+def _row(label: str, r: dict, fit: dict, layer=None) -> str:
+    """One README table row (GiB): model state, activations, peak (phase), margin (verdict)."""
+    verdict = "fits" if fit["fits"] else "does not fit"
+    cells = [label]
+    if layer is not None:
+        cells.append(f"{layer / GiB:.3f}")
+    cells += [
+        f"{r['activations'] / GiB:.2f}" if layer is not None else f"{r['model_state'] / GiB:.2f}",
+        f"{r['model_state'] / GiB:.2f}" if layer is not None else f"{r['activations'] / GiB:.2f}",
+        f"{r['total'] / GiB:.2f} ({r['phase']})",
+        f"{fit['margin_bytes'] / GiB:.2f} ({verdict})",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def hf_model(name: str):
+    """A Hugging Face model's typed config (model=hf model.hf.config=NAME, resolved)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import compose_cfg
+
+    from recompute_lab.config.spec import RunSpec
+
+    return RunSpec.of(compose_cfg(["model=hf", f"model.hf.config={name}"])).model
+
+
+def readme_values() -> dict:
+    """The figures README's "Planning a large run" quotes, as it quotes them (tests/unit/
+    test_what_fits.py requires each in README; what_fits.md's rows are checked against the grid)."""
+    h100 = LayoutConfig(dp_shard=8, gpu="h100_80gb")
+    lay8 = h100
+    dev, groups = devices.device_of(lay8), devices.communicators(lay8)
+    cfg8 = model_cfg("llama3_8b", 8192)
+    rows8b = []
+    for name in per_gpu.STRATEGIES:
+        (r,) = per_gpu.stage_bytes(cfg8, lay8, name, 1, 8192, PRECISION)
+        rows8b.append(_row(name, r, dev.fit(r["total"], groups)))
+    (hf,) = per_gpu.stage_bytes(hf_model("llama3_8b"), lay8, "none", 1, 8192, PRECISION)
+    cards = ["| preset | total torch reports | GiB |", "|---|---|---|"]
+    for c in devices.CARDS.values():
+        cards.append(f"| `{c.name}` | {c.total_bytes:,} B | {c.total_gib:.2f} |")
+    cfg70 = model_cfg("llama3_70b", 8192)
+    rows70b, peaks = [], {}
+    for sp in (True, False):
+        lay = LayoutConfig(tp=8, sp=sp, dp_shard=8, gpu="h100_80gb")
+        for name in ("none", "selective"):
+            (r,) = per_gpu.stage_bytes(cfg70, lay, name, 1, 8192, PRECISION)
+            peaks[sp, name] = r["total"]
+            if name == "none":
+                layer = per_gpu.micro_batch(cfg70, 8, sp, "none", 1, 8192)["layer"]
+                fit = dev.fit(r["total"], devices.communicators(lay))
+                rows70b.append(_row("SP on" if sp else "SP off", r, fit, layer))
+    from recompute_lab.predict import layout as L
+
+    def full_row(name: str, seq: int, card: str) -> tuple[str, str]:
+        """what_fits.md's `full` row for (name, seq, card): its layout and per-stage plan."""
+        cfg = model_cfg(name, seq)
+        _, _, lay, _, _ = smallest(cfg, seq, "full", card)
+        budget = devices.device_of(LayoutConfig(gpu=card)).budget(devices.communicators(lay))
+        plan = per_gpu.plan_stages(cfg, lay, budget, BATCH, seq, PRECISION)["strategies"]
+        return f"tp{lay.tp} pp{lay.pp} cp{lay.cp}", _runs(plan)
+
+    return {
+        "rows8b": "\n".join(rows8b),
+        "hf_none": f"{hf['total'] / GiB:.2f}",
+        "cards": "\n".join(cards),
+        "rows70b": "\n".join(rows70b),
+        "kor": L.korthikanti_tp_layer_bytes(8192, 1, cfg70.d_model, cfg70.n_head, 8, True, "none")
+        / GiB,
+        "sel": peaks[True, "selective"] / GiB,
+        "none": peaks[True, "none"] / GiB,
+        "f405h100": full_row("llama3_405b", 131072, "h100_80gb")[0],
+        "f405h200": full_row("llama3_405b", 131072, "h200")[0],
+        "plan70": full_row("llama3_70b", 8192, "h200")[1],
+        "plan405": full_row("llama3_405b", 32768, "h100_80gb")[1],
+    }
 
 
 def main(argv=None) -> None:

@@ -9,7 +9,7 @@ peak, plus a reserve, stays within the card's total. The reserve (:class:`Reserv
   CUDA context        device memory a process holds outside PyTorch's caching allocator: the
                       context, the loaded kernel images, cuBLAS / cuDNN handles and workspaces;
                       measured per card by ``experiments/gpu_check.py`` (``torch.cuda.mem_get_info``
-                      total minus free, minus ``memory_reserved``, after a training step)
+                      total minus free, minus ``memory_reserved``, after its training runs)
   communication       NCCL's buffers: one communicator per parallel dimension with more than one
                       rank (tp, pp, cp, dp_shard, dp_replicate), each ``comm_gib`` (NCCL_BUFFSIZE 4
                       MiB per channel, per peer connection, for its send and receive sides)
@@ -106,6 +106,13 @@ def card(name: str) -> Card:
 
 
 # Defaults of the reserve (see the module docstring for what each part is and how it is measured).
+# Context: with CUDA's lazy module loading (default since CUDA 11.7 in PyTorch builds) reports of
+# 274 to 426 MiB per process (pytorch/pytorch PR 86509); 0.75 GiB leaves room for cuBLAS / cuDNN
+# workspaces. Communication: users measure about 544 to 688 MB of device memory per NCCL
+# communicator (NVIDIA/nccl issue 964); 0.5 GiB each. Fragmentation: the caching allocator's
+# reserved-over-allocated is reported at about 15% on average for LLM fine-tuning (GMLake,
+# ASPLOS 2024) and 5% in lighter loads; 10% by default. gpu_check measures the first and last on
+# the card it runs on.
 CONTEXT_GIB = 0.75
 COMM_GIB_PER_GROUP = 0.5
 FRAGMENTATION = 0.10

@@ -535,7 +535,8 @@ def format_layout(rep: dict) -> list[str]:
         lines.append(
             f"  card {dev['name']}: {_gib(dev['total_bytes'])} GiB ({dev['source']}); reserve "
             f"{_gib(res['total'])} GiB = CUDA context {_gib(res['cuda_context'])} + NCCL "
-            f"{_gib(res['communication'])} ({rep['communicators']} communicators) + fragmentation "
+            f"{_gib(res['communication'])} ({rep['communicators']} communicator"
+            f"{'' if rep['communicators'] == 1 else 's'}) + fragmentation "
             f"{_gib(res['fragmentation'])}"
         )
         verdict = "fits" if fit["fits"] else "does NOT fit"
@@ -565,10 +566,10 @@ def format_layout(rep: dict) -> list[str]:
         )
     for r in rep.get("largest", []):
         mb_, seq = r["micro_batch"], r["seq"]
+        mb_txt = "no micro-batch" if mb_ is None else f"micro-batch {mb_}"
+        seq_txt = "no seq_len" if seq is None else f"seq_len {seq:,}"
         lines.append(
-            f"  largest that fits under {r['strategy']}: micro-batch "
-            f"{'none' if mb_ is None else mb_} at this seq_len; seq_len "
-            f"{'none' if seq is None else f'{seq:,}'} at this micro-batch "
-            f"(multiples of {r['seq_unit']})"
+            f"  largest that fits under {r['strategy']}: {mb_txt} at this seq_len; {seq_txt} at "
+            f"this micro-batch (multiples of {r['seq_unit']})"
         )
     return lines
