@@ -127,12 +127,15 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     if layout.is_active(lay):
         for s in seq_lens:
             layout.validate_layout(lay, spec.model, s, spec.parallel)
-        if opts.name not in per_gpu.STRATEGIES or (
+        known = per_gpu.STRATEGIES + per_gpu.MEASURED
+        if opts.name not in known or (
             opts.name == "selective" and list(opts.modules) != ["core_attn"]
         ):
             raise ConfigError(
-                f"estimate.layout plans per GPU for strategies {', '.join(per_gpu.STRATEGIES)} "
-                f"(selective: modules=[core_attn]), not {opts.name}"
+                f"estimate.layout plans per GPU for strategies {', '.join(known)} "
+                f"(selective: modules=[core_attn]), not {opts.name}: layers / sqrt differ block "
+                "by block (the per-stage plan's 'n/L full' rows choose recomputed layers per "
+                "stage), budget plans one device"
             )
     target = str(est.target)
     policy = make_precision(spec.precision)
@@ -202,6 +205,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
                 target,
                 measure=measure_micro_batch,
                 fp32_grad_accum=st.fp32_grad_accum,
+                options=opts,
             )
             laps(
                 f"s={s} per GPU under the layout",

@@ -212,31 +212,50 @@ def measure_micro_batch(
     cfg,
     tp: int,
     sp: bool,
-    strategy: str,
+    strategy,
     b: int,
     s_local: int,
     param_bytes: int = 2,
     target: str = "cuda",
 ) -> dict:
     """:func:`micro_batch`'s bytes measured: a two-block copy of ``cfg`` on the meta device with
-    PyTorch's tp
-    plan over a fake process group (this module), one forward under the saved-tensor hook."""
-    two = dataclasses.replace(cfg, n_layer=2, max_seq_len=max(int(cfg.max_seq_len), s_local))
-    with fake_world(tp):
-        model, _ = build_parallel(
-            two,
-            tp,
-            sp,
-            {"name": strategy},
-            dtype=torch.bfloat16 if param_bytes == 2 else torch.float32,
+    PyTorch's tp plan over a fake process group (this module), one forward under the saved-tensor
+    hook. ``strategy``: a name, or a strategy's typed options (op-level SAC's saved ops, ...).
+
+    A strategy that keeps tensors outside the pack hook (op-level SAC's cache, a region's kept
+    inputs) is counted by what the forward leaves resident instead, on two- and three-block copies:
+    a block is the difference, the last stage's share (final norm, head, loss: outside every
+    block's plan) is the hook's count, and the first stage's is the rest."""
+    def run(n_layer: int) -> dict:
+        copy = dataclasses.replace(
+            cfg, n_layer=n_layer, max_seq_len=max(int(cfg.max_seq_len), s_local)
         )
-        got = measure_rank(model, b, s_local, target)
+        with fake_world(tp):
+            model, _ = build_parallel(
+                copy,
+                tp,
+                sp,
+                {"name": strategy} if isinstance(strategy, str) else strategy,
+                dtype=torch.bfloat16 if param_bytes == 2 else torch.float32,
+            )
+            return measure_rank(model, b, s_local, target)
+
+    got = run(2)
     by = got["by_module"]
+    last = sum(v for k, v in by.items() if role_of(k) == "last")
+    if isinstance(strategy, str):
+        return {
+            "layer": sum(v for k, v in by.items() if theory.covers("blocks.1", k)),
+            "first": sum(v for k, v in by.items() if theory.covers("blocks.0", k))
+            - sum(v for k, v in by.items() if theory.covers("blocks.1", k))
+            + sum(v for k, v in by.items() if role_of(k) == "first"),
+            "last": last,
+            "total": got["total"],
+        }
+    layer = run(3)["resident_total"] - got["resident_total"]
     return {
-        "layer": sum(v for k, v in by.items() if theory.covers("blocks.1", k)),
-        "first": sum(v for k, v in by.items() if theory.covers("blocks.0", k))
-        - sum(v for k, v in by.items() if theory.covers("blocks.1", k))
-        + sum(v for k, v in by.items() if role_of(k) == "first"),
-        "last": sum(v for k, v in by.items() if role_of(k) == "last"),
-        "total": got["total"],
+        "layer": layer,
+        "first": got["resident_total"] - 2 * layer - last,
+        "last": last,
+        "total": got["resident_total"],
     }

@@ -53,6 +53,10 @@ from recompute_lab.config import ConfigError
 from recompute_lab.predict.peak import ParamTensor, RankView, predict_peak
 
 STRATEGIES = ("none", "selective", "full")  # ascending recompute cost
+# Strategies with no closed form whose plan is the same on every block (op-level SAC's saved ops,
+# torch_remat's saved sub-regions): one micro-batch is counted on a two-block meta copy with the
+# tensor-parallel plan applied (the caller's ``measure``), and block 1 stands for every block.
+MEASURED = ("op", "regions")
 # What a rank holds between steps (model state) and at the end of forward (activations in
 # flight); its peak is the binding phase of recompute_lab.predict.peak (gradients, the loss's
 # backward buffers, a recomputing region, FSDP's gathered parameters, optimizer temporaries).
@@ -204,10 +208,12 @@ def stage_bytes(
     target: str = "cuda",
     stages: Optional[list] = None,
     fp32_grad_accum: bool = False,
+    micro: Optional[dict] = None,
 ) -> list[dict]:
     """Per pipeline rank: model state, activations in flight (:data:`KINDS`) and the step's peak
     (``total``, its binding ``phase`` and every phase), for ``strategy`` on every stage (or
-    ``stages[r]`` on rank r)."""
+    ``stages[r]`` on rank r). ``micro``: one micro-batch's bytes (layer, first, last, region)
+    counted by the caller, for a strategy of :data:`MEASURED`."""
     tp, pp, cp, v = int(lay.tp), int(lay.pp), int(lay.cp), int(lay.pp_virtual)
     if cp > 1 and str(cfg.attention) == "eager":
         raise ConfigError(
@@ -223,7 +229,7 @@ def stage_bytes(
     out = []
     for rank in range(pp):
         strat = stages[rank] if stages else strategy
-        mb = micro_batch(cfg, tp, sp, strat, batch, seq // cp, pbytes, target)
+        mb = micro or micro_batch(cfg, tp, sp, strat, batch, seq // cp, pbytes, target)
 
         # one micro-batch of each stage chunk k (only this rank's chunks k = rank, rank + pp, ...
         # matter here)
@@ -448,12 +454,15 @@ def layout_estimate(
     target: str,
     measure=None,
     fp32_grad_accum: bool = False,
+    options=None,
 ) -> dict:
     """estimate's per-GPU section: one micro-batch measured on meta (``measure``: the caller's
     recompute_lab.measure.tensor_parallel.measure_micro_batch, so this layer imports no torch)
     beside the per-rank theory, every pipeline rank's peak by phase, and (a card given:
     estimate.layout.gpu / device_gib / device_gb) the fit after the reserve, every strategy side by
-    side, the per-stage plan and the largest micro-batch and sequence that fit."""
+    side, the per-stage plan and the largest micro-batch and sequence that fit. ``options``: the
+    configured strategy's typed options, for :data:`MEASURED` strategies, whose micro-batch is the
+    meta count alone (no closed form)."""
     L.validate_layout(lay, cfg, seq)
     tp, cp = int(lay.tp), int(lay.cp)
     sp = bool(lay.sp) and tp > 1
@@ -467,10 +476,23 @@ def layout_estimate(
             "layout_estimate needs the meta measurement (recompute_lab.measure.tensor_parallel."
             "measure_micro_batch) beside its theory"
         )
-    measured = measure(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
-    predicted = micro_batch(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
     common = dict(precision=precision, target=target, fp32_grad_accum=fp32_grad_accum)
-    stages = stage_bytes(cfg, lay, strategy, batch, seq, **common)
+    if strategy in STRATEGIES:
+        measured = measure(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
+        predicted = micro_batch(cfg, tp, sp, strategy, batch, seq // cp, pbytes, target)
+        micro = None
+    elif strategy in MEASURED:
+        measured = measure(cfg, tp, sp, options or strategy, batch, seq // cp, pbytes, target)
+        predicted = {k: None for k in ("layer", "first", "last")}
+        # as the one-device path prices a meta-counted plan (recompute_lab.predict.prediction):
+        # no recompute-phase transient beyond what the count holds
+        micro = {**measured, "region": 0}
+    else:
+        raise ConfigError(
+            f"per-GPU planning knows strategies {', '.join(STRATEGIES + MEASURED)}, not "
+            f"{strategy!r}"
+        )
+    stages = stage_bytes(cfg, lay, strategy, batch, seq, micro=micro, **common)
     device = devices.device_of(lay)
     groups = devices.communicators(lay)
     out = {
@@ -481,9 +503,23 @@ def layout_estimate(
         "stages": stages,
         "korthikanti_layer": L.korthikanti_tp_layer_bytes(
             seq // cp, batch, cfg.d_model, cfg.n_head, tp, sp, strategy
-        ),
+        )
+        if strategy in STRATEGIES
+        else None,
         "strategies": compare(cfg, lay, batch, seq, device=device, **common),
     }
+    if micro is not None:  # the configured strategy beside the three
+        busiest = max(stages, key=lambda r: r["total"])
+        row = {
+            "strategy": strategy,
+            "rank": busiest["rank"],
+            "peak": busiest["total"],
+            "phase": busiest["phase"],
+            "recompute_flops": None,  # per-op choices: counted by a run, not by module formulas
+        }
+        if device is not None:
+            row["fit"] = device.fit(busiest["total"], groups)
+        out["strategies"].append(row)
     if device is not None:
         busiest = max(stages, key=lambda r: r["total"])
         out["device"] = {
@@ -552,7 +588,11 @@ def format_layout(rep: dict) -> list[str]:
     for r in rep["strategies"]:
         line = (
             f"    {r['strategy']:<28}{_gib(r['peak']):>9}  {r['phase']:<19}"
-            f"{r['recompute_flops'] / 1e12:>20.1f}"
+            + (
+                f"{r['recompute_flops'] / 1e12:>20.1f}"
+                if r["recompute_flops"] is not None
+                else f"{'(run counts)':>20}"
+            )
         )
         if "fit" in r:
             verdict = "fits" if r["fit"]["fits"] else "does not fit"

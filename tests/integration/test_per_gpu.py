@@ -126,3 +126,39 @@ def test_the_8b_question_in_one_command(tmp_path):
     assert strategies["full"]["fit"]["fits"]
     assert strategies["full"]["fit"]["margin_bytes"] > 0
     assert strategies["full"]["peak"] < strategies["none"]["peak"]
+
+
+@pytest.mark.parametrize("strategy", per_gpu.MEASURED)
+def test_measured_strategies_per_gpu_are_the_whole_model_count(strategy):
+    """op-level SAC and torch_remat regions under a layout: one micro-batch counted on two- and
+    three-block meta copies (tensor_parallel.measure_micro_batch) extrapolates to exactly what
+    the whole model leaves resident after its forward (its SAC caches and kept region inputs
+    included), and the estimate lists the strategy beside the three with its fit."""
+    from recompute_lab.measure.memory import meta_saved_tensors
+    from recompute_lab.measure.tensor_parallel import measure_micro_batch
+
+    ov = ["model=tiny", "model.n_layer=4", "precision=bf16_master", f"+strategy={strategy}",
+          "data.batch_size=2", "data.seq_len=64"]
+    spec = RunSpec.of(compose_config(ov))
+    meta = build_model(spec.model, "meta", make_precision(spec.precision).param_dtype).train()
+    apply_strategy(meta, spec.strategy, spec.shape("cuda"))
+    whole = meta_saved_tensors(meta, 2, 64, "cuda")["resident_total"]
+    lay = OmegaConf.structured(LayoutConfig(dp_shard=4, gpu="a100_40gb"))
+    rep = per_gpu.layout_estimate(
+        spec.model, lay, strategy, 2, 64, "bf16_master", "cuda",
+        measure=measure_micro_batch, options=spec.strategy,
+    )
+    assert rep["stages"][0]["activations"] == whole
+    row = rep["strategies"][-1]
+    assert row["strategy"] == strategy and row["peak"] == rep["stages"][0]["total"]
+    assert row["fit"]["fits"]
+
+
+def test_strategies_that_differ_by_block_are_refused_under_a_layout(tmp_path):
+    proc = run_cli(
+        ["model=tiny", "+strategy=layers", "estimate.layout.dp_shard=2"],
+        tmp_path,
+        module="recompute_lab.estimate",
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "strategies none, selective, full, op, regions" in proc.stdout + proc.stderr
