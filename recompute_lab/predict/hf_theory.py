@@ -201,8 +201,8 @@ def llama_terms(cfg, st: Shape, config, family: Family) -> list[Saved]:
     a, kv, hd = cfg.n_head, cfg.n_kv_head or cfg.n_head, head_dim(config)
     out: list[Saved] = []
 
-    def add(module, op, storage, nbytes, why):
-        out.append(Saved(module, op, storage, int(nbytes), why))
+    def add(module, op, storage, nbytes, why, pv=False):
+        out.append(Saved(module, op, storage, int(nbytes), why, pv))
 
     def linear(module, in_storage, fan_in, in_dt, bias=False):
         add(
@@ -287,6 +287,7 @@ def llama_terms(cfg, st: Shape, config, family: Family) -> list[Saved]:
                     n * a * hd * c,
                     f"{name} as a contiguous bmm operand"
                     + (" (repeated to all heads)" if name != "q" and kv != a else ""),
+                    pv=name == "v",
                 )
             add(core, "_softmax", f"{core}:probs", sq * 4, "fp32 softmax probabilities (s^2)")
             if c != 4:
@@ -296,6 +297,7 @@ def llama_terms(cfg, st: Shape, config, family: Family) -> list[Saved]:
                     f"{core}:probs_cast",
                     sq * c,
                     "probabilities cast to the activation dtype (s^2)",
+                    pv=True,
                 )
             y = f"{core}:out_copy"
             add(

@@ -29,13 +29,21 @@ optimizer step   state + gradients + AdamW's temporaries, which depend on the im
                    fused (when asked)      none (one in-place kernel)
                  MasterWeightAdamW adds the fp32 copy of each bf16 gradient of the group it steps
                  (none with fp32_grad_accum: the fp32 buffer is stepped in place).
-recompute        (checkpointed plans) state + activations + the largest region's re-saved tensors:
-                 an upper
-                 bound, as every gradient is counted although most do not exist yet (fsdp: plus the
-                 root's
-                 unsharded parameters and gradients, two blocks' gathered parameters and two blocks'
-                 unsharded
-                 gradients).
+inside backward  (the activation theory's closed form, one rank's whole model, no FSDP) each moment
+                 of backward where saved tensors and temporaries pile up, walked in reverse
+                 forward order (theory.backward_moments): what is still saved there, the gradients
+                 made by then, the residual gradient in flight and
+                   attention_backward  an attention core's backward: eager's two s^2 score
+                                       gradients, a fused kernel's q/k/v gradients
+                                       (attention_temporaries)
+                   mlp_backward        the MLP's activation and output projection
+                                       (mlp_temporaries)
+                   recompute           a checkpoint region just re-run: its re-saved tensors
+recompute        (otherwise, when a region is recomputed: the budget planner's priced plans,
+                 per-GPU stages, FSDP) state + activations + the largest region's re-saved
+                 tensors: an upper bound, as every gradient is counted although most do not
+                 exist yet (fsdp: plus the root's unsharded parameters and gradients, two blocks'
+                 gathered parameters and two blocks' unsharded gradients).
 
 Parallel layouts (per rank): ``ddp`` keeps the gradients in DDP's buckets for the whole step;
 ``fsdp`` holds the
@@ -50,6 +58,8 @@ Layer: predict (no torch).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -224,6 +234,104 @@ def model_state(cfg, n_params: int, step: Shape) -> dict:
     }
 
 
+def attention_temporaries(cfg, st: Shape, core: list[dict]) -> int:
+    """Bytes one attention core allocates in its backward on top of what it saved (``core``: its
+    saved terms, theory.backward_moments), b sequences of s tokens, a heads, c-byte activations.
+
+    eager / math  the s^2 score gradients, two at a time: softmax's backward reads the gradient of
+                  its output (made by att @ v's backward) and writes the gradient of its input,
+                  a (b, a, s, s) tensor each, in the probabilities' dtype (fp32 under CUDA
+                  autocast, in the decomposed math path and in Hugging Face's eager softmax) or
+                  the activation dtype, whichever is wider; every later step (dropout's, the mask's
+                  and the scale's backward) again holds one gradient and its successor
+    fused SDPA    the gradients of q, k and v (the kernel writes all three, c bytes each: b s a hd
+                  for q, b s kv hd for k and v); on CUDA (flash, efficient; from their sources, not
+                  measured here) an fp32 accumulator for dq and fp32 per-row statistics, over s
+                  padded to the kernel's block (128 flash, 32 efficient), and with grouped heads
+                  (kv < a) k's and v's gradients expanded to every head before the sum. On CPU
+                  the flash kernel's per-thread work buffers are allocated inside the kernel,
+                  below the dispatcher, where MemTracker does not see them: not counted.
+    """
+    b, s, c = st.batch, st.seq, st.compute_bytes
+    sq = b * cfg.n_head * s * s
+    probs = [t["nbytes"] for t in core if t["op"] in theory.CORE_OPS]
+    if probs:
+        return 2 * max(probs[0], sq * c)
+    out = next(t["nbytes"] for t in core if t["storage"].endswith(":out"))  # b s a hd, c bytes
+    kv = cfg.n_kv_head or cfg.n_head
+    grads = out + 2 * out * kv // cfg.n_head
+    backend = next(t["op"] for t in core if t["op"].startswith("sdpa_"))[len("sdpa_") :]
+    if backend not in ("flash", "efficient"):
+        return grads
+    block = 128 if backend == "flash" else 32
+    padded = math.ceil(s / block) * block
+    rows = b * cfg.n_head * padded * 4
+    accum = out // (s * c) * padded * 4
+    expand = 2 * out if kv != cfg.n_head else 0
+    return grads + rows + accum + expand
+
+
+def mlp_temporaries(act: list[dict], out_grad: int) -> int:
+    """Bytes the MLP allocates in its backward beyond what it saved (``act``: its activation's
+    saved terms), f the hidden width, the larger of two moments:
+
+    activation  gelu's backward holds the gradient of its output and writes its input's (2 x b s
+                f); silu(a) * g's multiplication holds the gradient of its output while writing
+                the gradients of silu(a) and of g (3 x b s f, each the size of the saved product)
+    projection  proj's backward, one step earlier: its saved input (b s f, freed by the
+                activation's moment), the gradient it writes for that input (b s f) and
+                ``out_grad``, the gradient of the MLP's output when it is a tensor of its own
+                (dropout's backward, or autocast's cast of the fp32 residual gradient to the
+                activation dtype: b s h); torch makes proj's bias gradient (h values) after
+                its input's, so this moment over-counts by that vector
+    """
+    mul = [t["nbytes"] for t in act if t["op"] == "mul"]
+    width = mul[-1] if mul else max(t["nbytes"] for t in act)  # b s f in the activation dtype
+    return max((3 if mul else 2) * width, 2 * width + out_grad)
+
+
+PHASE = {"attention": "attention_backward", "mlp": "mlp_backward", "recompute": "recompute"}
+
+
+def backward_moments(cfg, st: Shape, act: dict, params, per_param_grads: bool):
+    """(phase, bytes) of each of backward's own moments (theory.backward_moments): the saved
+    activations alive then, the gradients that exist by then, those in flight, and at an attention
+    moment the core's temporaries (:func:`attention_temporaries`); model state, the batch and the
+    loss are the caller's.
+
+    In flight: the residual stream's gradient (b s h, parameter dtype), the gradient entering the
+    core or region (b s h, activation dtype: for eager attention it is v's gradient, waiting for q's
+    and k's) and, with tied embeddings, the head's weight gradient, which autograd holds until the
+    embedding's arrives. Existing gradients (``per_param_grads``; DDP's buckets and FSDP's shards
+    are the caller's): a parameter's, in its dtype, once backward has passed the first term its
+    module saves (a module that saves nothing: counted).
+    """
+    n, h, v = st.batch * st.seq, cfg.d_model, cfg.vocab_size
+    first = theory.first_saves(cfg, st)
+    elem = st.param_bytes
+    done = sorted(
+        (first.get(p.name.rsplit(".", 1)[0], math.inf), p.numel * elem) for p in params
+    )
+    at = [j for j, _ in done]
+    after = list(itertools.accumulate(nb for _, nb in reversed(done)))[::-1] + [0]
+    flight = n * h * st.param_bytes
+    flight += v * h * elem if cfg.tie_embeddings else 0
+    # the MLP output's own gradient (b s h, activation dtype): made by dropout's backward, or by
+    # the residual add's backward casting the parameter-dtype gradient to the activation dtype
+    own = cfg.dropout > 0 or st.compute_bytes != st.param_bytes
+    out_grad = n * h * st.compute_bytes if own else 0
+    out = []
+    for m in theory.backward_moments(cfg, st, act["regions"]):
+        have = after[bisect.bisect_right(at, m["index"])] if per_param_grads else 0
+        extra = 0
+        if m["kind"] == "attention":
+            extra = attention_temporaries(cfg, st, m["core"]) + n * h * st.compute_bytes
+        elif m["kind"] == "mlp":
+            extra = mlp_temporaries(m["core"], out_grad)
+        out.append((PHASE[m["kind"]], m["alive"] + have + flight + extra))
+    return out
+
+
 @dataclass(frozen=True)
 class RankView:
     """What one GPU of a parallel layout holds of the model (recompute_lab.predict.per_gpu): its
@@ -330,7 +438,21 @@ def predict_peak(
         + kept
         + optimizer_transient(groups, impl, step.master_weights, step.fp32_grad_accum)
     )
-    if act.get("largest_region"):
+    whole = view is None or (
+        view.layers == cfg.n_layer and view.tp == 1 and view.first and view.last
+    )
+    if act.get("regions") is not None and whole and step.parallel != "fsdp":
+        # the theory's saved terms and the plan's regions: backward's own moments, one by one.
+        # Besides them: fixed state, DDP's buckets, the batch, the loss and (from backward() on)
+        # its gradient. FSDP keeps the bound below: its gathered and reduce-scattered buffers
+        # inside backward are not modelled moment by moment.
+        held = fixed + persistent_grads + inputs + 2 * loss
+        for kind, moment in backward_moments(cfg, st, act, params, step.parallel == "none"):
+            phases[kind] = max(phases.get(kind, 0), held + moment)
+    elif act.get("largest_region"):
+        # only the largest region's bytes are known (the budget planner's priced plans, per-GPU
+        # stages, FSDP): the recompute phase holds them beside everything saved and every gradient,
+        # an upper bound, non-decreasing in the saved bytes
         phases["recompute"] = (
             state["total"]
             + counters
@@ -339,11 +461,9 @@ def predict_peak(
             + loss
             + act["largest_region"]
         )
-        if (
-            step.parallel == "fsdp"
-        ):  # what sharded state does not hold while a block recomputes: the root's
-            # unsharded params and fp32 grads (the tied head's is held to the end), this block's and
-            # the next
+        if step.parallel == "fsdp":
+            # what sharded state does not hold while a block recomputes: the root's unsharded
+            # params and fp32 grads (the tied head's is held to the end), this block's and the next
             # block's gathered params, this block's unsharded grads and the previous one's
             # reduce-scatter input
             full_block = extra["last_block_all_gather"] // gather * 4

@@ -26,6 +26,8 @@ Layer: predict (no torch).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -132,6 +134,9 @@ class Saved:
     storage: str  # storage identity: terms with one storage count once
     nbytes: int
     why: str  # the assumption behind the size / dtype
+    # an operand of eager attention's att @ v, needed only by the first backward step of the core:
+    # freed before the s^2 score gradients exist (recompute_lab.predict.peak's attention moment)
+    pv: bool = False
 
 
 def sdpa_backend(cfg, st: Shape) -> str:
@@ -161,8 +166,8 @@ def saved_terms(cfg, st: Shape) -> list[Saved]:
     drop = cfg.dropout > 0
     out: list[Saved] = []
 
-    def add(module, op, storage, nbytes, why):
-        out.append(Saved(module, op, storage, int(nbytes), why))
+    def add(module, op, storage, nbytes, why, pv=False):
+        out.append(Saved(module, op, storage, int(nbytes), why, pv))
 
     def dropout(module, width, dt):
         if drop:
@@ -372,17 +377,33 @@ def _attention_terms(cfg, st: Shape, p: str, x: str, add, linear, norm, dropout)
                 f"{core}:{name}_fp32",
                 n * h * 4,
                 f"contiguous fp32 {name} for the batched matmul",
+                pv=name == "v",
             )
         add(core, "_safe_softmax", f"{core}:probs", sq * 4, "fp32 softmax probabilities (s^2)")
         if cfg.dropout > 0:
             add(core, "native_dropout", f"{core}:mask", sq * 4, "fp32 dropout mask (s^2, CPU)")
-            add(core, "bmm", f"{core}:dropped", sq * 4, "fp32 dropped probabilities (s^2)")
+            add(
+                core, "bmm", f"{core}:dropped", sq * 4, "fp32 dropped probabilities (s^2)", pv=True
+            )
     else:
-        # Eager: q @ k^T saves q and k as (b*a, s, hd) operands: a contiguous copy of a strided qkv
-        # view, the
-        # rope output itself, or the GQA-repeated copy; att @ v likewise saves v.
+        # Eager: q @ k^T saves q and k as (b*a, s, hd) operands: a contiguous copy of a strided
+        # qkv view, the rope output itself, or the GQA-repeated copy; att @ v likewise saves v.
+        # With one sequence (b = 1) or one head, matmul folds a (b, a, s, hd) view of qkv into its
+        # 3-d operand without copying (a size-1 dim merges with any stride): the view is saved, and
+        # with it the whole qkv output (with RoPE only v's view holds it: three times v's bytes).
+        folds = b == 1 or a == 1
         for name, stor in (("q", q), ("k", k), ("v", vv)):
             repeated = name != "q" and kv != a
+            if stor == qkv and folds and not repeated:
+                add(
+                    core,
+                    "bmm",
+                    qkv,
+                    n * (a + 2 * kv) * hd * c,
+                    f"{name}: a view of the qkv output",
+                    pv=name == "v",
+                )
+                continue
             kept = f"{core}:{name}_copy" if stor == qkv or repeated else stor
             add(
                 core,
@@ -391,6 +412,7 @@ def _attention_terms(cfg, st: Shape, p: str, x: str, add, linear, norm, dropout)
                 n * h * c,
                 f"{name} as a contiguous bmm operand"
                 + (" (repeated to all heads)" if repeated else ""),
+                pv=name == "v",
             )
         add(core, "masked_fill", f"{core}:causal", s * s, "bool (s, s) mask ~causal, made per call")
         cuda_auto = st.device == "cuda" and st.autocast_bytes is not None
@@ -406,7 +428,12 @@ def _attention_terms(cfg, st: Shape, p: str, x: str, add, linear, norm, dropout)
             )
         if cfg.dropout > 0 or cuda_auto:
             add(
-                core, "bmm", f"{core}:dropped", sq * c, "probabilities as the att @ v operand (s^2)"
+                core,
+                "bmm",
+                f"{core}:dropped",
+                sq * c,
+                "probabilities as the att @ v operand (s^2)",
+                pv=True,
             )
     y = f"{p}.attn.out:in_copy" if y_copy else f"{core}:out"
     linear(f"{p}.attn.out", y, c, h, h)
@@ -546,6 +573,7 @@ def predict_activations(cfg, st: Shape, plan=None, source=None) -> dict:
         "logits": logits,
         "by_module": by_module,
         "largest_region": transient,
+        "regions": regions,
         "terms": [asdict(t) for t in seen.values()],
         "reason": None,
     }
@@ -556,6 +584,133 @@ def _region_transient(terms: list[Saved], region: str) -> int:
     saves)."""
     stor = {t.storage: t.nbytes for t in terms if covers(region, t.module)}
     return sum(stor.values())
+
+
+CORE_OPS = ("_softmax", "_safe_softmax")  # with "sdpa_*": the ops that mark an attention core
+
+
+def is_core(t: Saved) -> bool:
+    return t.op in CORE_OPS or t.op.startswith("sdpa_")
+
+
+def backward_moments(cfg, st: Shape, regions: list[str]) -> list[dict]:
+    """The moments of backward where saved activations and temporaries pile up, under a plan whose
+    checkpoint regions are ``regions`` (theory.predict_activations' ``regions``), in forward order.
+
+    Backward runs the forward's ops in reverse, and autograd frees what an op saved once that op's
+    backward has run. So at the moment backward reaches the op at forward position m, the storages
+    still alive are those with a holder at a position <= m (a region's inputs count at the region's
+    start, as the checkpoint keeps them until its backward ends), while everything saved after m
+    is gone. Two kinds of moment:
+
+    attention  block i's attention core computing its s^2 score gradients (eager) or its fused
+               kernel's backward: m is the core's last saved term; att @ v's operands (``pv``) are
+               freed already. Inside a checkpoint region the region's re-saved terms up to m are
+               alive too.
+    recompute  a region's forward has just been rerun: every term of the region is saved again
+               (its inputs are the kept tensors themselves, not copies), m is its last term.
+
+    Each moment: kind, module (the core or the region), index (m), alive (bytes; token ids and
+    targets left out: the peak model holds the batch itself), and ``core`` (the core's terms,
+    attention only). A parameter whose module first saves after m has its gradient by then.
+    """
+    ext = external(cfg)
+    terms = ext.saved_terms(cfg, st) if ext is not None else saved_terms(cfg, st)
+    inputs_of = ext.region_inputs if ext is not None else region_inputs
+    owner = [next((r for r in regions if covers(r, t.module)), None) for t in terms]
+    holders: dict[str, list[tuple[int, int, bool]]] = {}  # storage -> (position, bytes, pv)
+    span: dict[str, list[int]] = {}  # region -> [first, last] position of its terms
+    inputs: dict[str, set[str]] = {}
+    for j, (t, r) in enumerate(zip(terms, owner)):
+        if r is None:
+            holders.setdefault(t.storage, []).append((j, t.nbytes, t.pv))
+            continue
+        if r not in span:
+            span[r] = [j, j]
+            kept = inputs_of(cfg, st, r) or []
+            inputs[r] = {stor for stor, _ in kept}
+            for stor, nb in kept:
+                holders.setdefault(stor, []).append((j, nb, False))
+        span[r][1] = j
+
+    # storages by the position of their first holder, with running sums: bytes first held at or
+    # before m
+    firsts = sorted(
+        (hs[0][0], hs[0][1]) for stor, hs in holders.items() if not stor.startswith("input:")
+    )
+    at = [j for j, _ in firsts]
+    running = list(itertools.accumulate(nb for _, nb in firsts))
+
+    def alive(m: int, region: Optional[str], pv_from: int) -> int:
+        """Bytes alive when backward reaches position m (inside ``region``, if any), holders from
+        position ``pv_from`` on that are att @ v operands already gone."""
+        k = bisect.bisect_right(at, m)
+        total = running[k - 1] if k else 0
+        gone = {terms[j].storage for j in range(pv_from, m + 1) if terms[j].pv}
+        for stor in gone & holders.keys():  # storages only this core's att @ v still held
+            live = [(j, pv) for j, _, pv in holders[stor] if j <= m]
+            if live and live[0][0] >= pv_from and all(pv for _, pv in live):
+                total -= holders[stor][0][1]
+        if region is not None:
+            seen = set(inputs[region])
+            for j in range(span[region][0], m + 1):
+                t, outside = terms[j], holders.get(terms[j].storage)
+                if owner[j] != region or t.storage in seen or (j >= pv_from and t.pv):
+                    continue
+                if outside is None or outside[0][0] > m:  # else already counted as alive
+                    seen.add(t.storage)
+                    total += t.nbytes
+        return total
+
+    out = []
+    core_modules = {t.module for t in terms if is_core(t)}
+    cores: dict[str, list[int]] = {}  # each core's saved terms, by forward position
+    for j, t in enumerate(terms):
+        if t.module in core_modules:
+            cores.setdefault(t.module, []).append(j)
+    for core, pos in cores.items():
+        m, r = pos[-1], owner[pos[-1]]
+        out.append(
+            {
+                "kind": "attention",
+                "module": core,
+                "index": m,
+                "alive": alive(m, r, pos[0]),
+                "core": [asdict(terms[j]) for j in pos],
+            }
+        )
+    blocks: dict[str, list[int]] = {}  # the MLP's activation terms, per block
+    for j, t in enumerate(terms):
+        if is_mlp_act(t):
+            blocks.setdefault(t.module.split(".mlp")[0], []).append(j)
+    for block, pos in blocks.items():
+        m, r = pos[-1], owner[pos[-1]]
+        act = [asdict(terms[j]) for j in pos]
+        out.append(
+            {"kind": "mlp", "module": block, "index": m, "alive": alive(m, r, m + 1), "core": act}
+        )
+    for r, (_, m) in span.items():
+        out.append({"kind": "recompute", "module": r, "index": m, "alive": alive(m, r, m + 1)})
+    return out
+
+
+MLP_ACT_OPS = ("gelu", "silu", "gelu_new")
+
+
+def is_mlp_act(t: Saved) -> bool:
+    """A term the MLP's activation saves (gelu / silu(a) * g): its backward is an MLP moment."""
+    return t.op in MLP_ACT_OPS or (t.op == "mul" and ".mlp" in t.module)
+
+
+def first_saves(cfg, st: Shape) -> dict[str, int]:
+    """Module name -> forward position of its first saved term (a parameter's gradient exists once
+    backward has passed that position)."""
+    ext = external(cfg)
+    terms = ext.saved_terms(cfg, st) if ext is not None else saved_terms(cfg, st)
+    first: dict[str, int] = {}
+    for j, t in enumerate(terms):
+        first.setdefault(t.module, j)
+    return first
 
 
 def per_layer(pred: dict, i: int) -> int:

@@ -165,6 +165,27 @@ def test_theory_covers_dropout_rope_gqa_rmsnorm_swiglu(variant, precision, strat
     assert pred["total"] == measured["total"]
 
 
+@pytest.mark.parametrize("strategy", ["none", "selective:modules=[norm]"])
+@pytest.mark.parametrize(
+    "variant,b",
+    [
+        (dict(positions="rope"), 1),  # v: a view of qkv, which it keeps whole
+        (dict(positions="rope"), 2),  # v: a contiguous copy
+        (dict(positions="rope", n_kv_head=2), 1),  # v: the GQA-repeated copy
+        (dict(), 1),  # q, k, v all views of qkv: the same bytes as three copies
+    ],
+    ids=["rope-b1", "rope-b2", "rope-gqa-b1", "learned-b1"],
+)
+def test_eager_attention_value_operand_at_one_sequence(variant, b, strategy):
+    """With one sequence the batched matmul folds a (1, a, s, hd) view of the qkv output into its
+    operand without a copy: att @ v saves that view, and with it the whole qkv output (with RoPE,
+    q and k are the rotary outputs, so only v's view holds it: +2 n h c over a copy of v)."""
+    *_, measured, pred = measure_and_predict(
+        dict(TINY, attention="eager", **variant), strategy, "fp32", b, 16
+    )
+    assert pred["total"] == measured["total"]
+
+
 @pytest.mark.parametrize(
     "kw", [dict(TINY, n_layer=3), dict(LLAMA_LIKE, n_layer=3)], ids=["tiny", "llama"]
 )
