@@ -12,6 +12,8 @@ and above the prediction where it falls inside backward (peak.UNMODELLED['fsdp']
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from recompute_lab.config import CONF_DIR, ConfigError, ModelConfig
 from recompute_lab.config.spec import as_model_config
 from recompute_lab.measure import fsdp_tracker as F
 
+ROOT = Path(__file__).resolve().parents[2]
 # Llama-like (RMSNorm, SwiGLU, RoPE buffers, GQA, untied head) with a 130-row vocabulary: FSDP2
 # over 4 ranks splits it 33/33/33/31, and under tp = 2 its 65 local rows split 33/32 over dp 2. The
 # last rank's chunks are short (padded for params and grads, not for AdamW's moments).
@@ -95,9 +98,10 @@ def test_per_gpu_bytes_match_the_tracker(dp_shard, tp, sp, precision, strategy, 
 def check_peak(rep: dict, precision: str, tp: int, strategy: str) -> None:
     """The step's peak against what peak.predict_peak's phases claim: the backward start to the
     byte (bf16_master without TP), an upper bound under full recomputation (its ``recompute``
-    phase counts every gradient), else a moment inside backward the phases leave out
-    (peak.UNMODELLED['fsdp']: a block's unsharded gradients beside the prefetched all-gather,
-    larger than the backward start once gathers are fp32 or TP adds its own buffers)."""
+    phase counts every gradient), else above it: a moment inside backward the phases leave out
+    (peak.UNMODELLED['fsdp']: a block's unsharded gradients beside the prefetched all-gather, larger
+    than the backward start once gathers are fp32), or under TP the vocab-parallel loss's backward
+    buffers, larger than the prediction's two fp32 (s, v / tp) tensors."""
     pred, peak = rep["predicted"], rows_of(rep)["peak"]
     if strategy == "full":
         assert pred["phase"] == "recompute" and peak["residual"] < 0, peak
@@ -142,3 +146,49 @@ def test_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match="bf16_autocast"):
         F.fsdp_policy("bf16_autocast")
 
+
+def table_predictions(text: str) -> dict:
+    """The committed table's prediction cells: {(model, layout, strategy, category): GiB text}."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and cells[3] in F.ROWS and re.fullmatch(r"\d+", cells[4]):
+            out[tuple(cells[:4])] = cells[4]
+    return out
+
+
+def load_script():
+    import importlib.util
+
+    path = ROOT / "experiments" / "fsdp_crosscheck.py"
+    spec = importlib.util.spec_from_file_location("fsdp_crosscheck", path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclass looks its module up there
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_script_reduced():
+    """experiments/fsdp_crosscheck.py end to end on tiny (so it cannot rot): its table parses back
+    to the prediction it printed, with no residual in the compared categories."""
+    script = load_script()
+    case = script.Case("tiny", 2, seq=32)
+    rep = script.run(case)
+    text = script.table([(case, rep)], rep["seconds"])
+    got = table_predictions(text)
+    assert got == {("tiny", "FSDP 2", "none", k): str(rep["predicted"][k]) for k in F.ROWS}
+    assert all(r["residual"] == 0 for r in rep["rows"] if r["category"] in F.COMPARED)
+
+
+def test_committed_table_predictions_are_current():
+    """experiments/figures/fsdp_crosscheck.md's prediction column is what the current code
+    predicts (prediction side only: no tracker). On a failure, rerun the command in its header."""
+    script = load_script()
+    committed = table_predictions((ROOT / script.OUT).read_text())
+    assert committed, "no rows parsed from the committed table"
+    now = {}
+    for case in script.CASES:
+        pred = script.prediction_of(case)
+        for category in F.ROWS:
+            now[(case.model, case.label, case.strategy, category)] = str(pred[category])
+    assert committed == now
