@@ -49,6 +49,7 @@ from recompute_lab.record.logs import Laps, route_warnings
 log = logging.getLogger("recompute_lab.cli.estimate")  # not __name__: "__main__" under python -m
 
 GB = 1e9  # decimal gigabytes, as in the Ultra-Scale Playbook's tables
+UNATTRIBUTED = "not attributed to modules"  # the activation row of a total known only as a total
 
 
 def group_of(module: str) -> str:
@@ -140,19 +141,19 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     target = str(est.target)
     policy = make_precision(spec.precision)
     model = build_model(spec.model, "meta", policy.param_dtype)
-    plan = apply_strategy(model, spec.strategy, spec.shape())
-    model.train()
-    laps(
-        f"meta model {spec.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params"
-    )
-    n_params = model.get_num_params()
     par = spec.parallel
     dp = par.dp_size or 1
     # Per rank: DDP replicates model state, FSDP (ZeRO-3) shards it over parallel.dp_size ranks
     # (padded dim-0
     # shards, as FSDP2 keeps them); the peak adds each layout's buffers
-    # (recompute_lab.predict.peak).
+    # (recompute_lab.predict.peak). The plan is made for this rank on the target's kernels.
     step = spec.shape(target, str(par.kind), dp)
+    plan = apply_strategy(model, spec.strategy, step)
+    model.train()
+    laps(
+        f"meta model {spec.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params"
+    )
+    n_params = model.get_num_params()
     state = prediction.model_state(spec.model, step, n_params)
     if str(par.kind) != "none":
         notes.append(f"model state per rank: parallel={par.kind}, dp_size={dp}")
@@ -163,25 +164,23 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     for s in seq_lens:
         b = int(spec.data.batch_size)
         st = step.replace(batch=b, seq=s)
-        measured, by_module, hooked = None, None, None
+        measured, by_module = None, None
         if not autocast:
             counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
             # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache
-            # included)
-            measured, by_module, hooked = (
-                counted["resident_total"],
-                counted["by_module"],
-                counted["total"],
-            )
+            # included), by module: the rows add up to it
+            measured, by_module = counted["resident_total"], counted["resident_by_module"]
         # The one prediction (recompute_lab.predict.prediction): a plan without a closed form (op,
-        # regions) is
-        # priced from the meta count, as the memory guard prices it.
-        predicted = prediction.predict(spec, plan, st, n_params, counted_activations=hooked)
+        # regions) is priced from the resident meta count, as the memory guard prices it.
+        predicted = prediction.predict(spec, plan, st, n_params, counted_activations=measured)
         pred = predicted.activations
         by_module = by_module if by_module is not None else (pred.get("by_module") or {})
-        peak = predicted.peak
         shown = measured if measured is not None else pred["total"]
+        if shown is not None and sum(by_module.values()) != shown:
+            # a total without a module breakdown (a budget plan's probed price under autocast)
+            by_module = {**by_module, UNATTRIBUTED: shown - sum(by_module.values())}
+        peak = predicted.peak
         laps(
             f"s={s} b={b} ({len(series) + 1}/{len(seq_lens)})",
             "activations "
@@ -232,6 +231,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
                     "measured": None,
                     "source": "theory",
                     "phases": None if peak is None else peak["phases"],
+                    "phase": None if peak is None else peak["phase"],
                 },
                 **({"per_gpu": series_layout} if layout.is_active(lay) else {}),
             }
@@ -308,6 +308,26 @@ def format_table(res: dict) -> str:
     )
     one = " (one device, no layout)" if any("per_gpu" in x for x in series) else ""
     lines.append(row(f"peak (theory){one}", [x["peak_bytes"]["predicted"] for x in series]))
+    lines.append(
+        f"{'  at phase':<34}"
+        + "".join(f"{str(x['peak_bytes'].get('phase') or '-'):>{w}}" for x in series)
+    )
+    budget = res["strategy"].get("budget") or {}
+    if "binding_phase" in budget:
+        fit, reserve = res["strategy"].get("device_fit") or {}, budget["reserve"]
+        lines.append(
+            f"budget plan (s={series[0]['seq_len']}): device {budget['device_bytes'] / GB:.2f} GB "
+            f"- reserve {reserve['total'] / GB:.2f} (context {reserve['cuda_context'] / GB:.2f}, "
+            f"NCCL {reserve['communication'] / GB:.2f}, fragmentation "
+            f"{reserve['fragmentation'] / GB:.2f}) = step peak up to "
+            f"{budget['peak_limit'] / GB:.2f} GB; the {budget['binding_phase']} phase binds, "
+            f"leaving {budget['bytes'] / GB:.2f} GB for activations"
+        )
+        if fit:
+            lines.append(
+                f"  the plan's predicted peak {fit['peak_bytes'] / GB:.2f} GB + its reserve "
+                f"{fit['reserve']['total'] / GB:.2f} GB: margin {fit['margin_bytes'] / GB:.2f} GB"
+            )
     for x in series:
         if "per_gpu" in x:
             from recompute_lab.predict.per_gpu import format_layout

@@ -26,6 +26,8 @@ class Plan:
     flops_reason      why the module FLOP formula cannot predict the recompute FLOPs (None: it can)
     predicted_activation_bytes  the strategy's own prediction where theory has none (budget's probed
                                 cost model)
+    predicted_largest_region    with it: the bytes the largest recompute region re-saves while
+                                it reruns in backward (the peak's recompute phase; 0: none reruns)
     details           strategy-specific figures (save_ops, chosen options, ...), merged into
                       results.json
     """
@@ -38,6 +40,7 @@ class Plan:
     activation_reason: Optional[str] = None
     flops_reason: Optional[str] = None
     predicted_activation_bytes: Optional[int] = None
+    predicted_largest_region: Optional[int] = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     offload: bool = False
@@ -57,6 +60,8 @@ class Plan:
         out.update(self.details)
         if self.predicted_activation_bytes is not None:
             out["predicted_activation_bytes"] = self.predicted_activation_bytes
+        if self.predicted_largest_region is not None:
+            out["predicted_largest_region_bytes"] = self.predicted_largest_region
         out.update(
             notes=list(self.notes),
             offload=self.offload,

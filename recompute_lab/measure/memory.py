@@ -29,7 +29,7 @@ import gc
 import os
 import time
 import weakref
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -157,12 +157,14 @@ class LiveStorages(TorchDispatchMode):
     and keeps a weak reference to every new storage, to tell afterwards which of them are still
     alive."""
 
-    def __init__(self):
+    def __init__(self, where: Optional[Callable[[], str]] = None):
         super().__init__()
         self.op: dict[tuple, str] = {}
         self.new: dict[
             tuple, tuple
         ] = {}  # storage key -> (weak ref, bytes); a reused address overwrites
+        self.where = where  # names the module running now: each new storage is billed to it
+        self.made_in: dict[tuple, str] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -174,11 +176,51 @@ class LiveStorages(TorchDispatchMode):
                     self.op[k] = func.overloadpacket.__name__
                     st = _local(o).untyped_storage()
                     self.new[k] = (StorageWeakRef(st), st.nbytes())
+                    if self.where is not None:
+                        self.made_in[k] = self.where()
         return out
+
+    def alive(self, exclude: set) -> dict[tuple, int]:
+        """Storages made under this mode that are still alive (and not in ``exclude``): key ->
+        bytes."""
+        return {k: n for k, (ref, n) in self.new.items() if k not in exclude and not ref.expired()}
 
     def resident(self, exclude: set) -> int:
         """Bytes of storages made under this mode that are still alive (and not in ``exclude``)."""
-        return sum(n for k, (ref, n) in self.new.items() if k not in exclude and not ref.expired())
+        return sum(self.alive(exclude).values())
+
+
+class RngStates:
+    """The CPU RNG states the forward stashes and keeps: torch.utils.checkpoint (and
+    recompute_lab.strategies.wrap.RngStateHook) call ``torch.get_rng_state()`` once per region
+    with ``preserve_rng_state`` and hold the state until backward (5,056 B with torch 2.13's
+    Mersenne Twister generator). It is made outside the dispatcher, so neither the pack hook nor
+    LiveStorages sees it; it lives in host memory on every device. Inside this context every
+    state ``torch.get_rng_state`` returns is tracked by weak reference; ``kept()`` counts those
+    still alive."""
+
+    def __enter__(self) -> "RngStates":
+        self.real, self.refs = torch.get_rng_state, []
+
+        def recorded() -> Tensor:
+            state = self.real()
+            self.refs.append(weakref.ref(state))
+            return state
+
+        torch.get_rng_state = recorded
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.get_rng_state = self.real
+
+    def alive(self) -> list[Tensor]:
+        return [t for t in (r() for r in self.refs) if t is not None]
+
+    def kept(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.alive())
+
+    def count(self) -> int:
+        return len(self.alive())
 
 
 def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
@@ -196,12 +238,17 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
     forward was running when it was first saved ("loss": GPT.forward itself, i.e. the cross-entropy)
     and to the
     aten op that produced it.
+
+    ``total`` / ``by_module`` are the pack hook's count; ``resident_total`` / ``resident_by_module``
+    every storage the forward made that is still alive (what the run keeps, op SAC's cache
+    included), billed by module too (a storage no hook saw: to the module that made it), so the
+    resident rows add up to the resident total.
     """
     exclude = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
     names = {m: (n or "loss") for n, m in model.named_modules()}
     stack: list[str] = ["loss"]
     saved: dict[tuple, dict] = {}
-    producers = LiveStorages()
+    producers = LiveStorages(lambda: stack[-1])
 
     def pack(t: Tensor) -> Tensor:
         # What the graph keeps is a detached alias (same storage and version counter): returning
@@ -231,7 +278,11 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
             m.register_forward_hook(lambda m, a, o: stack.pop() and None, always_call=True)
         )
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), producers:
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            producers,
+            RngStates() as rng,
+        ):
             output = forward()
     finally:
         for h in handles:
@@ -243,12 +294,26 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
     # It sees what saved_tensors_hooks cannot: op SAC's cache of saved outputs, save_on_cpu's
     # copies.
     out_keys = {storage_key(t) for t in tree_leaves(output) if isinstance(t, Tensor)}
-    resident = producers.resident(exclude | out_keys)
+    alive = producers.alive(exclude | out_keys)
     # ...plus saved tensors made before the forward (the token ids and targets), which the mode
     # never saw.
-    resident += sum(
-        e["nbytes"] for k, e in saved.items() if e["ref"]() is not None and k not in producers.new
-    )
+    before = {
+        k: e["nbytes"]
+        for k, e in saved.items()
+        if e["ref"]() is not None and k not in producers.new
+    }
+    resident = sum(alive.values()) + sum(before.values())
+    # The resident storages by module: a saved one billed as the pack hook bills it (its first
+    # saver), any other (op SAC's cache, save_on_cpu's copies) to the module that made it.
+    resident_by_module: dict[str, int] = {}
+    for k, nbytes in (*alive.items(), *before.items()):
+        hooked = saved.get(k)
+        module = (
+            hooked["module"]
+            if hooked is not None and hooked["ref"]() is not None
+            else producers.made_in[k]
+        )
+        resident_by_module[module] = resident_by_module.get(module, 0) + nbytes
     by_module: dict[str, int] = {}
     by_op: dict[str, int] = {}
     for e in live:
@@ -261,6 +326,9 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
         "by_op": by_op,
         "tensors": tensors,
         "resident_total": resident,
+        "resident_by_module": resident_by_module,
+        "rng_state_bytes": rng.kept(),
+        "rng_states": rng.count(),
         "output": output,
     }
 

@@ -248,6 +248,12 @@ def _probe(
         "prediction_note": act["reason"],
         "logits": {"predicted": act.get("logits"), "measured": _logits(counted)},
         "checkpoint_inputs": regions,
+        # host memory the checkpoint regions keep besides their inputs: one CPU RNG state each
+        # (torch.get_rng_state(); not in measured, which theory matches byte for byte)
+        "checkpoint_rng_state": {
+            "bytes": counted["rng_state_bytes"],
+            "regions": counted["rng_states"],
+        },
         "micro_batch": {"batch": cfg.data.batch_size, "seq": cfg.data.seq_len},
         "remat_report": remat,
         "korthikanti_per_layer": theory.korthikanti_layer_bytes(
@@ -472,10 +478,11 @@ def guard_memory(
     pred = prediction.predict(cfg, plan, shape, meta.get_num_params())
     if (
         pred.activation_bytes is None
-    ):  # no closed form for this plan: count its saved tensors on the meta replica
+    ):  # no closed form for this plan: count what its forward keeps on the meta replica (the
+        # resident count: op SAC's cache included, which the pack hook's count misses)
         counted = meta_saved_tensors(meta, cfg.data.batch_size, cfg.data.seq_len, device.type)
         pred = prediction.predict(
-            cfg, plan, shape, meta.get_num_params(), counted_activations=counted["total"]
+            cfg, plan, shape, meta.get_num_params(), counted_activations=counted["resident_total"]
         )
     total = pred.peak_bytes
     guard["predicted_peak_bytes"] = total

@@ -71,6 +71,71 @@ def model_state(model_cfg: Any, shape: Shape, n_params: Optional[int] = None) ->
     return P.model_state(model_cfg, n, shape)
 
 
+def activation_headroom(
+    model_cfg: Any,
+    shape: Shape,
+    peak_limit: int,
+    largest_region: int = 0,
+    n_params: Optional[int] = None,
+) -> dict:
+    """The most saved-activation bytes for which every phase of the step's predicted peak (the
+    peak :func:`predict` reports, recompute_lab.predict.peak.predict_peak) stays within
+    ``peak_limit``, for a plan whose largest recompute region re-saves ``largest_region`` bytes
+    while it reruns (0: nothing reruns).
+
+    No phase is named here: the phases are whatever predict_peak returns, and the only property
+    used is that each is non-decreasing in the saved bytes. The first guess takes every phase that
+    moves with the activations to move byte for byte; the guess is checked against the peak itself
+    and, if a phase grows otherwise, replaced by a bisection. Returns
+      without_activations  every phase's bytes with nothing saved
+      over                 the phases above ``peak_limit`` with nothing saved (then bytes is None)
+      bytes                the activation budget: the largest total that fits (None: none fits)
+      binding              the phase that one more byte would push over ``peak_limit`` (with
+                           ``over``: the largest of those phases)
+      model_state          this rank's model state (:func:`model_state`)
+    """
+    state = model_state(model_cfg, shape, n_params)
+
+    def phases(activations: int) -> dict:
+        act = {"total": activations, "largest_region": largest_region}
+        return P.predict_peak(model_cfg, shape, state, act)["phases"]
+
+    def fits(activations: int) -> bool:
+        return max(phases(activations).values()) <= peak_limit
+
+    bare = phases(0)
+    over = {k: v for k, v in bare.items() if v > peak_limit}
+    out = {"without_activations": bare, "over": over, "model_state": state}
+    if over:
+        return {**out, "bytes": None, "binding": max(over, key=over.get)}
+    one = phases(1)
+    moving = [k for k in bare if one[k] > bare[k]]
+    best = min((peak_limit - bare[k] for k in moving), default=peak_limit)
+    if not (fits(best) and not fits(best + 1)):
+        low, high = 0, peak_limit + 1  # fits(0); a phase holding the activations exceeds at high
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        best = low
+    after = phases(best + 1)
+    binding = max((k for k in after if after[k] > peak_limit), key=after.get)
+    return {**out, "bytes": best, "binding": binding}
+
+
+def step_peak(
+    model_cfg: Any,
+    shape: Shape,
+    activations: int,
+    largest_region: int = 0,
+    n_params: Optional[int] = None,
+) -> dict:
+    """The step's predicted peak (:func:`predict`'s ``peak``) for ``activations`` saved bytes and a
+    largest recompute region of ``largest_region`` bytes: for a plan priced before it is a Plan (the
+    budget planner checks its plan with it)."""
+    act = {"total": activations, "largest_region": largest_region}
+    return P.predict_peak(model_cfg, shape, model_state(model_cfg, shape, n_params), act)
+
+
 def predict(
     spec: Any,
     plan: Any,
@@ -96,7 +161,7 @@ def predict(
     elif plan is not None and plan.predicted_activation_bytes is not None:
         act = {
             "total": plan.predicted_activation_bytes,
-            "largest_region": 0,
+            "largest_region": plan.predicted_largest_region or 0,
             "by_module": None,
             "logits": None,
             "reason": "predicted by the budget planner's probed cost model",

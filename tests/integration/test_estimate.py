@@ -253,3 +253,34 @@ def test_estimate_multirun_writes_one_estimate_json_per_job(tmp_path):
     assert not (
         sweep / "analysis"
     ).exists()  # the training sweep's analysis callback is off for estimates
+
+
+@pytest.mark.parametrize(
+    "precision,strategy",
+    [("fp32", "op"), ("fp32", "full"), ("bf16_autocast", "budget"), ("fp32", "budget")],
+)
+def test_estimate_activation_rows_add_up_to_the_total_shown(precision, strategy):
+    """The table's activation rows (by module group) sum to the total it prints: the meta count's
+    resident storages billed by module (op SAC's cache and checkpoint inputs included), and a
+    total known only as a total (a budget plan under autocast, no meta count) gets a row of its
+    own rather than rows that fall short."""
+    from conftest import compose_config
+    from recompute_lab.cli.estimate import UNATTRIBUTED, estimate, format_table
+    from recompute_lab.config import EstimateConfig
+
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "model.n_layer=2",
+            "data.batch_size=2",
+            "data.seq_len=32",
+            f"precision={precision}",
+            f"+strategy={strategy}",
+        ]
+    )
+    res = estimate(cfg, EstimateConfig())
+    act = res["series"][0]["activation_bytes"]
+    shown = act["measured"] if act["measured"] is not None else act["predicted"]
+    assert shown and sum(act["by_group"].values()) == sum(act["by_module"].values()) == shown
+    assert (UNATTRIBUTED in act["by_module"]) == (precision == "bf16_autocast")
+    assert "  at phase" in format_table(res)

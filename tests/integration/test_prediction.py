@@ -26,7 +26,7 @@ from conftest import FAST, compose_config
 from recompute_lab.cli.estimate import estimate
 from recompute_lab.config import EstimateConfig
 from recompute_lab.config.spec import RunSpec
-from recompute_lab.measure.memory import meta_saved_tensors
+from recompute_lab.measure.memory import meta_saved_tensors, saved_tensors
 from recompute_lab.measure.probe import guard_memory, shape_of
 from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision
@@ -188,9 +188,10 @@ def test_a_consumer_with_its_own_formula_fails(tmp_path, monkeypatch):
         assert moved == delta, f"{key} did not follow predict(): it has a formula of its own"
 
 
-def test_the_budget_planners_device_memory_budget_is_the_predicted_model_state(monkeypatch):
-    """strategy.device_memory_gb: the activation budget is the device minus predict()'s model state
-    for this rank, the bytes the guard and the run report (not a formula of the planner's own)."""
+def test_the_budget_planners_device_memory_budget_is_the_predicted_step_peak(monkeypatch):
+    """strategy.device_memory_gb: the activation budget is the most the step's predicted peak
+    (predict()'s, every phase, model state for this rank) lets the plan save, not the device minus
+    the model state, and it follows predict() when that changes (a formula of its own would not)."""
     spec = RunSpec.of(
         compose_config(
             [
@@ -202,17 +203,46 @@ def test_the_budget_planners_device_memory_budget_is_the_predicted_model_state(m
         )
     )
     meta = build_model(spec.model, "meta").train()
-    plan = apply_strategy(meta, spec.strategy, shape_of(spec, "cpu"))
-    budget = plan.details["budget"]
     shape = shape_of(spec, "cpu")
-    state = prediction.model_state(spec.model, shape, meta.get_num_params())["total"]
-    assert budget["model_state_bytes"] == state and budget["bytes"] == int(0.01e9) - state
-    # and it follows predict()'s model state when that changes (a formula of its own would not)
+    plan = apply_strategy(meta, spec.strategy, shape)
+    budget, n = plan.details["budget"], meta.get_num_params()
+    state = prediction.model_state(spec.model, shape, n)["total"]
+    region = budget["largest_region"]
+    assert budget["model_state_bytes"] == state and budget["reserve"]["total"] == 0  # CPU
+    assert budget["peak_limit"] == budget["device_bytes"] == int(0.01e9)
+
+    def peak(activations: int) -> dict:
+        return prediction.step_peak(spec.model, shape, activations, region, n)
+
+    assert peak(budget["bytes"])["total"] <= int(0.01e9) < peak(budget["bytes"] + 1)["total"]
+    assert peak(budget["bytes"] + 1)["phase"] == budget["binding_phase"]
+    # here backward_start binds (no gradients yet): more room than the device minus model state
+    bare = budget["phases_without_activations"][budget["binding_phase"]]
+    assert budget["bytes"] == int(0.01e9) - bare != int(0.01e9) - state
+    # the plan's own peak, as every consumer reports it, fits
+    ran = prediction.predict(spec, plan, shape, n)
+    assert ran.peak_bytes == plan.details["predicted_peak"]["total"] <= int(0.01e9)
     real = prediction.model_state
-    monkeypatch.setattr(
-        prediction,
-        "model_state",
-        lambda *a, **k: {**real(*a, **k), "total": real(*a, **k)["total"] + 1000},
-    )
+
+    def shifted(*a, **k):
+        out = real(*a, **k)
+        per = {**out["per_param"], "params": out["per_param"]["params"] + 1000}
+        return {**out, "per_param": per, "total": out["total"] + 1000}
+
+    monkeypatch.setattr(prediction, "model_state", shifted)
     moved = apply_strategy(build_model(spec.model, "meta").train(), spec.strategy, shape)
     assert moved.details["budget"]["bytes"] == budget["bytes"] - 1000
+
+
+def test_measured_counts_the_rng_state_each_checkpoint_region_keeps():
+    """torch.utils.checkpoint keeps torch.get_rng_state() (a uint8 tensor, 5,056 B on torch 2.13)
+    per region with preserve_rng_state: host memory the pack hook and the dispatch mode never see.
+    measure.memory counts it apart (rng_state_bytes), so measured activations stay theory's."""
+    state = torch.get_rng_state().untyped_storage().nbytes()
+    for strategy, regions in (("none", 0), ("full", 2), ("selective", 2)):
+        spec = RunSpec.of(compose_config([*GPT, f"+strategy={strategy}"]))
+        model = build_model(spec.model).train()
+        apply_strategy(model, spec.strategy, spec.shape())
+        idx = torch.zeros(2, 32, dtype=torch.long)
+        counted = saved_tensors(model, lambda m=model, i=idx: m(i, i.clone()))
+        assert counted["rng_states"] == regions and counted["rng_state_bytes"] == regions * state

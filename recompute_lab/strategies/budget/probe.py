@@ -3,16 +3,18 @@
 Each option is applied to a one-block replica, on the model's own device (meta for estimates), and
 one forward +
 backward is run:
-- activation bytes: storages made in the forward that are still alive when it returns
-(recompute_lab.measure.memory's
-  LiveStorages; parameters, buffers, token ids and the loss excluded), so the SAC cache that
-  saved_tensors_hooks
-  cannot see counts too. On meta, sdpa replicas call aten's flash-attention kernel (SDPA's math path
-  would keep
-  s^2 scores that a GPU's fused kernel does not).
+- activation bytes: recompute_lab.measure.memory's resident count, the one estimate and the run's
+  probe report (every storage the forward made that is still alive, parameters, buffers and the
+  loss excluded, the token ids and targets autograd keeps included: 16 B per token), so the SAC
+  cache that saved_tensors_hooks cannot see counts too. On meta the forward runs under
+  TargetKernels(the run's device): fused RMSNorm, SDPA with native grouped k/v heads and bool
+  dropout masks on cuda, so `none` prices exactly what recompute_lab.predict.theory predicts
+  (op-SAC options excepted, :func:`measure_replica` says why).
 - recompute FLOPs: FlopCounterMode, backward(option) - backward(none), early stop of non-reentrant
 checkpoint
   included; the CPU's fused SDPA kernel gets flash attention's formula (FlopCounterMode has none).
+  On meta this takes a second replica whose sdpa cores call aten's flash kernel (TargetKernels'
+  stand-ins have no backward; SDPA's meta path would count s^2 scores).
 - pointwise bytes: bytes read + written in that backward by ops with no FLOP formula (norms,
 activations,
   softmax, dropout, adds; views excluded), option minus none. Pointwise recomputation is never free.
@@ -45,7 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from tqdm import tqdm
 
 from recompute_lab.config import Arch, Attention
-from recompute_lab.measure.memory import LiveStorages, storage_key
+from recompute_lab.measure.memory import saved_tensors
+from recompute_lab.measure.target_kernels import TargetKernels
 from recompute_lab.model.gpt import GPT, build_model
 from recompute_lab.config.spec import as_model_config
 from recompute_lab.model.precision import shape_dtypes
@@ -58,6 +61,7 @@ from recompute_lab.strategies.budget.options import (
 )
 
 _aten = torch.ops.aten
+TARGETS = ("cpu", "cuda")  # the devices recompute_lab.measure.target_kernels emulates on meta
 log = logging.getLogger(__name__)
 
 
@@ -124,35 +128,37 @@ def measure_step(
     seq: int,
     count_backward: bool = True,
     autocast: Optional[torch.dtype] = None,
+    target: Optional[str] = None,
 ) -> Measured:
-    """One forward (+ backward) of ``model`` on token ids (batch, seq), the forward inside
-    ``torch.autocast`` to
-    ``autocast`` when given (as the training loop runs it); see the module docstring for each
-    figure."""
+    """One forward (+ backward) of ``model`` on token ids and targets (batch, seq), the forward
+    inside ``torch.autocast`` to ``autocast`` when given (as the training loop runs it) and, on the
+    meta device, inside TargetKernels(``target``) when given (forward only: those kernels save what
+    the target's save but have no backward). Activation bytes are recompute_lab.measure.memory's
+    resident count, the one estimate and the run's probe report: every storage the forward made
+    that is still alive, plus the token ids and targets autograd keeps (16 B per token)."""
     device = model.tok_emb.weight.device
     idx = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    live = LiveStorages()
+    targets = torch.zeros_like(idx)  # a batch's targets are a tensor of their own, as in training
     cast = (
         torch.autocast(device.type, dtype=autocast)
         if autocast is not None
         else contextlib.nullcontext()
     )
-    # older objects out of the collector's sight: the collection below scans only this forward's
+    kernels = TargetKernels(target) if target is not None else contextlib.nullcontext()
+
+    def forward() -> torch.Tensor:
+        # autocast's cache of weight copies is dropped on exit: what stays is what autograd saved
+        with cast, kernels:
+            return model(idx, targets)
+
+    # older objects out of the collector's sight: the collection in saved_tensors scans only this
+    # forward's
     gc.freeze()
     try:
-        with (
-            live,
-            cast,
-            # autocast's cache of weight copies is dropped on exit: what stays is what autograd
-            # saved
-        ):
-            loss = model(idx, idx)
-        gc.collect()  # reference cycles may still hold storages that nothing uses
+        counted = saved_tensors(model, forward)
     finally:
         gc.unfreeze()
-    activation = live.resident(
-        {storage_key(t) for t in (*model.parameters(), *model.buffers(), idx, loss)}
-    )
+    loss = counted.pop("output")
     flops, pointwise = 0, 0
     if count_backward:
         counter, moved = (
@@ -162,15 +168,14 @@ def measure_step(
         with counter, moved:
             loss.backward()
         flops, pointwise = counter.get_total_flops(), moved.bytes
-    return Measured(activation, flops, pointwise)
+    return Measured(counted["resident_total"], flops, pointwise)
 
 
 def _flash_core(core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """AttentionCore forward for sdpa replicas on meta: aten's flash-attention kernel (it has meta
-    kernels and
-    autograd). SDPA itself would take its math path there and keep (b, h, s, s) scores that a GPU's
-    fused kernel
-    does not. Grouped k/v heads are repeated first (the copies are kept: a small over-estimate)."""
+    """AttentionCore forward for sdpa replicas on meta whose FLOPs are counted: aten's
+    flash-attention kernel (it has meta kernels and autograd; a GPU's fused kernel reruns whole).
+    SDPA itself would take its math path there. Grouped k/v heads are repeated first (FLOPs as for
+    native GQA); the bytes come from another forward under TargetKernels (``price``)."""
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     p = core.dropout if core.training else 0.0
@@ -188,12 +193,14 @@ def replica(
     dtype: torch.dtype,
     opt: Optional[Option],
     every: bool = False,
+    flash_cores: bool = True,
 ) -> GPT:
     """A fresh ``n_layer``-block copy of ``model``'s architecture with ``opt`` applied to its first
-    block (every
-    block with ``every``)."""
+    block (every block with ``every``); on meta, sdpa cores call aten's flash kernel unless
+    ``flash_cores`` is False (a forward under TargetKernels, which replaces SDPA itself)."""
     rep = build_model(_with_layers(model.cfg, n_layer), device, dtype).train()
-    if torch.device(device).type == "meta" and model.cfg.attention == Attention.sdpa:
+    meta = torch.device(device).type == "meta"
+    if flash_cores and meta and model.cfg.attention == Attention.sdpa:
         if model.cfg.arch == Arch.gpt:
             for block in rep.blocks:  # before any checkpoint wraps it
                 block.attn.core.forward = functools.partial(_flash_core, block.attn.core)
@@ -205,6 +212,38 @@ def replica(
         for i in range(n_layer if every else min(n_layer, 1)):
             apply_option(rep, i, opt)
     return rep
+
+
+def measure_replica(
+    model: GPT,
+    n_layer: int,
+    opt: Optional[Option],
+    shape: tuple[int, int, torch.dtype, Optional[torch.dtype]],
+    count_backward: bool,
+    target: Optional[str],
+    every: bool = False,
+) -> Measured:
+    """:func:`measure_step` of a fresh replica (``shape``: batch, seq, parameter dtype, autocast).
+    With ``target`` (meta replicas): the bytes are those of a forward under TargetKernels(target),
+    what recompute_lab.predict.theory and estimate's meta count price (fused RMSNorm, native-GQA
+    SDPA, bool dropout masks on cuda); the FLOPs and pointwise bytes come from a second replica's
+    backward through aten's kernels (TargetKernels' stand-ins have none). Op-SAC options are the
+    exception: SAC caches the outputs of the attention kernels it names, and a stand-in is no such
+    kernel (its output would be recomputed, 8,704 B less than the CPU keeps on tiny), so they are
+    priced on aten's flash kernel, repeated grouped k/v heads included (an upper bound for GQA)."""
+    batch, seq, dtype, autocast = shape
+    device = model.tok_emb.weight.device
+
+    def make(flash: bool) -> GPT:
+        return replica(model, n_layer, device, dtype, opt, every, flash)
+
+    if target is None or (opt is not None and opt.kind == "op"):
+        return measure_step(make(True), batch, seq, count_backward, autocast)
+    saved = measure_step(make(False), batch, seq, False, autocast, target)
+    if not count_backward:
+        return saved
+    ran = measure_step(make(True), batch, seq, True, autocast)
+    return Measured(saved.activation_bytes, ran.backward_flops, ran.pointwise_bytes)
 
 
 @dataclasses.dataclass
@@ -245,10 +284,11 @@ def probe(
     seq: int,
     dtype: torch.dtype,
     autocast: Optional[torch.dtype] = None,
+    target: Optional[str] = None,
 ) -> tuple[Price, list[Price]]:
     """(outside the blocks, one Price per option), all measured on the model's own device with
-    parameters in
-    ``dtype``, forwards under ``autocast`` when given."""
+    parameters in ``dtype``, forwards under ``autocast`` when given; meta replicas save what
+    ``target``'s kernels save (:func:`measure_replica`)."""
     device = model.tok_emb.weight.device
     threads = torch.get_num_threads()
     if (
@@ -276,13 +316,8 @@ def probe(
             # number of blocks
             # run this way (Price.shared).
             hf = hasattr(model, "hf")
-            outside = (
-                None
-                if hf
-                else measure_step(
-                    replica(model, 0, device, dtype, None), batch, seq, False, autocast
-                )
-            )
+            run = (batch, seq, dtype, autocast)
+            outside = None if hf else measure_replica(model, 0, None, run, False, target)
             measured, twos = [], []
             bar = tqdm(
                 options, desc="budget: pricing options", leave=False, disable=None
@@ -291,19 +326,9 @@ def probe(
                 o
             ) in bar:  # one line per option, on the console too when there is no bar (logs, SLURM)
                 t = time.perf_counter()
-                measured.append(
-                    measure_step(replica(model, 1, device, dtype, o), batch, seq, True, autocast)
-                )
+                measured.append(measure_replica(model, 1, o, run, True, target))
                 if hf:
-                    twos.append(
-                        measure_step(
-                            replica(model, 2, device, dtype, o, every=True),
-                            batch,
-                            seq,
-                            False,
-                            autocast,
-                        )
-                    )
+                    twos.append(measure_replica(model, 2, o, run, False, target, every=True))
                 log.log(
                     logging.DEBUG if not bar.disable else logging.INFO,
                     "budget: option %d/%d %s priced in %.2f s",
@@ -387,13 +412,15 @@ def probe_model(model: GPT, shape: Shape) -> Probed:
     the fp32 norm and residual inputs and the bf16 weight copies autocast saves. The meta device has
     no autocast:
     there the prices are an upper bound (fp32 replica + weight copies) and the plan says so in its
-    warnings."""
+    warnings. On meta the bytes are what ``shape.device``'s kernels save (cpu or cuda;
+    TargetKernels, as estimate and theory count them)."""
     options = block_options(model)
     device = model.tok_emb.weight.device
+    target = shape.device if device.type == "meta" and shape.device in TARGETS else None
     param, autocast = shape_dtypes(shape)
     toy = [TOY_AUTOCAST] if autocast is not None and model.cfg.arch == Arch.toy_mlp else []
     if autocast is not None and device.type == "meta":
-        outside, prices = probe(model, options, shape.batch, shape.seq, param)
+        outside, prices = probe(model, options, shape.batch, shape.seq, param, None, target)
         size = torch.empty((), dtype=autocast).element_size()
         outside = dataclasses.replace(
             outside, bytes=outside.bytes + kept_weight_copies(model, None, size)
@@ -413,7 +440,7 @@ def probe_model(model: GPT, shape: Shape) -> Probed:
             autocast,
             [AUTOCAST_ON_META, *toy],
         )
-    outside, prices = probe(model, options, shape.batch, shape.seq, param, autocast)
+    outside, prices = probe(model, options, shape.batch, shape.seq, param, autocast, target)
     # Transformer blocks keep the residual stream in the parameter dtype, so every block is block
     # 0's twin; toy
     # blocks under autocast do not (their output is autocast's dtype).
