@@ -195,18 +195,12 @@ def figure(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _row(label: str, r: dict, fit: dict, layer=None) -> str:
-    """One README table row (GiB): model state, activations, peak (phase), margin (verdict)."""
+def _row(cells: list, r: dict, fit: dict) -> str:
+    """One README table row: ``cells``, then the peak (its phase) and the margin (the verdict), in
+    GiB."""
     verdict = "fits" if fit["fits"] else "does not fit"
-    cells = [label]
-    if layer is not None:
-        cells.append(f"{layer / GiB:.3f}")
-    cells += [
-        f"{r['activations'] / GiB:.2f}" if layer is not None else f"{r['model_state'] / GiB:.2f}",
-        f"{r['model_state'] / GiB:.2f}" if layer is not None else f"{r['activations'] / GiB:.2f}",
-        f"{r['total'] / GiB:.2f} ({r['phase']})",
-        f"{fit['margin_bytes'] / GiB:.2f} ({verdict})",
-    ]
+    cells = [*cells, f"{r['total'] / GiB:.2f} ({r['phase']})"]
+    cells.append(f"{fit['margin_bytes'] / GiB:.2f} ({verdict})")
     return "| " + " | ".join(cells) + " |"
 
 
@@ -232,7 +226,8 @@ def readme_values() -> dict:
     rows8b = []
     for name in per_gpu.STRATEGIES:
         (r,) = per_gpu.stage_bytes(cfg8, lay8, name, 1, 8192, PRECISION)
-        rows8b.append(_row(name, r, dev.fit(r["total"], groups)))
+        cells = [name, f"{r['model_state'] / GiB:.2f}", f"{r['activations'] / GiB:.2f}"]
+        rows8b.append(_row(cells, r, dev.fit(r["total"], groups)))
     (hf,) = per_gpu.stage_bytes(hf_model("llama3_8b"), lay8, "none", 1, 8192, PRECISION)
     cards = ["| preset | total torch reports | GiB |", "|---|---|---|"]
     for c in devices.CARDS.values():
@@ -247,7 +242,9 @@ def readme_values() -> dict:
             if name == "none":
                 layer = per_gpu.micro_batch(cfg70, 8, sp, "none", 1, 8192)["layer"]
                 fit = dev.fit(r["total"], devices.communicators(lay))
-                rows70b.append(_row("SP on" if sp else "SP off", r, fit, layer))
+                cells = ["SP on" if sp else "SP off", f"{layer / GiB:.3f}"]
+                cells += [f"{r['activations'] / GiB:.2f}", f"{r['model_state'] / GiB:.2f}"]
+                rows70b.append(_row(cells, r, fit))
     from recompute_lab.predict import layout as L
 
     def full_row(name: str, seq: int, card: str) -> tuple[str, str]:

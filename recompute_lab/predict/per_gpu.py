@@ -373,18 +373,26 @@ def compare(
             cfg, lay, name, batch, seq, precision, target, fp32_grad_accum=fp32_grad_accum
         )
         busiest = max(rows, key=lambda r: r["total"])
-        per_layer = layer_recompute_flops(cfg, name, batch, seq, tp, cp)
-        row = {
-            "strategy": name,
-            "rank": busiest["rank"],
-            "peak": busiest["total"],
-            "phase": busiest["phase"],
-            "recompute_flops": m * busiest["layers"] * per_layer,
-        }
-        if device is not None:
-            row["fit"] = device.fit(busiest["total"], devices.communicators(lay))
-        out.append(row)
+        flops = m * busiest["layers"] * layer_recompute_flops(cfg, name, batch, seq, tp, cp)
+        out.append(strategy_row(name, rows, flops, device, lay))
     return out
+
+
+def strategy_row(name: str, rows: list[dict], recompute_flops, device, lay) -> dict:
+    """A strategy's line in the side-by-side comparison: its busiest rank (of ``rows``, from
+    :func:`stage_bytes`), that rank's peak and phase, ``recompute_flops`` (None: no module formula)
+    and, ``device`` given, the fit after the reserve."""
+    busiest = max(rows, key=lambda r: r["total"])
+    row = {
+        "strategy": name,
+        "rank": busiest["rank"],
+        "peak": busiest["total"],
+        "phase": busiest["phase"],
+        "recompute_flops": recompute_flops,
+    }
+    if device is not None:
+        row["fit"] = device.fit(busiest["total"], devices.communicators(lay))
+    return row
 
 
 def largest_fitting(peak_of, lo: int, hi: int, step: int = 1) -> Optional[int]:
@@ -508,18 +516,9 @@ def layout_estimate(
         else None,
         "strategies": compare(cfg, lay, batch, seq, device=device, **common),
     }
-    if micro is not None:  # the configured strategy beside the three
-        busiest = max(stages, key=lambda r: r["total"])
-        row = {
-            "strategy": strategy,
-            "rank": busiest["rank"],
-            "peak": busiest["total"],
-            "phase": busiest["phase"],
-            "recompute_flops": None,  # per-op choices: counted by a run, not by module formulas
-        }
-        if device is not None:
-            row["fit"] = device.fit(busiest["total"], groups)
-        out["strategies"].append(row)
+    if micro is not None:  # the configured strategy beside the three; per-op choices' FLOPs
+        # are counted by a run, not by module formulas
+        out["strategies"].append(strategy_row(strategy, stages, None, device, lay))
     if device is not None:
         busiest = max(stages, key=lambda r: r["total"])
         out["device"] = {

@@ -141,14 +141,17 @@ def test_measured_strategies_per_gpu_are_the_whole_model_count(strategy):
           "data.batch_size=2", "data.seq_len=64"]
     spec = RunSpec.of(compose_config(ov))
     meta = build_model(spec.model, "meta", make_precision(spec.precision).param_dtype).train()
-    apply_strategy(meta, spec.strategy, spec.shape("cuda"))
+    plan = apply_strategy(meta, spec.strategy, spec.shape("cuda"))
     whole = meta_saved_tensors(meta, 2, 64, "cuda")["resident_total"]
+    shape = Shape(2, 64, precision="bf16_master", device="cuda", parallel="fsdp", world_size=4)
+    one = prediction.predict(spec, plan, shape, meta.get_num_params(), counted_activations=whole)
     lay = OmegaConf.structured(LayoutConfig(dp_shard=4, gpu="a100_40gb"))
     rep = per_gpu.layout_estimate(
         spec.model, lay, strategy, 2, 64, "bf16_master", "cuda",
         measure=measure_micro_batch, options=spec.strategy,
     )
-    assert rep["stages"][0]["activations"] == whole
+    assert rep["stages"][0]["activations"] == whole == one.activation_bytes
+    assert rep["stages"][0]["total"] == one.peak_bytes  # the one-device prediction's peak
     row = rep["strategies"][-1]
     assert row["strategy"] == strategy and row["peak"] == rep["stages"][0]["total"]
     assert row["fit"]["fits"]
