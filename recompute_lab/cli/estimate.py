@@ -30,6 +30,7 @@ Layer: cli.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -128,16 +129,29 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     if layout.is_active(lay):
         for s in seq_lens:
             layout.validate_layout(lay, spec.model, s, spec.parallel)
-        known = per_gpu.STRATEGIES + per_gpu.MEASURED
+        known = per_gpu.STRATEGIES + per_gpu.MEASURED + ("budget",)
         if opts.name not in known or (
             opts.name == "selective" and list(opts.modules) != ["core_attn"]
         ):
             raise ConfigError(
                 f"estimate.layout plans per GPU for strategies {', '.join(known)} "
                 f"(selective: modules=[core_attn]), not {opts.name}: layers / sqrt differ block "
-                "by block (the per-stage plan's 'n/L full' rows choose recomputed layers per "
-                "stage), budget plans one device"
+                "by block (the per-stage plan's 'n/L full' rows and +strategy=budget choose "
+                "recomputed layers per stage)"
             )
+        if opts.name == "budget":
+            from recompute_lab.strategies.budget.layout import card_of
+
+            card_of(lay, opts)  # a card is needed, one only: refused before any model is built
+    one_device = spec.strategy
+    if layout.is_active(lay) and opts.name == "budget":
+        # the whole model rarely fits one card: the one-device section plans at the activation
+        # fraction, the per-GPU section against the card
+        one_device = dataclasses.replace(opts, device_memory_gb=None)
+        notes.append(
+            f"one-device section: +strategy=budget at budget_fraction={opts.budget_fraction} of "
+            "none's activations; the per-GPU section plans each stage's peak against the card"
+        )
     target = str(est.target)
     policy = make_precision(spec.precision)
     model = build_model(spec.model, "meta", policy.param_dtype)
@@ -148,7 +162,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     # shards, as FSDP2 keeps them); the peak adds each layout's buffers
     # (recompute_lab.predict.peak). The plan is made for this rank on the target's kernels.
     step = spec.shape(target, str(par.kind), dp)
-    plan = apply_strategy(model, spec.strategy, step)
+    plan = apply_strategy(model, one_device, step)
     model.train()
     laps(
         f"meta model {spec.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params"
@@ -194,6 +208,21 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
         if layout.is_active(
             lay
         ):  # per GPU: one micro-batch measured with PyTorch's TP plan, every stage's bytes
+            planned = None
+            if opts.name == "budget":  # every planner option priced per rank, solved per stage
+                from recompute_lab.strategies.budget.layout import budget_layout
+
+                planned = budget_layout(
+                    spec.model,
+                    lay,
+                    opts,
+                    b,
+                    s,
+                    policy.name,
+                    target,
+                    measure_micro_batch,
+                    st.fp32_grad_accum,
+                )
             series_layout = per_gpu.layout_estimate(
                 spec.model,
                 lay,
@@ -205,6 +234,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
                 measure=measure_micro_batch,
                 fp32_grad_accum=st.fp32_grad_accum,
                 options=opts,
+                planned=planned,
             )
             laps(
                 f"s={s} per GPU under the layout",

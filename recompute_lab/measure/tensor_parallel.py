@@ -162,13 +162,18 @@ def mesh_of(shape: dict):
 def build_parallel(cfg, tp: int, sp: bool, strategy=None, dtype=torch.bfloat16, shape=None):
     """A meta GPT of ``cfg`` with the tp plan applied (inside :func:`fake_world`), then ``strategy``
     (a
-    StrategyConfig-like node; None: nothing recomputed). Returns (model, plan)."""
+    StrategyConfig-like node; None: nothing recomputed; a callable: applies itself to the model, and
+    the plan is None). Returns (model, plan)."""
     from recompute_lab.model.gpt import build_model
     from recompute_lab.strategies import apply_strategy
 
     model = build_model(cfg, "meta", dtype)
     parallelize(model, mesh_of({"tp": tp}), sp)
-    plan = apply_strategy(model, strategy if strategy is not None else {"name": "none"}, shape)
+    if callable(strategy):  # a per-block option of the budget planner, applied to every block
+        strategy(model)
+        plan = None
+    else:
+        plan = apply_strategy(model, strategy if strategy is not None else {"name": "none"}, shape)
     model.train()
     return model, plan
 
@@ -220,7 +225,8 @@ def measure_micro_batch(
 ) -> dict:
     """:func:`micro_batch`'s bytes measured: a two-block copy of ``cfg`` on the meta device with
     PyTorch's tp plan over a fake process group (this module), one forward under the saved-tensor
-    hook. ``strategy``: a name, or a strategy's typed options (op-level SAC's saved ops, ...).
+    hook. ``strategy``: a name, a strategy's typed options (op-level SAC's saved ops, ...) or a
+    callable that wraps every block (recompute_lab.strategies.budget.layout's per-block options).
 
     A strategy that keeps tensors outside the pack hook (op-level SAC's cache, a region's kept
     inputs) is counted by what the forward leaves resident instead, on two- and three-block copies:

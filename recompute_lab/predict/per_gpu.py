@@ -463,6 +463,7 @@ def layout_estimate(
     measure=None,
     fp32_grad_accum: bool = False,
     options=None,
+    planned: Optional[dict] = None,
 ) -> dict:
     """estimate's per-GPU section: one micro-batch measured on meta (``measure``: the caller's
     recompute_lab.measure.tensor_parallel.measure_micro_batch, so this layer imports no torch)
@@ -470,7 +471,9 @@ def layout_estimate(
     estimate.layout.gpu / device_gib / device_gb) the fit after the reserve, every strategy side by
     side, the per-stage plan and the largest micro-batch and sequence that fit. ``options``: the
     configured strategy's typed options, for :data:`MEASURED` strategies, whose micro-batch is the
-    meta count alone (no closed form)."""
+    meta count alone (no closed form). ``planned``: for ``budget``, the per-stage plan of
+    recompute_lab.strategies.budget.layout.budget_layout (every option priced per rank; this layer
+    runs no model)."""
     L.validate_layout(lay, cfg, seq)
     tp, cp = int(lay.tp), int(lay.cp)
     sp = bool(lay.sp) and tp > 1
@@ -495,13 +498,28 @@ def layout_estimate(
         # as the one-device path prices a meta-counted plan (recompute_lab.predict.prediction):
         # no recompute-phase transient beyond what the count holds
         micro = {**measured, "region": 0}
+    elif strategy == "budget":
+        if planned is None:
+            raise ConfigError(
+                "per-GPU budget plans need the options priced per rank "
+                "(recompute_lab.strategies.budget.layout.budget_layout)"
+            )
+        # the micro-batch table shows `none`: each stage mixes options layer by layer
+        measured = measure(cfg, tp, sp, "none", batch, seq // cp, pbytes, target)
+        predicted = micro_batch(cfg, tp, sp, "none", batch, seq // cp, pbytes, target)
+        micro = None
     else:
         raise ConfigError(
-            f"per-GPU planning knows strategies {', '.join(STRATEGIES + MEASURED)}, not "
-            f"{strategy!r}"
+            f"per-GPU planning knows strategies {', '.join(STRATEGIES + MEASURED)} and budget, "
+            f"not {strategy!r}"
         )
-    stages = stage_bytes(cfg, lay, strategy, batch, seq, micro=micro, **common)
+    if planned is not None:
+        stages = planned["stages"]
+    else:
+        stages = stage_bytes(cfg, lay, strategy, batch, seq, micro=micro, **common)
     device = devices.device_of(lay)
+    if device is None and planned is not None:  # the card came with strategy.device_memory_gb
+        device = planned["card"]
     groups = devices.communicators(lay)
     out = {
         "layout": {k: (str(v) if k == "pp_schedule" else v) for k, v in lay.items()},
@@ -519,6 +537,21 @@ def layout_estimate(
     if micro is not None:  # the configured strategy beside the three; per-op choices' FLOPs
         # are counted by a run, not by module formulas
         out["strategies"].append(strategy_row(strategy, stages, None, device, lay))
+    if planned is not None:  # the budget plan's FLOPs: its probed options' on the busiest rank
+        busiest = max(stages, key=lambda r: r["total"])
+        out["strategies"].append(
+            strategy_row("budget", stages, busiest["recompute_flops"], device, lay)
+        )
+        card = planned["card"]
+        out["budget"] = {
+            "strategies": planned["strategies"],
+            "fits": planned["fits"],
+            "peak_limit": planned["limit"],
+            "card": card.name,
+            "objective": planned["objective"],
+            "notes": planned["notes"],
+            "option_prices": planned["option_prices"],
+        }
     if device is not None:
         busiest = max(stages, key=lambda r: r["total"])
         out["device"] = {
@@ -597,6 +630,20 @@ def format_layout(rep: dict) -> list[str]:
             verdict = "fits" if r["fit"]["fits"] else "does not fit"
             line += f"{_gib(r['fit']['margin_bytes']):>13}  {verdict}"
         lines.append(line)
+    if "budget" in rep:
+        bud = rep["budget"]
+        lines.append(
+            f"  budget plan per stage ({bud['objective']}; every option priced per rank; peak <= "
+            f"{_gib(bud['peak_limit'])} GiB on {bud['card']}): "
+            + ("fits" if bud["fits"] else "does not fit")
+        )
+        for r in rep["stages"]:
+            what = r["strategy"] or "nothing fits (all layers block shown)"
+            lines.append(
+                f"    stage {r['rank']}: {what}; recompute "
+                f"{r['recompute_flops'] / 1e12:.1f} TFLOP/step"
+            )
+        lines += [f"    note: {n}" for n in bud["notes"]]
     if "plan" in rep:
         lines.append(
             f"  per-stage plan for {dev['name']} after the reserve "

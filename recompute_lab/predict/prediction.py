@@ -77,6 +77,8 @@ def activation_headroom(
     peak_limit: int,
     largest_region: int = 0,
     n_params: Optional[int] = None,
+    view: Optional[P.RankView] = None,
+    state: Optional[dict] = None,
 ) -> dict:
     """The most saved-activation bytes for which every phase of the step's predicted peak (the
     peak :func:`predict` reports, recompute_lab.predict.peak.predict_peak) stays within
@@ -92,13 +94,17 @@ def activation_headroom(
       bytes                the activation budget: the largest total that fits (None: none fits)
       binding              the phase that one more byte would push over ``peak_limit`` (with
                            ``over``: the largest of those phases)
-      model_state          this rank's model state (:func:`model_state`)
+      model_state          this rank's model state (:func:`model_state`, or ``state``)
+
+    ``view`` and ``state``: one pipeline rank's share of the model under a parallel layout
+    (recompute_lab.predict.per_gpu.view_of and layout.model_state_per_rank), as per_gpu prices a
+    rank's peak; default the whole model on one rank.
     """
-    state = model_state(model_cfg, shape, n_params)
+    state = model_state(model_cfg, shape, n_params) if state is None else state
 
     def phases(activations: int) -> dict:
         act = {"total": activations, "largest_region": largest_region}
-        return P.predict_peak(model_cfg, shape, state, act)["phases"]
+        return P.predict_peak(model_cfg, shape, state, act, view)["phases"]
 
     def fits(activations: int) -> bool:
         return max(phases(activations).values()) <= peak_limit
