@@ -255,7 +255,23 @@ def readme_values() -> dict:
         plan = per_gpu.plan_stages(cfg, lay, budget, BATCH, seq, PRECISION)["strategies"]
         return f"tp{lay.tp} pp{lay.pp} cp{lay.cp}", _runs(plan)
 
+    # +strategy=budget under the same layout: every planner option priced per rank, one solve
+    from recompute_lab.config.strategies import BudgetConfig
+    from recompute_lab.measure.tensor_parallel import measure_micro_batch
+    from recompute_lab.strategies.budget.layout import budget_layout
+
+    planned = budget_layout(
+        cfg8, lay8, BudgetConfig(), 1, 8192, PRECISION, "cuda", measure_micro_batch
+    )
+    (b8,) = planned["stages"]
+    (n8,) = per_gpu.plan_stages(cfg8, lay8, dev.budget(groups), 1, 8192, PRECISION)["stages"]
     return {
+        "budget8": b8["strategy"],
+        "budget8_tflop": f"{b8['recompute_flops'] / 1e12:.1f}",
+        "budget8_peak": f"{b8['total'] / GiB:.2f}",
+        "budget8_margin": f"{dev.fit(b8['total'], groups)['margin_bytes'] / GiB:.2f}",
+        "nfull8": n8["strategy"],
+        "nfull8_tflop": f"{n8['recompute_flops'] / 1e12:.1f}",
         "rows8b": "\n".join(rows8b),
         "hf_none": f"{hf['total'] / GiB:.2f}",
         "cards": "\n".join(cards),

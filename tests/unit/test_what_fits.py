@@ -151,6 +151,12 @@ def test_readme_planning_table_is_what_the_code_computes():
     assert f"gives {values['kor']:.2f} GiB per layer with SP" in text
     assert f"({values['sel']:.2f} vs {values['none']:.2f} GiB peak with SP)" in text
     assert f"({values['f405h100']} on H100 80GB, {values['f405h200']} on H200)" in text
+    assert (
+        f"it answers `{values['budget8']}`: no matmul reruns\n({values['budget8_tflop']} TFLOP/step"
+        in text
+    )
+    assert f"peak {values['budget8_peak']} GiB, margin {values['budget8_margin']} GiB" in text
+    assert f"`{values['nfull8']}` plan above reruns {values['nfull8_tflop']} TFLOP per step" in text
     for plan in (values["plan70"], values["plan405"]):
         assert f"`{plan}`" in text
         assert f"| {plan} |" in (FIGS / "what_fits.md").read_text()  # the table agrees
