@@ -34,6 +34,8 @@ HYDRA_APPS = (
     "recompute_lab.estimate",
     "recompute_lab.cli.train",
     "recompute_lab.cli.estimate",
+    "recompute_lab.plan",
+    "recompute_lab.cli.plan",
 )
 
 

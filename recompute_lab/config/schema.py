@@ -456,6 +456,22 @@ def strategy_options_names(name: str) -> list[str]:
     return own + shared
 
 
+@dataclass
+class PlanConfig(Frozen):
+    """``python -m recompute_lab.plan``'s own options (plan.*): the cluster and the batch the
+    advisor ranks layouts, strategies and micro-batches for (recompute_lab.predict.advisor)."""
+
+    gpus: int = 8  # GPUs in all: tp x pp x cp x dp_shard
+    gpu: str = "h100_80gb"  # a card preset (recompute_lab.predict.devices / step_time)
+    global_batch: Optional[int] = None  # sequences per optimizer step; None: one per GPU
+    micro_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # candidates
+    strategies: list[str] = field(default_factory=lambda: ["none", "selective", "full"])
+    max_pp: int = 16  # pipeline degrees tried: powers of two up to this
+    top: int = 15  # rows shown
+    explain: Optional[int] = None  # a row number: its full breakdown
+    out: str = "plan.json"  # written in the run's output dir
+
+
 def register_configs() -> None:
     """Store the schemas. Called on import so both @hydra.main and the compose API see them."""
     cs = ConfigStore.instance()
@@ -466,6 +482,7 @@ def register_configs() -> None:
     # root keys added with + before Hydra runs.
     cs.store(name="recompute_lab_schema", node={name: schema() for name, schema in GROUPS.items()})
     cs.store(name="recompute_lab_estimate_schema", node={"estimate": EstimateConfig})
+    cs.store(name="recompute_lab_plan_schema", node={"plan": PlanConfig})
     for group, node in GROUPS.items():
         cs.store(group=f"schema/{group}", name="base", node=node)
 

@@ -107,6 +107,7 @@ def test_console_scripts_point_at_the_entry_points():
     assert set(scripts) == {
         "recompute-lab-train",
         "recompute-lab-estimate",
+        "recompute-lab-plan",
         "recompute-lab-analyze",
         "recompute-lab-dashboard",
         "recompute-lab-wandb-sweep",
@@ -119,6 +120,7 @@ def test_console_scripts_point_at_the_entry_points():
     # bare @hydra.main.
     assert scripts["recompute-lab-train"] == "recompute_lab.cli.train:cli"
     assert scripts["recompute-lab-estimate"] == "recompute_lab.cli.estimate:cli"
+    assert scripts["recompute-lab-plan"] == "recompute_lab.cli.plan:cli"
 
 
 @pytest.fixture

@@ -1,0 +1,478 @@
+"""Predicted time of one optimizer step on one card under a parallel layout: compute, recompute,
+exposed communication, pipeline bubble and optimizer, then tokens/s, MFU and HFU.
+
+Layer: predict (no torch). The model is analytic and stated here in full; its rates are the card's
+datasheet figures (:data:`RATES`, each cited) times efficiencies (:class:`Efficiency`: the knobs a
+calibration sets, not properties of the model).
+
+Compute, per layer and micro-batch on one rank (b sequences of s / cp tokens, tp-sharded):
+  matmuls     qkv, out, fc, proj and the head (last stage): a roofline per GEMM, the larger of
+              FLOPs / (peak x matmul efficiency) and bytes / (HBM x memory efficiency), bytes =
+              operands + result; backward runs two GEMMs of the same size (input and weight
+              gradients)
+  attention   flash kernels: FLOPs 4 b s_q s_k d / tp (QK^T and xV over the full square, as
+              recompute_lab.predict.flops counts them) of which the causal half is computed, at
+              the attention efficiency; backward 2.5 x forward (FlashAttention-2: five matmuls
+              to the forward's two). Eager attention: two batched matmuls over the full square
+              plus the fp32 softmax's passes over the s_q x s_k scores at HBM speed
+  memory      elementwise work at HBM speed: norms, residual adds, RoPE on q and k, the MLP
+              activation (bytes read + written per token, 16-bit activations, norms' statistics
+              ignored); backward moves twice the forward's bytes; the loss reads and writes the
+              fp32 logits four times (log-softmax forward and backward)
+Recompute reruns forward work in backward: ``full`` the block but its last linear (early stop, as
+recompute_lab.predict.flops counts it) and the collectives before it, ``selective`` the
+attention core (a flash kernel reruns whole), a per-stage ``n/L full`` plan n layers of full on
+its base; a budget plan its options' counted FLOPs at matmul speed and pointwise bytes at HBM
+speed.
+
+Communication, alpha-beta per collective over a ring of n ranks (B: the unsharded buffer):
+all-reduce 2 (n - 1) / n B / bw + 2 (n - 1) alpha; all-gather and reduce-scatter half that.
+A group lies inside a node when its span does (torchtitan's mesh order pp, dp_replicate,
+dp_shard, cp, tp: tp innermost); otherwise the per-GPU network link. Overlap rules:
+  tp / sp     two all-reduces (or all-gather + reduce-scatter pairs with SP) per layer in forward,
+              two in backward: exposed (on the critical path between dependent GEMMs)
+  cp          ring attention passes K/V chunks (cp - 1) times per layer in forward, K/V and their
+              gradients in backward: hidden behind the layer's attention compute, the excess
+              exposed
+  fsdp        parameters all-gathered in forward and again in backward (resharded after
+              forward), gradients reduce-scattered in fp32 (bf16_master) once per step: hidden
+              behind compute except the first layer's gather and the last layer's scatter, and
+              any excess over the step's compute
+  dp_replicate  an all-reduce of the gradient shard, hidden behind backward but its last layer
+  pp          activations (and their gradients) sent point to point per micro-batch: exposed
+Pipeline: a 1F1B step takes (m + p - 1) of the slowest stage's micro-batch times, interleaved
+(m + (p - 1) / v); the bubble is the part beyond m. Optimizer: AdamW reads and writes its state
+at HBM speed (bytes per parameter of this rank's shard: :data:`ADAMW_BYTES`), gradient clipping
+reads the gradients once.
+
+MFU counts model FLOPs (3 x the forward of recompute_lab.predict.flops, head included) per GPU per
+second over the dense 16-bit peak (fp32 runs: the fp32 peak); HFU adds the recomputed FLOPs
+(Korthikanti et al. 2022).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from recompute_lab.config import ConfigError
+from recompute_lab.predict import layout as L
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What one GPU computes and moves per second (dense, no sparsity), and its links."""
+
+    name: str
+    bf16_flops: float  # dense 16-bit tensor-core FLOP/s
+    fp32_flops: float  # fp32 FLOP/s without TF32 (fp32 runs' matmuls)
+    hbm_bytes_per_s: float
+    intra_bytes_per_s: float  # NVLink / Infinity Fabric, per GPU, one direction
+    inter_bytes_per_s: float  # the network link per GPU, one direction
+    intra_latency_s: float
+    inter_latency_s: float
+    gpus_per_node: int
+    source: str
+
+    def flops(self, precision: str) -> float:
+        return self.fp32_flops if precision == "fp32" else self.bf16_flops
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of a datasheet rate kernels reach (calibration knobs)."""
+
+    matmul: float = 0.70
+    attention: float = 0.50
+    memory: float = 0.80
+    link: float = 0.80
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not 0 < v <= 1:
+                raise ConfigError(f"efficiency {f.name} must be in (0, 1], got {v}")
+
+
+# AdamW's traffic per parameter of this rank's shard: fp32 master read + write (8), gradient read
+# (4; fp32 under bf16_master's reduce), exp_avg and exp_avg_sq read + write (16), and under
+# bf16_master the 16-bit copy written (2).
+ADAMW_BYTES = {"bf16_master": 30, "fp32": 28}
+
+
+def _ring(kind: str, nbytes: float, n: int, bw: float, alpha: float) -> float:
+    """Seconds for one ring collective of an ``nbytes`` (unsharded) buffer over ``n`` ranks."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    steps = (n - 1) * (2 if kind == "all_reduce" else 1)
+    return steps / n * nbytes / bw + steps * alpha
+
+
+def group_span(lay, dim: str) -> int:
+    """GPUs between the first and last member of a ``dim`` group, plus one (mesh order pp,
+    dp_replicate, dp_shard, cp, tp; tp innermost)."""
+    order = ("tp", "cp", "dp_shard", "dp_replicate", "pp")
+    span = 1
+    for d in order[: order.index(dim) + 1]:
+        span *= int(getattr(lay, d))
+    return span
+
+
+def link(rates: Rates, eff: Efficiency, lay, dim: str) -> tuple[float, float]:
+    """(bytes/s, latency) of ``dim``'s collectives: inside a node or over the network."""
+    if group_span(lay, dim) <= rates.gpus_per_node:
+        return rates.intra_bytes_per_s * eff.link, rates.intra_latency_s
+    return rates.inter_bytes_per_s * eff.link, rates.inter_latency_s
+
+
+@dataclass(frozen=True)
+class Op:
+    """One forward op of a layer on one rank: FLOPs, HBM bytes and how it runs."""
+
+    name: str
+    kind: str  # matmul | attention | eager_scores | memory
+    flops: float = 0.0
+    bytes: float = 0.0
+
+
+def _gemm(name: str, m: int, k: int, n: int, dt: int) -> Op:
+    return Op(name, "matmul", 2.0 * m * k * n, float(dt * (m * k + k * n + m * n)))
+
+
+def layer_ops(cfg, b: int, s: int, tp: int, cp: int, sp: bool, dt: int) -> list[Op]:
+    """The forward ops of one block on one rank for a micro-batch of ``b`` sequences of ``s``
+    tokens (each rank holds s / cp of them; ``dt``: bytes per activation element)."""
+    d, h = cfg.d_model, cfg.n_head
+    hd = d // h
+    kv = (cfg.n_kv_head or h) * hd
+    sq = s // cp  # this rank's queries
+    tok = b * sq
+    glu = str(cfg.mlp) == "swiglu"
+    fc_out = (2 if glu else 1) * cfg.d_ff
+    seq_split = tp if sp else 1  # residual-stream tensors are split over tp only with SP
+    ops = [
+        _gemm("attn.qkv", tok, d, (d + 2 * kv) // tp, dt),
+        _gemm("attn.out", tok, d // tp, d, dt),
+        _gemm("mlp.fc", tok, d, fc_out // tp, dt),
+        _gemm("mlp.proj", tok, cfg.d_ff // tp, d, dt),
+    ]
+    core = 4.0 * b * sq * s * d / tp  # QK^T and xV over the full square (flops' convention)
+    if str(cfg.attention) == "eager":
+        heads = h // tp
+        # fp32 scores written, read by softmax, probabilities written and read by xV
+        ops.append(
+            Op("attn.core", "eager_scores", core, float(b * heads * sq * s * (4 + 4 + 4 + 4)))
+        )
+    else:
+        io = dt * tok * (2 * d + 2 * kv) / tp + dt * b * s * 2 * kv / tp * (cp > 1)
+        ops.append(Op("attn.core", "attention", core, io))
+    per_token = (
+        2 * 2 * d / seq_split  # two norms: read x, write the normalised x
+        + 2 * 3 * d / seq_split  # two residual adds: read two, write one
+        + 2 * (d + kv) / tp  # RoPE on q and k: read, write
+        + (3 if glu else 2) * cfg.d_ff / tp  # the activation (SwiGLU reads gate and up)
+    )
+    ops.append(Op("pointwise", "memory", 0.0, float(dt * tok * per_token)))
+    return ops
+
+
+def op_time(op: Op, peak: float, hbm: float, eff: Efficiency) -> float:
+    """Forward seconds of ``op``."""
+    mem = op.bytes / (hbm * eff.memory)
+    if op.kind == "matmul":
+        return max(op.flops / (peak * eff.matmul), mem)
+    if op.kind == "attention":  # causal: kernels skip the masked half of the blocks
+        return max(0.5 * op.flops / (peak * eff.attention), mem)
+    if op.kind == "eager_scores":
+        return op.flops / (peak * eff.matmul) + mem
+    return mem
+
+
+BACKWARD = {"matmul": 2.0, "attention": 2.5, "eager_scores": 2.0, "memory": 2.0}
+
+
+def recomputed_ops(strategy: str) -> Optional[set]:
+    """Forward ops a layer reruns in backward under ``strategy`` (None: not a whole strategy)."""
+    if strategy == "none":
+        return set()
+    if strategy == "selective":
+        return {"attn.core"}
+    if strategy == "full":  # early stop: mlp.proj's output is saved by nobody
+        return {"attn.qkv", "attn.core", "attn.out", "mlp.fc", "pointwise"}
+    return None
+
+
+def parse_stage(label: str, layers: int) -> dict:
+    """Per-layer strategy counts of a stage's plan label: 'none', 'selective + 3/8 full', ..."""
+    if " + " in label and label.endswith(" full") and "/" in label:
+        base, rest = label.split(" + ", 1)
+        n = int(rest.split("/", 1)[0])
+        return {base: layers - n, "full": n}
+    if recomputed_ops(label) is None:
+        raise ConfigError(
+            f"no step time for strategy {label!r}: none, selective, full or 'base + n/L full'"
+        )
+    return {label: layers}
+
+
+def step_time(
+    cfg,
+    lay,
+    strategy,
+    batch: int,
+    seq: int,
+    rates: Rates,
+    precision: str = "bf16_master",
+    eff: Efficiency = Efficiency(),
+    budget_stages: Optional[list] = None,
+) -> dict:
+    """The predicted seconds of one optimizer step (module docstring) for ``strategy`` (a name or
+    a 'base + n/L full' label, or one per pipeline rank as a list) on ``rates``' card under
+    ``lay``, micro-batch ``batch`` x ``seq`` tokens. ``budget_stages``: per rank, a budget plan's
+    {recompute_flops, recompute_pointwise_bytes} per micro-batch (recompute_lab.strategies.budget.
+    layout prices them) instead of a strategy. Returns step_s, the breakdown (compute, recompute,
+    tp / cp / pp / fsdp / dp exposed communication, bubble, optimizer), tokens/s, MFU, HFU and per
+    stage their micro-batch times."""
+    from recompute_lab.predict import flops as F
+    from recompute_lab.predict import theory
+    from recompute_lab.config.spec import RunSpec, as_model_config
+
+    cfg = as_model_config(cfg)
+    tp, pp, cp, v = int(lay.tp), int(lay.pp), int(lay.cp), int(lay.pp_virtual)
+    ds, dr = int(lay.dp_shard), int(lay.dp_replicate)
+    sp = bool(lay.sp) and tp > 1
+    m = L.microbatches(lay)
+    dt = 4 if precision == "fp32" else 2
+    peak, hbm = rates.flops(precision), rates.hbm_bytes_per_s
+    ops = layer_ops(cfg, batch, seq, tp, cp, sp, dt)
+    fwd = {op.name: op_time(op, peak, hbm, eff) for op in ops}
+    bwd = {op.name: BACKWARD[op.kind] * fwd[op.name] for op in ops}
+    layer_fwd, layer_bwd = sum(fwd.values()), sum(bwd.values())
+
+    # tensor parallelism: 2 all-reduces (or AG + RS pairs) per layer each way; a full recompute
+    # reruns the forward's collectives before mlp.proj (half of them without SP's pairs: 1 of 2)
+    tok = batch * (seq // cp)
+    act_bytes = tok * cfg.d_model * dt
+    bw_tp, a_tp = link(rates, eff, lay, "tp")
+    if sp:
+        one = _ring("all_gather", act_bytes, tp, bw_tp, a_tp) + _ring(
+            "reduce_scatter", act_bytes, tp, bw_tp, a_tp
+        )
+        tp_fwd, tp_rerun = 2 * one, 1.5 * one  # AG(qkv), RS(out), AG(fc) rerun
+    else:
+        one = _ring("all_reduce", act_bytes, tp, bw_tp, a_tp)
+        tp_fwd, tp_rerun = 2 * one, one
+    # context parallelism: K/V chunks around the ring, hidden behind the attention kernel
+    kv = (cfg.n_kv_head or cfg.n_head) * (cfg.d_model // cfg.n_head)
+    chunk = 2 * tok * kv * dt / tp
+    bw_cp, a_cp = link(rates, eff, lay, "cp")
+    cp_f = (cp - 1) * (chunk / bw_cp + a_cp) if cp > 1 else 0.0
+    cp_exposed = max(0.0, cp_f - fwd["attn.core"]) + max(0.0, 2 * cp_f - bwd["attn.core"])
+
+    counts = L.stage_layers(cfg.n_layer, pp, v)
+    n_chunks = len(counts)
+    labels = strategy if isinstance(strategy, list) else [strategy] * pp
+    head_op = _gemm("head", tok, cfg.d_model, cfg.vocab_size // tp, dt)
+    head_f = op_time(head_op, peak, hbm, eff)
+    loss_f = 4 * tok * cfg.vocab_size / tp * 4 / (hbm * eff.memory)  # fp32 logits, 4 passes
+    # pipeline point-to-point: one activation each way per micro-batch per stage boundary
+    bw_pp, a_pp = link(rates, eff, lay, "pp")
+    p2p = (act_bytes / (tp if sp else 1) / bw_pp + a_pp) if pp > 1 else 0.0
+    stages = []
+    for rank in range(pp):
+        chunks = range(rank, n_chunks, pp)
+        layers = sum(counts[k] for k in chunks)
+        last = n_chunks - 1 in chunks
+        if budget_stages is not None:  # per step on this rank: per micro-batch is 1/m
+            bs = budget_stages[rank]
+            rec_flops = bs["recompute_flops"] / m
+            rec = rec_flops / (peak * eff.matmul) + bs.get("recompute_pointwise_bytes", 0) / m / (
+                hbm * eff.memory
+            )
+            rerun_tp = tp_rerun * bs.get("chosen", {}).get("block", 0)
+        else:
+            per = parse_stage(labels[rank], layers)
+            rec = sum(n * sum(fwd[o] for o in recomputed_ops(k)) for k, n in per.items())
+            rec_flops = sum(
+                n * sum(o.flops for o in ops if o.name in recomputed_ops(k)) for k, n in per.items()
+            )
+            rerun_tp = tp_rerun * per.get("full", 0)
+        compute = layers * (layer_fwd + layer_bwd) + ((head_f * 3 + loss_f * 2) if last else 0.0)
+        comm = layers * (2 * tp_fwd + cp_exposed) + rerun_tp + 2 * p2p * len(chunks)
+        stages.append(
+            {
+                "rank": rank,
+                "layers": layers,
+                "compute_s": compute,
+                "recompute_s": rec,
+                "recompute_flops": rec_flops,  # per micro-batch on one rank of this stage
+                "comm_s": comm,
+                "micro_batch_s": compute + rec + comm,
+            }
+        )
+    slow = max(stages, key=lambda r: r["micro_batch_s"])
+    pipe = m * slow["micro_batch_s"]
+    bubble = (pp - 1) / v * slow["micro_batch_s"]
+
+    # FSDP and replicas, per step, for the slowest stage's shard
+    n_params_stage = sum(
+        math.prod(L.tp_local_shape(p, tp)) for p in L.stage_params(cfg, lay, slow["rank"])
+    )
+    fsdp = 0.0
+    if ds > 1:
+        bw, a = link(rates, eff, lay, "dp_shard")
+        gathered = n_params_stage * dt
+        grads = n_params_stage * 4
+        fsdp = 2 * _ring("all_gather", gathered, ds, bw, a) + _ring(
+            "reduce_scatter", grads, ds, bw, a
+        )
+    dp = 0.0
+    if dr > 1:
+        bw, a = link(rates, eff, lay, "dp_replicate")
+        dp = _ring("all_reduce", n_params_stage * 4 / ds, dr, bw, a)
+    busy = pipe  # compute the data-parallel traffic can hide behind
+    exposed_fsdp = fsdp / max(slow["layers"], 1) + max(0.0, fsdp - busy)
+    exposed_dp = dp / max(slow["layers"], 1) + max(0.0, dp - busy / 2)
+    shard = n_params_stage / ds
+    optimizer = shard * (ADAMW_BYTES.get(precision, 28) + 4) / (hbm * eff.memory)  # + clip read
+    step = pipe + bubble + exposed_fsdp + exposed_dp + optimizer
+
+    # utilisation: model FLOPs of the whole step over every GPU
+    gpus = L.n_gpus(lay)
+    seqs = batch * m * ds * dr
+    spec = RunSpec(model=cfg)
+    parts = F.module_forward_flops(spec, seqs, seq)
+    forward = cfg.n_layer * parts["block"] + 2 * seqs * seq * cfg.d_model * cfg.vocab_size
+    model_flops = 3 * forward
+    # every stage's ranks (tp x cp x data-parallel copies) rerun their share each micro-batch
+    recompute_flops = sum(r["recompute_flops"] for r in stages) * m * tp * cp * ds * dr
+    tokens = seqs * seq
+    breakdown = {
+        "compute": m * slow["compute_s"],
+        "recompute": m * slow["recompute_s"],
+        "comm_exposed": m * slow["comm_s"] + exposed_fsdp + exposed_dp,
+        "bubble": bubble,
+        "optimizer": optimizer,
+    }
+    return {
+        "step_s": step,
+        "breakdown": breakdown,
+        "comm": {
+            "tp_per_layer_fwd_s": tp_fwd,
+            "cp_exposed_per_layer_s": cp_exposed,
+            "pp_p2p_s": p2p,
+            "fsdp_s": fsdp,
+            "fsdp_exposed_s": exposed_fsdp,
+            "dp_s": dp,
+            "dp_exposed_s": exposed_dp,
+        },
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / step,
+        "mfu": model_flops / gpus / step / peak,
+        "hfu": (model_flops + recompute_flops) / gpus / step / peak,
+        "stages": stages,
+        "rates": rates.name,
+        "efficiency": dataclasses.asdict(eff),
+        "n_params": theory.param_count(cfg),
+    }
+
+
+# Datasheet rates per card preset (recompute_lab.predict.devices.CARDS' names). Dense 16-bit
+# tensor-core peaks (sparsity halves them away); links one direction per GPU (the bidirectional
+# figures halved); latencies are per ring step.
+RATES = {
+    r.name: r
+    for r in (
+        Rates(
+            "a100_40gb",
+            312e12,
+            19.5e12,
+            1.555e12,
+            300e9,
+            25e9,
+            5e-6,
+            10e-6,
+            8,
+            "NVIDIA A100 datasheet (SXM4 40GB): BF16 312 TFLOPS dense, FP32 19.5 TFLOPS, "
+            "1,555 GB/s HBM2, NVLink 600 GB/s bidirectional; DGX A100: 200 Gb/s HDR per GPU",
+        ),
+        Rates(
+            "a100_80gb",
+            312e12,
+            19.5e12,
+            2.039e12,
+            300e9,
+            25e9,
+            5e-6,
+            10e-6,
+            8,
+            "NVIDIA A100 datasheet (SXM4 80GB): BF16 312 TFLOPS dense, FP32 19.5 TFLOPS, "
+            "2,039 GB/s HBM2e, NVLink 600 GB/s bidirectional; DGX A100: 200 Gb/s HDR per GPU",
+        ),
+        Rates(
+            "h100_80gb",
+            989.4e12,
+            66.9e12,
+            3.35e12,
+            450e9,
+            50e9,
+            5e-6,
+            10e-6,
+            8,
+            "NVIDIA H100 datasheet (SXM5): BF16 989 TFLOPS dense (1,979 with sparsity), FP32 "
+            "67 TFLOPS, 3.35 TB/s HBM3, NVLink 900 GB/s bidirectional; DGX H100: 400 Gb/s "
+            "ConnectX-7 per GPU",
+        ),
+        Rates(
+            "h200",
+            989.4e12,
+            66.9e12,
+            4.8e12,
+            450e9,
+            50e9,
+            5e-6,
+            10e-6,
+            8,
+            "NVIDIA H200 datasheet (SXM): BF16 989 TFLOPS dense, FP32 67 TFLOPS, 4.8 TB/s "
+            "HBM3e, NVLink 900 GB/s bidirectional; 400 Gb/s per GPU",
+        ),
+        Rates(
+            "b200",
+            2.25e15,
+            75e12,
+            8e12,
+            900e9,
+            50e9,
+            5e-6,
+            10e-6,
+            8,
+            "NVIDIA HGX B200 datasheet: 8 GPUs FP16/BF16 36 PFLOPS with sparsity (2.25 dense "
+            "per GPU), FP32 600 TFLOPS, 64 TB/s HBM3e; NVLink 1.8 TB/s bidirectional; DGX B200: "
+            "400 Gb/s ConnectX-7 per GPU",
+        ),
+        Rates(
+            "mi300x",
+            1307.4e12,
+            163.4e12,
+            5.3e12,
+            448e9,
+            50e9,
+            5e-6,
+            10e-6,
+            8,
+            "AMD Instinct MI300X datasheet: BF16 1,307.4 TFLOPS dense, FP32 163.4 TFLOPS, "
+            "5.3 TB/s HBM3, 7 Infinity Fabric links of 128 GB/s bidirectional (448 GB/s one "
+            "direction); 400 Gb/s per GPU",
+        ),
+    )
+}
+
+
+def rates_of(name: str) -> Rates:
+    """The rates of card preset ``name`` (an error naming the valid presets otherwise)."""
+    key = str(name).lower()
+    if key not in RATES:
+        raise ConfigError(f"no step-time rates for GPU {name!r}; valid: {', '.join(sorted(RATES))}")
+    return RATES[key]
