@@ -53,8 +53,10 @@ second over the dense 16-bit peak (fp32 runs: the fp32 peak); HFU adds the recom
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from recompute_lab.config import ConfigError
@@ -379,95 +381,39 @@ def step_time(
     }
 
 
-# Datasheet rates per card preset (recompute_lab.predict.devices.CARDS' names). Dense 16-bit
-# tensor-core peaks (sparsity halves them away); links one direction per GPU (the bidirectional
-# figures halved); latencies are per ring step.
-RATES = {
-    r.name: r
-    for r in (
-        Rates(
-            "a100_40gb",
-            312e12,
-            19.5e12,
-            1.555e12,
-            300e9,
-            25e9,
-            5e-6,
-            10e-6,
-            8,
-            "NVIDIA A100 datasheet (SXM4 40GB): BF16 312 TFLOPS dense, FP32 19.5 TFLOPS, "
-            "1,555 GB/s HBM2, NVLink 600 GB/s bidirectional; DGX A100: 200 Gb/s HDR per GPU",
-        ),
-        Rates(
-            "a100_80gb",
-            312e12,
-            19.5e12,
-            2.039e12,
-            300e9,
-            25e9,
-            5e-6,
-            10e-6,
-            8,
-            "NVIDIA A100 datasheet (SXM4 80GB): BF16 312 TFLOPS dense, FP32 19.5 TFLOPS, "
-            "2,039 GB/s HBM2e, NVLink 600 GB/s bidirectional; DGX A100: 200 Gb/s HDR per GPU",
-        ),
-        Rates(
-            "h100_80gb",
-            989.4e12,
-            66.9e12,
-            3.35e12,
-            450e9,
-            50e9,
-            5e-6,
-            10e-6,
-            8,
-            "NVIDIA H100 datasheet (SXM5): BF16 989 TFLOPS dense (1,979 with sparsity), FP32 "
-            "67 TFLOPS, 3.35 TB/s HBM3, NVLink 900 GB/s bidirectional; DGX H100: 400 Gb/s "
-            "ConnectX-7 per GPU",
-        ),
-        Rates(
-            "h200",
-            989.4e12,
-            66.9e12,
-            4.8e12,
-            450e9,
-            50e9,
-            5e-6,
-            10e-6,
-            8,
-            "NVIDIA H200 datasheet (SXM): BF16 989 TFLOPS dense, FP32 67 TFLOPS, 4.8 TB/s "
-            "HBM3e, NVLink 900 GB/s bidirectional; 400 Gb/s per GPU",
-        ),
-        Rates(
-            "b200",
-            2.25e15,
-            75e12,
-            8e12,
-            900e9,
-            50e9,
-            5e-6,
-            10e-6,
-            8,
-            "NVIDIA HGX B200 datasheet: 8 GPUs FP16/BF16 36 PFLOPS with sparsity (2.25 dense "
-            "per GPU), FP32 600 TFLOPS, 64 TB/s HBM3e; NVLink 1.8 TB/s bidirectional; DGX B200: "
-            "400 Gb/s ConnectX-7 per GPU",
-        ),
-        Rates(
-            "mi300x",
-            1307.4e12,
-            163.4e12,
-            5.3e12,
-            448e9,
-            50e9,
-            5e-6,
-            10e-6,
-            8,
-            "AMD Instinct MI300X datasheet: BF16 1,307.4 TFLOPS dense, FP32 163.4 TFLOPS, "
-            "5.3 TB/s HBM3, 7 Infinity Fabric links of 128 GB/s bidirectional (448 GB/s one "
-            "direction); 400 Gb/s per GPU",
-        ),
-    )
-}
+# Datasheet rates per card preset (recompute_lab.predict.devices.CARDS' names), read from
+# recompute_lab/assets/gpu_specs.json, which cites a source for every figure and lists the ones
+# not confirmed. Dense 16-bit tensor-core peaks (sparsity halved away); links one direction per
+# GPU (the bidirectional figures halved); latency per ring step: NCCL's own tuning constants
+# (src/graph/tuning.cc: base 6.6 us + 0.6 us per NVLink hop inside a node, + 2.7 us per network
+# hop across nodes).
+SPECS = Path(__file__).resolve().parent.parent / "assets" / "gpu_specs.json"
+
+
+def _load_rates() -> dict:
+    data = json.loads(SPECS.read_text())
+    out = {}
+    for name, d in data.items():
+        if not isinstance(d, dict) or "bf16_dense_flops" not in d:
+            continue  # notes beside the presets
+        unconfirmed = d.get("unconfirmed") or []
+        out[name] = Rates(
+            name,
+            float(d["bf16_dense_flops"]),
+            float(d["fp32_flops"]),
+            float(d["hbm_bytes_per_s"]),
+            float(d["intra_node_bytes_per_s"]),
+            float(d["inter_node_bytes_per_s"]),
+            float(d["intra_node_latency_s"]),
+            float(d["inter_node_latency_s"]),
+            int(d["gpus_per_node"]),
+            f"recompute_lab/assets/gpu_specs.json ({name}; unconfirmed: "
+            f"{', '.join(unconfirmed) or 'none'})",
+        )
+    return out
+
+
+RATES = _load_rates()
 
 
 def rates_of(name: str) -> Rates:

@@ -1,0 +1,43 @@
+"""experiments/published_check.py: the committed table of published results vs the step-time
+model is what the code computes now, it predicts at least five results from their stated
+configurations, and every entry it does not predict says why."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import published_check as pc  # noqa: E402
+
+
+def test_committed_table_is_fresh():
+    rows, skipped = pc.check(json.loads(pc.DATA.read_text()))
+    assert len(rows) >= 5
+    assert pc.OUT.read_text() == pc.table(rows, skipped)
+    assert all(s["reason"] for s in skipped)
+    entries = json.loads(pc.DATA.read_text())
+    assert len(rows) + len(skipped) == len(entries)
+    assert all(e["source"] for e in entries)  # every figure cites where it comes from
+
+
+def test_error_is_in_throughput():
+    """Seconds and throughputs share one sign: a faster predicted step is a positive error."""
+    e = {"published": {"iteration_s": 2.0}, "id": "x", "n_gpus": 1}
+    metric, pub, ours = pc.compare(e, {"step_s": 1.0}, None)
+    assert (metric, pub, ours) == ("iteration s", 2.0, 1.0)
+    rows, _ = pc.check(json.loads(pc.DATA.read_text()))
+    for r in rows:
+        want = (r["published"] / r["ours"] if r["metric"] == "iteration s"
+                else r["ours"] / r["published"]) - 1
+        assert r["error"] == want
+
+
+def test_readme_quotes_the_table():
+    rows, _ = pc.check(json.loads(pc.DATA.read_text()))
+    readme = (ROOT / "README.md").read_text()
+    for line in pc.by_card(rows):
+        assert line in readme, f"README should read: {line}"
