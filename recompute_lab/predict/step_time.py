@@ -90,11 +90,21 @@ class Efficiency:
     attention: float = 0.50
     memory: float = 0.80
     link: float = 0.80
+    # seconds each kernel costs beyond its work (dispatch and launch). 0 on GPUs, where the host
+    # runs ahead of the device and launches overlap with kernels; on a CPU, eager dispatch of every
+    # aten op is on the critical path (experiments/cpu_time_check.py measures it)
+    op_overhead_s: float = 0.0
+    # seconds each checkpoint region costs beyond the ops it reruns (saved-tensor hooks, the RNG
+    # state it stashes, the recompute's bookkeeping): small beside a GPU step, measured on a CPU
+    region_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if not 0 < v <= 1:
+            if f.name.endswith("_s"):
+                if not (v >= 0 and math.isfinite(v)):
+                    raise ConfigError(f"efficiency {f.name} must be >= 0 s, got {v}")
+            elif not 0 < v <= 1:
                 raise ConfigError(f"efficiency {f.name} must be in (0, 1], got {v}")
 
 
@@ -137,6 +147,7 @@ class Op:
     kind: str  # matmul | attention | eager_scores | memory
     flops: float = 0.0
     bytes: float = 0.0
+    kernels: int = 1  # aten kernels the op launches in forward
 
 
 def _gemm(name: str, m: int, k: int, n: int, dt: int) -> Op:
@@ -161,49 +172,85 @@ def layer_ops(cfg, b: int, s: int, tp: int, cp: int, sp: bool, dt: int) -> list[
         _gemm("mlp.proj", tok, cfg.d_ff // tp, d, dt),
     ]
     core = 4.0 * b * sq * s * d / tp  # QK^T and xV over the full square (flops' convention)
+    dropout = float(getattr(cfg, "dropout", 0.0) or 0.0) > 0
     if str(cfg.attention) == "eager":
         heads = h // tp
-        # fp32 scores written, read by softmax, probabilities written and read by xV
+        # fp32 scores written, read by softmax, probabilities written and read by xV; kernels:
+        # QK^T, scale, causal mask, softmax, (dropout,) xV
         ops.append(
-            Op("attn.core", "eager_scores", core, float(b * heads * sq * s * (4 + 4 + 4 + 4)))
+            Op(
+                "attn.core",
+                "eager_scores",
+                core,
+                float(b * heads * sq * s * (4 + 4 + 4 + 4)),
+                5 + dropout,
+            )
         )
     else:
         io = dt * tok * (2 * d + 2 * kv) / tp + dt * b * s * 2 * kv / tp * (cp > 1)
         ops.append(Op("attn.core", "attention", core, io))
-    per_token = (
-        2 * 2 * d / seq_split  # two norms: read x, write the normalised x
-        + 2 * 3 * d / seq_split  # two residual adds: read two, write one
-        + 2 * (d + kv) / tp  # RoPE on q and k: read, write
-        + (3 if glu else 2) * cfg.d_ff / tp  # the activation (SwiGLU reads gate and up)
-    )
-    ops.append(Op("pointwise", "memory", 0.0, float(dt * tok * per_token)))
+    rope = str(cfg.positions) == "rope"
+    tok_s = dt * tok / seq_split  # bytes per residual-stream element on this rank, all tokens
+    # elementwise work, bytes read + written (and kernels): two norms (read x, write the
+    # normalised x), two residual adds (read two, write one), RoPE on q and k (multiplies, adds
+    # and half rotations), the activation (SwiGLU reads gate and up: silu and the product), the
+    # residual dropouts
+    ops += [
+        Op("norms", "memory", 0.0, 2 * 2 * d * tok_s, 2),
+        Op("residual", "memory", 0.0, 2 * 3 * d * tok_s, 2),
+        Op("act", "memory", 0.0, (3 if glu else 2) * cfg.d_ff / tp * dt * tok, 2 if glu else 1),
+    ]
+    if rope:
+        ops.append(Op("rope", "memory", 0.0, 2 * (d + kv) / tp * dt * tok, 10))
+    if dropout:
+        ops.append(Op("dropout", "memory", 0.0, 2 * 2 * d * tok_s, 2))
     return ops
 
 
 def op_time(op: Op, peak: float, hbm: float, eff: Efficiency) -> float:
-    """Forward seconds of ``op``."""
+    """Forward seconds of ``op``: its work, plus the per-kernel overhead."""
     mem = op.bytes / (hbm * eff.memory)
+    fixed = op.kernels * eff.op_overhead_s
     if op.kind == "matmul":
-        return max(op.flops / (peak * eff.matmul), mem)
+        return fixed + max(op.flops / (peak * eff.matmul), mem)
     if op.kind == "attention":  # causal: kernels skip the masked half of the blocks
-        return max(0.5 * op.flops / (peak * eff.attention), mem)
+        return fixed + max(0.5 * op.flops / (peak * eff.attention), mem)
     if op.kind == "eager_scores":
-        return op.flops / (peak * eff.matmul) + mem
-    return mem
+        return fixed + op.flops / (peak * eff.matmul) + mem
+    return fixed + mem
 
 
 BACKWARD = {"matmul": 2.0, "attention": 2.5, "eager_scores": 2.0, "memory": 2.0}
 
 
-def recomputed_ops(strategy: str) -> Optional[set]:
-    """Forward ops a layer reruns in backward under ``strategy`` (None: not a whole strategy)."""
-    if strategy == "none":
-        return set()
-    if strategy == "selective":
-        return {"attn.core"}
-    if strategy == "full":  # early stop: mlp.proj's output is saved by nobody
-        return {"attn.qkv", "attn.core", "attn.out", "mlp.fc", "pointwise"}
-    return None
+# Forward ops a layer reruns in backward, per strategy (selective[...]: its modules). Early stop
+# (non-reentrant checkpoint, recompute_lab.predict.flops): a region's last op whose output nobody
+# saves is not rerun (mlp.proj in a block, attn.out in attention) unless a dropout follows it.
+RERUN = {
+    "none": set(),
+    "selective": {"attn.core"},
+    "selective[core_attn]": {"attn.core"},
+    "selective[attn]": {"attn.qkv", "rope", "attn.core"},
+    "selective[mlp]": {"mlp.fc", "act"},
+    "selective[norm]": {"norms"},
+    "full": {"norms", "attn.qkv", "rope", "attn.core", "attn.out", "residual", "mlp.fc", "act"},
+}
+
+
+def regions(strategy: str) -> int:
+    """Checkpoint regions per layer under ``strategy`` (selective[norm]: norm1 and norm2)."""
+    return 0 if strategy == "none" else (2 if strategy == "selective[norm]" else 1)
+
+
+def recomputed_ops(strategy: str, dropout: bool = False) -> Optional[set]:
+    """Forward ops a layer reruns in backward under ``strategy`` (None: not timed here)."""
+    ops = RERUN.get(strategy)
+    if ops is None:
+        return None
+    extra = {"selective[attn]": {"attn.out"}, "selective[mlp]": {"mlp.proj"}}.get(strategy, set())
+    if strategy == "full":
+        extra = {"mlp.proj", "dropout"}
+    return ops | extra if dropout else set(ops)
 
 
 def parse_stage(label: str, layers: int) -> dict:
@@ -214,7 +261,7 @@ def parse_stage(label: str, layers: int) -> dict:
         return {base: layers - n, "full": n}
     if recomputed_ops(label) is None:
         raise ConfigError(
-            f"no step time for strategy {label!r}: none, selective, full or 'base + n/L full'"
+            f"no step time for strategy {label!r}: {', '.join(RERUN)} or 'base + n/L full'"
         )
     return {label: layers}
 
@@ -278,7 +325,8 @@ def step_time(
     labels = strategy if isinstance(strategy, list) else [strategy] * pp
     head_op = _gemm("head", tok, cfg.d_model, cfg.vocab_size // tp, dt)
     head_f = op_time(head_op, peak, hbm, eff)
-    loss_f = 4 * tok * cfg.vocab_size / tp * 4 / (hbm * eff.memory)  # fp32 logits, 4 passes
+    # fp32 logits, 4 passes (upcast, log-softmax, its backward); 5 kernels with the loss's
+    loss_f = 4 * tok * cfg.vocab_size / tp * 4 / (hbm * eff.memory) + 5 * eff.op_overhead_s
     # pipeline point-to-point: one activation each way per micro-batch per stage boundary
     bw_pp, a_pp = link(rates, eff, lay, "pp")
     p2p = (act_bytes / (tp if sp else 1) / bw_pp + a_pp) if pp > 1 else 0.0
@@ -296,9 +344,15 @@ def step_time(
             rerun_tp = tp_rerun * bs.get("chosen", {}).get("block", 0)
         else:
             per = parse_stage(labels[rank], layers)
-            rec = sum(n * sum(fwd[o] for o in recomputed_ops(k)) for k, n in per.items())
+            drop = float(getattr(cfg, "dropout", 0.0) or 0.0) > 0
+            rec = sum(
+                n * (sum(fwd.get(o, 0.0) for o in recomputed_ops(k, drop)))
+                + n * regions(k) * eff.region_overhead_s
+                for k, n in per.items()
+            )
             rec_flops = sum(
-                n * sum(o.flops for o in ops if o.name in recomputed_ops(k)) for k, n in per.items()
+                n * sum(o.flops for o in ops if o.name in recomputed_ops(k, drop))
+                for k, n in per.items()
             )
             rerun_tp = tp_rerun * per.get("full", 0)
         compute = layers * (layer_fwd + layer_bwd) + ((head_f * 3 + loss_f * 2) if last else 0.0)
@@ -338,7 +392,11 @@ def step_time(
     exposed_fsdp = fsdp / max(slow["layers"], 1) + max(0.0, fsdp - busy)
     exposed_dp = dp / max(slow["layers"], 1) + max(0.0, dp - busy / 2)
     shard = n_params_stage / ds
-    optimizer = shard * (ADAMW_BYTES.get(precision, 28) + 4) / (hbm * eff.memory)  # + clip read
+    # + the clip's read; single-tensor AdamW launches about 10 kernels per parameter tensor
+    tensors = len(L.stage_params(cfg, lay, slow["rank"]))
+    optimizer = shard * (ADAMW_BYTES.get(precision, 28) + 4) / (hbm * eff.memory) + (
+        10 * tensors * eff.op_overhead_s
+    )
     step = pipe + bubble + exposed_fsdp + exposed_dp + optimizer
 
     # utilisation: model FLOPs of the whole step over every GPU

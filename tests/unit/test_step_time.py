@@ -104,7 +104,7 @@ def test_communication_grows_with_tp_and_shrinks_with_bandwidth():
 def test_bad_inputs_name_the_valid_choices():
     with pytest.raises(ConfigError, match="h100_80gb"):
         T.rates_of("h900")
-    with pytest.raises(ConfigError, match="none, selective, full"):
+    with pytest.raises(ConfigError, match="none, selective"):
         T.step_time(spec().model, lay(), "op", 1, 1024, H100)
     with pytest.raises(ConfigError, match="efficiency matmul"):
         T.Efficiency(matmul=1.5)

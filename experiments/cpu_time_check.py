@@ -1,0 +1,268 @@
+"""The step-time model on this CPU: calibrated by microbenchmarks, then set beside the paired time
+overheads the committed runs measured (their 95% intervals), strategy by strategy.
+
+    python experiments/cpu_time_check.py --calibrate   # measure this CPU (one thread, as the runs)
+    python experiments/cpu_time_check.py               # predict from the committed calibration
+
+Calibration (experiments/figures/cpu_time_calibration.json), at the runs' thread count:
+  bandwidth   recompute_lab.measure.hardware.measured_copy_bandwidth (bytes read + written)
+  matmul      FLOP/s of a GEMM at each model's mlp.fc shape (b s x d x d_ff) in its dtype, best
+              time less one kernel's overhead: the rate the model's GEMMs run at (small GEMMs on a
+              CPU run far from a 1024^3 GEMM's rate, and bf16 GEMMs without a fast path far
+              below fp32's)
+  attention   the same for scaled_dot_product_attention (causal) at the model's (b, h, s, hd)
+  overhead    seconds per kernel: a chain of K one-element multiplies with autograd, forward and
+              backward, over its 3K kernels (one forward, two backward: the gradient product and
+              its accumulation)
+  region      seconds per checkpoint region beyond its op: the same chain with each multiply in
+              a non-reentrant checkpoint (RNG state preserved), less the plain chain, per link
+Prediction: recompute_lab.predict.step_time on one device with those rates and efficiencies; the
+overhead of a strategy is step(strategy) / step(none) - 1, for every committed run with a paired
+measurement (experiments/figures/results.json.gz) whose strategy the model times. The table
+(experiments/figures/cpu_time_check.md) says whether each prediction falls inside the measured
+interval; tests/unit/test_cpu_time_check.py recomputes it from the committed calibration.
+
+Layer: experiments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from recompute_lab.config import LayoutConfig, ModelConfig
+from recompute_lab.config.spec import as_model_config
+from recompute_lab.predict import step_time as T
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "figures" / "results.json.gz"
+CALIBRATION = HERE / "figures" / "cpu_time_calibration.json"
+OUT = HERE / "figures" / "cpu_time_check.md"
+ONE = OmegaConf.structured(LayoutConfig())  # one device
+
+
+def label_of(strategy: dict) -> str:
+    """The step-time model's name for a run's strategy config (selective[modules])."""
+    name = strategy.get("name", "none")
+    if name == "selective":
+        return f"selective[{','.join(strategy.get('modules') or ['core_attn'])}]"
+    return name
+
+
+def model_of(cfg: dict) -> ModelConfig:
+    m = {k: v for k, v in cfg["model"].items() if k != "hf"}
+    return as_model_config(OmegaConf.merge(OmegaConf.structured(ModelConfig), m))
+
+
+def runs() -> list[dict]:
+    """Committed runs with a paired time overhead, and their baselines' step times."""
+    bundle = json.loads(gzip.open(RESULTS).read())
+    out = []
+    for name, r in sorted(bundle.items()):
+        o = r["time"]["overhead"]
+        if o.get("ratio") is None or r["strategy"].get("name") == "none":
+            continue
+        out.append({"run": name.split("_+")[0], "record": r, "overhead": o})
+    return out
+
+
+def shape_key(cfg: dict) -> str:
+    m, d = cfg["model"], cfg["data"]
+    return (
+        f"{m['name']} b{d['batch_size']} s{d['seq_len']} d{m['d_model']} ff{m['d_ff']} "
+        f"h{m['n_head']} {cfg['precision']['name']}"
+    )
+
+
+def calibrate(threads: int = 1) -> dict:
+    """Measure this CPU (module docstring) for every shape the committed runs use."""
+    import torch
+    import torch.nn.functional as Fn
+    from torch.utils.checkpoint import checkpoint
+
+    from recompute_lab.measure.hardware import measured_copy_bandwidth
+
+    torch.set_num_threads(threads)
+
+    def best(fn, reps: int = 30) -> float:
+        fn()
+        out = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            out = min(out, time.perf_counter() - t)
+        return out
+
+    x = torch.ones(1, requires_grad=True)
+    k = 200
+
+    def chain(wrap=None):
+        def run():
+            y = x
+            for _ in range(k):
+                y = wrap(y) if wrap else y * 1.0001
+            y.sum().backward()
+
+        return run
+
+    overhead = best(chain()) / (3 * k)
+
+    def region(y):  # one multiply inside a checkpoint region, as the strategies wrap modules
+        return checkpoint(lambda t: t * 1.0001, y, use_reentrant=False, preserve_rng_state=True)
+
+    # a region's cost beyond its op: its forward, its rerun and its bookkeeping
+    region_s = max((best(chain(region)) - best(chain())) / k - overhead, 0.0)
+    bw = measured_copy_bandwidth(torch.device("cpu"))
+    shapes = {}
+    for r in runs():
+        cfg = r["record"]["config"]
+        key = shape_key(cfg)
+        if key in shapes:
+            continue
+        m, d = cfg["model"], cfg["data"]
+        dtype = torch.float32 if cfg["precision"]["name"] == "fp32" else torch.bfloat16
+        tok = d["batch_size"] * d["seq_len"]
+        a = torch.randn(tok, m["d_model"], dtype=dtype)
+        w = torch.randn(m["d_model"], m["d_ff"], dtype=dtype)
+        t_mm = max(best(lambda a=a, w=w: a @ w) - overhead, 1e-9)
+        hd = m["d_model"] // m["n_head"]
+        q = torch.randn(d["batch_size"], m["n_head"], d["seq_len"], hd, dtype=dtype)
+        t_at = max(
+            best(lambda q=q: Fn.scaled_dot_product_attention(q, q, q, is_causal=True)) - overhead,
+            1e-9,
+        )
+        shapes[key] = {  # FLOP/s reached at this model's shapes (attention: the causal half)
+            "matmul_flops_per_s": 2 * tok * m["d_model"] * m["d_ff"] / t_mm,
+            "attention_flops_per_s": 0.5
+            * 4
+            * d["batch_size"]
+            * d["seq_len"] ** 2
+            * m["d_model"]
+            / t_at,
+        }
+    return {
+        "threads": threads,
+        "copy_bytes_per_s": bw,
+        "op_overhead_s": overhead,
+        "region_overhead_s": region_s,
+        "shapes": shapes,
+        "torch": torch.__version__,
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def predict(cal: dict) -> list[dict]:
+    """Predicted beside measured overhead per committed run (module docstring)."""
+    rows = []
+    for r in runs():
+        rec = r["record"]
+        cfg = rec["config"]
+        label = label_of(rec["config"]["strategy"])
+        o = r["overhead"]
+        row = {
+            "run": r["run"],
+            "strategy": label,
+            "precision": cfg["precision"]["name"],
+            "attention": cfg["model"]["attention"],
+            "seq": cfg["data"]["seq_len"],
+            "measured": o["ratio"] - 1,
+            "low": o["ci95_low"] - 1,
+            "high": o["ci95_high"] - 1,
+        }
+        if T.recomputed_ops(label) is None:
+            rows.append({**row, "predicted": None, "note": "not timed by the model"})
+            continue
+        fp32 = cfg["precision"]["name"] == "fp32"
+        shape = cal["shapes"][shape_key(cfg)]
+        # the rates measured at this model's shapes stand for the peak; efficiencies are then 1
+        # for matmuls, and attention's is its measured rate relative to the matmuls'
+        mm = shape["matmul_flops_per_s"]
+        rates = T.Rates(
+            "this_cpu",
+            mm,
+            mm,
+            cal["copy_bytes_per_s"],
+            1.0,
+            1.0,
+            0.0,
+            0.0,
+            1,
+            "experiments/figures/cpu_time_calibration.json",
+        )
+        eff = T.Efficiency(
+            matmul=1.0,
+            attention=min(shape["attention_flops_per_s"] / mm, 1.0),
+            memory=1.0,  # the measured copy is the bandwidth
+            op_overhead_s=cal["op_overhead_s"],
+            region_overhead_s=cal["region_overhead_s"],
+        )
+        model = model_of(cfg)
+        b, s = cfg["data"]["batch_size"], cfg["data"]["seq_len"]
+        precision = "fp32" if fp32 else "bf16_master"
+        base = T.step_time(model, ONE, "none", b, s, rates, precision, eff)
+        mine = T.step_time(model, ONE, label, b, s, rates, precision, eff)
+        pred = mine["step_s"] / base["step_s"] - 1
+        rows.append(
+            {**row, "predicted": pred, "inside": row["low"] <= pred <= row["high"], "note": ""}
+        )
+    return rows
+
+
+def table(cal: dict, rows: list[dict]) -> str:
+    timed = [r for r in rows if r["predicted"] is not None]
+    inside = sum(r["inside"] for r in timed)
+    errs = [r["predicted"] - r["measured"] for r in timed]
+    worst = max(timed, key=lambda r: abs(r["predicted"] - r["measured"]))
+    lines = [
+        "# Step-time model on this CPU vs the committed paired time overheads",
+        "",
+        "Generated by `python experiments/cpu_time_check.py` from the calibration in "
+        f"cpu_time_calibration.json (measured {cal['measured_at']}, {cal['threads']} thread, "
+        f"torch {cal['torch']}: copy {cal['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"{cal['op_overhead_s'] * 1e6:.1f} us per kernel, "
+        f"{cal['region_overhead_s'] * 1e6:.1f} us per checkpoint region; GEMM / attention rates "
+        "per shape in the JSON) and the runs in results.json.gz (tiny; their own paired, "
+        "interleaved measurements with 95% intervals). bf16_autocast runs are timed as bf16 "
+        "matmuls with 16-bit activations.",
+        "",
+        f"{len(timed)} strategies timed: {inside} predictions inside the measured interval; "
+        f"median error {statistics.median(errs):+.1%} (predicted - measured overhead, in "
+        f"points of the baseline's step), worst {worst['predicted'] - worst['measured']:+.1%} "
+        f"({worst['run']}, {worst['strategy']}).",
+        "",
+        "| run | strategy | precision | attention | seq | measured overhead (95% CI) | predicted "
+        "| inside |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pred = "-" if r["predicted"] is None else f"{r['predicted']:+.1%}"
+        inside = r["note"] or ("yes" if r["inside"] else "no")
+        lines.append(
+            f"| {r['run']} | {r['strategy']} | {r['precision']} | {r['attention']} | {r['seq']} | "
+            f"{r['measured']:+.1%} ({r['low']:+.1%} to {r['high']:+.1%}) | {pred} | {inside} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calibrate", action="store_true", help="measure this CPU first")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    if args.calibrate:
+        cal = calibrate()
+        CALIBRATION.write_text(json.dumps(cal, indent=1, sort_keys=True) + "\n")
+    cal = json.loads(CALIBRATION.read_text())
+    text = table(cal, predict(cal))
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""experiments/cpu_time_check.py: the committed table (the step-time model on this CPU beside
+the committed runs' paired time overheads) is what the code computes now from the committed
+calibration, and README quotes its summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import cpu_time_check as ct  # noqa: E402
+
+
+def test_committed_table_is_fresh():
+    cal = json.loads(ct.CALIBRATION.read_text())
+    rows = ct.predict(cal)
+    assert ct.OUT.read_text() == ct.table(cal, rows)
+    timed = [r for r in rows if r["predicted"] is not None]
+    assert len(timed) >= 6  # none, selective (four module sets) and full, three precisions
+    for r in timed:
+        assert r["inside"] == (r["low"] <= r["predicted"] <= r["high"])
+
+
+def test_readme_quotes_the_summary():
+    summary = ct.OUT.read_text().split("\n\n")[2].strip()
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert " ".join(summary.split()) in readme
