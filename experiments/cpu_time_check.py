@@ -4,7 +4,9 @@ overheads the committed runs measured (their 95% intervals), strategy by strateg
     python experiments/cpu_time_check.py --calibrate   # measure this CPU (one thread, as the runs)
     python experiments/cpu_time_check.py               # predict from the committed calibration
 
-Calibration (experiments/figures/cpu_time_calibration.json), at the runs' thread count:
+Calibration (experiments/figures/cpu_time_calibration.json), at the runs' thread count, per
+shape the runs use (recompute_lab.measure.hardware.step_time_calibration; the same function
+experiments/gpu_check.py calibrates a GPU with):
   bandwidth   recompute_lab.measure.hardware.measured_copy_bandwidth (bytes read + written)
   matmul      FLOP/s of a GEMM at each model's mlp.fc shape (b s x d x d_ff) in its dtype, best
               time less one kernel's overhead: the rate the model's GEMMs run at (small GEMMs on a
@@ -16,7 +18,8 @@ Calibration (experiments/figures/cpu_time_calibration.json), at the runs' thread
               its accumulation)
   region      seconds per checkpoint region beyond its op: the same chain with each multiply in
               a non-reentrant checkpoint (RNG state preserved), less the plain chain, per link
-Prediction: recompute_lab.predict.step_time on one device with those rates and efficiencies; the
+Prediction: recompute_lab.predict.step_time on one device with the rates and efficiencies
+step_time.calibrated makes of those measurements; the
 overhead of a strategy is step(strategy) / step(none) - 1, for every committed run with a paired
 measurement (experiments/figures/results.json.gz) whose strategy the model times. The table
 (experiments/figures/cpu_time_check.md) says whether each prediction falls inside the measured
@@ -83,42 +86,10 @@ def shape_key(cfg: dict) -> str:
 def calibrate(threads: int = 1) -> dict:
     """Measure this CPU (module docstring) for every shape the committed runs use."""
     import torch
-    import torch.nn.functional as Fn
-    from torch.utils.checkpoint import checkpoint
 
-    from recompute_lab.measure.hardware import measured_copy_bandwidth
+    from recompute_lab.measure.hardware import step_time_calibration
 
     torch.set_num_threads(threads)
-
-    def best(fn, reps: int = 30) -> float:
-        fn()
-        out = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out = min(out, time.perf_counter() - t)
-        return out
-
-    x = torch.ones(1, requires_grad=True)
-    k = 200
-
-    def chain(wrap=None):
-        def run():
-            y = x
-            for _ in range(k):
-                y = wrap(y) if wrap else y * 1.0001
-            y.sum().backward()
-
-        return run
-
-    overhead = best(chain()) / (3 * k)
-
-    def region(y):  # one multiply inside a checkpoint region, as the strategies wrap modules
-        return checkpoint(lambda t: t * 1.0001, y, use_reentrant=False, preserve_rng_state=True)
-
-    # a region's cost beyond its op: its forward, its rerun and its bookkeeping
-    region_s = max((best(chain(region)) - best(chain())) / k - overhead, 0.0)
-    bw = measured_copy_bandwidth(torch.device("cpu"))
     shapes = {}
     for r in runs():
         cfg = r["record"]["config"]
@@ -128,29 +99,15 @@ def calibrate(threads: int = 1) -> dict:
         m, d = cfg["model"], cfg["data"]
         dtype = torch.float32 if cfg["precision"]["name"] == "fp32" else torch.bfloat16
         tok = d["batch_size"] * d["seq_len"]
-        a = torch.randn(tok, m["d_model"], dtype=dtype)
-        w = torch.randn(m["d_model"], m["d_ff"], dtype=dtype)
-        t_mm = max(best(lambda a=a, w=w: a @ w) - overhead, 1e-9)
         hd = m["d_model"] // m["n_head"]
-        q = torch.randn(d["batch_size"], m["n_head"], d["seq_len"], hd, dtype=dtype)
-        t_at = max(
-            best(lambda q=q: Fn.scaled_dot_product_attention(q, q, q, is_causal=True)) - overhead,
-            1e-9,
+        shapes[key] = step_time_calibration(
+            torch.device("cpu"),
+            dtype,
+            (tok, m["d_model"], m["d_ff"]),
+            (d["batch_size"], m["n_head"], d["seq_len"], hd),
         )
-        shapes[key] = {  # FLOP/s reached at this model's shapes (attention: the causal half)
-            "matmul_flops_per_s": 2 * tok * m["d_model"] * m["d_ff"] / t_mm,
-            "attention_flops_per_s": 0.5
-            * 4
-            * d["batch_size"]
-            * d["seq_len"] ** 2
-            * m["d_model"]
-            / t_at,
-        }
     return {
         "threads": threads,
-        "copy_bytes_per_s": bw,
-        "op_overhead_s": overhead,
-        "region_overhead_s": region_s,
         "shapes": shapes,
         "torch": torch.__version__,
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -179,29 +136,7 @@ def predict(cal: dict) -> list[dict]:
             rows.append({**row, "predicted": None, "note": "not timed by the model"})
             continue
         fp32 = cfg["precision"]["name"] == "fp32"
-        shape = cal["shapes"][shape_key(cfg)]
-        # the rates measured at this model's shapes stand for the peak; efficiencies are then 1
-        # for matmuls, and attention's is its measured rate relative to the matmuls'
-        mm = shape["matmul_flops_per_s"]
-        rates = T.Rates(
-            "this_cpu",
-            mm,
-            mm,
-            cal["copy_bytes_per_s"],
-            1.0,
-            1.0,
-            0.0,
-            0.0,
-            1,
-            "experiments/figures/cpu_time_calibration.json",
-        )
-        eff = T.Efficiency(
-            matmul=1.0,
-            attention=min(shape["attention_flops_per_s"] / mm, 1.0),
-            memory=1.0,  # the measured copy is the bandwidth
-            op_overhead_s=cal["op_overhead_s"],
-            region_overhead_s=cal["region_overhead_s"],
-        )
+        rates, eff = T.calibrated(cal["shapes"][shape_key(cfg)], "this CPU")
         model = model_of(cfg)
         b, s = cfg["data"]["batch_size"], cfg["data"]["seq_len"]
         precision = "fp32" if fp32 else "bf16_master"
@@ -224,10 +159,9 @@ def table(cal: dict, rows: list[dict]) -> str:
         "",
         "Generated by `python experiments/cpu_time_check.py` from the calibration in "
         f"cpu_time_calibration.json (measured {cal['measured_at']}, {cal['threads']} thread, "
-        f"torch {cal['torch']}: copy {cal['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"{cal['op_overhead_s'] * 1e6:.1f} us per kernel, "
-        f"{cal['region_overhead_s'] * 1e6:.1f} us per checkpoint region; GEMM / attention rates "
-        "per shape in the JSON) and the runs in results.json.gz (tiny; their own paired, "
+        f"torch {cal['torch']}: GEMM and attention rates, copy bandwidth, per-kernel and "
+        "per-checkpoint-region costs at each shape, recompute_lab.measure.hardware."
+        "step_time_calibration) and the runs in results.json.gz (tiny; their own paired, "
         "interleaved measurements with 95% intervals). bf16_autocast runs are timed as bf16 "
         "matmuls with 16-bit activations.",
         "",

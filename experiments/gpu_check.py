@@ -18,12 +18,14 @@ interval) beside their counted FLOP overheads. The tables are what the README's 
 with the
 GPU's name.
 
-Last, the card's own figures that recompute_lab.predict.devices uses for headroom: the total torch
+Then the card's own figures that recompute_lab.predict.devices uses for headroom: the total torch
 reports (``get_device_properties(0).total_memory``, beside the preset of that card, if any), the
 memory the process holds outside the caching allocator after the runs (``mem_get_info``'s total
 minus free, minus ``memory_reserved``: the CUDA context, kernel images, library workspaces), and per
 strategy the allocator's overhead at the peak (``max_memory_reserved / max_memory_allocated - 1``,
-the fragmentation reserve's fraction).
+the fragmentation reserve's fraction). Last, the step-time model (recompute_lab.predict.step_time)
+calibrated on the device at the runs' shapes, its predicted step and overhead per strategy beside
+the measured ones.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if torch.cuda.is_available() and not args.reduced
         else "cpu (reduced)"
     )
-    rows = []
+    rows, records = [], []
     t0 = time.time()
     cuda = torch.cuda.is_available() and not args.reduced
     for name in STRATEGIES:
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.empty_cache()  # each run's reserved-over-allocated starts from an empty pool
             torch.cuda.reset_peak_memory_stats()
         res = run_overrides([*base, "precision=bf16_master", f"+strategy={name}"])
+        records.append(res)
         frag = None
         if cuda and torch.cuda.max_memory_allocated() > 0:
             frag = torch.cuda.max_memory_reserved() / torch.cuda.max_memory_allocated() - 1
@@ -141,8 +144,73 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     if cuda:
         card_table(rows)
+    for row, pred in zip(rows, time_table(records, cuda)):
+        row.update(pred)
     write_csv(rows, args.out)
     return rows
+
+
+def time_table(records: list[dict], cuda: bool) -> list[dict]:
+    """The step-time model calibrated on this device (recompute_lab.measure.hardware.
+    step_time_calibration at the runs' GEMM and attention shapes) beside each run's measured
+    median step and paired overhead: what recompute_lab.predict.step_time predicts where it
+    can be checked."""
+    from recompute_lab.config import LayoutConfig
+    from recompute_lab.config.spec import RunSpec
+    from recompute_lab.measure.hardware import step_time_calibration
+    from recompute_lab.predict import step_time as T
+
+    spec = RunSpec.of(records[0]["config"])
+    m, b, s = spec.model, spec.data.batch_size, spec.data.seq_len
+    device = torch.device("cuda" if cuda else "cpu")
+    cal = step_time_calibration(
+        device,
+        torch.bfloat16,
+        (b * s, m.d_model, m.d_ff),
+        (b, m.n_head, s, m.d_model // m.n_head),
+    )
+    rates, eff = T.calibrated(cal, device.type)
+    one = LayoutConfig()
+    base = T.step_time(m, one, "none", b, s, rates, "bf16_master", eff)["step_s"]
+    out = []
+    for res in records:
+        name = res["config"]["strategy"]["name"]
+        label = "selective" if name == "selective" else name
+        pred = None
+        if T.recomputed_ops(label) is not None:
+            pred = T.step_time(m, one, label, b, s, rates, "bf16_master", eff)["step_s"]
+        out.append(
+            {
+                "step_measured_s": get(res, "time.step_s_median"),
+                "step_predicted_s": pred,
+                "overhead_predicted": None if pred is None else pred / base,
+            }
+        )
+    print(
+        f"step time, measured vs predicted (recompute_lab.predict.step_time calibrated here: "
+        f"GEMM {cal['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s, attention "
+        f"{cal['attention_flops_per_s'] / 1e12:.2f} TFLOP/s, copy "
+        f"{cal['copy_bytes_per_s'] / 1e9:.0f} GB/s, {cal['op_overhead_s'] * 1e6:.1f} us per "
+        f"kernel, {cal['region_overhead_s'] * 1e6:.1f} us per checkpoint region):"
+    )
+    print_table(
+        [
+            {
+                **r,
+                "strategy": res["config"]["strategy"]["name"],
+                "time_overhead": get(res, "time.overhead.ratio"),
+            }
+            for r, res in zip(out, records)
+        ],
+        [
+            ("strategy", "strategy", "s"),
+            ("step_measured_s", "step meas s", ".4f"),
+            ("step_predicted_s", "step pred s", ".4f"),
+            ("time_overhead", "ovh meas", ".3f"),
+            ("overhead_predicted", "ovh pred", ".3f"),
+        ],
+    )
+    return out
 
 
 def card_table(rows: list[dict]) -> None:
@@ -154,9 +222,7 @@ def card_table(rows: list[dict]) -> None:
     free, whole = torch.cuda.mem_get_info()
     outside = whole - free - torch.cuda.memory_reserved()
     name = torch.cuda.get_device_name(0)
-    preset = next(
-        (c for c in devices.CARDS.values() if c.name.split("_")[0] in name.lower()), None
-    )
+    preset = next((c for c in devices.CARDS.values() if c.name.split("_")[0] in name.lower()), None)
     print(f"card: {name}: total_memory {total:,} B ({total / devices.GiB:.2f} GiB)")
     if preset is not None:
         print(f"  preset {preset.name}: {preset.total_bytes:,} B ({preset.total_gib:.2f} GiB)")

@@ -69,6 +69,68 @@ def best_time(fn: Callable[[], object], device_type: str, reps: int) -> float:
     return best
 
 
+def step_time_calibration(
+    device: torch.device,
+    dtype: torch.dtype,
+    gemm: tuple[int, int, int],
+    attention: tuple[int, int, int, int],
+    reps: int = 20,
+) -> dict:
+    """The rates recompute_lab.predict.step_time needs, measured on ``device`` at a model's shapes
+    (its Rates and Efficiency come from them through step_time.calibrated):
+
+      matmul_flops_per_s      an (m, k) x (k, n) GEMM in ``dtype``, best time less one kernel's
+                              overhead
+      attention_flops_per_s   causal scaled_dot_product_attention at (b, h, s, hd), counted as
+                              the causal half of 4 b s^2 h hd
+      copy_bytes_per_s        a 64 MiB copy, bytes read + written
+      op_overhead_s           a chain of K one-element multiplies with autograd, forward and
+                              backward, over its 3K kernels (one forward, two backward)
+      region_overhead_s       the same chain with every multiply in a non-reentrant checkpoint
+                              (RNG state preserved), less the plain chain, per link, less a kernel
+    """
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    from torch.utils.checkpoint import checkpoint
+
+    kind = device.type
+    x = torch.ones(1, device=device, requires_grad=True)
+    links = 200
+
+    def chain(wrap=None):
+        def run():
+            y = x
+            for _ in range(links):
+                y = wrap(y) if wrap else y * 1.0001
+            y.sum().backward()
+
+        return run
+
+    def region(y):
+        return checkpoint(lambda t: t * 1.0001, y, use_reentrant=False, preserve_rng_state=True)
+
+    chain()()  # warm up
+    plain = best_time(chain(), kind, reps)
+    overhead = plain / (3 * links)
+    chain(region)()
+    region_s = max((best_time(chain(region), kind, reps) - plain) / links - overhead, 0.0)
+    m, k, n = gemm
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    w = torch.randn(k, n, dtype=dtype, device=device)
+    a @ w
+    t_mm = max(best_time(lambda: a @ w, kind, reps) - overhead, 1e-12)
+    b, h, s, hd = attention
+    q = torch.randn(b, h, s, hd, dtype=dtype, device=device)
+    sdpa(q, q, q, is_causal=True)
+    t_at = max(best_time(lambda: sdpa(q, q, q, is_causal=True), kind, reps) - overhead, 1e-12)
+    return {
+        "matmul_flops_per_s": 2 * m * k * n / t_mm,
+        "attention_flops_per_s": 0.5 * 4 * b * s * s * h * hd / t_at,
+        "copy_bytes_per_s": measured_copy_bandwidth(device),
+        "op_overhead_s": overhead,
+        "region_overhead_s": region_s,
+    }
+
+
 def gemm_rate(
     device_type: str = "cpu", dtype_name: str = "float32", n: int = 1024, reps: int = 5
 ) -> float:

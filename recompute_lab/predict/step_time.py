@@ -474,6 +474,34 @@ def _load_rates() -> dict:
 RATES = _load_rates()
 
 
+def calibrated(cal: dict, name: str = "calibrated", like: Optional[Rates] = None):
+    """(Rates, Efficiency) from rates measured at a model's shapes
+    (recompute_lab.measure.hardware.step_time_calibration): the measured GEMM rate stands for the
+    peak (efficiency 1), attention's efficiency is its rate relative to that, the measured copy is
+    the bandwidth; links and the node come from ``like`` (a card's Rates), else one device."""
+    mm = float(cal["matmul_flops_per_s"])
+    rates = Rates(
+        name,
+        mm,
+        mm,
+        float(cal["copy_bytes_per_s"]),
+        like.intra_bytes_per_s if like else 1.0,
+        like.inter_bytes_per_s if like else 1.0,
+        like.intra_latency_s if like else 0.0,
+        like.inter_latency_s if like else 0.0,
+        like.gpus_per_node if like else 1,
+        f"measured ({name})",
+    )
+    eff = Efficiency(
+        matmul=1.0,
+        attention=min(float(cal["attention_flops_per_s"]) / mm, 1.0),
+        memory=1.0,
+        op_overhead_s=float(cal["op_overhead_s"]),
+        region_overhead_s=float(cal["region_overhead_s"]),
+    )
+    return rates, eff
+
+
 def rates_of(name: str) -> Rates:
     """The rates of card preset ``name`` (an error naming the valid presets otherwise)."""
     key = str(name).lower()

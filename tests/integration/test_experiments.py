@@ -46,6 +46,14 @@ def test_gpu_check_reduced(tmp_path):
             r["time_overhead"]
         ) <= float(r["time_ci95_high"])
     assert "paired time overhead vs none" in proc.stdout
+    # the step-time model calibrated on the device: a predicted step for the strategies it times
+    assert "step time, measured vs predicted" in proc.stdout
+    for name in ("none", "full", "selective"):
+        assert float(time[name]["step_predicted_s"]) > 0
+    assert time["op"]["step_predicted_s"] == ""  # op-level SAC is not timed by the model
+    assert float(time["none"]["overhead_predicted"]) == 1.0
+    predicted = {k: float(time[k]["overhead_predicted"]) for k in ("full", "selective")}
+    assert predicted["full"] > predicted["selective"]
 
 
 @pytest.mark.slow
