@@ -10,9 +10,10 @@ m >= pp; with pp = 1 they are gradient-accumulation steps). Per candidate: the s
 for, and the per-stage plan (per_gpu.plan_stages: none or selective on most layers, full on n per
 stage) when it differs from them.
 
-Exports: our own estimate command (Hydra overrides), a torchtitan TOML fragment ([parallelism],
-[training], [activation_checkpoint]: its ParallelismConfig / ActivationCheckpointConfig field
-names) and Megatron-LM arguments (--tensor-model-parallel-size ... --recompute-granularity,
+Exports: our own estimate command (Hydra overrides), a torchtitan TOML fragment ([parallelism] and
+[training]: the field names of torchtitan 0.3's ParallelismConfig and TrainingConfig; its
+activation checkpointing is a policy class chosen in Python, named in a comment) and Megatron-LM
+arguments (--tensor-model-parallel-size ... --recompute-granularity,
 --recompute-method block --recompute-num-layers n for a per-stage 'n/L full' plan, which is
 Megatron's own rule: the first n layers of each stage).
 """
@@ -161,12 +162,15 @@ def export(row: dict, model: str, seq: int, global_batch: int, precision: str, c
         f"estimate.layout.gpu={card}",
         f"+strategy={stages[0] if whole else base}",
     ]
-    mode = {"none": "none", "selective": "selective", "full": "full"}.get(
-        stages[0] if whole else base, "none"
-    )
-    ac = [f'mode = "{mode}"']
-    if mode == "selective":
-        ac.append('selective_ac_option = "op"')
+    strategy = stages[0] if whole else base
+    # torchtitan 0.3 picks activation checkpointing by policy class in the trainer's Python config
+    # (a tyro subcommand), not in TOML; its SelectiveAC is per-op SAC (our `op`), not ours
+    ac = {
+        "none": "activation_checkpoint=None (tyro subcommand: none)",
+        "full": "activation_checkpoint=FullAC.Config() (tyro subcommand: full)",
+        "selective": "no torchtitan policy recomputes the attention core alone (its SelectiveAC "
+        "is per-op SAC, our +strategy=op)",
+    }[strategy]
     dp = lay["dp_shard"]
     titan = "\n".join(
         [
@@ -174,6 +178,7 @@ def export(row: dict, model: str, seq: int, global_batch: int, precision: str, c
             "data_parallel_replicate_degree = 1",
             f"data_parallel_shard_degree = {dp}",
             f"tensor_parallel_degree = {lay['tp']}",
+            f"enable_sequence_parallel = {'true' if lay['sp'] else 'false'}",
             f"context_parallel_degree = {lay['cp']}",
             f"pipeline_parallel_degree = {lay['pp']}",
             'pipeline_parallel_schedule = "1F1B"',
@@ -186,8 +191,7 @@ def export(row: dict, model: str, seq: int, global_batch: int, precision: str, c
             f"global_batch_size = {global_batch}",
             f"seq_len = {seq}",
             "",
-            "[activation_checkpoint]",
-            *ac,
+            f"# activation checkpointing: {ac}",
         ]
     )
     megatron = [
@@ -222,9 +226,9 @@ def export(row: dict, model: str, seq: int, global_batch: int, precision: str, c
                 f"per-stage plan {stages}: Megatron's --recompute-num-layers is one n for every "
                 "stage and torchtitan has no per-layer mix; the exports use the base strategy"
             )
-    elif mode != "none":
-        megatron.append(f"--recompute-granularity {mode}")
-        if mode == "full":
+    elif strategy != "none":
+        megatron.append(f"--recompute-granularity {strategy}")
+        if strategy == "full":
             megatron.append("--recompute-method uniform --recompute-num-layers 1")
     return {
         "recompute_lab": "python -m recompute_lab.estimate " + " ".join(ours),

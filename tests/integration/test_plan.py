@@ -9,23 +9,25 @@ import json
 import re
 import tomllib
 
-from conftest import run_cli
+import pytest
+from conftest import compose_config, run_cli
 from omegaconf import OmegaConf
 
 from recompute_lab.config import LayoutConfig
+from recompute_lab.config.spec import RunSpec
 from recompute_lab.predict import per_gpu
 
-# torchtitan's ParallelismConfig / TrainingConfig / ActivationCheckpointConfig fields the export
-# writes (torchtitan/config/job_config.py) and Megatron-LM's arguments (megatron/training/
-# arguments.py): the names as those files define them.
+# torchtitan 0.3's ParallelismConfig / TrainingConfig fields the export writes
+# (torchtitan/config/configs.py) and Megatron-LM's arguments (megatron/training/arguments.py):
+# the names as those files define them. With torchtitan installed (pip install
+# '.[interop]'), test_torchtitan_builds_its_configs_from_the_export builds its own classes.
 TORCHTITAN = {
     "parallelism": {
         "data_parallel_replicate_degree", "data_parallel_shard_degree", "tensor_parallel_degree",
-        "context_parallel_degree", "pipeline_parallel_degree", "pipeline_parallel_schedule",
-        "pipeline_parallel_microbatch_size",
+        "enable_sequence_parallel", "context_parallel_degree", "pipeline_parallel_degree",
+        "pipeline_parallel_schedule", "pipeline_parallel_microbatch_size",
     },
     "training": {"local_batch_size", "global_batch_size", "seq_len"},
-    "activation_checkpoint": {"mode", "selective_ac_option"},
 }
 MEGATRON = {
     "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size",
@@ -50,9 +52,6 @@ def test_the_planning_question_in_one_command(tmp_path):
     assert keys == sorted(keys) and rows[0]["fits"]
     assert res["global_batch"] == 8 and res["precision"] == "bf16_master"
     # every row's memory is the per-GPU estimate's busiest rank, for its layout and strategy
-    from recompute_lab.config.spec import RunSpec
-    from conftest import compose_config
-
     model = RunSpec.of(compose_config(["model=llama3_8b", "data.seq_len=8192"])).model
     for r in rows[:5]:
         if r["strategy"] not in per_gpu.STRATEGIES:
@@ -87,3 +86,19 @@ def test_bad_plan_inputs_are_refused_with_the_valid_choices(tmp_path):
     proc = run_cli(["model=llama3_8b", "plan.strategies=[op]", f"hydra.run.dir={tmp_path}/s"],
                    tmp_path, module="recompute_lab.plan")
     assert proc.returncode == 2 and "none, selective, full" in proc.stdout + proc.stderr
+
+
+def test_torchtitan_builds_its_configs_from_the_export():
+    """torchtitan's own ParallelismConfig and TrainingConfig accept every exported row's fragment
+    (test-only extra: pip install '.[interop]')."""
+    configs = pytest.importorskip("torchtitan.config.configs")
+    from recompute_lab.predict import advisor
+
+    model = RunSpec.of(compose_config(["model=llama3_8b", "data.seq_len=8192"])).model
+    res = advisor.advise(model, 8192, 16, "h100_80gb", 32, max_pp=4)
+    for row in [r for r in res["rows"] if r["fits"]][:10]:
+        ex = advisor.export(row, "llama3_8b", 8192, 32, "bf16_master", "h100_80gb")
+        toml = tomllib.loads(ex["torchtitan_toml"])
+        par = configs.ParallelismConfig(**toml["parallelism"])
+        assert par.tensor_parallel_degree == row["layout"]["tp"]
+        configs.TrainingConfig(**toml["training"])
