@@ -146,6 +146,26 @@ def fake_world(world_size: int):
         yield
     finally:
         dist.destroy_process_group()
+        _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches() -> None:
+    """Forget DTensor's sharding-propagation caches (Python's and the C++ fast path's) and its
+    redistribution plans. They key on meshes by value and hand back specs holding the mesh they
+    first saw, whose process groups die with its world: a later fake world with an equal mesh
+    (a 1-D tp mesh after a 2-D one's tp slice) would otherwise build parameters on the dead mesh
+    and fail to resolve its group ("Could not resolve the process group registered under the
+    name 3")."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import _redistribute
+
+    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if native is not None:
+        native()
+    _redistribute._gen_transform_infos.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
 
 
 def mesh_of(shape: dict):

@@ -181,3 +181,25 @@ def test_interleaved_stages_run_one_option_each(priced):
     for row in tight["stages"]:
         if row["fits"]:
             assert row["total"] <= limit and "none" not in row["chosen"]
+
+
+def test_a_fake_world_does_not_hand_its_meshes_to_the_next():
+    """DTensor caches sharding results by mesh value (in Python and in its C++ fast path): after a
+    world whose 2-D mesh had a tp slice equal to a later world's 1-D tp mesh, the later model's
+    parameters must live on the later mesh, whose process group exists, not on the dead one.
+    fake_world clears those caches on exit (pricing under a layout failed when another test
+    module's 2-D meshes ran first in the same process)."""
+    import torch
+
+    from recompute_lab.measure import tensor_parallel as TP
+    from recompute_lab.model.gpt import build_model
+
+    cfg = RunSpec.of(compose_config(["model=tiny", "model.n_layer=1"])).model
+    with TP.fake_world(8):
+        old = TP.mesh_of({"dp_shard": 1, "tp": 2})
+        TP.parallelize(build_model(cfg, "meta", torch.bfloat16), old["tp"], sp=True)
+    with TP.fake_world(2):
+        mesh = TP.mesh_of({"tp": 2})
+        model = TP.parallelize(build_model(cfg, "meta", torch.bfloat16), mesh, sp=True)
+        assert all(p.device_mesh is mesh for p in model.parameters())
+        TP.measure_rank(model.train(), B, S, "cuda")  # resolves the live group

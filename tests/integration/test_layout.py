@@ -329,3 +329,4 @@ def test_readme_pp_schedule_values_compose():
             cfg = compose(config_name="estimate", overrides=[f"estimate.layout.pp_schedule={v}"])
             assert str(cfg.estimate.layout.pp_schedule) in ("1f1b", "interleaved")
     GlobalHydra.instance().clear()
+
