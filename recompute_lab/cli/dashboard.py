@@ -20,6 +20,8 @@ project, group
 and name, so a rerun finds it (or pass ``--url`` of a workspace to update). It needs the online W&B
 API; runs
 logged offline must be uploaded first with ``wandb sync <run dir>/wandb/offline-run-*``.
+``--dry-run`` prints the workspace it would create (sections, panels, metrics, grouping, filters)
+without the API or a key.
 
 Layer: cli.
 """
@@ -62,7 +64,13 @@ def swept_axes(sweep_dir: Path) -> list[str]:
 
     values: dict[str, set] = {}
     for path in sorted(Path(sweep_dir).glob("*/.hydra/overrides.yaml")):
-        for item in yaml.safe_load(path.read_text()) or []:
+        try:
+            items = yaml.safe_load(path.read_text()) or []
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: not a Hydra overrides list ({type(e).__name__})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: not a Hydra overrides list (a {type(items).__name__})")
+        for item in items:
             key, _, value = str(item).partition("=")
             values.setdefault(key, set()).add(value)
     axes = [axis_key(k) for k, v in values.items() if len(v) > 1]
@@ -186,6 +194,36 @@ def build_workspace(
     return spec
 
 
+def _filters(spec) -> str:
+    found = getattr(spec.runset_settings, "filters", None)
+    if isinstance(found, (list, tuple)):
+        return "; ".join(str(f) for f in found)
+    return str(found)  # wandb-workspaces keeps them as one expression
+
+
+def describe(spec, axes: typing.Sequence[str]) -> list[str]:
+    """What ``spec`` would create, without the W&B API: the workspace, its run filter and
+    grouping, and every section's panels with the metrics they plot (``--dry-run``)."""
+    lines = [
+        f"workspace {spec.name!r} in {spec.entity}/{spec.project} (view {spec._internal_name}), "
+        f"runs grouped by {', '.join(axes)}",
+        f"  filters: {_filters(spec)}",
+    ]
+    for section in spec.sections:
+        lines.append(f"  section {section.name!r}:")
+        for panel in section.panels:
+            title = getattr(panel, "title", None) or type(panel).__name__
+            found = [getattr(panel, k, None) for k in ("metrics", "x", "y")]
+            metrics = []
+            for m in found:  # a list of names, one name, or a SummaryMetric
+                for one in m if isinstance(m, (list, tuple)) else [m]:
+                    if one is not None and not (isinstance(one, str) and one == "Step"):
+                        metrics.append(str(getattr(one, "name", one)))
+            shown = ", ".join(dict.fromkeys(metrics))
+            lines.append(f"    {type(panel).__name__}: {title}" + (f" [{shown}]" if shown else ""))
+    return lines
+
+
 def reuse_existing(spec) -> bool:
     """Point ``spec`` at the saved view of the same internal name, if there is one (then .save()
     updates it)."""
@@ -219,12 +257,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         help=f"comma-separated config keys to group by (default: {','.join(GROUP_BY)})",
     )
     ap.add_argument("--url", default=None, help="update this existing workspace instead")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the workspace that would be created (no W&B API, no key needed) and exit",
+    )
     args = ap.parse_args(argv)
     axes = GROUP_BY
     if args.groupby:
         axes = tuple(k.strip() for k in args.groupby.split(",") if k.strip())
     elif args.sweep_dir is not None:
-        axes = tuple(swept_axes(args.sweep_dir)) or GROUP_BY
+        if not args.sweep_dir.is_dir():
+            print(
+                f"recompute-lab-dashboard: --sweep-dir {args.sweep_dir} is not a folder",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            axes = tuple(swept_axes(args.sweep_dir)) or GROUP_BY
+        except ValueError as e:
+            print(f"recompute-lab-dashboard: {e}", file=sys.stderr)
+            return 2
     try:
         spec = build_workspace(args.entity, args.project, args.group, args.name, axes)
     except ImportError:
@@ -234,6 +287,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.dry_run:
+        print("\n".join(describe(spec, axes)))
+        print("dry run: nothing was sent to W&B")
+        return 0
     if not has_credentials():
         print(
             "recompute_lab.cli.dashboard needs the online W&B API, and no API key is set.\n"

@@ -310,3 +310,24 @@ def test_dashboard_offline_explains_and_fails(tmp_path):
     )
     assert proc.returncode == 2
     assert "wandb sync" in proc.stderr and "WANDB_API_KEY" in proc.stderr
+
+
+def test_dashboard_dry_run_prints_the_workspace_without_the_api(tmp_path, capsys, monkeypatch):
+    """--dry-run needs neither a key nor the API: it prints the workspace, its grouping (the swept
+    axes), filters and every panel's metrics; a hostile overrides.yaml is refused in one line."""
+    pytest.importorskip("wandb_workspaces")
+    monkeypatch.setattr(dashboard, "has_credentials", lambda: False)
+    sweep = tmp_path / "sweep"
+    for i, strategy in enumerate(("none", "full")):
+        job = sweep / str(i) / ".hydra"
+        job.mkdir(parents=True)
+        job.joinpath("overrides.yaml").write_text(f"- +strategy={strategy}\n- model=tiny\n")
+    args = ["--entity", "me", "--project", "p", "--sweep-dir", str(sweep), "--dry-run"]
+    assert dashboard.main(args) == 0
+    out = capsys.readouterr().out
+    assert "runs grouped by strategy.name" in out and "nothing was sent to W&B" in out
+    assert "memory/activation_bytes/measured" in out and "Metric(\"JobType\") == 'train'" in out
+    (sweep / "0" / ".hydra" / "overrides.yaml").write_text("a: [\n")
+    assert dashboard.main(args) == 2
+    err = capsys.readouterr().err
+    assert "not a Hydra overrides list" in err and "Traceback" not in err
