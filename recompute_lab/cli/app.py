@@ -57,25 +57,42 @@ def user_groups(conf_dir: str | Path = CONF_DIR) -> dict[str, list[str]]:
     }
 
 
-def default_choices(conf_dir: str | Path = CONF_DIR) -> dict[str, str]:
+def default_choices(conf_dir: str | Path = CONF_DIR, app: str = "") -> dict[str, str]:
     """group -> the option conf/config.yaml's defaults list picks (``optional local: default``
-    included)."""
-    defaults = yaml.safe_load((Path(conf_dir) / "config.yaml").read_text()).get("defaults", [])
-    out = {}
-    for item in defaults:
-        if isinstance(item, dict):
-            for key, value in item.items():
-                words = key.split()
-                if words[0] != "override":
-                    out[words[-1]] = str(value)
+    included), then what conf/<app>.yaml overrides (plan: precision bf16_master)."""
+    out: dict[str, str] = {}
+    files = ["config.yaml"] + ([f"{app}.yaml"] if app else [])
+    for name in files:
+        path = Path(conf_dir) / name
+        if not path.is_file():
+            continue
+        for item in yaml.safe_load(path.read_text()).get("defaults", []):
+            if isinstance(item, dict):
+                for key, value in item.items():
+                    words = key.split()
+                    if words[0] != "override" or name != "config.yaml":
+                        out[words[-1]] = str(value)
     return out
 
 
-def groups_text(conf_dir: str | Path = CONF_DIR) -> str:
-    """One line per user group: its options, the default marked with *, how to append or skip it."""
-    chosen = default_choices(conf_dir)
+# Config groups (and root keys) a command never reads: its --help leaves them out. estimate prices
+# one step on the meta device (no W&B); plan ranks layouts and the strategies it enumerates itself
+# (none of the training loop's, the strategy group's or the single-process parallel settings).
+UNREAD = {
+    "estimate": ("logger",),
+    "plan": ("logger", "trainer", "strategy", "parallel", "compile", "experiment"),
+}
+
+
+def groups_text(app: str = "", conf_dir: str | Path = CONF_DIR) -> str:
+    """One line per user group ``app`` reads: its options, the default marked with *, how to
+    append or skip it."""
+    chosen = default_choices(conf_dir, str(app))
     lines = []
+    skip = UNREAD.get(str(app), ())
     for group, options in user_groups(conf_dir).items():
+        if group in skip:
+            continue
         shown = ", ".join(f"{o}*" if chosen.get(group) == o else o for o in options)
         if group in APPENDED:
             note = f"  (+{group}=NAME; none by default)"
@@ -149,6 +166,8 @@ def help_text(config_name: str, job_name: str, overrides: list[str]) -> str:
     template = cfg.hydra.help.template  # resolves the header, the group list and the footer
     with open_dict(cfg):
         del cfg["hydra"]
+        for key in UNREAD.get(job_name, ()):
+            cfg.pop(key, None)
     return string.Template(template).safe_substitute(
         CONFIG=OmegaConf.to_yaml(cfg), APP_CONFIG_GROUPS="", HYDRA_CONFIG_GROUPS="", FLAGS_HELP=""
     )

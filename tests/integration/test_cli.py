@@ -43,7 +43,8 @@ def test_hydra_app_help_lists_the_user_groups_only(tmp_path, module):
     )  # Hydra's default help lists eight schema/* groups
     section = out.split("== Config groups")[1].split("== Config (")[0]
     listed = [line.split(":")[0] for line in section.splitlines()[1:] if ":" in line]
-    assert listed == USER_GROUPS
+    unread = app.UNREAD.get(module.rsplit(".", 1)[1], ())
+    assert listed == [g for g in USER_GROUPS if g not in unread]
     assert (
         "model: gpt2_small, hf, llama3_1b, llama3_405b, llama3_70b, llama3_8b, small, tiny*, "
         "toy_mlp" in out
@@ -158,7 +159,7 @@ def test_local_hook_is_optional_git_ignored_and_loses_to_the_command_line(conf_c
     assert _compose(conf_copy, ["~local"]).trainer.steps == 100  # skipped for one command
     assert (
         "local: default*, example  (machine settings: conf/local/default.yaml, git-ignored, loaded"
-        in app.groups_text(conf_copy)
+        in app.groups_text(conf_dir=conf_copy)
     )
     ignored = subprocess.run(["git", "check-ignore", "-q", "conf/local/default.yaml"], cwd=ROOT)
     tracked = subprocess.run(["git", "check-ignore", "-q", "conf/local/example.yaml"], cwd=ROOT)
@@ -309,3 +310,21 @@ def test_readme_example_commands_compose_and_validate():
         validate(cfg)
         parse_options(cfg.strategy)
     GlobalHydra.instance().clear()
+
+
+def test_each_apps_help_lists_only_the_groups_it_reads(tmp_path):
+    """estimate reads no W&B settings; plan reads none of the training loop's, the strategy
+    group's or the single-process parallel settings, and defaults to bf16_master."""
+    est = run_cli(["--help"], cwd=tmp_path, module="recompute_lab.estimate")
+    plan = run_cli(["--help"], cwd=tmp_path, module="recompute_lab.plan")
+    train = run_cli(["--help"], cwd=tmp_path)
+    assert est.returncode == plan.returncode == train.returncode == 0
+    lines = {name: p.stdout.splitlines() for name, p in (("est", est), ("plan", plan),
+                                                          ("train", train))}
+    assert any(ln.startswith("logger:") for ln in lines["train"])
+    assert not any(ln.startswith("logger:") for ln in lines["est"])
+    assert any(ln.startswith("optimizer:") for ln in lines["est"])  # its state is priced
+    for group in ("logger:", "trainer:", "strategy:", "parallel:", "compile:"):
+        assert not any(ln.startswith(group) for ln in lines["plan"]), group
+    assert "precision: bf16_autocast, bf16_master*, fp32" in lines["plan"]
+    assert "plan:" in plan.stdout  # its own options are in the config it prints
