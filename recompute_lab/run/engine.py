@@ -19,6 +19,7 @@ import gc
 import logging
 import math
 import statistics
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,16 +358,19 @@ def loop(spec: RunSpec, run: Run, start: int, job: Job) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
+    # a bar only on a terminal: redirected to a file (SLURM, nohup, CI) its carriage-return updates
+    # pile up as one unreadable line; there the step lines go to the console instead
+    show_bar = bool(t.progress) and sys.stderr.isatty()
     bar = tqdm(
         range(start, t.steps),
-        disable=not t.progress,
+        disable=not show_bar,
         desc=f"{spec.model.name}/{spec.strategy.name}",
         leave=False,
         initial=start,
         total=t.steps,
     )
     step_lines = StepLines(
-        log, t.steps, logging.DEBUG if t.progress else logging.INFO
+        log, t.steps, logging.DEBUG if show_bar else logging.INFO
     )  # train.log gets them
     for step in bar:
         progress["step"] = signals.step = step

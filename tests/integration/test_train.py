@@ -196,3 +196,16 @@ def test_wandb_offline_run_lands_in_run_dir(tmp_path):
     res = load_results(out / "results.json")
     assert res["logger"]["mode"] == "offline"
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    """trainer.progress=true with stderr redirected (a log file, SLURM, CI): no carriage-return
+    bar updates in it; the step lines go to the console instead."""
+    proc = run_cli(
+        ["model=tiny", "trainer.steps=3", "logger=none", "trainer.progress=true",
+         "trainer.overhead.enabled=false", f"hydra.run.dir={tmp_path}/run"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr
+    assert re.search(r"step\s+3\s*/\s*3|step 3/3|\b3/3\b", proc.stderr), proc.stderr[-1500:]
