@@ -21,6 +21,8 @@ CPU.
                                                           experiments/figures/what_fits.{md,png}
     python experiments/what_fits.py --out /tmp/fits       # elsewhere (tests/unit/test_what_fits.py
                                                           compares)
+    python experiments/what_fits.py 'models=[llama3_8b]' 'seq_lens=[8192,32768]' 'cards=[a100_80gb]'
+                                                          # a grid of your own (outputs/what_fits)
 """
 
 from __future__ import annotations
@@ -77,9 +79,9 @@ def smallest(cfg, seq: int, strategy: str, card: str):
     return best
 
 
-def grid() -> list[dict]:
+def grid(models=MODELS, seqs=SEQS, cards=CARDS) -> list[dict]:
     out = []
-    for name, seq, card, strat in itertools.product(MODELS, SEQS, CARDS, per_gpu.STRATEGIES):
+    for name, seq, card, strat in itertools.product(models, seqs, cards, per_gpu.STRATEGIES):
         cfg = model_cfg(name, seq)
         found = smallest(cfg, seq, strat, card)
         row = {"model": name, "seq": seq, "card": card, "strategy": strat}
@@ -156,9 +158,18 @@ def figure(rows: list[dict], path: Path) -> None:
     style.apply()
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(CARDS), len(MODELS), figsize=(10, 6), sharey=True)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cards = list(dict.fromkeys(r["card"] for r in rows))
+    seqs = list(dict.fromkeys(r["seq"] for r in rows))
+    fig, axes = plt.subplots(
+        len(cards),
+        len(models),
+        figsize=(5 * len(models), 3 * len(cards)),
+        sharey=True,
+        squeeze=False,
+    )
     width = 0.8 / len(per_gpu.STRATEGIES)
-    for (i, dev), (j, name) in itertools.product(enumerate(CARDS), enumerate(MODELS)):
+    for (i, dev), (j, name) in itertools.product(enumerate(cards), enumerate(models)):
         ax = axes[i][j]
         for k, strat in enumerate(per_gpu.STRATEGIES):
             sel = [
@@ -166,7 +177,7 @@ def figure(rows: list[dict], path: Path) -> None:
                 for r in rows
                 if r["model"] == name and r["card"] == dev and r["strategy"] == strat
             ]
-            xs = [n + (k - 1) * width for n in range(len(SEQS))]
+            xs = [n + (k - 1) * width for n in range(len(seqs))]
             ys = [r.get("gpus", 0) for r in sel]
             ax.bar(xs, ys, width, label=strat)
             for x, y in zip(xs, ys):
@@ -179,7 +190,7 @@ def figure(rows: list[dict], path: Path) -> None:
                     fontsize=7,
                 )
         ax.set_yscale("log", base=2)
-        ax.set_xticks(range(len(SEQS)), [f"{s // 1024}k" for s in SEQS])
+        ax.set_xticks(range(len(seqs)), [f"{s // 1024}k" for s in seqs])
         ax.set_title(f"{name}, {dev} ({devices.card(dev).total_gib:.1f} GiB)", fontsize=9)
         if j == 0:
             ax.set_ylabel("GPUs per replica (tp x pp x cp)")
@@ -287,12 +298,51 @@ def readme_values() -> dict:
     }
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``models=[llama3_8b,llama3_70b] seq_lens=[8192] cards=[h100_80gb]`` (Hydra's override
+    syntax, as the apps take it) as the grid's axes; anything else is an error naming the keys."""
+    known = {"models": MODELS, "seq_lens": SEQS, "cards": CARDS}
+    given = OmegaConf.to_container(OmegaConf.from_dotlist(items)) if items else {}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise SystemExit(f"what_fits: unknown key(s) {unknown}; valid: {', '.join(known)}")
+    out = {}
+    for key, default in known.items():
+        value = given.get(key, list(default))
+        value = value if isinstance(value, list) else [value]
+        if not value:
+            raise SystemExit(f"what_fits: {key} is empty")
+        out[key] = tuple(value)
+    models = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml") if p.stem != "hf")
+    for name in out["models"]:
+        if str(name) not in models:
+            raise SystemExit(f"what_fits: unknown model {name!r}; valid: {', '.join(models)}")
+    for card in out["cards"]:
+        try:
+            devices.card(str(card))
+        except Exception as e:
+            raise SystemExit(f"what_fits: {e}") from None
+    if any(not isinstance(s, int) or s < 1 for s in out["seq_lens"]):
+        raise SystemExit(f"what_fits: seq_lens must be positive integers, got {out['seq_lens']}")
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: experiments/figures for the committed grid, "
+        "outputs/what_fits for a grid of your own)",
+    )
+    ap.add_argument("overrides", nargs="*", help="models=[...] seq_lens=[...] cards=[...]")
     args = ap.parse_args(argv)
+    axes = parse_overrides(args.overrides)
+    if args.out is None:  # the committed figure is the default grid's; another grid goes elsewhere
+        args.out = OUT if not args.overrides else Path("outputs") / "what_fits"
     t0 = time.perf_counter()
-    rows = grid()
+    rows = grid(axes["models"], axes["seq_lens"], axes["cards"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "what_fits.md").write_text(markdown(rows))
     figure(rows, args.out / "what_fits.png")

@@ -160,3 +160,21 @@ def test_readme_planning_table_is_what_the_code_computes():
     for plan in (values["plan70"], values["plan405"]):
         assert f"`{plan}`" in text
         assert f"| {plan} |" in (FIGS / "what_fits.md").read_text()  # the table agrees
+
+
+def test_a_grid_of_your_own_from_overrides(tmp_path):
+    """models / seq_lens / cards as Hydra-style overrides: the rows are the default grid's for
+    those axes, written outside the committed figures; bad keys, models and cards are refused
+    naming the valid ones."""
+    axes = wf.parse_overrides(["models=[llama3_70b]", "seq_lens=[8192]", "cards=[h200]"])
+    assert axes == {"models": ("llama3_70b",), "seq_lens": (8192,), "cards": ("h200",)}
+    mine = wf.grid(axes["models"], axes["seq_lens"], axes["cards"])
+    rows = [ln for ln in wf.markdown(mine).splitlines() if ln.startswith("| llama3_70b")]
+    committed = (FIGS / "what_fits.md").read_text().splitlines()
+    assert len(rows) == 3 and all(r in committed for r in rows)  # the default grid's rows
+    wf.main(["--out", str(tmp_path), "models=[llama3_70b]", "seq_lens=[8192]", "cards=[h200]"])
+    assert (tmp_path / "what_fits.md").is_file() and (tmp_path / "what_fits.png").is_file()
+    for bad, needle in ((["gpus=[8]"], "valid: models"), (["models=[llama9]"], "llama3_8b"),
+                        (["cards=[h900]"], "h100_80gb"), (["seq_lens=[0]"], "positive")):
+        with pytest.raises(SystemExit, match=needle):
+            wf.parse_overrides(bad)
