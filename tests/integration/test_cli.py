@@ -233,14 +233,19 @@ def test_readme_torchtitan_megatron_table_commands_are_valid():
 
 APPS = {
     "recompute_lab.cli.train": "config",
+    "recompute_lab.train": "config",
     "recompute-lab-train": "config",
     "recompute_lab.cli.estimate": "estimate",
+    "recompute_lab.estimate": "estimate",
     "recompute-lab-estimate": "estimate",
-}  # command -> its primary config
+    "recompute_lab.cli.plan": "plan",
+    "recompute_lab.plan": "plan",
+    "recompute-lab-plan": "plan",
+}  # command (module or console script) -> its primary config
 
 
 def readme_commands():
-    """(app, overrides) of every train / estimate command in README's bash blocks, -m sweeps
+    """(app, overrides) of every train / estimate / plan command in README's bash blocks, -m sweeps
     expanded into their
     jobs (comma lists, glob()), Hydra's own settings (hydra.*, hydra/launcher=...) left out."""
     import itertools
@@ -291,9 +296,9 @@ def test_readme_example_commands_compose_and_validate():
     from recompute_lab.strategies import parse_options
 
     jobs = list(readme_commands())
-    assert len(jobs) >= 25 and {a for a, _ in jobs} == {"config", "estimate"}
+    assert len(jobs) >= 25 and {a for a, _ in jobs} == {"config", "estimate", "plan"}
     for app_name, overrides in jobs:
-        check_overrides(overrides, ("estimate",) if app_name == "estimate" else ())
+        check_overrides(overrides, (app_name,) if app_name in ("estimate", "plan") else ())
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name=app_name, overrides=overrides)
