@@ -164,8 +164,26 @@ def rank_shape(lay, batch: int, seq: int, precision: str, target: str, fp32_grad
     )
 
 
+# (model fields, tp, pp, v, rank) -> RankView: planners ask for the same views thousands of times
+_VIEWS: dict = {}
+
+
 def view_of(cfg, lay, rank: int) -> RankView:
-    """Pipeline rank ``rank``'s parameters at their tensor-parallel local shapes, and its layers."""
+    """Pipeline rank ``rank``'s parameters at their tensor-parallel local shapes, and its layers
+    (cached per model and layout: a view is a function of them alone)."""
+    key = (
+        json.dumps(to_plain(as_model_config(cfg)), sort_keys=True, default=str),
+        int(lay.tp),
+        int(lay.pp),
+        int(lay.pp_virtual),
+        rank,
+    )
+    if key not in _VIEWS:
+        _VIEWS[key] = _build_view(cfg, lay, rank)
+    return _VIEWS[key]
+
+
+def _build_view(cfg, lay, rank: int) -> RankView:
     counts = L.stage_layers(cfg.n_layer, int(lay.pp), int(lay.pp_virtual))
     chunks = range(rank, len(counts), int(lay.pp))
     tp = int(lay.tp)
@@ -185,16 +203,19 @@ def view_of(cfg, lay, rank: int) -> RankView:
     )
 
 
-def rank_peak(cfg, lay, st: Shape, rank: int, state: dict, act: int, region: int) -> dict:
+def rank_peak(
+    cfg, lay, st: Shape, rank: int, state: dict, act: int, region: int, view=None
+) -> dict:
     """The step's peak on pipeline rank ``rank`` (recompute_lab.predict.peak.predict_peak, the
     one-device phases on this rank's share of the model): ``act`` saved bytes in flight, ``region``
-    the largest checkpoint region's re-saved bytes."""
+    the largest checkpoint region's re-saved bytes (``view``: the rank's, when the caller has
+    it)."""
     return predict_peak(
         cfg,
         st,
         state,
         {"total": act, "largest_region": region},
-        view_of(cfg, lay, rank),
+        view if view is not None else view_of(cfg, lay, rank),
     )
 
 
@@ -317,32 +338,32 @@ def plan_stages(
     out: list = []
     for rank in range(pp):
         best = None
+        state = L.model_state_per_rank(cfg, lay, precision, fp32_grad_accum, stage=rank)
+        view = view_of(cfg, lay, rank)
         for base in ("none", "selective"):
-            row = rows[base][rank]
-            n_layers = row["layers"]
-            for n in range(n_layers + 1) if v == 1 else (0, n_layers):
-                if n == n_layers:  # every layer recomputed: the full row itself
-                    cand = dict(rows["full"][rank], strategy="full")
-                elif n == 0:
-                    cand = dict(row, strategy=base)
-                else:
-                    act = row["activations"] + row["in_flight"] * n * (layer["full"] - layer[base])
-                    region = max(row["region"], rows["full"][rank]["region"])
-                    state = L.model_state_per_rank(cfg, lay, precision, fp32_grad_accum, stage=rank)
-                    peak = rank_peak(cfg, lay, st, rank, state, act, region)
-                    cand = {
-                        **row,
-                        "activations": act,
-                        "phase": peak["phase"],
-                        "phases": peak["phases"],
-                        "region": region,
-                        "total": peak["total"],
-                        "strategy": f"{base} + {n}/{n_layers} full",
-                    }
-                cand.update(
-                    full_layers=n,
-                    recompute_flops=m * (n * cost["full"] + (n_layers - n) * cost[base]),
-                )
+            n_layers = rows[base][rank]["layers"]
+
+            def candidate(n, base=base, rank=rank, state=state, view=view) -> dict:
+                return _n_full(cfg, lay, st, rows, layer, cost, m, base, rank, n, state, view)
+
+            # recompute FLOPs grow with n (full costs more per layer than either base), so the
+            # cheapest plan that fits is the smallest n that fits. n = 0 first: from n = 1 on a
+            # block's recompute re-saves its tensors (the recompute phase), so the peak can
+            # rise from 0 to 1; from 1 to L it only falls (each layer moved to full saves
+            # less), which a bisection finds. When not even n = L fits, the ends are compared
+            # on (fits, FLOPs, bytes) as every n was before.
+            if v == 1 and candidate(0)["total"] <= budget:
+                tried = (0,)
+            elif v == 1 and candidate(n_layers)["total"] <= budget:
+                lo, hi = 1, n_layers  # candidate(hi) fits
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if candidate(mid)["total"] <= budget else (mid + 1, hi)
+                tried = (lo,)
+            else:
+                tried = (0, n_layers)
+            for n in tried:
+                cand = candidate(n)
                 key = (cand["total"] > budget, cand["recompute_flops"], cand["total"])
                 if best is None or key < best[0]:
                     best = (key, cand)
@@ -350,6 +371,32 @@ def plan_stages(
         chosen.append(best[1]["strategy"] if fits else None)
         out.append(best[1] if fits else {**rows["full"][rank], "strategy": None})
     return {"stages": out, "strategies": chosen, "fits": all(c is not None for c in chosen)}
+
+
+def _n_full(cfg, lay, st, rows, layer, cost, m, base, rank, n, state, view) -> dict:
+    """Rank ``rank``'s row for ``base`` on its layers but n, full recomputation on n (plan_stages'
+    candidate): n = 0 and n = L are the base's and full's rows themselves."""
+    row = rows[base][rank]
+    n_layers = row["layers"]
+    if n == n_layers:  # every layer recomputed: the full row itself
+        cand = dict(rows["full"][rank], strategy="full")
+    elif n == 0:
+        cand = dict(row, strategy=base)
+    else:
+        act = row["activations"] + row["in_flight"] * n * (layer["full"] - layer[base])
+        region = max(row["region"], rows["full"][rank]["region"])
+        peak = rank_peak(cfg, lay, st, rank, state, act, region, view)
+        cand = {
+            **row,
+            "activations": act,
+            "phase": peak["phase"],
+            "phases": peak["phases"],
+            "region": region,
+            "total": peak["total"],
+            "strategy": f"{base} + {n}/{n_layers} full",
+        }
+    cand.update(full_layers=n, recompute_flops=m * (n * cost["full"] + (n_layers - n) * cost[base]))
+    return cand
 
 
 def compare(
@@ -618,13 +665,10 @@ def format_layout(rep: dict) -> list[str]:
         + ("   margin GiB  verdict" if dev is not None else "")
     )
     for r in rep["strategies"]:
-        line = (
-            f"    {r['strategy']:<28}{_gib(r['peak']):>9}  {r['phase']:<19}"
-            + (
-                f"{r['recompute_flops'] / 1e12:>20.1f}"
-                if r["recompute_flops"] is not None
-                else f"{'(run counts)':>20}"
-            )
+        line = f"    {r['strategy']:<28}{_gib(r['peak']):>9}  {r['phase']:<19}" + (
+            f"{r['recompute_flops'] / 1e12:>20.1f}"
+            if r["recompute_flops"] is not None
+            else f"{'(run counts)':>20}"
         )
         if "fit" in r:
             verdict = "fits" if r["fit"]["fits"] else "does not fit"

@@ -165,3 +165,38 @@ def test_strategies_that_differ_by_block_are_refused_under_a_layout(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "strategies none, selective, full, op, regions" in proc.stdout + proc.stderr
+
+
+def test_per_stage_plan_bisection_is_the_linear_scan():
+    """plan_stages finds the smallest n of 'base + n/L full' by bisection; a scan over every n of
+    every base (the same candidates, per_gpu._n_full) picks the same plan at budgets from roomy
+    to impossible, on 1F1B layouts with 1, 2 and 4 stages."""
+    from recompute_lab.predict import layout as L
+
+    spec = RunSpec.of(compose_config(["model=llama3_8b", "precision=bf16_master"]))
+    cfg = spec.model
+    for pp, tp in ((1, 1), (2, 2), (4, 1)):
+        lay = OmegaConf.structured(LayoutConfig(tp=tp, pp=pp, dp_shard=8 // (tp * pp) or 1))
+        rows = {n: per_gpu.stage_bytes(cfg, lay, n, 1, 8192) for n in per_gpu.STRATEGIES}
+        lo = min(r["total"] for r in rows["full"])
+        hi = max(r["total"] for r in rows["none"])
+        layer = {n: per_gpu.micro_batch(cfg, tp, tp > 1, n, 1, 8192)["layer"]
+                 for n in per_gpu.STRATEGIES}
+        cost = {n: per_gpu.layer_recompute_flops(cfg, n, 1, 8192, tp, 1)
+                for n in per_gpu.STRATEGIES}
+        st = per_gpu.rank_shape(lay, 1, 8192, "bf16_master", "cuda")
+        m = L.microbatches(lay)
+        for budget in (hi + 1, (hi + lo) // 2, lo + (hi - lo) // 10, lo - 1):
+            plan = per_gpu.plan_stages(cfg, lay, budget, 1, 8192)
+            for rank, got in enumerate(plan["stages"]):
+                state = L.model_state_per_rank(cfg, lay, "bf16_master", stage=rank)
+                view = per_gpu.view_of(cfg, lay, rank)
+                best = None
+                for base in ("none", "selective"):
+                    for n in range(rows[base][rank]["layers"] + 1):
+                        c = per_gpu._n_full(cfg, lay, st, rows, layer, cost, m, base, rank, n,
+                                            state, view)
+                        key = (c["total"] > budget, c["recompute_flops"], c["total"])
+                        best = (key, c) if best is None or key < best[0] else best
+                want = best[1]["strategy"] if not best[0][0] else None
+                assert got["strategy"] == want, (pp, tp, budget, rank)
