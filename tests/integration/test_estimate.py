@@ -292,38 +292,37 @@ def test_estimate_activation_rows_add_up_to_the_total_shown(precision, strategy)
 
 
 NO_DYNAMO = """
-import sys
+import json, sys
 from conftest import compose_config
 from recompute_lab.cli.estimate import estimate
 from recompute_lab.config import EstimateConfig
 
-cfg = compose_config(["model=llama3_8b", "data.seq_len=2048", "data.batch_size=1", "+strategy=%s"])
-res = estimate(cfg, EstimateConfig(cross_check=%s))
-act = res["series"][0]["activation_bytes"]
-print(act["predicted"], act["measured"], "torch._dynamo" in sys.modules)
+def act(strategy, cross_check):
+    cfg = compose_config(
+        ["model=llama3_8b", "data.seq_len=2048", "data.batch_size=1", f"+strategy={strategy}"]
+    )
+    a = estimate(cfg, EstimateConfig(cross_check=cross_check))["series"][0]["activation_bytes"]
+    return [a["predicted"], a["measured"]]
+
+out = {s: act(s, False) for s in ("none", "full", "selective", "layers")}
+out["dynamo"] = "torch._dynamo" in sys.modules
+out["full checked"] = act("full", True)
+print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("strategy", ["none", "full", "selective", "layers"])
-def test_an_estimate_the_theory_answers_runs_no_meta_forward_and_imports_no_dynamo(
-    tmp_path, strategy
-):
+def test_an_estimate_the_theory_answers_runs_no_meta_forward_and_imports_no_dynamo(tmp_path):
     """torch._dynamo (1 s to import) comes with the meta forward's first checkpoint call and with
     normal_ on a meta Embedding: neither happens where the theory has the answer. In a fresh
     process, since any earlier test may have imported it."""
-    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    out = {}
-    for check in ("False", "True"):
-        proc = subprocess.run(
-            [sys.executable, "-c", NO_DYNAMO % (strategy, check)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env},
-        )
-        assert proc.returncode == 0, proc.stderr
-        out[check] = proc.stdout.split()
-    predicted, measured, dynamo = out["False"]
-    assert int(predicted) > 0 and measured == "None" and dynamo == "False"
-    # the cross-check counts on meta (and the checkpointing strategies import dynamo there)
-    assert out["True"][:2] == [predicted, predicted]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_DYNAMO], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("dynamo") is False
+    checked = out.pop("full checked")
+    assert all(predicted > 0 and measured is None for predicted, measured in out.values())
+    # the cross-check counts on meta, and the count is the theory's
+    assert checked == [out["full"][0]] * 2
