@@ -39,13 +39,19 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+def building_on_meta() -> bool:
+    """Is the model being built under ``torch.device("meta")`` (build_model's device context)?
+    There buffers need their shapes only (issue 29: computing their values on meta cost seconds)."""
+    return torch.empty(0).is_meta
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (RoPE) tables; rotates pairs of channels of q and k by position."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
-        if torch.empty(0).is_meta:  # built under torch.device("meta"): the tables' shapes only
-            # (their values would run Python references op by op: 0.3 s for Llama-3 405B)
+        if building_on_meta():  # the tables' shapes only (their values would run Python
+            # references op by op: 0.3 s for Llama-3 405B)
             cos, sin = (torch.empty(max_seq_len, head_dim // 2) for _ in range(2))
         else:
             inv_freq = 1.0 / (
@@ -75,9 +81,12 @@ class AttentionCore(nn.Module):
         self.dropout = cfg.dropout
         self.n_rep = cfg.n_head // (cfg.n_kv_head or cfg.n_head)
         eager = cfg.attention == Attention.eager
-        mask = (
-            torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril() if eager else None
-        )
+        mask = None
+        if eager:
+            s = cfg.max_seq_len
+            # on meta the shape only: tril runs a Python reference that imports torch._dynamo
+            mask = torch.empty(s, s, dtype=torch.bool)
+            mask = mask if building_on_meta() else torch.ones_like(mask).tril()
         self.register_buffer("causal", mask, persistent=False)  # (S, S) lower triangle, eager only
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

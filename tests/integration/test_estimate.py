@@ -297,14 +297,14 @@ from conftest import compose_config
 from recompute_lab.cli.estimate import estimate
 from recompute_lab.config import EstimateConfig
 
-def act(strategy, cross_check):
-    cfg = compose_config(
-        ["model=llama3_8b", "data.seq_len=2048", "data.batch_size=1", f"+strategy={strategy}"]
-    )
+def act(strategy, cross_check, *extra):
+    shape = ["data.seq_len=2048", "data.batch_size=1"]
+    cfg = compose_config(["model=llama3_8b", *shape, f"+strategy={strategy}", *extra])
     a = estimate(cfg, EstimateConfig(cross_check=cross_check))["series"][0]["activation_bytes"]
     return [a["predicted"], a["measured"]]
 
 out = {s: act(s, False) for s in ("none", "full", "selective", "layers")}
+out["selective eager"] = act("selective", False, "model.attention=eager")  # its (s, s) mask
 out["dynamo"] = "torch._dynamo" in sys.modules
 out["full checked"] = act("full", True)
 print(json.dumps(out))
