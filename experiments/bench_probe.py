@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compose_cfg, print_table, run_overrides, write_csv  # noqa: E402
+from common import compose_cfg, fixed_rounds, print_table, run_overrides, write_csv  # noqa: E402
 
 from recompute_lab.measure.timing import describe, run_paired  # noqa: E402
 
@@ -137,14 +137,7 @@ def paired_workers(base: list[str], rounds: int, warm_steps: int, log: list[dict
 
             return one_step
 
-        return run_paired(
-            arm(True),
-            arm(False),
-            min_rounds=rounds,
-            max_rounds=rounds,
-            target_rel_width=0.0,
-            warmup_rounds=1,
-        )
+        return fixed_rounds(arm(True), arm(False), rounds)
     finally:
         for conn in pipes.values():
             conn.send(None)

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from recompute_lab.config import CONF_DIR as CONF
 from recompute_lab.run.engine import run
-from recompute_lab.measure.timing import describe
+from recompute_lab.measure.timing import Paired, describe, run_paired
 
 
 def compose_cfg(overrides: list[str]):
@@ -73,3 +73,16 @@ def time_columns(o: dict) -> dict:
         "time_words": o.get("skipped")
         or describe(o.get("ratio"), o.get("ci95_low"), o.get("ci95_high")),
     }
+
+
+def fixed_rounds(step_a, step_b, rounds: int) -> Paired:
+    """recompute_lab.measure.timing.run_paired for exactly ``rounds`` ABBA rounds after one warmup
+    round (a benchmark's table compares figures of equal effort, so no early stop)."""
+    return run_paired(
+        step_a,
+        step_b,
+        min_rounds=rounds,
+        max_rounds=rounds,
+        target_rel_width=0.0,
+        warmup_rounds=1,
+    )

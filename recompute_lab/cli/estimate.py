@@ -174,20 +174,22 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     autocast = policy.autocast_dtype is not None
     if autocast:
         notes.append("autocast has no meta backend: activations below are the theory's only")
+    cross_check = bool(est.cross_check)
     series = []
     for s in seq_lens:
         b = int(spec.data.batch_size)
         st = step.replace(batch=b, seq=s)
         measured, by_module = None, None
-        if not autocast:
+        # The one prediction (recompute_lab.predict.prediction): a plan without a closed form (op,
+        # regions) is priced from the resident meta count, as the memory guard prices it.
+        predicted = prediction.predict(spec, plan, st, n_params)
+        if not autocast and (cross_check or predicted.activations.get("source") != "theory"):
             counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
             # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache
             # included), by module: the rows add up to it
             measured, by_module = counted["resident_total"], counted["resident_by_module"]
-        # The one prediction (recompute_lab.predict.prediction): a plan without a closed form (op,
-        # regions) is priced from the resident meta count, as the memory guard prices it.
-        predicted = prediction.predict(spec, plan, st, n_params, counted_activations=measured)
+            predicted = prediction.predict(spec, plan, st, n_params, counted_activations=measured)
         pred = predicted.activations
         by_module = by_module if by_module is not None else (pred.get("by_module") or {})
         shown = measured if measured is not None else pred["total"]
@@ -314,10 +316,15 @@ def format_table(res: dict) -> str:
         lines.append(row(f"  {kind}", [v] * len(series)))
     lines.append(row("  total", [ms["predicted"]] * len(series)))
     meta = series[0]["activation_bytes"]["measured"] is not None
-    lines.append(
-        f"activations (saved for backward, "
-        f"{'meta-measured' if meta else 'theory: no meta autocast'})"
+    autocast = any("no meta backend" in n for n in res["notes"])
+    source = (
+        "meta-measured"
+        if meta
+        else "theory: no meta autocast"
+        if autocast
+        else "theory; estimate.cross_check=true adds the meta count"
     )
+    lines.append(f"activations (saved for backward, {source})")
     groups = sorted({g for x in series for g in x["activation_bytes"]["by_group"]})
     for g in groups:
         label = f"  {g} (x{n_layer})" if g == "blocks" else f"  {g}"

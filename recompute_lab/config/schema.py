@@ -354,6 +354,10 @@ class EstimateConfig(Frozen):
         default_factory=list
     )  # a series of sequence lengths; empty = data.seq_len
     out: str = "estimate.json"  # where the JSON goes (relative to the run's output dir)
+    # Saved tensors are counted on a meta replica only where the theory has no closed form (op,
+    # regions, offload, budget; the meta forward took 1.4 s of a Llama-3 405B estimate); true
+    # counts them beside the theory's figure for every plan (measured == theory is the cross-check)
+    cross_check: bool = False
     layout: LayoutConfig = field(
         default_factory=LayoutConfig
     )  # per-GPU under tp/sp/pp/cp/fsdp (all 1: off)

@@ -250,18 +250,25 @@ def stage_params(cfg, lay, stage: int) -> list[ParamTensor]:
     norm and head (last stage; with tied embeddings and pp > 1 the last stage keeps its own copy of
     the matrix,
     as Megatron does)."""
+    return [p for n, group in stage_groups(cfg, lay, stage) for _ in range(n) for p in group]
+
+
+def stage_groups(cfg, lay, stage: int) -> list[tuple[int, list[ParamTensor]]]:
+    """:func:`stage_params` as (repeats, parameters) groups: one block's parameters once per layer
+    of the stage, then the embeddings and the head where the stage has them. A sum over a stage's
+    parameters need not walk every layer (what_fits summed 5 million shapes so, issue 29)."""
     counts = stage_layers(cfg.n_layer, int(lay.pp), int(lay.pp_virtual))
     chunks = [k for k in range(len(counts)) if k % int(lay.pp) == stage]
     full = param_tensors(cfg, n_layer=1)
-    block = [p for p in full if role_of(p.name) == "block"]
-    out = [p for k in chunks for _ in range(counts[k]) for p in block]
+    out = [(sum(counts[k] for k in chunks), [p for p in full if role_of(p.name) == "block"])]
     last = len(counts) - 1
     if 0 in chunks:
-        out += [p for p in full if role_of(p.name) == "first"]
+        out.append((1, [p for p in full if role_of(p.name) == "first"]))
     if last in chunks:
-        out += [p for p in full if role_of(p.name) == "last"]
+        ends = [p for p in full if role_of(p.name) == "last"]
         if cfg.tie_embeddings and (0 not in chunks):
-            out.append(ParamTensor("head.weight", (cfg.vocab_size, cfg.d_model)))
+            ends.append(ParamTensor("head.weight", (cfg.vocab_size, cfg.d_model)))
+        out.append((1, ends))
     return out
 
 
@@ -279,10 +286,11 @@ def model_state_per_rank(
     dp_replicate copies the sharded state: it adds GPUs, not bytes per GPU.
     """
     tp, ds = int(lay.tp), int(lay.dp_shard)
-    shapes = [tp_local_shape(p, tp) for p in stage_params(cfg, lay, stage)]
+    groups = stage_groups(cfg, lay, stage)
+    shapes = [(n, tp_local_shape(p, tp)) for n, group in groups for p in group]
     fsdp = ds > 1
-    padded = sum(shard_rows(s, ds) for s in shapes) if fsdp else sum(math.prod(s) for s in shapes)
-    local = sum(local_rows(s, ds, 0) for s in shapes) if fsdp else padded
+    padded = sum(n * (shard_rows(s, ds) if fsdp else math.prod(s)) for n, s in shapes)
+    local = sum(n * local_rows(s, ds, 0) for n, s in shapes) if fsdp else padded
     per = (
         theory.FSDP_BF16_MASTER_BYTES_PER_PARAM
         if fsdp and precision == "bf16_master"

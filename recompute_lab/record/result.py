@@ -144,6 +144,9 @@ class Time(Section):
     tokens_per_s: Optional[Number] = None
     warmup_steps: Optional[int] = None
     step_s: list = field(default_factory=list)
+    # the loop's own time beside the steps: iterations, wall_s, step_s, data_s, log_s, other_s,
+    # outside_step (recompute_lab.run.engine.LoopClock)
+    loop: Optional[dict] = None
 
 
 @dataclass

@@ -111,6 +111,13 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
             f"  loss {loss['first']:.4f} -> {loss['final']:.4f} over {len(loss['history'])} steps; "
             f"{speed}"
         )
+        lp = t.get("loop") or {}
+        if lp.get("iterations"):
+            per = lambda key: f"{lp[key] / lp['iterations'] * 1e3:.2f} ms"
+            lines.append(
+                f"  loop outside the step: {lp['outside_step']:.1%} of its time (per iteration: "
+                f"data {per('data_s')}, logging {per('log_s')}, other {per('other_s')})"
+            )
     ovh = t.get("overhead") or {}
     if ovh.get("baseline") is not None and (ovh.get("rounds") or ovh.get("skipped")):
         what = (

@@ -20,6 +20,7 @@ import logging
 import math
 import statistics
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,12 +373,15 @@ def loop(spec: RunSpec, run: Run, start: int, job: Job) -> None:
     step_lines = StepLines(
         log, t.steps, logging.DEBUG if show_bar else logging.INFO
     )  # train.log gets them
+    clock = LoopClock()
     for step in bar:
+        began = time.perf_counter()
         progress["step"] = signals.step = step
         micro = [
             tuple(x.to(device, non_blocking=True) for x in run.batches.get(step, m))
             for m in range(t.grad_accum)
         ]
+        clock.data_s += time.perf_counter() - began
         try:
             with StepTimer(device) as timer:
                 loss_sum = train_step(spec, run, micro, progress, where=f"at step {step}")
@@ -399,20 +403,27 @@ def loop(spec: RunSpec, run: Run, start: int, job: Job) -> None:
                 f"trainer.diverge_factor={t.diverge_factor:g} "
                 f"x the first loss {history[0]:.4g} (0 switches the rule off)"
             )
+        logged = time.perf_counter()
         tok_s = tokens_per_step / timer.seconds
         bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
-        logger.log(
-            {
-                "loss": loss_val,
-                "lr": scheduler.get_last_lr()[0],
-                "step_s": timer.seconds,
-                "tokens_per_s": tok_s,
-                **({} if run.grad_norm is None else {"grad_norm": float(run.grad_norm)}),
-                **step_memory(device),
-            },
-            step=step,
-        )
+        if logger.run is not None:  # the metrics (RSS read from /proc) only for a live W&B run
+            logger.log(
+                {
+                    "loss": loss_val,
+                    "lr": scheduler.get_last_lr()[0],
+                    "step_s": timer.seconds,
+                    "tokens_per_s": tok_s,
+                    **({} if run.grad_norm is None else {"grad_norm": float(run.grad_norm)}),
+                    **step_memory(device),
+                },
+                step=step,
+            )
         step_lines(step, loss_val, timer.seconds, tok_s)
+        clock.log_s += time.perf_counter() - logged
+        clock.step_s += timer.seconds
+        clock.wall_s += time.perf_counter() - began
+        clock.iterations += 1
+        results["time"]["loop"] = clock.to_dict()
         done = step + 1
         if stop:
             save_checkpoint(done)
@@ -427,6 +438,32 @@ def loop(spec: RunSpec, run: Run, start: int, job: Job) -> None:
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
             save_checkpoint(done)
     bar.close()
+
+
+@dataclass
+class LoopClock:
+    """Where the training loop's wall time goes besides the timed steps (issue 29: data built
+    outside the step timer once cost 15% of a `tiny` iteration and showed nowhere). Sums over the
+    iterations of this process (a resumed run's earlier ones are not in it)."""
+
+    data_s: float = 0.0  # micro-batches made and moved to the device
+    log_s: float = 0.0  # W&B history, progress bar, step lines
+    step_s: float = 0.0  # the timed steps (time.step_s)
+    wall_s: float = 0.0  # whole iterations
+    iterations: int = 0
+
+    def to_dict(self) -> dict:
+        wall = self.wall_s
+        return {
+            "iterations": self.iterations,
+            "wall_s": wall,
+            "step_s": self.step_s,
+            "data_s": self.data_s,
+            "log_s": self.log_s,
+            # loss sync, divergence checks, the first step's model-state record (not checkpoints)
+            "other_s": wall - self.step_s - self.data_s - self.log_s,
+            "outside_step": (wall - self.step_s) / wall if wall > 0 else None,
+        }
 
 
 def summarize(spec: RunSpec, run: Run, counted: dict, results: dict) -> None:

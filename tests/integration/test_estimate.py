@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,7 +21,7 @@ from recompute_lab.model.gpt import build_model
 from recompute_lab.measure.target_kernels import TargetKernels
 from recompute_lab.config.spec import Shape
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from test_memory import LLAMA_LIKE, TINY, apply
 
 
@@ -41,6 +44,7 @@ def test_estimate_cli_is_fast_and_model_state_exact(tmp_path, model):
             "data.seq_len=4096",
             "+strategy=full",
             "precision=fp32",
+            "estimate.cross_check=true",
             f"estimate.out={out}",
         ],
         cwd=tmp_path,
@@ -88,6 +92,7 @@ def test_estimate_series_and_bad_target(tmp_path):
             "estimate.seq_lens=[512,2048]",
             "estimate.target=cpu",
             "model.attention=eager",
+            "estimate.cross_check=true",
             "estimate.out=e.json",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
@@ -242,7 +247,7 @@ def test_estimate_multirun_writes_one_estimate_json_per_job(tmp_path):
         res = json.loads(f.read_text())
         act[res["strategy"]["name"], res["series"][0]["seq_len"]] = res["memory"][
             "activation_bytes"
-        ]["measured"]
+        ]["predicted"]
     assert set(act) == {("none", 32), ("none", 64), ("full", 32), ("full", 64)}
     assert act["full", 32] < act["none", 32] < act["none", 64] and act["full", 64] < act["none", 64]
     assert "0_+strategy=none,data.seq_len=32" in {
@@ -284,3 +289,40 @@ def test_estimate_activation_rows_add_up_to_the_total_shown(precision, strategy)
     assert shown and sum(act["by_group"].values()) == sum(act["by_module"].values()) == shown
     assert (UNATTRIBUTED in act["by_module"]) == (precision == "bf16_autocast")
     assert "  at phase" in format_table(res)
+
+
+NO_DYNAMO = """
+import json, sys
+from conftest import compose_config
+from recompute_lab.cli.estimate import estimate
+from recompute_lab.config import EstimateConfig
+
+def act(strategy, cross_check, *extra):
+    shape = ["data.seq_len=2048", "data.batch_size=1"]
+    cfg = compose_config(["model=llama3_8b", *shape, f"+strategy={strategy}", *extra])
+    a = estimate(cfg, EstimateConfig(cross_check=cross_check))["series"][0]["activation_bytes"]
+    return [a["predicted"], a["measured"]]
+
+out = {s: act(s, False) for s in ("none", "full", "selective", "layers")}
+out["selective eager"] = act("selective", False, "model.attention=eager")  # its (s, s) mask
+out["dynamo"] = "torch._dynamo" in sys.modules
+out["full checked"] = act("full", True)
+print(json.dumps(out))
+"""
+
+
+def test_an_estimate_the_theory_answers_runs_no_meta_forward_and_imports_no_dynamo(tmp_path):
+    """torch._dynamo (1 s to import) comes with the meta forward's first checkpoint call and with
+    normal_ on a meta Embedding: neither happens where the theory has the answer. In a fresh
+    process, since any earlier test may have imported it."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_DYNAMO], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("dynamo") is False
+    checked = out.pop("full checked")
+    assert all(predicted > 0 and measured is None for predicted, measured in out.values())
+    # the cross-check counts on meta, and the count is the theory's
+    assert checked == [out["full"][0]] * 2

@@ -227,3 +227,22 @@ def test_readme_gpu_table_is_the_committed_gpu_check_output():
                 r["time_words"].split(" (95% CI")[0] in readme
                 and r["time_rounds"] + " rounds" in readme
             )
+
+
+@pytest.mark.slow
+def test_bench_cli_reduced(tmp_path):
+    out = tmp_path / "bench_cli.md"
+    proc = run_script(
+        "bench_cli.py",
+        *("--rounds", "1", "--entries", "estimate_405b", "--out", str(out)),
+        *("--loop-rounds", "6", "--loop-iterations", "2"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")]
+    phases = [r[1] for r in rows if r[0] == "| estimate_405b"]
+    assert phases == ["imports", "compose", "work", "total"]
+    loops = [r for r in rows if r[0].startswith("| tiny b8 s64")]
+    assert len(loops) == 2  # progress bar off and on
+    for r in loops:
+        low, high = map(float, r[4].split("-"))
+        assert low <= float(r[3]) <= high and r[6].split()[0] in ("met", "missed", "undecided")

@@ -37,6 +37,12 @@ def test_cli_default_full_run_writes_results(tmp_path):
     }
     assert res["model"]["params"] > 0 and res["model"]["seq_len"] == 64
     assert res["time"]["tokens_per_s"] > 0 and res["time"]["warmup_steps"] == 3
+    # The loop's own time beside the steps: its parts add up to the iterations' wall time.
+    lp = res["time"]["loop"]
+    assert lp["iterations"] == 12 and lp["step_s"] == pytest.approx(sum(res["time"]["step_s"]))
+    parts = lp["step_s"] + lp["data_s"] + lp["log_s"] + lp["other_s"]
+    assert lp["data_s"] > 0 and lp["log_s"] > 0 and parts == pytest.approx(lp["wall_s"])
+    assert 0 < lp["outside_step"] < 1
     ms = res["memory"]["model_state_bytes"]
     assert ms["measured"] == ms["predicted"] == 16 * res["model"]["params"]
     # train.log tells the story: every phase with its time, step lines, the end; the summary is in
@@ -53,6 +59,7 @@ def test_cli_default_full_run_writes_results(tmp_path):
         "step 12/12: loss",
         "training: ",
         "step time median",
+        "loop outside the step: ",
         "run ok: ",
         "status ok  model=tiny",
     ):
