@@ -27,3 +27,12 @@ def test_readme_estimate_timing_is_the_bench_table():
     tlo, thi = total_ci.split("-")
     assert f"work {work} s (95% CI {lo}-{hi}), {total} s ({tlo}-{thi}) with the imports" in readme
     assert f"at load {load} on the 2 shared cores" in readme
+
+
+def test_readme_what_fits_timing_is_the_bench_table():
+    table = (ROOT / "experiments" / "figures" / "bench_cli.md").read_text()
+    total, ci, load = row(table, "what_fits", "total")
+    lo, hi = ci.split("-")
+    assert f"({total} s, 95% CI {lo}-{hi}, at load {load}; bench_cli.md)" in (
+        ROOT / "README.md"
+    ).read_text()
