@@ -43,6 +43,7 @@ def main(cfg: DictConfig) -> float | None:
     # Imported here, after Hydra parsed the command line: --help and --cfg job need neither torch
     # nor the engine.
     from recompute_lab.run.distributed import env_rank
+    from recompute_lab.record.folder import RecordNotSaved
     from recompute_lab.run.engine import run
     from recompute_lab.record.logs import route_warnings
     from recompute_lab.record.results import format_summary
@@ -56,6 +57,11 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         results = run(cfg, run_dir, group=group)
+    except RecordNotSaved:
+        # RunFolder.finish has said on stderr where the record went; the command still fails
+        if multirun:
+            return None  # the tally counts the job's folder as not ok
+        sys.exit(1)
     except ConfigError as e:
         log.error("recompute_lab: invalid configuration: %s", e)
         if multirun:

@@ -19,6 +19,9 @@ kept as
 - Once the checks pass, a ``status: running`` record is written at once, so a job that is killed
 (SIGKILL, node
   failure) still shows in ``analyze``; the analysis tells a live run from a dead one by the lock.
+- The final record is never lost silently: when the folder cannot take it (disk full, folder made
+  read-only), it goes to ``<run dir>.results.json`` beside the folder, and failing that to stderr as
+  one JSON line; either way a message on stderr says where it went and why (RecordNotSaved).
 
 Layer: record.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +46,18 @@ LOCK = ".recompute_lab.lock"
 
 class FolderBusy(ConfigError):
     """Another process is running in this run folder."""
+
+
+class RecordNotSaved(RuntimeError):
+    """The final record could not be written to the run folder's results.json; the message says
+    where it went instead (the fallback file or stderr) and why."""
+
+
+def fallback_path(folder: Path) -> Path:
+    """Where a final record goes when its run folder cannot take it: beside the folder, named after
+    it (a folder made unwritable still leaves its parent; another disk is not guessed at)."""
+    folder = Path(folder)
+    return folder.parent / f"{folder.name}.{RESULTS}"
 
 
 def read_status(path: Path) -> Optional[str]:
@@ -122,15 +138,45 @@ class RunFolder:
             results["previous_record"] = f"results.previous-{n}.json (status {self.prior})"
         self._write({**results, "status": "running", "pid": os.getpid()})
 
-    def finish(self, results: dict) -> None:
-        if self.write:
-            self._write(results)
+    def finish(self, results: dict) -> Optional[str]:
+        """Write the final record. Returns None when results.json took it, else a message saying
+        where it went instead (printed on stderr here too): the fallback file beside the folder,
+        or stderr as one JSON line when that fails as well."""
+        if not self.write:
+            return None
+        data = self._record(results)
+        try:
+            write_json_atomic(self.folder / RESULTS, data)
+            return None
+        except OSError as e:
+            reason = f"{type(e).__name__}: {e}"
+        data = {**data, "record_fallback": f"{self.folder / RESULTS} not written ({reason})"}
+        spare = fallback_path(self.folder)
+        try:
+            write_json_atomic(spare, data)
+            where = f"written to {spare} instead"
+        except OSError as e:
+            where = (
+                f"and neither could {spare} ({type(e).__name__}: {e}); the record follows on "
+                "stderr as one JSON line"
+            )
+            spare = None
+        message = (
+            f"recompute_lab: the final record (status {results.get('status')}) could not be "
+            f"written to {self.folder / RESULTS} ({reason}); {where}"
+        )
+        print(message, file=sys.stderr, flush=True)
+        if spare is None:
+            print(json.dumps(data, allow_nan=False), file=sys.stderr, flush=True)
+        return message
 
     def _write(self, results: dict) -> None:
-        """Write the record through its typed contract (recompute_lab.record.result.RunResult). A
-        record that does
-        not fit is still written, never lost, with the reason in ``record_error`` (tests make it an
-        error)."""
+        write_json_atomic(self.folder / RESULTS, self._record(results))
+
+    def _record(self, results: dict) -> dict:
+        """The record through its typed contract (recompute_lab.record.result.RunResult). A
+        record that does not fit is still written, never lost, with the reason in
+        ``record_error`` (tests make it an error)."""
         data = jsonable(results)
         try:
             data = RunResult.from_dict(data, str(self.folder / RESULTS)).to_dict()
@@ -142,7 +188,7 @@ class RunFolder:
             if os.environ.get(VALIDATE_ENV) == "1":
                 raise
             data = {**data, "record_error": str(e)}
-        write_json_atomic(self.folder / RESULTS, data)
+        return data
 
     def release(self) -> None:
         if self._lock is not None:

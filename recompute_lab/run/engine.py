@@ -38,7 +38,7 @@ from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision
 from recompute_lab.predict import prediction
 from recompute_lab.predict.prediction import Prediction
-from recompute_lab.record.folder import FolderBusy, RunFolder
+from recompute_lab.record.folder import FolderBusy, RecordNotSaved, RunFolder
 from recompute_lab.record.logs import Laps, StepLines
 from recompute_lab.record.results import format_summary, new_results
 from recompute_lab.record.wandb_run import RunLogger
@@ -578,7 +578,9 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
     record is
     written at once and replaced by the final one; out of memory, divergence and interruption end
     the run with
-    their status and return normally, so a sweep goes on.
+    their status and return normally, so a sweep goes on. When the folder cannot take the final
+    record, it goes beside the folder or to stderr (RunFolder.finish) and RecordNotSaved is raised
+    after everything else has finished.
     """
     run_dir = Path(run_dir)
     # what an earlier job of this process freed (Hydra runs a sweep's jobs in one process)
@@ -619,12 +621,14 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
             spec.trainer.steps,
             run_dir,
         )
-        folder.start(results)
-        logger = RunLogger(
-            distributed.logger_cfg(spec, dctx), run_dir, group
-        )  # one W&B run: rank 0's
-        laps(f"W&B run ({logger.mode})")
+        # Everything from the first record on is inside the protected region: a signal or a failure
+        # while the running record or the W&B run starts still ends with a final record.
+        logger: Optional[RunLogger] = None
         try:
+            folder.start(results)
+            # one W&B run: rank 0's
+            logger = RunLogger(distributed.logger_cfg(spec, dctx), run_dir, group)
+            laps(f"W&B run ({logger.mode})")
             train(spec, Job(results, logger, run_dir, progress, signals), dctx, resume)
             results["status"] = "ok"
         except ConfigError as e:
@@ -656,20 +660,28 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
             )
         finally:
             signals.closing = True  # a signal now must not cut the final record short
-            results["logger"] = {"mode": logger.mode, "note": logger.note}
-            folder.finish(results)
+            results["logger"] = (
+                {"mode": logger.mode, "note": logger.note}
+                if logger is not None
+                else {"mode": "disabled", "note": "the run ended before its W&B run started"}
+            )
+            # The record first, then what is optional (W&B): a failing W&B cannot cost the record.
+            lost = folder.finish(results)
             folder.release()
-            logger.summarize(results, format_summary(results))
-            logger.finish(exit_code)
+            if logger is not None:
+                logger.summarize(results, format_summary(results))
+                logger.finish(exit_code)
             whole(
                 f"run {results['status']}" + (f" ({results.get('error')})" if exit_code else ""),
-                f"results.json and W&B ({logger.mode}) in {run_dir}",
+                f"results.json and W&B ({logger.mode if logger else 'not started'}) in {run_dir}",
             )
             dctx.close()
             if exit_code:
                 gc.collect()  # free the failed run's tensors before the next job of a sweep
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+    if lost:
+        raise RecordNotSaved(lost)
     return results
 
 

@@ -1,0 +1,95 @@
+"""Faults at the edges of a run (issue 31): a final record the folder cannot take, a signal while
+the first record and the W&B run start, refused runs that must leave a finished run's files
+alone."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import sys
+
+import pytest
+
+from recompute_lab.record import folder as run_folder
+from recompute_lab.record.folder import RecordNotSaved, fallback_path
+from recompute_lab.run import engine
+
+from conftest import FAST, compose_config, load_results
+
+TINY = ["trainer.steps=2", "trainer.probe=false", *FAST]
+
+
+def _disk_full(monkeypatch, also=lambda path: False):
+    """The atomic writer fails with ENOSPC for every record but the ``running`` one (the folder
+    fills up during the run), and for any other path ``also`` names."""
+    real = run_folder.write_json_atomic
+
+    def write(path, data):
+        if (path.name == "results.json" and data.get("status") != "running") or also(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(run_folder, "write_json_atomic", write)
+
+
+def test_final_record_goes_beside_the_folder_when_it_cannot_take_it(tmp_path, monkeypatch, capsys):
+    _disk_full(monkeypatch)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RecordNotSaved, match="No space left on device"):
+        engine.run(compose_config(TINY), run_dir)
+    spare = load_results(fallback_path(run_dir))
+    assert spare["status"] == "ok" and len(spare["loss"]["history"]) == 2
+    assert "No space left" in spare["record_fallback"]
+    err = capsys.readouterr().err
+    assert str(fallback_path(run_dir)) in err and "status ok" in err
+    assert not run_folder.is_locked(run_dir)  # the lock went with the run
+
+
+def test_final_record_goes_to_stderr_when_no_file_takes_it(tmp_path, monkeypatch, capsys):
+    _disk_full(monkeypatch, also=lambda path: path.name.endswith(".results.json"))
+    with pytest.raises(RecordNotSaved, match="stderr"):
+        engine.run(compose_config(TINY), tmp_path / "run")
+    lines = capsys.readouterr().err.splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(records) == 1 and records[0]["status"] == "ok"
+    assert records[0]["loss"]["final"] is not None
+
+
+def test_cli_exits_non_zero_when_the_record_went_elsewhere(tmp_path, monkeypatch, capsys):
+    from recompute_lab.cli import train
+
+    _disk_full(monkeypatch)
+    run_dir = tmp_path / "run"
+    argv = ["train", *TINY, f"hydra.run.dir={run_dir}", "hydra/job_logging=disabled"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        train.main()
+    assert stop.value.code == 1
+    assert "could not be written" in capsys.readouterr().err
+    assert load_results(fallback_path(run_dir))["status"] == "ok"
+
+
+@pytest.mark.parametrize("fault", ["SIGTERM", "SIGINT", "error"])
+def test_fault_while_wandb_starts_leaves_a_final_record(tmp_path, monkeypatch, fault):
+    """The W&B start comes after the ``running`` record: a signal or a failure there must still end
+    with a final record and the lock released (it used to leave ``running`` and a traceback)."""
+
+    def start(*args, **kwargs):
+        if fault == "error":
+            raise RuntimeError("wandb-core died (injected)")
+        signal.raise_signal(getattr(signal, fault))  # SignalFlag raises SetupInterrupted here
+        raise AssertionError("the signal handler should have stopped the W&B start")
+
+    monkeypatch.setattr(engine, "RunLogger", start)
+    run_dir = tmp_path / "run"
+    if fault == "error":
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.run(compose_config(TINY), run_dir)
+        want = "error"
+    else:
+        assert engine.run(compose_config(TINY), run_dir)["status"] == "interrupted"
+        want = "interrupted"
+    res = load_results(run_dir / "results.json")
+    assert res["status"] == want and res["logger"]["mode"] == "disabled"
+    assert not run_folder.is_locked(run_dir)
