@@ -42,11 +42,7 @@ log = logging.getLogger("recompute_lab.cli.train")  # not __name__: "__main__" u
 def main(cfg: DictConfig) -> float | None:
     # Imported here, after Hydra parsed the command line: --help and --cfg job need neither torch
     # nor the engine.
-    from recompute_lab.run.distributed import env_rank
-    from recompute_lab.record.folder import RecordNotSaved
-    from recompute_lab.run.engine import run
-    from recompute_lab.record.logs import route_warnings
-    from recompute_lab.record.results import format_summary
+    from recompute_lab.record.logs import HeldFileLogs, route_warnings
     from recompute_lab.record.wandb_run import sweep_group
 
     route_warnings()  # one log line per warning, no source line
@@ -55,8 +51,25 @@ def main(cfg: DictConfig) -> float | None:
     # Jobs of one sweep share a W&B group named after the sweep folder (e.g. "2026-11-29_01-02-03").
     group = sweep_group(hc.sweep.dir) if multirun else None
     run_dir = Path(hc.runtime.output_dir)
+    # train.log stays untouched until the run passes its folder's checks: a refused run must not
+    # append to the log of the run that owns the folder (recompute_lab.record.logs.HeldFileLogs)
+    held = HeldFileLogs()
     try:
-        results = run(cfg, run_dir, group=group)
+        return run_job(cfg, run_dir, group, multirun, held.run_started)
+    finally:
+        held.close()  # what a refused run logged reached the console only
+
+
+def run_job(cfg: DictConfig, run_dir: Path, group, multirun: bool, on_start) -> float | None:
+    """The engine's run and how its end becomes the command's: the summary, the exit status (a
+    single run) or the next job (a sweep)."""
+    from recompute_lab.record.folder import RecordNotSaved
+    from recompute_lab.record.results import format_summary
+    from recompute_lab.run.distributed import env_rank
+    from recompute_lab.run.engine import run
+
+    try:
+        results = run(cfg, run_dir, group=group, on_start=on_start)
     except RecordNotSaved:
         # RunFolder.finish has said on stderr where the record went; the command still fails
         if multirun:

@@ -22,7 +22,7 @@ import statistics
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -40,6 +40,7 @@ from recompute_lab.predict import prediction
 from recompute_lab.predict.prediction import Prediction
 from recompute_lab.record.folder import FolderBusy, RecordNotSaved, RunFolder
 from recompute_lab.record.logs import Laps, StepLines
+from recompute_lab.record.provenance import save_hydra_files
 from recompute_lab.record.results import format_summary, new_results
 from recompute_lab.record.wandb_run import RunLogger
 from recompute_lab.run import checkpoint, distributed
@@ -564,7 +565,12 @@ def preflight(spec: RunSpec, run_dir: Path) -> Optional[tuple[Path, dict]]:
     return None if path is None else (path, checkpoint.load(path, spec))
 
 
-def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
+def run(
+    spec: RunSpec,
+    run_dir: Path,
+    group: Optional[str] = None,
+    on_start: Optional[Callable[[], None]] = None,
+) -> dict:
     """Train per ``spec``, keep ``run_dir/results.json`` true whatever happens, and return the
     results.
 
@@ -580,7 +586,8 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
     the run with
     their status and return normally, so a sweep goes on. When the folder cannot take the final
     record, it goes beside the folder or to stderr (RunFolder.finish) and RecordNotSaved is raised
-    after everything else has finished.
+    after everything else has finished. ``on_start`` is called once the folder's checks have
+    passed and the running record is written (the CLI releases the held train.log then).
     """
     run_dir = Path(run_dir)
     # what an earlier job of this process freed (Hydra runs a sweep's jobs in one process)
@@ -626,6 +633,10 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
         logger: Optional[RunLogger] = None
         try:
             folder.start(results)
+            if on_start is not None:
+                on_start()
+            if dctx.is_main:  # .hydra/*.yaml only now, not before the folder's checks
+                save_hydra_files(run_dir, given)
             # one W&B run: rank 0's
             logger = RunLogger(distributed.logger_cfg(spec, dctx), run_dir, group)
             laps(f"W&B run ({logger.mode})")

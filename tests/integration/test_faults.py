@@ -93,3 +93,45 @@ def test_fault_while_wandb_starts_leaves_a_final_record(tmp_path, monkeypatch, f
     res = load_results(run_dir / "results.json")
     assert res["status"] == want and res["logger"]["mode"] == "disabled"
     assert not run_folder.is_locked(run_dir)
+
+
+def _snapshot(run_dir) -> dict:
+    """The files a refused run must leave as they were: the log, the provenance, the record."""
+    names = ["train.log", "results.json", ".hydra/config.yaml", ".hydra/hydra.yaml"]
+    names.append(".hydra/overrides.yaml")
+    return {n: (run_dir / n).read_bytes() for n in names}
+
+
+def test_refused_runs_leave_the_log_and_provenance_alone(tmp_path):
+    """Busy folder, finished folder, refused resume: each is refused before Hydra's provenance or
+    train.log of the folder's run changes (Hydra used to rewrite .hydra/*.yaml and append to
+    train.log before the lock and status checks)."""
+    import fcntl
+
+    from conftest import run_cli
+    from recompute_lab.record.folder import LOCK
+
+    run_dir = tmp_path / "run"
+    first = run_cli(["trainer.steps=1", *FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = _snapshot(run_dir)
+    assert b"trainer.steps=1" in before[".hydra/overrides.yaml"] and before["train.log"]
+    again = ["trainer.steps=3", *FAST, f"hydra.run.dir={run_dir}"]
+
+    finished = run_cli(again, cwd=tmp_path)
+    assert finished.returncode == 2 and "holds a finished run" in finished.stderr
+    assert _snapshot(run_dir) == before
+
+    with open(run_dir / LOCK, "a") as lock:  # another process runs there
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = run_cli(again, cwd=tmp_path)
+    assert busy.returncode == 2 and "another process is running" in busy.stderr
+    assert _snapshot(run_dir) == before
+
+    # an interrupted run's folder, resumed with no checkpoint to resume from
+    record = json.loads(before["results.json"])
+    (run_dir / "results.json").write_text(json.dumps({**record, "status": "interrupted"}))
+    before = _snapshot(run_dir)
+    resume = run_cli([*again, "trainer.resume=true"], cwd=tmp_path)
+    assert resume.returncode == 2 and "no checkpoint" in resume.stderr
+    assert _snapshot(run_dir) == before
