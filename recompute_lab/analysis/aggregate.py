@@ -37,6 +37,7 @@ import copy
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -203,6 +204,11 @@ TEXT_COLUMNS = (
 )
 
 
+# Numeric columns where a non-finite value is a result (a diverged run's loss); in every other
+# one it reads as missing.
+INFINITE_OK = ("final_loss",)
+
+
 def _dict(v: Any) -> dict:
     return v if isinstance(v, dict) else {}
 
@@ -234,6 +240,9 @@ def _coerce(row: dict) -> dict:
                 else (str(v) if isinstance(v, (int, float)) else None)
             )
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            row[col] = None
+        elif not math.isfinite(v) and col not in INFINITE_OK:
+            # "inf" bytes, FLOPs or times are no measurement: missing, not a point off every axis
             row[col] = None
     return row
 
@@ -385,7 +394,12 @@ def load_rows(folder: Path) -> list[dict]:
         try:
             # the typed contract (recompute_lab.record.result); a damaged section reads as empty
             res = RunResult.load(path, lenient=True).to_dict()
-        except RecordError as e:  # keep the run visible rather than silently dropping it
+            rows.append(row_of(res, run, path.parent))
+        except (RecordError, RecursionError) as e:
+            # one bad record (not a record, nested past Python's recursion limit) costs only its
+            # row: kept visible as unreadable rather than silently dropped
+            if isinstance(e, RecursionError):
+                e = RecordError(f"{path}: nested too deeply to read (RecursionError)")
             row = dict.fromkeys(COLUMNS)
             row.update(
                 run=run,
@@ -396,8 +410,6 @@ def load_rows(folder: Path) -> list[dict]:
                 _strategy_cfg=None,
             )
             rows.append(row)
-            continue
-        rows.append(row_of(res, run, path.parent))
     rows.sort(key=_sort_key)
     pair_with_baselines(rows)
     return rows

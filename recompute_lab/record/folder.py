@@ -31,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Optional
@@ -72,13 +73,36 @@ def read_status(path: Path) -> Optional[str]:
     return str(data.get("status")) if isinstance(data, dict) else "unreadable"
 
 
+def open_lock(path: Path):
+    """The lock file opened for appending, or None when ``path`` is not a regular file (a FIFO
+    would block the open for ever, a device or a symlink is not ours to write). Created if absent.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # checked before opening: the file type decides, not the open
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:  # ELOOP (a symlink planted meanwhile), ENXIO (a FIFO with no reader), ...
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "a")
+
+
 def is_locked(folder: Path) -> bool:
     """Whether a live process holds the run folder's lock (a ``running`` record with no holder is a
-    dead run)."""
+    dead run). A lock path that is not a regular file is held by no run of ours: False."""
     path = Path(folder) / LOCK
     if not path.exists():
         return False
-    with open(path, "a") as f:
+    f = open_lock(path)
+    if f is None:
+        return False
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -102,7 +126,12 @@ class RunFolder:
         if not self.write:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        lock = open(self.folder / LOCK, "a")
+        lock = open_lock(self.folder / LOCK)
+        if lock is None:
+            raise ConfigError(
+                f"{self.folder / LOCK} is not a regular file (a FIFO, device, folder or symlink); "
+                "remove it or choose another hydra.run.dir"
+            )
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
