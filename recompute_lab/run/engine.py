@@ -115,10 +115,6 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
     plan."""
     laps = Laps(log)
     t = spec.trainer
-    if t.memory_snapshot and not t.probe:
-        raise ConfigError(
-            "trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true"
-        )
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if t.deterministic:
@@ -561,6 +557,19 @@ def preflight(spec: RunSpec, run_dir: Path) -> Optional[tuple[Path, dict]]:
     overhead.check_config(
         spec
     )  # trainer.overhead (its baseline strategy) before the run, not after training
+    if spec.trainer.memory_snapshot and not spec.trainer.probe:
+        raise ConfigError(
+            "trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true"
+        )
+    device = resolve_device(spec.trainer.device)
+    if spec.trainer.memory_snapshot and device.type != "cuda":
+        # refused rather than noted: a researcher who asked for the snapshot would otherwise find
+        # a finished run without the file it was run for
+        raise ConfigError(
+            "trainer.memory_snapshot=true records the CUDA caching allocator's history "
+            f"(memory_snapshot.pickle), but this run's device is {device.type}; valid here: "
+            "trainer.memory_snapshot=false (or run on a CUDA device, trainer.device=cuda)"
+        )
     path = checkpoint.locate(spec.trainer.resume, run_dir)
     return None if path is None else (path, checkpoint.load(path, spec))
 
