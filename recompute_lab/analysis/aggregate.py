@@ -475,12 +475,24 @@ def write_csv(rows: list[dict], path: Path) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in rows:
-        w.writerow(["" if r.get(c) is None else _csv_value(r[c]) for c in COLUMNS])
+        w.writerow(["" if r.get(c) is None else _csv_value(r[c], c) for c in COLUMNS])
     Path(path).write_text(buf.getvalue())
 
 
-def _csv_value(v: Any) -> str:
-    return repr(v) if isinstance(v, float) else str(v)
+# A spreadsheet reads a cell starting with one of these as a formula (OWASP "CSV injection"); run
+# names, errors and notes come from records, i.e. from whoever wrote them.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_value(v: Any, column: str = "") -> str:
+    """A cell: floats as repr (exact), numbers as numbers; a text cell that a spreadsheet would
+    run as a formula gets a leading ' (shown as text, the formula never evaluated)."""
+    if isinstance(v, float):
+        return repr(v)
+    text = str(v)
+    if column in TEXT_COLUMNS and text.startswith(FORMULA_STARTS):
+        return "'" + text
+    return text
 
 
 def fmt_bytes(n: Optional[float]) -> str:

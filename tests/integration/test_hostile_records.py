@@ -106,3 +106,28 @@ def test_fifo_lock_refuses_a_run_instead_of_hanging(tmp_path):
         with pytest.raises(ConfigError, match="not a regular file"):
             RunFolder(tmp_path).acquire()
     assert not (tmp_path / "results.json").exists()
+
+
+def test_summary_csv_text_cells_cannot_be_formulas(tmp_path):
+    """Text from records (run names, errors, notes) starting with = + - @ is escaped with a leading
+    quote; numbers, negative ones included, stay numbers (issue 31)."""
+    import csv
+
+    from recompute_lab.analysis.aggregate import COLUMNS, write_csv
+
+    hostile = {
+        "run": '=HYPERLINK("http://x")',
+        "status": "error",
+        "error": "+cmd|' /C calc'!A0",
+        "note": "@SUM(A1)",
+        "strategy": "-1+2",
+        "model": "tiny",
+        "time_overhead": -0.05,
+        "seq_len": 64,
+    }
+    row = {**dict.fromkeys(COLUMNS), **hostile}
+    write_csv([row], tmp_path / "summary.csv")
+    (cell,) = csv.DictReader((tmp_path / "summary.csv").open())
+    assert cell["run"] == "'=HYPERLINK(\"http://x\")" and cell["error"].startswith("'+cmd")
+    assert cell["note"] == "'@SUM(A1)" and cell["strategy"] == "'-1+2" and cell["model"] == "tiny"
+    assert cell["time_overhead"] == "-0.05" and cell["seq_len"] == "64"
