@@ -99,6 +99,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     from recompute_lab.predict import theory
     from recompute_lab.model.hf import notes as hf_notes
     from recompute_lab.measure.memory import meta_saved_tensors
+    from recompute_lab.measure.probe import guard_blocks
     from recompute_lab.measure.tensor_parallel import measure_micro_batch
     from recompute_lab.model.gpt import build_model
     from recompute_lab.model.precision import make_precision
@@ -148,6 +149,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
                 "stage), budget plans one device"
             )
     target = str(est.target)
+    guard_blocks(spec, target)  # train's guard: priced from shapes, refused before any build
     policy = make_precision(spec.precision)
     model = build_model(spec.model, "meta", policy.param_dtype)
     par = spec.parallel

@@ -32,7 +32,7 @@ from recompute_lab.config.spec import RunSpec, plain_config
 from recompute_lab.measure import compiled, flops, overhead
 from recompute_lab.measure.hardware import env_info
 from recompute_lab.measure.memory import StepTimer, cuda_peak_bytes, model_state_bytes, step_memory
-from recompute_lab.measure.probe import guard_memory, memory_probe, shape_of
+from recompute_lab.measure.probe import guard_blocks, guard_memory, memory_probe, shape_of
 from recompute_lab.measure.timing import describe
 from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision
@@ -562,6 +562,7 @@ def preflight(spec: RunSpec, run_dir: Path) -> Optional[tuple[Path, dict]]:
             "trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true"
         )
     device = resolve_device(spec.trainer.device)
+    guard_blocks(spec, device.type)  # before the guard's meta replica: n_layer=1e9 never builds
     if spec.trainer.memory_snapshot and device.type != "cuda":
         # refused rather than noted: a researcher who asked for the snapshot would otherwise find
         # a finished run without the file it was run for

@@ -135,3 +135,32 @@ def test_refused_runs_leave_the_log_and_provenance_alone(tmp_path):
     resume = run_cli([*again, "trainer.resume=true"], cwd=tmp_path)
     assert resume.returncode == 2 and "no checkpoint" in resume.stderr
     assert _snapshot(run_dir) == before
+
+
+def test_estimate_refuses_a_model_too_deep_to_build_at_once(tmp_path):
+    """recompute-lab-estimate model.n_layer=1000000000 used to build a billion meta blocks (a hang
+    of weeks); train's guard now prices it from shapes and refuses before anything is built."""
+    from conftest import run_cli
+
+    out = tmp_path / "est"
+    proc = run_cli(
+        ["model.n_layer=1000000000", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        module="recompute_lab.estimate",
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "model.n_layer=1,000,000,000 is more blocks" in proc.stderr
+    assert "GB of model state" in proc.stderr and "nothing was built" in proc.stderr
+    # the estimate keeps Hydra's provenance (only the training run writes its own)
+    assert (out / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_train_refuses_a_model_too_deep_before_the_run_starts(tmp_path):
+    from conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    args = ["model.n_layer=200000", "model.d_model=8", "model.n_head=1", *FAST]
+    proc = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "more blocks than" in proc.stderr, proc.stderr
+    assert load_results(run_dir / "results.json")["status"] == "error"  # refused, never running
