@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from recompute_lab.config.strategies import label_of
-from recompute_lab.record.folder import is_locked
+from recompute_lab.record.folder import fallback_path, is_locked
 from recompute_lab.record.result import RecordError, RunResult
 from recompute_lab.predict.theory import korthikanti_layer_bytes, naive_layer_bytes
 from recompute_lab.measure.timing import describe
@@ -394,6 +394,11 @@ def load_rows(folder: Path) -> list[dict]:
         try:
             # the typed contract (recompute_lab.record.result); a damaged section reads as empty
             res = RunResult.load(path, lenient=True).to_dict()
+            spare = fallback_path(path.parent)
+            if res.get("status") == "running" and spare.is_file() and not is_locked(path.parent):
+                # the folder could not take the final record, which went beside it
+                # (RunFolder.finish): that one, not the running record, tells how the run ended
+                res = RunResult.load(spare, lenient=True).to_dict()
             rows.append(row_of(res, run, path.parent))
         except (RecordError, RecursionError) as e:
             # one bad record (not a record, nested past Python's recursion limit) costs only its

@@ -63,12 +63,29 @@ def fallback_path(folder: Path) -> Path:
 
 def read_status(path: Path) -> Optional[str]:
     """The status of the results.json at ``path``: None if there is none, "unreadable" if it is not
-    a record."""
+    a record (nor a regular file: a FIFO would block the read). A ``running`` record whose final
+    record went beside the folder (:func:`fallback_path`) reads as that one's status."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "unreadable"
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "unreadable"
+    status = _record_status(path)
+    spare = fallback_path(path.parent)
+    if status == "running" and spare.is_file() and not is_locked(path.parent):
+        return _record_status(spare)
+    return status
+
+
+def _record_status(path: Path) -> Optional[str]:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "unreadable"
     return str(data.get("status")) if isinstance(data, dict) else "unreadable"
 

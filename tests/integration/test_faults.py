@@ -44,6 +44,13 @@ def test_final_record_goes_beside_the_folder_when_it_cannot_take_it(tmp_path, mo
     err = capsys.readouterr().err
     assert str(fallback_path(run_dir)) in err and "status ok" in err
     assert not run_folder.is_locked(run_dir)  # the lock went with the run
+    # the analysis and the sweep tally read the record beside the folder, not the running one
+    from recompute_lab.analysis.aggregate import load_rows
+    from recompute_lab.cli.callbacks import tally
+
+    assert load_results(run_dir / "results.json")["status"] == "running"
+    assert [r["status"] for r in load_rows(tmp_path)] == ["ok"]
+    assert tally(tmp_path) == ("1 jobs: 1 ok", 0)
 
 
 def test_final_record_goes_to_stderr_when_no_file_takes_it(tmp_path, monkeypatch, capsys):

@@ -73,12 +73,17 @@ def test_a_diverged_runs_inf_loss_is_kept(tmp_path):
     assert row["final_loss"] == float("inf")
 
 
+class Hung(BaseException):
+    """Raised by _deadline: a BaseException, so no ``except OSError`` / ``except Exception`` in the
+    code under test can take it for an ordinary failure."""
+
+
 @contextlib.contextmanager
 def _deadline(seconds: int, what: str):
-    """Fail with TimeoutError instead of hanging the test session."""
+    """Fail with Hung instead of hanging the test session."""
 
     def stuck(signum, frame):
-        raise TimeoutError(f"{what} blocked for {seconds} s")
+        raise Hung(f"{what} blocked for {seconds} s")
 
     old = signal.signal(signal.SIGALRM, stuck)
     signal.alarm(seconds)
@@ -98,6 +103,18 @@ def test_fifo_named_like_the_lock_does_not_hang_the_analysis(tmp_path):
     proc = run_cli([str(sweep)], cwd=tmp_path, module="recompute_lab.cli.analyze", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "bad: killed" in proc.stdout + proc.stderr
+
+
+def test_fifo_named_results_json_does_not_hang_the_tally(tmp_path):
+    from recompute_lab.cli.callbacks import tally
+
+    sweep = _sweep(tmp_path, _record())
+    (sweep / "fifo").mkdir()
+    os.mkfifo(sweep / "fifo" / "results.json")
+    n = len(list(RECORDS.glob("*.json"))) + 1
+    with _deadline(20, "the sweep tally on a FIFO"):
+        assert tally(sweep) == (f"{n + 1} jobs: {n} ok, 1 unreadable", 1)
+        assert len(analyze(sweep)["rows"]) == n  # find_results reads regular files only
 
 
 def test_fifo_lock_refuses_a_run_instead_of_hanging(tmp_path):
