@@ -194,14 +194,14 @@ class RunFolder:
         try:
             write_json_atomic(self.folder / RESULTS, data)
             return None
-        except OSError as e:
+        except Exception as e:  # not only OSError: whatever stops the write must not lose the run
             reason = f"{type(e).__name__}: {e}"
         data = {**data, "record_fallback": f"{self.folder / RESULTS} not written ({reason})"}
         spare = fallback_path(self.folder)
         try:
             write_json_atomic(spare, data)
             where = f"written to {spare} instead"
-        except OSError as e:
+        except Exception as e:
             where = (
                 f"and neither could {spare} ({type(e).__name__}: {e}); the record follows on "
                 "stderr as one JSON line"
