@@ -5,13 +5,14 @@ show and where the record must be, against what a tiny run actually does (issue 
 
 Faults: SIGTERM and SIGINT (raised in the process, as SLURM preemption or Ctrl-C would), an
 unexpected exception, out of memory, and a full disk (from the phase on, every atomic write fails
-with ENOSPC, the record's fallback beside the folder included). Phases: the ``running`` record's
-write, the W&B start, the model build, a training step, a checkpoint write and the final record's
-write. Each cell runs the engine in this process on a fresh folder (model tiny, 3 steps, no probe,
-no W&B: ~1 s). A cell *held* when both the status and the place of the final record (results.json,
-beside the folder, or one JSON line on stderr) are the expected ones; the table says FAILED
-otherwise. tests/integration/test_fault_matrix.py checks the committed table against the cells
-planned here, and regenerates it under ``-m slow``.
+with ENOSPC, the record's fallback beside the folder included). Phases: the checks before the
+start (preflight: resume checkpoint, guards), the ``running`` record's write, the W&B start, the
+model build, a training step, a checkpoint write and the final record's write. Each cell runs the
+engine in this process on a fresh folder (model tiny, 3 steps, no probe, no W&B: ~1 s). A cell
+*held* when both the status and the place of the final record (results.json, beside the folder,
+or one JSON line on stderr) are the expected ones; the table says FAILED otherwise.
+tests/integration/test_fault_matrix.py checks the committed table against the cells planned here,
+and regenerates it under ``-m slow``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ OVERRIDES = [
     "trainer.overhead.enabled=false",
 ]
 PHASES = (
+    "preflight",
     "running record",
     "W&B start",
     "model build",
@@ -51,9 +53,9 @@ SIGNALS = ("SIGTERM", "SIGINT")
 # step and checkpoints; during the final write it is noted and the run keeps its status. A full
 # disk also refuses the fallback beside the folder: the record goes to stderr.
 EXPECTED: dict[tuple[str, str], tuple[str, str]] = {
-    **{(s, p): ("interrupted", "results.json") for s in SIGNALS for p in PHASES[:5]},
+    **{(s, p): ("interrupted", "results.json") for s in SIGNALS for p in PHASES[:-1]},
     **{(s, "final record"): ("ok", "results.json") for s in SIGNALS},
-    **{("error", p): ("error", "results.json") for p in PHASES[:5]},
+    **{("error", p): ("error", "results.json") for p in PHASES[:-1]},
     ("error", "final record"): ("ok", "beside the folder"),
     ("oom", "model build"): ("oom", "results.json"),
     ("oom", "training step"): ("oom", "results.json"),
@@ -133,6 +135,8 @@ def phase_patches(phase: str, fault: str, disk: DiskFull) -> list:
 
         return wrapper
 
+    if phase == "preflight":
+        return [mock.patch.object(engine, "preflight", once(engine.preflight))]
     if phase == "running record":
         return [mock.patch.object(run_folder.RunFolder, "start", once(run_folder.RunFolder.start))]
     if phase == "W&B start":

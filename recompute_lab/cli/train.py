@@ -81,6 +81,12 @@ def run_job(cfg: DictConfig, run_dir: Path, group, multirun: bool, on_start) -> 
             # recorded in results.json; the rest of the sweep continues (the tally counts it)
             return None
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if multirun:
+            raise  # a signal to a sweep stops the sweep
+        # SIGINT / SIGTERM before the run started (the record says so where the folder was empty)
+        log.error("recompute_lab: %s", e or "interrupted before the run started")
+        sys.exit(1)
     except Exception as e:
         if not multirun:
             raise

@@ -625,7 +625,17 @@ def run(
                 folder.refused(results)
             folder.release()
             raise
-        except BaseException:
+        except BaseException as e:
+            # a signal or a failure while the spec is checked: nothing started, so it is recorded
+            # as a refusal is (only into a folder with no record), never left unrecorded
+            interrupted = isinstance(e, KeyboardInterrupt)
+            results.update(
+                status="interrupted" if interrupted else "error",
+                error=str(e) or type(e).__name__,
+            )
+            if not interrupted:
+                results["traceback"] = traceback.format_exc()
+            folder.refused(results)
             folder.release()
             raise
         log.info(

@@ -63,16 +63,21 @@ def test_final_record_goes_to_stderr_when_no_file_takes_it(tmp_path, monkeypatch
     assert records[0]["loss"]["final"] is not None
 
 
-def test_cli_exits_non_zero_when_the_record_went_elsewhere(tmp_path, monkeypatch, capsys):
+def _cli_exit_code(monkeypatch, run_dir) -> int:
+    """The exit status of recompute-lab-train (in this process, so patches apply) in ``run_dir``."""
     from recompute_lab.cli import train
 
-    _disk_full(monkeypatch)
-    run_dir = tmp_path / "run"
     argv = ["train", *TINY, f"hydra.run.dir={run_dir}", "hydra/job_logging=disabled"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stop:
         train.main()
-    assert stop.value.code == 1
+    return stop.value.code
+
+
+def test_cli_exits_non_zero_when_the_record_went_elsewhere(tmp_path, monkeypatch, capsys):
+    _disk_full(monkeypatch)
+    run_dir = tmp_path / "run"
+    assert _cli_exit_code(monkeypatch, run_dir) == 1
     assert "could not be written" in capsys.readouterr().err
     assert load_results(fallback_path(run_dir))["status"] == "ok"
 
@@ -171,3 +176,22 @@ def test_train_refuses_a_model_too_deep_before_the_run_starts(tmp_path):
     proc = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "more blocks than" in proc.stderr, proc.stderr
     assert load_results(run_dir / "results.json")["status"] == "error"  # refused, never running
+
+
+def test_signal_before_the_start_is_recorded_and_ends_the_command_cleanly(
+    tmp_path, monkeypatch, capsys
+):
+    """SIGTERM while the spec is checked (preflight): an interrupted record in the empty folder,
+    exit 1 with one line, no traceback (it used to leave nothing and a traceback)."""
+    real = engine.preflight
+
+    def preflight(spec, run_dir):
+        signal.raise_signal(signal.SIGTERM)
+        return real(spec, run_dir)
+
+    monkeypatch.setattr(engine, "preflight", preflight)
+    run_dir = tmp_path / "run"
+    assert _cli_exit_code(monkeypatch, run_dir) == 1
+    res = load_results(run_dir / "results.json")
+    assert res["status"] == "interrupted" and "SIGTERM" in res["error"]
+    assert "Traceback" not in capsys.readouterr().err
