@@ -425,7 +425,9 @@ def price_model_state(cfg: RunSpec, device_type: str, dctx=None) -> tuple[int, i
 
 def guard_blocks(cfg: RunSpec, device_type: str, dctx=None) -> None:
     """Refuse, before any replica is built, a model deeper than MAX_BLOCKS (train's guard and
-    estimate both build one on the meta device first); the message prices it from shapes alone."""
+    estimate both build one on the meta device first); the message prices it from shapes alone.
+    In train it comes after guard_memory's model-state check, so a model that cannot fit is still
+    ``oom`` ("model state alone ... exceeds")."""
     n = cfg.model.n_layer
     if n <= MAX_BLOCKS:
         return
@@ -497,6 +499,7 @@ def guard_memory(
         )
     if not explicit and lookup(parse_options(cfg.strategy).name).reapply is not None:
         return None
+    guard_blocks(cfg, device.type, dctx)  # the state fits, but the meta replica must be buildable
     meta = build_model(
         m, "meta", make_precision(cfg.precision).param_dtype
     ).train()  # the dtype it computes in

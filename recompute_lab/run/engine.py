@@ -130,6 +130,8 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
         f"device {device}, {torch.get_num_threads()} thread(s), parameters {policy.param_dtype}",
     )
     plan = guard_memory(spec, policy, device, results, dctx)
+    # also with trainer.memory_guard=false: no replica deeper than MAX_BLOCKS is ever built
+    guard_blocks(spec, device.type, dctx)
     session = compiled_steps.session_of(spec)
     if t.max_memory_gb is not None:
         laps("memory guard", f"predicted peak within trainer.max_memory_gb={t.max_memory_gb}")
@@ -562,7 +564,6 @@ def preflight(spec: RunSpec, run_dir: Path) -> Optional[tuple[Path, dict]]:
             "trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true"
         )
     device = resolve_device(spec.trainer.device)
-    guard_blocks(spec, device.type)  # before the guard's meta replica: n_layer=1e9 never builds
     if spec.trainer.memory_snapshot and device.type != "cuda":
         # refused rather than noted: a researcher who asked for the snapshot would otherwise find
         # a finished run without the file it was run for

@@ -168,14 +168,18 @@ def test_estimate_refuses_a_model_too_deep_to_build_at_once(tmp_path):
     assert (out / ".hydra" / "overrides.yaml").is_file()
 
 
-def test_train_refuses_a_model_too_deep_before_the_run_starts(tmp_path):
+@pytest.mark.parametrize("memory_guard", ["true", "false"])
+def test_train_refuses_a_model_too_deep_before_building_it(tmp_path, memory_guard):
+    """n_layer=200000 at d_model=8 fits any memory, so the memory guard passes it on to its meta
+    replica (a hang); with the guard off the real build would hang instead."""
     from conftest import run_cli
 
     run_dir = tmp_path / "run"
     args = ["model.n_layer=200000", "model.d_model=8", "model.n_head=1", *FAST]
+    args.append(f"trainer.memory_guard={memory_guard}")
     proc = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "more blocks than" in proc.stderr, proc.stderr
-    assert load_results(run_dir / "results.json")["status"] == "error"  # refused, never running
+    assert load_results(run_dir / "results.json")["status"] == "error"
 
 
 def test_signal_before_the_start_is_recorded_and_ends_the_command_cleanly(
