@@ -40,7 +40,6 @@ from recompute_lab.predict import prediction
 from recompute_lab.predict.prediction import Prediction
 from recompute_lab.record.folder import FolderBusy, RecordNotSaved, RunFolder
 from recompute_lab.record.logs import Laps, StepLines
-from recompute_lab.record.provenance import save_hydra_files
 from recompute_lab.record.results import format_summary, new_results
 from recompute_lab.record.wandb_run import RunLogger
 from recompute_lab.run import checkpoint, distributed
@@ -598,7 +597,8 @@ def run(
     their status and return normally, so a sweep goes on. When the folder cannot take the final
     record, it goes beside the folder or to stderr (RunFolder.finish) and RecordNotSaved is raised
     after everything else has finished. ``on_start`` is called once the folder's checks have
-    passed and the running record is written (the CLI releases the held train.log then).
+    passed and the running record is written (the CLI releases the held train.log and writes
+    .hydra/*.yaml then).
     """
     run_dir = Path(run_dir)
     # what an earlier job of this process freed (Hydra runs a sweep's jobs in one process)
@@ -654,10 +654,8 @@ def run(
         logger: Optional[RunLogger] = None
         try:
             folder.start(results)
-            if on_start is not None:
+            if on_start is not None:  # the CLI: train.log and .hydra/*.yaml, not before now
                 on_start()
-            if dctx.is_main:  # .hydra/*.yaml only now, not before the folder's checks
-                save_hydra_files(run_dir, given)
             # one W&B run: rank 0's
             logger = RunLogger(distributed.logger_cfg(spec, dctx), run_dir, group)
             laps(f"W&B run ({logger.mode})")
