@@ -205,16 +205,73 @@ def write_bundle(runs: Path, path: Path) -> None:
         gz.write(raw)
 
 
+# Decompressed size a bundle may have: the committed one (48 runs) is 0.36 MB; a hostile one of
+# 379 KB took 790 MB when read whole.
+MAX_BUNDLE_BYTES = 64 * 2**20
+
+
+class BundleError(ValueError):
+    """A bundle this script will not unpack (too large, not a {run folder: record} map, a run name
+    that leaves its folder)."""
+
+
 def read_bundle(path: Path) -> dict:
-    with gzip.open(path, "rb") as gz:
-        return json.loads(gz.read())
+    """The bundle's {run folder: record} map, read at most MAX_BUNDLE_BYTES decompressed."""
+    try:
+        with gzip.open(path, "rb") as gz:
+            raw = gz.read(MAX_BUNDLE_BYTES + 1)  # never more than the limit in memory
+    except (OSError, EOFError) as e:
+        raise BundleError(f"{path} is not a readable gzip bundle ({e})") from None
+    if len(raw) > MAX_BUNDLE_BYTES:
+        raise BundleError(
+            f"{path} decompresses to more than {MAX_BUNDLE_BYTES:,} bytes (the limit, "
+            "MAX_BUNDLE_BYTES); refused"
+        )
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{path} does not hold JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise BundleError(f"{path} is not a {{run folder: results.json record}} map")
+    return data
 
 
-def unpack_bundle(path: Path, runs: Path) -> None:
-    """Write a bundle back out as run folders (what ``analyze`` reads)."""
-    for run, res in read_bundle(path).items():
-        (runs / run).mkdir(parents=True, exist_ok=True)
-        (runs / run / "results.json").write_text(json.dumps(res))
+def run_folder(runs: Path, name: str) -> Path:
+    """``runs/name``, refused unless ``name`` is a relative path of plain parts that stays inside
+    ``runs`` without passing a symlink (a bundle's names are data, not paths to trust)."""
+    parts = name.split("/")  # the raw parts: pathlib would drop "." and "" silently
+    if Path(name).is_absolute() or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise BundleError(
+            f"run name {name!r}: a run folder must be a relative path inside the target folder "
+            "(parts separated by '/', none empty, '.' or '..'; not absolute)"
+        )
+    folder = runs
+    for part in parts:
+        folder = folder / part
+        if folder.is_symlink():
+            raise BundleError(f"run name {name!r}: {folder} is a symlink; refused")
+    return folder
+
+
+def unpack_bundle(path: Path, runs: Path) -> int:
+    """Write a bundle back out as run folders (what ``analyze`` reads); every name is checked
+    before anything is written. Returns the number of runs."""
+    bundle = read_bundle(path)
+    runs.mkdir(parents=True, exist_ok=True)
+    folders = {run: run_folder(runs, run) for run in bundle}
+    for run, res in bundle.items():
+        folders[run].mkdir(parents=True, exist_ok=True)
+        # O_NOFOLLOW | O_EXCL: never through a planted link, never over another run's record
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(folders[run] / "results.json", flags, 0o666)
+        except FileExistsError:
+            raise BundleError(
+                f"run name {run!r}: {folders[run] / 'results.json'} already exists; refused"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(res))
+    return len(bundle)
 
 
 def write_manifest(out: Path, source: str) -> None:
@@ -264,17 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     if args.from_bundle is not None:
-        bundle = read_bundle(args.from_bundle)
         source = (
             json.loads((args.from_bundle.parent / MANIFEST).read_text())["source"]
             if (args.from_bundle.parent / MANIFEST).is_file()
             else str(args.from_bundle)
         )
         with tempfile.TemporaryDirectory() as tmp:
-            unpack_bundle(args.from_bundle, Path(tmp))
+            try:
+                n_runs = unpack_bundle(args.from_bundle, Path(tmp))
+            except BundleError as e:
+                print(f"reproduce_figures: {e}", file=sys.stderr)
+                return 2
             res = analyse_into(Path(tmp), args.out, source)
         print(
-            f"re-analysed {len(bundle)} runs from {args.from_bundle} -> {args.out} "
+            f"re-analysed {n_runs} runs from {args.from_bundle} -> {args.out} "
             f"({time.perf_counter() - t0:.0f} s)"
         )
         return 0

@@ -37,11 +37,12 @@ import copy
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 from recompute_lab.config.strategies import label_of
-from recompute_lab.record.folder import is_locked
+from recompute_lab.record.folder import fallback_path, is_locked
 from recompute_lab.record.result import RecordError, RunResult
 from recompute_lab.predict.theory import korthikanti_layer_bytes, naive_layer_bytes
 from recompute_lab.measure.timing import describe
@@ -203,6 +204,11 @@ TEXT_COLUMNS = (
 )
 
 
+# Numeric columns where a non-finite value is a result (a diverged run's loss); in every other
+# one it reads as missing.
+INFINITE_OK = ("final_loss",)
+
+
 def _dict(v: Any) -> dict:
     return v if isinstance(v, dict) else {}
 
@@ -234,6 +240,9 @@ def _coerce(row: dict) -> dict:
                 else (str(v) if isinstance(v, (int, float)) else None)
             )
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            row[col] = None
+        elif not math.isfinite(v) and col not in INFINITE_OK:
+            # "inf" bytes, FLOPs or times are no measurement: missing, not a point off every axis
             row[col] = None
     return row
 
@@ -385,7 +394,17 @@ def load_rows(folder: Path) -> list[dict]:
         try:
             # the typed contract (recompute_lab.record.result); a damaged section reads as empty
             res = RunResult.load(path, lenient=True).to_dict()
-        except RecordError as e:  # keep the run visible rather than silently dropping it
+            spare = fallback_path(path.parent)
+            if res.get("status") == "running" and spare.is_file() and not is_locked(path.parent):
+                # the folder could not take the final record, which went beside it
+                # (RunFolder.finish): that one, not the running record, tells how the run ended
+                res = RunResult.load(spare, lenient=True).to_dict()
+            rows.append(row_of(res, run, path.parent))
+        except (RecordError, RecursionError) as e:
+            # one bad record (not a record, nested past Python's recursion limit) costs only its
+            # row: kept visible as unreadable rather than silently dropped
+            if isinstance(e, RecursionError):
+                e = RecordError(f"{path}: nested too deeply to read (RecursionError)")
             row = dict.fromkeys(COLUMNS)
             row.update(
                 run=run,
@@ -396,8 +415,6 @@ def load_rows(folder: Path) -> list[dict]:
                 _strategy_cfg=None,
             )
             rows.append(row)
-            continue
-        rows.append(row_of(res, run, path.parent))
     rows.sort(key=_sort_key)
     pair_with_baselines(rows)
     return rows
@@ -463,12 +480,24 @@ def write_csv(rows: list[dict], path: Path) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in rows:
-        w.writerow(["" if r.get(c) is None else _csv_value(r[c]) for c in COLUMNS])
+        w.writerow(["" if r.get(c) is None else _csv_value(r[c], c) for c in COLUMNS])
     Path(path).write_text(buf.getvalue())
 
 
-def _csv_value(v: Any) -> str:
-    return repr(v) if isinstance(v, float) else str(v)
+# A spreadsheet reads a cell starting with one of these as a formula (OWASP "CSV injection"); run
+# names, errors and notes come from records, i.e. from whoever wrote them.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_value(v: Any, column: str = "") -> str:
+    """A cell: floats as repr (exact), numbers as numbers; a text cell that a spreadsheet would
+    run as a formula gets a leading ' (shown as text, the formula never evaluated)."""
+    if isinstance(v, float):
+        return repr(v)
+    text = str(v)
+    if column in TEXT_COLUMNS and text.startswith(FORMULA_STARTS):
+        return "'" + text
+    return text
 
 
 def fmt_bytes(n: Optional[float]) -> str:

@@ -44,6 +44,7 @@ from omegaconf import DictConfig
 from recompute_lab.cli import app
 from recompute_lab.config import CONF_DIR, ConfigError, EstimateConfig
 from recompute_lab.config.hf import resolve_model
+from recompute_lab.config.schema import validate_layout_numbers
 from recompute_lab.config.spec import RunSpec, copy_config
 from recompute_lab.record.logs import Laps, route_warnings
 
@@ -93,12 +94,13 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     changed) on ``est.target``. The config becomes a RunSpec here, once; everything below reads the
     spec."""
     # torch and the model only now: --help and --cfg job of this module import neither.
-    from recompute_lab.predict import layout
+    from recompute_lab.predict import devices, layout
     from recompute_lab.predict import per_gpu
     from recompute_lab.predict import prediction
     from recompute_lab.predict import theory
     from recompute_lab.model.hf import notes as hf_notes
     from recompute_lab.measure.memory import meta_saved_tensors
+    from recompute_lab.measure.probe import guard_blocks
     from recompute_lab.measure.tensor_parallel import measure_micro_batch
     from recompute_lab.model.gpt import build_model
     from recompute_lab.model.precision import make_precision
@@ -126,6 +128,14 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     lay = getattr(
         est, "layout", None
     )  # a DictConfig or an EstimateConfig (tests call estimate() directly)
+    # The card is checked even without a layout (a nan or negative size must not pass unseen), and
+    # a card that nothing will use is said so.
+    validate_layout_numbers(lay)
+    if devices.device_of(lay) is not None and not layout.is_active(lay):
+        notes.append(
+            "estimate.layout's device (gpu / device_gib / device_gb) is used by per-GPU layouts "
+            "only (some degree above 1): no fit check was made"
+        )
     if layout.is_active(lay):
         for s in seq_lens:
             layout.validate_layout(lay, spec.model, s, spec.parallel)
@@ -153,6 +163,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
             "none's activations; the per-GPU section plans each stage's peak against the card"
         )
     target = str(est.target)
+    guard_blocks(spec, target)  # train's guard: priced from shapes, refused before any build
     policy = make_precision(spec.precision)
     model = build_model(spec.model, "meta", policy.param_dtype)
     par = spec.parallel

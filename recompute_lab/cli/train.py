@@ -42,11 +42,9 @@ log = logging.getLogger("recompute_lab.cli.train")  # not __name__: "__main__" u
 def main(cfg: DictConfig) -> float | None:
     # Imported here, after Hydra parsed the command line: --help and --cfg job need neither torch
     # nor the engine.
-    from recompute_lab.run.distributed import env_rank
-    from recompute_lab.run.engine import run
-    from recompute_lab.record.logs import route_warnings
-    from recompute_lab.record.results import format_summary
+    from recompute_lab.record.logs import HeldFileLogs, route_warnings
     from recompute_lab.record.wandb_run import sweep_group
+    from recompute_lab.run.distributed import env_rank
 
     route_warnings()  # one log line per warning, no source line
     hc = HydraConfig.get()
@@ -54,14 +52,77 @@ def main(cfg: DictConfig) -> float | None:
     # Jobs of one sweep share a W&B group named after the sweep folder (e.g. "2026-11-29_01-02-03").
     group = sweep_group(hc.sweep.dir) if multirun else None
     run_dir = Path(hc.runtime.output_dir)
+    # train.log stays untouched until the run passes its folder's checks: a refused run must not
+    # append to the log of the run that owns the folder (recompute_lab.record.logs.HeldFileLogs)
+    held = HeldFileLogs()
+
+    def started() -> None:  # the run passed its folder's lock and status checks
+        held.run_started()
+        if env_rank() == 0:  # rank 0 owns the output dir
+            save_hydra_files(run_dir, cfg)
+
     try:
-        results = run(cfg, run_dir, group=group)
+        return run_job(cfg, run_dir, group, multirun, started)
+    finally:
+        held.close()  # what a refused run logged reached the console only
+
+
+def save_hydra_files(folder: Path, task_cfg: DictConfig) -> list[Path]:
+    """Write Hydra's provenance files (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``)
+    once the run has passed its folder's checks; returns the files written.
+
+    conf/config.yaml sets ``hydra.output_subdir: null`` so that Hydra does not write them before
+    the task starts: a run refused by the folder's lock or status would otherwise overwrite the
+    provenance of the run that owns the folder. Nothing is written when a command names its own
+    ``hydra.output_subdir`` (Hydra has written that one itself). Each file is replaced atomically
+    (a planted symlink is replaced, not written through).
+    """
+    from omegaconf import OmegaConf
+
+    from recompute_lab.record.fileio import atomic_write_text
+
+    hc = HydraConfig.get()
+    if hc.output_subdir is not None:
+        return []
+    out = Path(folder) / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "config.yaml": task_cfg,
+        "hydra.yaml": OmegaConf.create({"hydra": hc}),
+        "overrides.yaml": hc.overrides.task,
+    }
+    for name, cfg in files.items():
+        atomic_write_text(out / name, OmegaConf.to_yaml(cfg))
+    return [out / name for name in files]
+
+
+def run_job(cfg: DictConfig, run_dir: Path, group, multirun: bool, on_start) -> float | None:
+    """The engine's run and how its end becomes the command's: the summary, the exit status (a
+    single run) or the next job (a sweep)."""
+    from recompute_lab.record.folder import RecordNotSaved
+    from recompute_lab.record.results import format_summary
+    from recompute_lab.run.distributed import env_rank
+    from recompute_lab.run.engine import run
+
+    try:
+        results = run(cfg, run_dir, group=group, on_start=on_start)
+    except RecordNotSaved:
+        # RunFolder.finish has said on stderr where the record went; the command still fails
+        if multirun:
+            return None  # the tally counts the job's folder as not ok
+        sys.exit(1)
     except ConfigError as e:
         log.error("recompute_lab: invalid configuration: %s", e)
         if multirun:
             # recorded in results.json; the rest of the sweep continues (the tally counts it)
             return None
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if multirun:
+            raise  # a signal to a sweep stops the sweep
+        # SIGINT / SIGTERM before the run started (the record says so where the folder was empty)
+        log.error("recompute_lab: %s", e or "interrupted before the run started")
+        sys.exit(1)
     except Exception as e:
         if not multirun:
             raise

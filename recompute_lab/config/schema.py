@@ -174,9 +174,14 @@ class DataConfig(Frozen):
     seed: int = 1234
 
 
+# The optimizers recompute_lab.model.precision builds (AdamW, or its fp32-master form): any other
+# name would train with AdamW while the record said otherwise.
+OPTIMIZERS = ("adamw",)
+
+
 @dataclass
 class OptimizerConfig(Frozen):
-    name: str = "adamw"
+    name: str = "adamw"  # one of OPTIMIZERS
     lr: float = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -541,6 +546,11 @@ def validate(cfg: DictConfig) -> None:
         )
     for name in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "max_seq_len"):
         _positive(f"model.{name}", getattr(m, name))
+    if m.vocab_size < 2:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size}: a single token leaves nothing to predict (the loss "
+            "is 0 from the first step); use at least 2 (byte text needs 256)"
+        )
     for name in ("seq_len", "batch_size"):
         _positive(f"data.{name}", getattr(d, name))
     _positive("trainer.steps", t.steps)
@@ -585,6 +595,10 @@ def validate(cfg: DictConfig) -> None:
         _in_range("trainer.max_memory_gb", t.max_memory_gb, 0.0, None, False)
     if o.warmup_steps < 0:
         raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.name={o.name!r} is not implemented; valid: {', '.join(OPTIMIZERS)}"
+        )
     if d.kind == DataKind.text and m.vocab_size < 256:
         raise ConfigError(
             f"data=text uses byte tokens (vocab 256) but model.vocab_size={m.vocab_size}"
@@ -615,11 +629,34 @@ def validate_compile(cfg: DictConfig) -> None:
                 f"needs compile.backend set to one of {valid.replace('off, ', '')} "
                 "(compile=eager_partition or compile=inductor)"
             )
+    if c.backend == CompileBackend.off and c.scope != CompileScope.block:
+        raise ConfigError(
+            f"compile.scope={c.scope} says what torch.compile compiles: it needs compile.backend "
+            f"set to one of {valid.replace('off, ', '')} (compile=eager_partition or "
+            "compile=inductor); with compile=off nothing is compiled"
+        )
     if c.backend != CompileBackend.off and cfg.model.arch == Arch.hf:
         raise ConfigError(
             "compile.backend is supported for recompute_lab's own models (arch gpt, toy_mlp); "
             "model=hf runs with compile=off"
         )
+
+
+def validate_layout_numbers(lay: Any) -> None:
+    """estimate.layout's sizes and reserves, checked whether or not a layout is active: nan, inf
+    or a negative size must never pass unseen (recompute_lab.predict.devices reads them)."""
+    if lay is None:
+        return
+    for key, closed in (
+        ("device_gib", False),
+        ("device_gb", False),
+        ("reserve_context_gib", True),
+        ("reserve_comm_gib", True),
+        ("reserve_fragmentation", True),
+    ):
+        value = getattr(lay, key, None)
+        if value is not None:
+            _in_range(f"estimate.layout.{key}", float(value), 0.0, None, closed)
 
 
 def validate_parallel(cfg: DictConfig) -> None:

@@ -407,6 +407,40 @@ def _logits(counted: dict) -> int:
 EAGER_SCORES_WARN_BYTES = 2**30  # one layer's (b, h, s, s) fp32 scores above 1 GiB: say so
 
 
+# The most transformer blocks a replica (the guard's and estimate's meta one, or the real one) is
+# built with. Each block is a handful of Python modules: here (2 shared cores) the estimate CLI
+# took 49 s for 1,000 blocks and 230 s and 1.5 GB for 10,000, so n_layer=1e9 would run for weeks.
+# The deepest published models stay far below (Llama 3 405B: 126 blocks; DeepNet: 1,000).
+MAX_BLOCKS = 4096
+
+
+def price_model_state(cfg: RunSpec, device_type: str, dctx=None) -> tuple[int, int]:
+    """(parameters, model-state bytes of this rank) from shapes alone: the analytic parameter count
+    and the one prediction path (recompute_lab.predict.prediction.model_state); nothing is built."""
+    n_params = theory.param_count(cfg.model)
+    return n_params, prediction.model_state(
+        cfg.model, shape_of(cfg, device_type, dctx), n_params
+    )["total"]
+
+
+def guard_blocks(cfg: RunSpec, device_type: str, dctx=None) -> None:
+    """Refuse, before any replica is built, a model deeper than MAX_BLOCKS (train's guard and
+    estimate both build one on the meta device first); the message prices it from shapes alone.
+    In train it comes after guard_memory's model-state check, so a model that cannot fit is still
+    ``oom`` ("model state alone ... exceeds")."""
+    n = cfg.model.n_layer
+    if n <= MAX_BLOCKS:
+        return
+    n_params, state = price_model_state(cfg, device_type, dctx)
+    raise ConfigError(
+        f"model.n_layer={n:,} is more blocks than recompute_lab builds a model with (at most "
+        f"{MAX_BLOCKS:,}; each block takes tens of ms and ~150 KB of Python objects, even on the "
+        f"meta device); priced from shapes alone it has {n_params:,} parameters and "
+        f"{state / 1e9:,.1f} GB of model state per rank; nothing was built. Use "
+        f"model.n_layer <= {MAX_BLOCKS:,} (model state and activations grow linearly with n_layer)"
+    )
+
+
 class PredictedOOM(torch.OutOfMemoryError):
     """trainer.max_memory_gb: the predicted peak does not fit, so nothing is allocated."""
 
@@ -451,10 +485,7 @@ def guard_memory(
     guard = results["memory"]["guard"] = {"limit_bytes": limit, "source": source}
     if explicit:
         guard["max_memory_gb"] = t.max_memory_gb
-    n_params = theory.param_count(m)
-    state = prediction.model_state(m, shape_of(cfg, device.type, dctx), n_params)[
-        "total"
-    ]  # this rank's (fsdp: shards)
+    n_params, state = price_model_state(cfg, device.type, dctx)  # this rank's (fsdp: shards)
     guard["predicted_model_state_bytes"] = state
     hint = (
         "set trainer.max_memory_gb to the memory you mean, or trainer.memory_guard=false"
@@ -468,6 +499,7 @@ def guard_memory(
         )
     if not explicit and lookup(parse_options(cfg.strategy).name).reapply is not None:
         return None
+    guard_blocks(cfg, device.type, dctx)  # the state fits, but the meta replica must be buildable
     meta = build_model(
         m, "meta", make_precision(cfg.precision).param_dtype
     ).train()  # the dtype it computes in

@@ -19,6 +19,9 @@ kept as
 - Once the checks pass, a ``status: running`` record is written at once, so a job that is killed
 (SIGKILL, node
   failure) still shows in ``analyze``; the analysis tells a live run from a dead one by the lock.
+- The final record is never lost silently: when the folder cannot take it (disk full, folder made
+  read-only), it goes to ``<run dir>.results.json`` beside the folder, and failing that to stderr as
+  one JSON line; either way a message on stderr says where it went and why (RecordNotSaved).
 
 Layer: record.
 """
@@ -28,6 +31,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -44,25 +49,77 @@ class FolderBusy(ConfigError):
     """Another process is running in this run folder."""
 
 
+class RecordNotSaved(RuntimeError):
+    """The final record could not be written to the run folder's results.json; the message says
+    where it went instead (the fallback file or stderr) and why."""
+
+
+def fallback_path(folder: Path) -> Path:
+    """Where a final record goes when its run folder cannot take it: beside the folder, named after
+    it (a folder made unwritable still leaves its parent; another disk is not guessed at)."""
+    folder = Path(folder)
+    return folder.parent / f"{folder.name}.{RESULTS}"
+
+
 def read_status(path: Path) -> Optional[str]:
     """The status of the results.json at ``path``: None if there is none, "unreadable" if it is not
-    a record."""
+    a record (nor a regular file: a FIFO would block the read). A ``running`` record whose final
+    record went beside the folder (:func:`fallback_path`) reads as that one's status."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "unreadable"
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "unreadable"
+    status = _record_status(path)
+    spare = fallback_path(path.parent)
+    if status == "running" and spare.is_file() and not is_locked(path.parent):
+        return _record_status(spare)
+    return status
+
+
+def _record_status(path: Path) -> Optional[str]:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "unreadable"
     return str(data.get("status")) if isinstance(data, dict) else "unreadable"
 
 
+def open_lock(path: Path):
+    """The lock file opened for appending, or None when ``path`` is not a regular file (a FIFO
+    would block the open for ever, a device or a symlink is not ours to write). Created if absent.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # checked before opening: the file type decides, not the open
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:  # ELOOP (a symlink planted meanwhile), ENXIO (a FIFO with no reader), ...
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "a")
+
+
 def is_locked(folder: Path) -> bool:
     """Whether a live process holds the run folder's lock (a ``running`` record with no holder is a
-    dead run)."""
+    dead run). A lock path that is not a regular file is held by no run of ours: False."""
     path = Path(folder) / LOCK
     if not path.exists():
         return False
-    with open(path, "a") as f:
+    f = open_lock(path)
+    if f is None:
+        return False
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -86,7 +143,12 @@ class RunFolder:
         if not self.write:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        lock = open(self.folder / LOCK, "a")
+        lock = open_lock(self.folder / LOCK)
+        if lock is None:
+            raise ConfigError(
+                f"{self.folder / LOCK} is not a regular file (a FIFO, device, folder or symlink); "
+                "remove it or choose another hydra.run.dir"
+            )
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -122,15 +184,45 @@ class RunFolder:
             results["previous_record"] = f"results.previous-{n}.json (status {self.prior})"
         self._write({**results, "status": "running", "pid": os.getpid()})
 
-    def finish(self, results: dict) -> None:
-        if self.write:
-            self._write(results)
+    def finish(self, results: dict) -> Optional[str]:
+        """Write the final record. Returns None when results.json took it, else a message saying
+        where it went instead (printed on stderr here too): the fallback file beside the folder,
+        or stderr as one JSON line when that fails as well."""
+        if not self.write:
+            return None
+        data = self._record(results)
+        try:
+            write_json_atomic(self.folder / RESULTS, data)
+            return None
+        except Exception as e:  # not only OSError: whatever stops the write must not lose the run
+            reason = f"{type(e).__name__}: {e}"
+        data = {**data, "record_fallback": f"{self.folder / RESULTS} not written ({reason})"}
+        spare = fallback_path(self.folder)
+        try:
+            write_json_atomic(spare, data)
+            where = f"written to {spare} instead"
+        except Exception as e:
+            where = (
+                f"and neither could {spare} ({type(e).__name__}: {e}); the record follows on "
+                "stderr as one JSON line"
+            )
+            spare = None
+        message = (
+            f"recompute_lab: the final record (status {results.get('status')}) could not be "
+            f"written to {self.folder / RESULTS} ({reason}); {where}"
+        )
+        print(message, file=sys.stderr, flush=True)
+        if spare is None:
+            print(json.dumps(data, allow_nan=False), file=sys.stderr, flush=True)
+        return message
 
     def _write(self, results: dict) -> None:
-        """Write the record through its typed contract (recompute_lab.record.result.RunResult). A
-        record that does
-        not fit is still written, never lost, with the reason in ``record_error`` (tests make it an
-        error)."""
+        write_json_atomic(self.folder / RESULTS, self._record(results))
+
+    def _record(self, results: dict) -> dict:
+        """The record through its typed contract (recompute_lab.record.result.RunResult). A
+        record that does not fit is still written, never lost, with the reason in
+        ``record_error`` (tests make it an error)."""
         data = jsonable(results)
         try:
             data = RunResult.from_dict(data, str(self.folder / RESULTS)).to_dict()
@@ -142,7 +234,7 @@ class RunFolder:
             if os.environ.get(VALIDATE_ENV) == "1":
                 raise
             data = {**data, "record_error": str(e)}
-        write_json_atomic(self.folder / RESULTS, data)
+        return data
 
     def release(self) -> None:
         if self._lock is not None:

@@ -86,3 +86,51 @@ def route_warnings(logger_name: str = "py.warnings") -> None:
         log.warning("%s: %s", category.__name__, message)
 
     warnings.showwarning = show
+
+
+class HeldFileLogs(logging.Handler):
+    """Keep the root logger's log files (Hydra's ``train.log``) untouched until a run has started.
+
+    Hydra opens the job's log file before the task runs; a run refused by its folder's lock or
+    status (another process runs there, a finished run, a refused resume) must not append to the
+    log of the run that owns the folder. While held, the file handlers are detached and their
+    records buffered here: ``run_started()`` writes them out and re-attaches the
+    files; ``close()`` before that drops them (the refusal reached the console only).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.root = logging.getLogger()
+        self.files = [h for h in self.root.handlers if isinstance(h, logging.FileHandler)]
+        self.records: list[logging.LogRecord] = []
+        self.held = bool(self.files)
+        for h in self.files:
+            self.root.removeHandler(h)
+        if self.held:
+            self.root.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def run_started(self) -> None:
+        """The buffered lines go to the files, and later lines go there directly. (Not
+        ``release``: logging.Handler's lock method has that name.)"""
+        if not self.held:
+            return
+        for h in self.files:
+            for record in self.records:
+                if record.levelno >= h.level:
+                    h.handle(record)
+        self._reattach()
+
+    def close(self) -> None:
+        if self.held:  # never released: a refused run; what it logged stays off the files
+            self._reattach()
+        super().close()
+
+    def _reattach(self) -> None:
+        self.root.removeHandler(self)
+        for h in self.files:
+            self.root.addHandler(h)
+        self.records.clear()
+        self.held = False

@@ -58,7 +58,11 @@ CHECKPOINT_VERSION = 2
 FILENAME = "checkpoint.pt"
 FORMAT = "recompute_lab checkpoint"
 # Config sections that must match for a resumed run to continue the same training trajectory.
-MUST_MATCH = ("model", "precision", "strategy", "data", "optimizer")
+# compile too: an eager checkpoint resumed compiled would continue on other kernels (another
+# trajectory) while the record claimed every step compiled. A fingerprint written before compile
+# was in it lacks the section and is refused ("compile (None -> ...)"): eager or compiled cannot be
+# told.
+MUST_MATCH = ("model", "precision", "strategy", "data", "optimizer", "compile")
 TRAINER_MUST_MATCH = ("steps", "grad_accum", "seed")
 STATE_KEYS = (
     "version",

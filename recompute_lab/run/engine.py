@@ -24,7 +24,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -34,13 +34,13 @@ from recompute_lab.config.spec import RunSpec, plain_config
 from recompute_lab.measure import compiled, flops, overhead
 from recompute_lab.measure.hardware import env_info
 from recompute_lab.measure.memory import StepTimer, cuda_peak_bytes, model_state_bytes, step_memory
-from recompute_lab.measure.probe import guard_memory, memory_probe, shape_of
+from recompute_lab.measure.probe import guard_blocks, guard_memory, memory_probe, shape_of
 from recompute_lab.measure.timing import describe
 from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision
 from recompute_lab.predict import prediction
 from recompute_lab.predict.prediction import Prediction
-from recompute_lab.record.folder import FolderBusy, RunFolder
+from recompute_lab.record.folder import FolderBusy, RecordNotSaved, RunFolder
 from recompute_lab.record.logs import Laps, StepLines
 from recompute_lab.record.results import format_summary, new_results
 from recompute_lab.record.wandb_run import RunLogger
@@ -116,10 +116,6 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
     plan."""
     laps = Laps(log)
     t = spec.trainer
-    if t.memory_snapshot and not t.probe:
-        raise ConfigError(
-            "trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true"
-        )
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     if t.deterministic:
@@ -135,6 +131,8 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
         f"device {device}, {torch.get_num_threads()} thread(s), parameters {policy.param_dtype}",
     )
     plan = guard_memory(spec, policy, device, results, dctx)
+    # also with trainer.memory_guard=false: no replica deeper than MAX_BLOCKS is ever built
+    guard_blocks(spec, device.type, dctx)
     session = compiled_steps.session_of(spec)
     if t.max_memory_gb is not None:
         laps("memory guard", f"predicted peak within trainer.max_memory_gb={t.max_memory_gb}")
@@ -601,11 +599,29 @@ def preflight(spec: RunSpec, run_dir: Path) -> Optional[tuple[Path, dict]]:
     overhead.check_config(
         spec
     )  # trainer.overhead (its baseline strategy) before the run, not after training
+    if spec.trainer.memory_snapshot and not spec.trainer.probe:
+        raise ConfigError(
+            "trainer.memory_snapshot=true records the probe step: it needs trainer.probe=true"
+        )
+    device = resolve_device(spec.trainer.device)
+    if spec.trainer.memory_snapshot and device.type != "cuda":
+        # refused rather than noted: a researcher who asked for the snapshot would otherwise find
+        # a finished run without the file it was run for
+        raise ConfigError(
+            "trainer.memory_snapshot=true records the CUDA caching allocator's history "
+            f"(memory_snapshot.pickle), but this run's device is {device.type}; valid here: "
+            "trainer.memory_snapshot=false (or run on a CUDA device, trainer.device=cuda)"
+        )
     path = checkpoint.locate(spec.trainer.resume, run_dir)
     return None if path is None else (path, checkpoint.load(path, spec))
 
 
-def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
+def run(
+    spec: RunSpec,
+    run_dir: Path,
+    group: Optional[str] = None,
+    on_start: Optional[Callable[[], None]] = None,
+) -> dict:
     """Train per ``spec``, keep ``run_dir/results.json`` true whatever happens, and return the
     results.
 
@@ -619,7 +635,11 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
     record is
     written at once and replaced by the final one; out of memory, divergence and interruption end
     the run with
-    their status and return normally, so a sweep goes on.
+    their status and return normally, so a sweep goes on. When the folder cannot take the final
+    record, it goes beside the folder or to stderr (RunFolder.finish) and RecordNotSaved is raised
+    after everything else has finished. ``on_start`` is called once the folder's checks have
+    passed and the running record is written (the CLI releases the held train.log and writes
+    .hydra/*.yaml then).
     """
     run_dir = Path(run_dir)
     # what an earlier job of this process freed (Hydra runs a sweep's jobs in one process)
@@ -647,7 +667,17 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
                 folder.refused(results)
             folder.release()
             raise
-        except BaseException:
+        except BaseException as e:
+            # a signal or a failure while the spec is checked: nothing started, so it is recorded
+            # as a refusal is (only into a folder with no record), never left unrecorded
+            interrupted = isinstance(e, KeyboardInterrupt)
+            results.update(
+                status="interrupted" if interrupted else "error",
+                error=str(e) or type(e).__name__,
+            )
+            if not interrupted:
+                results["traceback"] = traceback.format_exc()
+            folder.refused(results)
             folder.release()
             raise
         log.info(
@@ -660,12 +690,16 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
             spec.trainer.steps,
             run_dir,
         )
-        folder.start(results)
-        logger = RunLogger(
-            distributed.logger_cfg(spec, dctx), run_dir, group
-        )  # one W&B run: rank 0's
-        laps(f"W&B run ({logger.mode})")
+        # Everything from the first record on is inside the protected region: a signal or a failure
+        # while the running record or the W&B run starts still ends with a final record.
+        logger: Optional[RunLogger] = None
         try:
+            folder.start(results)
+            if on_start is not None:  # the CLI: train.log and .hydra/*.yaml, not before now
+                on_start()
+            # one W&B run: rank 0's
+            logger = RunLogger(distributed.logger_cfg(spec, dctx), run_dir, group)
+            laps(f"W&B run ({logger.mode})")
             train(spec, Job(results, logger, run_dir, progress, signals), dctx, resume)
             results["status"] = "ok"
         except ConfigError as e:
@@ -697,20 +731,28 @@ def run(spec: RunSpec, run_dir: Path, group: Optional[str] = None) -> dict:
             )
         finally:
             signals.closing = True  # a signal now must not cut the final record short
-            results["logger"] = {"mode": logger.mode, "note": logger.note}
-            folder.finish(results)
+            results["logger"] = (
+                {"mode": logger.mode, "note": logger.note}
+                if logger is not None
+                else {"mode": "disabled", "note": "the run ended before its W&B run started"}
+            )
+            # The record first, then what is optional (W&B): a failing W&B cannot cost the record.
+            lost = folder.finish(results)
             folder.release()
-            logger.summarize(results, format_summary(results))
-            logger.finish(exit_code)
+            if logger is not None:
+                logger.summarize(results, format_summary(results))
+                logger.finish(exit_code)
             whole(
                 f"run {results['status']}" + (f" ({results.get('error')})" if exit_code else ""),
-                f"results.json and W&B ({logger.mode}) in {run_dir}",
+                f"results.json and W&B ({logger.mode if logger else 'not started'}) in {run_dir}",
             )
             dctx.close()
             if exit_code:
                 gc.collect()  # free the failed run's tensors before the next job of a sweep
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+    if lost:
+        raise RecordNotSaved(lost)
     return results
 
 

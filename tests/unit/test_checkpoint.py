@@ -619,3 +619,37 @@ def test_failed_write_removes_its_temp_and_keeps_the_old_file(tmp_path, monkeypa
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint.pt"
     ]
+
+
+@pytest.mark.parametrize(
+    "saved, resumed, key",
+    [
+        ((), ("compile=eager_partition",), r"compile.backend \(off -> aot_eager_decomp_"),
+        (("compile=inductor",), (), r"compile.backend \(inductor -> off\)"),
+        (
+            ("compile=eager_partition",),
+            ("compile=eager_partition", "compile.scope=model"),
+            r"compile.scope \(block -> model\)",
+        ),
+    ],
+)
+def test_compile_settings_are_part_of_the_fingerprint(tmp_path, saved, resumed, key):
+    """An eager checkpoint must not resume compiled, nor the other way round (issue 31)."""
+    path = tmp_path / checkpoint.FILENAME
+    _trained_checkpoint(path, _cfg(*saved), steps=1)
+    with pytest.raises(ConfigError, match=rf"different configuration; differing keys: {key}"):
+        checkpoint.load(path, _cfg(*resumed))
+    assert checkpoint.load(path, _cfg(*saved))["step"] == 1  # the same settings still resume
+
+
+def test_a_fingerprint_without_compile_is_refused(tmp_path):
+    """Written before compile was fingerprinted: eager or compiled cannot be told apart."""
+    path = tmp_path / checkpoint.FILENAME
+    cfg = _cfg()
+    real = checkpoint.fingerprint
+    old = lambda c: {k: v for k, v in real(c).items() if k != "compile"}  # noqa: E731
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(checkpoint, "fingerprint", old)
+        _trained_checkpoint(path, cfg, steps=1)
+    with pytest.raises(ConfigError, match=r"differing keys: compile \(None -> "):
+        checkpoint.load(path, cfg)
