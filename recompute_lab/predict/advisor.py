@@ -140,9 +140,8 @@ def _rank_row(cfg, lay, b, seq, label, rows, precision, device, rates) -> dict:
 
 def full_layers(label: str) -> Optional[int]:
     """n of a 'base + n/L full' label (None otherwise)."""
-    if " + " in label and label.endswith(" full"):
-        return int(label.split(" + ", 1)[1].split("/", 1)[0])
-    return None
+    mixed = step_time.n_full(label)
+    return None if mixed is None else mixed[1]
 
 
 def export(row: dict, model: str, seq: int, global_batch: int, precision: str, card: str) -> dict:
@@ -238,8 +237,7 @@ def export(row: dict, model: str, seq: int, global_batch: int, precision: str, c
     }
 
 
-def gib(x: float) -> str:
-    return f"{x / GiB:.2f}"
+gib = per_gpu._gib  # GiB with two decimals, as estimate's per-GPU table prints them
 
 
 def format_rows(res: dict, top: int) -> list[str]:

@@ -253,11 +253,20 @@ def recomputed_ops(strategy: str, dropout: bool = False) -> Optional[set]:
     return ops | extra if dropout else set(ops)
 
 
-def parse_stage(label: str, layers: int) -> dict:
-    """Per-layer strategy counts of a stage's plan label: 'none', 'selective + 3/8 full', ..."""
+def n_full(label: str) -> Optional[tuple[str, int]]:
+    """(base, n) of a per-stage plan label 'base + n/L full' (recompute_lab.predict.per_gpu's);
+    None for a whole strategy."""
     if " + " in label and label.endswith(" full") and "/" in label:
         base, rest = label.split(" + ", 1)
-        n = int(rest.split("/", 1)[0])
+        return base, int(rest.split("/", 1)[0])
+    return None
+
+
+def parse_stage(label: str, layers: int) -> dict:
+    """Per-layer strategy counts of a stage's plan label: 'none', 'selective + 3/8 full', ..."""
+    mixed = n_full(label)
+    if mixed is not None:
+        base, n = mixed
         return {base: layers - n, "full": n}
     if recomputed_ops(label) is None:
         raise ConfigError(
@@ -403,9 +412,9 @@ def step_time(
     gpus = L.n_gpus(lay)
     seqs = batch * m * ds * dr
     spec = RunSpec(model=cfg)
-    parts = F.module_forward_flops(spec, seqs, seq)
-    forward = cfg.n_layer * parts["block"] + 2 * seqs * seq * cfg.d_model * cfg.vocab_size
-    model_flops = 3 * forward
+    # the model FLOPs of the whole step: recompute_lab.predict.flops' forward (head included) x 3
+    whole = spec.replace(data__batch_size=seqs, data__seq_len=seq)
+    model_flops = 3 * F.predict_step_flops(whole)["forward"]
     # every stage's ranks (tp x cp x data-parallel copies) rerun their share each micro-batch
     recompute_flops = sum(r["recompute_flops"] for r in stages) * m * tp * cp * ds * dr
     tokens = seqs * seq
@@ -430,8 +439,7 @@ def step_time(
         },
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step,
-        "mfu": model_flops / gpus / step / peak,
-        "hfu": (model_flops + recompute_flops) / gpus / step / peak,
+        **F.utilization(model_flops / gpus, recompute_flops / gpus, step, peak),
         "stages": stages,
         "rates": rates.name,
         "efficiency": dataclasses.asdict(eff),

@@ -54,7 +54,6 @@ from recompute_lab.strategies.budget.solver import (
 from recompute_lab.strategies.wrap import RngStateHook
 
 log = logging.getLogger(__name__)
-GB = 10**9
 
 
 def reruns_core(opt: Option) -> bool:
@@ -167,10 +166,10 @@ def card_of(lay, opts) -> devices.Device:
             f"estimate.layout.gpu ({', '.join(sorted(devices.CARDS))}), "
             "estimate.layout.device_gib or strategy.device_memory_gb"
         )
-    if card is None:
-        card = devices.Device(
-            int(gb * GB), f"{gb:g} GB", devices.Reserve(), "strategy.device_memory_gb (1e9 B)"
-        )
+    if card is None:  # the one-device planner's card for the same option, on a GPU
+        from recompute_lab.strategies.budget import device_of
+
+        card = device_of(opts, Shape(1, 1, device="cuda"))
     return card
 
 
