@@ -219,6 +219,22 @@ def rank_peak(
     )
 
 
+def in_flight_bytes(lay, mb: dict, rank: int, per_chunk: list[int]) -> int:
+    """Bytes pipeline rank ``rank`` holds in flight when stage chunk k's layers save
+    ``per_chunk[k]`` per micro-batch (plus ``mb``'s embeddings share on chunk 0 and the head's on
+    the last): 1F1B keeps its chunk's count in flight, interleaved schedules PyTorch's action list
+    (only this rank's chunks k = rank, rank + pp, ... matter)."""
+    pp, v, m = int(lay.pp), int(lay.pp_virtual), L.microbatches(lay)
+    last = len(per_chunk) - 1
+    chunk = [
+        x + (mb["first"] if k == 0 else 0) + (mb["last"] if k == last else 0)
+        for k, x in enumerate(per_chunk)
+    ]
+    if str(lay.pp_schedule) == "1f1b":
+        return L.in_flight_chunks("1f1b", pp, m, rank) * chunk[rank]
+    return L.schedule_in_flight("interleaved", pp, m, v, chunk)[rank]
+
+
 def stage_bytes(
     cfg,
     lay,
@@ -252,18 +268,7 @@ def stage_bytes(
         strat = stages[rank] if stages else strategy
         mb = micro or micro_batch(cfg, tp, sp, strat, batch, seq // cp, pbytes, target)
 
-        # one micro-batch of each stage chunk k (only this rank's chunks k = rank, rank + pp, ...
-        # matter here)
-        chunk = [
-            counts[k] * mb["layer"]
-            + (mb["first"] if k == 0 else 0)
-            + (mb["last"] if k == n_chunks - 1 else 0)
-            for k in range(n_chunks)
-        ]
-        if sched == "1f1b":
-            act = L.in_flight_chunks("1f1b", pp, m, rank) * chunk[rank]
-        else:
-            act = L.schedule_in_flight("interleaved", pp, m, v, chunk)[rank]
+        act = in_flight_bytes(lay, mb, rank, [c * mb["layer"] for c in counts])
         state = L.model_state_per_rank(cfg, lay, precision, fp32_grad_accum, stage=rank)
         peak = rank_peak(cfg, lay, st, rank, state, act, mb["region"])
         out.append(

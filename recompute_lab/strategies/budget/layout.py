@@ -173,21 +173,6 @@ def card_of(lay, opts) -> devices.Device:
     return card
 
 
-def _in_flight(lay, mb: dict, rank: int, per_chunk: list[int]) -> int:
-    """Bytes pipeline rank ``rank`` holds in flight when stage chunk k's layers save
-    ``per_chunk[k]`` (plus the embeddings' share on chunk 0, the head's on the last), as
-    recompute_lab.predict.per_gpu.stage_bytes counts them."""
-    pp, v, m = int(lay.pp), int(lay.pp_virtual), L.microbatches(lay)
-    last = len(per_chunk) - 1
-    chunk = [
-        x + (mb["first"] if k == 0 else 0) + (mb["last"] if k == last else 0)
-        for k, x in enumerate(per_chunk)
-    ]
-    if str(lay.pp_schedule) == "1f1b":
-        return L.in_flight_chunks("1f1b", pp, m, rank) * chunk[rank]
-    return L.schedule_in_flight("interleaved", pp, m, v, chunk)[rank]
-
-
 def _label(counts: dict) -> str:
     return "budget: " + " + ".join(f"{n} {name}" for name, n in counts.items() if n)
 
@@ -266,7 +251,9 @@ def plan_layout(
                         best = cand
         else:  # interleaved: one option for all of this rank's layers
             for o, p in enumerate(prices):
-                act = _in_flight(lay, mb, rank, [c * p.bytes + p.shared for c in counts])
+                act = per_gpu.in_flight_bytes(
+                    lay, mb, rank, [c * p.bytes + p.shared for c in counts]
+                )
                 peak = per_gpu.rank_peak(cfg, lay, st, rank, state, act, p.resaved)
                 if peak["total"] > limit:
                     continue
@@ -276,7 +263,9 @@ def plan_layout(
                     best = cand
         if best is None:
             full = next(p for p in prices if p.option.kind == "block")
-            act = _in_flight(lay, mb, rank, [c * full.bytes + full.shared for c in counts])
+            act = per_gpu.in_flight_bytes(
+                lay, mb, rank, [c * full.bytes + full.shared for c in counts]
+            )
             peak = per_gpu.rank_peak(cfg, lay, st, rank, state, act, full.resaved)
             chosen, region, strategy = {full.option.name: layers}, full.resaved, None
         else:
