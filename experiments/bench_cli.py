@@ -52,15 +52,14 @@ TRAIN_TINY = [
     "logger=none",
     "trainer.progress=false",
 ]
+# what estimate() imports when the theory answers (a module-level strategy on one device): no torch
 ESTIMATE_IMPORTS = (
     "recompute_lab.predict.per_gpu",
     "recompute_lab.predict.prediction",
-    "recompute_lab.model.hf",
-    "recompute_lab.measure.memory",
-    "recompute_lab.measure.tensor_parallel",
-    "recompute_lab.model.gpt",
-    "recompute_lab.strategies",
-    "recompute_lab.measure.target_kernels",
+    "recompute_lab.predict.module_plans",
+    "recompute_lab.predict.theory",
+    "recompute_lab.predict.layout",
+    "recompute_lab.predict.devices",
 )
 ENTRIES = ("estimate_405b", "estimate_405b_cli", "what_fits", "train_tiny")
 LOOP_TARGET = 1.02

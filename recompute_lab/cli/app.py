@@ -141,8 +141,8 @@ def prepare(argv: list[str], root_keys: tuple[str, ...] = (), check: bool = Fals
         return argv
     from recompute_lab.cli.overrides import (
         check_overrides,
-    )  # registers every strategy's schema (imports torch)
-    from recompute_lab.run.distributed import prepare_argv
+    )  # torch-free: the strategy registry only when a strategy option is checked
+    from recompute_lab.run.ranks import prepare_argv
 
     argv = prepare_argv(argv)  # --local_rank, non-zero ranks' output dirs (torchrun)
     try:

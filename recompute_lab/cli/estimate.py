@@ -93,19 +93,13 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     config, not
     changed) on ``est.target``. The config becomes a RunSpec here, once; everything below reads the
     spec."""
-    # torch and the model only now: --help and --cfg job of this module import neither.
+    # The prediction layer imports no torch; torch and a meta replica come in only where the theory
+    # cannot answer (meta_replica below).
     from recompute_lab.predict import devices, layout
     from recompute_lab.predict import per_gpu
     from recompute_lab.predict import prediction
     from recompute_lab.predict import theory
-    from recompute_lab.model.hf import notes as hf_notes
-    from recompute_lab.measure.memory import meta_saved_tensors
-    from recompute_lab.measure.probe import guard_blocks
-    from recompute_lab.measure.tensor_parallel import measure_micro_batch
-    from recompute_lab.model.gpt import build_model
-    from recompute_lab.model.precision import make_precision
-    from recompute_lab.strategies import apply_strategy
-    from recompute_lab.measure.target_kernels import assumptions
+    from recompute_lab.predict.module_plans import MODULE_STRATEGIES, module_plan
 
     laps = Laps(log)
     cfg = copy_config(
@@ -121,7 +115,12 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
             "compiled step saves is the partitioner's choice, measured by a run "
             "(python -m recompute_lab.train compile=...); use compile=off here"
         )
-    notes = hf_notes(cfg.model)
+    if str(cfg.model.arch) == "hf":
+        from recompute_lab.model.hf import notes as hf_notes
+
+        notes = hf_notes(cfg.model)
+    else:
+        notes = []
     seq_lens = fit_positions(cfg, est, notes)
     spec = RunSpec.of(cfg)  # validated, typed, frozen: the one config object from here on
     opts = spec.strategy
@@ -163,9 +162,6 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
             "none's activations; the per-GPU section plans each stage's peak against the card"
         )
     target = str(est.target)
-    guard_blocks(spec, target)  # train's guard: priced from shapes, refused before any build
-    policy = make_precision(spec.precision)
-    model = build_model(spec.model, "meta", policy.param_dtype)
     par = spec.parallel
     dp = par.dp_size or 1
     # Per rank: DDP replicates model state, FSDP (ZeRO-3) shards it over parallel.dp_size ranks
@@ -173,19 +169,54 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     # shards, as FSDP2 keeps them); the peak adds each layout's buffers
     # (recompute_lab.predict.peak). The plan is made for this rank on the target's kernels.
     step = spec.shape(target, str(par.kind), dp)
-    plan = apply_strategy(model, one_device, step)
-    model.train()
-    laps(
-        f"meta model {spec.model.name} + strategy {plan.name}", f"{model.get_num_params():,} params"
+    autocast = spec.precision.name == "bf16_autocast"
+    cross_check = bool(est.cross_check)
+    replica: dict = {}
+
+    def meta_replica():
+        """(model, plan) on the meta device with the strategy applied, built once when needed."""
+        if not replica:
+            from recompute_lab.measure.probe import guard_blocks
+            from recompute_lab.model.gpt import build_model
+            from recompute_lab.model.precision import make_precision
+            from recompute_lab.strategies import apply_strategy
+
+            guard_blocks(spec, target)  # train's guard: priced from shapes, before any build
+            policy = make_precision(spec.precision)
+            model = build_model(spec.model, "meta", policy.param_dtype)
+            replica.update(model=model, plan=apply_strategy(model, one_device, step))
+            model.train()
+            laps(
+                f"meta model {spec.model.name} + strategy {replica['plan'].name}",
+                f"{model.get_num_params():,} params",
+            )
+        return replica["model"], replica["plan"]
+
+    # Our own transformer under a module-level strategy, one device, no meta cross-check: the Plan
+    # from the options alone (the one strategies.module applies) and the parameter count from the
+    # shapes; torch is never imported (bench_cli: the answer in about a second).
+    theory_only = (
+        str(spec.model.arch) == "gpt"
+        and opts.name in MODULE_STRATEGIES
+        and not opts.offload
+        and not layout.is_active(lay)
+        and not cross_check
+        and spec.model.n_layer <= prediction.MAX_BLOCKS
+        and (spec.precision.name == "bf16_master" or not spec.precision.fp32_grad_accum)
     )
-    n_params = model.get_num_params()
+    if theory_only:
+        plan = module_plan(one_device, spec.model.n_layer)
+        n_params = theory.param_count(spec.model)
+        what = f"plan {spec.model.name} + strategy {plan.name} (no model built)"
+        laps(what, f"{n_params:,} params")
+    else:
+        model, plan = meta_replica()
+        n_params = model.get_num_params()
     state = prediction.model_state(spec.model, step, n_params)
     if str(par.kind) != "none":
         notes.append(f"model state per rank: parallel={par.kind}, dp_size={dp}")
-    autocast = policy.autocast_dtype is not None
     if autocast:
         notes.append("autocast has no meta backend: activations below are the theory's only")
-    cross_check = bool(est.cross_check)
     series = []
     for s in seq_lens:
         b = int(spec.data.batch_size)
@@ -195,6 +226,9 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
         # regions) is priced from the resident meta count, as the memory guard prices it.
         predicted = prediction.predict(spec, plan, st, n_params)
         if not autocast and (cross_check or predicted.activations.get("source") != "theory"):
+            from recompute_lab.measure.memory import meta_saved_tensors
+
+            model, _ = meta_replica()
             counted = meta_saved_tensors(model, b, s, target)
             del counted["output"]
             # resident: what the forward leaves alive (checkpoint frames' tensors and the SAC cache
@@ -221,6 +255,8 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
         if layout.is_active(
             lay
         ):  # per GPU: one micro-batch measured with PyTorch's TP plan, every stage's bytes
+            from recompute_lab.measure.tensor_parallel import measure_micro_batch
+
             planned = None
             if opts.name == "budget":  # every planner option priced per rank, solved per stage
                 from recompute_lab.strategies.budget.layout import budget_layout
@@ -231,7 +267,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
                     opts,
                     b,
                     s,
-                    policy.name,
+                    spec.precision.name,
                     target,
                     measure_micro_batch,
                     st.fp32_grad_accum,
@@ -242,7 +278,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
                 opts.name,
                 b,
                 s,
-                policy.name,
+                spec.precision.name,
                 target,
                 measure=measure_micro_batch,
                 fp32_grad_accum=st.fp32_grad_accum,
@@ -283,7 +319,7 @@ def estimate(cfg: DictConfig, est: EstimateConfig | DictConfig) -> dict:
     return {
         "config": spec.to_dict(),
         "target": target,
-        "assumptions": assumptions(target),
+        "assumptions": theory.kernel_assumptions(target),
         "notes": notes,
         "strategy": plan.to_dict(),
         "model": {"name": spec.model.name, "params": n_params, "n_layer": spec.model.n_layer},

@@ -25,7 +25,6 @@ from hydra.core.override_parser.types import Glob
 from omegaconf import DictConfig
 
 from recompute_lab.config import CONF_DIR, GROUPS, ConfigError
-from recompute_lab.strategies import STRATEGIES, option_names
 
 # Root keys a run config has, besides the schema's groups: Hydra's own and the experiment presets.
 EXTRA_ROOT_KEYS = ("hydra", "experiment")
@@ -43,6 +42,8 @@ def _strategies_chosen(parsed: list) -> list[str]:
         if o.key_or_group == "strategy" and not o.is_delete():
             value = o.value()
             if isinstance(value, Glob):
+                from recompute_lab.strategies import STRATEGIES  # torch: only for a glob
+
                 return value.filter(list(STRATEGIES))
             if o.is_sweep_override():
                 return [str(v) for v in o.sweep_string_iterator()]
@@ -79,6 +80,9 @@ def check_overrides(overrides: Iterable[str], root_keys: Iterable[str] = ()) -> 
                 f"{', '.join(roots)}"
             )
         if root == "strategy" and rest:
+            # the registry imports torch: only when a strategy option is set
+            from recompute_lab.strategies import STRATEGIES, option_names
+
             option = rest.split(".")[0]
             for name in chosen:
                 if name in STRATEGIES and option not in option_names(name):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -291,6 +292,18 @@ def freeze(obj: Any) -> Any:
     if isinstance(obj, dict) and not isinstance(obj, FrozenDict):
         return FrozenDict({k: freeze(v) for k, v in obj.items()})
     return obj
+
+
+def config_key(obj: Any) -> str:
+    """A schema dataclass's values as one string, for cache keys (JSON of :func:`to_plain`, keys
+    sorted); memoised on a frozen one, which cannot change: the planners ask for the same model's
+    key thousands of times."""
+    memo = obj.__dict__.get("_config_key") if isinstance(obj, Frozen) else None
+    if memo is None:
+        memo = json.dumps(to_plain(obj), sort_keys=True, default=str)
+        if isinstance(obj, Frozen) and obj.__dict__.get("_frozen"):
+            obj.__dict__["_config_key"] = memo
+    return memo
 
 
 def to_plain(obj: Any) -> Any:

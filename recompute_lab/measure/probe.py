@@ -407,11 +407,7 @@ def _logits(counted: dict) -> int:
 EAGER_SCORES_WARN_BYTES = 2**30  # one layer's (b, h, s, s) fp32 scores above 1 GiB: say so
 
 
-# The most transformer blocks a replica (the guard's and estimate's meta one, or the real one) is
-# built with. Each block is a handful of Python modules: here (2 shared cores) the estimate CLI
-# took 49 s for 1,000 blocks and 230 s and 1.5 GB for 10,000, so n_layer=1e9 would run for weeks.
-# The deepest published models stay far below (Llama 3 405B: 126 blocks; DeepNet: 1,000).
-MAX_BLOCKS = 4096
+MAX_BLOCKS = prediction.MAX_BLOCKS  # the deepest model built (recompute_lab.predict.prediction)
 
 
 def price_model_state(cfg: RunSpec, device_type: str, dctx=None) -> tuple[int, int]:

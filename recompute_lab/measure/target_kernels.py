@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from recompute_lab.predict import theory
+
 
 def _empty_bshd(q: torch.Tensor) -> torch.Tensor:
     """An attention output (b, h, s, d) laid out (b, s, h, d), as flash/efficient kernels write
@@ -145,22 +147,5 @@ class TargetKernels(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def assumptions(target: str) -> list[str]:
-    """What the estimate assumes about the target's kernels, printed with every estimate."""
-    if target == "cuda":
-        return [
-            "SDPA: flash for 16-bit, memory-efficient for fp32; saves q, k, v, output, fp32 "
-            "logsumexp "
-            "(+ philox seed/offset with dropout), no s^2 scores (cuDNN attention, preferred on "
-            "some Hopper "
-            "builds, keeps the same set)",
-            "dropout masks are bool (1 B); nn.RMSNorm runs the fused kernel (input + fp32 rstd); "
-            "layernorm statistics fp32",
-        ]
-    return [
-        "SDPA: the CPU flash kernel without dropout (q, k, v, output, fp32 logsumexp); with "
-        "dropout the "
-        "decomposed math path (fp32 s^2 probabilities, mask and dropped probabilities)",
-        "dropout masks in the input dtype; rms_norm decomposed in fp32; 16-bit layernorm "
-        "statistics 16-bit",
-    ]
+# What the estimate assumes of these kernels, in words, lives with the theory it qualifies.
+assumptions = theory.kernel_assumptions

@@ -60,7 +60,7 @@ from typing import Any, Optional
 
 
 from recompute_lab.config import ModelConfig
-from recompute_lab.config.spec import Shape, as_model_config, from_plain, to_plain
+from recompute_lab.config.spec import Shape, as_model_config, config_key, from_plain
 from recompute_lab.predict import theory
 from recompute_lab.config.hf_families import FAMILIES, Family, head_dim
 from recompute_lab.config.hf import hf_config
@@ -70,7 +70,7 @@ Saved = theory.Saved
 
 def _key(cfg) -> str:
     """A hashable snapshot of a model config node (for the caches below)."""
-    return json.dumps(to_plain(as_model_config(cfg)), sort_keys=True, default=str)
+    return config_key(as_model_config(cfg))
 
 
 @functools.lru_cache(maxsize=64)

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from recompute_lab.config import ConfigError
+from recompute_lab.config.spec import as_model_config, config_key
 from recompute_lab.predict import devices, theory
 from recompute_lab.predict.peak import ParamTensor, local_rows, param_tensors, shard_rows
 
@@ -285,6 +286,20 @@ def model_state_per_rank(
     (theory.FSDP_BF16_MASTER_...).
     dp_replicate copies the sharded state: it adds GPUs, not bytes per GPU.
     """
+    tp, ds = int(lay.tp), int(lay.dp_shard)
+    # cached: a function of these values alone, asked for thousands of times by the planners
+    key = (config_key(as_model_config(cfg)), tp, ds, int(lay.pp), int(lay.pp_virtual))
+    key += (precision, bool(fp32_grad_accum), stage)
+    if key not in _STATE:
+        _STATE[key] = _model_state_per_rank(cfg, lay, precision, fp32_grad_accum, stage)
+    out = _STATE[key]
+    return {**out, "per_param": dict(out["per_param"])}
+
+
+_STATE: dict = {}
+
+
+def _model_state_per_rank(cfg, lay, precision: str, fp32_grad_accum: bool, stage: int) -> dict:
     tp, ds = int(lay.tp), int(lay.dp_shard)
     groups = stage_groups(cfg, lay, stage)
     shapes = [(n, tp_local_shape(p, tp)) for n, group in groups for p in group]

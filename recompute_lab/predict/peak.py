@@ -347,6 +347,36 @@ class RankView:
     last: bool = True
 
 
+def param_terms(params, view, step: Shape, impl: str, gather: int) -> tuple:
+    """What :func:`predict_peak` needs from the parameter list, one loop over it: (parameters,
+    tensors, AdamW's transient bytes, FSDP's unsharded buffers). Kept on a RankView, whose
+    parameters never change, per layout setting: the per-GPU planners price one view thousands of
+    times and a 405B rank holds over a thousand tensors."""
+    key = (step.parallel, step.world_size, step.rank, impl, step.master_weights)
+    key += (step.fp32_grad_accum, gather)
+    memo = view.__dict__.setdefault("_param_terms", {}) if view is not None else {}
+    if key in memo:
+        return memo[key]
+    groups = [[p.numel for p in params if p.decay], [p.numel for p in params if not p.decay]]
+    extra: dict[str, int] = {}
+    if step.parallel == "fsdp":
+        ws = step.world_size
+        groups = [
+            [local_rows(p.shape, ws, step.rank) for p in params if p.decay],
+            [local_rows(p.shape, ws, step.rank) for p in params if not p.decay],
+        ]
+        root = [p for p in params if not p.name.startswith("blocks.")]
+        block0 = [p for p in params if p.name.startswith("blocks.0.")]
+        # Unsharded parameters are views of the padded all-gather output (ws x padded shard).
+        extra = {
+            "root_unsharded_params": sum(ws * shard_rows(p.shape, ws) for p in root) * gather,
+            "last_block_all_gather": sum(ws * shard_rows(p.shape, ws) for p in block0) * gather,
+        }
+    adam = optimizer_transient(groups, impl, step.master_weights, step.fp32_grad_accum)
+    memo[key] = (sum(p.numel for p in params), len(params), adam, extra)
+    return memo[key]
+
+
 def predict_peak(
     cfg, st: Shape, state: dict, act: dict, view: Optional[RankView] = None
 ) -> Optional[dict]:
@@ -367,7 +397,8 @@ def predict_peak(
     impl = step.optimizer_impl or adam_impl(st.device, step.parallel)
     per = state["per_param"]
     n_tok, v, h = st.batch * st.seq, cfg.vocab_size, cfg.d_model
-    n_params, n_tensors = sum(p.numel for p in params), len(params)
+    gather = 2 if step.precision == "bf16_master" else st.param_bytes  # FSDP gathers bf16
+    n_params, n_tensors, adam, extra = param_terms(params, view, step, impl, gather)
     # 0-d fp32 step counters: on CPU unless fused (then on the parameters' device); the CUDA
     # allocator never
     # sees CPU tensors.
@@ -384,24 +415,7 @@ def predict_peak(
     # the fp32 gradients of the log-probabilities and logits (vocab-parallel: 1/tp of each)
     head = 2 * n_tok * v * 4 // tp if last else 0
     emb = v * h * st.param_bytes // tp if first else 0  # the embedding's dense gradient
-    groups = [[p.numel for p in params if p.decay], [p.numel for p in params if not p.decay]]
-    extra: dict[str, int] = {}
     if step.parallel == "fsdp":
-        ws = step.world_size
-        groups = [
-            [local_rows(p.shape, ws, step.rank) for p in params if p.decay],
-            [local_rows(p.shape, ws, step.rank) for p in params if not p.decay],
-        ]
-        gather = (
-            2 if step.precision == "bf16_master" else st.param_bytes
-        )  # FSDP mixed precision gathers bf16
-        root = [p for p in params if not p.name.startswith("blocks.")]
-        block0 = [p for p in params if p.name.startswith("blocks.0.")]
-        # Unsharded parameters are views of the padded all-gather output (ws x padded shard).
-        extra = {
-            "root_unsharded_params": sum(ws * shard_rows(p.shape, ws) for p in root) * gather,
-            "last_block_all_gather": sum(ws * shard_rows(p.shape, ws) for p in block0) * gather,
-        }
         persistent_grads = 0
     elif step.parallel == "ddp":
         persistent_grads = grads  # gradient_as_bucket_view: the buckets live for the whole run
@@ -436,7 +450,7 @@ def predict_peak(
         + inputs
         + loss
         + kept
-        + optimizer_transient(groups, impl, step.master_weights, step.fp32_grad_accum)
+        + adam
     )
     whole = view is None or (
         view.layers == cfg.n_layer and view.tp == 1 and view.first and view.last

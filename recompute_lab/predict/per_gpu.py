@@ -41,13 +41,12 @@ Layer: predict (no torch).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Optional
 
 from recompute_lab.predict import devices
 from recompute_lab.predict import layout as L
-from recompute_lab.config.spec import RunSpec, Shape, as_model_config, to_plain
+from recompute_lab.config.spec import RunSpec, Shape, as_model_config, config_key
 from recompute_lab.predict import theory
 from recompute_lab.config import ConfigError
 from recompute_lab.predict.peak import ParamTensor, RankView, predict_peak
@@ -123,7 +122,7 @@ def micro_batch(
     from recompute_lab.predict.tp_theory import predict_rank
 
     cfg = as_model_config(cfg)
-    fields = json.dumps(to_plain(cfg), sort_keys=True, default=str)
+    fields = config_key(cfg)
     key = (fields, tp, sp, strategy, b, s_local, param_bytes, target)
     if key not in _MICRO:
         two = dataclasses.replace(cfg, n_layer=2)
@@ -172,7 +171,7 @@ def view_of(cfg, lay, rank: int) -> RankView:
     """Pipeline rank ``rank``'s parameters at their tensor-parallel local shapes, and its layers
     (cached per model and layout: a view is a function of them alone)."""
     key = (
-        json.dumps(to_plain(as_model_config(cfg)), sort_keys=True, default=str),
+        config_key(as_model_config(cfg)),
         int(lay.tp),
         int(lay.pp),
         int(lay.pp_virtual),

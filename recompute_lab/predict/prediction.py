@@ -29,6 +29,12 @@ from recompute_lab.predict import flops as F
 from recompute_lab.predict import peak as P
 from recompute_lab.predict import theory
 
+# The most transformer blocks a replica (the guard's and estimate's meta one, or the real one) is
+# built with. Each block is a handful of Python modules: here (2 shared cores) the estimate CLI
+# took 49 s for 1,000 blocks and 230 s and 1.5 GB for 10,000, so n_layer=1e9 would run for weeks.
+# The deepest published models stay far below (Llama 3 405B: 126 blocks; DeepNet: 1,000).
+MAX_BLOCKS = 4096
+
 
 @dataclass(frozen=True)
 class Prediction:

@@ -800,3 +800,24 @@ def model_state_bytes_sharded(
         "total": sum(by_kind.values()),
         "bytes_per_param": sum(per.values()) / dp_size,
     }
+
+
+def kernel_assumptions(target: str) -> list[str]:
+    """What the estimate assumes about the target's kernels, printed with every estimate."""
+    if target == "cuda":
+        return [
+            "SDPA: flash for 16-bit, memory-efficient for fp32; saves q, k, v, output, fp32 "
+            "logsumexp "
+            "(+ philox seed/offset with dropout), no s^2 scores (cuDNN attention, preferred on "
+            "some Hopper "
+            "builds, keeps the same set)",
+            "dropout masks are bool (1 B); nn.RMSNorm runs the fused kernel (input + fp32 rstd); "
+            "layernorm statistics fp32",
+        ]
+    return [
+        "SDPA: the CPU flash kernel without dropout (q, k, v, output, fp32 logsumexp); with "
+        "dropout the "
+        "decomposed math path (fp32 s^2 probabilities, mask and dropped probabilities)",
+        "dropout masks in the input dtype; rms_norm decomposed in fp32; 16-bit layernorm "
+        "statistics 16-bit",
+    ]

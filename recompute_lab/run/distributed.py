@@ -35,11 +35,8 @@ Layer: run.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -51,53 +48,7 @@ from recompute_lab.config import ConfigError, LoggerKind
 from recompute_lab.config.spec import RunSpec
 from recompute_lab.model.data import Batches
 from recompute_lab.model.precision import PrecisionPolicy
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def prepare_argv(argv: list[str]) -> list[str]:
-    """The CLI's argv made safe for Hydra under a launcher (returned; ``argv`` itself is not
-    changed).
-
-    - ``--local_rank=N`` / ``--local-rank N`` (torch.distributed.launch, hydra#2038) is removed and
-    put in
-      LOCAL_RANK, where torchrun puts it anyway: Hydra's parser would reject it.
-    - On ranks other than 0, Hydra's run / sweep dirs go to a private temporary dir (removed at
-    exit), without
-      the .hydra subdir or a log file, so only rank 0 creates an output dir. Appended last, these
-      win over the
-      user's own hydra.run.dir / hydra.sweep.dir for those ranks only.
-    """
-    out, i = [argv[0]], 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith(("--local_rank", "--local-rank")):
-            value = (
-                arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "0")
-            )
-            os.environ.setdefault("LOCAL_RANK", value)
-            i += 1 if "=" in arg else 2
-            continue
-        out.append(arg)
-        i += 1
-    if env_rank() > 0:
-        scratch = tempfile.mkdtemp(prefix=f"recompute_lab_rank{env_rank()}_")
-        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-        out += [
-            f"hydra.run.dir={scratch}",
-            f"hydra.sweep.dir={scratch}",
-            "hydra.sweep.subdir=.",
-            "hydra.output_subdir=null",
-            "hydra/job_logging=stdout",
-            "hydra/hydra_logging=none",
-        ]
-    return out
+from recompute_lab.run.ranks import env_rank, env_world_size, prepare_argv  # noqa: F401
 
 
 def _submitit_env() -> None:

@@ -37,7 +37,12 @@ from recompute_lab.config.plan import Plan
 from recompute_lab.config.spec import Shape, parse_strategy
 from recompute_lab.config.strategies import declare, label_of, short  # noqa: F401  (re-exported)
 from recompute_lab.model.gpt import GPT, Block
-from recompute_lab.strategies.wrap import SUBREGIONS, offload_saved_tensors
+from recompute_lab.predict.module_plans import (  # noqa: F401  (re-exported)
+    BLOCK_PARTS,
+    check_names,
+    check_range,
+)
+from recompute_lab.strategies.wrap import offload_saved_tensors
 
 
 ApplyFn = Callable[[GPT, Any, Shape], Plan]
@@ -123,32 +128,8 @@ def parse_options(cfg: Any) -> Any:
 # ---------------------------------------------------------------------
 
 
-def check_names(kind: str, given: list[str], valid: list[str]) -> list[str]:
-    """Reject names outside ``valid`` with a ConfigError that lists the valid ones; keep the order
-    given."""
-    unknown = [n for n in given if n not in valid]
-    if unknown:
-        raise ConfigError(
-            f"unknown {kind} {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
-        )
-    return list(dict.fromkeys(given))  # drop repeats
-
-
-def check_range(key: str, value: int, n_layer: int) -> None:
-    if not 1 <= value <= n_layer:
-        raise ConfigError(
-            f"strategy.{key}={value} is out of range for model.n_layer={n_layer}; "
-            f"valid values: 1..{n_layer}"
-        )
-
-
 def has_transformer_blocks(model: nn.Module) -> bool:
     return all(isinstance(b, Block) for b in model.blocks)
-
-
-# The canonical parts of a transformer block, as recompute_lab.model.gpt's Block names its own
-# submodules.
-BLOCK_PARTS = {p: (p,) for p in ("attn", "mlp", *SUBREGIONS)}
 
 
 def is_hf(model: nn.Module) -> bool:

@@ -37,6 +37,9 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+# SUBREGIONS and chunks live with the torch-free plans; re-exported here.
+from recompute_lab.predict.module_plans import SUBREGIONS, chunks  # noqa: F401
+
 # --- torch.utils.checkpoint -----------------------------------------------------------------------
 
 
@@ -92,25 +95,8 @@ def checkpoint_groups(model: nn.Module, groups: list[list[int]]) -> None:
     model.block_runner = runner
 
 
-def chunks(n_layer: int, k: int) -> list[list[int]]:
-    """Consecutive groups of k block indices (the last one may be shorter)."""
-    return [list(range(s, min(s + k, n_layer))) for s in range(0, n_layer, k)]
-
-
 # --- torch_remat regions --------------------------------------------------------------------------
 
-# A block's named sub-regions (relative module names) and the bare modules that always rerun inside
-# it.
-SUBREGIONS = (
-    "norm1",
-    "attn.qkv",
-    "attn.core",
-    "attn.out",
-    "norm2",
-    "mlp.fc",
-    "mlp.act",
-    "mlp.proj",
-)
 ALWAYS_RECOMPUTED = ("attn.drop", "mlp.drop")
 
 

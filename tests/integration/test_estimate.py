@@ -55,8 +55,8 @@ def test_estimate_cli_is_fast_and_model_state_exact(tmp_path, model):
     # The command is single-threaded: on an idle 2-core machine its wall time is its CPU time (~6 s
     # for 70B
     # here). CPU time is asserted because the shared test machine's load can stretch wall time.
+    # (a generous bound that catches a hang; the speed itself is experiments/bench_cli.py's table)
     assert cpu < 10, f"{model} estimate used {cpu:.1f} s of CPU ({wall:.1f} s wall)"
-    assert wall < 30
     res = json.loads(out.read_text())
     n = res["model"]["params"]
     assert n == PARAMS[model]
@@ -254,7 +254,9 @@ def test_estimate_multirun_writes_one_estimate_json_per_job(tmp_path):
         f.parent.name for f in files
     }  # folders named by overrides
     log = (files[0].parent / "estimate.log").read_text()
-    assert "meta model tiny + strategy" in log and "s=32 b=8 (1/1)" in log and "wrote " in log
+    # theory answers none and full: the plan without a model
+    assert "plan tiny + strategy" in log and "(no model built)" in log
+    assert "s=32 b=8 (1/1)" in log and "wrote " in log
     assert not (
         sweep / "analysis"
     ).exists()  # the training sweep's analysis callback is off for estimates
