@@ -207,6 +207,10 @@ class OverheadConfig(Frozen):
     max_rounds: int = 20  # cap on the rounds (4 steps each)
     target_ci_width: float = 0.05  # stop once (ci95_high - ci95_low) / ratio <= this
     max_seconds: float = 120.0  # cap on the measurement's wall time (0: no time cap)
+    # Proportionate: the measurement's wall time is also capped at budget_fraction x the training
+    # loop's wall time, but never below min_seconds (short runs still get their rounds); 0: off.
+    budget_fraction: float = 1.0
+    min_seconds: float = 10.0
     warmup_rounds: int = (
         1  # untimed rounds first (allocator, caches, SAC dispatch warm for both arms)
     )

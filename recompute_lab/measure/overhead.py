@@ -65,9 +65,12 @@ def check_config(cfg: RunSpec) -> None:
             f"trainer.overhead: need 1 <= min_rounds ({o.min_rounds}) <= max_rounds "
             f"({o.max_rounds})"
         )
-    if o.target_ci_width < 0 or o.max_seconds < 0 or o.warmup_rounds < 0:
+    if min(o.target_ci_width, o.max_seconds, o.warmup_rounds, o.budget_fraction) < 0 or (
+        o.min_seconds < 0
+    ):
         raise ConfigError(
-            "trainer.overhead: target_ci_width, max_seconds and warmup_rounds must be >= 0"
+            "trainer.overhead: target_ci_width, max_seconds, warmup_rounds, budget_fraction and "
+            "min_seconds must be >= 0"
         )
 
 
@@ -118,13 +121,26 @@ def build_baseline(cfg: RunSpec, policy, trained: torch.nn.Module, baseline) -> 
     return model.train()
 
 
+def wall_budget(o, training_s: Optional[float]) -> Optional[float]:
+    """The measurement's wall-time cap (None: none): ``max_seconds``, and ``budget_fraction`` x the
+    training loop's wall time but at least ``min_seconds``, whichever is smaller."""
+    caps = [o.max_seconds] if o.max_seconds > 0 else []
+    if training_s is not None and o.budget_fraction > 0:
+        caps.append(max(o.min_seconds, o.budget_fraction * training_s))
+    return min(caps) if caps else None
+
+
 def measure(
     cfg: RunSpec,
     run,
     train_step: Callable[[torch.nn.Module, list], object],
     should_stop: Optional[Callable[[], bool]] = None,
+    training_s: Optional[float] = None,
 ) -> dict:
     """time.overhead for this run: its step against the baseline's, paired and interleaved.
+
+    ``training_s``: the training loop's wall time; the measurement gets at most
+    ``budget_fraction`` x that (never under ``min_seconds``) besides the ``max_seconds`` cap.
 
     ``train_step(model, micro)`` runs one full training step of ``model`` on the micro-batches
     ``micro``
@@ -175,6 +191,7 @@ def measure(
 
         return step
 
+    limit = wall_budget(o, training_s)
     other = None
     try:
         other = build_baseline(cfg, run.policy, run.model, baseline)
@@ -184,7 +201,7 @@ def measure(
             min_rounds=o.min_rounds,
             max_rounds=o.max_rounds,
             target_rel_width=o.target_ci_width,
-            max_seconds=o.max_seconds or None,
+            max_seconds=limit,
             warmup_rounds=o.warmup_rounds,
             should_stop=should_stop,
         )
@@ -208,6 +225,7 @@ def measure(
     out = paired.to_dict()
     out.update(
         baseline=label,
+        budget_s=limit,
         skipped=None,
         strategy_step_s=out.pop("a_step_s"),
         baseline_step_s=out.pop("b_step_s"),

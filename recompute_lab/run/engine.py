@@ -539,6 +539,7 @@ def measure_overhead(spec: RunSpec, run: Run, job: Job) -> None:
         run,
         lambda model, micro: train_step(spec, run, micro, scratch, model, "(overhead)"),
         should_stop=lambda: signals.received is not None,
+        training_s=(results["time"].get("loop") or {}).get("wall_s"),
     )
 
 

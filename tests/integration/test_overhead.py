@@ -95,6 +95,40 @@ def test_bad_overhead_settings_fail_before_anything_runs(tmp_path):
         )
 
 
+def test_the_measurement_is_proportionate_to_training():
+    """Its wall time is capped at budget_fraction x the training loop's (never under min_seconds)
+    besides max_seconds; 0 turns either cap off."""
+    o = RunSpec.of(compose_config(["+strategy=full"])).trainer.overhead  # 1.0, 10 s, 120 s
+    assert (o.budget_fraction, o.min_seconds, o.max_seconds) == (1.0, 10.0, 120.0)
+    assert overhead.wall_budget(o, 30.0) == 30.0  # proportionate
+    assert overhead.wall_budget(o, 2.0) == 10.0  # a short run still gets its rounds
+    assert overhead.wall_budget(o, 500.0) == 120.0 and overhead.wall_budget(o, None) == 120.0
+    off = RunSpec.of(
+        compose_config(["trainer.overhead.budget_fraction=0", "trainer.overhead.max_seconds=0"])
+    ).trainer.overhead
+    assert overhead.wall_budget(off, 30.0) is None
+
+
+def test_a_run_stops_measuring_at_its_budget_and_says_so(tmp_path):
+    res = run(
+        compose_config(
+            [
+                "+strategy=full",
+                "trainer.overhead.budget_fraction=0.001",
+                "trainer.overhead.min_seconds=0",
+                "trainer.overhead.target_ci_width=0",
+                *TINY,
+            ]
+        ),
+        tmp_path,
+    )
+    o, loop = res["time"]["overhead"], res["time"]["loop"]
+    assert o["budget_s"] == pytest.approx(0.001 * loop["wall_s"])
+    assert o["stopped"] == "max_seconds" and o["rounds"] < 20
+    with pytest.raises(ConfigError, match="budget_fraction"):
+        run(compose_config(["trainer.overhead.budget_fraction=-1", *TINY]), tmp_path / "bad")
+
+
 def test_arms_share_the_model_state_and_see_the_same_batches(tmp_path):
     cfg = compose_config(["+strategy=full", *TINY])
     r = build(RunSpec.of(cfg), {"memory": {}, "strategy": {}, "env": {}}, tmp_path, DistContext())
