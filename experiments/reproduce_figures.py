@@ -3,12 +3,13 @@
 
     python experiments/reproduce_figures.py --out experiments/figures
 
-Runs on CPU (tiny model, few steps, fixed seeds: trainer.seed=0, data.seed=1234) in about
-WALL_TIME on 2 shared cores. The timed sweeps (figures 3 and 4: the paired step-time overhead)
-run REPLICATES times, each replicate a separate process, one replicate of every timed sweep after
-the other and each with its strategies in a rotated order; the analysis reports each time ratio's
-between-replicate 95% prediction interval (what a rerun gives) beside the within-run one (one
-process's noise), and the figures and quiz use the between-replicate one.
+Runs on CPU (tiny model, few steps, fixed seeds: trainer.seed=0, data.seed=1234) in about 18 min
+(1078 s for the committed figures, at a load average of 5 to 7 from other work) on 2 shared cores.
+The timed sweeps (figures 3 and 4: the paired step-time overhead) run REPLICATES times, each
+replicate a separate process, one replicate of every timed sweep after the other and each with its
+strategies in a rotated order; the analysis reports each time ratio's between-replicate 95%
+prediction interval (what a rerun gives) beside the within-run one (one process's noise), and the
+figures and quiz use the between-replicate one.
 
 The run folders go to --runs (default outputs/reproduce_runs, git-ignored). A --runs folder this
 script made (it holds the marker file .reproduce_figures) is emptied first, so nothing stale is

@@ -328,7 +328,8 @@ def test_time_overheads_are_paired_intervals_and_noise_is_called_noise(tmp_path)
 @pytest.mark.slow
 def test_reproduce_figures_command(tmp_path):
     """The documented one-command reproduction: every figure, twice identical CSVs apart from
-    timing."""
+    timing. Each reproduction runs the timed sweeps in 3 replicate processes: about 17 min on 2
+    shared cores (reproduce_figures' docstring), hence the bounds."""
     outs = []
     for i in range(2):
         t = time.perf_counter()
@@ -344,10 +345,10 @@ def test_reproduce_figures_command(tmp_path):
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=3000,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert time.perf_counter() - t < 600
+        assert time.perf_counter() - t < 2400
         for name in FIGURES:
             assert (tmp_path / f"o{i}" / f"{name}.png").is_file()
         rows = list(csv.DictReader((tmp_path / f"o{i}" / "summary.csv").open()))
