@@ -139,9 +139,12 @@ TIME_KEYS = (
 )
 
 
-def interval_contains_zero(p: dict, which: str = "rep") -> bool:
+def interval_contains_zero(p: dict, which: Optional[str] = None) -> bool:
     """Whether a time overhead's 95% interval contains 0 (no slowdown shown); False without an
-    interval. ``which``: "rep" (between replicates, the one figures use) or "ci" (within run)."""
+    interval. ``which``: "rep" (between replicates, the one figures use) or "ci" (within run);
+    default: between replicates where the point has them, else within run."""
+    if which is None:
+        which = "rep" if p.get("time_overhead_rep") is not None else "ci"
     lo, hi = p.get(f"time_overhead_{which}_low"), p.get(f"time_overhead_{which}_high")
     return lo is not None and hi is not None and lo <= 0.0 <= hi and not lo == hi == 0.0
 

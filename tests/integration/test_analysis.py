@@ -106,7 +106,10 @@ def test_quiz_numbers_equal_recomputed_values(sweep, tmp_path):
         if lo <= 0 <= hi
         else f"{100 * r:+.1f}% (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)"
     )
-    assert f"; step time {time_words} (row `{aggregate.run_label(run_full)}`)" in quiz
+    assert (
+        f"; step time {time_words} (within run; no replicates) "
+        f"(row `{aggregate.run_label(run_full)}`)" in quiz
+    )
     bpp = res[sorted(res)[0]]["memory"]["model_state_bytes"]
     assert bpp["measured"] == 16 * res[sorted(res)[0]]["model"]["params"]
     assert (
@@ -313,8 +316,8 @@ def test_time_overheads_are_paired_intervals_and_noise_is_called_noise(tmp_path)
 
     text = "\n".join(quiz.q2_tradeoff(list(rows.values())))
     assert (
-        "step time within noise (+-8.0%)" in text
-        and "step time +25.0% (95% CI +20.0% to +31.0%)" in text
+        "step time within noise (+-8.0%) (within run; no replicates)" in text
+        and "step time +25.0% (95% CI +20.0% to +31.0%) (within run; no replicates)" in text
     )
     assert "not used (contended: joblib" in text and "no paired measurement in this run" in text
     aggregate.write_markdown(list(rows.values()), tmp_path / "summary.md")
