@@ -1,26 +1,29 @@
-"""Regenerate every figure from scratch: run each figure's sweep (conf/experiment/fig*.yaml), then
-analyse them.
+"""Regenerate every committed figure, table and quiz from scratch: run each figure's sweep
+(conf/experiment/fig*.yaml), then analyse them.
 
     python experiments/reproduce_figures.py --out experiments/figures
 
-Runs on CPU in a few minutes (tiny models, fixed seeds: trainer.seed=0, data.seed=1234); the run
-folders go
-to --runs (default outputs/reproduce_runs, git-ignored). A --runs folder this script made (it holds
-the marker
-file .reproduce_figures) is emptied first, so nothing stale is mixed in; any other non-empty folder
-is refused,
-never deleted. Each finished run is printed as it lands.
---out receives summary.csv, summary.md, the seven figures (PNG + PDF) and quiz.md, plus what keeps
-them honest:
-results.json.gz (every run's results.json, the analysis input) and manifest.json (sha256 of that
-input and of
-every artifact, the matplotlib version). tests/integration/test_figures_fresh.py re-analyses
-results.json.gz with the
-current code and compares it with the committed files, and reruns one run per strategy to check the
-bytes and
-FLOPs in results.json.gz are what the current code measures. Rerunning gives the same summary.csv
-except the
-timing columns (aggregate.TIMING_COLUMNS).
+Runs on CPU (tiny model, few steps, fixed seeds: trainer.seed=0, data.seed=1234) in about 18 min
+(1078 s for the committed figures, at a load average of 5 to 7 from other work) on 2 shared cores.
+The timed sweeps (figures 3 and 4: the paired step-time overhead) run REPLICATES times, each
+replicate a separate process, one replicate of every timed sweep after the other and each with its
+strategies in a rotated order; the analysis reports each time ratio's between-replicate 95%
+prediction interval (what a rerun gives) beside the within-run one (one process's noise), and the
+figures and quiz use the between-replicate one.
+
+The run folders go to --runs (default outputs/reproduce_runs, git-ignored). A --runs folder this
+script made (it holds the marker file .reproduce_figures) is emptied first, so nothing stale is
+mixed in; any other non-empty folder is refused, never deleted. Each finished run is printed as it
+lands.
+
+--out receives the figures (PNG + PDF; the PNGs are committed), summary.{csv,md,tex},
+tradeoff.{csv,md,tex}, what_fits.tex (read from experiments/what_fits.py's what_fits.md) and
+quiz.md, plus what keeps them honest: results.json.gz (every run's results.json, the analysis
+input) and manifest.json (sha256 of that input and of every artifact, the matplotlib version).
+tests/integration/test_figures_fresh.py re-analyses results.json.gz with the current code and
+compares it with the committed files, and reruns one run per strategy to check the bytes and FLOPs
+in results.json.gz are what the current code measures. Rerunning gives the same summary.csv except
+the timing columns (aggregate.TIMING_COLUMNS).
 
     python experiments/reproduce_figures.py --from-bundle experiments/figures/results.json.gz
 
@@ -28,8 +31,8 @@ re-analyses the committed results without running anything (after a change to th
 only).
 
 A sweep asks only for strategies this checkout has (conf/strategy/NAME.yaml); a figure whose runs
-cannot be
-made yet is skipped with a note, and the figure and quiz.md then say which runs are missing.
+cannot be made yet is skipped with a note, and the figure and quiz.md then say which runs are
+missing.
 """
 
 from __future__ import annotations
@@ -49,17 +52,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from recompute_lab.analysis.figures import FIGURES  # noqa: E402
+from recompute_lab.analysis.tables import write_what_fits_tex  # noqa: E402
 from recompute_lab.cli.analyze import analyze  # noqa: E402
 
-# (experiment config, extra overrides): one sweep per figure; figure 5 adds the 20 B/param case as
-# one more run.
+# Timed sweeps (the paired step-time overhead is a figure's axis: figures 3 and 4, the throughput
+# figure) run REPLICATES times, each replicate a separate process (one `train -m` sweep) after the
+# previous one, with the strategy order rotated: a replicate's ratio then carries everything that
+# differs between processes and times of day, which the within-run interval (rounds of one process)
+# does not. The analysis reports both intervals (aggregate.replicate_intervals).
+REPLICATES = 3
+# (experiment config, extra overrides, timed): one sweep per figure; figure 5 adds the 20 B/param
+# case as one more run. Untimed sweeps run once (bytes and FLOPs do not vary between runs).
 SWEEPS = [
-    ("fig1_activation_vs_context", []),
-    ("fig2_memory_breakdown", []),
-    ("fig3_pareto", []),
-    ("fig4_components", []),
-    ("fig5_bytes_per_param", []),
-    ("fig5_bytes_per_param", ["precision=bf16_master", "precision.fp32_grad_accum=true"]),
+    ("fig1_activation_vs_context", [], False),
+    ("fig2_memory_breakdown", [], False),
+    ("fig5_bytes_per_param", [], False),
+    (
+        "fig5_bytes_per_param",
+        ["precision=bf16_master", "precision.fp32_grad_accum=true"],
+        False,
+    ),
+    ("fig3_pareto", [], True),
+    ("fig4_components", [], True),
 ]
 
 
@@ -67,14 +82,17 @@ def available_strategies() -> set[str]:
     return {p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml")}
 
 
-def sweep_strategies(experiment: str) -> list[str]:
-    """The `+strategy` list of an experiment's hydra.sweeper.params (read from its YAML, no Hydra
-    needed)."""
+def _sweeper_params(experiment: str) -> dict:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text())
-    value = str(cfg["hydra"]["sweeper"]["params"]["+strategy"])
-    return [s.strip() for s in value.split(",")]
+    return cfg["hydra"]["sweeper"]["params"]
+
+
+def sweep_strategies(experiment: str) -> list[str]:
+    """The `+strategy` list of an experiment's hydra.sweeper.params (read from its YAML, no Hydra
+    needed)."""
+    return [s.strip() for s in str(_sweeper_params(experiment)["+strategy"]).split(",")]
 
 
 def schema_has(key: str) -> bool:
@@ -84,32 +102,54 @@ def schema_has(key: str) -> bool:
     return "selective" in STRATEGIES and key in option_names("selective")
 
 
-def plan() -> list[tuple[str, str, list[str], str]]:
-    """(experiment, sweep folder name, overrides, note) for every sweep this checkout can run."""
+def _rotate(items: list[str], k: int) -> list[str]:
+    k %= max(1, len(items))
+    return items[k:] + items[:k]
+
+
+def plan(replicates: int = REPLICATES) -> list[tuple[str, str, list[str], str]]:
+    """(experiment, sweep folder name, overrides, note) for every sweep this checkout can run, in
+    the order they run: the untimed sweeps, then replicate 0 of every timed sweep, replicate 1, ...
+    (each replicate with its strategies in a rotated order, so no strategy always runs first)."""
     have = available_strategies()
-    out = []
-    for i, (exp, extra) in enumerate(SWEEPS):
+    once, timed = [], []
+    for i, (exp, extra, is_timed) in enumerate(SWEEPS):
         wanted = sweep_strategies(exp)
         present = [s for s in wanted if s in have]
-        note = ""
         if exp == "fig4_components" and not (present and schema_has("modules")):
-            out.append((exp, "", [], "skipped: needs strategy=selective with strategy.modules"))
+            once.append((exp, "", [], "skipped: needs strategy=selective with strategy.modules"))
             continue
         if not present:
-            out.append((exp, "", [], f"skipped: none of {wanted} exists in conf/strategy"))
+            once.append((exp, "", [], f"skipped: none of {wanted} exists in conf/strategy"))
             continue
-        over = list(extra)
-        if present != wanted:
-            over.append("+strategy=" + ",".join(present))
-            note = (
-                "without "
-                + ",".join(s for s in wanted if s not in have)
-                + " (not in conf/strategy)"
-            )
+        note = (
+            ""
+            if present == wanted
+            else "without "
+            + ",".join(s for s in wanted if s not in have)
+            + " (not in conf/strategy)"
+        )
         if extra:
-            over = [o for o in over if not o.startswith("+strategy=")] + ["+strategy=none"]
-        out.append((exp, f"{i}_{exp}", over, note))
-    return out
+            over = list(extra) + ["+strategy=none"]
+        elif present != wanted:
+            over = ["+strategy=" + ",".join(present)]
+        else:
+            over = []
+        if not is_timed:
+            once.append((exp, f"{i}_{exp}", over, note))
+            continue
+        for r in range(replicates):
+            rot = list(over)
+            if exp == "fig4_components":  # +strategy first: modules are selective's option
+                mods = str(_sweeper_params(exp)["strategy.modules"]).replace("],[", "]|[")
+                rot = [o for o in rot if not o.startswith("+strategy=")]
+                rot.append("+strategy=" + ",".join(present))
+                rot.append("strategy.modules=" + ",".join(_rotate(mods.split("|"), r)))
+            else:
+                rot = [o for o in rot if not o.startswith("+strategy=")]
+                rot.append("+strategy=" + ",".join(_rotate(present, r)))
+            timed.append((r, i, (exp, f"{i}_{exp}_r{r}", rot, note)))
+    return once + [t[2] for t in sorted(timed, key=lambda t: (t[0], t[1]))]
 
 
 MARKER = ".reproduce_figures"
@@ -117,13 +157,20 @@ BUNDLE = "results.json.gz"
 MANIFEST = "manifest.json"
 # What the freshness test compares byte for byte with a re-analysis (the PNGs only with the same
 # matplotlib).
-TEXT_ARTIFACTS = ("summary.csv", "summary.md", "quiz.md")
-COMMITTED_FIGURES = (
-    "fig1_activation_vs_context.png",
-    "fig3_pareto.png",
-    "fig6_parity.png",
-    "fig7_memory_vs_seq.png",
+TEXT_ARTIFACTS = (
+    "summary.csv",
+    "summary.md",
+    "summary.tex",
+    "tradeoff.csv",
+    "tradeoff.md",
+    "tradeoff.tex",
+    "what_fits.tex",
+    "quiz.md",
 )
+# every figure the analysis draws (PNG; the PDFs are regenerated, not committed)
+COMMITTED_FIGURES = tuple(f"{name}.png" for name in FIGURES)
+# what_fits.tex is read from experiments/what_fits.py's table (not recomputed here)
+WHAT_FITS_MD = ROOT / "experiments" / "figures" / "what_fits.md"
 
 
 def prepare_runs(runs: Path) -> None:
@@ -291,8 +338,9 @@ def write_manifest(out: Path, source: str) -> None:
 
 def analyse_into(runs: Path, out: Path, source: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    write_bundle(runs, out / BUNDLE)  # first: the runs are kept even if the analysis fails
     res = analyze(runs, out, label=source)
-    write_bundle(runs, out / BUNDLE)
+    write_what_fits_tex(WHAT_FITS_MD, out / "what_fits.tex")
     write_manifest(out, source)
     return res
 

@@ -179,26 +179,32 @@ def figure(rows: list[dict], path: Path) -> None:
             ]
             xs = [n + (k - 1) * width for n in range(len(seqs))]
             ys = [r.get("gpus", 0) for r in sel]
-            ax.bar(xs, ys, width, label=strat)
+            color, _ = style.strategy_style(strat)
+            ax.bar(xs, ys, width, label=strat, color=color, edgecolor="black", lw=0.5)
             for x, y in zip(xs, ys):
+                # per replica, and below it the total: every replica is sharded dp_shard ways
                 ax.text(
                     x,
                     y if y else 2**8,
-                    str(y) if y else "no\nfit",
+                    f"{y}\n={y * DP_SHARD}" if y else "no\nfit",
                     ha="center",
                     va="bottom",
-                    fontsize=7,
+                    fontsize=6.5,
                 )
         ax.set_yscale("log", base=2)
+        ax.set_ylim(1, 2**11)  # from 1 GPU; room for the two-line labels above the tallest bar
         ax.set_xticks(range(len(seqs)), [f"{s // 1024}k" for s in seqs])
         ax.set_title(f"{name}, {dev} ({devices.card(dev).total_gib:.1f} GiB)", fontsize=9)
         if j == 0:
-            ax.set_ylabel("GPUs per replica (tp x pp x cp)")
+            ax.set_ylabel(
+                f"GPUs per replica (tp x pp x cp)\nlabel: per replica, =total (x{DP_SHARD} FSDP)"
+            )
     axes[0][0].legend(fontsize=7, title="recompute", title_fontsize=7)
     fig.suptitle(
-        f"Smallest layout that fits after the reserve (FSDP dp_shard={DP_SHARD}, micro-batch "
-        f"{BATCH}; no fit: none up to "
-        f"tp{max(TPS)} pp{max(PPS)} cp{max(CPS)})",
+        f"Smallest layout that fits after the reserve (predicted, micro-batch {BATCH}; no fit: "
+        f"none up to tp{max(TPS)} pp{max(PPS)} cp{max(CPS)})\nbar = GPUs per model replica; "
+        f"each replica is sharded over FSDP dp_shard={DP_SHARD}, so the total ('=' label) is "
+        f"{DP_SHARD}x: 8 per replica = {8 * DP_SHARD} GPUs",
         fontsize=10,
     )
     fig.tight_layout()

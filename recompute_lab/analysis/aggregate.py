@@ -45,7 +45,7 @@ from recompute_lab.config.strategies import label_of
 from recompute_lab.record.folder import fallback_path, is_locked
 from recompute_lab.record.result import RecordError, RunResult
 from recompute_lab.predict.theory import korthikanti_layer_bytes, naive_layer_bytes
-from recompute_lab.measure.timing import describe
+from recompute_lab.measure.timing import describe, median_ci
 
 
 class AnalysisError(ValueError):
@@ -73,12 +73,22 @@ TIMING_COLUMNS = (
     "time_overhead_ci_high",
     "time_rounds",
     "time_baseline_step_s",
+    "time_overhead_rep",
+    "time_overhead_rep_low",
+    "time_overhead_rep_high",
+    "replicates",
+    "tokens_per_s_ci_low",
+    "tokens_per_s_ci_high",
+    "tokens_per_s_rep",
+    "tokens_per_s_rep_low",
+    "tokens_per_s_rep_high",
     "mfu",
     "hfu",
 )
 COLUMNS = (
     "run",
     "status",
+    "device",
     "model",
     "precision",
     "strategy",
@@ -96,6 +106,7 @@ COLUMNS = (
     "peak_bytes_predicted",
     "peak_bytes_measured",
     "peak_source",
+    "peak_phase_predicted",
     "model_state_bytes",
     "bytes_per_param_measured",
     "bytes_per_param_predicted",
@@ -111,6 +122,8 @@ COLUMNS = (
     "step_s_p90",
     "step_s_min",
     "tokens_per_s",
+    "tokens_per_s_ci_low",
+    "tokens_per_s_ci_high",
     "mfu",
     "hfu",
     "final_loss",
@@ -123,6 +136,13 @@ COLUMNS = (
     "time_overhead_ci_high",
     "time_rounds",
     "time_baseline_step_s",
+    "replicates",
+    "time_overhead_rep",
+    "time_overhead_rep_low",
+    "time_overhead_rep_high",
+    "tokens_per_s_rep",
+    "tokens_per_s_rep_low",
+    "tokens_per_s_rep_high",
     "time_contended",
     "note",
     "error",
@@ -193,11 +213,13 @@ def match_key(config: Optional[dict], also_ignore: tuple[str, ...] = ()) -> str:
 TEXT_COLUMNS = (
     "run",
     "status",
+    "device",
     "model",
     "precision",
     "strategy",
     "attention",
     "peak_source",
+    "peak_phase_predicted",
     "baseline",
     "note",
     "error",
@@ -275,6 +297,7 @@ def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
         run=run,
         status=status,
         error=error,
+        device=device_label(_dict(res.get("env"))),
         model=_get(cfg, "model.name"),
         precision=precision_label(cfg.get("precision")),
         strategy=strategy_label(cfg.get("strategy")),
@@ -292,6 +315,7 @@ def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
         peak_bytes_predicted=_get(mem, "peak_bytes.predicted"),
         peak_bytes_measured=_get(mem, "peak_bytes.measured"),
         peak_source=_get(mem, "peak_bytes.source"),
+        peak_phase_predicted=_get(mem, "peak_bytes.predicted_parts.phase"),
         model_state_bytes=ms.get("measured"),
         bytes_per_param_measured=_get(ms, "bytes_per_param.measured"),
         bytes_per_param_predicted=_get(ms, "bytes_per_param.predicted"),
@@ -312,6 +336,16 @@ def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
         step_s_min=_fastest_step(t),
     )
     _coerce(row)
+    within_run_throughput(row, t)
+    # what the step figures draw (not table columns): the measured peak by category and after
+    # forward (mem_tracker), the predicted bytes by phase, the loss per step
+    row["_peak_by_category"] = _num_dict(_get(mem, "peak_bytes.mem_tracker.by_category"))
+    row["_after_forward"] = _num_dict(_get(mem, "peak_bytes.mem_tracker.after_forward"))
+    row["_phases_predicted"] = _num_dict(_get(mem, "peak_bytes.predicted_parts.phases"))
+    hist = _get(res, "loss.history")
+    row["_loss_history"] = (
+        [x if _is_num(x) else None for x in hist] if isinstance(hist, list) else []
+    )
     if row["error"]:
         row["error"] = str(row["error"]).splitlines()[0][:200]
     plan = _dict(res.get("strategy"))
@@ -329,6 +363,111 @@ def row_of(res: dict, run: str, folder: Optional[Path] = None) -> dict:
     row["_strategy_name"] = _dict(cfg.get("strategy")).get("name", "none")
     row["_strategy_cfg"] = _dict(cfg.get("strategy")) or {"name": "none"}
     return row
+
+
+def device_label(env: dict) -> Optional[str]:
+    """Where a run ran, for titles: 'cpu (x86_64, 1 thread)', 'cuda (NVIDIA H100 80GB HBM3)'."""
+    dev = env.get("device")
+    if not isinstance(dev, str):
+        return None
+    extra = [str(env["device_name"])] if isinstance(env.get("device_name"), str) else []
+    n = env.get("num_threads")
+    if dev == "cpu" and isinstance(n, int) and not isinstance(n, bool):
+        extra.append(f"{n} thread" + ("s" if n != 1 else ""))
+    return f"{dev} ({', '.join(extra)})" if extra else dev
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _num_dict(d: Any) -> dict:
+    return {str(k): v for k, v in d.items() if _is_num(v)} if isinstance(d, dict) else {}
+
+
+def _timed_steps(t: dict) -> list[float]:
+    raw = t.get("step_s") if isinstance(t.get("step_s"), list) else []
+    steps = [x for x in raw if _is_num(x)]
+    warm = t.get("warmup_steps") if isinstance(t.get("warmup_steps"), int) else 0
+    return steps[warm:] or steps
+
+
+def within_run_throughput(row: dict, t: dict) -> None:
+    """tokens_per_s_ci_low/high: tokens per step over the order-statistic 95% interval of the
+    median timed step (recompute_lab.measure.timing.median_ci): the within-run interval of one
+    run's throughput (None with fewer than 6 timed steps)."""
+    per_step = t.get("tokens_per_step")
+    steps = [x for x in _timed_steps(t) if x > 0]
+    if not _is_num(per_step) or not steps:
+        return
+    _, lo, hi = median_ci(steps)
+    if lo is not None and hi is not None:
+        row["tokens_per_s_ci_low"], row["tokens_per_s_ci_high"] = per_step / hi, per_step / lo
+
+
+# Two-sided 95% quantiles of Student's t with df = 1..30 degrees of freedom (any statistics
+# table); past 30, 1.96 + 2.4 / df is within 0.01 of the exact value.
+# fmt: off
+T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+# fmt: on
+
+
+def t975(df: int) -> float:
+    return T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df
+
+
+def prediction_interval(values: list[float]) -> tuple[float, Optional[float], Optional[float]]:
+    """(centre, low, high) of positive ``values`` (one per replicate process), on the log scale:
+    the geometric mean and the 95% prediction interval for ONE more replicate,
+    exp(m +- t_{n-1} s sqrt(1 + 1/n)) with m, s the mean and standard deviation of the logs. It
+    says where a fresh rerun's value lands (a confidence interval of the mean would be narrower by
+    sqrt(n + 1) and would not). Fewer than two values: no interval."""
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"prediction_interval needs positive values, got {values}")
+    logs = [math.log(v) for v in values]
+    n = len(logs)
+    m = sum(logs) / n
+    if n < 2:
+        return math.exp(m), None, None
+    sd = math.sqrt(sum((x - m) ** 2 for x in logs) / (n - 1))
+    half = t975(n - 1) * sd * math.sqrt(1 + 1 / n)
+    return math.exp(m), math.exp(m - half), math.exp(m + half)
+
+
+def replicate_intervals(rows: list[dict]) -> None:
+    """The between-replicate columns: runs with the same config and strategy (the same
+    ``_key`` and strategy label; experiments/reproduce_figures.py runs timed sweeps in several
+    processes) are replicates. Each gets ``replicates`` (how many have a paired time overhead
+    against the same baseline), ``time_overhead_rep`` with ``_low/_high`` (geometric mean of the
+    replicates' ratios and its 95% prediction interval, as ratio - 1) and ``tokens_per_s_rep``
+    with ``_low/_high`` (the same for tokens/s). The within-run interval (time_overhead_ci_*,
+    tokens_per_s_ci_*) covers the noise of one process only; this one covers reruns."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == OK and r.get("_key") is not None and not r.get("time_contended"):
+            groups.setdefault((r["_key"], r["strategy"]), []).append(r)
+    for members in groups.values():
+        timed = [r for r in members if r["time_overhead"] is not None]
+        baselines = {r.get("time_baseline") for r in timed}
+        if len(timed) >= 2 and len(baselines) == 1:
+            c, lo, hi = prediction_interval([1 + r["time_overhead"] for r in timed])
+            for r in members:
+                r.update(
+                    replicates=len(timed),
+                    time_overhead_rep=c - 1,
+                    time_overhead_rep_low=lo - 1,
+                    time_overhead_rep_high=hi - 1,
+                )
+        tps = [r["tokens_per_s"] for r in members if r["tokens_per_s"]]
+        if len(tps) >= 2:
+            c, lo, hi = prediction_interval(tps)
+            for r in members:
+                r.update(tokens_per_s_rep=c, tokens_per_s_rep_low=lo, tokens_per_s_rep_high=hi)
+                r["replicates"] = r.get("replicates") or len(tps)
 
 
 def _fastest_step(t: dict) -> Optional[float]:
@@ -371,6 +510,23 @@ def paired_overhead(row: dict, t: dict) -> None:
 
 def _join(a: Optional[str], b: str) -> str:
     return b if not a else f"{a}; {b}"
+
+
+def fmt_rep_overhead(r: dict) -> str:
+    """A row's between-replicate time overhead: '+30.4% (95% PI +20.1% to +41.0%, 3 processes)';
+    'n/a' without replicates. PI: the prediction interval for one more rerun
+    (:func:`prediction_interval`); 'contains 0' is said, never hidden."""
+    o = r.get("time_overhead_rep")
+    if o is None:
+        return "n/a"
+    lo, hi = r["time_overhead_rep_low"], r["time_overhead_rep_high"]
+    if lo == hi == o == 0:
+        return "+0.0% (by definition)"
+    zero = "; contains 0" if lo <= 0 <= hi else ""
+    return (
+        f"{100 * o:+.1f}% (95% PI {100 * lo:+.1f}% to {100 * hi:+.1f}%, "
+        f"{r['replicates']} processes{zero})"
+    )
 
 
 def fmt_overhead(r: dict) -> str:
@@ -417,6 +573,7 @@ def load_rows(folder: Path) -> list[dict]:
             rows.append(row)
     rows.sort(key=_sort_key)
     pair_with_baselines(rows)
+    replicate_intervals(rows)
     return rows
 
 
@@ -531,6 +688,35 @@ def run_label(run: str) -> str:
     return "/".join(out)
 
 
+def fmt_tokens(r: dict) -> str:
+    """Tokens/s: the between-replicate geometric mean with its 95% PI where the run has
+    replicates, else the run's own median with its within-run 95% CI (or the bare value)."""
+    if r.get("tokens_per_s_rep") is not None:
+        return (
+            f"{r['tokens_per_s_rep']:,.0f} (95% PI {r['tokens_per_s_rep_low']:,.0f} to "
+            f"{r['tokens_per_s_rep_high']:,.0f}, {r['replicates']} processes)"
+        )
+    if r.get("tokens_per_s") is None:
+        return "n/a"
+    if r.get("tokens_per_s_ci_low") is None:
+        return f"{r['tokens_per_s']:,.0f} (one run)"
+    return (
+        f"{r['tokens_per_s']:,.0f} (one run; within-run 95% CI {r['tokens_per_s_ci_low']:,.0f} to "
+        f"{r['tokens_per_s_ci_high']:,.0f})"
+    )
+
+
+INTERVALS_NOTE = (
+    "Two intervals, never mixed: **between replicates** (95% PI) is the prediction interval "
+    "for one more rerun, from the same config run in separate processes (geometric mean of the "
+    "replicates' ratios, exp(mean +- t(n-1) sd sqrt(1 + 1/n)) of their logs); it is the one "
+    "to cite. **Within run** (95% CI) is each run's own paired measurement (results.json "
+    "time.overhead: ABBA rounds against its baseline strategy in one process, the order-statistic "
+    "interval of the median round ratio); it covers the noise of one process only and is "
+    "narrower than what a rerun gives."
+)
+
+
 def write_markdown(rows: list[dict], path: Path) -> None:
     """summary.md: the table a person reads (bytes in binary units, ratios in %)."""
     head = [
@@ -544,31 +730,36 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         "act saved (meas.)",
         "act (pred.)",
         "peak (meas.)",
+        "peak phase (pred.)",
         "B/param",
         "FLOP overhead",
         "act saving",
-        "time overhead (paired, 95% CI)",
+        "time overhead, between replicates (95% PI)",
+        "time overhead, within run (paired, 95% CI)",
         "tokens/s",
         "final loss",
     ]
+    devices = sorted({str(r["device"]) for r in rows if r.get("device")})
     lines = [
         "# Sweep summary",
         "",
-        f"{len(rows)} runs, {len(ok_rows(rows))} ok. Bytes in binary units; savings "
-        "and FLOP overheads relative to the `none` run with the same config (column `baseline` in "
-        "summary.csv). "
-        "Time overhead: each run's own paired, interleaved measurement against its baseline "
-        "strategy "
-        "(column `time_baseline`; results.json time.overhead), with its 95% interval; an interval "
-        "that "
-        'contains 0 reads "within noise". Tokens/s are single-run figures, not comparisons. Column '
-        "job: the "
-        "run folder's Hydra job number(s) (summary.csv column `run` has the full folder name).",
+        f"{len(rows)} runs, {len(ok_rows(rows))} ok, on {', '.join(devices) or 'n/a'}. Bytes in "
+        "binary units; savings and FLOP overheads relative to the `none` run with the same config "
+        "(column `baseline` in summary.csv). " + INTERVALS_NOTE + " An interval that contains 0 "
+        'reads "within noise" (within run) or "contains 0" (between replicates). Tokens/s: '
+        "between replicates where the run has them, else one run's median step with its "
+        "within-run interval. Column job: the run folder's Hydra job number(s) (summary.csv "
+        "column `run` has the full folder name).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for r in rows:
+        within = fmt_overhead(r)
+        if r.get("time_baseline") and r["time_baseline"] != "none":
+            within += f" vs {r['time_baseline']}"
+        if r.get("time_contended"):
+            within += " (contended)"
         cells = [
             run_label(r["run"]),
             r["status"],
@@ -580,19 +771,15 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             fmt_bytes(r["act_bytes_measured"]),
             fmt_bytes(r["act_bytes_predicted"]),
             fmt_bytes(r["peak_bytes_measured"]),
+            r.get("peak_phase_predicted") or "n/a",
             "n/a"
             if r["bytes_per_param_measured"] is None
             else f"{r['bytes_per_param_measured']:.1f}",
             fmt_pct(r["flop_overhead"]),
             fmt_pct(r["act_saved_frac"]),
-            fmt_overhead(r)
-            + (
-                ""
-                if not r.get("time_baseline") or r["time_baseline"] == "none"
-                else f" vs {r['time_baseline']}"
-            )
-            + (" (contended)" if r.get("time_contended") else ""),
-            "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}",
+            fmt_rep_overhead(r),
+            within,
+            fmt_tokens(r),
             "n/a" if r["final_loss"] is None else f"{r['final_loss']:.4f}",
         ]
         lines.append(

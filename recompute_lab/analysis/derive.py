@@ -127,14 +127,35 @@ def richest_group(rows: list[dict], want: Optional[set] = None) -> Optional[tupl
     return max(counts, key=lambda k: (len(counts[k]), k[3] or 0, str(k)))
 
 
-TIME_KEYS = ("time_overhead", "time_overhead_ci_low", "time_overhead_ci_high", "time_rounds")
+TIME_KEYS = (
+    "time_overhead",
+    "time_overhead_ci_low",
+    "time_overhead_ci_high",
+    "time_rounds",
+    "time_overhead_rep",
+    "time_overhead_rep_low",
+    "time_overhead_rep_high",
+    "replicates",
+)
 
 
-def interval_contains_zero(p: dict) -> bool:
-    """Whether a paired time overhead's 95% interval contains 0 (no slowdown shown); False without
-    an interval."""
-    lo, hi = p.get("time_overhead_ci_low"), p.get("time_overhead_ci_high")
+def interval_contains_zero(p: dict, which: Optional[str] = None) -> bool:
+    """Whether a time overhead's 95% interval contains 0 (no slowdown shown); False without an
+    interval. ``which``: "rep" (between replicates, the one figures use) or "ci" (within run);
+    default: between replicates where the point has them, else within run."""
+    if which is None:
+        which = "rep" if p.get("time_overhead_rep") is not None else "ci"
+    lo, hi = p.get(f"time_overhead_{which}_low"), p.get(f"time_overhead_{which}_high")
     return lo is not None and hi is not None and lo <= 0.0 <= hi and not lo == hi == 0.0
+
+
+def replicates_of(rows: list[dict], r: dict) -> list[dict]:
+    """The ok runs with ``r``'s config and strategy (``r`` included): its replicates."""
+    return [
+        x
+        for x in ok_rows(rows)
+        if x.get("_key") == r.get("_key") and x["strategy"] == r["strategy"]
+    ]
 
 
 def tradeoffs(rows: list[dict], group: Optional[tuple] = None) -> list[dict]:
@@ -165,6 +186,12 @@ def tradeoffs(rows: list[dict], group: Optional[tuple] = None) -> list[dict]:
                     **{k: r.get(k) if vs_none else None for k in TIME_KEYS},
                     "time_contended": r.get("time_contended"),
                     "time_baseline": r.get("time_baseline"),
+                    # each replicate's own paired ratio and within-run interval (figure 3's dots)
+                    "within_run": [
+                        (x["time_overhead"], x["time_overhead_ci_low"], x["time_overhead_ci_high"])
+                        for x in replicates_of(rows, r)
+                        if vs_none and x["time_overhead"] is not None
+                    ],
                     "act_bytes": r["act_bytes_measured"],
                     "offload_noop": bool(r.get("_offload_noop")),
                     "peak_bytes": r["peak_bytes_measured"],
@@ -205,14 +232,20 @@ def components(rows: list[dict]) -> list[dict]:
         # extra seconds per step from the run's paired measurement: baseline step x overhead, with
         # its interval
         base_s = r.get("time_baseline_step_s") if r.get("time_baseline") == "none" else None
+        # between replicates where the run has them (the interval a rerun respects), else in-run
+        rep = r.get("time_overhead_rep") is not None
         extra = {
             k: None if base_s is None or r.get(c) is None else base_s * r[c]
             for k, c in (
-                ("extra_step_s", "time_overhead"),
-                ("extra_step_s_ci_low", "time_overhead_ci_low"),
-                ("extra_step_s_ci_high", "time_overhead_ci_high"),
+                ("extra_step_s", "time_overhead_rep" if rep else "time_overhead"),
+                ("extra_step_s_ci_low", "time_overhead_rep_low" if rep else "time_overhead_ci_low"),
+                (
+                    "extra_step_s_ci_high",
+                    "time_overhead_rep_high" if rep else "time_overhead_ci_high",
+                ),
             )
         }
+        extra["extra_interval"] = "between replicates (95% PI)" if rep else "within run (95% CI)"
         out.append(
             {
                 "strategy": r["strategy"],
@@ -405,3 +438,90 @@ def strategy_series(rows: list[dict]) -> dict[tuple, list[tuple[int, int]]]:
         for k, v in sorted(series.items(), key=lambda kv: str(kv[0]))
         if (k[0], k[1], k[3]) == best
     }
+
+
+# The phases of one step in time order (recompute_lab.predict.peak's names): saved activations
+# held at backward's start, recompute, the attention and MLP backward moments, end of backward,
+# gradient clipping, the optimizer step.
+PHASE_ORDER = (
+    "backward_start",
+    "recompute",
+    "attention_backward",
+    "mlp_backward",
+    "end_of_backward",
+    "clip",
+    "optimizer_step",
+)
+
+
+def step_profiles(rows: list[dict], group: Optional[tuple] = None) -> list[dict]:
+    """Memory over one step, per strategy of ``group`` (default: the richest), first replicate:
+    the predicted bytes at each phase (PHASE_ORDER, the ones the run predicted) beside what the
+    run measured (mem_tracker): the total after forward (= at backward's start) and the peak."""
+    group = group or richest_group(rows)
+    out, seen = [], set()
+    for r in ok_rows(rows):
+        if group_key(r) != group or r["strategy"] in seen:
+            continue
+        seen.add(r["strategy"])
+        phases = r.get("_phases_predicted") or {}
+        out.append(
+            {
+                "strategy": r["strategy"],
+                "run": r["run"],
+                "predicted": [(ph, phases[ph]) for ph in PHASE_ORDER if ph in phases],
+                "predicted_peak": r["peak_bytes_predicted"],
+                "predicted_phase": r.get("peak_phase_predicted"),
+                "after_forward": (r.get("_after_forward") or {}).get("total"),
+                "peak": r["peak_bytes_measured"],
+                "peak_source": r["peak_source"],
+            }
+        )
+    return sorted(out, key=lambda p: (p["strategy"] != "none", p["strategy"]))
+
+
+def loss_curves(rows: list[dict], group: Optional[tuple] = None) -> list[dict]:
+    """Loss per training step of each strategy in ``group`` (first replicate) and its largest
+    absolute difference from `none`'s curve: recomputation reruns the same forward, so the curves
+    must coincide (a difference is float reordering at most)."""
+    group = group or richest_group(rows)
+    out, seen = [], set()
+    for r in ok_rows(rows):
+        if group_key(r) != group or r["strategy"] in seen or not r.get("_loss_history"):
+            continue
+        seen.add(r["strategy"])
+        out.append({"strategy": r["strategy"], "run": r["run"], "loss": r["_loss_history"]})
+    base = next((c["loss"] for c in out if c["strategy"] == "none"), None)
+    for c in out:
+        c["max_abs_diff"] = (
+            None
+            if base is None or len(base) != len(c["loss"]) or None in base + c["loss"]
+            else max(abs(a - b) for a, b in zip(c["loss"], base))
+        )
+    return sorted(out, key=lambda c: (c["strategy"] != "none", c["strategy"]))
+
+
+def throughput(rows: list[dict], group: Optional[tuple] = None) -> list[dict]:
+    """Tokens/s per strategy of ``group``: each replicate's median with its within-run interval,
+    and the between-replicate geometric mean with its 95% prediction interval."""
+    group = group or richest_group(rows)
+    out, seen = [], set()
+    for r in ok_rows(rows):
+        if group_key(r) != group or r["strategy"] in seen or r["tokens_per_s"] is None:
+            continue
+        seen.add(r["strategy"])
+        reps = [x for x in replicates_of(rows, r) if x["tokens_per_s"] is not None]
+        out.append(
+            {
+                "strategy": r["strategy"],
+                "run": r["run"],
+                "replicates": [
+                    (x["tokens_per_s"], x["tokens_per_s_ci_low"], x["tokens_per_s_ci_high"])
+                    for x in reps
+                ],
+                "rep": r.get("tokens_per_s_rep"),
+                "rep_low": r.get("tokens_per_s_rep_low"),
+                "rep_high": r.get("tokens_per_s_rep_high"),
+            }
+        )
+    return sorted(out, key=lambda t: (t["strategy"] != "none", t["strategy"]))

@@ -18,6 +18,16 @@ carry every distinction; colour only repeats it) with labelled units.
                           drawn
 7 memory_vs_seq           saved activation bytes vs sequence length per strategy, one panel per
                           attention backend
+8 memory_over_step        bytes held at each phase of one step, predicted, beside the measured bytes
+                          after forward and the measured peak, one panel per strategy
+9 loss_curves             loss per step of every strategy (they coincide: recomputation changes no
+                          loss) and each one's difference from `none`
+10 throughput             tokens/s per strategy: between-replicate 95% prediction interval, and each
+                          replicate's within-run interval
+
+Every figure's title names the model and the device; every strategy has one colour and one marker
+(style.STRATEGY_STYLE) in every figure; every theory line says the dtype it assumes. Time intervals
+in figures are between replicates (separate processes; aggregate.replicate_intervals), labelled so.
 
 A figure whose data the sweep lacks is still written: it says why (the true reason, e.g. one
 sequence length)
@@ -35,7 +45,7 @@ import matplotlib.pyplot as plt
 
 from recompute_lab.analysis import derive, style
 from recompute_lab.analysis.aggregate import fmt_overhead, missing_keys
-from recompute_lab.analysis.style import COLORS, HATCHES, MARKERS
+from recompute_lab.analysis.style import COLORS, HATCHES, strategy_style
 
 FIGURES = (
     "fig1_activation_vs_context",
@@ -45,6 +55,9 @@ FIGURES = (
     "fig5_bytes_per_param",
     "fig6_parity",
     "fig7_memory_vs_seq",
+    "fig8_memory_over_step",
+    "fig9_loss_curves",
+    "fig10_throughput",
 )
 MIB = 2**20
 # fills: colour-blind-safe colours; hatches and markers carry the distinction in greyscale
@@ -85,7 +98,7 @@ def _missing_text(rows, cols, runs_hint: str) -> str:
 
 def fig_activation_vs_context(rows, out: Path) -> list[Path]:
     series = derive.context_series(rows)
-    fig, ax = style.figure(width=style.TWO_COLUMN * 0.75, height=3.6)
+    fig, ax = style.figure(width=style.TWO_COLUMN * 0.75, height=3.8)
     top = max(
         [
             p[k] or 0
@@ -97,9 +110,9 @@ def fig_activation_vs_context(rows, out: Path) -> list[Path]:
     )
     unit, div = style.byte_unit(top / 2)
     have_measured = False
-    refs: dict[
-        tuple, dict
-    ] = {}  # the references depend on shape only: one pair of lines per model shape
+    color, marker = strategy_style("none")
+    # the references depend on shape only: one pair of lines per model shape
+    refs: dict[tuple, dict] = {}
     for i, (key, pts) in enumerate(series.items()):
         model, precision, attention, batch = key[:4]
         meas = [(p["seq_len"], p["measured"] / div) for p in pts if p["measured"] is not None]
@@ -107,11 +120,12 @@ def fig_activation_vs_context(rows, out: Path) -> list[Path]:
             have_measured = True
             ax.plot(
                 *zip(*meas),
-                marker=MARKERS[i % len(MARKERS)],
-                ls="-",
-                color=COLORS[i % len(COLORS)],
+                marker=marker,
+                ls=style.LINESTYLES[i % len(style.LINESTYLES)],
+                color=color,
+                mfc=color if i % 2 == 0 else "white",
                 ms=6,
-                label=f"measured: {model}, {precision}, {attention}, b={batch}",
+                label=f"measured ({precision} values): {model}, {attention}, b={batch}",
             )
         for p in pts:
             refs.setdefault((model, batch, p["n_layer"]), {})[p["seq_len"]] = p
@@ -123,20 +137,25 @@ def fig_activation_vs_context(rows, out: Path) -> list[Path]:
             [p["korthikanti"] / div for p in pts],
             ls="--",
             marker="x",
-            color="0.3",
-            label=f"Korthikanti sbh(34+5as/h)·L, 16-bit ({model}, b={batch})",
+            color="0.45",
+            label=f"theory, 16-bit values + 1-byte masks: Korthikanti sbh(34+5as/h)·L "
+            f"({model}, b={batch})",
         )
         ax.plot(
             s,
             [p["naive"] / div for p in pts],
             ls=":",
             marker="+",
-            color="0.45",
-            label=f"2·2·h B per token per layer ({model}, b={batch})",
+            color="0.6",
+            label=f"theory, 16-bit values: 2·2·h B per token per layer ({model}, b={batch})",
         )
     ax.set_xlabel("sequence length s (tokens)")
     ax.set_ylabel(f"saved activations per step ({unit})")
-    ax.set_title("Saved activations vs sequence length (no recomputation)")
+    ax.set_title(
+        style.wrap(
+            f"Saved activations vs sequence length, no recomputation: {style.where(rows)}", 70
+        )
+    )
     if series:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -158,14 +177,23 @@ def fig_activation_vs_context(rows, out: Path) -> list[Path]:
     return _save(fig, out, FIGURES[0])
 
 
-PARTS = ("params", "grads", "master", "optimizer", "activations", "logits")
+# The measured peak's parts (mem_tracker's categories at the peak moment), in stacking order.
+PEAK_PARTS = (
+    ("params", ("params",)),
+    ("grads", ("grads",)),
+    ("optimizer", ("optimizer",)),
+    ("saved activations", ("act",)),
+    ("temporaries", ("temp",)),
+    ("buffers, other", ("buffers", "other")),
+)
 
 
 def fig_memory_breakdown(rows, out: Path) -> list[Path]:
+    """The measured peak of each strategy x precision, split into what was live at that moment
+    (mem_tracker's categories), with the predicted peak and the phase it falls in (the theory's
+    phase, recompute_lab.predict.peak). Horizontal bars: the labels read without rotation."""
     key, bars = derive.breakdown(rows)
-    fig, ax = style.figure(
-        width=min(style.TWO_COLUMN, max(style.ONE_COLUMN, 0.7 * len(bars) + 2.5)), height=3.6
-    )
+    fig, ax = style.figure(width=style.TWO_COLUMN, height=max(2.6, 0.42 * len(bars) + 1.6))
     if not bars:
         _note(
             ax,
@@ -173,58 +201,79 @@ def fig_memory_breakdown(rows, out: Path) -> list[Path]:
             "precision=fp32,bf16_autocast,bf16_master",
         )
         return _save(fig, out, FIGURES[1])
-    x = range(len(bars))
-    bottom = [0.0] * len(bars)
-    unit, div = style.byte_unit(max(sum(v or 0 for v in b["parts"].values()) for b in bars))
-    for j, part in enumerate(PARTS):
-        vals = [(b["parts"][part] or 0) / div for b in bars]
+    by_run = {r["run"]: r for r in rows}
+    runs = [by_run[b["run"]] for b in bars]
+    y = list(range(len(bars)))
+    left = [0.0] * len(bars)
+    unit, div = style.byte_unit(
+        max((r["peak_bytes_measured"] or r["peak_bytes_predicted"] or 1) for r in runs)
+    )
+    for j, (part, cats) in enumerate(PEAK_PARTS):
+        vals = [sum((r.get("_peak_by_category") or {}).get(c, 0) for c in cats) / div for r in runs]
         if not any(vals):
             continue
-        ax.bar(
-            x,
+        ax.barh(
+            y,
             vals,
-            bottom=bottom,
+            left=left,
             color=GREYS[j],
             hatch=HATCHES[j],
             edgecolor="black",
             lw=0.6,
             label=part,
         )
-        bottom = [a + v for a, v in zip(bottom, vals)]
-    ax.set_xticks(
-        list(x), [b["label"] for b in bars], rotation=90
-    )  # upright labels never run together
-    ax.set_ylabel(f"memory ({unit})")
-    model, attention, s, b = key[:4]
-    ax.set_title(f"Memory by kind: {model}, attention={attention}, s={s}, b={b}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    if any(b["parts"]["activations"] is None for b in bars):
-        ax.text(
-            0.01,
-            0.98,
-            "activations/logits: n/a in runs without memory.activation_bytes",
-            transform=ax.transAxes,
-            va="top",
+        left = [a + v for a, v in zip(left, vals)]
+    shown_pred = False
+    for i, r in enumerate(runs):
+        color, marker = strategy_style(r["strategy"])
+        if r["peak_bytes_predicted"] is not None:
+            ax.plot(
+                r["peak_bytes_predicted"] / div,
+                i,
+                marker=marker,
+                color="black",
+                mfc=color,
+                ms=8,
+                ls="none",
+                label=None if shown_pred else "predicted peak (strategy's marker)",
+                zorder=5,
+            )
+            shown_pred = True
+        end = max(left[i], (r["peak_bytes_predicted"] or 0) / div)
+        phase = r.get("peak_phase_predicted") or "n/a"
+        meas = (
+            "n/a" if r["peak_bytes_measured"] is None else f"{r['peak_bytes_measured'] / div:.1f}"
         )
+        ax.text(end * 1.02, i, f" {meas} {unit} at {phase}", va="center")
+    ax.set_yticks(y, [f"{b['strategy']}, {b['precision']}" for b in bars])
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(left) * 1.55)
+    ax.set_xlabel(
+        f"memory at the measured peak ({unit}); text: measured peak at the predicted phase"
+    )
+    model, attention, s, b = key[:4]
+    ax.set_title(
+        f"Peak memory and its phase: {style.where(runs)}, attention={attention}, s={s}, b={b}"
+    )
+    fig.legend(loc="outside lower center", ncol=4)
+    if not any(r.get("_peak_by_category") for r in runs):
+        ax.text(0.01, 0.98, "no mem_tracker categories in these runs", transform=ax.transAxes)
     return _save(fig, out, FIGURES[1])
 
 
 def fig_pareto(rows, out: Path) -> list[Path]:
     """Left: saving vs counted FLOP overhead, Pareto frontier (exact quantities). Right: saving vs
-    the paired time
-    overhead with its 95% interval as an error bar; hollow markers where the interval contains 0
-    (within noise).
-    No frontier on the right: a point there is an interval, not a value to rank by."""
+    the time overhead: the marker at the geometric mean of the replicates, the thick bar its 95%
+    prediction interval between replicates (separate processes; hollow where it contains 0), the
+    small dots each replicate's own paired ratio. Without replicates the run's within-run interval
+    is drawn and the axis says so. No frontier on the right: a point there is an interval."""
     pts = derive.tradeoffs(rows)
-    fig, axes = style.figure(2, height=3.4, sharey=True)
-    marks = {
-        p["strategy"]: (MARKERS[i % len(MARKERS)], GREYS[i % len(GREYS)]) for i, p in enumerate(pts)
-    }
+    fig, axes = style.figure(2, height=4.3, sharey=True)
     saved = [p for p in pts if p["act_saved_frac"] is not None]
     good = [p for p in saved if p["flop_overhead"] is not None]
     ax = axes[0]
     for p in good:
-        m, c = marks[p["strategy"]]
+        c, m = strategy_style(p["strategy"])
         ax.plot(
             100 * p["flop_overhead"],
             100 * p["act_saved_frac"],
@@ -233,7 +282,7 @@ def fig_pareto(rows, out: Path) -> list[Path]:
             color="black",
             mfc=c,
             ms=8,
-            label=p["strategy"],
+            label=style.short_label(p["strategy"]),
         )
     if good:
         front = derive.pareto_frontier([(p["flop_overhead"], p["act_saved_frac"]) for p in good])
@@ -245,33 +294,41 @@ def fig_pareto(rows, out: Path) -> list[Path]:
             lw=1,
             label="Pareto frontier (FLOPs, bytes)",
         )
-    ax.set_xlabel("recomputed FLOPs / (forward + backward) (%)")
+    ax.set_xlabel("recomputed FLOPs /\n(forward + backward) (%)")
     ax = axes[1]
     timed = [p for p in saved if p["time_overhead"] is not None]
+    has_rep = any(p["time_overhead_rep"] is not None for p in timed)
     for p in timed:
-        m, c = marks[p["strategy"]]
-        lo, hi = p["time_overhead_ci_low"], p["time_overhead_ci_high"]
-        xerr = (
-            None
-            if lo is None
-            else [[100 * (p["time_overhead"] - lo)], [100 * (hi - p["time_overhead"])]]
-        )
+        c, m = strategy_style(p["strategy"])
+        which = "rep" if p["time_overhead_rep"] is not None else "ci"
+        centre = p["time_overhead_rep"] if which == "rep" else p["time_overhead"]
+        lo, hi = p[f"time_overhead_{which}_low"], p[f"time_overhead_{which}_high"]
+        y = 100 * p["act_saved_frac"]
+        xerr = None if lo is None else [[100 * (centre - lo)], [100 * (hi - centre)]]
         ax.errorbar(
-            100 * p["time_overhead"],
-            100 * p["act_saved_frac"],
+            100 * centre,
+            y,
             xerr=xerr,
             marker=m,
             ls="none",
             color="black",
-            ecolor="0.35",
+            ecolor=c,
+            elinewidth=2.5,
             capsize=3,
             ms=8,
-            mfc="white" if derive.interval_contains_zero(p) or lo is None else c,
+            mfc="white" if derive.interval_contains_zero(p, which) or lo is None else c,
+            zorder=3,
         )
+        for o, _, _ in p["within_run"] if which == "rep" else []:
+            ax.plot(100 * o, y, marker="|", color="black", ms=7, ls="none", zorder=4)
     ax.axvline(0, ls=":", color="0.4", lw=1)
-    ax.set_xlabel("step time vs none (%), paired in-run, 95% CI")
+    ax.set_xlabel(
+        "step time vs none (%); bar: 95% PI between\nreplicates (processes), |: each replicate"
+        if has_rep
+        else "step time vs none (%), paired in one run;\nbar: 95% CI within run"
+    )
     if timed and any(derive.interval_contains_zero(p) for p in timed):
-        ax.text(0.01, 0.01, "hollow: interval contains 0\n(within noise)", transform=ax.transAxes)
+        ax.text(0.01, 0.01, "hollow: interval contains 0", transform=ax.transAxes)
     if not good:
         _note(
             axes[0],
@@ -296,20 +353,31 @@ def fig_pareto(rows, out: Path) -> list[Path]:
     axes[0].set_ylabel("saved activations freed vs none (%)")
     group = derive.richest_group(rows)
     axes[0].set_title("vs FLOP overhead")
-    axes[1].set_title("vs time overhead (95% interval)")
+    n_rep = max((p["replicates"] or 0 for p in timed), default=0)
+    axes[1].set_title(
+        f"vs time overhead ({n_rep} replicates)" if has_rep else "vs time overhead (one run)"
+    )
     skipped = [p["strategy"] for p in pts if p["act_saved_frac"] is None]
+    grows = [r for r in rows if group and derive.group_key(r) == group]
     title = (
         ""
         if not group
-        else f"Recomputation trade-off: {group[0]}, {group[1]}, attention={group[2]}, "
+        else f"Recomputation trade-off: {style.where(grows)}, {group[1]}, attention={group[2]}, "
         f"s={group[3]}, b={group[4]}"
     )
     if skipped and len(skipped) < len(pts):
         title += "\nnot plotted (no activation saving measured): " + ", ".join(skipped)
     fig.suptitle(title)
-    if saved:  # one legend under both panels, markers name points
+    if saved:  # one compact legend under both panels: the strategy's colour and marker
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=4)
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncol=6,
+            handletextpad=0.2,
+            columnspacing=0.8,
+        )
     return _save(fig, out, FIGURES[2])
 
 
@@ -321,10 +389,11 @@ def fig_components(rows, out: Path) -> list[Path]:
         names = [c["component"].replace(" (", "\n(") for c in comps]
         y = range(len(comps))
         per_flop = [(c["bytes_per_flop"] or 0.0) for c in comps]
+        colors = [strategy_style(c["strategy"])[0] for c in comps]
         axes[0].barh(
             y,
             per_flop,
-            color=[GREYS[i % len(GREYS)] for i in y],
+            color=colors,
             edgecolor="black",
             hatch=[HATCHES[i % len(HATCHES)] for i in y],
         )
@@ -361,7 +430,7 @@ def fig_components(rows, out: Path) -> list[Path]:
             per_ms,
             xerr=err,
             capsize=3,
-            color=[GREYS[i % len(GREYS)] for i in y],
+            color=colors,
             edgecolor="black",
             hatch=[HATCHES[i % len(HATCHES)] for i in y],
         )
@@ -383,8 +452,14 @@ def fig_components(rows, out: Path) -> list[Path]:
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
         ax.tick_params(axis="x", labelrotation=30)
     axes[0].set_xlabel("bytes freed per recomputed FLOP (B/FLOP)")
-    axes[1].set_xlabel("MiB freed per ms of extra step time\n(paired, 95% CI)")
-    title = "Value of recomputing each component (selective, one module kind at a time)"
+    kinds = sorted({c["extra_interval"] for c in comps if c.get("extra_step_s") is not None})
+    axes[1].set_xlabel(
+        "MiB freed per ms of extra step time\n(error bar: " + (", ".join(kinds) or "n/a") + ")"
+    )
+    title = (
+        "Value of recomputing each component (selective, one module kind at a time): "
+        + style.where([r for r in rows if r["strategy"] in derive.COMPONENTS])
+    )
     if comps and missing:  # in the title block, where it cannot cover an axis label
         title += "\n" + style.wrap("not in this sweep: " + ", ".join(missing), 110)
     fig.suptitle(title)
@@ -441,7 +516,9 @@ def fig_bytes_per_param(rows, out: Path) -> list[Path]:
     ax.set_xticks(list(x), [e["precision"].replace("+", "\n+") for e in entries])
     ax.set_ylabel("model state (bytes per parameter)")
     ax.set_ylim(0, max(e["measured"] for e in entries) * 1.45)
-    ax.set_title("Model-state bytes per parameter by precision (AdamW)")
+    ax.set_title(
+        style.wrap(f"Model-state bytes per parameter by precision (AdamW): {style.where(rows)}", 60)
+    )
     ax.legend(loc="upper left", ncol=2, markerscale=0.4)
     return _save(fig, out, FIGURES[4])
 
@@ -494,7 +571,11 @@ def fig_parity(rows, out: Path) -> list[Path]:
     ax.set_xlabel(f"predicted ({unit})")
     ax.set_ylabel(f"measured ({unit})")
     worst = max(abs(b / a - 1) for p in pts.values() for a, b, _ in p)
-    ax.set_title(f"Predicted vs measured bytes (worst {100 * worst:.1f}%)")
+    ax.set_title(
+        style.wrap(
+            f"Predicted vs measured bytes (worst {100 * worst:.1f}%): {style.where(rows)}", 40
+        )
+    )
     fig.legend(loc="outside lower center", ncol=1)
     return _save(fig, out, FIGURES[5])
 
@@ -519,14 +600,23 @@ def fig_memory_vs_seq(rows, out: Path) -> list[Path]:
             if key[2] != attn:
                 continue
             i = strategies.index(key[4])
+            c, m = strategy_style(key[4])
+            base = key[4] == "none"
+            # `none` underneath, wide and hollow: a strategy that saves ~nothing (selective with
+            # sdpa) lies on it and both stay visible
             ax.plot(
                 [p[0] for p in pts],
                 [p[1] / div for p in pts],
-                marker=MARKERS[i % len(MARKERS)],
+                marker=m,
                 ls=style.LINESTYLES[i % len(style.LINESTYLES)],
-                color=COLORS[i % len(COLORS)],
-                ms=6,
-                label=key[4],
+                color=c,
+                lw=4 if base else 1.5,
+                alpha=0.45 if base else 1.0,
+                mfc="none" if base else c,
+                mec=c,
+                ms=12 if base else 5,
+                zorder=1 if base else 3,
+                label=style.short_label(key[4]),
             )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -538,11 +628,218 @@ def fig_memory_vs_seq(rows, out: Path) -> list[Path]:
     axes[0].set_ylabel(f"saved activations per step ({unit})")
     model, precision, _, batch = next(iter(series))[:4]
     fig.suptitle(
-        f"Saved activations vs sequence length per strategy: {model}, {precision}, b={batch}"
+        f"Saved activations vs sequence length per strategy: "
+        f"{style.where([r for r in rows if r['model'] == model])}, {precision}, b={batch}"
     )
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)))
     return _save(fig, out, FIGURES[6])
+
+
+PHASE_TICKS = {
+    "backward_start": "bwd start\n(after fwd)",
+    "recompute": "recompute",
+    "attention_backward": "attn bwd",
+    "mlp_backward": "mlp bwd",
+    "end_of_backward": "bwd end",
+    "clip": "clip",
+    "optimizer_step": "optim step",
+}
+
+
+def fig_memory_over_step(rows, out: Path) -> list[Path]:
+    """Bytes held at each phase of one step, predicted (line, the strategy's colour and marker),
+    beside what the run measured with mem_tracker: the total after forward (at backward's start,
+    hollow circle) and the peak (dashed line; the tracker does not say when in the step it fell)."""
+    profs = [p for p in derive.step_profiles(rows) if p["predicted"]]
+    n = max(1, len(profs))
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    style.apply()
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(style.TWO_COLUMN, 1.75 * nrows + 1.3),
+        layout="constrained",
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
+    flat = [ax for row in axes for ax in row]
+    if not profs:
+        _note(
+            flat[0],
+            "no run predicts bytes by phase (memory.peak_bytes.predicted_parts.phases)\n"
+            "to fill it: +experiment=fig3_pareto",
+        )
+        return _save(fig, out, FIGURES[7])
+    top = max(max(v for _, v in p["predicted"]) if p["predicted"] else 0 for p in profs) or 1
+    top = max([top] + [p["peak"] or 0 for p in profs])
+    unit, div = style.byte_unit(top)
+    order = list(derive.PHASE_ORDER)
+    for ax, p in zip(flat, profs):
+        c, m = strategy_style(p["strategy"])
+        xs = [order.index(ph) for ph, _ in p["predicted"]]
+        ax.plot(
+            xs,
+            [v / div for _, v in p["predicted"]],
+            marker=m,
+            color=c,
+            mec="black",
+            ms=5,
+            label="predicted",
+        )
+        if p["after_forward"] is not None:
+            ax.plot(
+                0,
+                p["after_forward"] / div,
+                marker="o",
+                mfc="none",
+                mec="black",
+                ms=9,
+                ls="none",
+                label="measured after forward",
+            )
+        if p["peak"] is not None:
+            ax.axhline(p["peak"] / div, ls="--", color="0.3", lw=1, label="measured peak")
+        ax.set_title(style.short_label(p["strategy"]), fontsize=style.MIN_FONT)
+    for ax in flat[len(profs) :]:
+        ax.set_visible(False)
+    for ax in flat:
+        ax.set_xticks(range(len(order)), [PHASE_TICKS[ph] for ph in order])
+        ax.tick_params(axis="x", labelrotation=90)
+        ax.set_ylim(0, top / div * 1.1)
+    for row in axes:
+        row[0].set_ylabel(unit)
+    g = derive.richest_group(rows)
+    grows = [r for r in rows if g and derive.group_key(r) == g]
+    unpredicted = [p["strategy"] for p in derive.step_profiles(rows) if not p["predicted"]]
+    fig.suptitle(
+        f"Memory over one training step, predicted by phase vs measured: {style.where(grows)}"
+        + (f", {g[1]}, attention={g[2]}, s={g[3]}, b={g[4]}" if g else "")
+        + ("\nnot drawn (no prediction by phase): " + ", ".join(unpredicted) if unpredicted else "")
+    )
+    handles, labels = flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3)
+    return _save(fig, out, FIGURES[7])
+
+
+def fig_loss_curves(rows, out: Path) -> list[Path]:
+    """Left: the loss of every strategy per step (markers staggered so coinciding curves all show).
+    Right: each strategy's loss minus `none`'s, per step: recomputation reruns the same forward,
+    so the difference is zero (or float reordering)."""
+    curves = derive.loss_curves(rows)
+    fig, axes = style.figure(2, height=3.6)
+    if not curves:
+        _note(axes[0], "no loss history in these runs (results.json loss.history)")
+        return _save(fig, out, FIGURES[8])
+    base = next((c["loss"] for c in curves if c["strategy"] == "none"), None)
+    n = len(curves)
+    for i, c in enumerate(curves):
+        col, m = strategy_style(c["strategy"])
+        steps = list(range(1, len(c["loss"]) + 1))
+        axes[0].plot(
+            steps,
+            c["loss"],
+            color=col,
+            marker=m,
+            ms=5,
+            mec="black",
+            mew=0.4,
+            markevery=(i % max(1, len(steps)), n),
+            lw=1.2,
+            label=style.short_label(c["strategy"]),
+        )
+        if base is not None and c["max_abs_diff"] is not None:
+            axes[1].plot(
+                steps,
+                [a - b for a, b in zip(c["loss"], base)],
+                color=col,
+                marker=m,
+                ms=5,
+                mec="black",
+                mew=0.4,
+                lw=1,
+            )
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("training loss")
+    axes[0].set_title("loss per step (all strategies)")
+    axes[1].set_xlabel("training step")
+    axes[1].set_ylabel("loss − none's loss")
+    worst = max((c["max_abs_diff"] or 0.0) for c in curves)
+    axes[1].set_title(f"difference from none (largest |Δ| = {worst:.2g})")
+    if base is None:
+        _note(axes[1], "no `none` run in this group to compare with")
+    g = derive.richest_group(rows)
+    grows = [r for r in rows if g and derive.group_key(r) == g]
+    fig.suptitle(
+        f"Recomputation changes no loss: {style.where(grows)}"
+        + (f", {g[1]}, attention={g[2]}, s={g[3]}, b={g[4]}, same seeds" if g else "")
+    )
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="outside lower center", ncol=6, handletextpad=0.2, columnspacing=0.8
+    )
+    return _save(fig, out, FIGURES[8])
+
+
+def fig_throughput(rows, out: Path) -> list[Path]:
+    """Tokens/s per strategy: the marker at the geometric mean of the replicates with its 95%
+    prediction interval between replicates (thick bar); below it each replicate's median step with
+    its within-run 95% interval (thin bars, small dots)."""
+    pts = derive.throughput(rows)
+    fig, ax = style.figure(width=style.TWO_COLUMN * 0.75, height=max(2.6, 0.4 * len(pts) + 1.8))
+    if not pts:
+        _note(ax, "no tokens/s in these runs (results.json time.tokens_per_s)")
+        return _save(fig, out, FIGURES[9])
+    for i, p in enumerate(pts):
+        c, m = strategy_style(p["strategy"])
+        if p["rep"] is not None:
+            ax.errorbar(
+                p["rep"],
+                i,
+                xerr=[[p["rep"] - p["rep_low"]], [p["rep_high"] - p["rep"]]],
+                marker=m,
+                color="black",
+                mfc=c,
+                ecolor=c,
+                elinewidth=3,
+                capsize=3,
+                ms=8,
+                ls="none",
+                zorder=3,
+                label=None if i else "between replicates: geometric mean, 95% PI",
+            )
+        for j, (v, lo, hi) in enumerate(p["replicates"]):
+            y = i + 0.18 + 0.1 * j
+            xerr = None if lo is None else [[v - lo], [hi - v]]
+            ax.errorbar(
+                v,
+                y,
+                xerr=xerr,
+                marker=".",
+                color="0.3",
+                ecolor="0.5",
+                elinewidth=0.8,
+                capsize=1.5,
+                ms=4,
+                ls="none",
+                label=None if (i or j) else "each replicate: median step, 95% CI within run",
+            )
+    ax.set_yticks(range(len(pts)), [style.short_label(p["strategy"]) for p in pts])
+    ax.invert_yaxis()
+    ax.set_xlabel("training throughput (tokens/s)")
+    g = derive.richest_group(rows)
+    grows = [r for r in rows if g and derive.group_key(r) == g]
+    ax.set_title(
+        style.wrap(
+            f"Throughput per strategy: {style.where(grows)}"
+            + (f", {g[1]}, attention={g[2]}, s={g[3]}, b={g[4]}" if g else ""),
+            70,
+        )
+    )
+    fig.legend(loc="outside lower center", ncol=1)
+    return _save(fig, out, FIGURES[9])
 
 
 def write_all(rows, out: Path) -> list[Path]:
@@ -557,6 +854,9 @@ def write_all(rows, out: Path) -> list[Path]:
         fig_bytes_per_param,
         fig_parity,
         fig_memory_vs_seq,
+        fig_memory_over_step,
+        fig_loss_curves,
+        fig_throughput,
     ):
         paths += fn(rows, out)
     return paths

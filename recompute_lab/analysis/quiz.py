@@ -24,7 +24,15 @@ from typing import Optional
 
 from recompute_lab.predict import theory
 from recompute_lab.analysis import derive
-from recompute_lab.analysis.aggregate import fmt_bytes, fmt_overhead, group_key, ok_rows, run_label
+from recompute_lab.analysis.aggregate import (
+    INTERVALS_NOTE,
+    fmt_bytes,
+    fmt_overhead,
+    fmt_rep_overhead,
+    group_key,
+    ok_rows,
+    run_label,
+)
 from recompute_lab.analysis.figures import FIGURES
 from recompute_lab.config import ModelConfig
 from recompute_lab.config.spec import Shape
@@ -116,7 +124,8 @@ def q2_tradeoff(rows: list[dict]) -> list[str]:
         f"{g[0]}, "
         f"{g[1]}, attention={g[2]}, s={g[3]}, b={g[4]} ({fig(3)}; summary.csv columns "
         f"act_saved_frac, "
-        "flop_overhead, time_overhead with time_overhead_ci_low/high):"
+        "flop_overhead, time_overhead_rep with time_overhead_rep_low/high between replicates, "
+        "time_overhead with time_overhead_ci_low/high within run):"
     )
     out.append("")
     for t in tr:
@@ -139,19 +148,42 @@ def q2_tradeoff(rows: list[dict]) -> list[str]:
         )
     out += [
         "",
-        "Step time is each run's own paired measurement (results.json time.overhead): after "
-        "training, its "
+        "Step time: " + INTERVALS_NOTE + " Each replicate's own measurement: after training, its "
         "step and `none`'s step alternate in ABBA rounds on the same batches in the same process; "
-        "the ratio is "
-        "the median over rounds with a distribution-free 95% interval. An interval that contains 0 "
-        "is written "
-        '"within noise (+-x%)": no slowdown or speed-up is shown at that precision. FLOPs and '
-        "bytes are exact "
-        "and do not vary between reruns. Recomputed pointwise ops (norms, activations) cost time "
-        "but no counted "
-        "FLOPs.",
+        "its ratio is the median over rounds. An interval that contains 0 shows no slowdown or "
+        "speed-up at that precision. FLOPs and bytes are exact and do not vary between reruns. "
+        "Recomputed pointwise ops (norms, activations) cost time but no counted FLOPs.",
         "",
     ]
+    out += _loss_and_throughput(rows)
+    return out
+
+
+def _loss_and_throughput(rows: list[dict]) -> list[str]:
+    """What recomputation does not change (the loss, figure 9) and what it costs in tokens/s
+    (figure 10), from the same group of runs."""
+    out = []
+    curves = derive.loss_curves(rows)
+    diffs = [c for c in curves if c["strategy"] != "none" and c["max_abs_diff"] is not None]
+    if diffs:
+        worst = max(diffs, key=lambda c: c["max_abs_diff"])
+        out += [
+            f"The trade-off costs no accuracy: over {len(worst['loss'])} steps with the same "
+            f"seeds, the loss of every strategy differs from `none`'s by at most "
+            f"**{worst['max_abs_diff']:.3g}** (`{worst['strategy']}`; {fig(9)}).",
+            "",
+        ]
+    tp = [t for t in derive.throughput(rows) if t["rep"] is not None]
+    if tp:
+        cells = ", ".join(
+            f"`{t['strategy']}` {t['rep']:,.0f} ({t['rep_low']:,.0f} to {t['rep_high']:,.0f})"
+            for t in tp
+        )
+        out += [
+            f"Throughput, tokens/s between replicates (geometric mean, 95% PI; {fig(10)}): "
+            f"{cells}.",
+            "",
+        ]
     return out
 
 
@@ -166,7 +198,21 @@ def _time(t: dict) -> str:
             else "no paired measurement in this run (trainer.overhead)"
         )
         return f"n/a ({why})"
-    return fmt_overhead(t)
+    return _both(t)
+
+
+def _both(t: dict) -> str:
+    """Between replicates first (the interval to cite), then the within-run one(s), named."""
+    within = t.get("within_run") or [
+        (t["time_overhead"], t["time_overhead_ci_low"], t["time_overhead_ci_high"])
+    ]
+    words = "; ".join(
+        fmt_overhead({"time_overhead": o, "time_overhead_ci_low": lo, "time_overhead_ci_high": hi})
+        for o, lo, hi in within
+    )
+    if t.get("time_overhead_rep") is None:
+        return f"{words} (within run; no replicates)"
+    return f"{fmt_rep_overhead(t)} between replicates; within run: {words}"
 
 
 def q3_full(rows: list[dict]) -> list[str]:
@@ -186,8 +232,8 @@ def q3_full(rows: list[dict]) -> list[str]:
     )
     out.append(
         f"When memory, not time, is the limit. Memory each strategy needs at {g[0]}, {g[1]}, "
-        f"attention={g[2]}, s={g[3]} ({mb['source']}; summary.csv column peak_bytes_measured): "
-        f"{needs}."
+        f"attention={g[2]}, s={g[3]} ({mb['source']}; summary.csv column peak_bytes_measured; "
+        f"{fig(8)} draws each strategy's bytes phase by phase): {needs}."
     )
     out.append("")
     if mb["only_full_fits"]:
@@ -239,7 +285,13 @@ def q4_component(rows: list[dict]) -> list[str]:
             if c["bytes_per_flop"] is None
             else f"**{c['bytes_per_flop']:.4g} B/FLOP**"
         )
-        time = "" if c["time_overhead"] is None else f"; step time {fmt_overhead(c)}"
+        time = (
+            ""
+            if c["time_overhead"] is None
+            else f"; step time {fmt_rep_overhead(c)} between replicates"
+            if c.get("time_overhead_rep") is not None
+            else f"; step time {fmt_overhead(c)} (within run)"
+        )
         out.append(
             f"{i}. {c['component']} (`{c['strategy']}`): frees {fmt_bytes(c['freed_bytes'])} for "
             f"{c['recompute_flops'] or 0:,} recomputed FLOPs ({pct(c['flop_overhead'])} more); "

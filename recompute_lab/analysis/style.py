@@ -83,3 +83,58 @@ def wrap(text: str, width: int = 28) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width)) or text
+
+
+# One colour and one marker per strategy, used by every figure (and by experiments/what_fits.py):
+# a strategy looks the same wherever it appears. Keys are strategy labels
+# (aggregate.strategy_label); a label not listed takes its base name's style ("layers(...)" ->
+# "layers"), a strategy not listed at all one of EXTRA in a fixed order of first use. Colours: the
+# Okabe-Ito palette, then Tol's wine, teal and grey; no two strategies share a colour or a marker.
+STRATEGY_STYLE = {
+    "none": ("#000000", "o"),
+    "full": ("#0072B2", "s"),
+    "selective": ("#E69F00", "D"),  # selective's default modules: [core_attn]
+    "selective[core_attn]": ("#E69F00", "D"),
+    "selective[attn]": ("#D55E00", "^"),
+    "selective[mlp]": ("#CC79A7", "v"),
+    "selective[norm]": ("#B8A800", "P"),
+    "layers": ("#009E73", "X"),
+    "sqrt": ("#56B4E9", "*"),
+    "op": ("#882255", "h"),
+    "regions": ("#44AA99", "<"),
+    "offload": ("#999999", ">"),
+    "budget": ("#332288", "p"),
+}
+EXTRA = (("#117733", "d"), ("#AA4499", "H"), ("#DDCC77", "8"), ("#661100", "1"))
+_extra_used: dict[str, tuple[str, str]] = {}
+
+
+def strategy_style(label: str) -> tuple[str, str]:
+    """(colour, marker) of a strategy label: the same in every figure."""
+    label = str(label)
+    if label in STRATEGY_STYLE:
+        return STRATEGY_STYLE[label]
+    base = label.split("(")[0].split("[")[0]
+    if base in STRATEGY_STYLE:
+        return STRATEGY_STYLE[base]
+    if label not in _extra_used:
+        _extra_used[label] = EXTRA[len(_extra_used) % len(EXTRA)]
+    return _extra_used[label]
+
+
+def short_label(label: str) -> str:
+    """A legend name: 'layers(method=block,num_layers=1)' -> 'layers(block, 1)'."""
+    label = str(label)
+    if "(" not in label:
+        return label
+    base, _, args = label.partition("(")
+    vals = [a.split("=", 1)[-1] for a in args.rstrip(")").split(",")]
+    return f"{base}({', '.join(vals)})"
+
+
+def where(rows) -> str:
+    """'tiny on cpu (x86_64, 1 thread)': the model(s) and device(s) of ``rows``, for a figure title
+    (every figure names both)."""
+    models = sorted({str(r["model"]) for r in rows if r.get("model")})
+    devs = sorted({str(r["device"]) for r in rows if r.get("device")})
+    return f"{', '.join(models) or 'model n/a'} on {', '.join(devs) or 'device n/a'}"

@@ -5,9 +5,11 @@ quiz for a finished sweep.
 Reads every results.json under SWEEP_DIR (a multirun folder, or any folder of run folders) and
 writes into DIR
 (default SWEEP_DIR/analysis): summary.csv (one row per run, failed runs included with their status),
-summary.md, the seven figures as PNG + PDF, and quiz.md. A folder without results.json is an error
-(exit 2)
-and nothing is written.
+summary.md and summary.tex, tradeoff.md/.csv/.tex (the strategy trade-off), the figures as PNG +
+PDF, and quiz.md. A folder of estimates (``recompute-lab-estimate -m ...``: estimate.json, no
+results.json) gets estimates.csv/.md/.tex instead, a table of predictions across the swept axes
+(recompute_lab.analysis.estimates). A folder with neither is an error (exit 2) and nothing is
+written.
 
 Layer: cli.
 """
@@ -31,18 +33,32 @@ def analyze(sweep_dir: Path, out: Optional[Path] = None, label: Optional[str] = 
         write_markdown,
     )  # torch: not for --help
 
+    from recompute_lab.analysis import estimates
+    from recompute_lab.analysis.aggregate import AnalysisError
+
     sweep_dir = Path(sweep_dir)
-    rows = load_rows(sweep_dir)  # raises before anything is written
+    try:
+        rows = load_rows(sweep_dir)  # raises before anything is written
+    except AnalysisError:
+        if not sweep_dir.is_dir() or not estimates.find_estimates(sweep_dir):
+            raise
+        axes, est = estimates.load_estimates(sweep_dir)
+        out = Path(out) if out is not None else sweep_dir / "analysis"
+        files = estimates.write_estimates(axes, est, out, label or str(sweep_dir))
+        return {"rows": [], "estimates": est, "files": files, "out": out}
     out = Path(out) if out is not None else sweep_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     from recompute_lab.analysis import (
         figures,
         quiz,
+        tables,
     )  # matplotlib only when there is something to plot
 
-    files = [out / "summary.csv", out / "summary.md"]
+    files = [out / "summary.csv", out / "summary.md", out / "summary.tex"]
     write_csv(rows, files[0])
     write_markdown(rows, files[1])
+    tables.write_summary_tex(rows, files[2])
+    files += tables.write_tradeoff(rows, out)
     files += figures.write_all(rows, out)
     files.append(out / "quiz.md")
     quiz.write_quiz(rows, files[-1], source=label or str(sweep_dir))
@@ -70,6 +86,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"recompute_lab.cli.analyze: {e}", file=sys.stderr)
         return 2
     rows = res["rows"]
+    if "estimates" in res:
+        est = res["estimates"]
+        print(
+            f"analysed {len(est)} estimate(s) (no training runs) -> {res['out'] / 'estimates.md'}"
+        )
+        print((res["out"] / "estimates.md").read_text().split("\n\n", 2)[2].rstrip())
+        return 0
     bad = [r for r in rows if r["status"] != "ok"]
     print(f"analysed {len(rows)} runs ({len(bad)} not ok) -> {res['out']}")
     for r in bad:

@@ -106,7 +106,10 @@ def test_quiz_numbers_equal_recomputed_values(sweep, tmp_path):
         if lo <= 0 <= hi
         else f"{100 * r:+.1f}% (95% CI {100 * lo:+.1f}% to {100 * hi:+.1f}%)"
     )
-    assert f"; step time {time_words} (row `{aggregate.run_label(run_full)}`)" in quiz
+    assert (
+        f"; step time {time_words} (within run; no replicates) "
+        f"(row `{aggregate.run_label(run_full)}`)" in quiz
+    )
     bpp = res[sorted(res)[0]]["memory"]["model_state_bytes"]
     assert bpp["measured"] == 16 * res[sorted(res)[0]]["model"]["params"]
     assert (
@@ -313,8 +316,8 @@ def test_time_overheads_are_paired_intervals_and_noise_is_called_noise(tmp_path)
 
     text = "\n".join(quiz.q2_tradeoff(list(rows.values())))
     assert (
-        "step time within noise (+-8.0%)" in text
-        and "step time +25.0% (95% CI +20.0% to +31.0%)" in text
+        "step time within noise (+-8.0%) (within run; no replicates)" in text
+        and "step time +25.0% (95% CI +20.0% to +31.0%) (within run; no replicates)" in text
     )
     assert "not used (contended: joblib" in text and "no paired measurement in this run" in text
     aggregate.write_markdown(list(rows.values()), tmp_path / "summary.md")
@@ -328,7 +331,8 @@ def test_time_overheads_are_paired_intervals_and_noise_is_called_noise(tmp_path)
 @pytest.mark.slow
 def test_reproduce_figures_command(tmp_path):
     """The documented one-command reproduction: every figure, twice identical CSVs apart from
-    timing."""
+    timing. Each reproduction runs the timed sweeps in 3 replicate processes: about 17 min on 2
+    shared cores (reproduce_figures' docstring), hence the bounds."""
     outs = []
     for i in range(2):
         t = time.perf_counter()
@@ -344,10 +348,10 @@ def test_reproduce_figures_command(tmp_path):
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=3000,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert time.perf_counter() - t < 600
+        assert time.perf_counter() - t < 2400
         for name in FIGURES:
             assert (tmp_path / f"o{i}" / f"{name}.png").is_file()
         rows = list(csv.DictReader((tmp_path / f"o{i}" / "summary.csv").open()))

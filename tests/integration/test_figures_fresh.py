@@ -7,10 +7,12 @@ failing
 means: rerun `python experiments/reproduce_figures.py --out experiments/figures` and commit what it
 writes.
 
-- analysis: the committed results, analysed by the current analysis code, give the committed
-summary.csv,
-  summary.md and quiz.md byte for byte (and the committed PNGs, under the manifest's matplotlib
-  version).
+- analysis: the committed results, analysed by the current analysis code, give every committed
+  table (summary, tradeoff: .csv, .md, .tex; what_fits.tex), quiz.md byte for byte, and every
+  committed PNG (under the manifest's matplotlib version); every figure quiz.md cites is committed
+  and guarded, and the .gitignore allow-list keeps exactly these files.
+- time: every committed time ratio has its between-replicate interval (>= 3 replicate processes);
+  a slow test reruns one strategy's fresh replicate and checks the committed interval covers it.
 - measurement: one committed run per strategy and per precision, rerun now (one step, no timing),
 gives the same
   statuses, bytes and FLOPs (measured and predicted) as its committed results.json.
@@ -179,3 +181,81 @@ def test_reproduce_never_deletes_a_folder_it_did_not_make(tmp_path):
     (made / "old_run").mkdir()
     rf.prepare_runs(made)  # its own folder: emptied, marker kept
     assert not (made / "old_run").exists() and (made / rf.MARKER).is_file()
+
+
+def test_every_reproduced_file_is_committed_and_guarded(manifest):
+    """The allow-list keeps every file reproduce_figures writes (no figure is regenerated but left
+    out) and the manifest hashes each of them."""
+    allowed = {
+        line[1:].strip()
+        for line in (FIGS / ".gitignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    for name in (rf.BUNDLE, rf.MANIFEST, *rf.TEXT_ARTIFACTS, *rf.COMMITTED_FIGURES):
+        assert name in allowed, f"experiments/figures/.gitignore does not keep {name}"
+        assert (FIGS / name).is_file(), f"experiments/figures/{name} is not committed"
+    assert set(rf.TEXT_ARTIFACTS) | set(rf.COMMITTED_FIGURES) | {rf.BUNDLE} <= set(
+        manifest["sha256"]
+    )
+
+
+def test_every_figure_the_quiz_cites_is_committed():
+    import re
+
+    quiz = (FIGS / "quiz.md").read_text()
+    cited = set(re.findall(r"`(fig\d+_[a-z_]+\.png)`", quiz))
+    assert cited, "quiz.md cites no figure"
+    for name in sorted(cited):
+        assert name in rf.COMMITTED_FIGURES and (FIGS / name).is_file(), (
+            f"quiz.md cites {name}, which is not committed"
+        )
+
+
+@pytest.fixture(scope="module")
+def committed_rows(tmp_path_factory):
+    from recompute_lab.analysis.aggregate import load_rows
+
+    tmp = tmp_path_factory.mktemp("rows")
+    rf.unpack_bundle(FIGS / rf.BUNDLE, tmp)
+    return load_rows(tmp)
+
+
+def test_every_committed_time_ratio_has_its_replicate_interval(committed_rows):
+    timed = [
+        r
+        for r in committed_rows
+        if r["status"] == "ok" and r["time_overhead"] is not None and r["strategy"] != "none"
+    ]
+    assert timed, "the committed runs have no paired time overhead"
+    for r in timed:
+        assert (r["replicates"] or 0) >= rf.REPLICATES and r["time_overhead_rep_low"] is not None, (
+            f"{r['run']}: a time ratio without its between-replicate interval "
+            f"({r['replicates']} replicates)"
+        )
+
+
+@pytest.mark.slow
+def test_replicate_interval_covers_a_fresh_rerun(committed_rows, tmp_path):
+    """One more replicate of figure 3's `full` run, now, in its own process: its paired ratio lies
+    inside the committed between-replicate 95% prediction interval (the within-run interval of a
+    single process is not expected to cover it, and is not what the figures cite)."""
+
+    from conftest import run_cli
+
+    full = next(
+        r
+        for r in committed_rows
+        if r["run"].startswith("4_fig3_pareto") and r["strategy"] == "full" and r["replicates"]
+    )
+    proc = run_cli(
+        ["+experiment=fig3_pareto", "+strategy=full", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    ratio = res["time"]["overhead"]["ratio"] - 1
+    lo, hi = full["time_overhead_rep_low"], full["time_overhead_rep_high"]
+    assert lo <= ratio <= hi, (
+        f"a fresh rerun of `full` gave {ratio:+.1%}, outside the committed between-replicate "
+        f"interval [{lo:+.1%}, {hi:+.1%}]"
+    )
