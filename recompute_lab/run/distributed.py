@@ -36,8 +36,10 @@ Layer: run.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -142,6 +144,27 @@ class DistContext:
             self._single_rank_group(backend, device)
         self.backend = backend
         return device
+
+    def rank_log(self, run_dir: Path) -> Optional[Path]:
+        """On ranks other than 0, a log file of their own in rank 0's output dir
+        (``rank{N}.log``, with the handlers' format): their Hydra dir is a temporary one deleted at
+        exit (:func:`prepare_argv`). Rank 0's dir comes from rank 0 (its ``${now:}`` differs from
+        ours). Returns the file (None on rank 0 or without a process group)."""
+        if self.world_size <= 1 or not dist.is_initialized():
+            return None
+        shared = [str(run_dir) if self.is_main else None]
+        dist.broadcast_object_list(shared, src=0)
+        if self.is_main:
+            return None
+        path = Path(shared[0]) / f"rank{self.rank}.log"
+        handler = logging.FileHandler(path)
+        root = logging.getLogger()
+        handler.setFormatter(
+            next((h.formatter for h in root.handlers if h.formatter is not None), None)
+        )
+        root.addHandler(handler)
+        logging.getLogger(__name__).info("rank %d logs to %s", self.rank, path)
+        return path
 
     def _single_rank_group(self, backend: str, device: torch.device) -> None:
         if dist.is_initialized():

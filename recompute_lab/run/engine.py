@@ -121,6 +121,7 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     device = dctx.setup(spec, resolve_device(t.device))  # joins the process group under torchrun
+    dctx.rank_log(run_dir)  # ranks > 0: rank{N}.log in rank 0's folder
     install_oom_observer()
     policy = dctx.adapt_precision(make_precision(spec.precision))
     results["env"] = env_info(device, policy.param_dtype)

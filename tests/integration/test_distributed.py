@@ -91,6 +91,9 @@ def test_two_ranks_match_one_process(tmp_path, single, kind, run_dir):
         (tmp_path / "tmp").glob("recompute_lab_rank*")
     )  # torchelastic keeps its own folders there
     assert len(list(run_dirs[0].glob("wandb/offline-run-*"))) == 1  # rank 0's W&B run only
+    # rank 1's log lives on in rank 0's folder (its own Hydra dir was a temporary one)
+    rank1 = (run_dirs[0] / "rank1.log").read_text()
+    assert "rank 1 logs to" in rank1 and "training: steps 1..3" in rank1
     res = load_results(run_dirs[0] / "results.json")
     assert res["status"] == "ok"
 
