@@ -1,6 +1,7 @@
 """Our budget planner beside PyTorch's SACEstimator + MILP (sac_milp), planned and then measured.
 
     python experiments/peer_sac.py      # writes experiments/figures/peer_sac.md (needs pulp, pwlf)
+    python experiments/peer_sac.py --time   # also times both plans paired (printed only)
 
 For each shape (our GPT `tiny` and `small`, fp32, CPU) and each activation budget (a fraction of
 what `none` is measured to save):
@@ -19,7 +20,9 @@ what `none` is measured to save):
   predicted recompute FLOPs.
 - both plans are then MEASURED on the real CPU model the same way: activation bytes by
   recompute_lab.measure.memory's resident count (SAC's cache included; budget.measure_step), and
-  recompute FLOPs as backward FLOPs (FlopCounterMode) minus `none`'s.
+  recompute FLOPs as backward FLOPs (FlopCounterMode) minus `none`'s. With --time, one forward +
+  backward of each plan is also timed against the other (recompute_lab.measure.timing.run_paired,
+  ABBA rounds); those ratios are printed, not committed: on a shared CPU they do not repeat.
 
 CPU workarounds, each the smallest we found (also in the table's header):
 - sac_milp takes a PEAK budget in GiB (parameters + gradients + activations + activation
@@ -272,10 +275,13 @@ def measure(model, b: int, s: int, none=None) -> dict:
     }
 
 
-def _their_label(decisions: dict) -> str:
-    if not decisions:
-        return "nothing checkpointed"
-    return ", ".join(f"{k.partition('.')[2] or k} {r:.2f}" for k, r in decisions.items())
+def _their_label(plan: dict) -> str:
+    """Modules and discard fractions, then sac_milp's predicted peak against its peak budget."""
+    chosen = ", ".join(f"{k.partition('.')[2] or k} {r:.2f}" for k, r in plan["decisions"].items())
+    return (
+        f"{chosen or 'nothing checkpointed'}; predicted peak {plan['predicted_peak']} B of "
+        f"{plan['peak_budget']} B"
+    )
 
 
 def _our_label(plan) -> str:
@@ -283,8 +289,11 @@ def _our_label(plan) -> str:
     return ", ".join(f"{chosen.count(c)}x {c}" for c in dict.fromkeys(chosen))
 
 
-def shape_rows(model_name: str, b: int, s: int, fractions=FRACTIONS, rates=None) -> list[dict]:
-    """Both sides' rows for one shape, every budget."""
+def shape_rows(
+    model_name: str, b: int, s: int, fractions=FRACTIONS, rates=None, timed: bool = False
+) -> list[dict]:
+    """Both sides' rows for one shape, every budget; with ``timed``, the sac_milp row also holds
+    :func:`paired_time` of the two plans (printed, never written to the table)."""
     from recompute_lab.config.spec import RunSpec
     from recompute_lab.strategies import budget as B
 
@@ -310,12 +319,13 @@ def shape_rows(model_name: str, b: int, s: int, fractions=FRACTIONS, rates=None)
             "predicted_recompute": None,
             "measured_recompute": None,
         }
+        theirs = None
         if plan["feasible"]:
-            model = fresh_model(cfg)
+            model = theirs = fresh_model(cfg)
             apply_theirs(model, plan["decisions"], sac_stats)
             got = measure(model, b, s, none)
             row.update(
-                plan=_their_label(plan["decisions"]),
+                plan=_their_label(plan),
                 predicted_bytes=plan["predicted_bytes"],
                 measured_bytes=got["bytes"],
                 predicted_recompute=f"{plan['predicted_recompute_ms']:.2f} ms",
@@ -345,13 +355,49 @@ def shape_rows(model_name: str, b: int, s: int, fractions=FRACTIONS, rates=None)
                 predicted_recompute=f"{oplan.details['predicted_recompute_flops']} FLOPs",
                 measured_recompute=got["recompute_flops"],
             )
+            if timed and theirs is not None:
+                out[-1]["paired"] = paired_time(theirs, model, b, s, cfg.model.vocab_size)
         out.append(row)
     return out
 
 
-def rows(shapes=SHAPES, fractions=FRACTIONS) -> list[dict]:
+def paired_time(a, b_model, b: int, s: int, vocab: int):
+    """One forward + backward of ``a`` against ``b_model``, interleaved (ABBA) rounds on the same
+    batch: recompute_lab.measure.timing.run_paired's ratio a / b with its 95% interval."""
+    from recompute_lab.measure.timing import run_paired
+
+    idx = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(0))
+
+    def step(model):
+        def one(i: int) -> float:
+            t0 = time.perf_counter()
+            _loss(model(idx, idx)).backward()
+            model.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+
+        return one
+
+    return run_paired(step(a), step(b_model), min_rounds=10, max_rounds=30, max_seconds=20)
+
+
+def rows(shapes=SHAPES, fractions=FRACTIONS, timed: bool = False) -> list[dict]:
     rates = cpu_rates()
-    return [r for m, b, s in shapes for r in shape_rows(m, b, s, fractions, rates)]
+    return [r for m, b, s in shapes for r in shape_rows(m, b, s, fractions, rates, timed)]
+
+
+def timing_lines(data: list[dict]) -> list[str]:
+    """The paired step times, for the console: machine-dependent, so never in the table."""
+    lines = ["paired forward + backward, sac_milp's plan / ours (median ratio, 95% interval):"]
+    for r in data:
+        if "paired" in r:
+            p = r["paired"]
+            ci = "no interval" if p.ci95_low is None else f"{p.ci95_low:.3f}-{p.ci95_high:.3f}"
+            ratio = "-" if p.ratio is None else f"{p.ratio:.3f}"
+            lines.append(
+                f"  {r['case']} at {r['fraction']:.0%}: {ratio} ({ci}), {p.rounds} rounds, "
+                f"stopped: {p.stopped}"
+            )
+    return lines
 
 
 # --- the table ---
@@ -461,7 +507,8 @@ def table(data: list[dict]) -> str:
         f"{rates['bytes_per_s'] / 1e9:.1f} GB/s copy; cpu_time_calibration.json) patched in "
         "for the CUDA device it reads; its pwlf fit is seeded. Plans: sac_milp's modules with "
         "the fraction of their activations to discard (each applied as a SAC region saving the "
-        "ops its per-module MILP keeps); ours (`+strategy=budget strategy.budget_bytes=...`): "
+        "ops its per-module MILP keeps), and its predicted peak against the peak budget it was "
+        "given; ours (`+strategy=budget strategy.budget_bytes=...`): "
         "blocks per option. Measured: resident activation "
         "bytes (saved-tensor count, SAC cache included) and backward FLOPs beyond `none`'s "
         "(FlopCounterMode) on the real model, one step. infeasible: the solver returned no plan "
@@ -529,12 +576,21 @@ def parse(text: str) -> list[dict]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--time",
+        action="store_true",
+        help="also time both plans paired (printed only: timings on a shared CPU are not "
+        "reproducible, the table stays counts)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    text = table(rows())
+    data = rows(timed=args.time)
+    text = table(data)
     args.out.write_text(text)
     print(text)
+    if args.time:
+        print("\n".join(timing_lines(data)))
     print(f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
