@@ -47,6 +47,21 @@ def test_every_page_is_in_the_nav_and_the_nav_names_pages():
     assert len(nav) >= 13
 
 
+def test_readme_is_one_screen_with_the_planning_command_and_links_to_every_page():
+    readme = page("readme").splitlines()
+    assert len(readme) <= 80, len(readme)
+    first_screen = "\n".join(readme[:40])
+    assert (
+        "recompute-lab-plan model=llama3_8b data.seq_len=8192 plan.gpus=8 plan.gpu=h100_80gb"
+        in first_screen
+    )
+    assert "pip install -e '.[dev]' && recompute-lab-train +strategy=full" in first_screen
+    assert "python -m pytest -q" in first_screen
+    for p in DOCS.glob("*.md"):
+        if p.name != "index.md":
+            assert f"(docs/{p.name})" in "\n".join(readme), p.name
+
+
 def test_the_project_structure_tree_names_what_exists():
     """Every folder and file the tree on docs/contributing.md names (first column) exists."""
     tree = section(page("contributing"), "## Project structure").split("```")[1]
