@@ -1,4 +1,5 @@
-"""README's "How to add a strategy", done from this file: one module's worth of code (an options
+"""docs/contributing.md's "How to add a strategy", done from this file: one module's worth of code
+(an options
 dataclass and an
 @register apply function) and one config (here stored in Hydra's ConfigStore, as
 conf/strategy/NAME.yaml would
@@ -114,3 +115,37 @@ def test_a_new_strategy_keeps_the_gradients_and_its_options_are_checked(toy_stra
         "options: stride, offload",
     ):
         apply_strategy(build_model(cfg.model), {"name": NAME, "num_layers": 2})
+
+
+def test_the_documented_example_registers_a_working_strategy():
+    """The code block of docs/contributing.md's "How to add a strategy" runs as written (its imports
+    exist), registers its strategy, and the strategy applies; the files the steps name exist."""
+    import re
+    import sys
+    import types
+
+    from conftest import ROOT
+    from docs_text import page, section
+
+    text = section(page("contributing"), "## How to add a strategy")
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    module = types.ModuleType("docs_example")  # dataclasses look their module up in sys.modules
+    sys.modules[module.__name__] = module
+    try:
+        source = "\n".join(ln[3:] for ln in code.splitlines())  # the list item's indent
+        exec(compile(source, "docs/contributing.md", "exec"), module.__dict__)
+        ConfigStore.instance().store(group="strategy", name=NAME, node=module.MlpStrideConfig)
+        cfg = compose_config([*RUN, f"+strategy={NAME}", "strategy.stride=2"])
+        plan = apply_strategy(build_model(cfg.model), cfg.strategy, RunSpec.of(cfg).shape())
+        assert plan.recomputed == ["blocks.0.mlp", "blocks.2.mlp"]
+        with pytest.raises(ConfigError, match="valid values: 1..3"):
+            apply_strategy(build_model(cfg.model), {"name": NAME, "stride": 9})
+    finally:
+        sys.modules.pop(module.__name__)
+        unregister(NAME)
+        ConfigStore.instance().repo["strategy"].pop(f"{NAME}.yaml", None)
+    paths = re.findall(r"`((?:recompute_lab|conf|tests)/[\w/.]+)`", text)
+    paths += re.findall(r"[ (](tests/[\w/]+\.py)", text)
+    assert len(paths) >= 5, paths
+    for path in paths:  # NAME stands for the new strategy: its folder must exist
+        assert (ROOT / path.replace("NAME.py", "").replace("NAME.yaml", "")).exists(), path

@@ -27,7 +27,6 @@ from recompute_lab.predict import prediction
 from recompute_lab.predict.devices import Device
 
 from conftest import (
-    ROOT,
     cached_compose,
     one_thread_fixture,
     FAST,
@@ -35,6 +34,7 @@ from conftest import (
     load_results,
     retained_bytes,
 )
+from docs_text import page, section
 
 N_LAYER = 3
 BATCH, SEQ = 2, 16
@@ -380,7 +380,8 @@ def test_meta_sdpa_probe_uses_a_fused_kernel_like_the_cpu():
 
 @pytest.mark.slow
 def test_llama3_8b_on_meta_at_seq_8192_plans_in_seconds():
-    """README's example: unsharded on 141 GB the optimizer step alone overflows (the planner used
+    """The budget example (docs/strategies.md): unsharded on 141 GB the optimizer step alone
+    overflows (the planner used
     to budget 12.5 GB of activations there); sharded over 8 ranks on 40 GB cards it plans."""
     base = ["model=llama3_8b", "data.seq_len=8192", "data.batch_size=1", "precision=bf16_master"]
     cfg = compose_config([*base, "+strategy=budget", "strategy.device_memory_gb=141"])
@@ -393,7 +394,7 @@ def test_llama3_8b_on_meta_at_seq_8192_plans_in_seconds():
     assert time.perf_counter() - t0 < 60  # ~25 s on 2 shared CPU cores
     assert plan["predicted_activation_bytes"] <= plan["budget"]["bytes"]
     assert len(plan["chosen"]) == 32 and plan["device_fit"]["fits"]
-    text = " ".join((ROOT / "README.md").read_text().split("## Memory-budget planning")[1].split())
+    text = " ".join(section(page("strategies"), "## Memory-budget planning").split())
     gb = {
         "leaves {} GB for saved activations": plan["budget"]["bytes"],
         "({} GB saved;": plan["predicted_activation_bytes"],
@@ -565,9 +566,9 @@ def test_meta_price_of_none_is_the_theorys_none_on_the_target_kernels(variant):
 
 
 def test_readme_quotes_the_unsharded_8b_failure():
-    """README's budget example: Llama-3 8B unsharded at device_memory_gb=141 fails naming the
-    optimizer step, with the figures README quotes."""
-    text = (ROOT / "README.md").read_text().split("## Memory-budget planning")[1]
+    """The budget example (docs/strategies.md): Llama-3 8B unsharded at device_memory_gb=141 fails
+    naming the optimizer step, with the figures the page quotes."""
+    text = section(page("strategies"), "## Memory-budget planning")
     base = ["model=llama3_8b", "data.seq_len=8192", "data.batch_size=1", "precision=bf16_master"]
     cfg = compose(*base, "+strategy=budget", "strategy.device_memory_gb=141")
     opts, n = parse_options(cfg.strategy), 8_030_261_248

@@ -191,8 +191,9 @@ def test_warnings_become_one_log_line_without_source(caplog, monkeypatch):
 
 
 def test_readme_torchtitan_megatron_table_commands_are_valid():
-    """Every `ours` cell of README's AC-option table composes, validates and applies to a tiny
-    model."""
+    """Every `ours` cell of the AC-option table (docs/strategies.md) composes, validates and
+    applies to
+    a tiny model."""
     import re
     import shlex
 
@@ -201,8 +202,9 @@ def test_readme_torchtitan_megatron_table_commands_are_valid():
     from recompute_lab.model.gpt import build_model
     from recompute_lab.strategies import apply_strategy
 
-    text = (ROOT / "README.md").read_text()
-    table = text.split("#### Coming from torchtitan or Megatron-LM")[1].split("\n\n")[2]
+    from docs_text import page, section
+
+    table = section(page("strategies"), "## Coming from torchtitan or Megatron-LM").split("\n\n")[1]
     rows = [line.split(" | ")[-1] for line in table.splitlines()[2:]]
     assert len(rows) >= 12
     applied = set()
@@ -245,8 +247,8 @@ APPS = {
 
 
 def readme_commands():
-    """(app, overrides) of every train / estimate / plan command in README's bash blocks, -m sweeps
-    expanded into their
+    """(app, overrides) of every train / estimate / plan command in the bash blocks of README.md and
+    docs/*.md, -m sweeps expanded into their
     jobs (comma lists, glob()), Hydra's own settings (hydra.*, hydra/launcher=...) left out."""
     import itertools
     import re
@@ -255,8 +257,12 @@ def readme_commands():
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
 
-    text = (ROOT / "README.md").read_text()
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    from docs_text import pages
+
+    text = "\n".join(pages().values())
+    # a fence may be indented (inside a list item); the block's lines are dedented with it
+    for indent, block in re.findall(r"^( *)```bash\n(.*?)^ *```", text, re.S | re.M):
+        block = "\n".join(ln[len(indent):] for ln in block.splitlines())
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             markers = [w for w in words if w in APPS]
@@ -284,7 +290,8 @@ def readme_commands():
 
 
 def test_readme_example_commands_compose_and_validate():
-    """Every job of every train / estimate example in README is a valid run (a sweep over tiny at
+    """Every job of every train / estimate / plan example in README and docs/ is a valid run (a
+    sweep over tiny at
     s=128 was not:
     tiny's position table stops at 64)."""
     import recompute_lab.strategies  # noqa: F401

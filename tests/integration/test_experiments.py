@@ -203,12 +203,15 @@ def test_framework_target_is_judged_on_the_interval():
 
 
 def test_readme_gpu_table_is_the_committed_gpu_check_output():
-    """README's H200 table quotes experiments/figures/gpu/gpu_check_h200.csv (what gpu_check.py
+    """The H200 table (docs/reproducing.md) quotes experiments/figures/gpu/gpu_check_h200.csv (what
+    gpu_check.py
     wrote on the GPU)
     digit for digit: a GPU figure cannot be regenerated here, so it must at least be the one
     measured."""
     rows = list(csv.DictReader((ROOT / "experiments/figures/gpu/gpu_check_h200.csv").open()))
-    readme = (ROOT / "README.md").read_text()
+    from docs_text import page
+
+    readme = page("reproducing")
     for r in rows:
 
         def num(key: str, fmt: str, r: dict = r) -> str:

@@ -16,7 +16,7 @@ writes.
 - measurement: one committed run per strategy and per precision, rerun now (one step, no timing),
 gives the same
   statuses, bytes and FLOPs (measured and predicted) as its committed results.json.
-README quotes numbers from quiz.md; those quotes are checked against it too.
+docs/reproducing.md quotes numbers from quiz.md; those quotes are checked against it too.
 """
 
 from __future__ import annotations
@@ -145,27 +145,29 @@ def test_committed_measurements_are_what_the_code_measures_now(tmp_path):
 
 
 def test_readme_quotes_the_committed_quiz():
-    """Every phrase README's analysis section takes from quiz.md (listed in its `<!-- from quiz.md:
+    """Every phrase the analysis section (docs/reproducing.md) takes from quiz.md (listed in its
+    `<!-- from quiz.md:
     a | b -->`
     comments, shown in its text) is still in quiz.md."""
-    readme = (ROOT / "README.md").read_text()
+    from docs_text import page, section as under
+
     quiz = (FIGS / "quiz.md").read_text()
-    section = readme.split("## Analysis and figures", 1)[1].split("\n## ", 1)[0]
+    section = under(page("reproducing"), "## Analysis and figures")
     quotes = [
         q.strip()
         for c in section.split("<!-- from quiz.md:")[1:]
         for q in c.split("-->")[0].split("|")
     ]
-    assert quotes, "README's analysis section quotes no quiz.md number"
+    assert quotes, "the analysis section quotes no quiz.md number"
     visible = section.split("<!--")[0] + "".join(
         c.split("-->", 1)[-1] for c in section.split("<!--")[1:]
     )
     for q in quotes:
         assert q in quiz, (
-            f"README quotes {q!r}, which quiz.md no longer says: copy the new number from quiz.md"
+            f"docs/reproducing.md quotes {q!r}, which quiz.md no longer says: copy the new number"
         )
         assert q.replace("**", "") in visible.replace("**", ""), (
-            f"README lists {q!r} but does not show it"
+            f"docs/reproducing.md lists {q!r} but does not show it"
         )
 
 

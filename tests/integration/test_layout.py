@@ -308,7 +308,8 @@ def test_estimate_cli_per_gpu_section(tmp_path):
 
 
 def test_readme_pp_schedule_values_compose():
-    """The schedule names README gives for estimate.layout.pp_schedule are the ones the schema takes
+    """The schedule names docs/layouts.md gives for estimate.layout.pp_schedule are the ones the
+    schema takes
     (it had
     '1f1b', the enum's value, which Hydra refuses: overrides name the member)."""
     import re
@@ -316,12 +317,10 @@ def test_readme_pp_schedule_values_compose():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from conftest import ROOT
+    from docs_text import page
     from recompute_lab.config import CONF_DIR
 
-    values = (
-        re.search(r"`pp_schedule=([\w|]+)`", (ROOT / "README.md").read_text()).group(1).split("|")
-    )
+    values = re.search(r"`pp_schedule=([\w|]+)`", page("layouts")).group(1).split("|")
     assert len(values) == 2
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

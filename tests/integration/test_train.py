@@ -11,7 +11,7 @@ import pytest
 from recompute_lab.run.engine import run
 from recompute_lab.record.results import write_json_atomic
 
-from conftest import FAST, ROOT, compose_config, load_results, run_cli
+from conftest import FAST, compose_config, load_results, run_cli
 
 CONTRACT = {"schema_version", "status", "config", "env", "model", "loss", "memory", "flops", "time"}
 
@@ -76,14 +76,14 @@ def test_cli_default_full_run_writes_results(tmp_path):
     pk = res["memory"]["peak_bytes"]
     assert pk["predicted_parts"]["phase"] == "mlp_backward" and pk["predicted"] == pk["measured"]
     assert f"(predicted {pk['predicted'] / 1e6:.2f} MB, mem_tracker)" in log
-    # README's example train.log has the phases and summary lines of this run (the same format,
-    # nothing renamed)
-    example = (
-        (ROOT / "README.md")
-        .read_text()
-        .split("### What a run tells you while it runs")[1]
-        .split("```")[1]
-    )
+    # The quick start page's example train.log has the phases and summary lines of this run (the
+    # same
+    # format, nothing renamed)
+    from docs_text import page, section
+
+    example = section(page("quickstart"), "## What a run tells you while it runs: train.log").split(
+        "```"
+    )[1]
     phases = {
         re.sub(r"\d+", "N", ln.split(" - ", 1)[1].split(":")[0])
         for ln in example.splitlines()

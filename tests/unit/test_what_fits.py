@@ -138,27 +138,33 @@ def test_context_parallel_is_the_sequence_split_and_refuses_eager():
         per_gpu.stage_bytes(cfg, OmegaConf.structured(LayoutConfig(tp=8, cp=4)), "none", 1, 8192)
 
 
-def test_readme_planning_table_is_what_the_code_computes():
-    """README's "Planning a large run" figures (the 8B question's table, the HF peak, the card
-    presets, the 70B tp=8 table, the 405B layouts and the per-stage plans) are what
-    experiments/what_fits.readme_values computes from recompute_lab.predict now."""
-    text = (ROOT / "README.md").read_text().split("## Planning a large run")[1].split("\n## ")[0]
+def test_docs_planning_figures_are_what_the_code_computes():
+    """The figures docs/planning.md quotes (the 8B question's table, the HF peak, the card presets,
+    the
+    405B layouts and the per-stage plans) and docs/layouts.md quotes (the 70B tp=8 table,
+    Korthikanti's
+    per-layer figure, selective's peak) are what experiments/what_fits.readme_values computes from
+    recompute_lab.predict now."""
+    from docs_text import page
+
+    planning, layouts = page("planning"), page("layouts")
     values = wf.readme_values()
-    for key in ("rows8b", "cards", "rows70b"):
+    for key, text in (("rows8b", planning), ("cards", planning), ("rows70b", layouts)):
         for line in values[key].splitlines():
-            assert line in text, f"README's {key} row should read: {line}"
-    assert f"`none` peaks at {values['hf_none']} GiB" in text
-    assert f"gives {values['kor']:.2f} GiB per layer with SP" in text
-    assert f"({values['sel']:.2f} vs {values['none']:.2f} GiB peak with SP)" in text
-    assert f"({values['f405h100']} on H100 80GB, {values['f405h200']} on H200)" in text
+            assert line in text, f"the {key} row should read: {line}"
+    assert f"`none` peaks at {values['hf_none']} GiB" in planning
+    assert f"gives {values['kor']:.2f} GiB per layer with SP" in layouts
+    assert f"({values['sel']:.2f} vs {values['none']:.2f} GiB peak with SP)" in layouts
+    assert f"({values['f405h100']} on H100 80GB, {values['f405h200']} on H200)" in planning
     assert (
         f"it answers `{values['budget8']}`: no matmul reruns\n({values['budget8_tflop']} TFLOP/step"
-        in text
+        in planning
     )
-    assert f"peak {values['budget8_peak']} GiB, margin {values['budget8_margin']} GiB" in text
-    assert f"`{values['nfull8']}` plan above reruns {values['nfull8_tflop']} TFLOP per step" in text
+    assert f"peak {values['budget8_peak']} GiB, margin {values['budget8_margin']} GiB" in planning
+    nfull8 = f"`{values['nfull8']}` plan above reruns {values['nfull8_tflop']} TFLOP per step"
+    assert nfull8 in planning
     for plan in (values["plan70"], values["plan405"]):
-        assert f"`{plan}`" in text
+        assert f"`{plan}`" in planning
         assert f"| {plan} |" in (FIGS / "what_fits.md").read_text()  # the table agrees
 
 
