@@ -146,8 +146,12 @@ CACHE_ENV = "RECOMPUTE_LAB_CACHE_DIR"
 # The peak is the best of several square GEMM sizes, each the fastest of its repeats: a single
 # 1024^3 GEMM timed while other processes held the cores was cached at 15 GFLOP/s on a core that
 # reaches 90, and small in-cache GEMMs then ran "above peak" (MFU 144% on tiny).
-CPU_PEAK_GEMMS, CPU_PEAK_REPS = (256, 512, 1024), 10
-CPU_PEAK_GEMM = ",".join(str(n) for n in CPU_PEAK_GEMMS)  # in the cache key: other sizes, new key
+# A size is measured only while the previous one ran a GEMM in under CPU_PEAK_GROW_S: a dtype
+# without a fast path (bf16 GEMMs here: 2.5 GFLOP/s, 0.85 s per 1024^3 GEMM) has its rate by 512
+# and took 28 s to measure at 1024 (every bf16 test session and every user's first bf16 run).
+CPU_PEAK_GEMMS, CPU_PEAK_REPS, CPU_PEAK_GROW_S = (256, 512, 1024), 10, 0.05
+# in the cache key: other sizes or another rule, a new key
+CPU_PEAK_GEMM = ",".join(str(n) for n in CPU_PEAK_GEMMS) + f";grow<{CPU_PEAK_GROW_S}s"
 
 
 def cache_dir() -> Path:
@@ -191,6 +195,18 @@ def cpu_peak_path(key: dict) -> Path:
 _CPU_PEAKS: dict[str, dict] = {}  # path -> record, so a process reads the file once
 
 
+def cpu_gemm_peak(dtype_name: str) -> float:
+    """The best GEMM rate over CPU_PEAK_GEMMS, growing the size only while a GEMM of the last one
+    took under CPU_PEAK_GROW_S (see above)."""
+    best = 0.0
+    for n in CPU_PEAK_GEMMS:
+        rate = gemm_rate("cpu", dtype_name, n, CPU_PEAK_REPS)
+        best = max(best, rate)
+        if 2 * n**3 / rate >= CPU_PEAK_GROW_S:
+            break
+    return best
+
+
 def cpu_peak(dtype_name: str = "float32", refresh: bool = False) -> dict:
     """This CPU's GEMM rate for ``dtype_name`` at the current thread count: {flops, key, path,
     measured_at,
@@ -213,7 +229,7 @@ def cpu_peak(dtype_name: str = "float32", refresh: bool = False) -> dict:
             record = None  # unreadable: measure again and overwrite
     if record is None:
         record = {
-            "flops": max(gemm_rate("cpu", dtype_name, n, CPU_PEAK_REPS) for n in CPU_PEAK_GEMMS),
+            "flops": cpu_gemm_peak(dtype_name),
             "key": key,
             "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
             "cached": False,

@@ -219,6 +219,17 @@ def test_parallel_launchers_and_cpu_ranks_mark_time_contended(monkeypatch):
     assert overhead.contention(cfg) == "2 torchrun ranks share this machine's CPU cores"
 
 
+def test_cpu_peak_stops_growing_the_gemm_once_one_is_slow(monkeypatch):
+    """A dtype without a fast GEMM path (bf16 here: ~2.5 GFLOP/s) is measured at 256 and 512 only:
+    a 512^3 GEMM takes 0.1 s, past CPU_PEAK_GROW_S, and a 1024^3 one would take 0.85 s x 11."""
+    calls = []
+    monkeypatch.setattr(hardware, "gemm_rate", lambda d, t, n, r: calls.append(n) or 2.5e9)
+    assert hardware.cpu_gemm_peak("bfloat16") == 2.5e9 and calls == [256, 512]
+    calls.clear()
+    monkeypatch.setattr(hardware, "gemm_rate", lambda d, t, n, r: calls.append(n) or 9e10)
+    assert hardware.cpu_gemm_peak("float32") == 9e10 and calls == [256, 512, 1024]
+
+
 def test_cpu_peak_is_measured_once_per_machine_and_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv(hardware.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(hardware, "_CPU_PEAKS", {})
