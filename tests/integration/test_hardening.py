@@ -25,6 +25,8 @@ from recompute_lab.record.folder import LOCK, RunFolder, is_locked
 from conftest import FAST, compose_config, load_results, run_cli
 
 TINY = ["trainer.steps=3", "trainer.num_threads=1", "data.seq_len=16", "data.batch_size=2", *FAST]
+# sweeps whose analysis a test does not read: the callback draws every figure (seconds)
+NO_ANALYSIS = "hydra.callbacks.analyze.enabled=false"
 
 
 # --- the run record is never lost -----------------------------------------------------------------
@@ -341,7 +343,8 @@ def test_a_sweep_exits_nonzero_with_a_tally_when_a_job_fails(tmp_path):
 
 def test_every_job_invalid_exits_nonzero(tmp_path):
     proc = run_cli(
-        ["-m", "model.n_head=3,5", *TINY, f"hydra.sweep.dir={tmp_path / 's'}"], cwd=tmp_path
+        ["-m", "model.n_head=3,5", *TINY, NO_ANALYSIS, f"hydra.sweep.dir={tmp_path / 's'}"],
+        cwd=tmp_path,
     )
     assert proc.returncode == 1 and "2 jobs: 2 error" in proc.stdout
 
@@ -357,12 +360,13 @@ def test_long_list_overrides_get_bounded_job_folder_names(tmp_path):
             "+strategy=selective",
             f"strategy.modules=[{','.join(['mlp'] * 60)}]",
             *TINY,
+            NO_ANALYSIS,
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (job,) = [p for p in sweep.iterdir() if p.is_dir() and p.name != "analysis"]
+    (job,) = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(job.name) <= 130 and load_results(job / "results.json")["status"] == "ok"
 
 
