@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=6, help="rounds per entry point (>= 6: CI)")
     ap.add_argument("--entries", default=",".join(ENTRIES))
-    ap.add_argument("--loop-rounds", type=int, default=20)
+    ap.add_argument("--loop-rounds", type=int, default=20, help="0: skip the loop")
     ap.add_argument("--loop-iterations", type=int, default=20, help="iterations per chunk")
     ap.add_argument("--loop-model", default="tiny")
     ap.add_argument("--out", default=str(OUT))
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> str:
     print(f"entry points: {len(names)} x {args.rounds} rounds, each in a fresh process")
     entries = entry_rounds(names, args.rounds)
     loops = []
-    for progress in (False, True):
+    for progress in (False, True) if args.loop_rounds > 0 else ():  # 0: entry points only
         print(f"training loop: {args.loop_rounds} paired rounds, progress bar {progress}")
         rounds, its = args.loop_rounds, args.loop_iterations
         loops.append(loop_pairing(args.loop_model, progress, rounds, its))

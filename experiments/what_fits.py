@@ -28,6 +28,7 @@ CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -47,8 +48,10 @@ GiB = devices.GiB
 OUT = Path(__file__).resolve().parent / "figures"
 
 
+@functools.lru_cache(maxsize=None)
 def model_cfg(name: str, seq: int) -> ModelConfig:
-    """conf/model/NAME.yaml as a typed ModelConfig (the predict layer's input) at ``seq`` tokens."""
+    """conf/model/NAME.yaml as a typed ModelConfig (the predict layer's input) at ``seq`` tokens
+    (read once per name and length: a ModelConfig is frozen)."""
     cfg = OmegaConf.merge(
         OmegaConf.structured(ModelConfig), OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
     )

@@ -615,7 +615,8 @@ def predict_activations(cfg, st: Shape, plan=None, source=None) -> dict:
         "by_module": by_module,
         "largest_region": transient,
         "regions": regions,
-        "terms": [asdict(t) for t in seen.values()],
+        # its flat fields as a dict (asdict's deep copy cost what_fits a quarter of its time)
+        "terms": [dict(t.__dict__) for t in seen.values()],
         "reason": None,
     }
 
