@@ -223,7 +223,8 @@ class RunLogger:
             *sorted(self.run_dir.glob("*.pickle")),
             *sorted(self.run_dir.glob("*.png")),
         ]
-        files = [f for f in files if f.is_file()]
+        # a symlink is not the run's file (recompute_lab makes none): its target is never staged
+        files = [f for f in files if f.is_file() and not f.is_symlink()]
         if not files:
             return
         art = wandb.Artifact(
@@ -244,7 +245,7 @@ class RunLogger:
         try:
             import wandb
 
-            files = [Path(f) for f in files if Path(f).is_file()]
+            files = [Path(f) for f in files if Path(f).is_file() and not Path(f).is_symlink()]
             summary: dict = {
                 "runs": len(rows),
                 "runs_not_ok": sum(r.get("status") != "ok" for r in rows),
