@@ -123,6 +123,13 @@ def run_job(cfg: DictConfig, run_dir: Path, group, multirun: bool, on_start) -> 
         # SIGINT / SIGTERM before the run started (the record says so where the folder was empty)
         log.error("recompute_lab: %s", e or "interrupted before the run started")
         sys.exit(1)
+    except OSError as e:
+        # disk full, a file-size limit, a folder made read-only: the record says so already;
+        # the command ends with one line, not a traceback
+        log.error("recompute_lab: %s: %s (recorded in %s)", type(e).__name__, e, run_dir)
+        if multirun:
+            return None
+        sys.exit(1)
     except Exception as e:
         if not multirun:
             raise
