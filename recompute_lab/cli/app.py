@@ -241,4 +241,9 @@ def launch(
         print(text)
         sys.exit(0)
     sys.argv = prepare(argv, root_keys)
+    import warnings
+
+    # conf/hydra/launcher/joblib.yaml replaces the plugin's node of the same name on purpose (its
+    # launcher survives a dead worker); Hydra 1.3 warns about the shared name on every sweep
+    warnings.filterwarnings("ignore", message="\n?'hydra/launcher/joblib' is validated against")
     main()

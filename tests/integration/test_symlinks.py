@@ -100,3 +100,21 @@ def test_analysis_refuses_a_planted_output(tmp_path):
     (sweep / "0" / "results.json").write_text('{"status": "error", "error": "x"}')
     assert main([str(sweep)]) == 2
     assert (tmp_path / "theirs.csv").read_text() == "keep\n"
+
+
+def test_a_long_model_name_keeps_its_wandb_run(tmp_path):
+    """W&B's 64-character tag limit: a model name over ~57 characters made wandb.init fail and the
+    run went on without W&B (issue 31, finding 14)."""
+    from recompute_lab.config.spec import RunSpec
+    from recompute_lab.record.wandb_run import MAX_TAG, RunLogger
+
+    from conftest import compose_config
+
+    cfg = compose_config(["logger=wandb", "logger.mode=offline", "model.name=" + "m" * 80])
+    logger = RunLogger(RunSpec.of(cfg), tmp_path)
+    try:
+        assert logger.run is not None and logger.mode == "offline", logger.note
+        assert all(len(t) <= MAX_TAG for t in logger.run.tags)
+        assert any(t.startswith("model:mmm") and "~" in t for t in logger.run.tags)
+    finally:
+        logger.finish()
