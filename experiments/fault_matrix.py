@@ -292,20 +292,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_checked(doc, out: Path, argv, make_rows, render, held) -> int:
+    """A generated table's command line (``--out``): make the rows, write the table, print the
+    count held and each row that did not; exit 1 unless all held (also bad_inputs.py's)."""
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=OUT, help="the Markdown table to write")
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=out, help="the Markdown table to write")
     args = p.parse_args(argv)
-    rows = matrix() + sweep_rows()
+    rows = make_rows()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table(rows))
-    failed = [r for r in rows if r["verdict"] != "held"]
-    print(f"{len(rows) - len(failed)} of {len(rows)} cells held -> {args.out}")
+    args.out.write_text(render(rows))
+    failed = [r for r in rows if not held(r)]
+    print(f"{len(rows) - len(failed)} of {len(rows)} held -> {args.out}")
     for r in failed:
-        print(f"  FAILED {r['fault']} at {r['phase']}: expected {r['expected']}, got {r['actual']}")
+        print(f"  NOT HELD: {r}")
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_checked(
+        __doc__, OUT, argv, lambda: matrix() + sweep_rows(), table, lambda r: r["verdict"] == "held"
+    )
 
 
 if __name__ == "__main__":

@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import errno
 import json
+import sys
 
 import pytest
 
 from recompute_lab.config import ConfigError, validate
 
-from conftest import FAST, compose_config
+from conftest import FAST, ROOT, compose_config
 
-SMALL = {
-    "model_type": "llama",
-    "num_hidden_layers": 2,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "max_position_embeddings": 128,
-}
+sys.path.insert(0, str(ROOT / "experiments"))
+from bad_inputs import SMALL_LLAMA as SMALL  # noqa: E402  (the table's small Llama config)
 
 
 def _hf(tmp_path, text: str, *extra: str):
