@@ -3,14 +3,16 @@ show and where the record must be, against what a tiny run actually does (issue 
 
     python experiments/fault_matrix.py            # writes experiments/figures/fault_matrix.md
 
-Faults: SIGTERM and SIGINT (raised in the process, as SLURM preemption or Ctrl-C would), an
-unexpected exception, out of memory, and a full disk (from the phase on, every atomic write fails
-with ENOSPC, the record's fallback beside the folder included). Phases: the checks before the
-start (preflight: resume checkpoint, guards), the ``running`` record's write, the W&B start, the
-model build, a training step, a checkpoint write and the final record's write. Each cell runs the
-engine in this process on a fresh folder (model tiny, 3 steps, no probe, no W&B: ~1 s). A cell
-*held* when both the status and the place of the final record (results.json, beside the folder,
-or one JSON line on stderr) are the expected ones; the table says FAILED otherwise.
+Faults to one run: SIGTERM and SIGINT (raised in the process, as SLURM preemption or Ctrl-C
+would), an unexpected exception, out of memory, and a full disk (from the phase on, every
+atomic write fails with ENOSPC, the record's fallback beside the folder included). Phases: the
+checks before the start (preflight: resume checkpoint, guards), the ``running`` record's write,
+the W&B start, the model build, a training step, a checkpoint write and the final record's
+write. Each cell runs the engine in this process on a fresh folder (model tiny, 3 steps, no
+probe, no W&B: ~1 s). A cell *held* when both the status and the place of the final record
+(results.json, beside the folder, or one JSON line on stderr) are the expected ones; the table
+says FAILED otherwise. Faults to a sweep (SWEEP_EXPECTED): a joblib worker that dies, a SIGTERM
+to a sweep run in one process; each a 3-job sweep through the CLI (10-60 s).
 tests/integration/test_fault_matrix.py checks the committed table against the cells planned here,
 and regenerates it under ``-m slow``.
 """
@@ -63,6 +65,48 @@ EXPECTED: dict[tuple[str, str], tuple[str, str]] = {
     ("disk full", "checkpoint"): ("error", "stderr"),
     ("disk full", "final record"): ("ok", "stderr"),
 }
+
+# Faults to a whole sweep (the CLI in a subprocess, 3 jobs, the fault injected into the job with
+# trainer.seed=1 by experiments/fault_inject/sitecustomize.py): the tally line and exit status the
+# sweep must end with, whatever that job did; no traceback.
+SWEEP_EXPECTED: dict[tuple[str, str], str] = {
+    ("worker death", "joblib sweep"): "3 jobs: 2 ok, 1 no record (exit 1)",
+    ("SIGTERM", "sweep job"): "3 jobs: 1 interrupted, 2 no record, stopped (exit 1)",
+}
+SWEEP_FAULTS = {"worker death": "die", "SIGTERM": "sigterm"}
+SWEEP_ARGS = {"joblib sweep": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], "sweep job": []}
+
+
+def run_sweep_cell(fault: str, launcher: str, where: Path) -> str:
+    """The tally of a 3-job sweep whose first job gets ``fault``: 'N jobs: ... (exit C)', with
+    ', stopped' when the tally says a signal stopped it, or what went wrong instead."""
+    import os
+    import re
+    import subprocess
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "experiments" / "fault_inject"), str(ROOT)]),
+        "RECOMPUTE_LAB_FAULT": SWEEP_FAULTS[fault],
+        "RECOMPUTE_LAB_FAULT_SEED": "1",
+        "WANDB_MODE": "offline",
+        "HYDRA_FULL_ERROR": "0",
+    }
+    steps = "trainer.steps=40" if fault == "SIGTERM" else "trainer.steps=2"
+    args = [*OVERRIDES, "trainer.checkpoint_every=0", steps, "trainer.seed=1,2,3", "~local"]
+    args += ["hydra.callbacks.analyze.enabled=false", f"hydra.sweep.dir={where / 'sweep'}"]
+    cmd = [sys.executable, "-m", "recompute_lab.train", "-m", *SWEEP_ARGS[launcher], *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=where)
+    except subprocess.TimeoutExpired:
+        return "hang (300 s)"
+    out = proc.stdout + proc.stderr
+    tallies = re.findall(r"recompute_lab: (\d+ jobs: [^;\n]*)(;[^\n]*stopped)?", out)
+    if not tallies:
+        return f"no tally (exit {proc.returncode})"
+    line, stopped = tallies[-1]
+    got = f"{line}{', stopped' if stopped else ''} (exit {proc.returncode})"
+    return got + (" + traceback" if "Traceback" in out else "")
 
 
 class DiskFull:
@@ -208,6 +252,23 @@ def matrix() -> list[dict]:
     return rows
 
 
+def sweep_rows() -> list[dict]:
+    rows = []
+    for (fault, launcher), expected in SWEEP_EXPECTED.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            got = run_sweep_cell(fault, launcher, Path(tmp))
+        rows.append(
+            {
+                "fault": fault,
+                "phase": launcher,
+                "expected": expected,
+                "actual": got,
+                "verdict": "held" if got == expected else "FAILED",
+            }
+        )
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     held = sum(r["verdict"] == "held" for r in rows)
     lines = [
@@ -215,7 +276,9 @@ def table(rows: list[dict]) -> str:
         "",
         "Generated by `python experiments/fault_matrix.py` (model tiny, 3 steps, checkpoint every "
         "step); checked by tests/integration/test_fault_matrix.py. Each fault is injected once, "
-        "when the run enters the phase; *where* is the place of the final record.",
+        "when the run enters the phase; *where* is the place of the final record. The last "
+        "rows are faults to a whole sweep (3 jobs through the CLI, the fault in the first job: "
+        "experiments/fault_inject/): the tally it must end with and its exit status.",
         "",
         f"{held} of {len(rows)} cells held.",
         "",
@@ -229,20 +292,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_checked(doc, out: Path, argv, make_rows, render, held) -> int:
+    """A generated table's command line (``--out``): make the rows, write the table, print the
+    count held and each row that did not; exit 1 unless all held (also bad_inputs.py's)."""
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=OUT, help="the Markdown table to write")
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=out, help="the Markdown table to write")
     args = p.parse_args(argv)
-    rows = matrix()
+    rows = make_rows()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table(rows))
-    failed = [r for r in rows if r["verdict"] != "held"]
-    print(f"{len(rows) - len(failed)} of {len(rows)} cells held -> {args.out}")
+    args.out.write_text(render(rows))
+    failed = [r for r in rows if not held(r)]
+    print(f"{len(rows) - len(failed)} of {len(rows)} held -> {args.out}")
     for r in failed:
-        print(f"  FAILED {r['fault']} at {r['phase']}: expected {r['expected']}, got {r['actual']}")
+        print(f"  NOT HELD: {r}")
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_checked(
+        __doc__, OUT, argv, lambda: matrix() + sweep_rows(), table, lambda r: r["verdict"] == "held"
+    )
 
 
 if __name__ == "__main__":

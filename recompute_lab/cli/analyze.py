@@ -47,6 +47,7 @@ def analyze(sweep_dir: Path, out: Optional[Path] = None, label: Optional[str] = 
         files = estimates.write_estimates(axes, est, out, label or str(sweep_dir))
         return {"rows": [], "estimates": est, "files": files, "out": out}
     out = Path(out) if out is not None else sweep_dir / "analysis"
+    refuse_symlinks(out, default=out == sweep_dir / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     from recompute_lab.analysis import (
         figures,
@@ -63,6 +64,26 @@ def analyze(sweep_dir: Path, out: Optional[Path] = None, label: Optional[str] = 
     files.append(out / "quiz.md")
     quiz.write_quiz(rows, files[-1], source=label or str(sweep_dir))
     return {"rows": rows, "files": files, "out": out}
+
+
+def refuse_symlinks(out: Path, default: bool) -> None:
+    """Raise AnalysisError when the analysis would write through a symlink it did not make: a
+    symlink inside ``out`` (a planted summary.csv or figure), or ``out`` itself where it is the
+    sweep's own ``analysis`` folder (a ``--out`` the user names may be a link of theirs)."""
+    from recompute_lab.analysis.aggregate import AnalysisError
+    from recompute_lab.record.fileio import describe_symlinks, planted_symlinks
+
+    if default and out.is_symlink():
+        raise AnalysisError(
+            f"{out} is a symlink that recompute_lab did not make; the analysis never writes "
+            "through one: remove it or give --out"
+        )
+    links = planted_symlinks(out)
+    if links:
+        raise AnalysisError(
+            f"{out} holds symlinks that recompute_lab did not make ({describe_symlinks(links)}); "
+            "the analysis never writes through one: remove them or give another --out"
+        )
 
 
 def main(argv: Optional[list[str]] = None) -> int:

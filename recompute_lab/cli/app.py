@@ -147,10 +147,56 @@ def prepare(argv: list[str], root_keys: tuple[str, ...] = (), check: bool = Fals
     argv = prepare_argv(argv)  # --local_rank, non-zero ranks' output dirs (torchrun)
     try:
         check_overrides(argv[1:], root_keys)
+        check_output_dir(argv[1:])
     except ConfigError as e:
         print(f"recompute_lab: invalid configuration: {e}", file=sys.stderr)
         sys.exit(2)
     return argv
+
+
+def output_dir_override(args: list[str]) -> tuple[str, str]:
+    """(key, value) of the folder Hydra will create for ``args``: hydra.sweep.dir with -m,
+    hydra.run.dir otherwise; the value is the last override of it, or "." (the default's folders,
+    outputs/ and multirun/, are made in the working directory)."""
+    key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in args) else "hydra.run.dir"
+    value = "."
+    for a in args:
+        if a.startswith(f"{key}="):
+            value = a.split("=", 1)[1].strip("'\"")
+    return key, value
+
+
+def check_output_dir(args: list[str]) -> None:
+    """Refuse, before Hydra creates it, an output folder that cannot be made: one under a file,
+    under /proc, or in a folder this user cannot write (Hydra would end in a traceback). The
+    fixed part of the path (before any ``${...}``) is checked: its nearest existing folder must
+    take a new folder (a probe folder is made there and removed at once)."""
+    import os
+    import tempfile
+
+    key, value = output_dir_override(args)
+    fixed = value.split("${", 1)[0]
+    path = Path(fixed or ".").expanduser()
+    if not fixed.endswith("/") and "${" in value:
+        path = path.parent  # a name part-way through an interpolation: its folder is fixed
+    path = path.absolute()
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{key}={value}: {existing} is a file, not a folder, so the run's folder cannot be "
+            f"made under it; choose another {key}"
+        )
+    try:
+        probe = tempfile.mkdtemp(prefix=".recompute_lab-probe-", dir=existing)
+        os.rmdir(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(
+            f"{key}={value}: cannot create a folder in {existing} ({reason}); choose a writable "
+            f"{key} (or run from a writable folder)"
+        ) from None
 
 
 def help_text(config_name: str, job_name: str, overrides: list[str]) -> str:
@@ -195,4 +241,9 @@ def launch(
         print(text)
         sys.exit(0)
     sys.argv = prepare(argv, root_keys)
+    import warnings
+
+    # conf/hydra/launcher/joblib.yaml replaces the plugin's node of the same name on purpose (its
+    # launcher survives a dead worker); Hydra 1.3 warns about the shared name on every sweep
+    warnings.filterwarnings("ignore", message="\n?'hydra/launcher/joblib' is validated against")
     main()

@@ -13,13 +13,14 @@ Layer: cli.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from recompute_lab.record.folder import read_status
+from recompute_lab.record.folder import is_locked, read_status
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,14 @@ class AnalyzeOnMultirunEnd(Callback):
         if not self.enabled:
             return
         sweep_dir = Path(config.hydra.sweep.dir)
+        if SWEEP_STOP.get("signal"):  # stopped by a signal: end now, the tally follows
+            log.info(
+                "recompute_lab: analysis skipped, the sweep was stopped by %s; run "
+                "python -m recompute_lab.analyze %s",
+                SWEEP_STOP["signal"],
+                sweep_dir,
+            )
+            return
         try:
             from recompute_lab.cli.analyze import analyze
 
@@ -81,6 +90,10 @@ def log_to_wandb(config: DictConfig, sweep_dir: Path, res: dict) -> None:
     logger.finish()
 
 
+# Set by recompute_lab.cli.train when a signal stops a sweep run in this process: {"signal": NAME,
+# "skipped": jobs not run}; the tally says so and the analysis is skipped (the sweep was stopped).
+SWEEP_STOP: dict = {}
+
 # Set by SweepTally at the end of a multirun: the command's exit status (recompute_lab.cli.train.cli
 # reads it).
 SWEEP_EXIT: dict = {}
@@ -90,8 +103,18 @@ def tally(sweep_dir: Path) -> tuple[str, int]:
     """("9 jobs: 7 ok, 1 oom, 1 error", exit status) for the results.json files under
     ``sweep_dir``."""
     counts: dict[str, int] = {}
-    for path in sorted(Path(sweep_dir).glob("*/results.json")):
-        status = read_status(path) or "missing"
+    folders = {p.parent for p in Path(sweep_dir).glob("*/results.json")}
+    # a job whose process died before its first record (a joblib worker killed) left only the
+    # folder Hydra made for it, named N_... (conf/config.yaml's hydra.sweep.subdir)
+    folders |= (
+        {p for p in Path(sweep_dir).iterdir() if p.is_dir() and re.match(r"\d+(_|$)", p.name)}
+        if Path(sweep_dir).is_dir()
+        else set()
+    )
+    for folder in sorted(folders):
+        status = read_status(folder / "results.json") or "no record"
+        if status == "running" and not is_locked(folder):
+            status = "killed"  # a running record that no live process holds
         counts[status] = counts.get(status, 0) + 1
     total = sum(counts.values())
     parts = [f"{counts.pop('ok')} ok"] if "ok" in counts else []
@@ -106,5 +129,11 @@ class SweepTally(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         line, code = tally(Path(config.hydra.sweep.dir))
+        if SWEEP_STOP.get("signal"):
+            line += (
+                f"; the sweep was stopped by {SWEEP_STOP['signal']}: "
+                f"{SWEEP_STOP.get('skipped', 0)} job(s) not run"
+            )
+            code = 1
         print(f"recompute_lab: {line}", flush=True)
         SWEEP_EXIT["code"] = code

@@ -69,11 +69,15 @@ def check_overrides(overrides: Iterable[str], root_keys: Iterable[str] = ()) -> 
     groups = GROUPS  # root key -> its schema dataclass
     roots = [*groups, *EXTRA_ROOT_KEYS, *root_keys]
     chosen = _strategies_chosen(parsed)
+    _check_hf_fields(parsed)
     for o in parsed:
         key = o.key_or_group
         root, _, rest = key.replace("/", ".", 1).partition(
             "."
         )  # hydra/launcher=... names a group of hydra
+        if root == "local":  # the machine-settings group (conf/local/, `optional local: default`)
+            _check_local(o, rest)
+            continue
         if root not in roots:
             raise ConfigError(
                 f"unknown config key {key!r}{_closest(root, roots)}; valid root keys: "
@@ -103,6 +107,67 @@ def check_overrides(overrides: Iterable[str], root_keys: Iterable[str] = ()) -> 
                     f"{root}.{name} is not a {root} option{_closest(name, fields)}; valid: "
                     f"{', '.join(fields)}"
                 )
+
+
+def _models_chosen(parsed: list) -> list[str]:
+    """The model presets a command line selects (the default, tiny, when model= is absent)."""
+    for o in parsed:
+        if o.key_or_group == "model" and not o.is_delete():
+            if o.is_sweep_override():
+                return [str(v) for v in o.sweep_string_iterator()]
+            return [str(o.value())]
+    return ["tiny"]
+
+
+def _check_hf_fields(parsed: list) -> None:
+    """model.hf.* without model=hf does nothing (it used to be accepted silently); with model=hf
+    the fields the Hugging Face config decides (norm, mlp, positions...) are changed in that
+    config (+model.hf.overrides.KEY=VALUE), not on the model (model.norm=layernorm on a Llama
+    config was accepted and ignored)."""
+    from recompute_lab.config.hf import DERIVED
+    from recompute_lab.config.hf_families import SHAPE_FIELDS
+
+    if any(o.key_or_group.startswith("experiment") for o in parsed):
+        return  # a preset may choose the model itself: the config rules check what it composes
+    models = _models_chosen(parsed)
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("model.hf") and "hf" not in models:
+            raise ConfigError(
+                f"{key} applies to model=hf only (this command's model: {', '.join(models)}); "
+                "add model=hf, or drop it"
+            )
+        field = key.partition(".")[2]
+        if models == ["hf"] and key.startswith("model.") and field in DERIVED and not o.is_delete():
+            raise ConfigError(
+                f"{key}: with model=hf the Hugging Face config decides {field}; change that "
+                f"config's key with +model.hf.overrides.KEY=VALUE (the model fields model=hf "
+                f"takes: {', '.join(SHAPE_FIELDS)}, attention)"
+            )
+
+
+def _check_local(o, rest: str) -> None:
+    """``local=NAME`` picks conf/local/NAME.yaml (``~local`` skips the hook): NAME must exist.
+    The group is merged at the root (``# @package _global_``), so it has no keys of its own."""
+    from pathlib import Path
+
+    options = sorted(p.stem for p in (Path(CONF_DIR) / "local").glob("*.yaml"))
+    if rest:
+        raise ConfigError(
+            f"local.{rest} is not a config key: `local` picks a file of conf/local/ "
+            f"(local=NAME, one of: {', '.join(options)}); its settings apply at the root"
+        )
+    if o.is_delete():
+        return
+    names = (
+        [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [str(o.value())]
+    )
+    for name in names:
+        if name not in options:
+            raise ConfigError(
+                f"local={name}: no conf/local/{name}.yaml; valid: {', '.join(options)} "
+                f"(~local skips the hook){_closest(name, options)}"
+            )
 
 
 def compose_run_config(overrides: Iterable[str] = ()) -> DictConfig:

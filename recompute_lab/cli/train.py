@@ -61,10 +61,43 @@ def main(cfg: DictConfig) -> float | None:
         if env_rank() == 0:  # rank 0 owns the output dir
             save_hydra_files(run_dir, cfg)
 
+    if multirun and stop_sweep_on_signals():
+        return None  # a signal stopped the sweep: the jobs after it are not run
     try:
         return run_job(cfg, run_dir, group, multirun, started)
     finally:
         held.close()  # what a refused run logged reached the console only
+
+
+def stop_sweep_on_signals() -> bool:
+    """In a sweep run by this process (Hydra's basic launcher): whether a SIGINT / SIGTERM has
+    stopped it, counting this job as not run. The first call installs a handler that notes a
+    signal arriving between jobs (each run installs its own while it runs, and a run it
+    interrupts is recorded as such); the jobs after a signal are not run and the tally says so
+    (it used to interrupt one job and start the next)."""
+    import signal
+
+    from recompute_lab.cli.callbacks import SWEEP_STOP
+    from recompute_lab.run.failures import RECEIVED
+
+    if not SWEEP_STOP.get("installed"):
+        SWEEP_STOP["installed"] = True
+        RECEIVED.clear()  # a signal before this sweep (another one in this process) is not its
+
+        def note(signum, frame) -> None:
+            RECEIVED["signal"] = signal.Signals(signum).name
+
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, note)
+        except ValueError:  # not the main thread (a threaded launcher): signals stay Hydra's
+            pass
+    if "signal" not in RECEIVED:
+        return False
+    SWEEP_STOP["signal"] = RECEIVED["signal"]
+    SWEEP_STOP["skipped"] = SWEEP_STOP.get("skipped", 0) + 1
+    log.warning("recompute_lab: job skipped, the sweep was stopped by %s", RECEIVED["signal"])
+    return True
 
 
 def save_hydra_files(folder: Path, task_cfg: DictConfig) -> list[Path]:
@@ -118,10 +151,18 @@ def run_job(cfg: DictConfig, run_dir: Path, group, multirun: bool, on_start) -> 
             return None
         sys.exit(2)
     except KeyboardInterrupt as e:
-        if multirun:
-            raise  # a signal to a sweep stops the sweep
+        if multirun:  # recorded; the sweep stops after this job (stop_sweep_on_signals)
+            log.error("recompute_lab: %s", e or "interrupted before the run started")
+            return None
         # SIGINT / SIGTERM before the run started (the record says so where the folder was empty)
         log.error("recompute_lab: %s", e or "interrupted before the run started")
+        sys.exit(1)
+    except OSError as e:
+        # disk full, a file-size limit, a folder made read-only: the record says so already;
+        # the command ends with one line, not a traceback
+        log.error("recompute_lab: %s: %s (recorded in %s)", type(e).__name__, e, run_dir)
+        if multirun:
+            return None
         sys.exit(1)
     except Exception as e:
         if not multirun:

@@ -34,6 +34,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from recompute_lab.config import Arch, ConfigError, ModelConfig
+from recompute_lab.config.schema import short_int
 from recompute_lab.config.hf_families import SHAPE_FIELDS, Family, family_for
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "hf_configs"
@@ -66,8 +67,10 @@ def _from_json(path: Path):
     transformers = require_transformers()
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.hf.config: cannot read {path}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past the limit
+        raise ConfigError(
+            f"model.hf.config: cannot read {path}: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
     model_type = data.pop("model_type", None) if isinstance(data, dict) else None
     if not model_type:
         raise ConfigError(
@@ -75,8 +78,17 @@ def _from_json(path: Path):
         )
     try:
         return transformers.AutoConfig.for_model(model_type, **data)
-    except ValueError as e:  # a model_type this transformers does not know
-        raise ConfigError(f"model.hf.config: {path}: {e}") from None
+    except Exception as e:  # an unknown model_type, a field of the wrong type, 0 heads...
+        raise ConfigError(
+            f"model.hf.config: {path} is not a usable {model_type} config: {_reason(e)}"
+        ) from None
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one short line for a ConfigError (transformers' validation errors span
+    several lines)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 def load_config(source: Optional[str]):
@@ -211,6 +223,18 @@ def hf_config(mcfg) -> tuple[Any, Family]:
     return config, family
 
 
+def hf_config_checked(mcfg) -> tuple[Any, Family]:
+    """hf_config, with a config that does not fit its family (model.hf.family=gpt2 on a Llama
+    config: keys it lacks) refused in one line instead of an AttributeError."""
+    try:
+        return hf_config(mcfg)
+    except (AttributeError, TypeError, ZeroDivisionError) as e:
+        raise ConfigError(
+            f"model.hf.config={mcfg.hf.config}: its fields do not fit the family it is read as "
+            f"({_reason(e)}); model.hf.family must match the config (null: from its model_type)"
+        ) from None
+
+
 def is_resolved(mcfg) -> bool:
     """Resolution ran: every field holds the model's value (0 layers is then a real count: budget's
     probe)."""
@@ -278,8 +302,24 @@ def resolve_model(cfg: DictConfig | Any) -> None:
     mcfg = cfg.model if hasattr(cfg, "model") else cfg
     if str(mcfg.arch) != Arch.hf or getattr(mcfg.hf, "model_type", None) is not None:
         return  # not a Hugging Face model, or resolved already (a RunSpec's model is)
-    config, family = hf_config(mcfg)
-    fields = mapped_fields(config, family)
+    config, family = hf_config_checked(mcfg)
+    try:
+        fields = mapped_fields(config, family)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
+        # e.g. model.hf.family=gpt2 on a Llama config: the family's keys are not in it
+        raise ConfigError(
+            f"model.hf.config={mcfg.hf.config}: the {family.name} family's fields do not fit this "
+            f"{config.model_type} config ({_reason(e)}); model.hf.family must match the config "
+            f"(null: from its model_type)"
+        ) from None
+    for fld in SHAPE_FIELDS:
+        value = fields.get(fld)
+        if value is not None and (not isinstance(value, int) or value <= 0 or value > 2**53):
+            raise ConfigError(
+                f"model.hf.config={mcfg.hf.config}: {family.keys.get(fld) or fld}="
+                f"{short_int(value)} is not a "
+                f"usable size (model.{fld} must be a positive integer of at most 2**53)"
+            )
     defaults = ModelConfig()
     for fld in DERIVED:
         if fld not in fields:

@@ -540,15 +540,51 @@ def _positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+# The largest integer a size or seed may be: sizes are multiplied into byte counts in int64 (and
+# float64, exact to 2**53); seeds go to torch.manual_seed / torch.Generator, which take an int64.
+MAX_SIZE = 2**53
+MAX_SEED = 2**63 - 1
+
+
+def short_int(value: Any) -> str:
+    """An integer for a message: a 4000-digit one as its first digits and its length."""
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+
+
+def _bounded_ints(cfg: DictConfig) -> None:
+    """Sizes below MAX_SIZE and seeds within [0, MAX_SEED]: larger ones used to end in an int64
+    overflow traceback (issue 31, finding 9)."""
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    sizes = [(f"model.{n}", getattr(m, n, None)) for n in (*SIZE_FIELDS, "n_kv_head")]
+    sizes += [("data.seq_len", d.seq_len), ("data.batch_size", d.batch_size)]
+    sizes += [("trainer.steps", t.steps), ("trainer.grad_accum", t.grad_accum)]
+    for name, value in sizes:
+        if isinstance(value, int) and value > MAX_SIZE:
+            raise ConfigError(
+                f"{name}={short_int(value)} is too large: at most 2**53 ({MAX_SIZE:,})"
+            )
+    for name, value in (("trainer.seed", t.seed), ("data.seed", getattr(d, "seed", 0))):
+        if isinstance(value, int) and not 0 <= value <= MAX_SEED:
+            raise ConfigError(
+                f"{name}={short_int(value)} is out of range: a seed is an integer in "
+                f"[0, 2**63 - 1] ({MAX_SEED:,})"
+            )
+
+
+SIZE_FIELDS = ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "max_seq_len")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules that a schema cannot express; raise ConfigError with a readable message."""
     m, d, t, o = cfg.model, cfg.data, cfg.trainer, cfg.optimizer
+    _bounded_ints(cfg)
     if m.arch == Arch.hf and m.get("hf", {}).get("model_type") is None:
         raise ConfigError(
             "model=hf: the model fields come from the Hugging Face config; resolve them first "
             "(recompute_lab.model.hf.resolve_model(cfg), which the entry points call)"
         )
-    for name in ("n_layer", "d_model", "n_head", "d_ff", "vocab_size", "max_seq_len"):
+    for name in SIZE_FIELDS:
         _positive(f"model.{name}", getattr(m, name))
     if m.vocab_size < 2:
         raise ConfigError(

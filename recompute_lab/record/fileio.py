@@ -38,6 +38,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "planted_symlinks",
     "remove_stale_temps",
     "temp_name_pattern",
 ]
@@ -170,3 +171,27 @@ def remove_stale_temps(folder: PathLike, name: str) -> list[Path]:
                 continue  # gone meanwhile: nothing to clean
             removed.append(Path(entry.path))
     return removed
+
+
+def planted_symlinks(folder: PathLike) -> list[Path]:
+    """The symlinks directly inside ``folder`` (sorted). recompute_lab never makes one in a run or
+    analysis folder, so each is someone else's: writing through it (a log, ``.hydra/``,
+    ``wandb/``, a figure) would write wherever it points (issue 31). Callers refuse the folder."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(Path(e.path) for e in entries if e.is_symlink())
+
+
+def describe_symlinks(links: list[Path], limit: int = 3) -> str:
+    """'a -> /x, b -> /y' for a message (the first ``limit``, then how many more)."""
+    def target(p: Path) -> str:
+        try:
+            return os.readlink(p)
+        except OSError:
+            return "?"
+
+    shown = ", ".join(f"{p.name} -> {target(p)}" for p in links[:limit])
+    more = len(links) - limit
+    return shown + (f" and {more} more" if more > 0 else "")

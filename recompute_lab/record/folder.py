@@ -16,6 +16,8 @@ another
 - A record of any other status (interrupted, error, a ``running`` record left by a killed job) is
 kept as
   ``results.previous-N.json`` before the new run's record replaces it.
+- A folder holding a symlink (none is ever made by recompute_lab) is refused before anything is
+  written: the log, ``.hydra/``, ``wandb/`` or a figure would otherwise be written where it points.
 - Once the checks pass, a ``status: running`` record is written at once, so a job that is killed
 (SIGKILL, node
   failure) still shows in ``analyze``; the analysis tells a live run from a dead one by the lock.
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 from recompute_lab.config import ConfigError
-from recompute_lab.record.fileio import remove_stale_temps
+from recompute_lab.record.fileio import describe_symlinks, planted_symlinks, remove_stale_temps
 from recompute_lab.record.result import VALIDATE_ENV, RecordError, RunResult, validate
 from recompute_lab.record.results import jsonable, write_json_atomic
 
@@ -158,6 +160,14 @@ class RunFolder:
                 "choose another hydra.run.dir"
             ) from None
         self._lock = lock
+        links = planted_symlinks(self.folder) + planted_symlinks(self.folder / ".hydra")
+        if links:
+            raise ConfigError(
+                f"{self.folder} holds symlinks that recompute_lab did not make "
+                f"({describe_symlinks(links)}); a run never writes through one (its log, "
+                ".hydra/, wandb/, figures would land where they point): remove them or choose "
+                "another hydra.run.dir"
+            )
         remove_stale_temps(self.folder, RESULTS)  # left by a write that a SIGKILL cut short
         self.prior = read_status(self.folder / RESULTS)
         if self.prior == "ok":
@@ -169,7 +179,12 @@ class RunFolder:
     def refused(self, results: dict) -> None:
         """Record a run refused before it started: only where no earlier record would be
         replaced."""
-        if self.write and self.prior is None and self._lock is not None:
+        if (
+            self.write
+            and self.prior is None
+            and self._lock is not None
+            and not (self.folder / RESULTS).is_symlink()  # not ours: neither followed nor replaced
+        ):
             self._write(results)
 
     def start(self, results: dict) -> None:

@@ -86,6 +86,21 @@ def flatten(obj: Any, prefix: str = "", sep: str = "/") -> dict:
     return out
 
 
+# W&B refuses a tag longer than 64 characters (the run then failed to start: a model name over
+# ~57 characters lost the run its W&B record, issue 31 finding 14)
+MAX_TAG = 64
+
+
+def fit_tag(tag: str) -> str:
+    """``tag`` within W&B's 64 characters: a longer one keeps its head and a hash of the whole, so
+    distinct tags stay distinct."""
+    if len(tag) <= MAX_TAG:
+        return tag
+    import hashlib
+
+    return f"{tag[: MAX_TAG - 9]}~{hashlib.sha1(tag.encode()).hexdigest()[:8]}"
+
+
 class RunLogger:
     """The W&B run of one job (a no-op for logger=none or mode=disabled)."""
 
@@ -126,6 +141,7 @@ class RunLogger:
                 f"strategy:{cfg.strategy.name}",
                 f"attention:{cfg.model.attention}",
             ]
+        tags = [fit_tag(str(t)) for t in tags]
         if config is None:
             hydra = hydra_overrides()
             config = {
@@ -223,7 +239,8 @@ class RunLogger:
             *sorted(self.run_dir.glob("*.pickle")),
             *sorted(self.run_dir.glob("*.png")),
         ]
-        files = [f for f in files if f.is_file()]
+        # a symlink is not the run's file (recompute_lab makes none): its target is never staged
+        files = [f for f in files if f.is_file() and not f.is_symlink()]
         if not files:
             return
         art = wandb.Artifact(
@@ -244,7 +261,7 @@ class RunLogger:
         try:
             import wandb
 
-            files = [Path(f) for f in files if Path(f).is_file()]
+            files = [Path(f) for f in files if Path(f).is_file() and not Path(f).is_symlink()]
             summary: dict = {
                 "runs": len(rows),
                 "runs_not_ok": sum(r.get("status") != "ok" for r in rows),

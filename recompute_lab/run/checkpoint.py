@@ -40,7 +40,9 @@ Layer: run.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import hmac
 import io
 import pickle
@@ -127,7 +129,31 @@ def save(
     # this run.
     fileio.remove_stale_temps(path.parent, path.name)
     with fileio.atomic_path(path) as tmp:
-        torch.save(container, tmp)
+        try:
+            torch.save(container, tmp)
+        except RuntimeError as e:
+            # torch's zip writer reports a short write as "unexpected pos 960 vs 854" (or an
+            # iostream error): the disk is full or a file-size limit (ulimit -f) cut the file
+            raise short_write(path, tmp, e) from None
+
+
+def short_write(path: Path, tmp: Path, e: BaseException) -> OSError:
+    """The OSError a failed torch.save becomes: ENOSPC named plainly when the temp file stopped
+    short (torch's own message says only "unexpected pos")."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "unexpected pos" in str(e) or "iostream error" in str(e) or "file write failed" in str(e):
+        try:
+            written = f"{os.path.getsize(tmp):,} bytes written"
+        except OSError:
+            written = "nothing written"
+        return OSError(
+            errno.ENOSPC,
+            f"no space left for checkpoint {path.name} (the disk is full or a file-size limit, "
+            f"ulimit -f, was reached: {written}; torch: {text}); the previous checkpoint, if any, "
+            "is kept",
+            str(path),
+        )
+    return OSError(errno.EIO, f"checkpoint {path.name} could not be written ({text})", str(path))
 
 
 _PLAIN_LEAVES = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.dtype, torch.device)

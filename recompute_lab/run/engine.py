@@ -126,7 +126,6 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
     policy = dctx.adapt_precision(make_precision(spec.precision))
     results["env"] = env_info(device, policy.param_dtype)
     torch.manual_seed(t.seed)
-    batches = dctx.batches(spec.data, spec.model.vocab_size)  # this rank's rows of the global batch
     laps(
         "setup",
         f"device {device}, {torch.get_num_threads()} thread(s), parameters {policy.param_dtype}",
@@ -134,6 +133,8 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
     plan = guard_memory(spec, policy, device, results, dctx)
     # also with trainer.memory_guard=false: no replica deeper than MAX_BLOCKS is ever built
     guard_blocks(spec, device.type, dctx)
+    # the data only now: the synthetic table (vocab x 4 int64) is memory the guard priced first
+    batches = dctx.batches(spec.data, spec.model.vocab_size)  # this rank's rows of the global batch
     session = compiled_steps.session_of(spec)
     if t.max_memory_gb is not None:
         laps("memory guard", f"predicted peak within trainer.max_memory_gb={t.max_memory_gb}")

@@ -32,6 +32,12 @@ class SetupInterrupted(KeyboardInterrupt):
     can swallow it."""
 
 
+# The last SIGINT / SIGTERM this process received through a run's handler (its name): a sweep run
+# in this process (Hydra's basic launcher) stops after the job it interrupted
+# (recompute_lab.cli.train.run_job reads it).
+RECEIVED: dict = {}
+
+
 class SignalFlag:
     """SIGINT/SIGTERM handling for one run (SLURM preemption sends SIGTERM, then SIGKILL after its
     grace time).
@@ -65,6 +71,7 @@ class SignalFlag:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        RECEIVED["signal"] = name
         if self.closing:
             self.received = self.received or name
             return

@@ -26,6 +26,7 @@ def _committed() -> list[list[str]]:
 def test_committed_matrix_is_the_planned_one_and_holds_everywhere():
     rows = _committed()
     planned = [[f, p, f"{s} ({w})"] for (f, p), (s, w) in fm.EXPECTED.items()]
+    planned += [[f, p, e] for (f, p), e in fm.SWEEP_EXPECTED.items()]
     assert [r[:3] for r in rows] == planned, "rerun python experiments/fault_matrix.py"
     assert all(r[3] == r[2] and r[4] == "held" for r in rows)
     assert f"{len(rows)} of {len(rows)} cells held." in fm.OUT.read_text()
@@ -50,3 +51,16 @@ def test_cells_that_used_to_fail_hold(tmp_path, fault, phase):
 def test_regenerated_matrix_equals_the_committed_one(tmp_path):
     assert fm.main(["--out", str(tmp_path / "m.md")]) == 0
     assert (tmp_path / "m.md").read_text() == fm.OUT.read_text()
+
+
+def test_sigterm_to_a_sweep_stops_it_with_its_tally(tmp_path):
+    """It used to interrupt one job and start the next (issue 31, finding 15)."""
+    got = fm.run_sweep_cell("SIGTERM", "sweep job", tmp_path)
+    assert got == fm.SWEEP_EXPECTED[("SIGTERM", "sweep job")]
+
+
+@pytest.mark.slow
+def test_a_dead_joblib_worker_costs_only_its_job(tmp_path):
+    """One dead worker used to end the sweep in a traceback with no tally (finding 5); ~60 s."""
+    got = fm.run_sweep_cell("worker death", "joblib sweep", tmp_path)
+    assert got == fm.SWEEP_EXPECTED[("worker death", "joblib sweep")]

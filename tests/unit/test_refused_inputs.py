@@ -54,3 +54,36 @@ def test_estimate_device_size_is_checked_without_a_layout(value):
         cfg = compose(config_name="estimate", overrides=[f"estimate.layout.device_gb={value}"])
     with pytest.raises(ConfigError, match="estimate.layout.device_gb must be a finite number > 0"):
         estimate(cfg, cfg.estimate)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.hf.config=llama3_8b"], r"model.hf.config applies to model=hf only .*tiny"),
+        (["model=small", "+model.hf.family=llama"], r"applies to model=hf only"),
+        (["model=hf", "model.norm=layernorm"], r"model.norm: with model=hf the Hugging Face"),
+        (["local=nope"], r"local=nope: no conf/local/nope.yaml; valid: example"),
+        (["local.trainer=1"], r"local.trainer is not a config key"),
+    ],
+)
+def test_overrides_that_did_nothing_are_refused(overrides, message):
+    """model.hf.* without model=hf and model.norm on model=hf used to be accepted and ignored;
+    a conf/local/ file that does not exist is named with the ones that do (issue 31, item 12)."""
+    from recompute_lab.cli.overrides import check_overrides
+
+    with pytest.raises(ConfigError, match=message):
+        check_overrides(overrides)
+
+
+def test_documented_local_example_and_hf_settings_pass_the_checks():
+    """README documents local=NAME (conf/local/example.yaml); it was refused as an unknown key."""
+    from recompute_lab.cli.overrides import check_overrides
+
+    for ok in (
+        ["local=example"],
+        ["~local"],
+        ["model=hf", "model.hf.config=gpt2", "model.n_layer=2"],
+        ["model=hf,tiny", "model.hf.config=gpt2"],
+    ):
+        check_overrides(ok)
+    compose_config(["local=example"])  # and Hydra composes it
