@@ -162,6 +162,13 @@ class RunLogger:
             return
         for key, summary in METRIC_SUMMARIES.items():
             self.run.define_metric(key, summary=summary)
+        limit = file_size_limit()
+        if limit is not None:  # said before the record is written: it lands in results.json
+            self._warn(
+                f"a file-size limit of {limit:,} bytes is set (ulimit -f): W&B's files stop "
+                "growing there and its copy of this run may be cut short; results.json is the "
+                "whole record"
+            )
 
     def _init(
         self,
@@ -296,6 +303,25 @@ class RunLogger:
         except Exception as e:
             self._warn(f"W&B finish failed ({e})")
         self.run = None
+        limit = file_size_limit()
+        if limit is not None:
+            for f in sorted(self.run_dir.glob("wandb/*/*.wandb")):
+                if f.stat().st_size >= limit and not f.parent.is_symlink():  # not latest-run
+                    self._warn(
+                        f"W&B's log {f} reached the file-size limit ({limit:,} bytes, ulimit -f): "
+                        "its copy of this run is cut short; results.json is the whole record"
+                    )
+
+
+def file_size_limit() -> Optional[int]:
+    """This process's file-size limit in bytes (ulimit -f), None when there is none."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        return None
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def _escape(text: str) -> str:

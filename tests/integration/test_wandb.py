@@ -4,7 +4,9 @@ API mocked."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -57,6 +59,37 @@ def test_offline_run_records_config_history_and_summaries(tmp_path, monkeypatch)
         and s["run_summary"]["_type"] == "html-file"
     )
     assert any(r.WhichOneof("record_type") == "artifact" for r in read_records(run_file(tmp_path)))
+
+
+def test_a_file_size_limit_is_said_in_the_record_and_a_cut_log_on_the_console(tmp_path):
+    """Under ulimit -f W&B's .wandb file stops at the limit (wandb-core gets EFBIG) and the run
+    itself is fine: the record says so from the start, and the end names the cut file once."""
+    import resource
+
+    limit = 24 * 1024  # results.json (~12 KB) fits, a 30-step run's .wandb (~36 KB) does not
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recompute_lab.train",
+            "trainer.steps=30",
+            "trainer.overhead.enabled=false",
+            *OFFLINE,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        # its own wandb-core, under the limit: not a service an earlier test of this process left
+        env={k: v for k, v in os.environ.items() if not k.startswith(("WANDB_SERVICE", "WANDB__"))},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = load_results(tmp_path / "run" / "results.json")
+    assert res["status"] == "ok" and "file-size limit of 24,576 bytes" in res["logger"]["note"]
+    assert run_file(tmp_path / "run").stat().st_size == limit
+    assert proc.stderr.count("reached the file-size limit (24,576 bytes") == 1
 
 
 def test_multirun_jobs_share_one_group_with_git_overrides_and_an_analysis_run(tmp_path):
