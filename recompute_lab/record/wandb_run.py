@@ -209,6 +209,7 @@ class RunLogger:
         except Exception as e:
             self._warn(f"W&B log failed ({e}); dropping W&B for this run")
             self.run = None
+            drop_service()
 
     def summarize(self, results: dict, summary_text: str = "") -> None:
         """Mirror results.json: flat summary, per-module activation table, summary panel,
@@ -311,6 +312,20 @@ class RunLogger:
                         f"W&B's log {f} reached the file-size limit ({limit:,} bytes, ulimit -f): "
                         "its copy of this run is cut short; results.json is the whole record"
                     )
+
+
+def drop_service() -> None:
+    """Tear down W&B's service connection after it failed (wandb-core killed or gone), so that its
+    atexit hook does not print a traceback at exit for a run that already ended well; the next
+    W&B run of this process starts a new service."""
+    try:
+        import wandb
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wandb.teardown()
+    except BaseException:  # a broken connection raises on the way out; nothing is left to save
+        pass
 
 
 def file_size_limit() -> Optional[int]:

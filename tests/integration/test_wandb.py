@@ -92,6 +92,52 @@ def test_a_file_size_limit_is_said_in_the_record_and_a_cut_log_on_the_console(tm
     assert proc.stderr.count("reached the file-size limit (24,576 bytes") == 1
 
 
+def test_a_killed_wandb_core_costs_the_run_nothing_and_prints_no_traceback(tmp_path):
+    """wandb-core (W&B's service process) killed mid-run: the run drops W&B with one line, ends
+    ok, and W&B's exit hook does not print a traceback for the dead connection."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recompute_lab.train",
+            "trainer.steps=100000",
+            "trainer.overhead.enabled=false",
+            "trainer.probe=false",
+            *OFFLINE,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("WANDB_SERVICE", "WANDB__"))},
+    )
+    try:
+        core = None
+        deadline = time.time() + 120
+        while core is None and time.time() < deadline:  # this run's own service process
+            found = subprocess.run(
+                ["pgrep", "-f", f"wandb-core.*--pid {proc.pid}"], capture_output=True, text=True
+            ).stdout.split()
+            core = int(found[0]) if found else None
+            time.sleep(0.2)
+        assert core is not None, "no wandb-core started for the run"
+        time.sleep(2)  # training is under way
+        os.kill(core, signal.SIGKILL)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)  # end the run early; its record says interrupted
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    res = load_results(tmp_path / "run" / "results.json")
+    assert res["status"] == "interrupted" and "W&B log failed" in res["logger"]["note"], err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+
+
 def test_multirun_jobs_share_one_group_with_git_overrides_and_an_analysis_run(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(
