@@ -277,7 +277,8 @@ def test_submitit_local_two_tasks_per_job_is_one_ddp_run(tmp_path, single):
     assert res["loss"]["history"] == pytest.approx(single["loss"]["history"], rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+# fsdp in the fast run; ddp (its replicated state is the simpler case) with -m slow
+@pytest.mark.parametrize("kind", ["fsdp", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_per_rank_peak_is_measured_on_the_wrapped_model_and_predicted_by_the_estimator(
     tmp_path, kind
 ):

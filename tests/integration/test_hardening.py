@@ -277,6 +277,7 @@ def test_sigterm_during_setup_ends_in_seconds_as_interrupted(tmp_path):
     assert proc.returncode == 1
 
 
+@pytest.mark.slow  # 18 s; signals at every phase stay in the fast run (test_fault_matrix)
 def test_ctrl_c_to_the_process_group_keeps_a_complete_wandb_record(tmp_path):
     from wandb_records import read_finished, summarize_records
 

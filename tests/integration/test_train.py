@@ -154,6 +154,7 @@ def test_bad_input_exits_nonzero_with_message(tmp_path, args, needle, code):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # 15 s; sweeps stay in the fast run (test_wandb, test_analysis, test_hardening)
 def test_multirun_2x2_writes_four_results(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(

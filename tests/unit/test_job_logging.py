@@ -22,7 +22,18 @@ def test_third_party_info_stays_out_of_the_console(tmp_path):
     cfg["handlers"]["console"]["stream"] = stream
     saved = {n: logging.getLogger(n).level for n in ("fontTools", "matplotlib", "PIL", "")}
     root_handlers = list(logging.getLogger().handlers)
+    # An earlier dictConfig of this test process (disable_existing_loggers=True) may have disabled
+    # loggers that existed then; a job process configures logging once, with this file: test that.
+    named = (
+        "fontTools.subset",
+        "matplotlib.font_manager",
+        "PIL.PngImagePlugin",
+        "recompute_lab.analysis",
+    )
+    disabled = {n: logging.getLogger(n).disabled for n in named}
     try:
+        for n in named:
+            logging.getLogger(n).disabled = False
         logging.config.dictConfig(cfg)
         logging.getLogger("fontTools.subset").info("maxp pruned")
         logging.getLogger("matplotlib.font_manager").info("findfont: scoring")
@@ -38,6 +49,8 @@ def test_third_party_info_stays_out_of_the_console(tmp_path):
         logging.getLogger().handlers[:] = root_handlers
         for n, level in saved.items():
             logging.getLogger(n).setLevel(level)
+        for n, was in disabled.items():
+            logging.getLogger(n).disabled = was
     out = stream.getvalue()
     assert "wrote summary.md" in out and "a glyph is missing" in out
     assert "maxp pruned" not in out and "findfont" not in out and "IHDR" not in out
