@@ -8,7 +8,8 @@ Entry points run in fresh child processes (this script with ``--child NAME``: im
 the child's first line, then Hydra's compose, then the work), in rounds whose order rotates so the
 drift of a shared machine reaches every entry; ``total`` is the child's wall time seen from here,
 interpreter start-up included. ``estimate_405b_cli`` is the real command a researcher types
-(``python -m recompute_lab.estimate ...``), timed whole.
+(``python -m recompute_lab.estimate ...``), timed whole; ``plan_8b_cli`` the advisor's question
+(``python -m recompute_lab.plan model=llama3_8b data.seq_len=8192 plan.gpus=8 plan.gpu=h100_80gb``).
 
 The loop: in this process, the framework's training loop (recompute_lab.run.engine.loop, chunks of
 ``--loop-iterations`` iterations: data, the step, loss sync, logging) against a bare loop on the
@@ -61,7 +62,12 @@ ESTIMATE_IMPORTS = (
     "recompute_lab.predict.layout",
     "recompute_lab.predict.devices",
 )
-ENTRIES = ("estimate_405b", "estimate_405b_cli", "what_fits", "train_tiny")
+ENTRIES = ("estimate_405b", "estimate_405b_cli", "plan_8b_cli", "what_fits", "train_tiny")
+PLAN_8B = ["model=llama3_8b", "data.seq_len=8192", "plan.gpus=8", "plan.gpu=h100_80gb"]
+CLI_ENTRIES = {  # timed whole, as typed
+    "estimate_405b_cli": ["-m", "recompute_lab.estimate", *ESTIMATE_405B],
+    "plan_8b_cli": ["-m", "recompute_lab.plan", *PLAN_8B],
+}
 LOOP_TARGET = 1.02
 
 
@@ -118,8 +124,8 @@ def run_entry(name: str) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true")
     with tempfile.TemporaryDirectory() as d:
-        if name == "estimate_405b_cli":
-            args = ["-m", "recompute_lab.estimate", *ESTIMATE_405B, f"hydra.run.dir={d}"]
+        if name in CLI_ENTRIES:
+            args = [*CLI_ENTRIES[name], f"hydra.run.dir={d}"]
         else:
             args = [str(Path(__file__).resolve()), "--child", name]
         t0 = time.perf_counter()
@@ -129,7 +135,7 @@ def run_entry(name: str) -> dict:
         total = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    phases = {} if name == "estimate_405b_cli" else json.loads(proc.stdout.strip().splitlines()[-1])
+    phases = {} if name in CLI_ENTRIES else json.loads(proc.stdout.strip().splitlines()[-1])
     return {**phases, "total": total}
 
 
@@ -301,8 +307,8 @@ def markdown(entries: dict, loops: list[dict], header: str) -> str:
         "## Entry points: seconds per phase",
         "",
         "Median over rounds, 95% interval of the median, 1-minute load average before each round "
-        "(median, range). Targets (issue 29): estimate and what_fits under 2 s wall on a quiet "
-        "machine.",
+        "(median, range). Targets (issue 29): estimate, plan and what_fits under 2 s wall on a "
+        "quiet machine.",
         "",
         "| entry | phase | median s | 95% CI | rounds | load |",
         "|---|---|---|---|---|---|",
