@@ -21,6 +21,12 @@ from wandb_records import read_finished as read_records, summarize_records
 OFFLINE = ["logger=wandb", "logger.mode=offline", "trainer.progress=false"]
 
 
+def own_service_env() -> dict:
+    """The environment for a CLI subprocess that must start its own wandb-core rather than join
+    the service an earlier test of this process left (W&B passes it on in WANDB_SERVICE...)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_SERVICE", "WANDB__"))}
+
+
 def run_file(run_dir):
     files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
@@ -82,8 +88,7 @@ def test_a_file_size_limit_is_said_in_the_record_and_a_cut_log_on_the_console(tm
         text=True,
         timeout=300,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
-        # its own wandb-core, under the limit: not a service an earlier test of this process left
-        env={k: v for k, v in os.environ.items() if not k.startswith(("WANDB_SERVICE", "WANDB__"))},
+        env=own_service_env(),  # its own wandb-core, under the limit
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = load_results(tmp_path / "run" / "results.json")
@@ -113,7 +118,7 @@ def test_a_killed_wandb_core_costs_the_run_nothing_and_prints_no_traceback(tmp_p
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("WANDB_SERVICE", "WANDB__"))},
+        env=own_service_env(),
     )
     try:
         core = None
