@@ -18,10 +18,15 @@ experiments/gpu_check.py calibrates a GPU with):
               its accumulation)
   region      seconds per checkpoint region beyond its op: the same chain with each multiply in
               a non-reentrant checkpoint (RNG state preserved), less the plain chain, per link
+  mechanisms  seconds per op of op-SAC's policy mode and of torch_remat, per named torch_remat
+              sub-region (recomputed or saved): chains of GELUs in one region each way
+  dispatched  aten ops one block's forward dispatches (a count, by a dispatch mode)
 Prediction: recompute_lab.predict.step_time on one device with the rates and efficiencies
 step_time.calibrated makes of those measurements; the
 overhead of a strategy is step(strategy) / step(none) - 1, for every committed run with a paired
-measurement (experiments/figures/results.json.gz) whose strategy the model times. The table
+measurement (experiments/figures/results.json.gz): every strategy is timed from the rerun ops of
+its plan (layers and sqrt as 'none + n/L full', op-SAC and regions from their save lists, offload
+from its saved bytes). The table
 (experiments/figures/cpu_time_check.md) says whether each prediction falls inside the measured
 interval; tests/unit/test_cpu_time_check.py recomputes it from the committed calibration.
 
@@ -41,6 +46,7 @@ from omegaconf import OmegaConf
 
 from recompute_lab.config import LayoutConfig, ModelConfig
 from recompute_lab.config.spec import as_model_config
+from recompute_lab.config.strategies import label_of as config_label
 from recompute_lab.predict import step_time as T
 
 HERE = Path(__file__).resolve().parent
@@ -51,11 +57,9 @@ ONE = OmegaConf.structured(LayoutConfig())  # one device
 
 
 def label_of(strategy: dict) -> str:
-    """The step-time model's name for a run's strategy config (selective[modules])."""
-    name = strategy.get("name", "none")
-    if name == "selective":
-        return f"selective[{','.join(strategy.get('modules') or ['core_attn'])}]"
-    return name
+    """The step-time model's label of a run's strategy config: the tables' label
+    (recompute_lab.config.strategies.label_of: selective[modules], op(every_other_mm=True), ...)."""
+    return config_label(strategy)
 
 
 def timed_as(record: dict) -> str:
@@ -66,7 +70,7 @@ def timed_as(record: dict) -> str:
     here, neither modelled)."""
     label = label_of(record["config"]["strategy"])
     groups = record["strategy"].get("regions")
-    if label in ("layers", "sqrt") and groups:
+    if record["config"]["strategy"].get("name") in ("layers", "sqrt") and groups:
         n = sum(len(g) for g in groups)
         return f"none + {n}/{record['config']['model']['n_layer']} full"
     return label
@@ -120,12 +124,40 @@ def calibrate(threads: int = 1) -> dict:
             (tok, m["d_model"], m["d_ff"]),
             (d["batch_size"], m["n_head"], d["seq_len"], hd),
         )
+        shapes[key]["dispatched_per_layer"] = dispatched_per_layer(cfg)
     return {
         "threads": threads,
         "shapes": shapes,
         "torch": torch.__version__,
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def dispatched_per_layer(cfg: dict) -> int:
+    """Aten ops one block's forward dispatches on this CPU (views included: op-SAC's policy mode
+    and torch_remat's hooks see each), counted by a dispatch mode around the second block of the
+    run's model (fp32 weights, the run's shape; a count, not a time)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from recompute_lab.model.gpt import build_model
+
+    class Count(TorchDispatchMode):
+        on, n = False, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += Count.on
+            return func(*args, **(kwargs or {}))
+
+    model = build_model(model_of(cfg), device="cpu", dtype=torch.float32).train()
+    block = model.blocks[1]
+    block.register_forward_pre_hook(lambda *_: setattr(Count, "on", True))
+    block.register_forward_hook(lambda *_: setattr(Count, "on", False))
+    d = cfg["data"]
+    idx = torch.zeros(d["batch_size"], d["seq_len"], dtype=torch.long)
+    with torch.no_grad(), Count():
+        model(idx, idx)
+    return Count.n
 
 
 def predict(cal: dict) -> list[dict]:
@@ -146,21 +178,32 @@ def predict(cal: dict) -> list[dict]:
             "low": o["ci95_low"] - 1,
             "high": o["ci95_high"] - 1,
         }
-        if T.n_full(timed) is None and T.recomputed_ops(timed) is None:
+        model = model_of(cfg)
+        if T.n_full(timed) is None and T.recomputed_ops(timed, cfg=model) is None:
             rows.append({**row, "predicted": None, "note": "not timed by the model"})
             continue
         fp32 = cfg["precision"]["name"] == "fp32"
-        rates, eff = T.calibrated(cal["shapes"][shape_key(cfg)], "this CPU")
-        model = model_of(cfg)
+        shape = cal["shapes"][shape_key(cfg)]
+        rates, eff = T.calibrated(shape, "this CPU")
         b, s = cfg["data"]["batch_size"], cfg["data"]["seq_len"]
         precision = "fp32" if fp32 else "bf16_master"
-        base = T.step_time(model, ONE, "none", b, s, rates, precision, eff)
-        mine = T.step_time(model, ONE, timed, b, s, rates, precision, eff)
+        n = shape.get("dispatched_per_layer")
+        base = T.step_time(model, ONE, "none", b, s, rates, precision, eff, None, n)
+        mine = T.step_time(model, ONE, timed, b, s, rates, precision, eff, None, n)
         pred = mine["step_s"] / base["step_s"] - 1
         rows.append(
             {**row, "predicted": pred, "inside": row["low"] <= pred <= row["high"], "note": ""}
         )
     return rows
+
+
+def by_strategy(timed: list[dict]) -> dict[str, list[float]]:
+    """Prediction errors grouped by strategy name (the label before its options)."""
+    out: dict[str, list[float]] = {}
+    for r in timed:
+        name = r["strategy"].split("(")[0].split(" ")[0]
+        out.setdefault(name, []).append(r["predicted"] - r["measured"])
+    return out
 
 
 def table(cal: dict, rows: list[dict]) -> str:
@@ -173,8 +216,9 @@ def table(cal: dict, rows: list[dict]) -> str:
         "",
         "Generated by `python experiments/cpu_time_check.py` from the calibration in "
         f"cpu_time_calibration.json (measured {cal['measured_at']}, {cal['threads']} thread, "
-        f"torch {cal['torch']}: GEMM and attention rates, copy bandwidth, per-kernel and "
-        "per-checkpoint-region costs at each shape, recompute_lab.measure.hardware."
+        f"torch {cal['torch']}: GEMM and attention rates, copy bandwidth, per-kernel, "
+        "per-checkpoint-region, op-SAC and torch_remat costs at each shape, "
+        "recompute_lab.measure.hardware."
         "step_time_calibration) and the runs in results.json.gz (tiny; their own paired, "
         "interleaved measurements with 95% intervals). bf16_autocast runs are timed as bf16 "
         "matmuls with 16-bit activations.",
@@ -183,6 +227,12 @@ def table(cal: dict, rows: list[dict]) -> str:
         f"median error {statistics.median(errs):+.1%} (predicted - measured overhead, in "
         f"points of the baseline's step), worst {worst['predicted'] - worst['measured']:+.1%} "
         f"({worst['run']}, {worst['strategy']}).",
+        "",
+        "Median error by strategy: "
+        + ", ".join(
+            f"{name} {statistics.median(e):+.1%}" for name, e in sorted(by_strategy(timed).items())
+        )
+        + ".",
         "",
         "| run | strategy | precision | attention | seq | measured overhead (95% CI) | predicted "
         "| inside |",

@@ -157,6 +157,7 @@ def time_table(records: list[dict], cuda: bool) -> list[dict]:
     can be checked."""
     from recompute_lab.config import LayoutConfig
     from recompute_lab.config.spec import RunSpec
+    from recompute_lab.config.strategies import label_of
     from recompute_lab.measure.hardware import step_time_calibration
     from recompute_lab.predict import step_time as T
 
@@ -174,10 +175,9 @@ def time_table(records: list[dict], cuda: bool) -> list[dict]:
     base = T.step_time(m, one, "none", b, s, rates, "bf16_master", eff)["step_s"]
     out = []
     for res in records:
-        name = res["config"]["strategy"]["name"]
-        label = "selective" if name == "selective" else name
+        label = label_of(res["config"]["strategy"])
         pred = None
-        if T.recomputed_ops(label) is not None:
+        if T.recomputed_ops(label, cfg=m) is not None or T.n_full(label) is not None:
             pred = T.step_time(m, one, label, b, s, rates, "bf16_master", eff)["step_s"]
         out.append(
             {

@@ -88,6 +88,17 @@ def step_time_calibration(
                               backward, over its 3K kernels (one forward, two backward)
       region_overhead_s       the same chain with every multiply in a non-reentrant checkpoint
                               (RNG state preserved), less the plain chain, per link, less a kernel
+      sac_op_overhead_s       a chain of K GELUs in one checkpoint under an op-SAC policy (every
+                              op recomputed), less the chain in one plain checkpoint, per link:
+                              what the policy's dispatch mode costs per op (forward and replay)
+      remat_op_overhead_s     the GELU chain in one torch_remat checkpoint, less the plain
+                              checkpoint, per link
+      remat_region_overhead_s the GELU chain in one torch_remat checkpoint with every GELU a named
+                              (recomputed) torch_remat region, less the same without regions, per
+                              link
+      remat_saved_region_overhead_s  the same with every region saved (its output persisted for
+                              the next, as recompute_lab.strategies.wrap does), per link
+      host_bytes_per_s        CUDA only: a 64 MiB copy to pinned host memory (offload's link)
     """
     from torch.nn.functional import scaled_dot_product_attention as sdpa
     from torch.utils.checkpoint import checkpoint
@@ -113,6 +124,7 @@ def step_time_calibration(
     overhead = plain / (3 * links)
     chain(region)()
     region_s = max((best_time(chain(region), kind, reps) - plain) / links - overhead, 0.0)
+    mech = _mechanism_overheads(x, links, kind, reps)
     m, k, n = gemm
     a = torch.randn(m, k, dtype=dtype, device=device)
     w = torch.randn(k, n, dtype=dtype, device=device)
@@ -128,6 +140,78 @@ def step_time_calibration(
         "copy_bytes_per_s": measured_copy_bandwidth(device),
         "op_overhead_s": overhead,
         "region_overhead_s": region_s,
+        **mech,
+        **({"host_bytes_per_s": host_copy_bandwidth(device)} if kind == "cuda" else {}),
+    }
+
+
+def host_copy_bandwidth(device: torch.device, nbytes: int = 64 << 20, reps: int = 5) -> float:
+    """Bytes/s of a device-to-pinned-host copy (one way): what offloading a saved tensor costs
+    (torch.autograd.graph.save_on_cpu copies into pinned memory)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst.copy_(src)
+    return nbytes / best_time(lambda: dst.copy_(src), device.type, reps)
+
+
+def _mechanism_overheads(x: torch.Tensor, links: int, kind: str, reps: int) -> dict:
+    """Per-op costs of op-SAC's policy mode and torch_remat (step_time_calibration's docstring):
+    a chain of ``links`` one-element multiplies inside one region each way, forward + backward."""
+    import torch_remat as remat
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        checkpoint,
+        create_selective_checkpoint_contexts,
+    )
+
+    # GELU links: a pointwise op that saves its input, as most of a block's ops do (a policy mode
+    # or torch_remat costs more per op that saves a tensor: 40 against 24 us here for op-SAC)
+    gelu = torch.nn.functional.gelu
+
+    def body(t):
+        for _ in range(links):
+            t = gelu(t)
+        return t
+
+    named = [remat.region(gelu, f"link{i}", recompute=True) for i in range(links)]
+    kept = [remat.region(gelu, f"kept{i}", recompute=False) for i in range(links)]
+
+    def chain_of(regions, persist=False):
+        def run(t):
+            for f in regions:
+                t = f(t)
+                if persist:  # a saved region's output read by the next: persisted, as ours do
+                    remat.recompute_needs_tensor(t)
+            return t
+
+        return run
+
+    def recompute_all(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    def sac_context():
+        return create_selective_checkpoint_contexts(recompute_all)
+
+    runs = {
+        "plain": lambda: checkpoint(body, x, use_reentrant=False),
+        "sac": lambda: checkpoint(body, x, use_reentrant=False, context_fn=sac_context),
+        "remat": lambda: remat.checkpoint(region_name="calibration")(body)(x),
+        "named": lambda: remat.checkpoint(region_name="calibration")(chain_of(named))(x),
+        "kept": lambda: remat.checkpoint(region_name="calibration")(chain_of(kept, True))(x),
+    }
+    best = {}
+    for name, fn in runs.items():
+        fn().sum().backward()  # warm up
+
+        def step(fn=fn):
+            fn().sum().backward()
+
+        best[name] = best_time(step, kind, reps)
+    return {
+        "sac_op_overhead_s": max((best["sac"] - best["plain"]) / links, 0.0),
+        "remat_op_overhead_s": max((best["remat"] - best["plain"]) / links, 0.0),
+        "remat_region_overhead_s": max((best["named"] - best["remat"]) / links, 0.0),
+        "remat_saved_region_overhead_s": max((best["kept"] - best["remat"]) / links, 0.0),
     }
 
 

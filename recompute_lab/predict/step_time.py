@@ -23,7 +23,12 @@ Recompute reruns forward work in backward: ``full`` the block but its last linea
 recompute_lab.predict.flops counts it) and the collectives before it, ``selective`` the
 attention core (a flash kernel reruns whole), a per-stage ``n/L full`` plan n layers of full on
 its base; a budget plan its options' counted FLOPs at matmul speed and pointwise bytes at HBM
-speed.
+speed; op-SAC the block's ops but those its save list keeps (early stop as full), plus its
+policy mode's cost per dispatched op; regions the sub-regions it does not save and the unnamed
+code between them (torch_remat replays whole regions: no early stop), plus the cost of each named
+sub-region; offload nothing, but every saved byte crosses the host link out in forward and back
+in backward on the compute stream (exposed). The recomputed FLOPs of every plan equal
+FlopCounterMode's count on the wrapped model (tests/unit/test_step_time.py).
 
 Communication, alpha-beta per collective over a ring of n ranks (B: the unsharded buffer):
 all-reduce 2 (n - 1) / n B / bw + 2 (n - 1) alpha; all-gather and reduce-scatter half that.
@@ -77,6 +82,10 @@ class Rates:
     inter_latency_s: float
     gpus_per_node: int
     source: str
+    # saved tensors offloaded to host memory: bytes/s one way (PCIe) and whether they come back
+    # over it (a CPU's "host" is its own memory: save_on_cpu copies once and the unpack is a no-op)
+    host_bytes_per_s: float = 0.0
+    host_round_trip: bool = True
 
     def flops(self, precision: str) -> float:
         return self.fp32_flops if precision == "fp32" else self.bf16_flops
@@ -97,6 +106,13 @@ class Efficiency:
     # seconds each checkpoint region costs beyond the ops it reruns (saved-tensor hooks, the RNG
     # state it stashes, the recompute's bookkeeping): small beside a GPU step, measured on a CPU
     region_overhead_s: float = 0.0
+    # seconds per aten op an op-SAC region dispatches beyond a plain checkpoint's (the policy's
+    # dispatch mode sees every op in forward and in the replay), and torch_remat's per op and per
+    # named sub-region: Python on the host, small beside a GPU step's kernels, measured on a CPU
+    sac_op_overhead_s: float = 0.0
+    remat_op_overhead_s: float = 0.0
+    remat_region_overhead_s: float = 0.0  # a recomputed named sub-region
+    remat_saved_region_overhead_s: float = 0.0  # a saved one (its outputs kept and persisted)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -174,29 +190,24 @@ def layer_ops(cfg, b: int, s: int, tp: int, cp: int, sp: bool, dt: int) -> list[
     core = 4.0 * b * sq * s * d / tp  # QK^T and xV over the full square (flops' convention)
     dropout = float(getattr(cfg, "dropout", 0.0) or 0.0) > 0
     if str(cfg.attention) == "eager":
-        heads = h // tp
-        # fp32 scores written, read by softmax, probabilities written and read by xV; kernels:
-        # QK^T, scale, causal mask, softmax, (dropout,) xV
-        ops.append(
-            Op(
-                "attn.core",
-                "eager_scores",
-                core,
-                float(b * heads * sq * s * (4 + 4 + 4 + 4)),
-                5 + dropout,
-            )
-        )
+        scores = float(b * (h // tp) * sq * s * 4)  # fp32 scores, one pass
+        # the two batched matmuls (QK^T writes the scores, xV reads the probabilities) and the
+        # pointwise passes between them (scale, causal mask, softmax read the scores and write
+        # the probabilities; dropout): op-SAC saves the first and reruns the second
+        ops.append(Op("attn.core", "eager_scores", core, 2 * scores, 2))
+        ops.append(Op("attn.softmax", "eager_scores", 0.0, 2 * scores, 3 + dropout))
     else:
         io = dt * tok * (2 * d + 2 * kv) / tp + dt * b * s * 2 * kv / tp * (cp > 1)
         ops.append(Op("attn.core", "attention", core, io))
     rope = str(cfg.positions) == "rope"
     tok_s = dt * tok / seq_split  # bytes per residual-stream element on this rank, all tokens
-    # elementwise work, bytes read + written (and kernels): two norms (read x, write the
-    # normalised x), two residual adds (read two, write one), RoPE on q and k (multiplies, adds
+    # elementwise work, bytes read + written (and kernels): the two norms (each reads x and writes
+    # the normalised x), two residual adds (read two, write one), RoPE on q and k (multiplies, adds
     # and half rotations), the activation (SwiGLU reads gate and up: silu and the product), the
     # residual dropouts
     ops += [
-        Op("norms", "memory", 0.0, 2 * 2 * d * tok_s, 2),
+        Op("norm1", "memory", 0.0, 2 * d * tok_s),
+        Op("norm2", "memory", 0.0, 2 * d * tok_s),
         Op("residual", "memory", 0.0, 2 * 3 * d * tok_s, 2),
         Op("act", "memory", 0.0, (3 if glu else 2) * cfg.d_ff / tp * dt * tok, 2 if glu else 1),
     ]
@@ -226,31 +237,137 @@ BACKWARD = {"matmul": 2.0, "attention": 2.5, "eager_scores": 2.0, "memory": 2.0}
 # Forward ops a layer reruns in backward, per strategy (selective[...]: its modules). Early stop
 # (non-reentrant checkpoint, recompute_lab.predict.flops): a region's last op whose output nobody
 # saves is not rerun (mlp.proj in a block, attn.out in attention) unless a dropout follows it.
+BLOCK = {"norm1", "attn.qkv", "rope", "attn.core", "attn.softmax", "attn.out", "residual", "norm2",
+         "mlp.fc", "act"}  # fmt: skip
 RERUN = {
     "none": set(),
-    "selective": {"attn.core"},
-    "selective[core_attn]": {"attn.core"},
-    "selective[attn]": {"attn.qkv", "rope", "attn.core"},
+    "offload": set(),
+    "selective": {"attn.core", "attn.softmax"},
+    "selective[core_attn]": {"attn.core", "attn.softmax"},
+    "selective[attn]": {"attn.qkv", "rope", "attn.core", "attn.softmax"},
     "selective[mlp]": {"mlp.fc", "act"},
-    "selective[norm]": {"norms"},
-    "full": {"norms", "attn.qkv", "rope", "attn.core", "attn.out", "residual", "mlp.fc", "act"},
+    "selective[norm]": {"norm1", "norm2"},
+    "full": BLOCK,
 }
+
+# op-SAC (strategy=op): each block is one checkpoint region whose policy saves the outputs of the
+# listed aten ops (default: mm, addmm, bmm and the SDPA kernels, recompute_lab.strategies.wrap)
+# and reruns every other op. Which of a layer's ops each aten name saves:
+OP_SAVES = {
+    "addmm": "linear+bias",  # nn.Linear with a bias (without one: mm)
+    "mm": "linear",
+    "bmm": "attn.core",  # eager attention's QK^T and xV
+    "baddbmm": "attn.core",
+    "_softmax": "attn.softmax",
+    "_safe_softmax": "attn.softmax",
+    "gelu": "act",
+    "silu": "act",
+    "native_layer_norm": "norms",
+    "_fused_rms_norm": "norms",
+}
+DEFAULT_OP_SAVE = ("mm", "addmm", "bmm", "sdpa")
+LINEARS = ("attn.qkv", "attn.out", "mlp.fc", "mlp.proj")  # forward order: every_other_mm's count
+# regions (torch_remat): the named sub-regions a block's plan saves; unnamed code between them
+# (RoPE, residual adds, dropout) always reruns, and the replay has no early stop (an unsaved
+# mlp.proj reruns)
+SUBREGION_OPS = {
+    "norm1": ("norm1",),
+    "attn.qkv": ("attn.qkv",),
+    "attn.core": ("attn.core", "attn.softmax"),  # eager attention: its matmuls and softmax
+    "attn.out": ("attn.out",),
+    "norm2": ("norm2",),
+    "mlp.fc": ("mlp.fc",),
+    "mlp.act": ("act",),
+    "mlp.proj": ("mlp.proj",),
+}
+# recompute_lab.config.strategies.RegionsConfig's default
+DEFAULT_REGIONS_SAVE = ("attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj")
+
+
+def _marks(label: str) -> tuple[str, dict]:
+    """A label of recompute_lab.config.strategies.label_of, split: 'op(save_ops=mm+addmm,
+    every_other_mm=True)' -> ('op', {'save_ops': ['mm', 'addmm'], 'every_other_mm': True});
+    'selective[attn+mlp]' -> ('selective', {'modules': ['attn', 'mlp']})."""
+    for open_, close, key in (("(", ")", None), ("[", "]", "modules")):
+        if open_ in label and label.endswith(close):
+            name, inner = label[:-1].split(open_, 1)
+            if key:
+                return name, {key: inner.split("+")}
+            out: dict = {}
+            for part in inner.split(","):
+                k, _, v = part.partition("=")
+                out[k] = v == "True" if v in ("True", "False") else v.split("+")
+            return name, out
+    return label, {}
+
+
+def _op_saved(cfg, marks: dict) -> set:
+    """The layer's ops whose outputs an op-SAC block's policy saves."""
+    save = {str(o).split(".")[-1] if str(o).startswith("aten.") else str(o)
+            for o in marks.get("save_ops", DEFAULT_OP_SAVE)}  # fmt: skip
+    linear = "addmm" if bool(getattr(cfg, "bias", True)) else "mm"
+    saved = set()
+    if linear in save:
+        saved |= set(LINEARS)
+        if marks.get("every_other_mm"):  # the 2nd and 4th projection of a block recompute
+            saved -= set(LINEARS[1::2])
+    eager = str(cfg.attention) == "eager"
+    if (eager and save & {"bmm", "baddbmm"}) or (
+        not eager and any(o == "sdpa" or "scaled_dot_product" in o for o in save)
+    ):
+        saved.add("attn.core")
+    for o in save:
+        what = OP_SAVES.get(o)
+        if what == "norms":
+            saved |= {"norm1", "norm2"}
+        elif what in ("attn.softmax", "act"):
+            saved.add(what)
+    return saved
+
+
+def _regions_saved(marks: dict) -> set:
+    """The layer's ops inside the sub-regions a regions plan saves."""
+    saved = set()
+    for r in marks.get("save", DEFAULT_REGIONS_SAVE):
+        saved |= set(SUBREGION_OPS.get(r, ()))
+    return saved
+
+
+def recomputed_ops(strategy: str, dropout: bool = False, cfg=None) -> Optional[set]:
+    """Forward ops a layer reruns in backward under ``strategy`` (None: not timed here). op and
+    regions labels need the model ``cfg`` (its bias and attention decide what aten ops save)."""
+    name, marks = _marks(strategy)
+    saved = None
+    if name == "op" and cfg is not None:
+        saved = _op_saved(cfg, marks)
+    elif name == "regions":
+        saved = _regions_saved(marks)
+    ops = BLOCK - saved if saved is not None else RERUN.get(strategy)
+    if name == "regions":  # torch_remat replays its whole region: no early stop at mlp.proj
+        ops |= {"mlp.proj"} - saved
+    if (
+        ops is None
+        and name == "selective"
+        and all(f"selective[{m}]" in RERUN for m in marks["modules"])
+    ):  # several modules: each its own region
+        ops = set().union(*(RERUN[f"selective[{m}]"] for m in marks["modules"]))
+    if ops is None:
+        return None
+    if not dropout:
+        return set(ops)
+    # a dropout after the block's last linear keeps it (unless saved) and the dropout rerunning
+    if strategy == "full" or saved is not None:
+        return ops | ({"mlp.proj", "dropout"} - (saved or set()))
+    tails = {"attn": {"attn.out"}, "mlp": {"mlp.proj"}}  # a dropout follows their last linear
+    return ops.union(*(tails.get(m, set()) for m in marks.get("modules", [])))
 
 
 def regions(strategy: str) -> int:
     """Checkpoint regions per layer under ``strategy`` (selective[norm]: norm1 and norm2)."""
-    return 0 if strategy == "none" else (2 if strategy == "selective[norm]" else 1)
-
-
-def recomputed_ops(strategy: str, dropout: bool = False) -> Optional[set]:
-    """Forward ops a layer reruns in backward under ``strategy`` (None: not timed here)."""
-    ops = RERUN.get(strategy)
-    if ops is None:
-        return None
-    extra = {"selective[attn]": {"attn.out"}, "selective[mlp]": {"mlp.proj"}}.get(strategy, set())
-    if strategy == "full":
-        extra = {"mlp.proj", "dropout"}
-    return ops | extra if dropout else set(ops)
+    name, marks = _marks(strategy)
+    if name in ("none", "offload"):
+        return 0
+    return sum(2 if m == "norm" else 1 for m in marks.get("modules", ["core_attn"]))
 
 
 def n_full(label: str) -> Optional[tuple[str, int]]:
@@ -262,17 +379,67 @@ def n_full(label: str) -> Optional[tuple[str, int]]:
     return None
 
 
-def parse_stage(label: str, layers: int) -> dict:
+def parse_stage(label: str, layers: int, cfg=None) -> dict:
     """Per-layer strategy counts of a stage's plan label: 'none', 'selective + 3/8 full', ..."""
     mixed = n_full(label)
     if mixed is not None:
         base, n = mixed
         return {base: layers - n, "full": n}
-    if recomputed_ops(label) is None:
+    if recomputed_ops(label, cfg=cfg) is None:
         raise ConfigError(
-            f"no step time for strategy {label!r}: {', '.join(RERUN)} or 'base + n/L full'"
+            f"no step time for strategy {label!r}: {', '.join(RERUN)}, op(...), regions(...) or "
+            "'base + n/L full'"
         )
     return {label: layers}
+
+
+SUBREGIONS_PER_BLOCK = len(SUBREGION_OPS)
+
+
+def mechanism_s(label: str, eff: Efficiency, dispatched: int) -> float:
+    """Seconds per layer the recompute mechanism itself costs beyond the rerun ops and the region:
+    op-SAC's policy mode on every dispatched op, torch_remat's hooks and named sub-regions."""
+    name, marks = _marks(label)
+    if name == "op":
+        return dispatched * eff.sac_op_overhead_s
+    if name == "regions":
+        kept = len(set(marks.get("save", DEFAULT_REGIONS_SAVE)) - {""})
+        return (
+            dispatched * eff.remat_op_overhead_s
+            + (SUBREGIONS_PER_BLOCK - kept) * eff.remat_region_overhead_s
+            + kept * eff.remat_saved_region_overhead_s
+        )
+    return 0.0
+
+
+def saved_per_layer(cfg, tp: int, sp: bool, b: int, s_local: int, dt: int) -> dict:
+    """Bytes and tensors one inner layer saves for backward on one rank under ``none``
+    (recompute_lab.predict.tp_theory, the memory prediction's own terms): what offload moves."""
+    import dataclasses as dc
+
+    from recompute_lab.predict import per_gpu
+    from recompute_lab.config.spec import Shape
+    from recompute_lab.predict.tp_theory import predict_rank
+
+    two = dc.replace(cfg, n_layer=2)
+    st = Shape(b, s_local, precision="fp32" if dt == 4 else "bf16_master", device="cuda")
+    pred = predict_rank(two, st, tp, sp, per_gpu.plan_of("none", 2, two))
+    terms = [t for t in pred["terms"] if str(t["module"]).startswith("blocks.1.")]
+    return {"bytes": sum(t["nbytes"] for t in terms), "tensors": len(terms)}
+
+
+def offload_s(label: str, moved: Optional[dict], rates: Rates, eff: Efficiency) -> float:
+    """Seconds per layer that offloading its saved tensors adds: save_on_cpu copies each one to
+    pinned host memory in forward and back in backward, both on the compute stream (the critical
+    path); its pack and unpack hooks dispatch one op each per tensor."""
+    if label != "offload":
+        return 0.0
+    if not rates.host_bytes_per_s:
+        raise ConfigError(f"no host link rate for {rates.name}: offload cannot be timed there")
+    trips = 2 if rates.host_round_trip else 1
+    return trips * moved["bytes"] / rates.host_bytes_per_s + 2 * moved["tensors"] * (
+        eff.op_overhead_s
+    )
 
 
 def step_time(
@@ -285,14 +452,18 @@ def step_time(
     precision: str = "bf16_master",
     eff: Efficiency = Efficiency(),
     budget_stages: Optional[list] = None,
+    dispatched_per_layer: Optional[int] = None,
 ) -> dict:
-    """The predicted seconds of one optimizer step (module docstring) for ``strategy`` (a name or
-    a 'base + n/L full' label, or one per pipeline rank as a list) on ``rates``' card under
-    ``lay``, micro-batch ``batch`` x ``seq`` tokens. ``budget_stages``: per rank, a budget plan's
-    {recompute_flops, recompute_pointwise_bytes} per micro-batch (recompute_lab.strategies.budget.
-    layout prices them) instead of a strategy. Returns step_s, the breakdown (compute, recompute,
-    tp / cp / pp / fsdp / dp exposed communication, bubble, optimizer), tokens/s, MFU, HFU and per
-    stage their micro-batch times."""
+    """The predicted seconds of one optimizer step (module docstring) for ``strategy`` on
+    ``rates``' card under ``lay``, micro-batch ``batch`` x ``seq`` tokens. ``strategy``: a label
+    of recompute_lab.config.strategies.label_of, a 'base + n/L full' plan, or one per pipeline
+    rank as a list. ``budget_stages``: per rank, a budget plan's {recompute_flops,
+    recompute_pointwise_bytes} per micro-batch (recompute_lab.strategies.budget.layout prices
+    them) instead of a strategy. ``dispatched_per_layer``: aten ops one layer's forward
+    dispatches (counted by the caller; it prices op-SAC's and torch_remat's per-op costs).
+    Returns step_s, the breakdown (compute, recompute, tp / cp / pp / fsdp / dp exposed
+    communication, bubble, optimizer), tokens/s, MFU, HFU and per stage their micro-batch
+    times."""
     from recompute_lab.predict import flops as F
     from recompute_lab.predict import theory
     from recompute_lab.config.spec import RunSpec, as_model_config
@@ -332,6 +503,10 @@ def step_time(
     counts = L.stage_layers(cfg.n_layer, pp, v)
     n_chunks = len(counts)
     labels = strategy if isinstance(strategy, list) else [strategy] * pp
+    # aten ops one layer's forward dispatches (op-SAC's policy and torch_remat's hooks see each):
+    # the caller's count, else the kernels (a lower bound: views dispatch too)
+    dispatched = dispatched_per_layer or sum(op.kernels for op in ops)
+    moved = saved_per_layer(cfg, tp, sp, batch, seq // cp, dt) if "offload" in labels else None
     head_op = _gemm("head", tok, cfg.d_model, cfg.vocab_size // tp, dt)
     head_f = op_time(head_op, peak, hbm, eff)
     # fp32 logits, 4 passes (upcast, log-softmax, its backward); 5 kernels with the loss's
@@ -352,15 +527,17 @@ def step_time(
             )
             rerun_tp = tp_rerun * bs.get("chosen", {}).get("block", 0)
         else:
-            per = parse_stage(labels[rank], layers)
+            per = parse_stage(labels[rank], layers, cfg)
             drop = float(getattr(cfg, "dropout", 0.0) or 0.0) > 0
             rec = sum(
-                n * (sum(fwd.get(o, 0.0) for o in recomputed_ops(k, drop)))
+                n * (sum(fwd.get(o, 0.0) for o in recomputed_ops(k, drop, cfg)))
                 + n * regions(k) * eff.region_overhead_s
+                + n * mechanism_s(k, eff, dispatched)
+                + n * offload_s(k, moved, rates, eff)
                 for k, n in per.items()
             )
             rec_flops = sum(
-                n * sum(o.flops for o in ops if o.name in recomputed_ops(k, drop))
+                n * sum(o.flops for o in ops if o.name in recomputed_ops(k, drop, cfg))
                 for k, n in per.items()
             )
             rerun_tp = tp_rerun * per.get("full", 0)
@@ -475,6 +652,7 @@ def _load_rates() -> dict:
             int(d["gpus_per_node"]),
             f"recompute_lab/assets/gpu_specs.json ({name}; unconfirmed: "
             f"{', '.join(unconfirmed) or 'none'})",
+            float(d.get("host_bytes_per_s", 0.0)),
         )
     return out
 
@@ -499,6 +677,11 @@ def calibrated(cal: dict, name: str = "calibrated", like: Optional[Rates] = None
         like.inter_latency_s if like else 0.0,
         like.gpus_per_node if like else 1,
         f"measured ({name})",
+        # offload: a GPU's saved tensors cross its PCIe link (like's); on a CPU save_on_cpu's
+        # pack is tensor.cpu() and its unpack tensor.to(cpu): the tensor itself, nothing moves
+        # (a GPU's calibration measures its pinned-host copy: host_bytes_per_s)
+        float(cal.get("host_bytes_per_s") or (like.host_bytes_per_s if like else math.inf)),
+        bool(cal.get("host_bytes_per_s")) or (like.host_round_trip if like else False),
     )
     eff = Efficiency(
         matmul=1.0,
@@ -506,6 +689,12 @@ def calibrated(cal: dict, name: str = "calibrated", like: Optional[Rates] = None
         memory=1.0,
         op_overhead_s=float(cal["op_overhead_s"]),
         region_overhead_s=float(cal["region_overhead_s"]),
+        # calibrations from before these were measured price op-SAC's and torch_remat's
+        # mechanisms at nothing
+        sac_op_overhead_s=float(cal.get("sac_op_overhead_s", 0.0)),
+        remat_op_overhead_s=float(cal.get("remat_op_overhead_s", 0.0)),
+        remat_region_overhead_s=float(cal.get("remat_region_overhead_s", 0.0)),
+        remat_saved_region_overhead_s=float(cal.get("remat_saved_region_overhead_s", 0.0)),
     )
     return rates, eff
 

@@ -263,12 +263,10 @@ def offload_saved_tensors(model: nn.Module, plan: Any) -> None:
     backward.
 
     Tensors that a checkpoint region or the SAC cache holds do not pass through these hooks (only
-    the region
-    inputs do): combined with recomputation, offload moves what recomputation still saves. On CPU
-    host memory is
-    device memory: each saved tensor is copied to another CPU buffer, no memory is freed, and the
-    copies cost
-    time. ``plan`` (a recompute_lab.strategies.Plan) records it and a warning is raised.
+    the region inputs do): combined with recomputation, offload moves what recomputation still
+    saves. On CPU host memory is device memory: save_on_cpu's pack is ``tensor.cpu()``, which
+    hands back the tensor itself, so nothing moves and nothing is freed; only the hooks run.
+    ``plan`` (a recompute_lab.strategies.Plan) records it and a warning is raised.
     """
     device = model.tok_emb.weight.device
     effective = device.type == "cuda"

@@ -26,6 +26,14 @@ def test_committed_table_is_fresh():
 
 
 def test_planning_page_quotes_the_summary():
-    summary = ct.OUT.read_text().split("\n\n")[2].strip()
     text = " ".join(page("planning").split())
-    assert " ".join(summary.split()) in text
+    for part in ct.OUT.read_text().split("\n\n")[2:4]:  # the summary, the errors by strategy
+        assert " ".join(part.split()) in text
+
+
+def test_every_strategy_of_the_committed_runs_is_timed():
+    """op-SAC, regions and offload included: nothing is left 'not timed by the model'."""
+    rows = ct.predict(json.loads(ct.CALIBRATION.read_text()))
+    assert all(r["predicted"] is not None for r in rows), [r["strategy"] for r in rows]
+    names = set(ct.by_strategy(rows))
+    assert {"op", "regions", "offload", "full", "layers", "sqrt"} <= names

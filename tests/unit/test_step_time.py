@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from recompute_lab.config import ConfigError, LayoutConfig
-from recompute_lab.config.spec import RunSpec
+from recompute_lab.config.spec import RunSpec, Shape
 from recompute_lab.predict import flops as F
 from recompute_lab.predict import step_time as T
 
@@ -104,8 +104,64 @@ def test_communication_grows_with_tp_and_shrinks_with_bandwidth():
 def test_bad_inputs_name_the_valid_choices():
     with pytest.raises(ConfigError, match="h100_80gb"):
         T.rates_of("h900")
-    with pytest.raises(ConfigError, match="none, selective"):
-        T.step_time(spec().model, lay(), "op", 1, 1024, H100)
+    with pytest.raises(ConfigError, match="none, offload, selective"):
+        T.step_time(spec().model, lay(), "sqrt", 1, 1024, H100)
     with pytest.raises(ConfigError, match="efficiency matmul"):
         T.Efficiency(matmul=1.5)
     assert set(T.RATES) == set(__import__("recompute_lab.predict.devices").predict.devices.CARDS)
+
+
+# Plans whose rerun ops the step-time model reads from their options: its recomputed FLOPs must be
+# the ones FlopCounterMode counts when the real strategy wraps a model (independent paths).
+PLANS = [
+    ["+strategy=op"],
+    ["+strategy=op", "strategy.every_other_mm=true"],
+    ["+strategy=op", "strategy.save_ops=[aten.addmm]"],
+    ["+strategy=op", "strategy.save_ops=[aten.gelu]"],
+    ["+strategy=regions"],
+    ["+strategy=regions", "strategy.save=[attn.qkv,mlp.fc]"],
+    ["+strategy=regions", "strategy.save=[]"],
+    ["+strategy=selective", "strategy.modules=[attn,mlp]"],
+    ["+strategy=full"],
+]
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: "-".join(p).replace("+strategy=", ""))
+def test_rerun_ops_of_a_plan_are_the_counted_recompute_flops(plan, attention):
+    from recompute_lab.config.strategies import label_of
+    from recompute_lab.measure.flops import count_step_flops
+
+    cfg = compose_config(["model=tiny", f"model.attention={attention}", *plan])
+    run = RunSpec.of(cfg)
+    label = label_of(OmegaConf.to_container(cfg.strategy))
+    b, s = run.data.batch_size, run.data.seq_len
+    t = T.step_time(run.model, lay(), label, b, s, H100, "fp32")
+    counted = count_step_flops(run)["recompute"]
+    assert t["stages"][0]["recompute_flops"] == counted, label
+    assert t["breakdown"]["recompute"] > 0  # every plan reruns something (op: the pointwise ops)
+
+
+def test_offload_moves_the_predicted_saved_bytes_over_the_host_link():
+    """offload recomputes nothing; on a GPU every saved byte crosses the host link twice
+    (save_on_cpu's copy out in forward, back in backward), at the card's PCIe rate; a CPU copies
+    once (its host is its own memory)."""
+    from recompute_lab.predict import theory
+    from recompute_lab.predict.per_gpu import plan_of
+
+    m = spec().model
+    t = T.step_time(m, lay(), "offload", 1, 4096, H100)
+    none = T.step_time(m, lay(), "none", 1, 4096, H100)
+    moved = T.saved_per_layer(m, 1, False, 1, 4096, 2)
+    two = dataclasses.replace(m, n_layer=2)
+    st = Shape(1, 4096, precision="bf16_master", device="cuda")
+    pred = theory.predict_activations(two, st, plan_of("none", 2, two))
+    assert moved["bytes"] == theory.per_layer(pred, 1) > 0
+    extra = t["step_s"] - none["step_s"]
+    assert extra == pytest.approx(m.n_layer * 2 * moved["bytes"] / H100.host_bytes_per_s)
+    assert t["breakdown"]["recompute"] > 0 and t["stages"][0]["recompute_flops"] == 0
+    cpu = dataclasses.replace(H100, host_round_trip=False)
+    half = T.step_time(m, lay(), "offload", 1, 4096, cpu)["step_s"] - none["step_s"]
+    assert half == pytest.approx(extra / 2)
+    with pytest.raises(ConfigError, match="host link"):
+        T.step_time(m, lay(), "offload", 1, 4096, dataclasses.replace(H100, host_bytes_per_s=0))
