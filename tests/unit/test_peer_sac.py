@@ -80,3 +80,14 @@ def test_tiny_rows_are_counted_again():
 @pytest.mark.slow
 def test_whole_table_regenerates():
     assert ps.table(ps.rows()) == ps.OUT.read_text()
+
+
+def test_planning_page_quotes_where_each_wins():
+    """docs/planning.md quotes the table's first four 'where each wins' lines as they are."""
+    from docs_text import page
+
+    wins = ps.OUT.read_text().split("## Where each wins")[1]
+    bullets = [line for line in wins.splitlines() if line.startswith("- ")][:4]
+    text = " ".join(page("planning").split())
+    for line in bullets:
+        assert " ".join(line.split()) in text
