@@ -42,3 +42,20 @@ def test_planning_page_quotes_the_table():
     text = page("planning")
     for line in pc.by_card(rows):
         assert line in text, f"docs/planning.md should read: {line}"
+
+
+def test_readme_states_the_median_and_worst_error_of_each_check():
+    """README's one line on the step-time model's error is both committed checks' summaries."""
+    import re
+
+    import cpu_time_check as ct
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    rows, _ = pc.check(json.loads(pc.DATA.read_text()))
+    for line in pc.by_card(rows):
+        assert " ".join(line.removeprefix("- ").split()) in readme
+    summary = ct.OUT.read_text().split("\n\n")[2]
+    n, med, worst = re.search(
+        r"(\d+) strategies timed: .*?median error ([-+\d.]+%).*?worst ([-+\d.]+%)", summary
+    ).groups()
+    assert f"this CPU ({n} strategies timed, median error {med}, worst {worst})" in readme
