@@ -208,6 +208,7 @@ def run_paired(
         if should_stop is not None and should_stop():
             stopped = "interrupted"
             break
+        round_start = clock()
         sums = {"A": 0.0, "B": 0.0}
         for arm in _round_order(design, i, rng):
             dt = arms[arm](i)
@@ -218,9 +219,13 @@ def run_paired(
             if relative_width(*median_ci(ratios)) <= target_rel_width:
                 stopped = "target_width"
                 break
-        if max_seconds is not None and clock() - start >= max_seconds and i + 1 < max_rounds:
-            stopped = "max_seconds"
-            break
+        # stop when another round like this one would end past the cap: the measurement stays
+        # within its wall budget instead of overrunning it by up to a round
+        now = clock()
+        if max_seconds is not None and i + 1 < max_rounds:
+            if now - start + (now - round_start) > max_seconds:
+                stopped = "max_seconds"
+                break
     if not ratios:
         return Paired(
             None,

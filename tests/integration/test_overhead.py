@@ -98,11 +98,12 @@ def test_bad_overhead_settings_fail_before_anything_runs(tmp_path):
 def test_the_measurement_is_proportionate_to_training():
     """Its wall time is capped at budget_fraction x the training loop's (never under min_seconds)
     besides max_seconds; 0 turns either cap off."""
-    o = RunSpec.of(compose_config(["+strategy=full"])).trainer.overhead  # 1.0, 10 s, 120 s
-    assert (o.budget_fraction, o.min_seconds, o.max_seconds) == (1.0, 10.0, 120.0)
-    assert overhead.wall_budget(o, 30.0) == 30.0  # proportionate
+    o = RunSpec.of(compose_config(["+strategy=full"])).trainer.overhead  # 0.5, 10 s, 120 s
+    assert (o.budget_fraction, o.min_seconds, o.max_seconds) == (0.5, 10.0, 120.0)
+    assert overhead.wall_budget(o, 30.0) == 15.0  # proportionate: half the training loop
     assert overhead.wall_budget(o, 2.0) == 10.0  # a short run still gets its rounds
     assert overhead.wall_budget(o, 500.0) == 120.0 and overhead.wall_budget(o, None) == 120.0
+    assert overhead.wall_budget(o, 200.0) == 100.0
     off = RunSpec.of(
         compose_config(["trainer.overhead.budget_fraction=0", "trainer.overhead.max_seconds=0"])
     ).trainer.overhead
