@@ -405,7 +405,10 @@ def loop(spec: RunSpec, run: Run, start: int, job: Job) -> None:
             )
         logged = time.perf_counter()
         tok_s = tokens_per_step / timer.seconds
-        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
+        if show_bar:
+            # drawn on the bar's own clock (mininterval 0.1 s), not per step: a redraw per step
+            # cost ~50 us, 0.4% of a `tiny` step (experiments/bench_cli.py); bar off: no call
+            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if logger.run is not None:  # the metrics (RSS read from /proc) only for a live W&B run
             logger.log(
                 {
