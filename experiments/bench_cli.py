@@ -1,8 +1,10 @@
 """Benchmark: where a researcher waits (issue 29). Each entry point's phases (imports, compose,
 work) and the training loop's iteration against a bare nanoGPT-style loop, side by side in one run.
 
-To run:  python experiments/bench_cli.py [--rounds 6] [--loop-rounds 20] [--loop-iterations 20]
+To run:  python experiments/bench_cli.py [--rounds 6] [--loop-rounds 200] [--loop-iterations 2]
                                          [--entries estimate_405b,...] [--out FILE]
+                                         [--loops bar_off,bar_drawn,ready,aa]
+The loop only: --rounds 0 --entries ''.
 
 Entry points run in fresh child processes (this script with ``--child NAME``: imports timed from
 the child's first line, then Hydra's compose, then the work), in rounds whose order rotates so the
@@ -11,12 +13,27 @@ interpreter start-up included. ``estimate_405b_cli`` is the real command a resea
 (``python -m recompute_lab.estimate ...``), timed whole; ``plan_8b_cli`` the advisor's question
 (``python -m recompute_lab.plan model=llama3_8b data.seq_len=8192 plan.gpus=8 plan.gpu=h100_80gb``).
 
-The loop: in this process, the framework's training loop (recompute_lab.run.engine.loop, chunks of
-``--loop-iterations`` iterations: data, the step, loss sync, logging) against a bare loop on the
-same model (nanoGPT's get_batch: random windows of a token stream; the hand-written step of
-experiments/bench_overhead.py), in ABBA rounds (experiments/common.fixed_rounds): the
-per-iteration ratio is the median over rounds of the chunks' time ratio, with its 95% interval.
-The first-step model-state record, once per run, is left out of the chunks after the first.
+The loop: in this process, arm A against arm B per iteration, in ABBA rounds
+(experiments/common.fixed_rounds) of chunks of ``--loop-iterations`` iterations per arm; the
+ratio is the median over rounds of the round's time ratio with its distribution-free 95%
+interval (recompute_lab.measure.timing). Rows (``--loops``): the framework's training loop
+(recompute_lab.run.engine.loop: data, the step, loss sync, logging) with the progress bar off,
+then drawn (stderr a terminal that shows nothing: tqdm formats and writes as on a console), each
+against a bare loop on the same model (nanoGPT's get_batch: random windows of a token stream; the
+hand-written step of experiments/bench_overhead.py); the framework against a bare loop whose
+batches were made beforehand (no data cost at all: the strictest baseline); and A/A, two
+identical bare loops (the noise floor: its interval should cover 1). A framework chunk is timed
+from its first iteration's data request to loop()'s return: every iteration whole, bar.close()
+included, loop()'s once-per-run entry (model.train(), the bar's construction, ~0.2 ms) not. The
+first-step model-state record, once per run, is left out of the chunks after the first.
+
+Why short chunks (defaults 200 rounds x 2 iterations, ~25 s a row, ~100 s for four): on the
+shared cores a tiny step's time drifts slowly (autocorrelation of consecutive steps 0.76, 0.31
+twenty steps apart, chunk-to-chunk spread 12% at 20 iterations), so arms interleaved finely see
+the same drift and it cancels in the round's ratio. Measured A/A intervals for the same ~1,600
+iterations per arm: 20 rounds x 20 iterations 0.944-1.032, 80 x 5 0.983-1.024, 200 x 2
+0.990-1.003; the estimator is unchanged (median of round ratios, sign-test interval: exact, no
+symmetry or normality assumed), the design is what narrows it.
 
 Every figure is a median over rounds with a distribution-free 95% interval
 (recompute_lab.measure.timing.median_ci; fewer than 6 rounds: no interval) and the 1-minute load
@@ -27,6 +44,7 @@ every figure. Writes a markdown table to --out (default experiments/figures/benc
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -69,6 +87,13 @@ CLI_ENTRIES = {  # timed whole, as typed
     "plan_8b_cli": ["-m", "recompute_lab.plan", *PLAN_8B],
 }
 LOOP_TARGET = 1.02
+# loop rows: name -> (what A / B are, the framework's progress bar drawn, the bare loop's data)
+LOOPS = {
+    "bar_off": ("framework, progress bar off / bare, nanoGPT get_batch", False, "nanogpt"),
+    "bar_drawn": ("framework, progress bar drawn / bare, nanoGPT get_batch", True, "nanogpt"),
+    "ready": ("framework, progress bar off / bare, batches made beforehand", False, "ready"),
+    "aa": ("A/A: bare / bare, nanoGPT get_batch", False, "nanogpt"),
+}
 
 
 def compose(config_name: str, overrides: list[str]):
@@ -182,9 +207,17 @@ def entry_rounds(names: list[str], rounds: int) -> dict:
     }
 
 
-def loop_pairing(model: str, progress: bool, rounds: int, iterations: int) -> dict:
-    """The framework's loop against a bare nanoGPT-style loop, per iteration, paired in one
-    process."""
+class Terminal(io.TextIOWrapper):
+    """stderr as a terminal that shows nothing: the loop draws its progress bar (it asks isatty)
+    and tqdm formats and writes it as on a console, to /dev/null (a console's own drawing is
+    another process's time)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def loop_pairing(model: str, row: str, rounds: int, iterations: int) -> dict:
+    """One LOOPS row: arm A against arm B per iteration, paired ABBA rounds in one process."""
     import torch
 
     import bench_overhead
@@ -197,6 +230,7 @@ def loop_pairing(model: str, progress: bool, rounds: int, iterations: int) -> di
     from recompute_lab.run.distributed import DistContext
     from recompute_lab.run.failures import SignalFlag
 
+    label, bar, bare_data = LOOPS[row]
     steps = (rounds + 2) * iterations * 2
     cfg = compose(
         "config",
@@ -204,30 +238,11 @@ def loop_pairing(model: str, progress: bool, rounds: int, iterations: int) -> di
             f"model={model}",
             f"trainer.steps={steps}",
             "logger=none",
-            f"trainer.progress={str(progress).lower()}",
+            f"trainer.progress={str(bar).lower()}",
             "trainer.overhead.enabled=false",
         ],
     )
     spec = RunSpec.of(cfg)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_cli_loop_"))
-    results = new_results(spec.to_dict())
-    fw = engine.build(spec, results, tmp, DistContext())
-    job = engine.Job(results, RunLogger(spec, tmp), tmp, {"step": None}, SignalFlag())
-    record_once = engine.record_model_state
-    state = {"next": 0, "parts": []}
-
-    def framework(i: int) -> float:
-        start = state["next"]
-        chunk = spec.replace(trainer__steps=start + iterations)
-        t0 = time.perf_counter()
-        engine.loop(chunk, fw, start, job)
-        dt = time.perf_counter() - t0
-        state["next"] = start + iterations
-        state["parts"].append(dict(results["time"]["loop"]))
-        engine.record_model_state = lambda run, res: None  # a run records it once
-        return dt
-
-    step = bench_overhead.bare_setup(cfg)
     data = Batches(spec.data, spec.model.vocab_size)
     stream = torch.cat([data.get(k)[0].flatten() for k in range(64)])  # nanoGPT's train.bin
     block, batch = spec.data.seq_len, spec.data.batch_size
@@ -238,12 +253,68 @@ def loop_pairing(model: str, progress: bool, rounds: int, iterations: int) -> di
         y = torch.stack([stream[i + 1 : i + 1 + block] for i in ix])
         return x, y
 
-    def bare(i: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(iterations):
-            step(*get_batch())
-        return time.perf_counter() - t0
+    ready = [data.get(k) for k in range(64)]  # the framework's own batches, made beforehand
+    made = {"n": 0}
 
+    def ready_batch():
+        made["n"] += 1
+        return ready[made["n"] % len(ready)]
+
+    def bare_arm():
+        step = bench_overhead.bare_setup(cfg)
+        next_batch = get_batch if bare_data == "nanogpt" else ready_batch
+
+        def bare(i: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                step(*next_batch())
+            return time.perf_counter() - t0
+
+        return bare
+
+    state = {"next": 0, "parts": []}
+    record_once = engine.record_model_state
+    if row == "aa":  # the noise floor: two identical bare loops
+        arm_a = bare_arm()
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_cli_loop_"))
+        results = new_results(spec.to_dict())
+        fw = engine.build(spec, results, tmp, DistContext())
+        job = engine.Job(results, RunLogger(spec, tmp), tmp, {"step": None}, SignalFlag())
+        first_get: list[float] = []
+
+        class Marked:
+            """The run's batches, noting when a chunk's first iteration asks for its data: the
+            chunk is timed from there (after engine.loop's once-per-run entry: model.train(),
+            the bar's construction) to loop()'s return (bar.close() included)."""
+
+            def __init__(self, batches):
+                self.batches = batches
+
+            def get(self, step: int, micro: int = 0):
+                if not first_get:
+                    first_get.append(time.perf_counter())
+                return self.batches.get(step, micro)
+
+        fw.batches = Marked(fw.batches)
+        terminal = Terminal(open(os.devnull, "wb"), write_through=True) if bar else None
+
+        def arm_a(i: int) -> float:
+            start = state["next"]
+            chunk = spec.replace(trainer__steps=start + iterations)
+            first_get.clear()
+            saved, sys.stderr = sys.stderr, terminal or sys.stderr
+            try:
+                engine.loop(chunk, fw, start, job)
+                end = time.perf_counter()
+            finally:
+                sys.stderr = saved
+            state["next"] = start + iterations
+            state["parts"].append(dict(results["time"]["loop"]))
+            engine.record_model_state = lambda run, res: None  # a run records it once
+            return end - first_get[0]
+
+    arm_b = bare_arm()
     loads = []
 
     def sampled(arm):
@@ -254,23 +325,29 @@ def loop_pairing(model: str, progress: bool, rounds: int, iterations: int) -> di
         return timed
 
     try:
-        res = fixed_rounds(sampled(framework), sampled(bare), rounds)
+        res = fixed_rounds(sampled(arm_a), sampled(arm_b), rounds)
     finally:
         engine.record_model_state = record_once
     parts = state["parts"][1:]  # the warmup chunk left out
-    per_iter = {
-        k: statistics.median(p[k] / p["iterations"] for p in parts) * 1e3
-        for k in ("step_s", "data_s", "log_s", "other_s")
-    }
+    per_iter = (
+        {
+            k: statistics.median(p[k] / p["iterations"] for p in parts) * 1e3
+            for k in ("step_s", "data_s", "log_s", "other_s")
+        }
+        if parts
+        else None
+    )
     return {
-        "config": f"{model} b{spec.data.batch_size} s{spec.data.seq_len}, progress bar "
-        f"{'on' if progress else 'off'}, logger none",
-        "framework_ms": res.a_step_s / iterations * 1e3,
-        "bare_ms": res.b_step_s / iterations * 1e3,
+        "config": f"{model} b{spec.data.batch_size} s{spec.data.seq_len}, {label}",
+        "row": row,
+        "a_ms": res.a_step_s / iterations * 1e3,
+        "b_ms": res.b_step_s / iterations * 1e3,
         "ratio": res.ratio,
         "low": res.ci95_low,
         "high": res.ci95_high,
         "rounds": res.rounds,
+        "iterations": iterations,
+        "seconds": res.seconds,
         "load": statistics.median(loads),
         "load_min": min(loads),
         "load_max": max(loads),
@@ -278,9 +355,12 @@ def loop_pairing(model: str, progress: bool, rounds: int, iterations: int) -> di
     }
 
 
-def verdict(low, high) -> str:
+def verdict(r: dict) -> str:
+    low, high = r["low"], r["high"]
     if low is None:
         return "undecided (no interval)"
+    if r["row"] == "aa":  # identical arms: an interval without 1 would be a false difference
+        return "A/A: covers 1" if low <= 1.0 <= high else "A/A: excludes 1 (false difference)"
     if high <= LOOP_TARGET:
         return f"met (upper bound {high:.3f} <= {LOOP_TARGET})"
     if low > LOOP_TARGET:
@@ -324,24 +404,30 @@ def markdown(entries: dict, loops: list[dict], header: str) -> str:
             )
     lines += [
         "",
-        "## Training loop: one iteration, framework / bare nanoGPT-style loop",
+        "## Training loop: one iteration, framework / bare loop",
         "",
-        "Paired ABBA rounds in one process; ratio = median over rounds of the chunks' time "
-        f"ratio, 95% interval; target <= {LOOP_TARGET} (upper bound). The framework's iteration "
-        "split (ms, median over chunks): step, data, logging (progress bar, step lines), other "
-        "(loss sync, checks, the loop record).",
+        "Arm A / arm B per iteration, paired ABBA rounds in one process, chunks of a few "
+        "iterations per arm; ratio = median over rounds of the round's time ratio, 95% "
+        f"distribution-free (sign-test) interval; target <= {LOOP_TARGET} (upper bound). The "
+        "A/A row times two identical bare loops: the noise floor, its interval should cover 1. "
+        "The framework's iteration split (ms, median over chunks): step, data, logging "
+        "(progress bar, step lines), other (loss sync, checks). Seconds: the rounds' wall time.",
         "",
-        "| loop | framework ms | bare ms | ratio | 95% CI | rounds | target | step / data / "
-        "log / other ms | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| loop (A / B) | A ms | B ms | ratio | 95% CI | rounds x iterations | target "
+        "| step / data / log / other ms | load | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in loops:
         p = r["per_iteration_ms"]
+        split = (
+            "n/a"
+            if p is None
+            else f"{p['step_s']:.2f} / {p['data_s']:.3f} / {p['log_s']:.3f} / {p['other_s']:.3f}"
+        )
         lines.append(
-            f"| {r['config']} | {r['framework_ms']:.2f} | {r['bare_ms']:.2f} | {r['ratio']:.3f} "
-            f"| {interval(r, '.3f')} | {r['rounds']} | {verdict(r['low'], r['high'])} "
-            f"| {p['step_s']:.2f} / {p['data_s']:.3f} / {p['log_s']:.3f} / {p['other_s']:.3f} "
-            f"| {load_cell(r)} |"
+            f"| {r['config']} | {r['a_ms']:.2f} | {r['b_ms']:.2f} | {r['ratio']:.3f} "
+            f"| {interval(r, '.3f')} | {r['rounds']} x {r['iterations']} | {verdict(r)} "
+            f"| {split} | {load_cell(r)} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -351,8 +437,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=6, help="rounds per entry point (>= 6: CI)")
     ap.add_argument("--entries", default=",".join(ENTRIES))
-    ap.add_argument("--loop-rounds", type=int, default=20, help="0: skip the loop")
-    ap.add_argument("--loop-iterations", type=int, default=20, help="iterations per chunk")
+    ap.add_argument("--loop-rounds", type=int, default=200, help="0: skip the loop")
+    ap.add_argument("--loop-iterations", type=int, default=2, help="iterations per chunk")
+    ap.add_argument("--loops", default=",".join(LOOPS), help="loop rows: " + ", ".join(LOOPS))
     ap.add_argument("--loop-model", default="tiny")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
@@ -367,11 +454,15 @@ def main(argv: list[str] | None = None) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"entry points: {len(names)} x {args.rounds} rounds, each in a fresh process")
     entries = entry_rounds(names, args.rounds)
+    rows = [r for r in args.loops.split(",") if r] if args.loop_rounds > 0 else []  # 0: none
+    unknown = sorted(set(rows) - set(LOOPS))
+    if unknown:
+        sys.exit(f"unknown loops {unknown}; valid: {', '.join(LOOPS)}")
     loops = []
-    for progress in (False, True) if args.loop_rounds > 0 else ():  # 0: entry points only
-        print(f"training loop: {args.loop_rounds} paired rounds, progress bar {progress}")
+    for row in rows:
         rounds, its = args.loop_rounds, args.loop_iterations
-        loops.append(loop_pairing(args.loop_model, progress, rounds, its))
+        print(f"training loop: {rounds} paired rounds x {its} iterations, {LOOPS[row][0]}")
+        loops.append(loop_pairing(args.loop_model, row, rounds, its))
     import torch
 
     commit = subprocess.run(

@@ -11,13 +11,16 @@ prediction:
   CUDA allocator   max_memory_allocated / reserved over the same step; optionally a memory snapshot
                    pickle
 
-Choice: the probe trains a FRESH model (same config, dtype and strategy) with its own optimizer,
-built before the
-training model exists and inside torch.random.fork_rng, so the training run's parameters, optimizer
-state, RNG
-stream and data are exactly those of an unprobed run, and on CUDA the allocator peak sees one model,
-not two.
-One warm step first creates the optimizer state, so the measured step is a steady-state step.
+Choice: the probe's two real steps (a warm step, so that the optimizer state exists and the
+measured step is a steady-state step, then the measured step under MemTracker) are the training
+run's own steps 0 and 1 where nothing it measures changes (``shares_training_steps``: one process
+on CPU, eager, one micro-batch per step, at least two warmup steps; recompute_lab.run.engine runs
+them as ``probed_train_step``), and its two forward-only counts run after step 1 inside
+torch.random.fork_rng: the run's parameters, optimizer state, RNG stream and data are exactly
+those of an unprobed run (tests/integration/test_probe_shared.py holds the memory figures equal
+to the fresh-model probe's and the loss history to an unprobed run's). Elsewhere the probe trains
+a FRESH model (same config, dtype and strategy) with its own optimizer, built before the training
+model exists and inside fork_rng, so that on CUDA the allocator peak sees one model, not two.
 
 Layer: measure.
 """
@@ -230,7 +233,25 @@ def _probe(
         model = optimizer = None  # frees both: the closures above share these variables
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return _memory_section(
+        cfg, device, policy, plan, n_params, dctx, counted, remat, tracked, cuda, snapshot
+    ), plan
 
+
+def _memory_section(
+    cfg: RunSpec,
+    device: torch.device,
+    policy,
+    plan: Plan,
+    n_params: int,
+    dctx,
+    counted: dict,
+    remat: dict,
+    tracked: dict,
+    cuda: CudaPeak,
+    snapshot: Optional[Path],
+) -> dict:
+    """results.json's ``memory`` section from the probe's counts (an eager model's)."""
     pred = predicted_memory(cfg, policy, plan, n_params, device.type, dctx)
     act, peak = pred["activations"], pred["peak"]
     regions = sum(v for k, v in counted["by_module"].items() if k in set(plan.recomputed))
@@ -288,7 +309,85 @@ def _probe(
         "peak_bytes": peak_bytes,
         "plan": plan.to_dict(),
         "theory_setting": theory_setting(pred["setting"]),
-    }, plan
+    }
+
+
+# --- the probe on the training run's own steps ----------------------------------------------
+
+SHARED_STEP = 1  # the training step the probe measures: step 0 made the optimizer state
+
+
+def shares_training_steps(cfg: RunSpec, device_type: str, session=None, dctx=None) -> bool:
+    """Whether the probe's two real steps (a warm step, then the measured step) can be the training
+    run's steps 0 and 1 instead of steps of a fresh model, with the same figures. Not when: a
+    step is several micro-batches (the probe's step is one); the step is compiled (its first
+    step is timed as compile_s) or parallel (a wrapped replica); on CUDA (the allocator counts
+    whatever else lives on the device, and its reserved pool's history would change
+    training_reserved; a memory snapshot records the probe's step); the run has fewer than two
+    steps, or fewer than two warmup steps (the measured step runs under MemTracker, several times
+    slower: it must not be a timed step). A resumed run starts past step 0: train() asks only for
+    fresh runs."""
+    t = cfg.trainer
+    return (
+        t.probe
+        and device_type == "cpu"
+        and session is None
+        and (dctx is None or not dctx.enabled)
+        and t.grad_accum == 1
+        and t.steps >= 2
+        and t.warmup_steps >= 2
+        and not t.memory_snapshot
+    )
+
+
+def memory_of_training_step(
+    cfg: RunSpec,
+    device: torch.device,
+    policy,
+    plan: Plan,
+    model,
+    batch: tuple,
+    tracked: dict,
+) -> dict:
+    """The ``memory`` section for a probe whose measured step was training step ``SHARED_STEP``
+    (``tracked``: its MemTracker figures); the saved-tensor and torch_remat counts run here on
+    ``batch``, each on a forward of its own (no backward: the model is not changed), inside
+    fork_rng so that dropout draws nothing from the training run's stream. Errors as
+    memory_probe's: out of memory and configuration errors propagate, others become
+    ``probe_error``."""
+    idx, targets = batch
+
+    def forward() -> torch.Tensor:
+        with policy.autocast(device.type):
+            return model(idx, targets)
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            counted = saved_tensors(model, forward)
+            del counted["output"]  # drop the graph: its saved tensors are freed here
+            remat = remat_saved_bytes(forward)
+        return _memory_section(
+            cfg,
+            device,
+            policy,
+            plan,
+            model.get_num_params(),
+            None,
+            counted,
+            remat,
+            tracked,
+            CudaPeak(device),
+            None,
+        )
+    except ConfigError:
+        raise
+    except Exception as e:
+        if is_oom(e):
+            raise
+        warnings.warn(
+            f"memory probe failed, training goes on: {type(e).__name__}: {e}", stacklevel=2
+        )
+        return {"probe_error": f"{type(e).__name__}: {e}"}
 
 
 COMPILED_MEMTRACKER = (

@@ -114,9 +114,14 @@ def format_summary(results: dict, path: Optional[Path] = None) -> str:
         lp = t.get("loop") or {}
         if lp.get("iterations"):
             per = lambda key: f"{lp[key] / lp['iterations'] * 1e3:.2f} ms"
+            probe = (  # the memory probe's counts on a training step (engine.LoopClock)
+                f"; plus the memory probe's counts, {lp['probe_s']:.2f} s"
+                if lp.get("probe_s")
+                else ""
+            )
             lines.append(
                 f"  loop outside the step: {lp['outside_step']:.1%} of its time (per iteration: "
-                f"data {per('data_s')}, logging {per('log_s')}, other {per('other_s')})"
+                f"data {per('data_s')}, logging {per('log_s')}, other {per('other_s')}){probe}"
             )
     ovh = t.get("overhead") or {}
     if ovh.get("baseline") is not None and (ovh.get("rounds") or ovh.get("skipped")):

@@ -33,15 +33,30 @@ from recompute_lab.config import ConfigError, Device
 from recompute_lab.config.spec import RunSpec, plain_config
 from recompute_lab.measure import compiled, flops, overhead
 from recompute_lab.measure.hardware import env_info
-from recompute_lab.measure.memory import StepTimer, cuda_peak_bytes, model_state_bytes, step_memory
-from recompute_lab.measure.probe import guard_blocks, guard_memory, memory_probe, shape_of
+from recompute_lab.measure.memory import (
+    StepTimer,
+    cuda_peak_bytes,
+    mem_tracker_step,
+    model_state_bytes,
+    release_parameters,
+    step_memory,
+)
+from recompute_lab.measure.probe import (
+    SHARED_STEP,
+    guard_blocks,
+    guard_memory,
+    memory_of_training_step,
+    memory_probe,
+    shape_of,
+    shares_training_steps,
+)
 from recompute_lab.measure.timing import describe
 from recompute_lab.model.gpt import build_model
 from recompute_lab.model.precision import make_precision
 from recompute_lab.predict import prediction
 from recompute_lab.predict.prediction import Prediction
 from recompute_lab.record.folder import FolderBusy, RecordNotSaved, RunFolder
-from recompute_lab.record.logs import Laps, StepLines
+from recompute_lab.record.logs import Laps, StepLines, seconds_text
 from recompute_lab.record.results import format_summary, new_results
 from recompute_lab.record.wandb_run import RunLogger
 from recompute_lab.run import checkpoint, distributed
@@ -109,11 +124,22 @@ class Run:
     session: Optional[compiled.Session] = (
         None  # compile.backend not off: the run's torch.compile backend
     )
+    # the training step the memory probe measures (its warm step is the step before), or None:
+    # probed on a fresh model in build, or not at all (recompute_lab.measure.probe)
+    probe_step: Optional[int] = None
 
 
-def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistContext) -> Run:
+def build(
+    spec: RunSpec,
+    results: dict,
+    run_dir: Path,
+    dctx: distributed.DistContext,
+    share_probe: bool = False,
+) -> Run:
     """Validate, pick the device and precision, guard and probe memory, build the model with its
-    plan."""
+    plan. ``share_probe`` (a fresh run that the loop trains from step 0): where
+    recompute_lab.measure.probe.shares_training_steps allows it, the probe's two real steps are
+    the training run's steps 0 and 1 (``Run.probe_step``), not steps of a fresh model."""
     laps = Laps(log)
     t = spec.trainer
     if t.num_threads:
@@ -138,8 +164,9 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
     session = compiled_steps.session_of(spec)
     if t.max_memory_gb is not None:
         laps("memory guard", f"predicted peak within trainer.max_memory_gb={t.max_memory_gb}")
+    shared = share_probe and shares_training_steps(spec, device.type, session, dctx)
     # memory probe on a fresh model, before the training model exists (recompute_lab.measure.probe)
-    if t.probe:
+    if t.probe and not shared:
         snapshot = (
             Path(run_dir) / "memory_snapshot.pickle"
             if t.memory_snapshot and run_dir is not None
@@ -198,6 +225,7 @@ def build(spec: RunSpec, results: dict, run_dir: Path, dctx: distributed.DistCon
         scheduler,
         session=session,
         prediction=pred,
+        probe_step=SHARED_STEP if shared else None,
     )
 
 
@@ -305,6 +333,62 @@ def train_step(
     return loss_sum
 
 
+def probed_train_step(
+    spec: RunSpec, run: Run, micro: list, progress: dict, where: str = ""
+) -> tuple[torch.Tensor, dict]:
+    """train_step as the memory probe's measured step (``Run.probe_step``): forward, then
+    backward, clip and optimizer step under MemTracker, as recompute_lab.measure.probe's step on
+    a fresh model runs them (no gradients when it starts, freed when it ends); the scheduler steps
+    after it. Returns the loss and MemTracker's figures. When MemTracker is unavailable or fails
+    before the optimizer stepped, the step runs again plainly from where it started (gradients
+    cleared, the RNG state restored): the training run never takes a half or a double step."""
+    ((idx, targets),) = micro  # shares_training_steps: one micro-batch per step
+    model, optimizer, policy, device = run.model, run.optimizer, run.policy, run.device
+    grad_clip = spec.optimizer.grad_clip
+    state: dict = {}
+    optimizer.zero_grad(set_to_none=True)  # before the tracker: it starts as the probe's did
+    rng = torch.get_rng_state()
+
+    def forward() -> torch.Tensor:
+        progress["phase"] = "forward"
+        with policy.autocast(device.type):
+            return model(idx, targets)
+
+    def finish(loss: torch.Tensor) -> None:
+        progress["phase"] = "backward"
+        loss.backward()
+        state["loss"] = loss.detach()
+        progress["phase"] = "optimizer"
+        norm = policy.clip_grad_norm(model, optimizer, grad_clip) if grad_clip > 0 else None
+        if spec.trainer.stop_on_nan and norm is not None and not torch.isfinite(norm):
+            err = Diverged(f"non-finite gradient norm {norm.item()} {where}".rstrip())
+            err.loss = state["loss"].item()
+            state["diverged"] = err  # raised below: MemTracker's guard would swallow it
+            return
+        run.grad_norm = norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # as the probe's step: freed inside the tracker
+
+    # registered before MemTracker's hooks, so it runs first: a step that happened is known even
+    # if the tracker fails after it
+    hook = optimizer.register_step_post_hook(lambda *args: state.update(stepped=True))
+    try:
+        tracked = mem_tracker_step(model, optimizer, forward, finish, inputs=(idx, targets))
+        if "diverged" in state:
+            raise state["diverged"]
+        if not state.get("stepped"):
+            optimizer.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng)
+            finish(forward())
+            if "diverged" in state:
+                raise state["diverged"]
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        hook.remove()
+    run.scheduler.step()
+    return state["loss"], tracked
+
+
 @dataclass
 class Job:
     """What a run reports into while it trains: its record (filled in place), the W&B run, its
@@ -384,7 +468,12 @@ def loop(spec: RunSpec, run: Run, start: int, job: Job) -> None:
         clock.data_s += time.perf_counter() - began
         try:
             with StepTimer(device) as timer:
-                loss_sum = train_step(spec, run, micro, progress, where=f"at step {step}")
+                if step == run.probe_step:
+                    loss_sum, tracked = probed_train_step(
+                        spec, run, micro, progress, where=f"at step {step}"
+                    )
+                else:
+                    loss_sum = train_step(spec, run, micro, progress, where=f"at step {step}")
         except Diverged as e:
             history.append(e.loss)  # keep the failing step's loss in the record
             raise
@@ -403,9 +492,27 @@ def loop(spec: RunSpec, run: Run, start: int, job: Job) -> None:
                 f"trainer.diverge_factor={t.diverge_factor:g} "
                 f"x the first loss {history[0]:.4g} (0 switches the rule off)"
             )
+        if step == run.probe_step:  # the probe's counts that need no step, on this step's batch
+            probed = time.perf_counter()
+            memory = memory_of_training_step(
+                spec, device, run.policy, run.plan, model, micro[0], tracked
+            )
+            results["memory"].update(memory)
+            clock.probe_s += time.perf_counter() - probed
+            log.info(
+                "memory probe: %s (%s; on training steps %d-%d, the measured one %s)",
+                seconds_text(time.perf_counter() - probed),
+                probe_note(results["memory"]),
+                step - 1,
+                step,
+                seconds_text(timer.seconds),
+            )
         logged = time.perf_counter()
         tok_s = tokens_per_step / timer.seconds
-        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}")
+        if show_bar:
+            # drawn on the bar's own clock (mininterval 0.1 s), not per step: a redraw per step
+            # cost ~50 us, 0.4% of a `tiny` step (experiments/bench_cli.py); bar off: no call
+            bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if logger.run is not None:  # the metrics (RSS read from /proc) only for a live W&B run
             logger.log(
                 {
@@ -448,6 +555,7 @@ class LoopClock:
 
     data_s: float = 0.0  # micro-batches made and moved to the device
     log_s: float = 0.0  # W&B history, progress bar, step lines
+    probe_s: float = 0.0  # the memory probe's counts on a training step (its step: in step_s)
     step_s: float = 0.0  # the timed steps (time.step_s)
     wall_s: float = 0.0  # whole iterations
     iterations: int = 0
@@ -460,9 +568,15 @@ class LoopClock:
             "step_s": self.step_s,
             "data_s": self.data_s,
             "log_s": self.log_s,
+            "probe_s": self.probe_s,
             # loss sync, divergence checks, the first step's model-state record (not checkpoints)
-            "other_s": wall - self.step_s - self.data_s - self.log_s,
-            "outside_step": (wall - self.step_s) / wall if wall > 0 else None,
+            "other_s": wall - self.step_s - self.data_s - self.log_s - self.probe_s,
+            # the loop's own share: the probe's counts (once per run) are beside it, not in it
+            "outside_step": (
+                (wall - self.probe_s - self.step_s) / (wall - self.probe_s)
+                if wall - self.probe_s > 0
+                else None
+            ),
         }
 
 
@@ -555,42 +669,49 @@ def train(
     phase now)."""
     results, run_dir, signals = job.results, job.run_dir, job.signals
     dctx = dctx or distributed.DistContext()
-    run = build(spec, results, run_dir, dctx)
-    laps = Laps(log)
-    counted = count_flops(spec, run, results)
-    laps("FLOP count on meta", flops_note(results["flops"]))
-    start = restore(run, results, resume)
-    if start:
-        laps("resume", f"from step {start}")
-    signals.checkpointed_step = start if resume else None
-    signals.immediate = False  # from here a signal finishes the step and checkpoints
-    log.info(
-        "training: steps %d..%d of %d, %s tokens per step",
-        start + 1,
-        spec.trainer.steps,
-        spec.trainer.steps,
-        f"{spec.data.batch_size * spec.data.seq_len * spec.trainer.grad_accum:,}",
-    )
-    laps.reset()
-    loop(spec, run, start, job)
-    laps("training", f"{spec.trainer.steps - start} steps")
-    summarize(spec, run, counted, results)
-    tm = results["time"]
-    if tm.get("step_s_median") is not None:
+    run = build(spec, results, run_dir, dctx, share_probe=resume is None)
+    try:
+        laps = Laps(log)
+        counted = count_flops(spec, run, results)
+        laps("FLOP count on meta", flops_note(results["flops"]))
+        start = restore(run, results, resume)
+        if start:
+            laps("resume", f"from step {start}")
+        signals.checkpointed_step = start if resume else None
+        signals.immediate = False  # from here a signal finishes the step and checkpoints
         log.info(
-            "step time median %.4f s (p90 %.4f s), %s tokens/s",
-            tm["step_s_median"],
-            tm["step_s_p90"],
-            f"{tm['tokens_per_s']:,.0f}",
+            "training: steps %d..%d of %d, %s tokens per step",
+            start + 1,
+            spec.trainer.steps,
+            spec.trainer.steps,
+            f"{spec.data.batch_size * spec.data.seq_len * spec.trainer.grad_accum:,}",
         )
-    else:
-        log.info("step time: none (%s)", tm.get("reason") or "no timed step")
-    measure_overhead(spec, run, job)
-    laps("paired overhead", overhead_note(results["time"].get("overhead") or {}))
-    if dctx.enabled:
-        dctx.report(
-            spec, results
-        )  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
+        laps.reset()
+        loop(spec, run, start, job)
+        laps("training", f"{spec.trainer.steps - start} steps")
+        summarize(spec, run, counted, results)
+        tm = results["time"]
+        if tm.get("step_s_median") is not None:
+            log.info(
+                "step time median %.4f s (p90 %.4f s), %s tokens/s",
+                tm["step_s_median"],
+                tm["step_s_p90"],
+                f"{tm['tokens_per_s']:,.0f}",
+            )
+        else:
+            log.info("step time: none (%s)", tm.get("reason") or "no timed step")
+        measure_overhead(spec, run, job)
+        laps("paired overhead", overhead_note(results["time"].get("overhead") or {}))
+        if dctx.enabled:
+            dctx.report(
+                spec, results
+            )  # per-rank figures gathered on rank 0 (a collective: every rank calls it)
+    finally:
+        if run.probe_step is not None:
+            # MemTracker leaves the parameters of the model it tracked referenced from
+            # autograd's C++ side (recompute_lab.measure.memory.release_parameters): the run
+            # is over, free them, as the probe frees its fresh model's
+            release_parameters(run.model)
 
 
 def preflight(spec: RunSpec, run_dir: Path) -> Optional[tuple[Path, dict]]:

@@ -244,7 +244,8 @@ def test_bench_cli_reduced(tmp_path):
     phases = [r[1] for r in rows if r[0] == "| estimate_405b"]
     assert phases == ["imports", "compose", "work", "total"]
     loops = [r for r in rows if r[0].startswith("| tiny b8 s64")]
-    assert len(loops) == 2  # progress bar off and on
+    assert len(loops) == 4  # progress bar off, drawn, bare with ready batches, A/A
     for r in loops:
         low, high = map(float, r[4].split("-"))
-        assert low <= float(r[3]) <= high and r[6].split()[0] in ("met", "missed", "undecided")
+        assert low <= float(r[3]) <= high and r[5] == "6 x 2"
+        assert r[6].split()[0] in (("A/A:",) if "A/A" in r[0] else ("met", "missed", "undecided"))

@@ -40,7 +40,7 @@ def test_cli_default_full_run_writes_results(tmp_path):
     # The loop's own time beside the steps: its parts add up to the iterations' wall time.
     lp = res["time"]["loop"]
     assert lp["iterations"] == 12 and lp["step_s"] == pytest.approx(sum(res["time"]["step_s"]))
-    parts = lp["step_s"] + lp["data_s"] + lp["log_s"] + lp["other_s"]
+    parts = lp["step_s"] + lp["data_s"] + lp["log_s"] + lp["other_s"] + lp["probe_s"]
     assert lp["data_s"] > 0 and lp["log_s"] > 0 and parts == pytest.approx(lp["wall_s"])
     assert 0 < lp["outside_step"] < 1
     ms = res["memory"]["model_state_bytes"]
@@ -64,10 +64,12 @@ def test_cli_default_full_run_writes_results(tmp_path):
         "status ok  model=tiny",
     ):
         assert phase in log, phase
+    # the probe's measured step is training step 1 (recompute_lab.measure.probe
+    # .shares_training_steps): its line follows that step's
     assert (
-        log.index("memory probe")
-        < log.index("FLOP count")
+        log.index("FLOP count")
         < log.index("step 1/12")
+        < log.index("memory probe")
         < log.index("run ok")
     )
     assert "[recompute_lab.run.engine][INFO] - memory probe: " in log and " s (activations " in log
