@@ -25,6 +25,7 @@ def shared(res: dict) -> bool:
     return res["time"]["loop"]["probe_s"] > 0
 
 
+@pytest.mark.cover()  # each value once in the fast run; the full product with -m slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16_master"])
 @pytest.mark.parametrize("strategy", ["none", "full", "selective", "op", "budget"])
 def test_memory_figures_are_the_fresh_model_probes(tmp_path, strategy, precision):
