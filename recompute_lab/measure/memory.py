@@ -490,13 +490,7 @@ def meta_saved_tensors(model: nn.Module, batch: int, seq: int, target: str) -> d
         with kernels:
             return model(idx, idx.clone())
 
-    # older objects out of the collector's sight (as the budget probe does): the collection in
-    # saved_tensors then scans only this forward's objects, not every object the process holds
-    gc.freeze()
-    try:
-        return saved_tensors(model, forward)
-    finally:
-        gc.unfreeze()
+    return saved_tensors(model, forward)
 
 
 def step_memory(device: torch.device) -> dict:
