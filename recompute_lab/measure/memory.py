@@ -277,6 +277,10 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
         handles.append(
             m.register_forward_hook(lambda m, a, o: stack.pop() and None, always_call=True)
         )
+    # Older objects out of the collector's sight: the collection below scans only what the forward
+    # made, not every object the process holds (in a long-lived process that scan cost more than
+    # the forward of a small model).
+    gc.freeze()
     try:
         with (
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
@@ -284,11 +288,12 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
             RngStates() as rng,
         ):
             output = forward()
+        live = [e for e in saved.values() if e["ref"]() is not None]
+        gc.collect()
     finally:
+        gc.unfreeze()
         for h in handles:
             h.remove()
-    live = [e for e in saved.values() if e["ref"]() is not None]
-    gc.collect()
     # Second count, blind to nothing: every storage the forward made that is still alive, minus its
     # output.
     # It sees what saved_tensors_hooks cannot: op SAC's cache of saved outputs, save_on_cpu's

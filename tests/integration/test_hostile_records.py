@@ -21,15 +21,18 @@ from conftest import ROOT, run_cli
 RECORDS = ROOT / "tests" / "data" / "records"
 
 
-def _sweep(tmp_path: Path, bad: dict | str) -> Path:
-    """A sweep folder of the committed records plus one run ``bad`` (a record, or raw text)."""
+def _sweep(tmp_path: Path, bad: dict | str | None = None, **others: dict | str) -> Path:
+    """A sweep folder of the committed records plus one run ``bad`` (a record, or raw text), and
+    one more run per keyword (its folder name)."""
     sweep = tmp_path / "sweep"
     for path in RECORDS.glob("*.json"):
         (sweep / path.stem).mkdir(parents=True)
         (sweep / path.stem / "results.json").write_text(path.read_text())
-    (sweep / "bad").mkdir()
-    text = bad if isinstance(bad, str) else json.dumps(bad)
-    (sweep / "bad" / "results.json").write_text(text)
+    runs = {**({"bad": bad} if bad is not None else {}), **others}
+    for name, record in runs.items():
+        (sweep / name).mkdir()
+        text = record if isinstance(record, str) else json.dumps(record)
+        (sweep / name / "results.json").write_text(text)
     return sweep
 
 
@@ -46,30 +49,51 @@ def _inf(obj):
     return "inf" if isinstance(obj, (int, float)) and not isinstance(obj, bool) else obj
 
 
+def _deep(depth: int) -> str:
+    return json.dumps(_record())[:-1] + ', "deep": ' + "[" * depth + "]" * depth + "}"
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> dict:
+    """One analysis (tables, every figure, quiz) of the committed records beside every hostile
+    record of the tests below, each in its own run folder: any of them stopping the analysis fails
+    them all, and each test checks its own row. (One analysis instead of four: drawing the figures
+    is most of an analysis' time.)"""
+    inf = _record()
+    inf.update({k: _inf(inf[k]) for k in ("memory", "flops", "time")})
+    diverged = _record()
+    diverged["loss"] = {**diverged["loss"], "final": "inf"}
+    sweep = _sweep(
+        tmp_path_factory.mktemp("hostile"),
+        deep900=_deep(900),
+        deep5000=_deep(5000),
+        inf=inf,
+        diverged=diverged,
+    )
+    return analyze(sweep)  # matplotlib used to refuse the inf record: "Axis limits ... Inf"
+
+
 @pytest.mark.parametrize("depth", [900, 5000])
-def test_deeply_nested_record_is_one_unreadable_row(tmp_path, depth):
+def test_deeply_nested_record_is_one_unreadable_row(hostile, depth):
     """900 levels parse but overflow the analysis' own recursion; 5000 overflow the parser."""
-    text = json.dumps(_record())[:-1] + ', "deep": ' + "[" * depth + "]" * depth + "}"
-    res = analyze(_sweep(tmp_path, text))
-    bad = [r for r in res["rows"] if r["run"] == "bad"]
-    assert bad[0]["status"] == "unreadable" and "bad/results.json" in bad[0]["error"]
-    assert sum(r["status"] == "ok" for r in res["rows"]) == len(list(RECORDS.glob("*.json")))
+    bad = [r for r in hostile["rows"] if r["run"] == f"deep{depth}"]
+    assert bad[0]["status"] == "unreadable" and f"deep{depth}/results.json" in bad[0]["error"]
+    # every committed record still reads ok (the sweep's other runs: inf and diverged, ok too)
+    committed = {p.stem for p in RECORDS.glob("*.json")}
+    assert sum(r["status"] == "ok" for r in hostile["rows"] if r["run"] in committed) == len(
+        committed
+    )
 
 
-def test_inf_bytes_flops_and_times_read_as_missing(tmp_path):
-    rec = _record()
-    rec.update({k: _inf(rec[k]) for k in ("memory", "flops", "time")})
-    res = analyze(_sweep(tmp_path, rec))  # matplotlib used to refuse: "Axis limits ... Inf"
-    row = next(r for r in res["rows"] if r["run"] == "bad")
+def test_inf_bytes_flops_and_times_read_as_missing(hostile):
+    row = next(r for r in hostile["rows"] if r["run"] == "inf")
     assert row["status"] == "ok" and row["peak_bytes_measured"] is None
     assert row["act_bytes_measured"] is None and row["step_s_median"] is None
-    assert all(f.is_file() for f in res["files"])
+    assert all(f.is_file() for f in hostile["files"])
 
 
-def test_a_diverged_runs_inf_loss_is_kept(tmp_path):
-    rec = _record()
-    rec["loss"] = {**rec["loss"], "final": "inf"}
-    row = next(r for r in analyze(_sweep(tmp_path, rec))["rows"] if r["run"] == "bad")
+def test_a_diverged_runs_inf_loss_is_kept(hostile):
+    row = next(r for r in hostile["rows"] if r["run"] == "diverged")
     assert row["final_loss"] == float("inf")
 
 

@@ -138,6 +138,7 @@ def test_oom_in_one_job_of_a_sweep(tmp_path, monkeypatch):
             *FAST,
             f"hydra.sweep.dir={sweep}",
             "hydra/job_logging=disabled",
+            "hydra.callbacks.analyze.enabled=false",  # figures of the sweep: seconds, not read here
         ],
     )
     train.main()
