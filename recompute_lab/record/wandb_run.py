@@ -181,6 +181,10 @@ class RunLogger:
     ):
         import wandb
 
+        # `WANDB_MODE= cmd` means "unset" to a shell user; wandb's settings reject the empty value
+        # and the run went on without W&B
+        for var in [k for k, v in os.environ.items() if k.startswith("WANDB_") and v == ""]:
+            del os.environ[var]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         name = self.run_dir.name if job_type != "analysis" else f"analysis-{lc.group or group}"
         return wandb.init(

@@ -200,9 +200,10 @@ def test_wandb_offline_run_lands_in_run_dir(tmp_path):
     proc = run_cli(
         ["trainer.steps=3", "trainer.progress=false", f"hydra.run.dir={out}"],
         cwd=tmp_path,
-        env={"WANDB_API_KEY": ""},
+        env={"WANDB_API_KEY": "", "WANDB_MODE": ""},  # empty: unset, as a shell user means it
     )
     assert proc.returncode == 0, proc.stderr
+    assert "W&B offline init failed" not in proc.stderr
     res = load_results(out / "results.json")
     assert res["logger"]["mode"] == "offline"
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
