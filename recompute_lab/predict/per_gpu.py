@@ -139,6 +139,8 @@ def micro_batch(
         shared = theory.per_layer(pred, 0) - theory.per_layer(pred, 1)
         _MICRO[key] = {
             "layer": theory.per_layer(pred, 1),
+            # tensors block 1 saves (offload's per-tensor hooks, recompute_lab.predict.step_time)
+            "layer_tensors": sum(str(t["module"]).startswith("blocks.1.") for t in pred["terms"]),
             "first": shared + sum(v for k, v in by.items() if L.role_of(k) == "first"),
             "last": sum(v for k, v in by.items() if L.role_of(k) == "last"),
             "region": pred["largest_region"],

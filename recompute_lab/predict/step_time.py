@@ -65,7 +65,9 @@ from pathlib import Path
 from typing import Optional
 
 from recompute_lab.config import ConfigError
+from recompute_lab.config.strategies import RegionsConfig
 from recompute_lab.predict import layout as L
+from recompute_lab.predict.module_plans import SUBREGIONS
 
 
 @dataclass(frozen=True)
@@ -271,17 +273,10 @@ LINEARS = ("attn.qkv", "attn.out", "mlp.fc", "mlp.proj")  # forward order: every
 # (RoPE, residual adds, dropout) always reruns, and the replay has no early stop (an unsaved
 # mlp.proj reruns)
 SUBREGION_OPS = {
-    "norm1": ("norm1",),
-    "attn.qkv": ("attn.qkv",),
-    "attn.core": ("attn.core", "attn.softmax"),  # eager attention: its matmuls and softmax
-    "attn.out": ("attn.out",),
-    "norm2": ("norm2",),
-    "mlp.fc": ("mlp.fc",),
-    "mlp.act": ("act",),
-    "mlp.proj": ("mlp.proj",),
+    r: {"attn.core": ("attn.core", "attn.softmax"), "mlp.act": ("act",)}.get(r, (r,))
+    for r in SUBREGIONS  # eager attention's core region holds its matmuls and its softmax
 }
-# recompute_lab.config.strategies.RegionsConfig's default
-DEFAULT_REGIONS_SAVE = ("attn.qkv", "attn.core", "attn.out", "mlp.fc", "mlp.proj")
+DEFAULT_REGIONS_SAVE = tuple(RegionsConfig().save)
 
 
 def _marks(label: str) -> tuple[str, dict]:
@@ -413,19 +408,13 @@ def mechanism_s(label: str, eff: Efficiency, dispatched: int) -> float:
 
 
 def saved_per_layer(cfg, tp: int, sp: bool, b: int, s_local: int, dt: int) -> dict:
-    """Bytes and tensors one inner layer saves for backward on one rank under ``none``
-    (recompute_lab.predict.tp_theory, the memory prediction's own terms): what offload moves."""
-    import dataclasses as dc
-
+    """Bytes and tensors one inner layer saves for backward on one rank under ``none``: the
+    memory prediction's own micro-batch (recompute_lab.predict.per_gpu.micro_batch), what offload
+    moves."""
     from recompute_lab.predict import per_gpu
-    from recompute_lab.config.spec import Shape
-    from recompute_lab.predict.tp_theory import predict_rank
 
-    two = dc.replace(cfg, n_layer=2)
-    st = Shape(b, s_local, precision="fp32" if dt == 4 else "bf16_master", device="cuda")
-    pred = predict_rank(two, st, tp, sp, per_gpu.plan_of("none", 2, two))
-    terms = [t for t in pred["terms"] if str(t["module"]).startswith("blocks.1.")]
-    return {"bytes": sum(t["nbytes"] for t in terms), "tensors": len(terms)}
+    mb = per_gpu.micro_batch(cfg, tp, sp, "none", b, s_local, dt, "cuda")
+    return {"bytes": mb["layer"], "tensors": mb["layer_tensors"]}
 
 
 def offload_s(label: str, moved: Optional[dict], rates: Rates, eff: Efficiency) -> float:
