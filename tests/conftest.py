@@ -139,16 +139,42 @@ def cfg_of():
     GlobalHydra.instance().clear()
 
 
+# One warm-start process per test worker (tests/cli_zygote.py): a cold CLI start spends 3-7 s here
+# importing torch, torch._dynamo, Hydra and W&B. RECOMPUTE_LAB_TEST_COLD=1 runs every command cold.
+_ZYGOTE: list = []
+
+
+def _warm_start(env: dict):
+    """The worker's zygote when ``env`` lets a fork stand for a cold start, else None."""
+    from cli_zygote import Zygote
+
+    if os.environ.get("RECOMPUTE_LAB_TEST_COLD") == "1":
+        return None
+    if not _ZYGOTE or not _ZYGOTE[0].alive():
+        _ZYGOTE[:] = [Zygote(_cli_env())]
+    return _ZYGOTE[0] if _ZYGOTE[0].fits(env) else None
+
+
+def _cli_env(env: dict | None = None) -> dict:
+    return {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
+
+
 def run_cli(
     args: list[str],
     cwd: Path,
     timeout: float = 300,
     module: str = "recompute_lab.train",
     env: dict | None = None,
+    cold: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` as a user would, in ``cwd``."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    """Run ``python -m module args`` as a user would, in ``cwd``: in a child forked from the
+    worker's warm start (the same process semantics, without re-importing torch), or with
+    ``cold=True`` (or an environment the fork cannot honour) in a fresh interpreter."""
+    full_env = _cli_env(env)
     args = [*args, *LOCAL_OFF] if module in HYDRA_APPS else list(args)
+    zygote = None if cold else _warm_start(full_env)
+    if zygote is not None:
+        return zygote.run(module, args, cwd, full_env, timeout, tmp_dir=None)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,

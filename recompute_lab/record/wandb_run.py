@@ -157,6 +157,9 @@ class RunLogger:
                 break
             except Exception as e:  # W&B must never stop a training run
                 self._warn(f"W&B {mode} init failed ({type(e).__name__}: {e})")
+                # e.g. wandb-core died during init: without this, W&B's exit hook printed a
+                # ConnectionResetError traceback at the end of a run that went on fine
+                drop_service()
         if self.run is None:
             self._warn("continuing without W&B; results.json holds the whole record")
             return
