@@ -31,7 +31,8 @@ import subprocess
 import sys
 
 # Environment variables read when torch, NumPy's BLAS, OpenMP, Matplotlib (its config and cache
-# folders) or Python itself load: a command that sets one differently from the zygote runs cold.
+# folders), transformers (Hugging Face offline mode, cache paths) or Python itself load: a
+# command that sets one differently from the zygote runs cold.
 # W&B's own variables are read when a run starts, not on import (only its launch modules, which
 # nothing here imports, read any at module level).
 START_UP = (
@@ -48,6 +49,9 @@ START_UP = (
     "MPL",
     "HOME",
     "XDG_",
+    "HF_",
+    "HUGGINGFACE",
+    "TRANSFORMERS",
 )
 # Imported once in the zygote: the third-party libraries every CLI command loads. Never the
 # project's own modules: their import-time code must run in each child. Not W&B: on import it
@@ -66,6 +70,8 @@ WARM = (
     "einops",
     "matplotlib",
     "matplotlib.pyplot",
+    "transformers",  # model=hf (optional: the `hf` extra)
+    "transformers.configuration_utils",
 )
 
 
@@ -108,7 +114,10 @@ def serve() -> None:
     import importlib
 
     for name in WARM:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional extra not installed
+            pass
     sys.path.pop(0)  # this file's folder: the child puts its working directory there
     sys.path.insert(0, "")
     proto_out.write(b'{"ready": true}\n')

@@ -33,6 +33,15 @@ def _add(a: tuple, b: tuple) -> tuple:
     return tuple(x + y for x, y in zip(a, b))
 
 
+def _adder(n: int):
+    """Elementwise addition of two n-tuples (cost keys have one or two terms)."""
+    if n == 1:
+        return lambda a, b: (a[0] + b[0],)
+    if n == 2:
+        return lambda a, b: (a[0] + b[0], a[1] + b[1])
+    return _add
+
+
 def undominated(sizes: list[int], costs: list[tuple]) -> list[int]:
     """Indices of the options no other option beats on bytes and cost (ties: the first listed). A
     dominated
@@ -55,19 +64,26 @@ def pareto_plans(
     their dominator (bytes and cost are both additive), so pruning them after each block loses
     nothing."""
     # Each layer's frontier point: (bytes, cost, index of its parent in the previous frontier,
-    # option added).
+    # option added). Costs are 1- or 2-tuples (cost_key), added in a specialised expression: the
+    # generic elementwise add was most of a plan's time (~2M calls for the 8B layout question).
+    add = _adder(len(costs[0]))
     layers = [[(0, tuple(0 for _ in costs[0]), -1, -1)]]
+    options = list(enumerate(zip(sizes, costs)))
     for _ in range(n_layer):
         cand = [
-            (b + sizes[o], _add(c, costs[o]), i, o)
+            (b + size, add(c, cost), i, o)
             for i, (b, c, _, _) in enumerate(layers[-1])
-            for o in range(len(sizes))
+            for o, (size, cost) in options
         ]
-        cand.sort(key=lambda x: (x[0], x[1]))
+        # by (bytes, cost), ties in the order generated (parent, then option): the whole tuple's
+        # order, since (i, o) rise in generation order
+        cand.sort()
         frontier = []
+        best = None
         for point in cand:
-            if not frontier or point[1] < frontier[-1][1]:
+            if best is None or point[1] < best:
                 frontier.append(point)
+                best = point[1]
         layers.append(frontier)
     out = []
     for b, c, parent, o in layers[-1]:
