@@ -279,12 +279,8 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
         )
     # Older objects out of the collector's sight: the collection below scans only what the forward
     # made, not every object the process holds (in a long-lived process that scan cost more than
-    # the forward of a small model). Where a run already froze what preceded it
-    # (engine.release_host_memory), this leaves that as it is: freezing again would keep the run's
-    # own model from ever being collected, and unfreezing would undo the run's freeze.
-    own_freeze = gc.get_freeze_count() == 0
-    if own_freeze:
-        gc.freeze()
+    # the forward of a small model).
+    gc.freeze()
     try:
         with (
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
@@ -295,8 +291,7 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
         live = [e for e in saved.values() if e["ref"]() is not None]
         gc.collect()
     finally:
-        if own_freeze:
-            gc.unfreeze()
+        gc.unfreeze()
         for h in handles:
             h.remove()
     # Second count, blind to nothing: every storage the forward made that is still alive, minus its

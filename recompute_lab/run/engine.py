@@ -882,17 +882,11 @@ def run(
 
 def release_host_memory() -> None:
     """Collect garbage and hand the freed heap back to the OS (glibc's malloc_trim; a no-op
-    elsewhere): glibc keeps freed blocks in its arenas, so without it an in-process sweep's
-    resident memory grew by about a model's size per job although no tensor of the earlier jobs
-    was alive (small, 12 jobs: 0.65 -> 1.6 GB).
-
-    What survives the collection is then frozen (gc.freeze): it was alive before this run began,
-    so this run cannot free it, and neither the next job's collection here nor Python's own
-    full collections during training scan it again. A full collection of a process holding torch,
-    Hydra and W&B scans ~370,000 objects (0.15-0.35 s on a shared core); the next job's collection
-    scans only what the jobs since made, which is where an earlier job's garbage is."""
+    elsewhere): glibc keeps
+    freed blocks in its arenas, so without it an in-process sweep's resident memory grew by about a
+    model's size per
+    job although no tensor of the earlier jobs was alive (small, 12 jobs: 0.65 -> 1.6 GB)."""
     gc.collect()
-    gc.freeze()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps what it keeps
