@@ -148,8 +148,8 @@ def _warm_start(env: dict):
     """The worker's zygote when ``env`` lets a fork stand for a cold start, else None."""
     from cli_zygote import Zygote
 
-    if os.environ.get("RECOMPUTE_LAB_TEST_COLD") == "1":
-        return None
+    if os.environ.get("RECOMPUTE_LAB_TEST_COLD") == "1" or not hasattr(os, "fork"):
+        return None  # asked for, or no fork (Windows): every command cold
     if not _ZYGOTE or not _ZYGOTE[0].alive():
         _ZYGOTE[:] = [Zygote(_cli_env())]
     return _ZYGOTE[0] if _ZYGOTE[0].fits(env) else None

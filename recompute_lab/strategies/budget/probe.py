@@ -277,6 +277,29 @@ class Probed:
     )  # where the prices are bounds, not exact
 
 
+# probe()'s answers in this process, by what decides them: the replicas are built from the
+# model's configuration (never its weights or wrappers), so one configuration, option list,
+# micro-batch, dtype pair, device and target kernels always price the same. A second ask (a sweep's
+# jobs, the per-rank planners walking layouts of one shape, a test suite) reads it here instead of
+# running its replicas again. Bounded: an entry is a few hundred bytes, the oldest go first.
+_PRICED: dict[tuple, tuple[Price, list[Price]]] = {}
+PRICED_KEEP = 256
+
+
+def _priced_key(model: GPT, options: list[Option], *shape: Any) -> tuple:
+    hf = getattr(model, "hf", None)  # a Hugging Face model: its resolved config, whole
+    return (
+        type(model).__qualname__,
+        repr(model.cfg),
+        hf.config.to_json_string() if hf is not None else None,
+        str(model.tok_emb.weight.device),
+        repr(options),
+        *map(str, shape),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.__version__,
+    )
+
+
 def probe(
     model: GPT,
     options: list[Option],
@@ -288,7 +311,31 @@ def probe(
 ) -> tuple[Price, list[Price]]:
     """(outside the blocks, one Price per option), all measured on the model's own device with
     parameters in ``dtype``, forwards under ``autocast`` when given; meta replicas save what
-    ``target``'s kernels save (:func:`measure_replica`)."""
+    ``target``'s kernels save (:func:`measure_replica`). Asked again in this process with the same
+    configuration and shape, the earlier answer (``_PRICED``)."""
+    key = _priced_key(model, options, batch, seq, dtype, autocast, target)
+    if key in _PRICED:
+        log.info(
+            "budget: %d options priced earlier in this process (same model and shape)", len(options)
+        )
+        outside, prices = _PRICED[key]
+        return dataclasses.replace(outside), [dataclasses.replace(p) for p in prices]
+    outside, prices = _probe(model, options, batch, seq, dtype, autocast, target)
+    while len(_PRICED) >= PRICED_KEEP:
+        del _PRICED[next(iter(_PRICED))]
+    _PRICED[key] = (outside, prices)
+    return dataclasses.replace(outside), [dataclasses.replace(p) for p in prices]
+
+
+def _probe(
+    model: GPT,
+    options: list[Option],
+    batch: int,
+    seq: int,
+    dtype: torch.dtype,
+    autocast: Optional[torch.dtype],
+    target: Optional[str],
+) -> tuple[Price, list[Price]]:
     device = model.tok_emb.weight.device
     threads = torch.get_num_threads()
     if (
