@@ -3,11 +3,11 @@
 A cold ``python -m recompute_lab.train`` spends 3-7 s on these 2 shared cores importing torch,
 torch._dynamo (torch.optim's constructor imports it) and Hydra before it runs a line of the project.
 Here one process per test worker (the zygote) imports those third-party libraries (``WARM``) once
-and then forks a child per command (a tiny training run: ~6 s cold, ~2.5 s forked). The child
-does what ``python -m MODULE ARGS`` does in a fresh interpreter: its own argv, working directory, environment, stdin (/dev/null), stdout and stderr
-(files the client reads), ``sys.path[0]`` the working directory, the project's modules imported
-anew (the zygote never imports ``recompute_lab``), ``__main__`` the module, atexit handlers and
-exit status as Python's own shutdown gives them.
+and then forks a child per command (a tiny training run: ~6 s cold, ~2.5 s forked). The child does
+what ``python -m MODULE ARGS`` does in a fresh interpreter: its own argv, working directory,
+environment, stdin (/dev/null), stdout and stderr (files the client reads), ``sys.path[0]`` the
+working directory, the project's modules imported anew (the zygote never imports ``recompute_lab``),
+``__main__`` the module, atexit handlers and exit status as Python's own shutdown gives them.
 
 What a fork cannot reproduce, the client sends to a cold ``subprocess.run`` instead: a command
 whose environment changes a variable read while the pre-imported libraries load (``START_UP``
