@@ -173,13 +173,13 @@ class Zygote:
     def fits(self, env: dict) -> bool:
         return start_up_env(env) == start_up_env(self.env)
 
-    def run(self, module: str, args: list[str], cwd, env: dict, timeout: float, tmp_dir):
+    def run(self, module: str, args: list[str], cwd, env: dict, timeout: float):
         """Run ``python -m module args`` in a forked child; a CompletedProcess as
         ``subprocess.run(capture_output=True, text=True)`` returns, or TimeoutExpired."""
         import tempfile
 
         cmd = [sys.executable, "-m", module, *args]
-        with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
+        with tempfile.TemporaryDirectory() as d:
             out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
             req = {
                 "module": module,

@@ -140,7 +140,7 @@ def cfg_of():
 
 
 # One warm-start process per test worker (tests/cli_zygote.py): a cold CLI start spends 3-7 s here
-# importing torch, torch._dynamo, Hydra and W&B. RECOMPUTE_LAB_TEST_COLD=1 runs every command cold.
+# importing torch, torch._dynamo and Hydra. RECOMPUTE_LAB_TEST_COLD=1 runs every command cold.
 _ZYGOTE: list = []
 
 
@@ -174,7 +174,7 @@ def run_cli(
     args = [*args, *LOCAL_OFF] if module in HYDRA_APPS else list(args)
     zygote = None if cold else _warm_start(full_env)
     if zygote is not None:
-        return zygote.run(module, args, cwd, full_env, timeout, tmp_dir=None)
+        return zygote.run(module, args, cwd, full_env, timeout)
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,

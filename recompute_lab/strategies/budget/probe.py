@@ -318,13 +318,12 @@ def probe(
         log.info(
             "budget: %d options priced earlier in this process (same model and shape)", len(options)
         )
-        outside, prices = _PRICED[key]
-        return dataclasses.replace(outside), [dataclasses.replace(p) for p in prices]
-    outside, prices = _probe(model, options, batch, seq, dtype, autocast, target)
-    while len(_PRICED) >= PRICED_KEEP:
-        del _PRICED[next(iter(_PRICED))]
-    _PRICED[key] = (outside, prices)
-    return dataclasses.replace(outside), [dataclasses.replace(p) for p in prices]
+    else:
+        while len(_PRICED) >= PRICED_KEEP:
+            del _PRICED[next(iter(_PRICED))]
+        _PRICED[key] = _probe(model, options, batch, seq, dtype, autocast, target)
+    outside, prices = _PRICED[key]
+    return dataclasses.replace(outside), [dataclasses.replace(p) for p in prices]  # callers' copies
 
 
 def _probe(
