@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
 
 # (registers each strategy's schema, which conf/strategy/*.yaml use)
 import recompute_lab.strategies  # noqa: F401
@@ -103,6 +106,9 @@ def one_thread_fixture():
 # takes ~5 ms. The key holds the ConfigStore's node ids, since a test may store a strategy schema
 # of its own (the value keeps those nodes alive, so no id is reused while its entry exists).
 _COMPOSED: dict = {}
+# Hydra's overrides parser and config repository, made once (group_exists reads the conf folder
+# and the ConfigStore as they are when asked).
+_HYDRA: dict = {}
 
 
 def _config_store_nodes(repo: dict) -> list:
@@ -112,19 +118,77 @@ def _config_store_nodes(repo: dict) -> list:
     return nodes
 
 
+def _store_key() -> tuple:
+    return tuple(map(id, _config_store_nodes(ConfigStore.instance().repo)))
+
+
+def hydra_compose(overrides) -> DictConfig:
+    """Hydra's own compose of the primary config with ``overrides`` (uncached; ~0.2 s)."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            if "repository" not in _HYDRA:
+                _HYDRA["repository"] = GlobalHydra.instance().hydra.config_loader.repository
+            return compose(config_name="config", overrides=[*overrides, *LOCAL_OFF])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _split_overrides(overrides) -> tuple[list[str], list] | None:
+    """Hydra's own split of ``overrides``: (the group overrides, which choose the files the
+    defaults list composes, as strings; the parsed config overrides, which Hydra applies to the
+    composed config in order afterwards). A config override is one whose key is not a config group
+    of the repository, or whose value is a dict (defaults_list.Overrides). None for what only a
+    whole compose stands for: sweeps, the hydra node, a package (@) override."""
+    if "parser" not in _HYDRA:
+        _HYDRA["parser"] = OverridesParser.create()
+    if "repository" not in _HYDRA:
+        hydra_compose([])
+    groups, configs = [], []
+    for line, o in zip(overrides, _HYDRA["parser"].parse_overrides(overrides=list(overrides))):
+        if o.is_sweep_override() or o.is_hydra_override() or o.package is not None:
+            return None
+        if _HYDRA["repository"].group_exists(o.key_or_group) and not isinstance(o.value(), dict):
+            groups.append(line)
+        else:
+            configs.append(o)
+    return groups, configs
+
+
+def _composed(overrides: tuple) -> DictConfig:
+    """The cached composition of ``overrides`` (the cache's own object: copy before changing it).
+
+    Overrides that only set values are applied, as Hydra applies them (its own
+    ``_apply_overrides_to_config`` on the struct-mode config), to the cached composition of the
+    group overrides alone, so a test that varies a value pays a deep copy, not a compose.
+    tests/unit/test_compose_cache.py holds this equal to Hydra's whole compose. Whatever the
+    shortcut cannot stand for, or refuses, goes to Hydra's compose, which gives its own answer or
+    error."""
+    key = (overrides, _store_key())
+    if key in _COMPOSED:
+        return _COMPOSED[key][0]
+    try:
+        split = _split_overrides(overrides)
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra's compose says what is wrong
+        split = None
+    cfg = None
+    if split is not None and split[1]:
+        cfg = copy.deepcopy(_composed(tuple(split[0])))
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config(split[1], cfg)
+        except Exception:  # noqa: BLE001 - Hydra's compose below raises the error a user sees
+            cfg = None
+    if cfg is None:
+        cfg = hydra_compose(overrides)
+    # the first compose registers Hydra's launcher plugins: key on the store as it is now
+    _COMPOSED[(overrides, _store_key())] = (cfg, _config_store_nodes(ConfigStore.instance().repo))
+    return cfg
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()):
     """The composed (not yet validated) config for ``overrides``, as the CLI would see it (a fresh
     copy each call: callers may change it)."""
-    GlobalHydra.instance().clear()
-    nodes = _config_store_nodes(ConfigStore.instance().repo)
-    key = (tuple(overrides), tuple(map(id, nodes)))
-    if key not in _COMPOSED:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[*overrides, *LOCAL_OFF])
-        # the first compose registers Hydra's launcher plugins: key on the store as it is now
-        key = (key[0], tuple(map(id, _config_store_nodes(ConfigStore.instance().repo))))
-        _COMPOSED[key] = (cfg, _config_store_nodes(ConfigStore.instance().repo))
-    return copy.deepcopy(_COMPOSED[key][0])
+    return copy.deepcopy(_composed(tuple(overrides)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,6 +201,22 @@ def cached_compose(*overrides: str):
 def cfg_of():
     yield compose_config
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(autouse=True)
+def _older_objects_frozen():
+    """Keep what the worker held before this test (torch, Hydra, transformers, the collected test
+    modules, caches: millions of objects) out of the cyclic collector's sight. Every full
+    collection the product makes (engine.run's release_host_memory, the saved-tensor counts) then
+    scans what this test made, not those: ~0.3 s per collection in a worker otherwise. What earlier
+    tests left is collected first (a scan of the last test's objects only), the survivors frozen."""
+    import gc
+
+    from recompute_lab.measure.memory import freeze_older_objects
+
+    gc.collect()
+    freeze_older_objects()
+    yield
 
 
 # One warm-start process per test worker (tests/cli_zygote.py): a cold CLI start spends 3-7 s here
@@ -210,6 +290,8 @@ def retained_bytes(forward, exclude=()) -> tuple[int, object]:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
+    from recompute_lab.measure.memory import older_objects_frozen
+
     class NewStorages(TorchDispatchMode):
         def __init__(self):
             super().__init__()
@@ -228,13 +310,12 @@ def retained_bytes(forward, exclude=()) -> tuple[int, object]:
             ]
             return out
 
-    gc.freeze()  # only this forward's objects are collected below (fast)
-    try:
+    # only this forward's objects are collected below (fast); the gc scope is shared with the
+    # product, the counting is not
+    with older_objects_frozen():
         with NewStorages() as mode:
             out = forward()
         gc.collect()
-    finally:
-        gc.unfreeze()
     skip = {
         t.untyped_storage().data_ptr()
         for t in (*exclude, *tree_leaves(out))

@@ -25,6 +25,7 @@ Layer: measure, primitives (importable from every layer above config, predict an
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -223,6 +224,42 @@ class RngStates:
         return len(self.alive())
 
 
+# Freezes in force that this module knows of: open older_objects_frozen blocks, and a process's
+# own (freeze_older_objects). gc.get_freeze_count() would tell too, but it walks the frozen list:
+# ~3 ms a call with torch imported, paid on every block.
+_FREEZES = [0]
+
+
+def freeze_older_objects() -> None:
+    """Freeze every object alive now (gc.freeze) for the rest of the process, for a process that
+    freezes at points of its own: the test runner freezes before each test what earlier tests left
+    (tests/conftest.py). older_objects_frozen blocks then leave that freeze in force."""
+    gc.freeze()
+    _FREEZES[0] += 1
+
+
+@contextlib.contextmanager
+def older_objects_frozen():
+    """The objects alive on entry out of the cyclic collector's sight for the block (gc.freeze): a
+    collection inside it scans only what the block made, not every object the process holds.
+
+    A freeze already in force on entry (an enclosing block's, or the process's own from
+    freeze_older_objects) is left as it is, neither extended nor thawed on exit: gc.unfreeze()
+    thaws every freeze at once, so thawing here would undo the enclosing one, and freezing again
+    would keep the newer objects frozen, uncollectable, after the block. The enclosing freeze
+    already hides the older objects; the block's collection scans what came after it."""
+    if _FREEZES[0]:
+        yield
+        return
+    gc.freeze()
+    _FREEZES[0] += 1
+    try:
+        yield
+    finally:
+        _FREEZES[0] -= 1
+        gc.unfreeze()
+
+
 def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
     """Bytes autograd keeps for backward after ``forward()`` runs ``model`` once (CPU, CUDA or
     meta).
@@ -280,18 +317,17 @@ def saved_tensors(model: nn.Module, forward: Callable[[], Any]) -> dict:
     # Older objects out of the collector's sight: the collection below scans only what the forward
     # made, not every object the process holds (in a long-lived process that scan cost more than
     # the forward of a small model).
-    gc.freeze()
     try:
-        with (
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-            producers,
-            RngStates() as rng,
-        ):
-            output = forward()
-        live = [e for e in saved.values() if e["ref"]() is not None]
-        gc.collect()
+        with older_objects_frozen():
+            with (
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+                producers,
+                RngStates() as rng,
+            ):
+                output = forward()
+            live = [e for e in saved.values() if e["ref"]() is not None]
+            gc.collect()
     finally:
-        gc.unfreeze()
         for h in handles:
             h.remove()
     # Second count, blind to nothing: every storage the forward made that is still alive, minus its

@@ -3,6 +3,7 @@ a run."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -27,7 +28,7 @@ from recompute_lab.strategies.wrap import checkpoint_module
 from recompute_lab.config.spec import Shape
 from recompute_lab.config.spec import RunSpec
 
-from conftest import FAST, compose_config, load_results, run_cli
+from conftest import FAST, ROOT, compose_config, load_results, run_cli
 
 TINY = dict(n_layer=2, d_model=64, n_head=4, d_ff=256, vocab_size=256, max_seq_len=64)
 SMALL = dict(n_layer=6, d_model=512, n_head=8, d_ff=2048, vocab_size=4096, max_seq_len=1024)
@@ -517,3 +518,32 @@ def test_a_run_leaves_no_tensor_storage_alive(tmp_path, strategy):
     run(compose_config([f"+strategy={strategy}", "trainer.steps=2", *FAST]), tmp_path)
     new = {p: n for p, n in _live_storages().items() if p not in before}
     assert sum(new.values()) == 0, f"{len(new)} storages, {sum(new.values())} bytes still alive"
+
+
+def test_freezing_blocks_nest_and_leave_a_process_freeze_in_force():
+    """older_objects_frozen freezes and thaws when no freeze is in force, and leaves one in force
+    (an enclosing block's, a process's own) neither thawed nor extended. A fresh interpreter: this
+    test's worker holds a freeze of its own (conftest)."""
+    code = """
+import gc
+from recompute_lab.measure.memory import freeze_older_objects, older_objects_frozen
+assert gc.get_freeze_count() == 0
+with older_objects_frozen():
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    made = [object() for _ in range(1000)]
+    with older_objects_frozen():
+        assert gc.get_freeze_count() == frozen  # nested: not extended
+    assert gc.get_freeze_count() == frozen  # nor thawed by the inner block
+assert gc.get_freeze_count() == 0  # the outer block thaws its own
+freeze_older_objects()
+frozen = gc.get_freeze_count()
+with older_objects_frozen():
+    assert gc.get_freeze_count() == frozen
+assert gc.get_freeze_count() == frozen  # the process's freeze stays in force
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

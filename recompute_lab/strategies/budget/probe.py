@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import logging
 import time
 from typing import Any, Optional
@@ -47,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from tqdm import tqdm
 
 from recompute_lab.config import Arch, Attention
-from recompute_lab.measure.memory import saved_tensors
+from recompute_lab.measure.memory import older_objects_frozen, saved_tensors
 from recompute_lab.measure.target_kernels import TargetKernels
 from recompute_lab.model.gpt import GPT, build_model
 from recompute_lab.config.spec import as_model_config
@@ -153,11 +152,8 @@ def measure_step(
 
     # older objects out of the collector's sight: the collection in saved_tensors scans only this
     # forward's
-    gc.freeze()
-    try:
+    with older_objects_frozen():
         counted = saved_tensors(model, forward)
-    finally:
-        gc.unfreeze()
     loss = counted.pop("output")
     flops, pointwise = 0, 0
     if count_backward:
