@@ -37,7 +37,7 @@ Layer: measure.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -50,7 +50,7 @@ from recompute_lab.predict.flops import (
     utilization,
 )
 from recompute_lab.measure.hardware import peak_flops
-from recompute_lab.model.gpt import build_model
+from recompute_lab.model.gpt import build_model, replica_key
 from recompute_lab.strategies import Plan, apply_strategy
 
 
@@ -74,6 +74,33 @@ def _count(fn) -> tuple[int, dict[str, int]]:
         out = fn()
     by_op = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
     return counter.get_total_flops(), by_op, out
+
+
+# count_step_flops's counts in this process, by what decides them: the replica's configuration
+# (model.gpt.replica_key), the micro-batch and what was applied to it (strategy, replayed plan,
+# shape). A sweep's jobs count a shape's strategy-free replica once, a repeated run nothing. Bounded
+# like the budget's prices: an entry is two totals and two short per-op tables.
+_COUNTED: dict[tuple, tuple[int, int, dict, dict]] = {}
+COUNTED_KEEP = 256
+
+
+def _counted(
+    base: torch.nn.Module,
+    replica: Callable[[], torch.nn.Module],
+    batch: int,
+    seq: int,
+    applied: tuple,
+) -> tuple:
+    """count_model_flops of ``replica()``, or the earlier answer for the same configuration (read
+    off ``base``, the strategy-free replica: a strategy never changes it), micro-batch and
+    ``applied``; the replica is built only when counted. Copies: callers may change the tables."""
+    key = (*replica_key(base), batch, seq, *map(repr, applied))
+    if key not in _COUNTED:
+        while len(_COUNTED) >= COUNTED_KEEP:
+            del _COUNTED[next(iter(_COUNTED))]
+        _COUNTED[key] = count_model_flops(replica(), batch, seq)
+    fwd, bwd, fwd_ops, bwd_ops = _COUNTED[key]
+    return fwd, bwd, dict(fwd_ops), dict(bwd_ops)
 
 
 def count_model_flops(model: torch.nn.Module, batch: int, seq: int) -> tuple[int, int, dict, dict]:
@@ -109,9 +136,14 @@ def count_step_flops(
     dtype, not its FLOPs.
     """
     b, s, accum = cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.grad_accum
-    f0, b0, _, _ = count_model_flops(_replica(cfg, param_dtype, with_strategy=False), b, s)
-    f1, b1, f_ops, b_ops = count_model_flops(
-        _replica(cfg, param_dtype, with_strategy=True, plan=plan), b, s
+    base = _replica(cfg, param_dtype, with_strategy=False)
+    f0, b0, _, _ = _counted(base, lambda: base, b, s, (param_dtype,))
+    f1, b1, f_ops, b_ops = _counted(
+        base,
+        lambda: _replica(cfg, param_dtype, with_strategy=True, plan=plan),
+        b,
+        s,
+        (param_dtype, cfg.strategy, plan, cfg.shape()),
     )
     recompute = b1 - b0
     # f0 == f1 always (recomputation changes backward only); kept as a self-check in results.

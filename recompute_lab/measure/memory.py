@@ -225,9 +225,11 @@ class RngStates:
 
 
 # Freezes in force that this module knows of: open older_objects_frozen blocks, and a process's
-# own (freeze_older_objects). gc.get_freeze_count() would tell too, but it walks the frozen list:
-# ~3 ms a call with torch imported, paid on every block.
-_FREEZES = [0]
+# own (freeze_older_objects, or one in force when this module is imported: a server that froze its
+# start-up objects before forking workers, as the gc module's documentation advises).
+# gc.get_freeze_count() tells too, but it walks the frozen list (~3 ms with torch imported): asked
+# once here, not on every block.
+_FREEZES = [int(gc.get_freeze_count() > 0)]
 
 
 def freeze_older_objects() -> None:

@@ -292,6 +292,27 @@ def build_model(
     return model
 
 
+def replica_key(model: nn.Module) -> tuple:
+    """What decides every answer a replica built from ``model``'s configuration gives (its class,
+    its configuration, a Hugging Face model's resolved config whole, its device; torch's
+    deterministic mode, checkpoint early-stop setting and version), never its weights: the key of
+    the per-process caches of such answers (the budget's option prices, the counted FLOPs)."""
+    import torch.utils.checkpoint as ckpt
+
+    hf = getattr(model, "hf", None)
+    return (
+        type(model).__qualname__,
+        repr(model.cfg),
+        hf.config.to_json_string() if hf is not None else None,
+        str(model.tok_emb.weight.device),
+        torch.are_deterministic_algorithms_enabled(),
+        # set_checkpoint_early_stop(False) reruns a region's trailing matmul too (more recompute
+        # FLOPs and saved bytes); tests/unit/test_flops.py counts under both settings
+        getattr(ckpt, "_enable_checkpoint_early_stop", None),
+        torch.__version__,
+    )
+
+
 # Hugging Face models live behind the same interface; importing the package registers their meta
 # builder with the
 # theory (recompute_lab.predict.hf_theory). Last: the adapter may import this module's names.

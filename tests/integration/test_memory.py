@@ -524,6 +524,7 @@ def test_freezing_blocks_nest_and_leave_a_process_freeze_in_force():
     """older_objects_frozen freezes and thaws when no freeze is in force, and leaves one in force
     (an enclosing block's, a process's own) neither thawed nor extended. A fresh interpreter: this
     test's worker holds a freeze of its own (conftest)."""
+    # (frozen objects that refcounting frees leave the frozen count: compare with margins)
     code = """
 import gc
 from recompute_lab.measure.memory import freeze_older_objects, older_objects_frozen
@@ -533,17 +534,27 @@ with older_objects_frozen():
     assert frozen > 0
     made = [object() for _ in range(1000)]
     with older_objects_frozen():
-        assert gc.get_freeze_count() == frozen  # nested: not extended
-    assert gc.get_freeze_count() == frozen  # nor thawed by the inner block
+        assert gc.get_freeze_count() <= frozen  # nested: the 1000 new objects not frozen
+    assert gc.get_freeze_count() > 0  # nor the freeze thawed by the inner block
 assert gc.get_freeze_count() == 0  # the outer block thaws its own
 freeze_older_objects()
-frozen = gc.get_freeze_count()
 with older_objects_frozen():
-    assert gc.get_freeze_count() == frozen
-assert gc.get_freeze_count() == frozen  # the process's freeze stays in force
+    assert gc.get_freeze_count() > 0
+assert gc.get_freeze_count() > 0  # the process's freeze stays in force
 print("ok")
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    # a freeze in force before the module is imported (a forking server's) counts as the process's
+    before = """
+import gc
+gc.freeze()
+from recompute_lab.measure.memory import older_objects_frozen
+with older_objects_frozen():
+    pass
+assert gc.get_freeze_count() > 0
+print("ok")
+"""
+    for source in (code, before):
+        out = subprocess.run(
+            [sys.executable, "-c", source], capture_output=True, text=True, timeout=120, cwd=ROOT
+        )
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -196,3 +196,45 @@ def test_op_and_region_plans_are_counted_not_guessed(name):
     # dropout is 0.)
     assert 0 < counted <= blocks_forward
     assert flops.predict_step_flops(RunSpec.of(cfg), plan)["recompute"] is None
+
+
+def test_counts_kept_per_process_equal_a_fresh_count_and_each_input_is_a_new_question(
+    monkeypatch,
+):
+    """count_step_flops keeps its counts by what decides them (flops._COUNTED): an answer read back
+    equals a fresh count, and a change of strategy, plan, micro-batch, dtype, model or checkpoint
+    early stop is counted anew. Callers get copies of the per-op tables."""
+    monkeypatch.setattr(flops, "_COUNTED", {})
+    calls = []
+    count = flops.count_model_flops
+    monkeypatch.setattr(flops, "count_model_flops", lambda *a: calls.append(a[1:]) or count(*a))
+
+    def counted(overrides, **kw):
+        return flops.count_step_flops(RunSpec.of(compose_config(["model=tiny", *overrides])), **kw)
+
+    full = counted(["+strategy=full"])
+    assert len(calls) == 2  # the strategy-free replica and the strategy's
+    again = counted(["+strategy=full"])
+    assert again == full and len(calls) == 2
+    again["forward_by_op"].clear()
+    assert counted(["+strategy=full"])["forward_by_op"] == full["forward_by_op"] != {}
+    flops._COUNTED.clear()
+    assert counted(["+strategy=full"]) == full  # the kept answer is the fresh one
+    calls.clear()
+    layers = counted(["+strategy=layers", "strategy.num_layers=1"])
+    assert len(calls) == 1 and layers["recompute"] < full["recompute"]  # baseline read back
+    assert counted(["+strategy=full"], param_dtype=torch.bfloat16) == full  # dtypes: same FLOPs
+    assert len(calls) == 3  # ... but asked anew
+    plan = apply_strategy(
+        build_model(compose_config(["model=tiny"]).model, device="meta"),
+        RunSpec.of(compose_config(["model=tiny", "+strategy=layers"])).strategy,
+        RunSpec.of(compose_config(["model=tiny"])).shape(),
+    )
+    counted(["+strategy=full"], plan=plan)
+    assert len(calls) == 4
+    counted(["+strategy=full", "data.batch_size=3"])
+    counted(["+strategy=full", "model.n_layer=3"])
+    assert len(calls) == 8  # new micro-batch, new model: both replicas counted
+    with set_checkpoint_early_stop(False):
+        no_stop = counted(["+strategy=full"])
+    assert len(calls) == 10 and no_stop["recompute"] > full["recompute"]

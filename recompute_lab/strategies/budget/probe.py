@@ -48,7 +48,7 @@ from tqdm import tqdm
 from recompute_lab.config import Arch, Attention
 from recompute_lab.measure.memory import older_objects_frozen, saved_tensors
 from recompute_lab.measure.target_kernels import TargetKernels
-from recompute_lab.model.gpt import GPT, build_model
+from recompute_lab.model.gpt import GPT, build_model, replica_key
 from recompute_lab.config.spec import as_model_config
 from recompute_lab.model.precision import shape_dtypes
 from recompute_lab.strategies.base import Shape
@@ -283,17 +283,7 @@ PRICED_KEEP = 256
 
 
 def _priced_key(model: GPT, options: list[Option], *shape: Any) -> tuple:
-    hf = getattr(model, "hf", None)  # a Hugging Face model: its resolved config, whole
-    return (
-        type(model).__qualname__,
-        repr(model.cfg),
-        hf.config.to_json_string() if hf is not None else None,
-        str(model.tok_emb.weight.device),
-        repr(options),
-        *map(str, shape),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.__version__,
-    )
+    return (*replica_key(model), repr(options), *map(str, shape))
 
 
 def probe(
