@@ -1,4 +1,5 @@
-"""A warm start for the CLI subprocesses the tests run (the suite starts ~150 of them).
+"""A warm start for the CLI subprocesses the tests run (the suite starts ~150 of them), and for the
+experiments/ scripts they run.
 
 A cold ``python -m recompute_lab.train`` spends 3-7 s on these 2 shared cores importing torch,
 torch._dynamo (torch.optim's constructor imports it) and Hydra before it runs a line of the project.
@@ -97,10 +98,19 @@ def _child(req: dict) -> None:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
-    sys.path[0] = req["cwd"]  # `python -m` puts the working directory first
-    sys.argv = [req["module"], *req["args"]]  # run_module sets argv[0] to the module's file
+    if "tempfile" in sys.modules:  # its folder is read from TMPDIR once: read it again here
+        sys.modules["tempfile"].tempdir = None
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+    if req.get("script"):
+        # `python path.py`: the script's folder (links resolved) first on the path, argv[0] the
+        # path as given, no __spec__
+        sys.path[0] = os.path.dirname(os.path.realpath(req["script"]))
+        sys.argv = [req["script"], *req["args"]]
+        runpy.run_path(req["script"], run_name="__main__")
+    else:
+        sys.path[0] = req["cwd"]  # `python -m` puts the working directory first
+        sys.argv = [req["module"], *req["args"]]  # run_module sets argv[0] to the module's file
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
     sys.exit(0)
 
 
@@ -180,16 +190,26 @@ class Zygote:
     def fits(self, env: dict) -> bool:
         return start_up_env(env) == start_up_env(self.env)
 
-    def run(self, module: str, args: list[str], cwd, env: dict, timeout: float):
-        """Run ``python -m module args`` in a forked child; a CompletedProcess as
-        ``subprocess.run(capture_output=True, text=True)`` returns, or TimeoutExpired."""
+    def run(
+        self,
+        module: str | None,
+        args: list[str],
+        cwd,
+        env: dict,
+        timeout: float,
+        script: str | None = None,
+    ):
+        """Run ``python -m module args`` (or ``python script args``) in a forked child; a
+        CompletedProcess as ``subprocess.run(capture_output=True, text=True)`` returns, or
+        TimeoutExpired."""
         import tempfile
 
-        cmd = [sys.executable, "-m", module, *args]
+        cmd = [sys.executable, *([script] if script else ["-m", module]), *args]
         with tempfile.TemporaryDirectory() as d:
             out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
             req = {
                 "module": module,
+                "script": script,
                 "args": list(args),
                 "cwd": str(cwd),
                 "env": env,

@@ -265,6 +265,31 @@ def run_cli(
     )
 
 
+def run_script(
+    path: Path | str,
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    env: dict | None = None,
+    cold: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run ``python path args`` (an experiments/ script) as run_cli runs a module: forked from the
+    worker's warm start where the environment allows, else (or ``cold=True``) a fresh
+    interpreter."""
+    full_env = _cli_env(env)
+    zygote = None if cold else _warm_start(full_env)
+    if zygote is not None:
+        return zygote.run(None, list(args), cwd, full_env, timeout, script=str(path))
+    return subprocess.run(
+        [sys.executable, str(path), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
 def load_results(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,24 +30,16 @@ PER_RANK_BATCH = 2
 
 
 def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "OMP_NUM_THREADS": "1",
-        "TMPDIR": str(cwd / "tmp"),
-    }
+    """``torchrun --standalone --nproc_per_node=N -m recompute_lab.train ARGS`` in ``cwd``. The
+    launcher starts warm (run_cli); its ranks are fresh interpreters, one thread each (torchrun's
+    own default for several ranks on a node when OMP_NUM_THREADS is unset)."""
     (cwd / "tmp").mkdir(exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "recompute_lab.train",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    return run_cli(
+        ["--standalone", f"--nproc_per_node={nproc}", "-m", "recompute_lab.train", *args],
+        cwd=cwd,
+        module="torch.distributed.run",
+        env={"TMPDIR": str(cwd / "tmp")},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -164,22 +164,12 @@ def test_cpu_target_on_meta_matches_a_real_cpu_run():
 
 def test_seed_figure_experiment_writes_png_and_csv(tmp_path):
     import csv
-    import subprocess
-    import sys
-    from conftest import ROOT
+    from conftest import ROOT, run_script
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "activation_vs_context.py"),
-            str(tmp_path),
-            "--contexts",
-            "256",
-            "512",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_script(
+        ROOT / "experiments" / "activation_vs_context.py",
+        [str(tmp_path), "--contexts", "256", "512"],
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "activation_vs_context.png").stat().st_size > 10_000

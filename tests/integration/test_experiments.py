@@ -13,16 +13,11 @@ import sys
 import pytest
 
 from conftest import ROOT
+from conftest import run_script as run_python_script
 
 
 def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return run_python_script(ROOT / "experiments" / name, list(args), cwd=ROOT, timeout=timeout)
 
 
 def test_gpu_check_reduced(tmp_path):

@@ -6,33 +6,24 @@ layout measures with a fake process group, and holds the same parameter shards
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from recompute_lab.cli.tp_check import meta_estimate
 
+from conftest import run_cli
+
 
 def torchrun(out: Path, sp: int, strategy: str) -> list[dict]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "recompute_lab.tp_check",
-        str(out),
-        "--sp",
-        str(sp),
-        "--strategy",
-        strategy,
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    # the launcher starts warm; its two ranks are fresh interpreters with one thread each
+    # (torchrun's default for several ranks when OMP_NUM_THREADS is unset)
+    args = ["--standalone", "--nproc_per_node=2", "-m", "recompute_lab.tp_check", str(out)]
+    proc = run_cli(
+        [*args, "--sp", str(sp), "--strategy", strategy],
+        cwd=out,
+        module="torch.distributed.run",
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

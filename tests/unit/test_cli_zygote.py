@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import _cli_env, _warm_start, run_cli
+from conftest import _cli_env, _warm_start, run_cli, run_script
 
 PROBE = textwrap.dedent(
     """
@@ -18,7 +18,7 @@ PROBE = textwrap.dedent(
     atexit.register(lambda: print("atexit ran", flush=True))
     print(json.dumps({
         "argv": sys.argv[1:], "argv0": os.path.basename(sys.argv[0]), "cwd": os.getcwd(),
-        "path0": sys.path[0], "name": __name__, "spec": __spec__.name,
+        "path0": sys.path[0], "name": __name__, "spec": __spec__ and __spec__.name,
         "main": sys.modules["__main__"].__file__ == __file__,
         "env": os.environ.get("PROBE_VALUE"), "stdin": sys.stdin.read(),
         "project_imported": any(m.startswith("recompute_lab") for m in sys.modules),
@@ -51,6 +51,23 @@ def test_warm_and_cold_runs_of_a_module_agree(probe_module):
     assert '"argv": ["3", "a b"], "argv0": "zygote_probe.py"' in warm.stdout
     assert f'"path0": "{probe_module}"' in warm.stdout and '"name": "__main__"' in warm.stdout
     assert '"env": "x y", "stdin": "", "project_imported": false' in warm.stdout
+
+
+def test_warm_and_cold_runs_of_a_script_agree(probe_module, tmp_path_factory):
+    """``python path/script.py``: argv[0] the path as given, the script's folder (not the working
+    directory) first on the import path, no __spec__."""
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    script = probe_module / "zygote_probe.py"
+    warm = run_script(script, ["4", "a b"], cwd=elsewhere, env={"PROBE_VALUE": "s"})
+    cold = run_script(script, ["4", "a b"], cwd=elsewhere, env={"PROBE_VALUE": "s"}, cold=True)
+    assert (warm.returncode, warm.stdout, warm.stderr) == (
+        cold.returncode,
+        cold.stdout,
+        cold.stderr,
+    )
+    assert warm.returncode == 4 and warm.stdout.endswith("atexit ran\n")
+    assert f'"cwd": "{elsewhere}", "path0": "{probe_module}"' in warm.stdout
+    assert '"spec": null, "main": true, "env": "s"' in warm.stdout
 
 
 def test_an_uncaught_exception_exits_1_with_its_traceback_as_cold(probe_module):
