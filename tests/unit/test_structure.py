@@ -86,6 +86,8 @@ FORK_IMPORTS = r"""
 import os, sys, traceback
 # third-party only: no project module is loaded here
 import einops, hydra, numpy, omegaconf, torch, yaml
+import gc
+gc.freeze()  # the gc module's advice before forking: no fork's collections touch these pages
 assert not [m for m in sys.modules if m.split(".")[0] == "recompute_lab"]
 failed = []
 for name in sys.argv[1:]:
