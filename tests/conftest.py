@@ -30,6 +30,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # Every results.json a test writes (in this process or a CLI subprocess) is checked against the JSON
 # Schema.
 os.environ["RECOMPUTE_LAB_VALIDATE_RECORDS"] = "1"
+# Analyses draw their figures as PNG only (each PDF is drawn a second time, with its own layout pass
+# and font subsetting); the tests about the PDFs ask for them (tests/integration/test_analysis.py).
+os.environ["RECOMPUTE_LAB_FIGURE_FORMATS"] = "png"
 
 # A developer's machine settings (conf/local/default.yaml, git-ignored) must not change what the
 # tests run.

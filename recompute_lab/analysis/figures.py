@@ -1,6 +1,6 @@
-"""The seven figures of a sweep, as PNG + PDF, readable in black and white (markers, line styles and
-hatches
-carry every distinction; colour only repeats it) with labelled units.
+"""The ten figures of a sweep, as PNG + PDF by default (recompute_lab.analysis.figure_formats),
+readable in black and white (markers, line styles and hatches carry every distinction; colour only
+repeats it) with labelled units.
 
 1 activation_vs_context   saved activation bytes vs sequence length: measured, Korthikanti, the
                           2·2·h line
@@ -39,11 +39,12 @@ Layer: analysis (no torch).
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from recompute_lab.analysis import derive, style
+from recompute_lab.analysis import FORMATS, derive, figure_formats, style
 from recompute_lab.analysis.aggregate import fmt_overhead, missing_keys
 from recompute_lab.analysis.style import COLORS, HATCHES, strategy_style
 
@@ -60,18 +61,22 @@ FIGURES = (
     "fig10_throughput",
 )
 MIB = 2**20
+_WRITING = contextvars.ContextVar("figure_formats", default=FORMATS)
 # fills: colour-blind-safe colours; hatches and markers carry the distinction in greyscale
 GREYS = COLORS
 
 
+# metadata that would make two drawings of the same data differ byte for byte (dates, versions)
+_METADATA = {
+    "png": {"Software": None},
+    "pdf": {"CreationDate": None, "Creator": None, "Producer": None},
+}
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], bbox_inches="tight", metadata={"Software": None})
-    fig.savefig(
-        paths[1],
-        bbox_inches="tight",
-        metadata={"CreationDate": None, "Creator": None, "Producer": None},
-    )
+    paths = [out / f"{name}.{fmt}" for fmt in _WRITING.get()]
+    for path in paths:
+        fig.savefig(path, bbox_inches="tight", metadata=_METADATA[path.suffix[1:]])
     plt.close(fig)
     return paths
 
@@ -842,8 +847,17 @@ def fig_throughput(rows, out: Path) -> list[Path]:
     return _save(fig, out, FIGURES[9])
 
 
-def write_all(rows, out: Path) -> list[Path]:
-    """Write every figure into ``out``; returns the files written."""
+def write_all(rows, out: Path, formats=None) -> list[Path]:
+    """Write every figure into ``out`` in ``formats`` (figure_formats); returns the files
+    written."""
+    token = _WRITING.set(figure_formats(formats))  # checked before anything is written
+    try:
+        return _write_all(rows, out)
+    finally:
+        _WRITING.reset(token)
+
+
+def _write_all(rows, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for fn in (

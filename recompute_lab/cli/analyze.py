@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Optional
 
 
-def analyze(sweep_dir: Path, out: Optional[Path] = None, label: Optional[str] = None) -> dict:
-    """Analyse ``sweep_dir`` into ``out``; returns {"rows", "files", "out"}. Raises AnalysisError.
+def analyze(
+    sweep_dir: Path, out: Optional[Path] = None, label: Optional[str] = None, formats=None
+) -> dict:
+    """Analyse ``sweep_dir`` into ``out``; returns {"rows", "files", "out"}. Raises AnalysisError
+    (and ValueError for unknown figure ``formats``, before anything is written).
 
-    ``label`` names the sweep in quiz.md (default: the path as given).
+    ``label`` names the sweep in quiz.md (default: the path as given); ``formats`` the figure files
+    (recompute_lab.analysis.figure_formats: PNG and PDF unless asked otherwise).
     """
+    from recompute_lab.analysis import figure_formats
+
+    formats = figure_formats(formats)
     from recompute_lab.analysis.aggregate import (
         load_rows,
         write_csv,
@@ -60,7 +67,7 @@ def analyze(sweep_dir: Path, out: Optional[Path] = None, label: Optional[str] = 
     write_markdown(rows, files[1])
     tables.write_summary_tex(rows, files[2])
     files += tables.write_tradeoff(rows, out)
-    files += figures.write_all(rows, out)
+    files += figures.write_all(rows, out, formats)
     files.append(out / "quiz.md")
     quiz.write_quiz(rows, files[-1], source=label or str(sweep_dir))
     return {"rows": rows, "files": files, "out": out}
@@ -98,11 +105,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument(
         "--out", type=Path, default=None, help="where to write (default: SWEEP_DIR/analysis)"
     )
+    p.add_argument(
+        "--formats",
+        default=None,
+        help="figure files, comma-separated: png, pdf (default: png,pdf, or "
+        "$RECOMPUTE_LAB_FIGURE_FORMATS); png alone skips drawing each figure a second time",
+    )
     args = p.parse_args(argv)
+    from recompute_lab.analysis import figure_formats
     from recompute_lab.analysis.aggregate import AnalysisError
 
     try:
-        res = analyze(args.sweep_dir, args.out)
+        formats = figure_formats(args.formats)
+    except ValueError as e:
+        p.error(f"--formats: {e}")
+    try:
+        res = analyze(args.sweep_dir, args.out, formats=formats)
     except AnalysisError as e:
         print(f"recompute_lab.cli.analyze: {e}", file=sys.stderr)
         return 2

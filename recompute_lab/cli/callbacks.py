@@ -26,9 +26,15 @@ log = logging.getLogger(__name__)
 
 
 class AnalyzeOnMultirunEnd(Callback):
-    def __init__(self, enabled: bool = True, out: Optional[str] = None) -> None:
+    def __init__(
+        self, enabled: bool = True, out: Optional[str] = None, formats: Any = None
+    ) -> None:
+        from recompute_lab.analysis import figure_formats
+
         self.enabled = enabled
         self.out = out  # None: SWEEP_DIR/analysis
+        # None: png and pdf (or $RECOMPUTE_LAB_FIGURE_FORMATS); checked now, before any job runs
+        self.formats = figure_formats(formats) if enabled else None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
@@ -45,7 +51,7 @@ class AnalyzeOnMultirunEnd(Callback):
         try:
             from recompute_lab.cli.analyze import analyze
 
-            res = analyze(sweep_dir, Path(self.out) if self.out else None)
+            res = analyze(sweep_dir, Path(self.out) if self.out else None, formats=self.formats)
             log.info(
                 "recompute_lab: sweep analysed -> %s (quiz.md, summary.csv, figures)", res["out"]
             )

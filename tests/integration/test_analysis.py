@@ -40,6 +40,7 @@ def sweep(tmp_path_factory) -> Path:
             *FAST_TIMED,
             # the quiz quotes full's paired overhead, which needs its 6 rounds and no more
             "trainer.overhead.max_rounds=6",
+            "hydra.callbacks.analyze.formats=[png,pdf]",  # the suite's default is png alone
             f"hydra.sweep.dir={tmp / 'sw'}",
         ],
         cwd=tmp,
@@ -64,7 +65,11 @@ def test_callback_analysed_the_multirun(sweep):
 
 def test_cli_writes_csv_figures_quiz(sweep, tmp_path):
     out = tmp_path / "an"
-    proc = run_cli([str(sweep), "--out", str(out)], cwd=tmp_path, module="recompute_lab.analyze")
+    proc = run_cli(
+        [str(sweep), "--out", str(out), "--formats", "png,pdf"],
+        cwd=tmp_path,
+        module="recompute_lab.analyze",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "analysed 4 runs (0 not ok)" in proc.stdout
     rows = list(csv.DictReader((out / "summary.csv").open()))
@@ -79,6 +84,38 @@ def test_cli_writes_csv_figures_quiz(sweep, tmp_path):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert (out / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
     assert (out / "summary.md").read_text().count("| ok |") == 4
+
+
+def test_figure_formats_are_asked_for_and_bad_ones_refused_before_writing(
+    sweep, tmp_path, monkeypatch
+):
+    """The figure files: --formats, the callback's formats, else $RECOMPUTE_LAB_FIGURE_FORMATS,
+    else png and pdf (the two fixtures above ask for both and find both). An unknown format is
+    refused naming the valid ones, before anything is written."""
+    from recompute_lab.analysis import FORMATS, FORMATS_ENV, figure_formats
+
+    assert figure_formats(None) == ("png",)  # the suite's own setting (conftest)
+    monkeypatch.delenv(FORMATS_ENV)
+    assert figure_formats(None) == FORMATS == ("png", "pdf")
+    monkeypatch.setenv(FORMATS_ENV, "pdf")
+    assert figure_formats(None) == ("pdf",) and figure_formats(["png"]) == ("png",)
+    assert figure_formats("PDF, png,pdf") == ("pdf", "png")
+    for bad in ("svg", "", ["png", "eps"]):
+        with pytest.raises(ValueError, match="choose one or more of png, pdf"):
+            figure_formats(bad)
+    proc = run_cli(
+        [str(sweep), "--out", str(tmp_path / "f"), "--formats", "png,svg"],
+        cwd=tmp_path,
+        module="recompute_lab.analyze",
+    )
+    assert proc.returncode == 2 and "choose one or more of png, pdf" in proc.stderr
+    assert not (tmp_path / "f").exists()
+    bad = run_cli(
+        ["-m", "trainer.steps=1", *FAST_TIMED, "hydra.callbacks.analyze.formats=[svg]"],
+        cwd=tmp_path,
+    )
+    assert bad.returncode != 0 and "choose one or more of png, pdf" in bad.stderr
+    assert not (tmp_path / "multirun").exists()  # refused before any job ran
 
 
 def _pct(x: float) -> str:
