@@ -242,6 +242,25 @@ def _cli_env(env: dict | None = None) -> dict:
     return {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
 
 
+def _run_python(
+    module: str | None, script: str | None, args, cwd, timeout, env, cold
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` or ``python script args`` in ``cwd``: forked from the worker's warm
+    start where the environment allows (and not ``cold``), else in a fresh interpreter."""
+    full_env = _cli_env(env)
+    zygote = None if cold else _warm_start(full_env)
+    if zygote is not None:
+        return zygote.run(module, list(args), cwd, full_env, timeout, script=script)
+    return subprocess.run(
+        [sys.executable, *([script] if script else ["-m", module]), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
 def run_cli(
     args: list[str],
     cwd: Path,
@@ -253,19 +272,8 @@ def run_cli(
     """Run ``python -m module args`` as a user would, in ``cwd``: in a child forked from the
     worker's warm start (the same process semantics, without re-importing torch), or with
     ``cold=True`` (or an environment the fork cannot honour) in a fresh interpreter."""
-    full_env = _cli_env(env)
     args = [*args, *LOCAL_OFF] if module in HYDRA_APPS else list(args)
-    zygote = None if cold else _warm_start(full_env)
-    if zygote is not None:
-        return zygote.run(module, args, cwd, full_env, timeout)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-    )
+    return _run_python(module, None, args, cwd, timeout, env, cold)
 
 
 def run_script(
@@ -276,21 +284,8 @@ def run_script(
     env: dict | None = None,
     cold: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run ``python path args`` (an experiments/ script) as run_cli runs a module: forked from the
-    worker's warm start where the environment allows, else (or ``cold=True``) a fresh
-    interpreter."""
-    full_env = _cli_env(env)
-    zygote = None if cold else _warm_start(full_env)
-    if zygote is not None:
-        return zygote.run(None, list(args), cwd, full_env, timeout, script=str(path))
-    return subprocess.run(
-        [sys.executable, str(path), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-    )
+    """Run ``python path args`` (an experiments/ script) as run_cli runs a module."""
+    return _run_python(None, str(path), args, cwd, timeout, env, cold)
 
 
 def load_results(path: Path) -> dict:

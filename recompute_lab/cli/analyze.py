@@ -112,13 +112,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         "$RECOMPUTE_LAB_FIGURE_FORMATS); png alone skips drawing each figure a second time",
     )
     args = p.parse_args(argv)
-    from recompute_lab.analysis import figure_formats
+    from recompute_lab.analysis import FORMATS_ENV, figure_formats
     from recompute_lab.analysis.aggregate import AnalysisError
 
     try:
         formats = figure_formats(args.formats)
     except ValueError as e:
-        p.error(f"--formats: {e}")
+        p.error(f"{'--formats' if args.formats is not None else '$' + FORMATS_ENV}: {e}")
     try:
         res = analyze(args.sweep_dir, args.out, formats=formats)
     except AnalysisError as e:

@@ -50,7 +50,7 @@ from recompute_lab.predict.flops import (
     utilization,
 )
 from recompute_lab.measure.hardware import peak_flops
-from recompute_lab.model.gpt import build_model, replica_key
+from recompute_lab.model.gpt import build_model, remember, replica_key
 from recompute_lab.strategies import Plan, apply_strategy
 
 
@@ -81,7 +81,6 @@ def _count(fn) -> tuple[int, dict[str, int]]:
 # shape). A sweep's jobs count a shape's strategy-free replica once, a repeated run nothing. Bounded
 # like the budget's prices: an entry is two totals and two short per-op tables.
 _COUNTED: dict[tuple, tuple[int, int, dict, dict]] = {}
-COUNTED_KEEP = 256
 
 
 def _counted(
@@ -95,11 +94,9 @@ def _counted(
     off ``base``, the strategy-free replica: a strategy never changes it), micro-batch and
     ``applied``; the replica is built only when counted. Copies: callers may change the tables."""
     key = (*replica_key(base), batch, seq, *map(repr, applied))
-    if key not in _COUNTED:
-        while len(_COUNTED) >= COUNTED_KEEP:
-            del _COUNTED[next(iter(_COUNTED))]
-        _COUNTED[key] = count_model_flops(replica(), batch, seq)
-    fwd, bwd, fwd_ops, bwd_ops = _COUNTED[key]
+    fwd, bwd, fwd_ops, bwd_ops = remember(
+        _COUNTED, key, lambda: count_model_flops(replica(), batch, seq)
+    )
     return fwd, bwd, dict(fwd_ops), dict(bwd_ops)
 
 

@@ -22,7 +22,7 @@ Layer: model.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -311,6 +311,16 @@ def replica_key(model: nn.Module) -> tuple:
         getattr(ckpt, "_enable_checkpoint_early_stop", None),
         torch.__version__,
     )
+
+
+def remember(cache: dict, key: tuple, make: Callable[[], Any], keep: int = 256) -> Any:
+    """``cache[key]``, made by ``make()`` when absent, for the per-process caches keyed by
+    replica_key; past ``keep`` entries the oldest go first."""
+    if key not in cache:
+        while len(cache) >= keep:
+            del cache[next(iter(cache))]
+        cache[key] = make()
+    return cache[key]
 
 
 # Hugging Face models live behind the same interface; importing the package registers their meta

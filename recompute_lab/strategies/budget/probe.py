@@ -48,7 +48,7 @@ from tqdm import tqdm
 from recompute_lab.config import Arch, Attention
 from recompute_lab.measure.memory import older_objects_frozen, saved_tensors
 from recompute_lab.measure.target_kernels import TargetKernels
-from recompute_lab.model.gpt import GPT, build_model, replica_key
+from recompute_lab.model.gpt import GPT, build_model, remember, replica_key
 from recompute_lab.config.spec import as_model_config
 from recompute_lab.model.precision import shape_dtypes
 from recompute_lab.strategies.base import Shape
@@ -279,7 +279,6 @@ class Probed:
 # jobs, the per-rank planners walking layouts of one shape, a test suite) reads it here instead of
 # running its replicas again. Bounded: an entry is a few hundred bytes, the oldest go first.
 _PRICED: dict[tuple, tuple[Price, list[Price]]] = {}
-PRICED_KEEP = 256
 
 
 def _priced_key(model: GPT, options: list[Option], *shape: Any) -> tuple:
@@ -304,11 +303,9 @@ def probe(
         log.info(
             "budget: %d options priced earlier in this process (same model and shape)", len(options)
         )
-    else:
-        while len(_PRICED) >= PRICED_KEEP:
-            del _PRICED[next(iter(_PRICED))]
-        _PRICED[key] = _probe(model, options, batch, seq, dtype, autocast, target)
-    outside, prices = _PRICED[key]
+    outside, prices = remember(
+        _PRICED, key, lambda: _probe(model, options, batch, seq, dtype, autocast, target)
+    )
     return dataclasses.replace(outside), [dataclasses.replace(p) for p in prices]  # callers' copies
 
 
